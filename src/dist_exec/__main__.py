@@ -1,0 +1,3 @@
+from dist_exec.cli import main
+
+main()

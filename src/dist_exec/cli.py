@@ -1,0 +1,768 @@
+"""The dist-exec command line: servers (master, worker, up, down) and client commands.
+
+Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error (one line on
+stderr) and 2 on bad usage. ``run`` exits with the command's own exit code, 124 when it timed
+out, 130 when it was cancelled and 125 when dist-exec could not run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from dist_exec import __version__
+from dist_exec.client import Client, command_spec
+from dist_exec.config import (
+    DEFAULT_MASTER_ADDRESS,
+    MASTER_ENV,
+    MasterConfig,
+    WorkerConfig,
+    default_data_dir,
+    default_worker_id,
+    parse_duration,
+    split_address,
+)
+from dist_exec.errors import DistExecError
+from dist_exec.models import Job, JobStatus, NodeInfo, Stream
+
+T = TypeVar("T")
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_NOT_RUN = 125
+EXIT_CANCELLED = 130
+
+
+# ---- parameter types ------------------------------------------------------------------------
+
+
+class DurationType(click.ParamType):  # type: ignore[type-arg]
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class AddressType(click.ParamType):  # type: ignore[type-arg]
+    name = "host:port"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            split_address(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+class KeyValueType(click.ParamType):  # type: ignore[type-arg]
+    name = "key=value"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        key, sep, val = str(value).partition("=")
+        if not sep or not key:
+            self.fail(f"expected KEY=VALUE, got {value!r}", param, ctx)
+        return key, val
+
+
+DURATION = DurationType()
+ADDRESS = AddressType()
+KEY_VALUE = KeyValueType()
+master_option = click.option(
+    "--master",
+    "master_address",
+    type=ADDRESS,
+    envvar=MASTER_ENV,
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help=f"Master address (env {MASTER_ENV}).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+# ---- output helpers -------------------------------------------------------------------------
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"dist-exec: {message}", err=True)
+    sys.exit(code)
+
+
+def run_client(coro: Coroutine[Any, Any, T], exit_code: int = EXIT_ERROR) -> T:
+    """Run a client coroutine; a DistExecError becomes one line on stderr and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except DistExecError as exc:
+        fail(exc.message, exit_code)
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def job_json(job: Job, summary: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status.value,
+        "exit_code": job.exit_code,
+        "output": _text(job.stdout),
+        "stderr": _text(job.stderr),
+        "error": job.error,
+        "worker_id": job.worker_id or None,
+        "priority": job.spec.priority,
+        "task_type": job.spec.task_type,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "completed_at": _iso(job.completed_at),
+        "retries": job.retries,
+        "stdout_bytes": job.stdout_bytes,
+        "stderr_bytes": job.stderr_bytes,
+        "output_truncated": job.truncated,
+    }
+    if summary is not None:
+        body["command"] = summary
+    elif job.spec.task_type == "command" and job.spec.payload:
+        from dist_exec.executors.command import describe
+
+        body["command"] = describe(job.spec.payload)
+    return body
+
+
+def node_json(node: NodeInfo) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "address": node.address,
+        "status": node.status.value,
+        "capabilities": sorted(node.capabilities),
+        "max_tasks": node.max_tasks,
+        "active_tasks": node.active_tasks,
+        "labels": node.labels,
+        "last_seen": _iso(node.last_seen_wall),
+    }
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        fail(f"invalid log level {level!r}: use DEBUG, INFO, WARNING or ERROR", EXIT_USAGE)
+    logging.basicConfig(
+        level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+# ---- the group ------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dist-exec")
+def main() -> None:
+    """dist-exec: run commands across a fleet of workers."""
+
+
+# ---- servers --------------------------------------------------------------------------------
+
+
+def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a server until SIGTERM or SIGINT; a second signal stops it at once."""
+
+    async def body() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+
+        def on_signal() -> None:
+            if stop.is_set() and main_task is not None:
+                main_task.cancel()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await start(stop)
+
+    try:
+        asyncio.run(body())
+    except asyncio.CancelledError:
+        pass
+    except RuntimeError as exc:
+        if "Failed to bind" in str(exc) or "bind" in str(exc).lower():
+            fail(f"cannot listen: {exc}")
+        raise
+
+
+def ready_line(what: str) -> Callable[[str], None]:
+    def announce(address: str) -> None:
+        click.echo(f"dist-exec {what} listening on {address}")
+        sys.stdout.flush()
+
+    return announce
+
+
+@main.command()
+@click.option(
+    "--listen",
+    type=ADDRESS,
+    envvar="MASTER_ADDRESS",
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help="Address to listen on; port 0 picks one (env MASTER_ADDRESS).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="DIST_EXEC_DATA_DIR",
+    default=None,
+    help="Where the job database lives (default: the user data directory).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=DURATION,
+    envvar="HEARTBEAT_INTERVAL_SECONDS",
+    default="5s",
+    show_default=True,
+    help="Interval workers are told to heartbeat at.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=DURATION,
+    envvar="HEARTBEAT_TIMEOUT_SECONDS",
+    default="15s",
+    show_default=True,
+    help="Silence after which a worker is UNHEALTHY and its tasks are retried; "
+    "it is forgotten after twice this.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=3,
+    show_default=True,
+    help="Default retries of a job after infrastructure failures.",
+)
+@click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+def master(
+    listen: str,
+    data_dir: Path | None,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    max_retries: int,
+    log_level: str,
+) -> None:
+    """Run the master: accepts jobs, tracks workers, dispatches."""
+    from dist_exec.master.app import run_master
+
+    setup_logging(log_level)
+    if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
+        fail("--heartbeat-timeout must be longer than --heartbeat-interval (> 0)", EXIT_USAGE)
+    config = MasterConfig(
+        listen=listen,
+        data_dir=data_dir or default_data_dir(),
+        heartbeat_interval_s=heartbeat_interval,
+        heartbeat_timeout_s=heartbeat_timeout,
+        node_removal_s=2 * heartbeat_timeout,
+        default_max_retries=max_retries,
+    )
+    serve(lambda stop: run_master(config, stop, ready_line("master")))
+
+
+def _labels_from_env() -> list[tuple[str, str]]:
+    raw = os.environ.get("WORKER_LABELS", "")
+    return [KEY_VALUE.convert(item.strip(), None, None) for item in raw.split(",") if item.strip()]
+
+
+@main.command()
+@click.option(
+    "--master",
+    "master_address",
+    type=ADDRESS,
+    envvar="MASTER_ADDRESS",
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help="Master to register with (env MASTER_ADDRESS).",
+)
+@click.option(
+    "--listen",
+    type=ADDRESS,
+    envvar="WORKER_ADDRESS",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Address to listen on; port 0 picks one (env WORKER_ADDRESS).",
+)
+@click.option(
+    "--advertise",
+    type=ADDRESS,
+    default=None,
+    help="Address the master should dial (default: the listen host and bound port).",
+)
+@click.option(
+    "--worker-id",
+    envvar="WORKER_ID",
+    default=None,
+    help="Node id (env WORKER_ID; default: hostname-pid).",
+)
+@click.option(
+    "--max-concurrent-tasks",
+    type=click.IntRange(1, 10_000),
+    envvar="MAX_CONCURRENT_TASKS",
+    default=10,
+    show_default=True,
+)
+@click.option(
+    "--label",
+    "labels",
+    type=KEY_VALUE,
+    multiple=True,
+    help="Node label, repeatable: --label zone=a (env WORKER_LABELS=zone=a,arch=x86).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=DURATION,
+    envvar="HEARTBEAT_INTERVAL_SECONDS",
+    default="5s",
+    show_default=True,
+    help="Used until the master sends its own.",
+)
+@click.option(
+    "--drain-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="On SIGTERM, how long running tasks may finish before they are handed back.",
+)
+@click.option(
+    "--inherit-env",
+    is_flag=True,
+    help="Pass this worker's whole environment to commands (default: PATH, HOME, "
+    "LANG and a few more, plus what the job sets).",
+)
+@click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+def worker(
+    master_address: str,
+    listen: str,
+    advertise: str | None,
+    worker_id: str | None,
+    max_concurrent_tasks: int,
+    labels: tuple[tuple[str, str], ...],
+    heartbeat_interval: float,
+    drain_timeout: float,
+    inherit_env: bool,
+    log_level: str,
+) -> None:
+    """Run a worker: registers with the master and runs the tasks it is sent."""
+    from dist_exec.worker.app import run_worker
+
+    setup_logging(log_level)
+    try:
+        all_labels = dict(_labels_from_env()) | dict(labels)
+    except click.BadParameter as exc:
+        fail(f"invalid WORKER_LABELS: {exc.message}", EXIT_USAGE)
+    config = WorkerConfig(
+        master=master_address,
+        listen=listen,
+        advertise=advertise or "",
+        worker_id=worker_id or default_worker_id(),
+        max_concurrent_tasks=max_concurrent_tasks,
+        labels=all_labels,
+        heartbeat_interval_s=heartbeat_interval,
+        drain_timeout_s=drain_timeout,
+        inherit_env=inherit_env,
+    )
+    serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
+
+
+# ---- run ------------------------------------------------------------------------------------
+
+
+class RunCommand(click.Command):
+    """Remembers whether the command came after '--' (argv, no shell) or not (a shell string)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv_mode"] = "--" in args
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
+@click.argument("command", nargs=-1, required=True)
+@master_option
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default=None,
+    help="Kill the command after this long: 500ms, 30s, 5m, 1h (default: the master's).",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 10),
+    default=0,
+    show_default=True,
+    help="0-10, higher runs first.",
+)
+@click.option("--env", "env", type=KEY_VALUE, multiple=True, help="KEY=VALUE for the command.")
+@click.option("--cwd", default="", help="Absolute working directory on the worker.")
+@click.option(
+    "--stdin",
+    "stdin_file",
+    type=click.File("r"),
+    default=None,
+    help="Feed this file ('-' for standard input) to the command.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=None,
+    help="Retries after infrastructure failures (default: the master's).",
+)
+@click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@json_option
+@click.pass_context
+def run(
+    ctx: click.Context,
+    command: tuple[str, ...],
+    master_address: str,
+    timeout: float | None,
+    priority: int,
+    env: tuple[tuple[str, str], ...],
+    cwd: str,
+    stdin_file: Any,
+    max_retries: int | None,
+    detach: bool,
+    as_json: bool,
+) -> None:
+    """Run a command on a worker, stream its output and exit with its exit code.
+
+    \b
+      dist-exec run "ls -la /tmp | wc -l" --timeout 30s   # a shell string (/bin/sh -c)
+      dist-exec run -- ls -la /tmp                        # argv, no shell
+    """
+    argv_mode = bool(ctx.meta.get("argv_mode"))
+    if timeout is not None and timeout <= 0:
+        fail("--timeout must be longer than 0", EXIT_USAGE)
+    spec = command_spec(
+        list(command) if argv_mode else " ".join(command),
+        shell=not argv_mode,
+        timeout_s=timeout or 0.0,
+        priority=priority,
+        env=dict(env),
+        working_dir=cwd,
+        stdin=stdin_file.read() if stdin_file is not None else "",
+        max_retries=max_retries,
+    )
+    code = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+    sys.exit(code)
+
+
+async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
+    async with Client(address) as client:
+        job_id = await client.submit(spec)
+        if detach:
+            click.echo(job_id)
+            return 0
+        loop = asyncio.get_running_loop()
+        follow = asyncio.ensure_future(_stream(client, job_id, quiet=as_json))
+        loop.add_signal_handler(signal.SIGINT, follow.cancel)
+        try:
+            await follow
+        except asyncio.CancelledError:
+            # Ctrl-C: stop the command, as it would stop a local one.
+            await client.cancel(job_id)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        job = await client.get(job_id)
+        if as_json:
+            print_json(job_json(job))
+        return _exit_code(job, quiet=as_json)
+
+
+async def _stream(client: Client, job_id: str, quiet: bool) -> None:
+    last_attempt = 0
+    async for attempt, chunk in client.stream_output(job_id):
+        if last_attempt and attempt != last_attempt and not quiet:
+            click.echo(f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True)
+        last_attempt = attempt
+        if quiet:
+            continue
+        out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
+        out.write(chunk.data)
+        out.flush()
+
+
+def _exit_code(job: Job, quiet: bool) -> int:
+    def say(message: str) -> None:
+        if not quiet:
+            click.echo(f"dist-exec: {message}", err=True)
+
+    if job.truncated:
+        say(f"job {job.id} printed more than the master keeps; stored output is truncated")
+    if job.status == JobStatus.TIMEOUT:
+        say(f"job {job.id} timed out: {job.error}")
+        return EXIT_TIMEOUT
+    if job.status == JobStatus.CANCELLED:
+        say(f"job {job.id} was cancelled")
+        return EXIT_CANCELLED
+    if job.exit_code is None:
+        say(f"job {job.id} failed: {job.error or job.status.value}")
+        return EXIT_NOT_RUN
+    if job.exit_code >= 126 and job.error:
+        say(job.error)
+    return job.exit_code
+
+
+# ---- status, list, logs, cancel, nodes ------------------------------------------------------
+
+
+def _describe_job(job: Job) -> None:
+    data = job_json(job)
+    rows = [
+        ("job", job.id),
+        ("status", job.status.value),
+        ("command", data.get("command", job.spec.task_type)),
+        ("exit code", "-" if job.exit_code is None else str(job.exit_code)),
+        ("worker", job.worker_id or "-"),
+        ("priority", str(job.spec.priority)),
+        ("retries", str(job.retries)),
+        ("created", data["created_at"] or "-"),
+        ("started", data["started_at"] or "-"),
+        ("completed", data["completed_at"] or "-"),
+    ]
+    if job.error:
+        rows.append(("error", job.error))
+    if job.truncated:
+        rows.append(
+            (
+                "output",
+                f"truncated ({job.stdout_bytes} bytes stdout, "
+                f"{job.stderr_bytes} bytes stderr in all)",
+            )
+        )
+    for key, value in rows:
+        click.echo(f"{key + ':':<11}{value}")
+
+
+@main.command()
+@click.argument("job_id")
+@master_option
+@json_option
+def status(job_id: str, master_address: str, as_json: bool) -> None:
+    """Show one job."""
+
+    async def body() -> Job:
+        async with Client(master_address) as client:
+            return await client.get(job_id)
+
+    job = run_client(body())
+    if as_json:
+        print_json(job_json(job))
+    else:
+        _describe_job(job)
+
+
+def _status_choice(value: str | None) -> JobStatus | None:
+    return JobStatus(value.upper()) if value else None
+
+
+@main.command(name="list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option(
+    "--status",
+    "status_filter",
+    type=click.Choice([s.value for s in JobStatus], case_sensitive=False),
+    default=None,
+    help="Only jobs in this state.",
+)
+@master_option
+@json_option
+def list_jobs(
+    limit: int, offset: int, status_filter: str | None, master_address: str, as_json: bool
+) -> None:
+    """List recent jobs, newest first."""
+
+    async def body() -> tuple[list[tuple[Job, str]], list[Job], int]:
+        async with Client(master_address) as client:
+            jobs, total = await client.list_jobs(limit, offset, _status_choice(status_filter))
+            full = [await client.get(j.id) for j, _ in jobs] if as_json else []
+            return jobs, full, total
+
+    jobs, full, total = run_client(body())
+    if as_json:
+        print_json([job_json(j) for j in full])
+        return
+    click.echo(f"{'JOB':<36}  {'STATUS':<9}  {'EXIT':>4}  {'WORKER':<20}  {'CREATED':<20}  COMMAND")
+    for job, summary in jobs:
+        created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        exit_code = "-" if job.exit_code is None else str(job.exit_code)
+        worker_id = (job.worker_id or "-")[:20]
+        click.echo(
+            f"{job.id:<36}  {job.status.value:<9}  {exit_code:>4}  {worker_id:<20}"
+            f"  {created:<20}  {summary}"
+        )
+    click.echo(f"({len(jobs)} of {total} jobs)", err=True)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@master_option
+@json_option
+def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
+    """Print a job's output: stdout to stdout, stderr to stderr."""
+
+    async def body() -> None:
+        async with Client(master_address) as client:
+            async for _attempt, chunk in client.stream_output(job_id, follow=follow):
+                if as_json:
+                    click.echo(
+                        json.dumps(
+                            {
+                                "stream": chunk.stream.name.lower(),
+                                "offset": chunk.offset,
+                                "data": _text(chunk.data),
+                            }
+                        )
+                    )
+                    continue
+                out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
+                out.write(chunk.data)
+                out.flush()
+
+    run_client(body())
+
+
+@main.command()
+@click.argument("job_id")
+@master_option
+@json_option
+def cancel(job_id: str, master_address: str, as_json: bool) -> None:
+    """Cancel a queued or running job (its whole process group is killed)."""
+
+    async def body() -> tuple[str, Job]:
+        async with Client(master_address) as client:
+            message = await client.cancel(job_id)
+            return message, await client.get(job_id)
+
+    message, job = run_client(body())
+    if as_json:
+        print_json(
+            {"id": job.id, "cancelled": True, "message": message, "status": job.status.value}
+        )
+    else:
+        click.echo(f"job {job.id}: {message}")
+
+
+@main.command()
+@master_option
+@json_option
+def nodes(master_address: str, as_json: bool) -> None:
+    """List the workers registered with the master."""
+
+    async def body() -> list[NodeInfo]:
+        async with Client(master_address) as client:
+            return await client.nodes()
+
+    found = run_client(body())
+    if as_json:
+        print_json([node_json(n) for n in found])
+        return
+    click.echo(f"{'NODE':<24}  {'ADDRESS':<22}  {'STATUS':<9}  {'TASKS':>7}  {'TYPES':<12}  LABELS")
+    for n in found:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"
+        tasks = f"{n.active_tasks}/{n.max_tasks}"
+        types = ",".join(sorted(n.capabilities))
+        click.echo(
+            f"{n.id:<24}  {n.address:<22}  {n.status.value:<9}  {tasks:>7}  {types:<12}  {labels}"
+        )
+    if not found:
+        click.echo("(no workers registered)", err=True)
+
+
+# ---- embedded local cluster -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--workers", "worker_count", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--listen",
+    type=ADDRESS,
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help="Master address.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cluster state, logs and pid file (default: the user data directory).",
+)
+@click.option(
+    "--max-concurrent-tasks",
+    type=click.IntRange(1, 10_000),
+    default=10,
+    show_default=True,
+    help="Per worker.",
+)
+@click.option("--detach", "-d", is_flag=True, help="Start in the background; stop with 'down'.")
+def up(
+    worker_count: int, listen: str, data_dir: Path | None, max_concurrent_tasks: int, detach: bool
+) -> None:
+    """Start a master and N workers on this machine (127.0.0.1 only by default)."""
+    from dist_exec import cluster
+
+    directory = data_dir or default_data_dir()
+    options = cluster.ClusterOptions(directory, listen, worker_count, max_concurrent_tasks)
+    try:
+        if detach:
+            address = cluster.start_background(options)
+            click.echo(f"dist-exec cluster up: master at {address}, {worker_count} workers")
+            click.echo(f"stop it with: dist-exec down --data-dir {directory}")
+            return
+        cluster.run_foreground(
+            options,
+            on_ready=lambda address: click.echo(
+                f"dist-exec cluster up: master at {address}, {worker_count} workers "
+                "(Ctrl-C stops it)",
+            ),
+        )
+    except cluster.ClusterError as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def down(data_dir: Path | None) -> None:
+    """Stop a cluster started with 'up -d'."""
+    from dist_exec import cluster
+
+    try:
+        stopped = cluster.stop_background(data_dir or default_data_dir())
+    except cluster.ClusterError as exc:
+        fail(str(exc))
+    click.echo("dist-exec cluster stopped" if stopped else "no cluster was running")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,37 @@
+"""The dist-exec Python SDK.
+
+async with Client("127.0.0.1:50051") as client:
+    job_id = await client.submit(command_spec("echo hello", shell=True))
+    async for attempt, chunk in client.stream_output(job_id):
+        ...
+    job = await client.get(job_id)
+"""
+
+from dist_exec.client._client import Client, command_spec
+from dist_exec.errors import (
+    DistExecError,
+    InvalidTaskSpec,
+    JobAlreadyFinished,
+    JobNotFound,
+    MasterUnavailable,
+    ResourceExhausted,
+)
+from dist_exec.models import Job, JobId, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+
+__all__ = [
+    "Client",
+    "DistExecError",
+    "InvalidTaskSpec",
+    "Job",
+    "JobAlreadyFinished",
+    "JobId",
+    "JobNotFound",
+    "JobStatus",
+    "MasterUnavailable",
+    "NodeInfo",
+    "OutputChunk",
+    "ResourceExhausted",
+    "Stream",
+    "TaskSpec",
+    "command_spec",
+]

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+
+from dist_exec import wire
+from dist_exec.config import dial_address
+from dist_exec.errors import DistExecError, from_rpc_error
+from dist_exec.executors.command import CommandSpec
+from dist_exec.master.dispatcher import CHANNEL_OPTIONS
+from dist_exec.models import Job, JobId, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc
+
+if TYPE_CHECKING:
+    from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
+
+STREAM_RETRIES = 30  # consecutive reconnects of an output stream before giving up
+_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+def command_spec(
+    command: str | Sequence[str],
+    *,
+    shell: bool = False,
+    timeout_s: float = 0.0,
+    priority: int = 0,
+    env: Mapping[str, str] | None = None,
+    working_dir: str = "",
+    stdin: str = "",
+    max_retries: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> TaskSpec:
+    """A TaskSpec for the command executor: a shell string, or argv when ``shell`` is False."""
+    if isinstance(command, str):
+        spec = CommandSpec(command, [], shell, dict(env or {}), working_dir, stdin)
+    else:
+        spec = CommandSpec(
+            command[0], list(command[1:]), False, dict(env or {}), working_dir, stdin
+        )
+    return TaskSpec(
+        "command", spec.to_payload(), timeout_s, priority, dict(metadata or {}), max_retries
+    )
+
+
+class Client:
+    """A connection to one master. Every call has a deadline (``timeout_s``)."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self.address = dial_address(address)
+        self.timeout_s = timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: MasterServiceAsyncStub | None = None
+
+    async def __aenter__(self) -> Client:
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._stub = master_pb2_grpc.MasterServiceStub(self._channel)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    @property
+    def stub(self) -> MasterServiceAsyncStub:
+        if self._stub is None:
+            raise RuntimeError("use the Client as 'async with Client(...) as client'")
+        return self._stub
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> DistExecError:
+        return from_rpc_error(exc, self.address)
+
+    async def submit(self, spec: TaskSpec) -> JobId:
+        try:
+            reply = await self.stub.Submit(wire.submit_request(spec), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return JobId(reply.job_id)
+
+    async def get(self, job_id: str) -> Job:
+        try:
+            reply = await self.stub.GetStatus(
+                master_pb2.GetStatusRequest(job_id=job_id), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return wire.job_from_status_pb(reply)
+
+    async def cancel(self, job_id: str) -> str:
+        try:
+            reply = await self.stub.Cancel(
+                master_pb2.CancelRequest(job_id=job_id), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return reply.message
+
+    async def list_jobs(
+        self, limit: int = 10, offset: int = 0, status: JobStatus | None = None
+    ) -> tuple[list[tuple[Job, str]], int]:
+        request = master_pb2.ListJobsRequest(
+            limit=limit,
+            offset=offset,
+            status_filter=wire.JOB_STATUS_TO_PB[status] if status else 0,  # type: ignore[arg-type]
+        )
+        try:
+            reply = await self.stub.ListJobs(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return [wire.job_from_summary_pb(j) for j in reply.jobs], reply.total
+
+    async def nodes(self) -> list[NodeInfo]:
+        try:
+            reply = await self.stub.ListNodes(master_pb2.ListNodesRequest(), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return [wire.node_from_pb(n) for n in reply.nodes]
+
+    async def stream_output(
+        self, job_id: str, follow: bool = True
+    ) -> AsyncIterator[tuple[int, OutputChunk]]:
+        """Output of the job; when following, until the job ends.
+
+        A dropped stream (say, the master restarted) is resumed from the last byte received, so
+        nothing is missed or repeated. A chunk with a higher attempt number than before means
+        the job was retried and its output started again.
+        """
+        offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
+        attempt, failures = 0, 0
+        while True:
+            request = master_pb2.StreamOutputRequest(
+                job_id=job_id,
+                no_follow=not follow,
+                stdout_offset=offsets[Stream.STDOUT],
+                stderr_offset=offsets[Stream.STDERR],
+            )
+            try:
+                async for msg in self.stub.StreamOutput(request):
+                    failures = 0
+                    if msg.attempt > attempt and attempt:
+                        offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
+                    attempt = max(attempt, msg.attempt)
+                    chunk = OutputChunk(Stream(msg.type), msg.offset, msg.data)
+                    offsets[chunk.stream] = chunk.offset + len(chunk.data)
+                    yield attempt, chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                if exc.code() not in _RESUMABLE or failures > STREAM_RETRIES:
+                    raise self._error(exc) from None
+                await asyncio.sleep(min(0.1 * 2**failures, 2.0))

@@ -1,0 +1,132 @@
+"""Configuration of master and worker, and the small parsers flags and env values share."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+DEFAULT_MASTER_ADDRESS = "127.0.0.1:50051"
+MASTER_ENV = "DIST_EXEC_MASTER"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """'500ms', '30s', '5m', '1h', '1h30m' or a bare number of seconds -> seconds."""
+    s = text.strip().lower()
+    if not s:
+        raise ValueError("empty duration")
+    try:
+        value = float(s)
+    except ValueError:
+        pos, value = 0, 0.0
+        for m in _DURATION_PART.finditer(s):
+            if m.start() != pos:
+                break
+            value += float(m.group(1)) * _UNIT_S[m.group(2)]
+            pos = m.end()
+        if pos != len(s):
+            raise ValueError(
+                f"invalid duration {text!r}: use a number with a unit, e.g. 500ms, 30s, 5m, 1h"
+            ) from None
+    if value != value or value < 0 or value == float("inf"):  # NaN, negative, inf
+        raise ValueError(f"invalid duration {text!r}: must be a finite, non-negative time")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:g}s"
+    if seconds < 7200:
+        return f"{seconds / 60:g}m"
+    return f"{seconds / 3600:g}h"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or ':port' -> (host, port). An empty host stays empty."""
+    host, sep, port_s = address.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise ValueError(f"invalid address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+    port = int(port_s)
+    if port > 65535:
+        raise ValueError(f"invalid address {address!r}: port must be 0-65535")
+    host = host.removeprefix("[").removesuffix("]")
+    return host, port
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def dial_address(address: str) -> str:
+    """An address to connect to: ':50051' means this machine."""
+    host, port = split_address(address)
+    return join_address(host or "127.0.0.1", port)
+
+
+def listen_address(address: str) -> str:
+    """An address to bind: ':50051' means every interface."""
+    host, port = split_address(address)
+    return join_address(host or "0.0.0.0", port)
+
+
+def advertised_address(listen: str, bound_port: int) -> str:
+    """The address others should dial: the bound port on the host we listen on."""
+    host, _ = split_address(listen)
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostbyname(socket.gethostname())
+    return join_address(host, bound_port)
+
+
+def is_loopback(address: str) -> bool:
+    host, _ = split_address(address)
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("dist-exec"))
+
+
+def default_worker_id() -> str:
+    return os.environ.get("WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    listen: str = DEFAULT_MASTER_ADDRESS
+    data_dir: Path = field(default_factory=default_data_dir)
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 15.0  # no heartbeat for this long -> UNHEALTHY
+    node_removal_s: float = 30.0  # -> forgotten; it must register again
+    default_timeout_s: float = 3600.0
+    max_timeout_s: float = 7 * 86400.0
+    default_max_retries: int = 3
+    max_output_bytes: int = 4 * 1024 * 1024  # kept per stream per job
+    max_payload_bytes: int = 1024 * 1024
+    dispatch_grace_s: float = 30.0  # master RPC deadline = task timeout + this
+    rpc_timeout_s: float = 10.0  # unary calls to workers
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    master: str = DEFAULT_MASTER_ADDRESS
+    listen: str = "127.0.0.1:0"
+    advertise: str = ""  # empty: derived from listen and the bound port
+    worker_id: str = field(default_factory=default_worker_id)
+    max_concurrent_tasks: int = 10
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval_s: float = 5.0  # until the master says otherwise
+    drain_timeout_s: float = 30.0
+    max_output_bytes: int = 4 * 1024 * 1024  # kept per stream per attempt
+    result_retention_s: float = 600.0  # undelivered results are held this long
+    kill_grace_s: float = 5.0  # TERM, then KILL after this long
+    inherit_env: bool = False  # pass the worker's own environment to commands
+    rpc_timeout_s: float = 10.0

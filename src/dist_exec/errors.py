@@ -1,0 +1,165 @@
+"""One exception tree for dist-exec, each class carrying its gRPC status code.
+
+    DistExecError                 INTERNAL
+    ├── InvalidTaskSpec           INVALID_ARGUMENT   bad field, payload or task type
+    ├── JobNotFound               NOT_FOUND
+    ├── JobAlreadyFinished        FAILED_PRECONDITION  cancel of a job that has ended
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, over a rate limit
+    ├── WorkerDraining            FAILED_PRECONDITION  worker takes no new tasks
+    ├── TaskNotFound              NOT_FOUND            worker does not hold that attempt
+    ├── NotRegistered             FAILED_PRECONDITION  node unknown to the master
+    └── MasterUnavailable         UNAVAILABLE          client could not reach the master
+
+Servicers raise these; ``grpc_errors`` turns them into ``context.abort`` in one place, and the
+SDK turns an ``AioRpcError`` back into the matching class with ``from_rpc_error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, cast
+
+import grpc
+import grpc.aio
+
+P = ParamSpec("P")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+class DistExecError(Exception):
+    """Root of all dist-exec errors; INTERNAL when nothing more specific applies."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidTaskSpec(DistExecError):
+    """A submission or request field is malformed or out of range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class JobNotFound(DistExecError):
+    """No job has that id."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class JobAlreadyFinished(DistExecError):
+    """The job has ended, so it cannot be cancelled."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(DistExecError):
+    """A queue or rate limit is full; try again later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class WorkerDraining(DistExecError):
+    """The worker is shutting down and takes no new tasks."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class TaskNotFound(DistExecError):
+    """The worker holds no attempt with that task id."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class NotRegistered(DistExecError):
+    """The master does not know the node that called."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class MasterUnavailable(DistExecError):
+    """The client could not reach the master."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidTaskSpec,
+    grpc.StatusCode.NOT_FOUND: JobNotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: JobAlreadyFinished,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: MasterUnavailable,
+}
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecError:
+    """The client-side twin of ``grpc_errors``: one class per status code."""
+    code = err.code()
+    details = err.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE and address:
+        details = f"cannot reach the master at {address}: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = f"the master at {address or '?'} did not answer in time"
+    cls = _BY_CODE.get(code, DistExecError)
+    exc = cls(details)
+    exc.code = code
+    return exc
+
+
+def grpc_errors(
+    fn: Callable[P, Awaitable[R]],
+) -> Callable[P, Awaitable[R]]:
+    """Decorate a unary servicer method: DistExecError -> the matching status and message."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except DistExecError as exc:
+            await _context(args).abort(exc.code, exc.message)
+            raise  # abort raises; this keeps type checkers content
+        except Exception as exc:
+            log.exception("internal error in %s", fn.__name__)
+            await _context(args).abort(grpc.StatusCode.INTERNAL, _internal_message(fn, exc, args))
+            raise
+
+    return wrapper
+
+
+def grpc_stream_errors(
+    fn: Callable[P, AsyncGenerator[R, None]],
+) -> Callable[P, AsyncIterator[R]]:
+    """The same for server-streaming methods."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
+        try:
+            # aclosing: a cancelled RPC runs the inner generator's cleanup now, not at GC time.
+            async with contextlib.aclosing(fn(*args, **kwargs)) as items:
+                async for item in items:
+                    yield item
+        except DistExecError as exc:
+            await _context(args).abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("internal error in %s", fn.__name__)
+            await _context(args).abort(grpc.StatusCode.INTERNAL, _internal_message(fn, exc, args))
+
+    return wrapper
+
+
+def _context(args: tuple[Any, ...]) -> grpc.aio.ServicerContext[Any, Any]:
+    # Servicer methods are (self, request, context).
+    return cast("grpc.aio.ServicerContext[Any, Any]", args[-1])
+
+
+def _internal_message(fn: Callable[..., object], exc: Exception, args: tuple[Any, ...]) -> str:
+    job_id = getattr(args[-2], "job_id", "") if len(args) >= 2 else ""
+    about = f" for job {job_id}" if job_id else ""
+    return (
+        f"internal error in {fn.__name__}{about}: {type(exc).__name__}: {exc} (see the server log)"
+    )

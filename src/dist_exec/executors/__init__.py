@@ -1,0 +1,85 @@
+"""The executor plugin contract, and discovery of executors through entry points.
+
+An executor runs one kind of task ("command", "http", ...). Built-in and third-party executors
+are found the same way: a package declares an entry point in the ``dist_exec.executors`` group
+whose name is the task type and whose object is a factory ``factory(options) -> Executor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+from dist_exec.errors import InvalidTaskSpec
+from dist_exec.models import ExecOutcome, Stream
+
+ENTRY_POINT_GROUP = "dist_exec.executors"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    """One attempt of a task, as an executor sees it."""
+
+    task_id: str
+    attempt: int
+    payload: bytes
+    timeout_s: float
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class OutputSink(Protocol):
+    """Where an executor writes output while it runs. ``write`` may wait (backpressure)."""
+
+    async def write(self, stream: Stream, data: bytes) -> None: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs tasks of one type.
+
+    ``validate`` runs on the master before a task is queued and again on the worker; it raises
+    ``InvalidTaskSpec`` with a message a person can act on. ``execute`` runs one attempt and
+    returns its outcome; when its asyncio task is cancelled (cancel or timeout) it must stop the
+    work, release everything it started, and re-raise ``CancelledError``.
+    """
+
+    name: str
+
+    def validate(self, payload: bytes) -> None: ...
+
+    async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome: ...
+
+    async def health_check(self) -> bool: ...
+
+
+class ExecutorFactory(Protocol):
+    def __call__(self, options: Mapping[str, object]) -> Executor: ...
+
+
+def available_executor_names() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load_executors(
+    enabled: Iterable[str] | None = None,
+    options: Mapping[str, Mapping[str, object]] | None = None,
+) -> dict[str, Executor]:
+    """Instantiate the executors named in ``enabled`` (all installed ones when None)."""
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    names = sorted(eps) if enabled is None else list(enabled)
+    executors: dict[str, Executor] = {}
+    for name in names:
+        ep = eps.get(name)
+        if ep is None:
+            known = ", ".join(sorted(eps)) or "none"
+            raise InvalidTaskSpec(f"unknown executor {name!r}; installed executors: {known}")
+        factory: ExecutorFactory = ep.load()
+        executor = factory((options or {}).get(name, {}))
+        if not isinstance(executor, Executor) or executor.name != name:
+            raise TypeError(f"entry point {ep.value} does not build an executor named {name!r}")
+        executors[name] = executor
+    return executors

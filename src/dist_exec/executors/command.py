@@ -1,0 +1,286 @@
+"""The "command" executor: runs a program, or a shell string through /bin/sh -c.
+
+Every command runs in its own session and process group. When the command ends, is cancelled or
+times out, whatever is left of its group gets SIGTERM and, after a grace period, SIGKILL, so no
+child or grandchild outlives its task.
+
+Payload (JSON): {"command": str, "args": [str], "shell": bool, "env": {str: str},
+"working_dir": str, "stdin": str}. With "shell": true, "command" is a shell string and "args" must
+be empty; otherwise "command" is the program and "args" its arguments (no shell involved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dist_exec.errors import InvalidTaskSpec
+from dist_exec.executors import ExecRequest, OutputSink
+from dist_exec.models import ExecOutcome, ExecStatus, Stream
+
+SHELL = "/bin/sh"
+READ_CHUNK = 64 * 1024
+PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to reach EOF
+# What a command sees of the worker's environment unless the worker passes all of it.
+BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_FIELDS = {"command", "args", "shell", "env", "working_dir", "stdin"}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    command: str
+    args: list[str] = field(default_factory=list)
+    shell: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    working_dir: str = ""
+    stdin: str = ""
+
+    @property
+    def argv(self) -> list[str]:
+        return [SHELL, "-c", self.command] if self.shell else [self.command, *self.args]
+
+    def to_payload(self) -> bytes:
+        body: dict[str, object] = {"command": self.command}
+        if self.args:
+            body["args"] = self.args
+        if self.shell:
+            body["shell"] = True
+        if self.env:
+            body["env"] = self.env
+        if self.working_dir:
+            body["working_dir"] = self.working_dir
+        if self.stdin:
+            body["stdin"] = self.stdin
+        return json.dumps(body).encode()
+
+
+def parse_payload(payload: bytes) -> CommandSpec:
+    """Decode and check a command payload; InvalidTaskSpec says exactly what is wrong."""
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidTaskSpec(f"command payload is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidTaskSpec("command payload must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise InvalidTaskSpec(
+            f"command payload has unknown field(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(_FIELDS))}"
+        )
+    command = _string(body, "command")
+    if not command.strip():
+        raise InvalidTaskSpec("command payload: 'command' must be a non-empty string")
+    args = body.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise InvalidTaskSpec("command payload: 'args' must be a list of strings")
+    shell = body.get("shell", False)
+    if not isinstance(shell, bool):
+        raise InvalidTaskSpec("command payload: 'shell' must be true or false")
+    if shell and args:
+        raise InvalidTaskSpec("command payload: 'args' cannot be combined with 'shell': true")
+    working_dir = _string(body, "working_dir", "")
+    if working_dir and not os.path.isabs(working_dir):
+        raise InvalidTaskSpec(
+            f"command payload: 'working_dir' must be an absolute path, got {working_dir!r}"
+        )
+    if any("\0" in value for value in (command, *args, working_dir)):
+        raise InvalidTaskSpec("command payload: command, args and working_dir cannot hold NUL")
+    env = _environment_field(body.get("env", {}))
+    return CommandSpec(command, list(args), shell, env, working_dir, _string(body, "stdin", ""))
+
+
+def _environment_field(env: object) -> dict[str, str]:
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise InvalidTaskSpec("command payload: 'env' must map strings to strings")
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise InvalidTaskSpec(f"command payload: invalid environment variable {key!r}")
+    return dict(env)
+
+
+def _string(body: Mapping[str, object], key: str, default: str | None = None) -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str):
+        raise InvalidTaskSpec(f"command payload: {key!r} must be a string")
+    return value
+
+
+def describe(payload: bytes) -> str:
+    """One line for listings: the command as a person would type it."""
+    try:
+        spec = parse_payload(payload)
+    except InvalidTaskSpec:
+        return "<invalid payload>"
+    if spec.shell:
+        return spec.command
+    return " ".join([spec.command, *spec.args])
+
+
+class CommandExecutor:
+    """Runs commands as local processes, one process group each."""
+
+    name = "command"
+
+    def __init__(self, options: Mapping[str, object] | None = None) -> None:
+        opts = options or {}
+        self.kill_grace_s = float(str(opts.get("kill_grace_s", 5.0)))
+        self.inherit_env = bool(opts.get("inherit_env", False))
+
+    def validate(self, payload: bytes) -> None:
+        parse_payload(payload)
+
+    async def health_check(self) -> bool:
+        proc = await asyncio.create_subprocess_exec("true")
+        return await proc.wait() == 0
+
+    def _environment(self, spec: CommandSpec) -> dict[str, str]:
+        if self.inherit_env:
+            env = dict(os.environ)
+        else:
+            env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
+            env.setdefault("PATH", DEFAULT_PATH)
+        env.update(spec.env)
+        return env
+
+    async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
+        spec = parse_payload(request.payload)
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=spec.working_dir or None,
+                env=self._environment(spec),
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
+                return ExecOutcome(
+                    ExecStatus.FAILURE, error=f"working directory {spec.working_dir} does not exist"
+                )
+            return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {spec.argv[0]}")
+        except PermissionError:
+            return ExecOutcome(ExecStatus.FAILURE, 126, f"permission denied: {spec.argv[0]}")
+        except OSError as exc:
+            return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
+
+        pumps = asyncio.gather(
+            _pump(proc.stdout, Stream.STDOUT, sink),
+            _pump(proc.stderr, Stream.STDERR, sink),
+            _feed(proc.stdin, spec.stdin.encode()),
+        )
+        try:
+            returncode = await proc.wait()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._stop(proc, pumps))
+            raise
+        # The main process is gone; anything it left behind in its group goes too.
+        await self._stop(proc, pumps)
+        exit_code = returncode if returncode >= 0 else 128 - returncode
+        return ExecOutcome(
+            ExecStatus.SUCCESS if exit_code == 0 else ExecStatus.FAILURE,
+            exit_code,
+            "" if exit_code == 0 else _exit_message(returncode),
+            duration_s=time.monotonic() - started,
+        )
+
+    async def _stop(
+        self, proc: asyncio.subprocess.Process, pumps: asyncio.Future[tuple[None, None, None]]
+    ) -> None:
+        """TERM the whole group, KILL it after the grace period, reap, then drain the pipes."""
+        await terminate_group(proc, self.kill_grace_s)
+        try:
+            async with asyncio.timeout(PIPE_DRAIN_S):
+                await pumps
+        except TimeoutError:
+            # A process that left the group (setsid) still holds a pipe; stop reading it.
+            pumps.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumps
+        except Exception:
+            pumps.cancel()
+
+
+async def terminate_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+    pgid = proc.pid
+    if not _signal_group(pgid, signal.SIGTERM):
+        await proc.wait()
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc.returncode is not None and not _group_alive(pgid):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        _signal_group(pgid, signal.SIGKILL)
+    await proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. Zombies do not count: they hold nothing,
+    and an orphan's zombie waits for init (or a subreaper) to reap it, which can take a while."""
+    if not _signal_group(pgid, 0):
+        return False
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return True
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name: state, ppid, pgrp, ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _exit_message(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"command was killed by {name}"
+    return f"command exited with status {returncode}"
+
+
+async def _pump(reader: asyncio.StreamReader | None, stream: Stream, sink: OutputSink) -> None:
+    if reader is None:
+        return
+    while data := await reader.read(READ_CHUNK):
+        await sink.write(stream, data)
+
+
+async def _feed(writer: asyncio.StreamWriter | None, data: bytes) -> None:
+    if writer is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()

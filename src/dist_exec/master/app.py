@@ -1,0 +1,92 @@
+"""Master composition root: build the components, serve, and run them in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dist_exec.clock import SystemClock
+from dist_exec.config import MasterConfig, join_address, listen_address, split_address
+from dist_exec.executors import Executor, load_executors
+from dist_exec.master.balancer import RoundRobinBalancer
+from dist_exec.master.core import Master
+from dist_exec.master.dispatcher import MAX_MESSAGE_BYTES, GrpcWorkerClient
+from dist_exec.master.registry import NodeRegistry
+from dist_exec.master.request_handler import MasterServicer, RegistrationServicer
+from dist_exec.master.scheduler import Scheduler
+from dist_exec.master.store import SqliteJobStore
+from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICES = (
+    master_pb2.DESCRIPTOR.services_by_name["MasterService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["RegistrationService"].full_name,
+)
+DB_FILE = "master.db"
+
+
+async def run_master(
+    config: MasterConfig,
+    stop: asyncio.Event,
+    on_ready: Callable[[str], None] = lambda address: None,
+    executors: dict[str, Executor] | None = None,
+) -> None:
+    """Serve until ``stop`` is set; in-flight work stays recorded for the next start."""
+    executors = executors if executors is not None else load_executors()
+    clock = SystemClock()
+    workers = GrpcWorkerClient(config.rpc_timeout_s)
+    async with SqliteJobStore(config.data_dir / DB_FILE) as store:
+        master = Master(
+            config,
+            store,
+            NodeRegistry(clock, config.heartbeat_timeout_s, config.node_removal_s),
+            Scheduler(RoundRobinBalancer()),
+            workers,
+            executors,
+            clock,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        master_pb2_grpc.add_MasterServiceServicer_to_server(MasterServicer(master, config), server)
+        worker_pb2_grpc.add_RegistrationServiceServicer_to_server(
+            RegistrationServicer(master, config), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(listen_address(config.listen))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                runner = tg.create_task(master.run())
+                await master.ready.wait()
+                await server.start()
+                for service in ("", *SERVICES):
+                    await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+                host, _ = split_address(config.listen)
+                on_ready(join_address(host or "0.0.0.0", port))
+                await stop.wait()
+                for service in ("", *SERVICES):
+                    await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+                await server.stop(grace=2.0)
+                runner.cancel()
+        finally:
+            await server.stop(grace=None)
+            await workers.close()

@@ -1,0 +1,584 @@
+"""The master's job lifecycle: submit, place, dispatch, record, retry, cancel, recover.
+
+Every decision about a live job is made here, synchronously on the event loop, against the
+in-memory ``ActiveJob`` table; the store mirrors it durably. A job is active (PENDING or RUNNING)
+until its terminal state is committed. Results are accepted only from the job's current attempt
+on its current node; anything else is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from dist_exec.clock import Clock
+from dist_exec.config import MasterConfig, format_duration
+from dist_exec.errors import (
+    InvalidTaskSpec,
+    JobAlreadyFinished,
+    JobNotFound,
+)
+from dist_exec.executors import Executor
+from dist_exec.master.dispatcher import (
+    AttemptGone,
+    AttemptRejected,
+    WorkerClient,
+    WorkerUnreachable,
+)
+from dist_exec.master.output import LiveChunk, OutputHub
+from dist_exec.master.registry import NodeRegistry
+from dist_exec.master.scheduler import Scheduler
+from dist_exec.master.store import JobStore
+from dist_exec.models import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    ExecOutcome,
+    ExecStatus,
+    Job,
+    JobId,
+    JobStatus,
+    NodeId,
+    NodeInfo,
+    NodeStatus,
+    OutputChunk,
+    Stream,
+    TaskSpec,
+)
+
+log = logging.getLogger(__name__)
+MAX_RETRIES_LIMIT = 100
+MAX_METADATA_BYTES = 64 * 1024
+REATTACH_BACKOFF_MAX_S = 2.0
+CANCEL_CONFIRM_S = 1.0  # resend CancelTask this often until the worker confirms the end
+
+_EXEC_TO_JOB = {
+    ExecStatus.SUCCESS: JobStatus.COMPLETED,
+    ExecStatus.FAILURE: JobStatus.FAILED,
+    ExecStatus.TIMEOUT: JobStatus.TIMEOUT,
+    ExecStatus.CANCELLED: JobStatus.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HeldAttempt:
+    task_id: str
+    attempt: int
+
+
+@dataclass(slots=True)
+class ActiveJob:
+    """A job that has not ended, as the master tracks it in memory."""
+
+    record: Job  # as last persisted (spec, created_at, ...)
+    seq: int
+    status: JobStatus = JobStatus.PENDING
+    attempt: int = 0
+    retries: int = 0
+    node_id: NodeId | None = None
+    started_at: datetime | None = None
+    started_mono: float = 0.0
+    runner: asyncio.Task[None] | None = None
+    seen: dict[Stream, int] = field(default_factory=lambda: {s: 0 for s in Stream})
+    cancel_requested: bool = False
+    orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> JobId:
+        return self.record.id
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.record.spec
+
+
+class Master:
+    def __init__(
+        self,
+        config: MasterConfig,
+        store: JobStore,
+        registry: NodeRegistry,
+        scheduler: Scheduler,
+        workers: WorkerClient,
+        executors: Mapping[str, Executor],
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.scheduler = scheduler
+        self.workers = workers
+        self.executors = executors
+        self.clock = clock
+        self.hub = OutputHub()
+        self._active: dict[JobId, ActiveJob] = {}
+        self._wake = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Recover unfinished jobs, then place and supervise them until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await self._recover()
+            tg.create_task(self._schedule_forever())
+            tg.create_task(self._sweep_forever())
+            self.ready.set()
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        assert self._tg is not None, "Master.run() is not running"
+        return self._tg.create_task(coro)  # type: ignore[arg-type]
+
+    async def _recover(self) -> None:
+        grace = self.config.heartbeat_timeout_s
+        for seq, job in await self.store.unfinished():
+            active = ActiveJob(job, seq, attempt=job.attempt, retries=job.retries)
+            self._active[job.id] = active
+            if job.status == JobStatus.RUNNING:
+                # Its worker gets one heartbeat timeout to register again and claim it.
+                active.status = JobStatus.RUNNING
+                active.node_id = NodeId(job.worker_id)
+                active.started_at = job.started_at
+                active.started_mono = self.clock.monotonic()
+                active.orphan_deadline = self.clock.monotonic() + grace
+            else:
+                self.scheduler.enqueue(job.id, seq, job.spec)
+        if self._active:
+            log.info("recovered %d unfinished jobs", len(self._active))
+        self._wake.set()
+
+    async def _schedule_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for assignment in self.scheduler.plan(self.registry.eligible, self.registry.reserve):
+                job = self._active[assignment.job_id]
+                job.status = JobStatus.RUNNING
+                job.attempt += 1
+                job.node_id = assignment.node_id
+                job.started_at = self.clock.now()
+                job.started_mono = self.clock.monotonic()
+                job.seen = {s: 0 for s in Stream}
+                job.runner = self._spawn(self._start_attempt(job, job.attempt, assignment.node_id))
+
+    async def _sweep_forever(self) -> None:
+        period = max(0.05, min(1.0, self.config.heartbeat_interval_s / 2))
+        while True:
+            await asyncio.sleep(period)
+            sweep = self.registry.sweep()
+            for node_id in sweep.unhealthy:
+                log.warning(
+                    "node %s missed heartbeats for %s; retrying its tasks",
+                    node_id,
+                    format_duration(self.config.heartbeat_timeout_s),
+                )
+                self._node_lost(node_id, f"worker {node_id} stopped responding")
+            now = self.clock.monotonic()
+            for job in list(self._active.values()):
+                if job.orphan_deadline is not None and now >= job.orphan_deadline:
+                    job.orphan_deadline = None
+                    self._spawn(
+                        self._retry(job, f"worker {job.node_id} did not come back after a restart")
+                    )
+
+    # ---- client API -------------------------------------------------------------------------
+
+    def validate(self, spec: TaskSpec) -> TaskSpec:
+        """Check a submission; returns it with defaults filled in."""
+        executor = self.executors.get(spec.task_type)
+        if executor is None:
+            known = ", ".join(sorted(self.executors)) or "none"
+            raise InvalidTaskSpec(f"unknown task type {spec.task_type!r}; known types: {known}")
+        if len(spec.payload) > self.config.max_payload_bytes:
+            raise InvalidTaskSpec(
+                f"payload is {len(spec.payload)} bytes; the limit is "
+                f"{self.config.max_payload_bytes}"
+            )
+        executor.validate(spec.payload)
+        timeout_s = spec.timeout_s or self.config.default_timeout_s
+        if not 0 < timeout_s <= self.config.max_timeout_s:
+            raise InvalidTaskSpec(
+                f"timeout must be between 1ms and {format_duration(self.config.max_timeout_s)}"
+            )
+        if not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
+            raise InvalidTaskSpec(
+                f"priority must be {MIN_PRIORITY}-{MAX_PRIORITY}, got {spec.priority}"
+            )
+        max_retries = (
+            self.config.default_max_retries if spec.max_retries is None else spec.max_retries
+        )
+        if not 0 <= max_retries <= MAX_RETRIES_LIMIT:
+            raise InvalidTaskSpec(f"max_retries must be 0-{MAX_RETRIES_LIMIT}, got {max_retries}")
+        if sum(len(k) + len(v) for k, v in spec.metadata.items()) > MAX_METADATA_BYTES:
+            raise InvalidTaskSpec(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+        if any(not k for k in spec.metadata):
+            raise InvalidTaskSpec("metadata keys must not be empty")
+        return replace(spec, timeout_s=timeout_s, max_retries=max_retries)
+
+    async def submit(self, spec: TaskSpec) -> JobId:
+        spec = self.validate(spec)
+        job = Job(JobId(str(uuid.uuid4())), spec, JobStatus.PENDING, self.clock.now())
+        seq = await self.store.insert(job)  # durable before the id is returned
+        self._active[job.id] = ActiveJob(job, seq)
+        self.scheduler.enqueue(job.id, seq, spec)
+        self._wake.set()
+        return job.id
+
+    async def get(self, job_id: JobId) -> Job:
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return job
+
+    async def list_jobs(
+        self, limit: int, offset: int, status: JobStatus | None
+    ) -> tuple[list[Job], int]:
+        if limit < 0 or offset < 0:
+            raise InvalidTaskSpec("limit and offset must not be negative")
+        return await self.store.list_jobs(min(limit or 100, 1000), offset, status)
+
+    async def cancel(self, job_id: JobId, wait_s: float) -> str:
+        """Cancel a job; waits up to ``wait_s`` for a running one to be confirmed dead."""
+        job = self._active.get(job_id)
+        if job is None or job.status.terminal:
+            stored = await self.store.get(job_id)
+            if stored is None:
+                raise JobNotFound(f"job {job_id} not found")
+            status = job.status if job is not None else stored.status
+            raise JobAlreadyFinished(f"job {job_id} has already ended ({status.value})")
+        job.cancel_requested = True
+        if job.status == JobStatus.PENDING:
+            self.scheduler.remove(job.id)
+            await self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
+            return "cancelled before it started"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._cancel_running(job)
+        if not job.ended.is_set():
+            return "cancel requested; the worker has not confirmed yet"
+        return "cancelled"
+
+    async def _cancel_running(self, job: ActiveJob) -> None:
+        while not job.ended.is_set():
+            node = self.registry.get(job.node_id) if job.node_id else None
+            if node is None or job.runner is None:
+                # No worker to ask (it is gone, or the job is not dispatched yet).
+                await self._force_cancel(job, "cancelled")
+                return
+            try:
+                await self.workers.cancel(node.address, job.id, job.attempt)
+            except (WorkerUnreachable, AttemptGone, AttemptRejected) as exc:
+                log.warning("cannot reach worker %s to cancel %s: %s", node.id, job.id, exc)
+                await self._force_cancel(job, f"cancelled (worker {node.id} unreachable)")
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_CONFIRM_S):
+                    await job.ended.wait()
+
+    async def _force_cancel(self, job: ActiveJob, reason: str) -> None:
+        if job.status.terminal:
+            await job.ended.wait()
+            return
+        if job.runner is not None:
+            job.runner.cancel()
+        await self._complete(job, JobStatus.CANCELLED, error=reason)
+
+    async def stream_output(
+        self, job_id: JobId, offsets: Mapping[Stream, int], follow: bool
+    ) -> AsyncIterator[tuple[int, OutputChunk]]:
+        """Stored output from ``offsets``, then (when following) live output until the end."""
+        job = self._active.get(job_id)
+        follower = self.hub.follow(job_id) if job is not None and follow else None
+        try:
+            stored = await self.store.read_output(job_id, offsets)
+            if job is None and not stored:
+                await self.get(job_id)  # NOT_FOUND for an unknown id
+            attempt = job.attempt if job is not None else 0
+            sent = {s: offsets.get(s, 0) for s in Stream}
+            for chunk in stored:
+                sent[chunk.stream] = chunk.offset + len(chunk.data)
+                yield attempt, chunk
+            if follower is None:
+                return
+            async for live in follower:
+                if live.attempt < attempt:
+                    continue
+                if live.attempt > attempt:
+                    attempt, sent = live.attempt, {s: 0 for s in Stream}
+                fresh = _after(live, sent)
+                if fresh is not None:
+                    sent[fresh.stream] = fresh.offset + len(fresh.data)
+                    yield attempt, fresh
+        finally:
+            if follower is not None:
+                self.hub.unfollow(job_id, follower)
+
+    def nodes(self) -> list[NodeInfo]:
+        return self.registry.nodes()
+
+    def is_active(self, job_id: JobId) -> bool:
+        return job_id in self._active
+
+    # ---- node API ---------------------------------------------------------------------------
+
+    def register(
+        self,
+        node_id: NodeId,
+        address: str,
+        capabilities: Sequence[str],
+        max_tasks: int,
+        labels: Mapping[str, str],
+        held: Sequence[HeldAttempt],
+    ) -> NodeInfo:
+        if not node_id or not address or max_tasks <= 0:
+            raise InvalidTaskSpec("register needs worker_id, address and max_concurrent_tasks > 0")
+        previous = self.registry.get(node_id)
+        if previous is not None and previous.address != address:
+            self._spawn(self.workers.forget(previous.address))
+        node = self.registry.register(node_id, address, capabilities, max_tasks, labels)
+        held_keys = {(h.task_id, h.attempt) for h in held}
+        for job in list(self._active.values()):
+            if job.node_id != node_id or job.status != JobStatus.RUNNING:
+                continue
+            if (job.id, job.attempt) in held_keys:
+                held_keys.discard((job.id, job.attempt))
+                if job.runner is None:  # recovered after a master restart: attach to it
+                    job.orphan_deadline = None
+                    self.registry.reserve(node_id, force=True)
+                    job.runner = self._spawn(self._run_attempt(job, job.attempt, node_id, True))
+            else:
+                self._spawn(self._retry(job, f"worker {node_id} restarted and lost the task"))
+        for task_id, attempt in held_keys:
+            log.info("node %s holds stale attempt %d of %s; stopping it", node_id, attempt, task_id)
+            self._spawn(self._stop_stale(node.address, task_id, attempt))
+        self._wake.set()
+        log.info("node %s registered at %s (%d slots)", node_id, address, max_tasks)
+        return node
+
+    def heartbeat(self, node_id: NodeId, active_tasks: int, draining: bool) -> bool:
+        """False: the node is unknown or was declared dead, so it must register again."""
+        node = self.registry.get(node_id)
+        if node is None or node.status == NodeStatus.UNHEALTHY:
+            return False
+        was_draining = node.status == NodeStatus.DRAINING
+        self.registry.heartbeat(node_id, active_tasks, draining)
+        if was_draining and not draining:
+            self._wake.set()
+        return True
+
+    def deregister(self, node_id: NodeId) -> None:
+        node = self.registry.deregister(node_id)
+        if node is None:
+            return
+        self._node_lost(node_id, f"worker {node_id} left")
+        self._spawn(self.workers.forget(node.address))
+        log.info("node %s deregistered", node_id)
+
+    def _node_lost(self, node_id: NodeId, reason: str) -> None:
+        for job in list(self._active.values()):
+            if job.node_id == node_id and job.status == JobStatus.RUNNING:
+                self._spawn(self._retry(job, reason))
+
+    async def _stop_stale(self, address: str, task_id: str, attempt: int) -> None:
+        with contextlib.suppress(WorkerUnreachable, AttemptGone, AttemptRejected):
+            await self.workers.cancel(address, task_id, attempt)
+
+    # ---- attempts ---------------------------------------------------------------------------
+
+    def _current(self, job: ActiveJob, attempt: int) -> bool:
+        return (
+            self._active.get(job.id) is job
+            and job.status == JobStatus.RUNNING
+            and job.attempt == attempt
+        )
+
+    async def _start_attempt(self, job: ActiveJob, attempt: int, node_id: NodeId) -> None:
+        try:
+            assert job.started_at is not None
+            await self.store.mark_running(job.id, node_id, attempt, job.started_at)
+        except BaseException:
+            self.registry.release(node_id)
+            raise
+        if not self._current(job, attempt) or job.cancel_requested:
+            self.registry.release(node_id)
+            if self._current(job, attempt):
+                await self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
+            return
+        await self._run_attempt(job, attempt, node_id, attach=False)
+
+    async def _run_attempt(
+        self, job: ActiveJob, attempt: int, node_id: NodeId, attach: bool
+    ) -> None:
+        """Drive one attempt to its outcome, re-attaching after transport errors."""
+        backoff = 0.1
+        try:
+            while self._current(job, attempt):
+                node = self.registry.get(node_id)
+                if node is None:
+                    return  # deregistered or removed: _node_lost retries the job
+                deadline = (
+                    job.started_mono
+                    + job.spec.timeout_s
+                    + self.config.dispatch_grace_s
+                    - self.clock.monotonic()
+                )
+                if deadline <= 0:
+                    await self._complete(
+                        job,
+                        JobStatus.TIMEOUT,
+                        error=f"worker {node_id} did not report within the timeout "
+                        f"plus {format_duration(self.config.dispatch_grace_s)}",
+                    )
+                    return
+                try:
+                    outcome = await self._follow_attempt(job, attempt, node, attach, deadline)
+                except WorkerUnreachable as exc:
+                    log.info("attempt %d of %s: %s; re-attaching", attempt, job.id, exc)
+                    attach = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, REATTACH_BACKOFF_MAX_S)
+                    continue
+                except AttemptGone as exc:
+                    await self._retry(job, f"worker {node_id} lost the task: {exc}")
+                    return
+                except AttemptRejected as exc:
+                    if exc.fatal:
+                        await self._complete(job, JobStatus.FAILED, error=str(exc))
+                    else:
+                        await self._retry(job, f"worker {node_id} refused: {exc}", count=False)
+                    return
+                await self._on_outcome(job, attempt, node_id, outcome)
+                return
+        finally:
+            self.registry.release(node_id)
+            self._wake.set()
+
+    async def _follow_attempt(
+        self, job: ActiveJob, attempt: int, node: NodeInfo, attach: bool, deadline_s: float
+    ) -> ExecOutcome:
+        events = self.workers.execute(
+            node.address, job.id, attempt, job.spec, attach, job.seen, deadline_s
+        )
+        async for event in events:
+            if isinstance(event, ExecOutcome):
+                return event
+            if self._current(job, attempt):
+                self._on_output(job, attempt, event)
+        raise WorkerUnreachable(f"worker {node.id} sent no result")
+
+    def _on_output(self, job: ActiveJob, attempt: int, chunk: OutputChunk) -> None:
+        seen = job.seen[chunk.stream]
+        end = chunk.offset + len(chunk.data)
+        if end <= seen:
+            return  # replayed after a re-attach: already have it
+        if chunk.offset < seen:
+            chunk = OutputChunk(chunk.stream, seen, chunk.data[seen - chunk.offset :])
+        job.seen[chunk.stream] = end
+        keep = self.config.max_output_bytes - chunk.offset
+        if keep > 0:
+            stored = chunk if keep >= len(chunk.data) else replace(chunk, data=chunk.data[:keep])
+            self.store.append_output(job.id, stored)
+        self.hub.publish(job.id, attempt, chunk)
+
+    async def _on_outcome(
+        self, job: ActiveJob, attempt: int, node_id: NodeId, outcome: ExecOutcome
+    ) -> None:
+        if not self._current(job, attempt):
+            log.info("ignoring result of superseded attempt %d of %s", attempt, job.id)
+            return
+        if outcome.retryable:
+            await self._retry(job, outcome.error or f"worker {node_id} gave the task back", False)
+            return
+        status = _EXEC_TO_JOB[outcome.status]
+        if job.cancel_requested and status == JobStatus.FAILED and outcome.exit_code is None:
+            status = JobStatus.CANCELLED
+        await self._complete(job, status, outcome)
+
+    async def _retry(self, job: ActiveJob, reason: str, count: bool = True) -> None:
+        """The attempt was lost to infrastructure: queue the job again, or give up."""
+        if self._active.get(job.id) is not job or job.status.terminal:
+            return
+        if job.runner is not None and job.runner is not asyncio.current_task():
+            job.runner.cancel()
+        job.runner = None
+        job.orphan_deadline = None
+        if job.cancel_requested:
+            await self._complete(job, JobStatus.CANCELLED, error=f"cancelled ({reason})")
+            return
+        retries = job.retries + (1 if count else 0)
+        if retries > (job.spec.max_retries or 0):
+            await self._complete(
+                job,
+                JobStatus.FAILED,
+                error=f"{reason}; gave up after {job.attempt} attempts",
+            )
+            return
+        log.warning("job %s attempt %d: %s; queueing it again", job.id, job.attempt, reason)
+        job.status = JobStatus.PENDING
+        job.retries = retries
+        job.node_id = None
+        await self.store.requeue(job.id, retries, reason)
+        if self._active.get(job.id) is not job or job.status != JobStatus.PENDING:
+            return  # cancelled while the requeue was written
+        self.scheduler.enqueue(job.id, job.seq, job.spec)
+        self._wake.set()
+
+    async def _complete(
+        self,
+        job: ActiveJob,
+        status: JobStatus,
+        outcome: ExecOutcome | None = None,
+        error: str = "",
+    ) -> None:
+        """Record the terminal state durably, then end followers and forget the job."""
+        if job.status.terminal:
+            return
+        job.status = status
+        runner = job.runner
+        if runner is not None and runner is not asyncio.current_task():
+            runner.cancel()
+        record = replace(
+            job.record,
+            status=status,
+            started_at=job.started_at,
+            completed_at=self.clock.now(),
+            worker_id=job.node_id or "",
+            attempt=job.attempt,
+            retries=job.retries,
+            exit_code=outcome.exit_code if outcome else None,
+            error=(outcome.error if outcome else "") or error,
+            stdout_bytes=outcome.stdout_bytes if outcome else job.seen[Stream.STDOUT],
+            stderr_bytes=outcome.stderr_bytes if outcome else job.seen[Stream.STDERR],
+            truncated=_truncated(outcome, self.config.max_output_bytes),
+        )
+        try:
+            await asyncio.shield(self.store.finish(record, expect_attempt=None))
+        finally:
+            self._active.pop(job.id, None)
+            self.hub.close(job.id)
+            job.ended.set()
+
+
+def _truncated(outcome: ExecOutcome | None, limit: int) -> bool:
+    if outcome is None:
+        return False
+    return outcome.truncated or max(outcome.stdout_bytes, outcome.stderr_bytes) > limit
+
+
+def _after(live: LiveChunk, sent: Mapping[Stream, int]) -> OutputChunk | None:
+    """The part of a live chunk not yet sent to this follower."""
+    chunk = live.chunk
+    start = sent[chunk.stream]
+    end = chunk.offset + len(chunk.data)
+    if end <= start:
+        return None
+    if chunk.offset < start:
+        return OutputChunk(chunk.stream, start, chunk.data[start - chunk.offset :])
+    return chunk

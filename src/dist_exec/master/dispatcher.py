@@ -1,0 +1,148 @@
+"""Dispatcher I/O: the WorkerClient seam and its gRPC implementation.
+
+One long-lived channel per worker address. Errors come back as three kinds the master acts on:
+``AttemptRejected`` (the worker would not start it), ``AttemptGone`` (the worker no longer holds
+it) and ``WorkerUnreachable`` (transport trouble: the attempt may still be running).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import grpc
+import grpc.aio
+
+from dist_exec import wire
+from dist_exec.models import ExecOutcome, OutputChunk, Stream, TaskSpec
+from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from dist_exec.rpc.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class AttemptRejected(Exception):
+    """The worker refused to start the attempt. ``fatal``: no worker would run it."""
+
+    def __init__(self, message: str, fatal: bool) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class AttemptGone(Exception):
+    """The worker does not hold the attempt (it restarted, or already delivered it)."""
+
+
+class WorkerUnreachable(Exception):
+    """The call failed in transport; the attempt may still be running there."""
+
+
+class WorkerClient(Protocol):
+    def execute(
+        self,
+        address: str,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]: ...
+
+    async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool: ...
+
+    async def forget(self, address: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcWorkerClient:
+    def __init__(self, rpc_timeout_s: float) -> None:
+        self.rpc_timeout_s = rpc_timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> WorkerServiceAsyncStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return worker_pb2_grpc.WorkerServiceStub(channel)
+
+    async def execute(
+        self,
+        address: str,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        request = worker_pb2.ExecuteRequest(
+            task_id=task_id,
+            task_type=spec.task_type,
+            payload=b"" if attach else spec.payload,
+            timeout=wire.duration(spec.timeout_s),
+            metadata=spec.metadata,
+            attempt=attempt,
+            attach=attach,
+            stdout_offset=offsets.get(Stream.STDOUT, 0),
+            stderr_offset=offsets.get(Stream.STDERR, 0),
+        )
+        call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
+        try:
+            async for msg in call:
+                if msg.type == worker_pb2.PROGRESS_OUTPUT:
+                    yield OutputChunk(Stream(msg.output_type), msg.offset, msg.data)
+                elif msg.type == worker_pb2.PROGRESS_COMPLETED:
+                    yield wire.outcome_from_pb(msg.final_result)
+                    return
+                elif msg.type == worker_pb2.PROGRESS_ERROR:
+                    raise AttemptRejected(msg.data.decode(errors="replace"), fatal=True)
+        except grpc.aio.AioRpcError as exc:
+            raise _classify(exc, address) from None
+        finally:
+            call.cancel()
+        raise WorkerUnreachable(f"worker {address} ended the stream without a result")
+
+    async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
+        try:
+            reply = await self._stub(address).CancelTask(
+                worker_pb2.CancelTaskRequest(task_id=task_id, attempt=attempt),
+                timeout=self.rpc_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _classify(exc, address) from None
+        return reply.cancelled
+
+    async def forget(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        for address in list(self._channels):
+            with contextlib.suppress(Exception):
+                await self.forget(address)
+
+
+def _classify(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+    code, details = exc.code(), exc.details() or exc.code().name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return AttemptRejected(details, fatal=True)
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):
+        return AttemptRejected(details, fatal=False)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return AttemptGone(details)
+    return WorkerUnreachable(f"worker {address}: {code.name}: {details}")

@@ -1,0 +1,108 @@
+"""NodeRegistry: which workers exist, whether they are alive, and their reserved slots.
+
+Pure bookkeeping (no I/O); time comes from an injected Clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from dist_exec.clock import Clock
+from dist_exec.models import NodeId, NodeInfo, NodeStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    unhealthy: list[NodeId]  # turned UNHEALTHY now: their tasks must be retried
+    removed: list[NodeId]  # forgotten now: they must register again
+
+
+class NodeRegistry:
+    def __init__(self, clock: Clock, heartbeat_timeout_s: float, removal_s: float) -> None:
+        self.clock = clock
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.removal_s = removal_s
+        self._nodes: dict[NodeId, NodeInfo] = {}
+
+    def register(
+        self,
+        node_id: NodeId,
+        address: str,
+        capabilities: Iterable[str],
+        max_tasks: int,
+        labels: Mapping[str, str],
+    ) -> NodeInfo:
+        """Add a node, or replace one with the same id (a restarted worker)."""
+        node = NodeInfo(
+            id=node_id,
+            address=address,
+            capabilities=frozenset(capabilities),
+            max_tasks=max_tasks,
+            labels=dict(labels),
+            last_seen=self.clock.monotonic(),
+            last_seen_wall=self.clock.now(),
+        )
+        old = self._nodes.get(node_id)
+        if old is not None:
+            node.active_tasks = old.active_tasks  # reservations of attempts that live on
+        self._nodes[node_id] = node
+        return node
+
+    def heartbeat(self, node_id: NodeId, reported_active: int, draining: bool) -> NodeInfo | None:
+        """Record a heartbeat; None when the node is unknown (it must register again)."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return None
+        node.last_seen = self.clock.monotonic()
+        node.last_seen_wall = self.clock.now()
+        node.reported_active = reported_active
+        node.status = NodeStatus.DRAINING if draining else NodeStatus.HEALTHY
+        return node
+
+    def deregister(self, node_id: NodeId) -> NodeInfo | None:
+        return self._nodes.pop(node_id, None)
+
+    def sweep(self) -> Sweep:
+        now = self.clock.monotonic()
+        unhealthy, removed = [], []
+        for node in list(self._nodes.values()):
+            silent = now - node.last_seen
+            if silent >= self.removal_s:
+                del self._nodes[node.id]
+                removed.append(node.id)
+                if node.status != NodeStatus.UNHEALTHY:
+                    unhealthy.append(node.id)
+            elif silent >= self.heartbeat_timeout_s and node.status != NodeStatus.UNHEALTHY:
+                node.status = NodeStatus.UNHEALTHY
+                unhealthy.append(node.id)
+        return Sweep(unhealthy, removed)
+
+    def get(self, node_id: NodeId) -> NodeInfo | None:
+        return self._nodes.get(node_id)
+
+    def nodes(self) -> list[NodeInfo]:
+        return sorted(self._nodes.values(), key=lambda n: n.id)
+
+    def eligible(self, task_type: str) -> list[NodeInfo]:
+        """Healthy nodes that run ``task_type`` and have a free slot, in id order."""
+        return [
+            n
+            for n in self.nodes()
+            if n.status == NodeStatus.HEALTHY and task_type in n.capabilities and n.free_slots > 0
+        ]
+
+    def can_ever_run(self, task_type: str) -> bool:
+        return any(task_type in n.capabilities for n in self._nodes.values())
+
+    def reserve(self, node_id: NodeId, force: bool = False) -> None:
+        """Take a slot. ``force``: count an attempt already running there, even past max."""
+        node = self._nodes[node_id]
+        if node.free_slots <= 0 and not force:
+            raise ValueError(f"node {node_id} has no free slot")
+        node.active_tasks += 1
+
+    def release(self, node_id: NodeId) -> None:
+        node = self._nodes.get(node_id)
+        if node is not None and node.active_tasks > 0:
+            node.active_tasks -= 1

@@ -1,0 +1,154 @@
+"""gRPC servicers of the master: MasterService (clients) and RegistrationService (workers).
+
+Thin: check the shape of each request, convert with ``wire``, call the Master.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import grpc.aio
+
+from dist_exec import wire
+from dist_exec.config import MasterConfig
+from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors
+from dist_exec.executors.command import describe
+from dist_exec.master.core import HeldAttempt, Master
+from dist_exec.models import JobId, NodeId, Stream, TaskSpec
+from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _job_id(raw: str) -> JobId:
+    try:
+        return JobId(str(uuid.UUID(raw)))
+    except ValueError:
+        raise InvalidTaskSpec(f"invalid job id {raw!r}: expected a UUID") from None
+
+
+def _summary(task_type: str, payload: bytes) -> str:
+    return describe(payload) if task_type == "command" else task_type
+
+
+class MasterServicer(master_pb2_grpc.MasterServiceServicer):
+    def __init__(self, master: Master, config: MasterConfig) -> None:
+        self.master = master
+        self.config = config
+
+    @grpc_errors
+    async def Submit(
+        self, request: master_pb2.SubmitRequest, context: Context
+    ) -> master_pb2.SubmitResponse:
+        if request.timeout.seconds < 0 or request.timeout.nanos < 0:
+            raise InvalidTaskSpec("timeout must not be negative")
+        spec = TaskSpec(
+            task_type=request.task_type,
+            payload=request.payload,
+            timeout_s=wire.from_duration(request.timeout),
+            priority=request.priority,
+            metadata=dict(request.metadata),
+            max_retries=request.max_retries if request.HasField("max_retries") else None,
+        )
+        job_id = await self.master.submit(spec)
+        return master_pb2.SubmitResponse(job_id=job_id)
+
+    @grpc_errors
+    async def GetStatus(
+        self, request: master_pb2.GetStatusRequest, context: Context
+    ) -> master_pb2.GetStatusResponse:
+        job = await self.master.get(_job_id(request.job_id))
+        return wire.job_to_status_pb(job)
+
+    @grpc_errors
+    async def Cancel(
+        self, request: master_pb2.CancelRequest, context: Context
+    ) -> master_pb2.CancelResponse:
+        remaining = context.time_remaining()
+        wait_s = 15.0 if remaining is None else max(0.0, min(15.0, remaining - 0.5))
+        message = await self.master.cancel(_job_id(request.job_id), wait_s)
+        return master_pb2.CancelResponse(cancelled=True, message=message)
+
+    @grpc_errors
+    async def ListJobs(
+        self, request: master_pb2.ListJobsRequest, context: Context
+    ) -> master_pb2.ListJobsResponse:
+        status = None
+        if request.status_filter:
+            status = wire.JOB_STATUS_FROM_PB.get(request.status_filter)
+            if status is None:
+                raise InvalidTaskSpec(f"unknown status_filter value {request.status_filter}")
+        jobs, total = await self.master.list_jobs(request.limit, request.offset, status)
+        return master_pb2.ListJobsResponse(
+            jobs=[
+                wire.job_to_summary_pb(j, _summary(j.spec.task_type, j.spec.payload)) for j in jobs
+            ],
+            total=total,
+        )
+
+    @grpc_stream_errors
+    async def StreamOutput(
+        self, request: master_pb2.StreamOutputRequest, context: Context
+    ) -> AsyncGenerator[master_pb2.OutputChunk, None]:
+        if request.stdout_offset < 0 or request.stderr_offset < 0:
+            raise InvalidTaskSpec("output offsets must not be negative")
+        offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
+        async for attempt, chunk in self.master.stream_output(
+            _job_id(request.job_id), offsets, follow=not request.no_follow
+        ):
+            yield master_pb2.OutputChunk(
+                data=chunk.data,
+                type=chunk.stream.value,  # type: ignore[arg-type]
+                offset=chunk.offset,
+                attempt=attempt,
+            )
+
+    @grpc_errors
+    async def ListNodes(
+        self, request: master_pb2.ListNodesRequest, context: Context
+    ) -> master_pb2.ListNodesResponse:
+        return master_pb2.ListNodesResponse(nodes=[wire.node_to_pb(n) for n in self.master.nodes()])
+
+
+class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
+    def __init__(self, master: Master, config: MasterConfig) -> None:
+        self.master = master
+        self.config = config
+
+    @grpc_errors
+    async def Register(
+        self, request: worker_pb2.RegisterRequest, context: Context
+    ) -> worker_pb2.RegisterResponse:
+        self.master.register(
+            NodeId(request.worker_id),
+            request.address,
+            list(request.capabilities),
+            request.max_concurrent_tasks,
+            dict(request.labels),
+            [HeldAttempt(h.task_id, h.attempt) for h in request.held_attempts],
+        )
+        return worker_pb2.RegisterResponse(
+            accepted=True,
+            message="registered",
+            heartbeat_interval=wire.duration(self.config.heartbeat_interval_s),
+        )
+
+    @grpc_errors
+    async def Deregister(
+        self, request: worker_pb2.DeregisterRequest, context: Context
+    ) -> worker_pb2.DeregisterResponse:
+        self.master.deregister(NodeId(request.worker_id))
+        return worker_pb2.DeregisterResponse(acknowledged=True)
+
+    @grpc_errors
+    async def Heartbeat(
+        self, request: worker_pb2.HeartbeatRequest, context: Context
+    ) -> worker_pb2.HeartbeatResponse:
+        known = self.master.heartbeat(
+            NodeId(request.worker_id), request.active_tasks, request.draining
+        )
+        return worker_pb2.HeartbeatResponse(
+            acknowledged=known, action=worker_pb2.HEARTBEAT_ACTION_NONE
+        )

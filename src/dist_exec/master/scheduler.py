@@ -1,0 +1,80 @@
+"""Scheduler: the queue of pending tasks and which of them to place now. Pure.
+
+Order: higher priority first; within a priority, first submitted first (FIFO by sequence).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dist_exec.master.balancer import Balancer
+from dist_exec.models import JobId, NodeId, NodeInfo, TaskSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    job_id: JobId
+    node_id: NodeId
+
+
+class Scheduler:
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self._heap: list[tuple[int, int, JobId]] = []
+        self._queued: dict[JobId, tuple[int, TaskSpec]] = {}  # job -> (seq, spec)
+        self._types: Counter[str] = Counter()  # queued jobs per task type
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._queued
+
+    def enqueue(self, job_id: JobId, seq: int, spec: TaskSpec) -> None:
+        self._queued[job_id] = (seq, spec)
+        self._types[spec.task_type] += 1
+        heapq.heappush(self._heap, (-spec.priority, seq, job_id))
+
+    def remove(self, job_id: JobId) -> bool:
+        """Take a job out of the queue (lazily: its heap entry is skipped later)."""
+        queued = self._queued.pop(job_id, None)
+        if queued is None:
+            return False
+        self._types[queued[1].task_type] -= 1
+        return True
+
+    def ordered(self) -> list[JobId]:
+        return [j for _, _, j in sorted(self._heap) if j in self._queued]
+
+    def plan(
+        self,
+        eligible: Callable[[str], list[NodeInfo]],
+        reserve: Callable[[NodeId], None],
+    ) -> list[Assignment]:
+        """Place queued tasks in order while nodes have room; reserve each chosen slot."""
+        assignments: list[Assignment] = []
+        skipped: list[tuple[int, int, JobId]] = []
+        full_types: set[str] = set()
+        while self._heap and not full_types.issuperset(+self._types):
+            entry = heapq.heappop(self._heap)
+            job_id = entry[2]
+            queued = self._queued.get(job_id)
+            if queued is None:
+                continue  # removed earlier
+            spec = queued[1]
+            node = None
+            if spec.task_type not in full_types:
+                node = self.balancer.select(spec, eligible(spec.task_type))
+            if node is None:
+                full_types.add(spec.task_type)
+                skipped.append(entry)
+                continue
+            reserve(node.id)
+            self.remove(job_id)
+            assignments.append(Assignment(job_id, node.id))
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return assignments

@@ -1,0 +1,357 @@
+"""Durable job store: one SQLite file (WAL, synchronous=FULL) in the master's data directory.
+
+All writes go through one writer thread that commits them in batches (group commit), so a burst
+of submissions costs one fsync, not one each. An awaited write has been committed to disk when
+it returns. Reads that must see every earlier write (output replay) run on the writer thread
+too; other reads use their own connection and see what is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskSpec
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+MAX_BATCH = 2000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    task_type TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    timeout_s REAL NOT NULL,
+    priority INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    max_retries INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    worker_id TEXT NOT NULL DEFAULT '',
+    attempt INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    error TEXT NOT NULL DEFAULT '',
+    stdout_bytes INTEGER NOT NULL DEFAULT 0,
+    stderr_bytes INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS output (
+    job_id TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, stream, offset)
+) WITHOUT ROWID;
+"""
+_JOB_COLUMNS = (
+    "seq, id, task_type, payload, timeout_s, priority, metadata, max_retries, status, created_at,"
+    " started_at, completed_at, worker_id, attempt, retries, exit_code, error, stdout_bytes,"
+    " stderr_bytes, truncated"
+)
+
+
+class JobStore(Protocol):
+    """What the master needs from durable storage."""
+
+    async def insert(self, job: Job) -> int: ...
+    async def mark_running(
+        self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
+    ) -> None: ...
+    def append_output(self, job_id: JobId, chunk: OutputChunk) -> None: ...
+    async def finish(self, job: Job, expect_attempt: int | None) -> bool: ...
+    async def requeue(self, job_id: JobId, retries: int, error: str) -> None: ...
+    async def get(self, job_id: JobId) -> Job | None: ...
+    async def list_jobs(
+        self, limit: int, offset: int, status: JobStatus | None
+    ) -> tuple[list[Job], int]: ...
+    async def unfinished(self) -> list[tuple[int, Job]]: ...
+    async def read_output(
+        self, job_id: JobId, offsets: Mapping[Stream, int]
+    ) -> list[OutputChunk]: ...
+
+
+def _ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b"") -> Job:
+    (_seq, id_, task_type, payload, timeout_s, priority, metadata, max_retries, status, created,
+     started, completed, worker_id, attempt, retries, exit_code, error, out_n, err_n,
+     truncated) = row  # fmt: skip
+    return Job(
+        id=JobId(id_),
+        spec=TaskSpec(task_type, payload, timeout_s, priority, json.loads(metadata), max_retries),
+        status=JobStatus(status),
+        created_at=_dt(created) or datetime.fromtimestamp(0, UTC),
+        started_at=_dt(started),
+        completed_at=_dt(completed),
+        worker_id=worker_id,
+        attempt=attempt,
+        retries=retries,
+        exit_code=exit_code,
+        error=error,
+        stdout=stdout,
+        stderr=stderr,
+        stdout_bytes=out_n,
+        stderr_bytes=err_n,
+        truncated=bool(truncated),
+    )
+
+
+class SqliteJobStore:
+    """The default JobStore. Use as ``async with SqliteJobStore(path) as store``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None] | None
+        ] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="store-read")
+
+    async def __aenter__(self) -> SqliteJobStore:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        write_conn = self._connect(check_same_thread=False)  # used only by the writer thread
+        write_conn.executescript(_SCHEMA)
+        write_conn.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(write_conn,), name="store-write", daemon=True
+        )
+        self._writer.start()
+        self._reader = self._connect(check_same_thread=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
+        self._read_pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+
+    def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=check_same_thread, timeout=30
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]],
+    ) -> None:
+        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in batch:
+                try:
+                    results.append((fut, fn(conn), None))
+                except Exception as exc:
+                    results.append((fut, None, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(fut, None, exc) for _, fut in batch]
+        assert self._loop is not None
+        for fut, value, error in results:
+            if fut is not None:
+                self._loop.call_soon_threadsafe(_resolve, fut, value, error)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, fut))
+        return fut
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._reader is not None
+        reader = self._reader
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, lambda: fn(reader))
+
+    async def insert(self, job: Job) -> int:
+        spec = job.spec
+        row = (
+            job.id, spec.task_type, spec.payload, spec.timeout_s, spec.priority,
+            json.dumps(spec.metadata), spec.max_retries, job.status.value,
+            _ts(job.created_at),
+        )  # fmt: skip
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
+                " max_retries, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        return await self._write(op)
+
+    async def mark_running(
+        self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
+    ) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE jobs SET status = 'RUNNING', worker_id = ?, attempt = ?, started_at = ?"
+                " WHERE id = ?",
+                (worker_id, attempt, _ts(started_at), job_id),
+            )
+        )
+
+    def append_output(self, job_id: JobId, chunk: OutputChunk) -> None:
+        # Not awaited: ordered before any later write, and committed with the batch it lands in.
+        self._queue.put(
+            (
+                lambda conn: conn.execute(
+                    "INSERT OR REPLACE INTO output VALUES (?, ?, ?, ?)",
+                    (job_id, chunk.stream.value, chunk.offset, chunk.data),
+                ),
+                None,
+            )
+        )
+
+    async def finish(self, job: Job, expect_attempt: int | None) -> bool:
+        """Record a terminal state; with ``expect_attempt``, only if that attempt is current."""
+        values = (
+            job.status.value, job.worker_id, _ts(job.started_at), _ts(job.completed_at),
+            job.exit_code, job.error, job.stdout_bytes, job.stderr_bytes, int(job.truncated),
+            job.retries, job.id,
+        )  # fmt: skip
+        guard = "" if expect_attempt is None else f" AND attempt = {int(expect_attempt)}"
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE jobs SET status = ?, worker_id = ?, started_at = ?, completed_at = ?,"
+                " exit_code = ?, error = ?, stdout_bytes = ?, stderr_bytes = ?, truncated = ?,"
+                " retries = ? WHERE id = ? AND status IN ('PENDING', 'RUNNING')" + guard,
+                values,
+            )
+            return cur.rowcount == 1
+
+        return await self._write(op)
+
+    async def requeue(self, job_id: JobId, retries: int, error: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE jobs SET status = 'PENDING', retries = ?, error = ?, worker_id = '',"
+                " started_at = NULL WHERE id = ?",
+                (retries, error, job_id),
+            )
+            conn.execute("DELETE FROM output WHERE job_id = ?", (job_id,))
+
+        await self._write(op)
+
+    async def get(self, job_id: JobId) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            parts: dict[int, list[bytes]] = {0: [], 1: []}
+            for stream, data in conn.execute(
+                "SELECT stream, data FROM output WHERE job_id = ? ORDER BY stream, offset",
+                (job_id,),
+            ):
+                parts[stream].append(data)
+            return _job_from_row(row, b"".join(parts[0]), b"".join(parts[1]))
+
+        return await self._read(op)
+
+    async def list_jobs(
+        self, limit: int, offset: int, status: JobStatus | None
+    ) -> tuple[list[Job], int]:
+        where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
+
+        def op(conn: sqlite3.Connection) -> tuple[list[Job], int]:
+            total = conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
+            return [_job_from_row(r) for r in rows], total
+
+        return await self._read(op)
+
+    async def unfinished(self) -> list[tuple[int, Job]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[int, Job]]:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN ('PENDING', 'RUNNING')"
+                " ORDER BY seq"
+            ).fetchall()
+            return [(r[0], _job_from_row(r)) for r in rows]
+
+        return await self._read(op)
+
+    async def read_output(self, job_id: JobId, offsets: Mapping[Stream, int]) -> list[OutputChunk]:
+        """Stored output from ``offsets`` on, after every write queued before this call."""
+
+        def op(conn: sqlite3.Connection) -> list[OutputChunk]:
+            chunks = []
+            for stream, offset, data in conn.execute(
+                "SELECT stream, offset, data FROM output WHERE job_id = ? ORDER BY offset",
+                (job_id,),
+            ):
+                s = Stream(stream)
+                start = offsets.get(s, 0)
+                if offset + len(data) > start:
+                    cut = max(0, start - offset)
+                    chunks.append(OutputChunk(s, offset + cut, data[cut:]))
+            return chunks
+
+        return await self._write(op)
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)

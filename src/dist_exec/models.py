@@ -1,0 +1,139 @@
+"""Domain types shared by master, worker, CLI and SDK.
+
+Glossary (used everywhere in the code base):
+
+- *Job*: what a client submitted and polls (``job_id`` on the wire).
+- *Task*: the unit a worker runs (``task_id`` on the wire). One job is one task today, so a
+  task id is its job id.
+- *Attempt*: one try of a task on a node, numbered from 1. A retry is a new attempt.
+- *Node*: a registered worker process, identified by its ``NodeId``.
+- *Worker*: the program that a node runs.
+- *Executor*: the plugin that runs a task of one type ("command", ...).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NewType
+
+JobId = NewType("JobId", str)
+NodeId = NewType("NodeId", str)
+
+MIN_PRIORITY = 0
+MAX_PRIORITY = 10
+
+
+class JobStatus(enum.StrEnum):
+    """A job's state. Terminal: COMPLETED, FAILED, CANCELLED, TIMEOUT."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.PENDING, JobStatus.RUNNING)
+
+
+class ExecStatus(enum.StrEnum):
+    """How one attempt ended on its worker."""
+
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+
+
+class NodeStatus(enum.StrEnum):
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+
+
+class Stream(enum.IntEnum):
+    """Output stream of a task; the values are the wire's OutputType."""
+
+    STDOUT = 0
+    STDERR = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """What a client asked to run."""
+
+    task_type: str
+    payload: bytes
+    timeout_s: float
+    priority: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    max_retries: int | None = None  # None: the master's default
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    stream: Stream
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOutcome:
+    """The result of one attempt, as its worker reports it."""
+
+    status: ExecStatus
+    exit_code: int | None = None
+    error: str = ""
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+    duration_s: float = 0.0
+    retryable: bool = False  # the worker gave up on it (shutdown): run it again elsewhere
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job as the store records it."""
+
+    id: JobId
+    spec: TaskSpec
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    worker_id: str = ""
+    attempt: int = 0
+    retries: int = 0
+    exit_code: int | None = None
+    error: str = ""
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """A registered worker as the master's registry tracks it (mutable bookkeeping)."""
+
+    id: NodeId
+    address: str
+    capabilities: frozenset[str]
+    max_tasks: int
+    labels: dict[str, str]
+    last_seen: float  # registry clock, seconds
+    last_seen_wall: datetime
+    status: NodeStatus = NodeStatus.HEALTHY
+    active_tasks: int = 0  # slots the master has reserved on this node
+    reported_active: int = 0  # what the node said in its last heartbeat
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_tasks - self.active_tasks)

@@ -1,0 +1,233 @@
+"""Protobuf <-> domain conversion, and nothing else. Protobuf objects stop here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from dist_exec.models import (
+    ExecOutcome,
+    ExecStatus,
+    Job,
+    JobId,
+    JobStatus,
+    NodeId,
+    NodeInfo,
+    NodeStatus,
+    TaskSpec,
+)
+from dist_exec.rpc.v1 import common_pb2, master_pb2, worker_pb2
+
+JOB_STATUS_TO_PB = {
+    JobStatus.PENDING: common_pb2.JOB_STATUS_PENDING,
+    JobStatus.RUNNING: common_pb2.JOB_STATUS_RUNNING,
+    JobStatus.COMPLETED: common_pb2.JOB_STATUS_COMPLETED,
+    JobStatus.FAILED: common_pb2.JOB_STATUS_FAILED,
+    JobStatus.CANCELLED: common_pb2.JOB_STATUS_CANCELLED,
+    JobStatus.TIMEOUT: common_pb2.JOB_STATUS_TIMEOUT,
+}
+JOB_STATUS_FROM_PB = {v: k for k, v in JOB_STATUS_TO_PB.items()}
+
+EXEC_STATUS_TO_PB = {
+    ExecStatus.SUCCESS: common_pb2.EXECUTION_STATUS_SUCCESS,
+    ExecStatus.FAILURE: common_pb2.EXECUTION_STATUS_FAILURE,
+    ExecStatus.TIMEOUT: common_pb2.EXECUTION_STATUS_TIMEOUT,
+    ExecStatus.CANCELLED: common_pb2.EXECUTION_STATUS_CANCELLED,
+}
+EXEC_STATUS_FROM_PB = {v: k for k, v in EXEC_STATUS_TO_PB.items()}
+
+NODE_STATUS_TO_PB = {
+    NodeStatus.HEALTHY: common_pb2.NODE_STATUS_HEALTHY,
+    NodeStatus.UNHEALTHY: common_pb2.NODE_STATUS_UNHEALTHY,
+    NodeStatus.DRAINING: common_pb2.NODE_STATUS_DRAINING,
+}
+NODE_STATUS_FROM_PB = {v: k for k, v in NODE_STATUS_TO_PB.items()}
+
+
+def timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if dt is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def from_timestamp(msg: object, name: str) -> datetime | None:
+    """The datetime in ``msg.name``, or None when the field is unset."""
+    if not msg.HasField(name):  # type: ignore[attr-defined]
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(msg, name)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def from_duration(d: duration_pb2.Duration) -> float:
+    return float(d.ToNanoseconds()) / 1e9
+
+
+def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
+    return master_pb2.SubmitRequest(
+        task_type=spec.task_type,
+        payload=spec.payload,
+        timeout=duration(spec.timeout_s),
+        priority=spec.priority,
+        metadata=spec.metadata,
+        max_retries=spec.max_retries,  # None leaves the optional field unset
+    )
+
+
+def outcome_to_pb(outcome: ExecOutcome, task_id: str, attempt: int) -> worker_pb2.ExecuteResponse:
+    return worker_pb2.ExecuteResponse(
+        task_id=task_id,
+        status=EXEC_STATUS_TO_PB[outcome.status],
+        output=outcome.stdout,
+        error=outcome.error,
+        exit_code=outcome.exit_code or 0,
+        has_exit_code=outcome.exit_code is not None,
+        duration=duration(outcome.duration_s),
+        stderr=outcome.stderr,
+        stdout_bytes=outcome.stdout_bytes,
+        stderr_bytes=outcome.stderr_bytes,
+        output_truncated=outcome.truncated,
+        attempt=attempt,
+        retryable=outcome.retryable,
+    )
+
+
+def outcome_from_pb(msg: worker_pb2.ExecuteResponse) -> ExecOutcome:
+    has_exit = msg.has_exit_code or (
+        # A worker built from the original protocol never sets has_exit_code.
+        msg.status in (common_pb2.EXECUTION_STATUS_SUCCESS, common_pb2.EXECUTION_STATUS_FAILURE)
+        and not msg.error
+    )
+    return ExecOutcome(
+        status=EXEC_STATUS_FROM_PB.get(msg.status, ExecStatus.FAILURE),
+        exit_code=msg.exit_code if has_exit else None,
+        error=msg.error,
+        stdout=msg.output,
+        stderr=msg.stderr,
+        stdout_bytes=msg.stdout_bytes or len(msg.output),
+        stderr_bytes=msg.stderr_bytes or len(msg.stderr),
+        truncated=msg.output_truncated,
+        duration_s=from_duration(msg.duration),
+        retryable=msg.retryable,
+    )
+
+
+def job_to_status_pb(job: Job) -> master_pb2.GetStatusResponse:
+    return master_pb2.GetStatusResponse(
+        job_id=job.id,
+        status=JOB_STATUS_TO_PB[job.status],
+        output=job.stdout,
+        error=job.error,
+        exit_code=job.exit_code or 0,
+        has_exit_code=job.exit_code is not None,
+        created_at=timestamp(job.created_at),
+        started_at=timestamp(job.started_at),
+        completed_at=timestamp(job.completed_at),
+        worker_id=job.worker_id,
+        stderr=job.stderr,
+        priority=job.spec.priority,
+        task_type=job.spec.task_type,
+        payload=job.spec.payload,
+        metadata=job.spec.metadata,
+        timeout=duration(job.spec.timeout_s),
+        retries=job.retries,
+        max_retries=job.spec.max_retries or 0,
+        stdout_bytes=job.stdout_bytes,
+        stderr_bytes=job.stderr_bytes,
+        output_truncated=job.truncated,
+    )
+
+
+def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
+    return Job(
+        id=JobId(msg.job_id),
+        spec=TaskSpec(
+            task_type=msg.task_type,
+            payload=msg.payload,
+            timeout_s=from_duration(msg.timeout),
+            priority=msg.priority,
+            metadata=dict(msg.metadata),
+            max_retries=msg.max_retries,
+        ),
+        status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
+        created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
+        started_at=from_timestamp(msg, "started_at"),
+        completed_at=from_timestamp(msg, "completed_at"),
+        worker_id=msg.worker_id,
+        retries=msg.retries,
+        exit_code=msg.exit_code if msg.has_exit_code else None,
+        error=msg.error,
+        stdout=msg.output,
+        stderr=msg.stderr,
+        stdout_bytes=msg.stdout_bytes,
+        stderr_bytes=msg.stderr_bytes,
+        truncated=msg.output_truncated,
+    )
+
+
+def job_to_summary_pb(job: Job, summary: str) -> master_pb2.JobSummary:
+    return master_pb2.JobSummary(
+        job_id=job.id,
+        task_type=job.spec.task_type,
+        status=JOB_STATUS_TO_PB[job.status],
+        created_at=timestamp(job.created_at),
+        exit_code=job.exit_code or 0,
+        has_exit_code=job.exit_code is not None,
+        worker_id=job.worker_id,
+        priority=job.spec.priority,
+        started_at=timestamp(job.started_at),
+        completed_at=timestamp(job.completed_at),
+        error=job.error,
+        summary=summary,
+    )
+
+
+def job_from_summary_pb(msg: master_pb2.JobSummary) -> tuple[Job, str]:
+    """A listed job (no output, payload or timeout on the wire) and its one-line summary."""
+    job = Job(
+        id=JobId(msg.job_id),
+        spec=TaskSpec(msg.task_type, b"", 0.0, msg.priority),
+        status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
+        created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
+        started_at=from_timestamp(msg, "started_at"),
+        completed_at=from_timestamp(msg, "completed_at"),
+        worker_id=msg.worker_id,
+        exit_code=msg.exit_code if msg.has_exit_code else None,
+        error=msg.error,
+    )
+    return job, msg.summary
+
+
+def node_to_pb(node: NodeInfo) -> common_pb2.NodeInfo:
+    return common_pb2.NodeInfo(
+        node_id=node.id,
+        address=node.address,
+        status=NODE_STATUS_TO_PB[node.status],
+        capabilities=sorted(node.capabilities),
+        max_tasks=node.max_tasks,
+        active_tasks=node.active_tasks,
+        labels=node.labels,
+        last_seen=timestamp(node.last_seen_wall),
+    )
+
+
+def node_from_pb(msg: common_pb2.NodeInfo) -> NodeInfo:
+    return NodeInfo(
+        id=NodeId(msg.node_id),
+        address=msg.address,
+        capabilities=frozenset(msg.capabilities),
+        max_tasks=msg.max_tasks,
+        labels=dict(msg.labels),
+        last_seen=0.0,
+        last_seen_wall=from_timestamp(msg, "last_seen") or datetime.fromtimestamp(0, UTC),
+        status=NODE_STATUS_FROM_PB.get(msg.status, NodeStatus.UNHEALTHY),
+        active_tasks=msg.active_tasks,
+    )

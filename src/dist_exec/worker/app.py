@@ -1,0 +1,185 @@
+"""Worker composition root: serve WorkerService, register with the master, heartbeat, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dist_exec import wire
+from dist_exec.config import WorkerConfig, advertised_address, dial_address, listen_address
+from dist_exec.executors import Executor, load_executors
+from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from dist_exec.worker.server import WorkerServicer
+from dist_exec.worker.task_runner import TaskRunner
+
+if TYPE_CHECKING:
+    from dist_exec.rpc.v1.worker_pb2_grpc import RegistrationServiceAsyncStub
+
+log = logging.getLogger(__name__)
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+REGISTER_BACKOFF_MAX_S = 5.0
+
+
+class Registrar:
+    """Keeps this node registered with the master: register, heartbeat, register again."""
+
+    def __init__(
+        self, config: WorkerConfig, runner: TaskRunner, address: str, channel: grpc.aio.Channel
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.address = address
+        self.stub: RegistrationServiceAsyncStub = worker_pb2_grpc.RegistrationServiceStub(channel)
+        self.interval_s = config.heartbeat_interval_s
+        self.registered = asyncio.Event()
+
+    async def register(self) -> None:
+        """Register, retrying with backoff until the master accepts."""
+        backoff = 0.1
+        while True:
+            try:
+                reply = await self.stub.Register(
+                    self._register_request(), timeout=self.config.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("cannot register with master %s: %s", self.config.master, exc.details())
+            else:
+                if reply.accepted:
+                    if reply.HasField("heartbeat_interval"):
+                        self.interval_s = (
+                            wire.from_duration(reply.heartbeat_interval) or self.interval_s
+                        )
+                    log.info(
+                        "registered with master %s as %s", self.config.master, self.config.worker_id
+                    )
+                    self.registered.set()
+                    return
+                log.warning("master refused registration: %s", reply.message)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, REGISTER_BACKOFF_MAX_S)
+
+    def _register_request(self) -> worker_pb2.RegisterRequest:
+        return worker_pb2.RegisterRequest(
+            worker_id=self.config.worker_id,
+            address=self.address,
+            capabilities=self.runner.capabilities,
+            max_concurrent_tasks=self.config.max_concurrent_tasks,
+            labels=self.config.labels,
+            held_attempts=[
+                worker_pb2.HeldAttempt(
+                    task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None
+                )
+                for a in self.runner.held()
+            ],
+        )
+
+    async def heartbeat_forever(self) -> None:
+        await self.register()
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        try:
+            reply = await self.stub.Heartbeat(
+                worker_pb2.HeartbeatRequest(
+                    worker_id=self.config.worker_id,
+                    active_tasks=self.runner.active_count,
+                    health=common_pb2.WORKER_HEALTH_HEALTHY,
+                    draining=self.runner.draining,
+                ),
+                timeout=self.config.rpc_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("heartbeat to %s failed: %s", self.config.master, exc.details())
+            return
+        if not reply.acknowledged:
+            log.info("master does not know this node (restarted?); registering again")
+            await self.register()
+
+    async def deregister(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.stub.Deregister(
+                worker_pb2.DeregisterRequest(worker_id=self.config.worker_id),
+                timeout=self.config.rpc_timeout_s,
+            )
+
+
+async def run_worker(
+    config: WorkerConfig,
+    stop: asyncio.Event,
+    on_ready: Callable[[str], None] = lambda address: None,
+    executors: dict[str, Executor] | None = None,
+) -> None:
+    """Serve until ``stop`` is set, then drain: no new tasks, finish (or hand back), deregister."""
+    executors = (
+        executors
+        if executors is not None
+        else load_executors(
+            options={
+                "command": {"kill_grace_s": config.kill_grace_s, "inherit_env": config.inherit_env}
+            }
+        )
+    )
+    runner = TaskRunner(
+        executors, config.max_concurrent_tasks, config.max_output_bytes, config.result_retention_s
+    )
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+        WorkerServicer(runner, config.worker_id), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            WORKER_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(listen_address(config.listen))
+    await server.start()
+    address = config.advertise or advertised_address(config.listen, port)
+    for service in ("", WORKER_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    channel = grpc.aio.insecure_channel(dial_address(config.master))
+    registrar = Registrar(config, runner, address, channel)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            beats = tg.create_task(registrar.heartbeat_forever())
+            registered = tg.create_task(registrar.registered.wait())
+            await asyncio.wait(
+                {registered, tg.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if registered.done():
+                on_ready(address)
+            else:
+                registered.cancel()
+            await stop.wait()
+            log.info(
+                "draining: no new tasks; waiting up to %ss for running ones", config.drain_timeout_s
+            )
+            for service in ("", WORKER_SERVICE):
+                await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            runner.draining = True
+            await registrar.heartbeat()  # tell the master now, not at the next beat
+            await runner.drain(config.drain_timeout_s)
+            # Let the master collect the results still held before this node goes away.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.rpc_timeout_s):
+                    await runner.wait_delivered()
+            beats.cancel()
+            await registrar.deregister()
+    finally:
+        await runner.close()
+        await server.stop(grace=1.0)
+        await channel.close()

@@ -1,0 +1,101 @@
+"""WorkerService servicer: thin; the TaskRunner does the work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import grpc.aio
+
+from dist_exec import wire
+from dist_exec.errors import grpc_errors, grpc_stream_errors
+from dist_exec.executors import ExecRequest
+from dist_exec.models import Stream
+from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from dist_exec.worker.task_runner import Attempt, TaskRunner
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, runner: TaskRunner, worker_id: str) -> None:
+        self.runner = runner
+        self.worker_id = worker_id
+
+    def _attempt(self, request: worker_pb2.ExecuteRequest) -> Attempt:
+        if request.attach:
+            return self.runner.find(request.task_id, request.attempt)
+        return self.runner.start(
+            ExecRequest(
+                task_id=request.task_id,
+                attempt=request.attempt,
+                payload=request.payload,
+                timeout_s=wire.from_duration(request.timeout),
+                metadata=dict(request.metadata),
+            ),
+            request.task_type,
+        )
+
+    @grpc_stream_errors
+    async def ExecuteStream(
+        self, request: worker_pb2.ExecuteRequest, context: Context
+    ) -> AsyncGenerator[worker_pb2.ExecuteProgress, None]:
+        attempt = self._attempt(request)
+        output = attempt.output
+        sub = output.subscribe(
+            {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
+        )
+        try:
+            yield worker_pb2.ExecuteProgress(type=worker_pb2.PROGRESS_STARTED)
+            async for chunk in output.follow(sub):
+                yield worker_pb2.ExecuteProgress(
+                    type=worker_pb2.PROGRESS_OUTPUT,
+                    data=chunk.data,
+                    output_type=chunk.stream.value,  # type: ignore[arg-type]
+                    offset=chunk.offset,
+                )
+            await attempt.done.wait()
+            assert attempt.outcome is not None
+            yield worker_pb2.ExecuteProgress(
+                type=worker_pb2.PROGRESS_COMPLETED,
+                final_result=wire.outcome_to_pb(attempt.outcome, attempt.task_id, attempt.attempt),
+            )
+        finally:
+            output.unsubscribe(sub)
+        # Only reached when the last message was handed to the transport.
+        self.runner.delivered(attempt)
+
+    @grpc_errors
+    async def Execute(
+        self, request: worker_pb2.ExecuteRequest, context: Context
+    ) -> worker_pb2.ExecuteResponse:
+        attempt = self._attempt(request)
+        await attempt.done.wait()
+        assert attempt.outcome is not None
+        self.runner.delivered(attempt)
+        return wire.outcome_to_pb(attempt.outcome, attempt.task_id, attempt.attempt)
+
+    @grpc_errors
+    async def CancelTask(
+        self, request: worker_pb2.CancelTaskRequest, context: Context
+    ) -> worker_pb2.CancelTaskResponse:
+        return worker_pb2.CancelTaskResponse(
+            cancelled=self.runner.cancel(request.task_id, request.attempt)
+        )
+
+    @grpc_errors
+    async def GetWorkerStatus(
+        self, request: worker_pb2.GetWorkerStatusRequest, context: Context
+    ) -> worker_pb2.GetWorkerStatusResponse:
+        return worker_pb2.GetWorkerStatusResponse(
+            worker_id=self.worker_id,
+            capabilities=self.runner.capabilities,
+            max_concurrent_tasks=self.runner.max_concurrent,
+            active_tasks=self.runner.active_count,
+            health=(
+                common_pb2.WORKER_HEALTH_DEGRADED
+                if self.runner.draining
+                else common_pb2.WORKER_HEALTH_HEALTHY
+            ),
+            running_task_ids=self.runner.running_task_ids(),
+        )

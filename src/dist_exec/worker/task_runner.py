@@ -1,0 +1,330 @@
+"""Runs attempts on a worker: executor, timeout, cancel, bounded output, held results.
+
+An attempt keeps running when the master's stream to it breaks; its result is held until it is
+delivered or ``result_retention_s`` passes, so a master that restarts (or a stream that is cut)
+can attach to it again and lose nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from dist_exec.config import format_duration
+from dist_exec.errors import InvalidTaskSpec, ResourceExhausted, TaskNotFound, WorkerDraining
+from dist_exec.executors import ExecRequest, Executor
+from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
+
+log = logging.getLogger(__name__)
+SUBSCRIBER_QUEUE_CHUNKS = 64  # at most this many chunks (of up to 64 KiB) wait for the master
+
+
+@dataclass(slots=True)
+class _Buffer:
+    """The first ``limit`` bytes of a stream, and how many bytes it had in all."""
+
+    limit: int
+    head: bytearray = field(default_factory=bytearray)
+    total: int = 0
+
+    def add(self, data: bytes) -> int:
+        offset = self.total
+        self.total += len(data)
+        room = self.limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+        return offset
+
+
+class _Subscription:
+    def __init__(self, replay: list[OutputChunk]) -> None:
+        self.replay = replay
+        self.queue: asyncio.Queue[OutputChunk | None] = asyncio.Queue(SUBSCRIBER_QUEUE_CHUNKS)
+
+
+class AttemptOutput:
+    """An attempt's output: head kept for the result, live chunks to the one subscriber."""
+
+    def __init__(self, limit: int) -> None:
+        self._buffers = {s: _Buffer(limit) for s in Stream}
+        self._subscriber: _Subscription | None = None
+        self._closed = False
+
+    async def write(self, stream: Stream, data: bytes) -> None:
+        offset = self._buffers[stream].add(data)
+        sub = self._subscriber
+        if sub is not None:
+            # Backpressure, as a pipe gives it: a slow master slows the command, loses nothing.
+            await sub.queue.put(OutputChunk(stream, offset, data))
+
+    def close(self) -> None:
+        self._closed = True
+        sub = self._subscriber
+        if sub is not None and not sub.queue.full():
+            sub.queue.put_nowait(None)  # wakes a follower waiting on an empty queue
+
+    def subscribe(self, offsets: Mapping[Stream, int]) -> _Subscription:
+        """Replay what is kept from ``offsets`` on, then follow live. Replaces any subscriber."""
+        replay = []
+        for stream, buf in self._buffers.items():
+            start = max(0, offsets.get(stream, 0))
+            if start < len(buf.head):
+                replay.append(OutputChunk(stream, start, bytes(buf.head[start:])))
+        sub = _Subscription(replay)
+        self._subscriber = sub
+        if self._closed:
+            sub.queue.put_nowait(None)
+        return sub
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        if self._subscriber is sub:
+            self._subscriber = None
+        # Wake a writer blocked on this subscriber's full queue.
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+
+    async def follow(self, sub: _Subscription) -> AsyncIterator[OutputChunk]:
+        for chunk in sub.replay:
+            yield chunk
+        while not (self._closed and sub.queue.empty()):
+            item = await sub.queue.get()
+            if item is None:
+                return
+            yield item
+
+    def summary(self) -> tuple[bytes, bytes, int, int, bool]:
+        out, err = self._buffers[Stream.STDOUT], self._buffers[Stream.STDERR]
+        truncated = out.total > len(out.head) or err.total > len(err.head)
+        return bytes(out.head), bytes(err.head), out.total, err.total, truncated
+
+
+@dataclass(slots=True)
+class Attempt:
+    task_id: str
+    attempt: int
+    task_type: str
+    output: AttemptOutput
+    started: float
+    task: asyncio.Task[None] | None = None
+    outcome: ExecOutcome | None = None
+    finished_at: float = 0.0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_reason: str = ""
+    retryable_on_cancel: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task_id, self.attempt)
+
+
+class TaskRunner:
+    """The worker's table of attempts and the executors that run them."""
+
+    def __init__(
+        self,
+        executors: Mapping[str, Executor],
+        max_concurrent: int,
+        max_output_bytes: int,
+        result_retention_s: float,
+    ) -> None:
+        self.executors = dict(executors)
+        self.max_concurrent = max_concurrent
+        self.max_output_bytes = max_output_bytes
+        self.result_retention_s = result_retention_s
+        self.draining = False
+        self._attempts: dict[tuple[str, int], Attempt] = {}
+        self._idle = asyncio.Event()  # no attempt is running
+        self._idle.set()
+        self._empty = asyncio.Event()  # no attempt is held (every result was delivered)
+        self._empty.set()
+
+    @property
+    def capabilities(self) -> list[str]:
+        return sorted(self.executors)
+
+    @property
+    def active_count(self) -> int:
+        return sum(1 for a in self._attempts.values() if a.outcome is None)
+
+    def running_task_ids(self) -> list[str]:
+        return [a.task_id for a in self._attempts.values() if a.outcome is None]
+
+    def held(self) -> list[Attempt]:
+        self._expire()
+        return list(self._attempts.values())
+
+    def find(self, task_id: str, attempt: int) -> Attempt:
+        found = self._attempts.get((task_id, attempt))
+        if found is None:
+            raise TaskNotFound(f"this worker holds no attempt {attempt} of task {task_id}")
+        return found
+
+    def start(self, request: ExecRequest, task_type: str) -> Attempt:
+        """Start an attempt, or return it if it already exists (a retried Execute call)."""
+        existing = self._attempts.get((request.task_id, request.attempt))
+        if existing is not None:
+            return existing
+        if self.draining:
+            raise WorkerDraining("worker is draining and takes no new tasks")
+        executor = self.executors.get(task_type)
+        if executor is None:
+            raise InvalidTaskSpec(
+                f"this worker cannot run task type {task_type!r}; it runs: "
+                f"{', '.join(self.capabilities)}"
+            )
+        executor.validate(request.payload)
+        if self.active_count >= self.max_concurrent:
+            raise ResourceExhausted(f"worker is full ({self.max_concurrent} tasks running)")
+        self._expire()
+        attempt = Attempt(
+            request.task_id,
+            request.attempt,
+            task_type,
+            AttemptOutput(self.max_output_bytes),
+            time.monotonic(),
+        )
+        self._attempts[attempt.key] = attempt
+        self._idle.clear()
+        self._empty.clear()
+        attempt.task = asyncio.create_task(self._run(attempt, executor, request))
+        return attempt
+
+    def cancel(
+        self,
+        task_id: str,
+        attempt_no: int = 0,
+        reason: str = "cancelled",
+        retryable: bool = False,
+    ) -> bool:
+        """Stop the task's running attempts (only ``attempt_no`` unless it is 0)."""
+        found = False
+        for attempt in self._attempts.values():
+            if attempt_no and attempt.attempt != attempt_no:
+                continue
+            if attempt.task_id == task_id and attempt.outcome is None:
+                attempt.cancel_reason = reason
+                attempt.retryable_on_cancel = retryable
+                attempt.cancel.set()
+                found = True
+        return found
+
+    def delivered(self, attempt: Attempt) -> None:
+        """The master has the result: forget the attempt."""
+        if attempt.outcome is not None:
+            self._attempts.pop(attempt.key, None)
+            if not self._attempts:
+                self._empty.set()
+
+    async def wait_delivered(self) -> None:
+        """Until every held result has been delivered."""
+        await self._empty.wait()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new tasks; wait for running ones, then stop what is left (retryable)."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        for attempt in list(self._attempts.values()):
+            if attempt.outcome is None:
+                self.cancel(
+                    attempt.task_id,
+                    attempt.attempt,
+                    "worker shut down before the task finished",
+                    retryable=True,
+                )
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop everything now (tasks are killed), e.g. on a second signal."""
+        for attempt in list(self._attempts.values()):
+            if attempt.task is not None:
+                attempt.task.cancel()
+        await asyncio.gather(
+            *(a.task for a in self._attempts.values() if a.task is not None),
+            return_exceptions=True,
+        )
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.result_retention_s
+        for key, attempt in list(self._attempts.items()):
+            if attempt.outcome is not None and attempt.finished_at < cutoff:
+                log.warning("dropping undelivered result of %s attempt %d", *key)
+                del self._attempts[key]
+        if not self._attempts:
+            self._empty.set()
+
+    async def _run(self, attempt: Attempt, executor: Executor, request: ExecRequest) -> None:
+        work = asyncio.create_task(executor.execute(request, attempt.output))
+        cancel = asyncio.create_task(attempt.cancel.wait())
+        outcome: ExecOutcome | None = None
+        try:
+            done, _ = await asyncio.wait(
+                {work, cancel},
+                timeout=request.timeout_s if request.timeout_s > 0 else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if work not in done:
+                await _stop(work)
+                if cancel in done:
+                    outcome = ExecOutcome(
+                        ExecStatus.FAILURE if attempt.retryable_on_cancel else ExecStatus.CANCELLED,
+                        error=attempt.cancel_reason,
+                        retryable=attempt.retryable_on_cancel,
+                    )
+                else:
+                    outcome = ExecOutcome(
+                        ExecStatus.TIMEOUT,
+                        error=f"timed out after {format_duration(request.timeout_s)}",
+                    )
+            else:
+                try:
+                    outcome = work.result()
+                except InvalidTaskSpec as exc:
+                    outcome = ExecOutcome(ExecStatus.FAILURE, error=exc.message)
+                except Exception as exc:
+                    log.exception("executor %s failed on %s", executor.name, request.task_id)
+                    outcome = ExecOutcome(
+                        ExecStatus.FAILURE, error=f"executor {executor.name} failed: {exc}"
+                    )
+        finally:
+            cancel.cancel()
+            if not work.done():
+                await _stop(work)
+            self._finish(attempt, outcome or ExecOutcome(ExecStatus.FAILURE, error="stopped"))
+
+    def _finish(self, attempt: Attempt, outcome: ExecOutcome) -> None:
+        stdout, stderr, out_n, err_n, truncated = attempt.output.summary()
+        attempt.outcome = ExecOutcome(
+            outcome.status,
+            outcome.exit_code,
+            outcome.error,
+            stdout,
+            stderr,
+            out_n,
+            err_n,
+            truncated,
+            outcome.duration_s or time.monotonic() - attempt.started,
+            outcome.retryable,
+        )
+        attempt.finished_at = time.monotonic()
+        attempt.output.close()
+        attempt.done.set()
+        if self.active_count == 0:
+            self._idle.set()
+
+
+async def _stop(work: asyncio.Task[ExecOutcome]) -> None:
+    """Cancel an executor's run and wait until it has cleaned up."""
+    work.cancel()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("executor failed while stopping")
