@@ -97,12 +97,29 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
 }
 
 
+MAX_MESSAGE_CHARS = 1000  # a status message travels in a header: keep it well under 8 KiB
+
+
+def shorten(value: str, limit: int = 60) -> str:
+    """A value quoted in an error message, cut short when it is long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[0]} ({len(value)} chars)"
+
+
+def _cap(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
+
+
 def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecError:
     """The client-side twin of ``grpc_errors``: one class per status code."""
     code = err.code()
     details = err.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and address:
-        details = f"cannot reach the master at {address}: {details}"
+        reason = details.rsplit(": ", 1)[-1]
+        details = (
+            f"cannot reach the master at {address} ({reason}); is it running? "
+            "Point to it with --master or DIST_EXEC_MASTER"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"the master at {address or '?'} did not answer in time"
     cls = _BY_CODE.get(code, DistExecError)
@@ -121,11 +138,13 @@ def grpc_errors(
         try:
             return await fn(*args, **kwargs)
         except DistExecError as exc:
-            await _context(args).abort(exc.code, exc.message)
+            await _context(args).abort(exc.code, _cap(exc.message))
             raise  # abort raises; this keeps type checkers content
         except Exception as exc:
             log.exception("internal error in %s", fn.__name__)
-            await _context(args).abort(grpc.StatusCode.INTERNAL, _internal_message(fn, exc, args))
+            await _context(args).abort(
+                grpc.StatusCode.INTERNAL, _cap(_internal_message(fn, exc, args))
+            )
             raise
 
     return wrapper
@@ -144,10 +163,12 @@ def grpc_stream_errors(
                 async for item in items:
                     yield item
         except DistExecError as exc:
-            await _context(args).abort(exc.code, exc.message)
+            await _context(args).abort(exc.code, _cap(exc.message))
         except Exception as exc:
             log.exception("internal error in %s", fn.__name__)
-            await _context(args).abort(grpc.StatusCode.INTERNAL, _internal_message(fn, exc, args))
+            await _context(args).abort(
+                grpc.StatusCode.INTERNAL, _cap(_internal_message(fn, exc, args))
+            )
 
     return wrapper
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_exec.errors import InvalidTaskSpec
+from dist_exec.errors import InvalidTaskSpec, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 
@@ -90,7 +90,7 @@ def parse_payload(payload: bytes) -> CommandSpec:
     working_dir = _string(body, "working_dir", "")
     if working_dir and not os.path.isabs(working_dir):
         raise InvalidTaskSpec(
-            f"command payload: 'working_dir' must be an absolute path, got {working_dir!r}"
+            f"command payload: 'working_dir' must be an absolute path, got {shorten(working_dir)}"
         )
     if any("\0" in value for value in (command, *args, working_dir)):
         raise InvalidTaskSpec("command payload: command, args and working_dir cannot hold NUL")
@@ -105,7 +105,7 @@ def _environment_field(env: object) -> dict[str, str]:
         raise InvalidTaskSpec("command payload: 'env' must map strings to strings")
     for key, value in env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
-            raise InvalidTaskSpec(f"command payload: invalid environment variable {key!r}")
+            raise InvalidTaskSpec(f"command payload: invalid environment variable {shorten(key)}")
     return dict(env)
 
 

@@ -18,11 +18,7 @@ from datetime import datetime
 
 from dist_exec.clock import Clock
 from dist_exec.config import MasterConfig, format_duration
-from dist_exec.errors import (
-    InvalidTaskSpec,
-    JobAlreadyFinished,
-    JobNotFound,
-)
+from dist_exec.errors import InvalidTaskSpec, JobAlreadyFinished, JobNotFound, shorten
 from dist_exec.executors import Executor
 from dist_exec.master.dispatcher import (
     AttemptGone,
@@ -195,7 +191,9 @@ class Master:
         executor = self.executors.get(spec.task_type)
         if executor is None:
             known = ", ".join(sorted(self.executors)) or "none"
-            raise InvalidTaskSpec(f"unknown task type {spec.task_type!r}; known types: {known}")
+            raise InvalidTaskSpec(
+                f"unknown task type {shorten(spec.task_type)}; known types: {known}"
+            )
         if len(spec.payload) > self.config.max_payload_bytes:
             raise InvalidTaskSpec(
                 f"payload is {len(spec.payload)} bytes; the limit is "

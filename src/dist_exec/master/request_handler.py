@@ -13,7 +13,7 @@ import grpc.aio
 
 from dist_exec import wire
 from dist_exec.config import MasterConfig
-from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors
+from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors, shorten
 from dist_exec.executors.command import describe
 from dist_exec.master.core import HeldAttempt, Master
 from dist_exec.models import JobId, NodeId, Stream, TaskSpec
@@ -26,7 +26,7 @@ def _job_id(raw: str) -> JobId:
     try:
         return JobId(str(uuid.UUID(raw)))
     except ValueError:
-        raise InvalidTaskSpec(f"invalid job id {raw!r}: expected a UUID") from None
+        raise InvalidTaskSpec(f"invalid job id {shorten(raw)}: expected a UUID") from None
 
 
 def _summary(task_type: str, payload: bytes) -> str:

@@ -15,7 +15,13 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from dist_exec.config import format_duration
-from dist_exec.errors import InvalidTaskSpec, ResourceExhausted, TaskNotFound, WorkerDraining
+from dist_exec.errors import (
+    InvalidTaskSpec,
+    ResourceExhausted,
+    TaskNotFound,
+    WorkerDraining,
+    shorten,
+)
 from dist_exec.executors import ExecRequest, Executor
 from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
 
@@ -161,7 +167,7 @@ class TaskRunner:
     def find(self, task_id: str, attempt: int) -> Attempt:
         found = self._attempts.get((task_id, attempt))
         if found is None:
-            raise TaskNotFound(f"this worker holds no attempt {attempt} of task {task_id}")
+            raise TaskNotFound(f"this worker holds no attempt {attempt} of task {shorten(task_id)}")
         return found
 
     def start(self, request: ExecRequest, task_type: str) -> Attempt:
@@ -174,7 +180,7 @@ class TaskRunner:
         executor = self.executors.get(task_type)
         if executor is None:
             raise InvalidTaskSpec(
-                f"this worker cannot run task type {task_type!r}; it runs: "
+                f"this worker cannot run task type {shorten(task_type)}; it runs: "
                 f"{', '.join(self.capabilities)}"
             )
         executor.validate(request.payload)

@@ -1,0 +1,257 @@
+"""Shared fixtures: real master and worker processes on 127.0.0.1, and a condition waiter.
+
+Fixtures are factories that own cleanup (arq's style): every process a test starts is stopped
+when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+READY_TIMEOUT_S = 20.0
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    what: str = "condition",
+    poll: float = 0.02,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+def _read_ready_line(proc: subprocess.Popen[bytes], log: Path, what: str) -> str:
+    """Wait (with a deadline) for the 'listening on ADDRESS' line on the child's stdout."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    buf = b""
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" in buf:
+                line = buf.split(b"\n", 1)[0].decode()
+                if " listening on " in line:
+                    return line.rsplit(" listening on ", 1)[1].strip()
+    finally:
+        sel.close()
+    raise AssertionError(f"{what} did not become ready; log:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Proc:
+    """A dist-exec server process started by a test."""
+
+    kind: str
+    args: list[str]
+    log: Path
+    proc: subprocess.Popen[bytes]
+    address: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.kind} did not stop within {timeout}s") from None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class ClusterFactory:
+    """Starts masters and workers as real processes; stops whatever is left at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+        self._count = 0
+
+    def _start(self, kind: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        self._count += 1
+        log = self.tmp / f"{kind}-{self._count}.log"
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("DIST_EXEC_MASTER", None)
+        with log.open("ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dist_exec", kind, *args],
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+            )
+        try:
+            address = _read_ready_line(proc, log, kind)
+        except AssertionError:
+            proc.kill()
+            proc.wait()
+            raise
+        started = Proc(kind, args, log, proc, address)
+        self.procs.append(started)
+        return started
+
+    def master(
+        self,
+        data_dir: Path | None = None,
+        listen: str = "127.0.0.1:0",
+        heartbeat_interval: str = "0.5s",
+        heartbeat_timeout: str = "2s",
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        data_dir = data_dir or self.tmp / "master-data"
+        args = [
+            "--listen", listen, "--data-dir", str(data_dir),
+            "--heartbeat-interval", heartbeat_interval,
+            "--heartbeat-timeout", heartbeat_timeout,
+            *(extra or []),
+        ]  # fmt: skip
+        proc = self._start("master", args, env)
+        proc.extra["data_dir"] = data_dir
+        return proc
+
+    def worker(
+        self,
+        master: Proc | str,
+        worker_id: str | None = None,
+        max_tasks: int = 4,
+        labels: dict[str, str] | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        address = master if isinstance(master, str) else master.address
+        worker_id = worker_id or f"w{self._count + 1}"
+        args = [
+            "--master", address, "--listen", "127.0.0.1:0", "--worker-id", worker_id,
+            "--max-concurrent-tasks", str(max_tasks),
+            *[f"--label={k}={v}" for k, v in (labels or {}).items()],
+            *(extra or []),
+        ]  # fmt: skip
+        proc = self._start("worker", args, env)
+        proc.extra["id"] = worker_id
+        return proc
+
+    def cleanup(self) -> None:
+        for p in reversed(self.procs):
+            if p.alive():
+                p.proc.kill()
+        for p in self.procs:
+            try:
+                p.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+            if p.proc.stdout is not None:
+                p.proc.stdout.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
+    factory = ClusterFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@dataclass
+class SmallCluster:
+    master: Proc
+    workers: list[Proc]
+
+    @property
+    def address(self) -> str:
+        return self.master.address
+
+
+@pytest.fixture
+def small_cluster(cluster: ClusterFactory) -> SmallCluster:
+    """A master and two workers (w1, w2), four slots each, short heartbeat timings."""
+    master = cluster.master()
+    workers = [cluster.worker(master, worker_id=f"w{i}") for i in (1, 2)]
+    return SmallCluster(master, workers)
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(
+    *args: str,
+    master: str | None = None,
+    timeout: float = 60.0,
+    input_text: str | None = None,
+    env: dict[str, str] | None = None,
+) -> CliResult:
+    """Run the real ``dist-exec`` command line in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    if master is not None:
+        full_env["DIST_EXEC_MASTER"] = master
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_exec", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        input=input_text,
+        stdin=None if input_text is not None else subprocess.DEVNULL,
+    )
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"

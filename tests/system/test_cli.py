@@ -1,0 +1,229 @@
+"""The real `dist-exec` command line against a real master and two workers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SmallCluster, pid_alive, run_cli, wait_for
+
+JOB_KEYS = {
+    "id", "status", "exit_code", "output", "stderr", "error", "worker_id", "priority",
+    "created_at", "started_at", "completed_at",
+}  # fmt: skip
+
+
+def test_shell_string_streams_and_returns_exit_code(small_cluster: SmallCluster) -> None:
+    result = run_cli("run", "echo out; echo err >&2; exit 3", master=small_cluster.address)
+    assert (result.code, result.stdout, result.stderr) == (3, "out\n", "err\n")
+
+
+def test_argv_after_double_dash_runs_without_shell(small_cluster: SmallCluster) -> None:
+    result = run_cli("run", "--", "echo", "$HOME", "a  b", master=small_cluster.address)
+    assert result.code == 0
+    assert result.stdout == "$HOME a  b\n"
+
+
+def test_env_cwd_and_stdin(small_cluster: SmallCluster, tmp_path: Path) -> None:
+    result = run_cli(
+        "run", "--env", "GREETING=hi", "--cwd", str(tmp_path), "--stdin", "-",
+        'echo "$GREETING"; pwd; cat',
+        master=small_cluster.address, input_text="from stdin\n",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert result.stdout == f"hi\n{tmp_path}\nfrom stdin\n"
+
+
+def test_command_not_found_and_signals_map_like_a_shell(small_cluster: SmallCluster) -> None:
+    missing = run_cli("run", "--", "no-such-command-xyz", master=small_cluster.address)
+    assert missing.code == 127
+    assert "command not found: no-such-command-xyz" in missing.stderr
+    killed = run_cli("run", "kill -KILL $$", master=small_cluster.address)
+    assert killed.code == 128 + signal.SIGKILL
+
+
+def test_timeout_exits_124_and_kills_grandchildren(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    result = run_cli(
+        "run", "--timeout", "1s", f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; wait",
+        master=small_cluster.address,
+    )  # fmt: skip
+    assert result.code == 124, result.stderr
+    assert "timed out" in result.stderr
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    wait_for(lambda: not any(pid_alive(p) for p in started), 10, "the process group to be gone")
+
+
+def test_detach_then_status_list_and_logs(small_cluster: SmallCluster) -> None:
+    addr = small_cluster.address
+    detached = run_cli(
+        "run", "--detach", "--priority", "7", "echo hello; echo oops >&2", master=addr
+    )
+    assert detached.code == 0
+    job_id = detached.stdout.strip()
+    assert str(uuid.UUID(job_id)) == job_id
+
+    def finished() -> dict[str, object] | None:
+        body: dict[str, object] = json.loads(
+            run_cli("status", job_id, "--json", master=addr).stdout
+        )
+        return body if body["status"] == "COMPLETED" else None
+
+    body = wait_for(finished, 20, "the job to complete")
+    assert body.keys() >= JOB_KEYS
+    assert body["output"] == "hello\n"
+    assert body["stderr"] == "oops\n"
+    assert body["exit_code"] == 0
+    assert body["priority"] == 7
+    assert body["worker_id"] in {"w1", "w2"}
+    assert str(body["completed_at"]).endswith("Z")
+
+    text = run_cli("status", job_id, master=addr)
+    assert text.code == 0
+    assert "COMPLETED" in text.stdout
+
+    listed = run_cli("list", "--limit", "5", "--json", master=addr)
+    jobs = json.loads(listed.stdout)
+    assert isinstance(jobs, list)
+    assert jobs[0]["id"] == job_id
+    assert jobs[0].keys() >= JOB_KEYS
+    assert run_cli("list", "--status", "completed", master=addr).stdout.count(job_id) == 1
+    assert job_id not in run_cli("list", "--status", "FAILED", master=addr).stdout
+
+    logs = run_cli("logs", job_id, master=addr)
+    assert (logs.code, logs.stdout, logs.stderr) == (0, "hello\n", "oops\n")
+
+
+def test_logs_follow_streams_until_the_job_ends(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    addr = small_cluster.address
+    gate = tmp_path / "gate"
+    job_id = run_cli(
+        "run", "-d", f"echo first; while [ ! -e {gate} ]; do sleep 0.05; done; echo second",
+        master=addr,
+    ).stdout.strip()  # fmt: skip
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "logs", "--follow", job_id, "--master", addr],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "first\n"
+        gate.touch()
+        rest = follower.communicate(timeout=20)[0]
+        assert rest == "second\n"
+        assert follower.returncode == 0
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_cancel_running_job_kills_the_whole_group(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    addr = small_cluster.address
+    pids = tmp_path / "pids"
+    job_id = run_cli(
+        "run", "-d", f"sh -c 'sleep 300' & echo $! >> {pids}; echo $$ >> {pids}; wait",
+        master=addr,
+    ).stdout.strip()  # fmt: skip
+    wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 20, "job to start")
+    started = [int(p) for p in pids.read_text().split()]
+    result = run_cli("cancel", job_id, master=addr)
+    assert result.code == 0, result.stderr
+    body = json.loads(run_cli("status", job_id, "--json", master=addr).stdout)
+    assert body["status"] == "CANCELLED"
+    wait_for(lambda: not any(pid_alive(p) for p in started), 10, "the process group to be gone")
+    again = run_cli("cancel", job_id, master=addr)
+    assert again.code == 1
+    assert "already ended (CANCELLED)" in again.stderr
+
+
+def test_ctrl_c_on_run_cancels_the_job(small_cluster: SmallCluster, tmp_path: Path) -> None:
+    addr = small_cluster.address
+    marker = tmp_path / "started"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", addr, f"touch {marker}; sleep 300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(marker.exists, 20, "the command to start")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        assert "cancelled" in err
+    finally:
+        proc.kill()
+        proc.wait()
+    jobs = json.loads(run_cli("list", "--json", "--limit", "1", master=addr).stdout)
+    assert jobs[0]["status"] == "CANCELLED"
+
+
+def test_run_json_prints_one_object(small_cluster: SmallCluster) -> None:
+    result = run_cli("run", "--json", "echo hi; exit 2", master=small_cluster.address)
+    assert result.code == 2
+    body = json.loads(result.stdout)
+    assert body["status"] == "FAILED"
+    assert body["exit_code"] == 2
+    assert body["output"] == "hi\n"
+
+
+def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
+    result = run_cli("nodes", "--json", master=small_cluster.address)
+    nodes = json.loads(result.stdout)
+    assert [n["id"] for n in nodes] == ["w1", "w2"]
+    for node in nodes:
+        assert {"id", "address", "status", "capabilities", "max_tasks", "active_tasks",
+                "labels", "last_seen"} <= node.keys()  # fmt: skip
+        assert node["status"] == "HEALTHY"
+        assert node["capabilities"] == ["command"]
+        assert node["max_tasks"] == 4
+    assert "w1" in run_cli("nodes", master=small_cluster.address).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["run"], 2, "Missing argument"),
+        (["run", "--timeout", "abc", "true"], 2, "invalid duration 'abc'"),
+        (["run", "--timeout", "0s", "true"], 2, "--timeout must be longer than 0"),
+        (["run", "--priority", "11", "true"], 2, "11 is not in the range 0<=x<=10"),
+        (["run", "--env", "NOEQUALS", "true"], 2, "expected KEY=VALUE"),
+        (["run", "--cwd", "relative/dir", "true"], 125, "'working_dir' must be an absolute path"),
+        (["status", "not-a-uuid"], 1, "invalid job id 'not-a-uuid'"),
+        (["status", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
+        (["cancel", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
+        (["logs", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
+        (["list", "--status", "BOGUS"], 2, "Invalid value for '--status'"),
+        (["list", "--limit", "0"], 2, "Invalid value for '--limit'"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(
+    small_cluster: SmallCluster, args: list[str], code: int, message: str
+) -> None:
+    result = run_cli(*args, master=small_cluster.address)
+    assert result.code == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["run", "true"], ["status", str(uuid.uuid4())], ["nodes"]])
+def test_unreachable_master_is_one_line(args: list[str]) -> None:
+    result = run_cli(*args, "--master", "127.0.0.1:1")
+    assert result.code in (1, 125)
+    assert "cannot reach the master at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,151 @@
+"""Crashes and shutdowns with real processes: no accepted job is lost or left RUNNING."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from dist_exec.client import Client, JobStatus, command_spec
+from dist_exec.config import split_address
+from dist_exec.models import Job
+from tests.conftest import ClusterFactory
+
+TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT}
+
+
+async def wait_job(
+    client: Client, job_id: str, timeout: float = 30.0, statuses: set[JobStatus] = TERMINAL
+) -> Job:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                job = await client.get(job_id)
+            except Exception:  # the master may be restarting
+                job = None
+            if job is not None and job.status in statuses:
+                return job
+            await asyncio.sleep(0.05)
+
+
+async def wait_file_lines(path: Path, count: int, timeout: float = 20.0) -> list[str]:
+    async with asyncio.timeout(timeout):
+        while not (path.exists() and len(path.read_text().split()) >= count):
+            await asyncio.sleep(0.02)
+    return path.read_text().split()
+
+
+async def test_master_sigkill_loses_no_job_and_runs_none_twice(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    master = cluster.master()
+    _, port = split_address(master.address)
+    cluster.worker(master, worker_id="w1", max_tasks=1)
+    runs = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    async with Client(master.address) as client:
+        running = await client.submit(
+            command_spec(
+                f"echo started >> {runs}; while [ ! -e {gate} ]; do sleep 0.05; done; echo done",
+                shell=True,
+            )
+        )
+        queued = [await client.submit(command_spec(["echo", f"q{i}"])) for i in range(3)]
+        await wait_file_lines(runs, 1)
+        master.kill()
+
+        # Same address, same data directory: the worker comes back to it by itself.
+        cluster.master(data_dir=master.extra["data_dir"], listen=f"127.0.0.1:{port}")
+        gate.touch()
+        job = await wait_job(client, running)
+        assert job.status == JobStatus.COMPLETED, job.error
+        assert job.stdout == b"done\n"
+        assert job.retries == 0
+        assert runs.read_text().split() == ["started"]  # attached again, not run twice
+        for i, job_id in enumerate(queued):
+            done = await wait_job(client, job_id)
+            assert done.status == JobStatus.COMPLETED
+            assert done.stdout == f"q{i}\n".encode()
+
+
+async def test_running_job_of_a_vanished_worker_is_retried_after_master_restart(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master(heartbeat_timeout="1s", heartbeat_interval="0.2s")
+    _, port = split_address(master.address)
+    w1 = cluster.worker(master, worker_id="w1", max_tasks=1)
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec("sleep 300", shell=True, timeout_s=600))
+        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        master.kill()
+        w1.kill()
+        cluster.master(
+            data_dir=master.extra["data_dir"],
+            listen=f"127.0.0.1:{port}",
+            heartbeat_timeout="1s",
+            heartbeat_interval="0.2s",
+        )
+        job = await client.get(job_id)
+        assert job.status == JobStatus.RUNNING
+        # w1 never comes back: after the registration grace the job goes back to the queue.
+        await wait_job(client, job_id, statuses={JobStatus.PENDING}, timeout=10)
+        cluster.worker(f"127.0.0.1:{port}", worker_id="w2", max_tasks=1)
+        job = await wait_job(client, job_id, statuses={JobStatus.RUNNING}, timeout=10)
+        assert job.worker_id == "w2"
+        assert job.retries == 1
+        await client.cancel(job_id)
+
+
+async def test_worker_sigkill_mid_task_retries_on_another_worker(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    master = cluster.master(heartbeat_timeout="1s", heartbeat_interval="0.2s")
+    w1 = cluster.worker(master, worker_id="w1", max_tasks=1)
+    runs = tmp_path / "runs"
+    async with Client(master.address) as client:
+        job_id = await client.submit(
+            command_spec(f"echo run >> {runs}; sleep 1; echo survived", shell=True)
+        )
+        job = await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        assert job.worker_id == "w1"
+        await wait_file_lines(runs, 1)
+        cluster.worker(master, worker_id="w2", max_tasks=1)
+        w1.kill()
+        job = await wait_job(client, job_id, timeout=30)
+        assert job.status == JobStatus.COMPLETED, job.error
+        assert job.stdout == b"survived\n"
+        assert job.worker_id == "w2"
+        assert job.retries == 1
+        assert runs.read_text().split() == ["run", "run"]
+
+
+async def test_worker_sigterm_drains_running_work_then_exits(cluster: ClusterFactory) -> None:
+    master = cluster.master()
+    w1 = cluster.worker(master, worker_id="w1", max_tasks=2)
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec("sleep 1; echo finished", shell=True))
+        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        w1.signal(signal.SIGTERM)
+        job = await wait_job(client, job_id)
+        assert job.status == JobStatus.COMPLETED
+        assert job.stdout == b"finished\n"
+        assert await asyncio.to_thread(w1.proc.wait, 20) == 0
+        async with asyncio.timeout(10):
+            while await client.nodes():
+                await asyncio.sleep(0.05)
+
+
+async def test_drain_deadline_hands_unfinished_work_back(cluster: ClusterFactory) -> None:
+    master = cluster.master()
+    w1 = cluster.worker(master, worker_id="w1", max_tasks=1, extra=["--drain-timeout", "0.5s"])
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec("sleep 300", shell=True))
+        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        w1.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(w1.proc.wait, 20) == 0
+        job = await wait_job(client, job_id, statuses={JobStatus.PENDING}, timeout=10)
+        assert job.retries == 0  # handed back: not the job's fault, not counted
+        cluster.worker(master, worker_id="w2", max_tasks=1)
+        job = await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        assert job.worker_id == "w2"
+        await client.cancel(job_id)
