@@ -29,6 +29,7 @@ from dist_exec.config import (
     default_data_dir,
     default_worker_id,
     parse_duration,
+    parse_size,
     split_address,
 )
 from dist_exec.errors import DistExecError
@@ -59,6 +60,18 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
+class SizeType(click.ParamType):  # type: ignore[type-arg]
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class AddressType(click.ParamType):  # type: ignore[type-arg]
     name = "host:port"
 
@@ -85,6 +98,7 @@ class KeyValueType(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = DurationType()
+SIZE = SizeType()
 ADDRESS = AddressType()
 KEY_VALUE = KeyValueType()
 master_option = click.option(
@@ -264,6 +278,13 @@ def ready_line(what: str) -> Callable[[str], None]:
     show_default=True,
     help="Default retries of a job after infrastructure failures.",
 )
+@click.option(
+    "--max-output",
+    type=SIZE,
+    default="4M",
+    show_default=True,
+    help="Output kept per job and stream; the rest is counted, not stored.",
+)
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def master(
     listen: str,
@@ -271,6 +292,7 @@ def master(
     heartbeat_interval: float,
     heartbeat_timeout: float,
     max_retries: int,
+    max_output: int,
     log_level: str,
 ) -> None:
     """Run the master: accepts jobs, tracks workers, dispatches."""
@@ -286,6 +308,7 @@ def master(
         heartbeat_timeout_s=heartbeat_timeout,
         node_removal_s=2 * heartbeat_timeout,
         default_max_retries=max_retries,
+        max_output_bytes=max_output,
     )
     serve(lambda stop: run_master(config, stop, ready_line("master")))
 
@@ -360,6 +383,13 @@ def _labels_from_env() -> list[tuple[str, str]]:
     help="Pass this worker's whole environment to commands (default: PATH, HOME, "
     "LANG and a few more, plus what the job sets).",
 )
+@click.option(
+    "--max-output",
+    type=SIZE,
+    default="4M",
+    show_default=True,
+    help="Output held in memory per task and stream; the rest is streamed, not kept.",
+)
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def worker(
     master_address: str,
@@ -371,6 +401,7 @@ def worker(
     heartbeat_interval: float,
     drain_timeout: float,
     inherit_env: bool,
+    max_output: int,
     log_level: str,
 ) -> None:
     """Run a worker: registers with the master and runs the tasks it is sent."""
@@ -391,6 +422,7 @@ def worker(
         heartbeat_interval_s=heartbeat_interval,
         drain_timeout_s=drain_timeout,
         inherit_env=inherit_env,
+        max_output_bytes=max_output,
     )
     serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
 

@@ -40,6 +40,18 @@ def parse_duration(text: str) -> float:
     return value
 
 
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b?)")
+_SIZE_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'1048576', '512k', '4M', '4MiB', '1G' -> bytes (binary units)."""
+    m = _SIZE.fullmatch(text.strip().lower())
+    if m is None:
+        raise ValueError(f"invalid size {text!r}: use bytes or a unit, e.g. 512k, 4M, 1G")
+    return int(m.group(1)) * _SIZE_UNIT[m.group(2)]
+
+
 def format_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"

@@ -126,7 +126,7 @@ def test_logs_follow_streams_until_the_job_ends(
         assert follower.returncode == 0
     finally:
         follower.kill()
-        follower.wait()
+        follower.communicate()
 
 
 def test_cancel_running_job_kills_the_whole_group(
@@ -167,7 +167,7 @@ def test_ctrl_c_on_run_cancels_the_job(small_cluster: SmallCluster, tmp_path: Pa
         assert "cancelled" in err
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     jobs = json.loads(run_cli("list", "--json", "--limit", "1", master=addr).stdout)
     assert jobs[0]["status"] == "CANCELLED"
 

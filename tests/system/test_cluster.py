@@ -1,0 +1,147 @@
+"""Configuration, scheduling order, bounded output and the embedded local cluster."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ClusterFactory, pid_alive, run_cli, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_worker_reads_the_spec_environment_and_flags_win(cluster: ClusterFactory) -> None:
+    master = cluster.master()
+    cluster.worker(
+        master,
+        worker_id="from-flag",
+        env={
+            "WORKER_ID": "from-env",
+            "MAX_CONCURRENT_TASKS": "3",
+            "WORKER_LABELS": "zone=a,arch=x86",
+            "HEARTBEAT_INTERVAL_SECONDS": "1",
+            "LOG_LEVEL": "DEBUG",
+        },
+        extra=["--label", "zone=b"],
+        max_tasks=3,
+    )
+    env_only = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "worker"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "MASTER_ADDRESS": master.address,
+            "WORKER_ID": "env-worker",
+            "WORKER_ADDRESS": "127.0.0.1:0",
+            "MAX_CONCURRENT_TASKS": "7",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert env_only.stdout is not None
+        assert "dist-exec worker env-worker listening on 127.0.0.1:" in env_only.stdout.readline()
+        nodes = {
+            n["id"]: n for n in json.loads(run_cli("nodes", "--json", master=master.address).stdout)
+        }
+        assert nodes["from-flag"]["labels"] == {"zone": "b", "arch": "x86"}
+        assert nodes["from-flag"]["max_tasks"] == 3
+        assert nodes["env-worker"]["max_tasks"] == 7
+    finally:
+        env_only.kill()
+        env_only.communicate()
+
+
+def test_higher_priority_runs_first_fifo_within_a_priority(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    master = cluster.master()
+    cluster.worker(master, worker_id="solo", max_tasks=1)
+    addr = master.address
+    gate, order = tmp_path / "gate", tmp_path / "order"
+    blocker = run_cli("run", "-d", f"while [ ! -e {gate} ]; do sleep 0.05; done", master=addr)
+    blocker_id = blocker.stdout.strip()
+    wait_for(
+        lambda: (
+            json.loads(run_cli("status", blocker_id, "--json", master=addr).stdout)["status"]
+            == "RUNNING"
+        ),
+        20,
+        "the blocker to run",
+    )
+    for name, priority in [("p0", 0), ("p5a", 5), ("p9", 9), ("p5b", 5), ("p10", 10)]:
+        run_cli("run", "-d", "--priority", str(priority), f"echo {name} >> {order}", master=addr)
+    gate.touch()
+    wait_for(lambda: order.exists() and len(order.read_text().split()) == 5, 30, "all five jobs")
+    assert order.read_text().split() == ["p10", "p9", "p5a", "p5b", "p0"]
+
+
+def test_big_output_is_streamed_whole_but_stored_bounded(cluster: ClusterFactory) -> None:
+    master = cluster.master(extra=["--max-output", "64k"])
+    cluster.worker(master, extra=["--max-output", "64k"])
+    size = 5_000_000
+    result = run_cli(
+        "run", f"head -c {size} /dev/zero | tr '\\0' a; echo tail >&2", master=master.address
+    )
+    assert result.code == 0
+    assert len(result.stdout) == size
+    assert "stored output is truncated" in result.stderr
+    body = json.loads(run_cli("list", "--json", "--limit", "1", master=master.address).stdout)[0]
+    assert body["output_truncated"] is True
+    assert body["stdout_bytes"] == size
+    assert len(body["output"]) == 64 * 1024
+    assert body["stderr"] == "tail\n"
+
+
+def test_up_detached_runs_jobs_and_down_stops_everything(tmp_path: Path) -> None:
+    data = tmp_path / "cluster"
+    address = f"127.0.0.1:{free_port()}"
+    up = run_cli("up", "-d", "--workers", "2", "--listen", address, "--data-dir", str(data))
+    assert up.code == 0, up.stderr
+    assert f"master at {address}, 2 workers" in up.stdout
+    pid = int((data / "cluster.pid").read_text())
+    try:
+        again = run_cli("up", "-d", "--listen", address, "--data-dir", str(data))
+        assert again.code == 1
+        assert "already running" in again.stderr
+        result = run_cli("run", "echo via-up", master=address)
+        assert (result.code, result.stdout) == (0, "via-up\n")
+        nodes = json.loads(run_cli("nodes", "--json", master=address).stdout)
+        assert sorted(n["id"] for n in nodes) == ["local-1", "local-2"]
+    finally:
+        down = run_cli("down", "--data-dir", str(data))
+    assert down.code == 0, down.stderr
+    assert "stopped" in down.stdout
+    assert not pid_alive(pid)
+    assert run_cli("run", "true", master=address).code == 125
+    assert "no cluster was running" in run_cli("down", "--data-dir", str(data)).stdout
+
+
+def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "up", "--workers", "1", "--listen", address,
+         "--data-dir", str(tmp_path / "fg")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert f"master at {address}" in proc.stdout.readline()
+        assert run_cli("run", "echo fg", master=address).stdout == "fg\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert run_cli("nodes", master=address).code == 1
