@@ -131,7 +131,7 @@ class ClusterFactory:
             address = _read_ready_line(proc, log, kind)
         except AssertionError:
             proc.kill()
-            proc.wait()
+            proc.communicate()
             raise
         started = Proc(kind, args, log, proc, address)
         self.procs.append(started)

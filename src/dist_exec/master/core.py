@@ -176,6 +176,11 @@ class Master:
                     format_duration(self.config.heartbeat_timeout_s),
                 )
                 self._node_lost(node_id, f"worker {node_id} stopped responding")
+            for node in sweep.removed:
+                log.info(
+                    "forgetting node %s after %ss of silence", node.id, self.config.node_removal_s
+                )
+                self._spawn(self.workers.forget(node.address))
             now = self.clock.monotonic()
             for job in list(self._active.values()):
                 if job.orphan_deadline is not None and now >= job.orphan_deadline:
@@ -491,6 +496,12 @@ class Master:
         if not self._current(job, attempt):
             log.info("ignoring result of superseded attempt %d of %s", attempt, job.id)
             return
+        # A worker may carry output in its result only (the original contract allows it), or
+        # hold more of it than it streamed: keep what was not seen yet.
+        for stream, data in ((Stream.STDOUT, outcome.stdout), (Stream.STDERR, outcome.stderr)):
+            seen = job.seen[stream]
+            if len(data) > seen:
+                self._on_output(job, attempt, OutputChunk(stream, seen, data[seen:]))
         if outcome.retryable:
             await self._retry(job, outcome.error or f"worker {node_id} gave the task back", False)
             return

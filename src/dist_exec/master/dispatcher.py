@@ -101,10 +101,14 @@ class GrpcWorkerClient:
             stderr_offset=offsets.get(Stream.STDERR, 0),
         )
         call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
+        position = dict(offsets)  # where the next chunk starts when a worker sends no offset
         try:
             async for msg in call:
                 if msg.type == worker_pb2.PROGRESS_OUTPUT:
-                    yield OutputChunk(Stream(msg.output_type), msg.offset, msg.data)
+                    stream = Stream(msg.output_type)
+                    start = msg.offset if msg.HasField("offset") else position.get(stream, 0)
+                    position[stream] = start + len(msg.data)
+                    yield OutputChunk(stream, start, msg.data)
                 elif msg.type == worker_pb2.PROGRESS_COMPLETED:
                     yield wire.outcome_from_pb(msg.final_result)
                     return

@@ -15,7 +15,7 @@ from dist_exec.models import NodeId, NodeInfo, NodeStatus
 @dataclass(frozen=True, slots=True)
 class Sweep:
     unhealthy: list[NodeId]  # turned UNHEALTHY now: their tasks must be retried
-    removed: list[NodeId]  # forgotten now: they must register again
+    removed: list[NodeInfo]  # forgotten now: they must register again
 
 
 class NodeRegistry:
@@ -70,7 +70,7 @@ class NodeRegistry:
             silent = now - node.last_seen
             if silent >= self.removal_s:
                 del self._nodes[node.id]
-                removed.append(node.id)
+                removed.append(node)
                 if node.status != NodeStatus.UNHEALTHY:
                     unhealthy.append(node.id)
             elif silent >= self.heartbeat_timeout_s and node.status != NodeStatus.UNHEALTHY:
