@@ -102,8 +102,9 @@ def outcome_to_pb(outcome: ExecOutcome, task_id: str, attempt: int) -> worker_pb
 
 def outcome_from_pb(msg: worker_pb2.ExecuteResponse) -> ExecOutcome:
     has_exit = msg.has_exit_code or (
-        # A worker built from the original protocol never sets has_exit_code.
-        msg.status in (common_pb2.EXECUTION_STATUS_SUCCESS, common_pb2.EXECUTION_STATUS_FAILURE)
+        # A worker built from the original protocol sets neither has_exit_code nor attempt.
+        msg.attempt == 0
+        and msg.status in (common_pb2.EXECUTION_STATUS_SUCCESS, common_pb2.EXECUTION_STATUS_FAILURE)
         and not msg.error
     )
     return ExecOutcome(

@@ -66,7 +66,7 @@ def parse_payload(payload: bytes) -> CommandSpec:
     """Decode and check a command payload; InvalidTaskSpec says exactly what is wrong."""
     try:
         body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also numbers too long to parse
         raise InvalidTaskSpec(f"command payload is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidTaskSpec("command payload must be a JSON object")
@@ -95,7 +95,15 @@ def parse_payload(payload: bytes) -> CommandSpec:
     if any("\0" in value for value in (command, *args, working_dir)):
         raise InvalidTaskSpec("command payload: command, args and working_dir cannot hold NUL")
     env = _environment_field(body.get("env", {}))
-    return CommandSpec(command, list(args), shell, env, working_dir, _string(body, "stdin", ""))
+    spec = CommandSpec(command, list(args), shell, env, working_dir, _string(body, "stdin", ""))
+    try:
+        for text in (command, *args, working_dir, spec.stdin, *env, *env.values()):
+            text.encode()
+    except UnicodeEncodeError:
+        raise InvalidTaskSpec(
+            "command payload: strings must be valid Unicode (lone surrogate)"
+        ) from None
+    return spec
 
 
 def _environment_field(env: object) -> dict[str, str]:
@@ -156,8 +164,10 @@ class CommandExecutor:
     async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
         spec = parse_payload(request.payload)
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ExitWatchingProtocol(loop),
                 *spec.argv,
                 stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -177,18 +187,23 @@ class CommandExecutor:
         except OSError as exc:
             return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
 
+        proc = asyncio.subprocess.Process(transport, protocol, loop)
         pumps = asyncio.gather(
             _pump(proc.stdout, Stream.STDOUT, sink),
             _pump(proc.stderr, Stream.STDERR, sink),
             _feed(proc.stdin, spec.stdin.encode()),
         )
         try:
-            returncode = await proc.wait()
+            # Not proc.wait(): it also waits for the pipes to close, which a background child
+            # holding them open can put off forever (CPython gh-119710).
+            await protocol.exited.wait()
         except asyncio.CancelledError:
             await asyncio.shield(self._stop(proc, pumps))
             raise
         # The main process is gone; anything it left behind in its group goes too.
         await self._stop(proc, pumps)
+        returncode = proc.returncode
+        assert returncode is not None
         exit_code = returncode if returncode >= 0 else 128 - returncode
         return ExecOutcome(
             ExecStatus.SUCCESS if exit_code == 0 else ExecStatus.FAILURE,
@@ -212,6 +227,18 @@ class CommandExecutor:
                 await pumps
         except Exception:
             pumps.cancel()
+
+
+class _ExitWatchingProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The stream protocol asyncio uses, plus an event set as soon as the process exits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=READ_CHUNK, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
 
 
 async def terminate_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:

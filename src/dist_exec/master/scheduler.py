@@ -23,8 +23,11 @@ class Assignment:
 class Scheduler:
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
-        self._heap: list[tuple[int, int, JobId]] = []
-        self._queued: dict[JobId, tuple[int, TaskSpec]] = {}  # job -> (seq, spec)
+        # Heap entries carry the enqueue generation: an entry whose job was removed (and maybe
+        # queued again since) no longer matches and is skipped.
+        self._heap: list[tuple[int, int, int, JobId]] = []
+        self._queued: dict[JobId, tuple[int, TaskSpec]] = {}  # job -> (generation, spec)
+        self._generation = 0
         self._types: Counter[str] = Counter()  # queued jobs per task type
 
     def __len__(self) -> int:
@@ -34,9 +37,12 @@ class Scheduler:
         return job_id in self._queued
 
     def enqueue(self, job_id: JobId, seq: int, spec: TaskSpec) -> None:
-        self._queued[job_id] = (seq, spec)
+        if job_id in self._queued:
+            self.remove(job_id)
+        self._generation += 1
+        self._queued[job_id] = (self._generation, spec)
         self._types[spec.task_type] += 1
-        heapq.heappush(self._heap, (-spec.priority, seq, job_id))
+        heapq.heappush(self._heap, (-spec.priority, seq, self._generation, job_id))
 
     def remove(self, job_id: JobId) -> bool:
         """Take a job out of the queue (lazily: its heap entry is skipped later)."""
@@ -47,7 +53,11 @@ class Scheduler:
         return True
 
     def ordered(self) -> list[JobId]:
-        return [j for _, _, j in sorted(self._heap) if j in self._queued]
+        return [j for _, _, gen, j in sorted(self._heap) if self._current(j, gen)]
+
+    def _current(self, job_id: JobId, generation: int) -> bool:
+        queued = self._queued.get(job_id)
+        return queued is not None and queued[0] == generation
 
     def plan(
         self,
@@ -56,15 +66,14 @@ class Scheduler:
     ) -> list[Assignment]:
         """Place queued tasks in order while nodes have room; reserve each chosen slot."""
         assignments: list[Assignment] = []
-        skipped: list[tuple[int, int, JobId]] = []
+        skipped: list[tuple[int, int, int, JobId]] = []
         full_types: set[str] = set()
         while self._heap and not full_types.issuperset(+self._types):
             entry = heapq.heappop(self._heap)
-            job_id = entry[2]
-            queued = self._queued.get(job_id)
-            if queued is None:
-                continue  # removed earlier
-            spec = queued[1]
+            job_id, generation = entry[3], entry[2]
+            if not self._current(job_id, generation):
+                continue  # removed (or queued again) since
+            spec = self._queued[job_id][1]
             node = None
             if spec.task_type not in full_types:
                 node = self.balancer.select(spec, eligible(spec.task_type))

@@ -1,0 +1,494 @@
+"""The "command" executor: payload parsing, and running real (short-lived) processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dist_exec.errors import InvalidTaskSpec
+from dist_exec.executors import ExecRequest, Executor
+from dist_exec.executors.command import (
+    BASE_ENV_KEYS,
+    CommandExecutor,
+    CommandSpec,
+    describe,
+    parse_payload,
+)
+from dist_exec.models import ExecOutcome, ExecStatus, Stream
+
+# --- payload parsing -------------------------------------------------------------------------
+
+
+def payload(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (payload(command="echo"), CommandSpec("echo")),
+        (payload(command="echo", args=["a", "b c"]), CommandSpec("echo", ["a", "b c"])),
+        (
+            payload(command="echo $HOME | wc", shell=True),
+            CommandSpec("echo $HOME | wc", shell=True),
+        ),
+        (payload(command="true", shell=False, args=[]), CommandSpec("true")),
+        (
+            payload(command="env", env={"A": "1", "B_2": ""}),
+            CommandSpec("env", env={"A": "1", "B_2": ""}),
+        ),
+        (payload(command="ls", working_dir="/tmp"), CommandSpec("ls", working_dir="/tmp")),
+        (payload(command="cat", stdin="line\n"), CommandSpec("cat", stdin="line\n")),
+        # stdin is data, not an argument: it may hold any character, NUL included.
+        (payload(command="cat", stdin="a\u0000b"), CommandSpec("cat", stdin="a\u0000b")),
+        (
+            payload(command="echo", args=["h\u00e9llo", "\u2603"]),
+            CommandSpec("echo", ["h\u00e9llo", "\u2603"]),
+        ),
+        (b'  {"command": "echo"}\n', CommandSpec("echo")),
+    ],
+)
+def test_parse_payload_accepts(raw: bytes, expected: CommandSpec) -> None:
+    assert parse_payload(raw) == expected
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"command": "x", "env": ' + b'{"a": ' * depth + b"{}" + b"}" * depth + b"}"
+
+
+def bad(case: str, match: str, **fields: object) -> object:
+    return pytest.param(payload(**fields), match, id=case)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        pytest.param(b"", "not valid JSON", id="empty"),
+        pytest.param(b"echo hello", "not valid JSON", id="not-json"),
+        pytest.param(b'{"command": "echo"', "not valid JSON", id="truncated"),
+        pytest.param(b'{"command": "\xff\xfe"}', "not valid JSON", id="not-utf8"),
+        pytest.param(b"[]", "must be a JSON object", id="array"),
+        pytest.param(b'"echo"', "must be a JSON object", id="string"),
+        pytest.param(b"42", "must be a JSON object", id="number"),
+        pytest.param(b"null", "must be a JSON object", id="null"),
+        bad("unknown-field", "unknown field\\(s\\) cmd", command="x", cmd="y"),
+        bad("unknown-timeout", "unknown field", command="x", timeout=1),
+        bad("no-command", "'command' must be a string"),
+        bad("command-null", "'command' must be a string", command=None),
+        bad("command-list", "'command' must be a string", command=["ls"]),
+        bad("command-empty", "non-empty", command=""),
+        bad("command-blank", "non-empty", command="  \t"),
+        bad("args-str", "'args' must be a list of strings", command="x", args="a b"),
+        bad("args-int", "'args' must be a list of strings", command="x", args=[1]),
+        bad("args-null", "'args' must be a list of strings", command="x", args=[None]),
+        bad("args-dict", "'args' must be a list of strings", command="x", args={"a": "b"}),
+        bad("shell-str", "'shell' must be true or false", command="x", shell="yes"),
+        bad("shell-int", "'shell' must be true or false", command="x", shell=1),
+        bad("shell-args", "cannot be combined", command="ls", shell=True, args=["-l"]),
+        bad("env-list", "'env' must map strings to strings", command="x", env=["A=1"]),
+        bad("env-int", "'env' must map strings to strings", command="x", env={"A": 1}),
+        bad("env-null", "'env' must map strings to strings", command="x", env={"A": None}),
+        bad("env-eq", "invalid environment variable", command="x", env={"A=B": "1"}),
+        bad("env-empty", "invalid environment variable", command="x", env={"": "1"}),
+        bad("env-nul-key", "invalid environment variable", command="x", env={"A\0": "1"}),
+        bad("env-nul-value", "invalid environment variable", command="x", env={"A": "1\0"}),
+        bad("wd-relative", "must be an absolute path", command="x", working_dir="tmp"),
+        bad("wd-dot", "must be an absolute path", command="x", working_dir="./x"),
+        bad("wd-int", "'working_dir' must be a string", command="x", working_dir=5),
+        bad("nul-command", "cannot hold NUL", command="ec\0ho"),
+        bad("nul-arg", "cannot hold NUL", command="echo", args=["a\0"]),
+        bad("nul-wd", "cannot hold NUL", command="x", working_dir="/tmp/\0"),
+        bad("stdin-int", "'stdin' must be a string", command="cat", stdin=5),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "not valid JSON", id="deep-array"),
+        pytest.param(b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "not valid JSON", id="deep-obj"),
+        pytest.param(_nested(100_000), "not valid JSON", id="deep-inside-valid-object"),
+    ],
+)
+def test_parse_payload_rejects(raw: bytes, match: str) -> None:
+    with pytest.raises(InvalidTaskSpec, match=match):
+        parse_payload(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"command": "x", "args": [' + b"1" * 5000 + b"]}", id="in-args"),
+        pytest.param(b'{"command": "x", "env": {"A": ' + b"9" * 5000 + b"}}", id="in-env"),
+        pytest.param(b'{"command": "x", "extra": ' + b"1" * 5000 + b"}", id="in-unknown-field"),
+        pytest.param(b"1" * 5000, id="whole-payload"),
+    ],
+)
+def test_parse_payload_rejects_huge_integers(raw: bytes) -> None:
+    # Python refuses to convert integers of more than 4300 digits (ValueError, not
+    # JSONDecodeError); a malformed payload must still be an InvalidTaskSpec.
+    with pytest.raises(InvalidTaskSpec):
+        parse_payload(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"command": "echo\\ud800"}', id="command"),
+        pytest.param(b'{"command": "echo", "args": ["\\udfff"]}', id="args"),
+        pytest.param(b'{"command": "env", "env": {"A\\ud800": "1"}}', id="env-key"),
+        pytest.param(b'{"command": "env", "env": {"A": "\\ud800"}}', id="env-value"),
+        pytest.param(b'{"command": "ls", "working_dir": "/tmp/\\ud800"}', id="working-dir"),
+        pytest.param(b'{"command": "cat", "stdin": "\\ud800"}', id="stdin"),
+    ],
+)
+def test_parse_payload_rejects_lone_surrogates(raw: bytes) -> None:
+    # "\ud800" is valid JSON but no valid text: it cannot be encoded into an argument, an
+    # environment entry, a path or stdin bytes, so the command could never be started.
+    with pytest.raises(InvalidTaskSpec):
+        parse_payload(raw)
+
+
+def test_validate_is_parse_payload() -> None:
+    executor = CommandExecutor()
+    executor.validate(payload(command="echo"))
+    with pytest.raises(InvalidTaskSpec, match="must be a JSON object"):
+        executor.validate(b"[]")
+
+
+def test_command_executor_is_an_executor() -> None:
+    executor = CommandExecutor()
+    assert isinstance(executor, Executor)
+    assert executor.name == "command"
+
+
+@pytest.mark.parametrize(
+    ("raw", "line"),
+    [
+        (payload(command="echo", args=["hello", "world"]), "echo hello world"),
+        (payload(command="uptime"), "uptime"),
+        (payload(command="echo $HOME | wc -c", shell=True), "echo $HOME | wc -c"),
+        (payload(command="make", env={"A": "1"}, working_dir="/src"), "make"),
+        (b"not json", "<invalid payload>"),
+        (payload(command=""), "<invalid payload>"),
+    ],
+)
+def test_describe(raw: bytes, line: str) -> None:
+    assert describe(raw) == line
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CommandSpec("echo"),
+        CommandSpec("echo", ["a", "b c", ""]),
+        CommandSpec("for i in 1 2; do echo $i; done", shell=True),
+        CommandSpec("env", env={"A": "1", "EMPTY": ""}),
+        CommandSpec("pwd", working_dir="/var/tmp"),
+        CommandSpec("cat", stdin="x\ny\n"),
+        CommandSpec("/bin/echo", ["\u2603"], False, {"K": "v"}, "/", "in"),
+    ],
+)
+def test_to_payload_round_trip(spec: CommandSpec) -> None:
+    assert parse_payload(spec.to_payload()) == spec
+
+
+def test_to_payload_leaves_out_defaults() -> None:
+    assert json.loads(CommandSpec("echo").to_payload()) == {"command": "echo"}
+
+
+def test_argv() -> None:
+    assert CommandSpec("echo", ["a", "b"]).argv == ["echo", "a", "b"]
+    assert CommandSpec("echo a | wc", shell=True).argv == ["/bin/sh", "-c", "echo a | wc"]
+
+
+# --- running real processes ------------------------------------------------------------------
+
+
+class RecordingSink:
+    """An OutputSink that keeps everything and signals the first stdout bytes."""
+
+    def __init__(self) -> None:
+        self.data: dict[Stream, bytearray] = {s: bytearray() for s in Stream}
+        self.first_stdout = asyncio.Event()
+
+    async def write(self, stream: Stream, data: bytes) -> None:
+        self.data[stream] += data
+        if stream == Stream.STDOUT:
+            self.first_stdout.set()
+
+    @property
+    def stdout(self) -> bytes:
+        return bytes(self.data[Stream.STDOUT])
+
+    @property
+    def stderr(self) -> bytes:
+        return bytes(self.data[Stream.STDERR])
+
+
+def group_members(pgid: int) -> dict[int, str]:
+    """Processes (pid -> name) of process group ``pgid`` that still run; zombies are gone."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        state, _ppid, pgrp = stat[stat.rfind(")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            members[int(entry.name)] = name
+    return members
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+@pytest.fixture
+def process_groups() -> Iterator[list[int]]:
+    """Process groups a test started; whatever is left of them is killed at teardown."""
+    groups: list[int] = []
+    yield groups
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def request(spec: CommandSpec | bytes, timeout_s: float = 30.0) -> ExecRequest:
+    raw = spec if isinstance(spec, bytes) else spec.to_payload()
+    return ExecRequest(task_id="t-1", attempt=1, payload=raw, timeout_s=timeout_s)
+
+
+async def run(
+    spec: CommandSpec, executor: CommandExecutor | None = None
+) -> tuple[ExecOutcome, RecordingSink]:
+    sink = RecordingSink()
+    async with asyncio.timeout(10):
+        outcome = await (executor or CommandExecutor()).execute(request(spec), sink)
+    return outcome, sink
+
+
+async def test_health_check() -> None:
+    assert await CommandExecutor().health_check() is True
+
+
+async def test_success() -> None:
+    outcome, sink = await run(CommandSpec("echo", ["hello", "world"]))
+    assert outcome.status == ExecStatus.SUCCESS
+    assert outcome.exit_code == 0
+    assert outcome.error == ""
+    assert outcome.duration_s > 0
+    assert sink.stdout == b"hello world\n"
+    assert sink.stderr == b""
+
+
+async def test_stdout_and_stderr_are_kept_apart() -> None:
+    outcome, sink = await run(
+        CommandSpec(
+            "printf out1; printf err1 >&2; printf out2; printf err2 >&2; exit 3", shell=True
+        )
+    )
+    assert sink.stdout == b"out1out2"
+    assert sink.stderr == b"err1err2"
+    assert outcome.status == ExecStatus.FAILURE
+    assert outcome.exit_code == 3
+    assert outcome.error == "command exited with status 3"
+
+
+async def test_large_output_arrives_whole() -> None:
+    _, sink = await run(CommandSpec("head", ["-c", "1000000", "/dev/zero"]))
+    assert sink.stdout == bytes(1_000_000)
+
+
+async def test_arguments_are_not_interpreted_by_a_shell() -> None:
+    _, sink = await run(CommandSpec("echo", ["$HOME", "a;b", "*"]))
+    assert sink.stdout == b"$HOME a;b *\n"
+
+
+@pytest.mark.parametrize(
+    ("sig", "name"), [(signal.SIGKILL, "SIGKILL"), (signal.SIGTERM, "SIGTERM")]
+)
+async def test_death_by_signal_is_128_plus_n(sig: signal.Signals, name: str) -> None:
+    outcome, _ = await run(CommandSpec(f"kill -{int(sig)} $$", shell=True))
+    assert outcome.status == ExecStatus.FAILURE
+    assert outcome.exit_code == 128 + sig
+    assert outcome.error == f"command was killed by {name}"
+
+
+@pytest.mark.parametrize("command", ["dist-exec-no-such-command", "/nonexistent/bin/tool"])
+async def test_command_not_found_is_127(command: str) -> None:
+    outcome, _ = await run(CommandSpec(command))
+    assert outcome.status == ExecStatus.FAILURE
+    assert outcome.exit_code == 127
+    assert outcome.error == f"command not found: {command}"
+
+
+async def test_shell_command_not_found_is_127() -> None:
+    outcome, sink = await run(CommandSpec("dist-exec-no-such-command", shell=True))
+    assert outcome.exit_code == 127
+    assert b"not found" in sink.stderr
+
+
+async def test_file_that_is_not_executable_is_126(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    outcome, _ = await run(CommandSpec(str(script)))
+    assert outcome.status == ExecStatus.FAILURE
+    assert outcome.exit_code == 126
+    assert outcome.error == f"permission denied: {script}"
+
+
+async def test_missing_working_dir_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    outcome, _ = await run(CommandSpec("pwd", working_dir=str(missing)))
+    assert outcome.status == ExecStatus.FAILURE
+    assert outcome.exit_code is None
+    assert outcome.error == f"working directory {missing} does not exist"
+
+
+async def test_working_dir_is_used(tmp_path: Path) -> None:
+    outcome, sink = await run(CommandSpec("pwd", working_dir=str(tmp_path)))
+    assert outcome.exit_code == 0
+    assert Path(sink.stdout.decode().strip()).resolve() == tmp_path.resolve()
+
+
+async def test_environment_is_only_what_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIST_EXEC_SECRET_TEST", "s3cret")
+    outcome, sink = await run(CommandSpec("env", env={"GIVEN": "yes"}))
+    assert outcome.exit_code == 0
+    env = dict(line.split("=", 1) for line in sink.stdout.decode().splitlines())
+    assert "DIST_EXEC_SECRET_TEST" not in env
+    assert env["GIVEN"] == "yes"
+    assert "PATH" in env
+    assert set(env) <= {*BASE_ENV_KEYS, "GIVEN"}
+
+
+async def test_secret_is_not_visible_to_a_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIST_EXEC_SECRET_TEST", "s3cret")
+    _, sink = await run(CommandSpec('printf %s "${DIST_EXEC_SECRET_TEST-unset}"', shell=True))
+    assert sink.stdout == b"unset"
+
+
+async def test_inherit_env_passes_the_worker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIST_EXEC_SECRET_TEST", "s3cret")
+    monkeypatch.setenv("DIST_EXEC_OVERRIDDEN_TEST", "worker")
+    executor = CommandExecutor({"inherit_env": True})
+    _, sink = await run(
+        CommandSpec(
+            'printf "%s %s" "$DIST_EXEC_SECRET_TEST" "$DIST_EXEC_OVERRIDDEN_TEST"',
+            shell=True,
+            env={"DIST_EXEC_OVERRIDDEN_TEST": "task"},
+        ),
+        executor,
+    )
+    assert sink.stdout == b"s3cret task"
+
+
+async def test_default_path_when_the_worker_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PATH")
+    outcome, sink = await run(CommandSpec("/usr/bin/env"))
+    assert outcome.exit_code == 0
+    assert b"PATH=/usr/local/sbin:" in sink.stdout
+
+
+async def test_stdin_is_fed() -> None:
+    outcome, sink = await run(CommandSpec("cat", stdin="line 1\nline 2\n"))
+    assert outcome.exit_code == 0
+    assert sink.stdout == b"line 1\nline 2\n"
+
+
+async def test_no_stdin_reads_empty() -> None:
+    outcome, sink = await run(CommandSpec("cat"))
+    assert outcome.exit_code == 0
+    assert sink.stdout == b""
+
+
+async def test_stdin_not_read_is_no_error() -> None:
+    outcome, _ = await run(CommandSpec("true", stdin="x" * 1_000_000))
+    assert outcome.status == ExecStatus.SUCCESS
+
+
+async def test_invalid_payload_raises() -> None:
+    with pytest.raises(InvalidTaskSpec, match="must be a JSON object"):
+        await CommandExecutor().execute(request(b"[]"), RecordingSink())
+
+
+async def test_background_child_does_not_hold_up_the_result(process_groups: list[int]) -> None:
+    # The shell exits (on USR1) while execute waits for it, leaving a background sleep that
+    # still holds stdout and stderr. The command is over: its result must come back now and
+    # the leftover sleep must be killed with the rest of the group.
+    executor = CommandExecutor({"kill_grace_s": 0.3})
+    sink = RecordingSink()
+    spec = CommandSpec("trap 'exit 0' USR1; sleep 300 & echo $$; wait", shell=True)
+    task = asyncio.create_task(executor.execute(request(spec), sink))
+    async with asyncio.timeout(5):
+        await sink.first_stdout.wait()
+    pgid = int(sink.stdout.split()[0])
+    process_groups.append(pgid)
+    await wait_until(lambda: sorted(group_members(pgid).values()) == ["sh", "sleep"], "start")
+
+    os.kill(pgid, signal.SIGUSR1)
+    done, _ = await asyncio.wait({task}, timeout=2)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        pytest.fail("execute did not return after the command exited (a child holds its pipes)")
+    outcome = task.result()
+    assert outcome.status == ExecStatus.SUCCESS
+    assert outcome.exit_code == 0
+    await wait_until(lambda: not group_members(pgid), "the background sleep to be gone")
+
+
+async def start_and_cancel(
+    shell: str, processes: list[str], kill_grace_s: float, process_groups: list[int]
+) -> int:
+    """Run ``shell`` (which prints its pid first), wait for ``processes``, cancel; -> pgid."""
+    executor = CommandExecutor({"kill_grace_s": kill_grace_s})
+    sink = RecordingSink()
+    task = asyncio.create_task(executor.execute(request(CommandSpec(shell, shell=True)), sink))
+    async with asyncio.timeout(5):
+        await sink.first_stdout.wait()
+    pgid = int(sink.stdout.split()[0])
+    process_groups.append(pgid)
+    await wait_until(
+        lambda: sorted(group_members(pgid).values()) == processes, f"{processes} to start"
+    )
+
+    task.cancel()
+    async with asyncio.timeout(10):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    return pgid
+
+
+async def test_cancel_kills_the_whole_group(process_groups: list[int]) -> None:
+    pgid = await start_and_cancel(
+        "echo $$; sleep 300 & sleep 300 & wait", ["sh", "sleep", "sleep"], 5.0, process_groups
+    )
+    # SIGTERM was enough, and the executor waited until the group was gone.
+    assert group_members(pgid) == {}
+
+
+async def test_cancel_kills_a_group_that_ignores_sigterm(process_groups: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pgid = await start_and_cancel(
+        'trap "" TERM; echo $$; sleep 300 & sleep 300; wait',
+        ["sh", "sleep", "sleep"],
+        0.3,
+        process_groups,
+    )
+    # SIGKILL is delivered asynchronously: allow the kernel a moment to finish the job.
+    await wait_until(lambda: not group_members(pgid), "the group to be killed")
+    assert loop.time() - started < 5.0

@@ -1,0 +1,200 @@
+"""Parsers shared by flags and env values: durations and addresses."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_exec.config import (
+    dial_address,
+    format_duration,
+    is_loopback,
+    listen_address,
+    parse_duration,
+    split_address,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("1ms", 0.001),
+        ("30s", 30.0),
+        ("1.5s", 1.5),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1d", 86400.0),
+        ("1h30m", 5400.0),
+        ("2m30s", 150.0),
+        ("1h0m5s500ms", 3605.5),
+        ("1H30M", 5400.0),
+        ("0", 0.0),
+        ("0s", 0.0),
+        ("42", 42.0),
+        ("0.25", 0.25),
+        ("  30s  ", 30.0),
+        ("\t5m\n", 300.0),
+    ],
+)
+def test_parse_duration_accepts(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "empty duration"),
+        ("   ", "empty duration"),
+        ("-1s", "invalid duration"),
+        ("-1", "use a number with a unit"),
+        ("abc", "invalid duration"),
+        ("5x", "invalid duration"),
+        ("1s2", "invalid duration"),
+        ("s", "invalid duration"),
+        ("ms", "invalid duration"),
+        ("1 s", "invalid duration"),
+        ("1s 2m", "invalid duration"),
+        ("1m-5s", "invalid duration"),
+        ("nan", "use a number with a unit"),
+        ("NaN", "use a number with a unit"),
+        ("inf", "use a number with a unit"),
+        ("-inf", "use a number with a unit"),
+        ("infinity", "use a number with a unit"),
+        ("1e999", "use a number with a unit"),
+        ("1_000", "use a number with a unit"),
+        (".5x", "use a number with a unit"),
+        ("\u0663s", "use a number with a unit"),
+    ],
+)
+def test_parse_duration_rejects(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.001, "1ms"),
+        (0.5, "500ms"),
+        (1.0, "1s"),
+        (1.5, "1.5s"),
+        (30.0, "30s"),
+        (90.0, "90s"),
+        (119.0, "119s"),
+        (120.0, "2m"),
+        (300.0, "5m"),
+        (5400.0, "90m"),
+        (7200.0, "2h"),
+        (86400.0, "24h"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("seconds", [0.001, 0.25, 1.0, 2.5, 59.0, 120.0, 3600.0, 5400.0, 604800.0])
+def test_format_duration_parses_back(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:50051", ("127.0.0.1", 50051)),
+        ("localhost:80", ("localhost", 80)),
+        ("example.com:65535", ("example.com", 65535)),
+        ("10.0.0.1:0", ("10.0.0.1", 0)),
+        (":50051", ("", 50051)),
+        ("[::1]:80", ("::1", 80)),
+        ("[::]:50051", ("::", 50051)),
+        ("[fe80::1]:443", ("fe80::1", 443)),
+    ],
+)
+def test_split_address(address: str, expected: tuple[str, int]) -> None:
+    assert split_address(address) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "match"),
+    [
+        ("", "expected HOST:PORT"),
+        ("localhost", "expected HOST:PORT"),
+        ("localhost:", "expected HOST:PORT"),
+        ("localhost:http", "expected HOST:PORT"),
+        ("localhost:-1", "expected HOST:PORT"),
+        ("localhost:1.5", "expected HOST:PORT"),
+        ("localhost: 80", "expected HOST:PORT"),
+        ("[::1]", "expected HOST:PORT"),
+        ("localhost:65536", "port must be 0-65535"),
+        ("localhost:99999", "port must be 0-65535"),
+    ],
+)
+def test_split_address_rejects(address: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        split_address(address)
+
+
+def test_split_address_rejects_bare_ipv6() -> None:
+    # "::1" is the IPv6 loopback without a port (or, at best, host ":" and port 1): neither is a
+    # usable HOST:PORT, and an IPv6 host must be written in brackets.
+    with pytest.raises(ValueError, match="invalid address"):
+        split_address("::1")
+
+
+@pytest.mark.parametrize(
+    ("address", "dial"),
+    [
+        (":50051", "127.0.0.1:50051"),
+        ("127.0.0.1:1", "127.0.0.1:1"),
+        ("example.com:8080", "example.com:8080"),
+        ("[::1]:80", "[::1]:80"),
+        ("[::]:80", "[::]:80"),
+    ],
+)
+def test_dial_address(address: str, dial: str) -> None:
+    assert dial_address(address) == dial
+
+
+@pytest.mark.parametrize(
+    ("address", "listen"),
+    [
+        (":50051", "0.0.0.0:50051"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("[::]:50051", "[::]:50051"),
+        ("[::1]:1", "[::1]:1"),
+    ],
+)
+def test_listen_address(address: str, listen: str) -> None:
+    assert listen_address(address) == listen
+
+
+@pytest.mark.parametrize("address", ["host:70000", "host:", "nohost", "[::1]"])
+def test_dial_and_listen_reject_bad_addresses(address: str) -> None:
+    with pytest.raises(ValueError, match="invalid address"):
+        dial_address(address)
+    with pytest.raises(ValueError, match="invalid address"):
+        listen_address(address)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:1", True),
+        ("localhost:1", True),
+        ("[::1]:80", True),
+        ("10.0.0.1:1", False),
+        ("0.0.0.0:1", False),
+        ("[::]:1", False),
+        ("example.com:1", False),
+        # ':port' binds every interface, so it is not loopback-only.
+        (":50051", False),
+    ],
+)
+def test_is_loopback(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
+
+
+def test_is_loopback_rejects_bad_port() -> None:
+    with pytest.raises(ValueError, match="port must be 0-65535"):
+        is_loopback("127.0.0.1:65536")

@@ -1,0 +1,153 @@
+"""The exception tree: one gRPC status code per class, and the client-side mapping back."""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+import pytest
+
+from dist_exec.errors import (
+    DistExecError,
+    InvalidTaskSpec,
+    JobAlreadyFinished,
+    JobNotFound,
+    MasterUnavailable,
+    NotRegistered,
+    ResourceExhausted,
+    TaskNotFound,
+    WorkerDraining,
+    from_rpc_error,
+    shorten,
+)
+
+Code = grpc.StatusCode
+
+EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
+    DistExecError: Code.INTERNAL,
+    InvalidTaskSpec: Code.INVALID_ARGUMENT,
+    JobNotFound: Code.NOT_FOUND,
+    JobAlreadyFinished: Code.FAILED_PRECONDITION,
+    ResourceExhausted: Code.RESOURCE_EXHAUSTED,
+    WorkerDraining: Code.FAILED_PRECONDITION,
+    TaskNotFound: Code.NOT_FOUND,
+    NotRegistered: Code.FAILED_PRECONDITION,
+    MasterUnavailable: Code.UNAVAILABLE,
+}
+
+
+def all_subclasses(cls: type[DistExecError]) -> set[type[DistExecError]]:
+    found: set[type[DistExecError]] = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *all_subclasses(sub)}
+    return found
+
+
+def rpc_error(code: grpc.StatusCode, details: str | None = "details") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code,
+        initial_metadata=grpc.aio.Metadata(),
+        trailing_metadata=grpc.aio.Metadata(),
+        details=details,
+    )
+
+
+def test_every_error_class_is_listed() -> None:
+    assert all_subclasses(DistExecError) | {DistExecError} == set(EXPECTED_CODES)
+
+
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [pytest.param(cls, code, id=cls.__name__) for cls, code in EXPECTED_CODES.items()],
+)
+def test_each_class_has_its_code(cls: type[DistExecError], code: grpc.StatusCode) -> None:
+    assert cls.code is code
+    exc = cls("what went wrong")
+    assert exc.code is code
+    assert exc.message == "what went wrong"
+    assert str(exc) == "what went wrong"
+    assert isinstance(exc, DistExecError)
+
+
+def test_specific_classes_are_not_internal() -> None:
+    for cls in all_subclasses(DistExecError):
+        assert isinstance(cls.code, grpc.StatusCode)
+        assert cls.code is not Code.INTERNAL, cls
+        assert cls.code is not Code.OK, cls
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (Code.INVALID_ARGUMENT, InvalidTaskSpec),
+        (Code.NOT_FOUND, JobNotFound),
+        (Code.FAILED_PRECONDITION, JobAlreadyFinished),
+        (Code.RESOURCE_EXHAUSTED, ResourceExhausted),
+        (Code.UNAVAILABLE, MasterUnavailable),
+        (Code.INTERNAL, DistExecError),
+        (Code.PERMISSION_DENIED, DistExecError),
+        (Code.UNKNOWN, DistExecError),
+        (Code.UNIMPLEMENTED, DistExecError),
+        (Code.CANCELLED, DistExecError),
+    ],
+)
+def test_from_rpc_error_maps_codes(code: grpc.StatusCode, cls: type[DistExecError]) -> None:
+    exc = from_rpc_error(rpc_error(code, "job 42: it broke"))
+    assert type(exc) is cls
+    assert exc.code is code
+    assert exc.message == "job 42: it broke"
+
+
+@pytest.mark.parametrize("cls", [pytest.param(cls, id=cls.__name__) for cls in EXPECTED_CODES])
+def test_code_survives_the_round_trip(cls: type[DistExecError]) -> None:
+    # What a servicer raises reaches the client as an error with the same status code.
+    exc = from_rpc_error(rpc_error(cls.code, "msg"))
+    assert exc.code is cls.code
+    assert type(exc).code is cls.code
+
+
+def test_code_on_one_error_does_not_leak_into_its_class() -> None:
+    exc = from_rpc_error(rpc_error(Code.PERMISSION_DENIED))
+    assert exc.code is Code.PERMISSION_DENIED
+    assert DistExecError.code is Code.INTERNAL
+    assert DistExecError("x").code is Code.INTERNAL
+
+
+def test_missing_details_fall_back_to_the_code_name() -> None:
+    assert from_rpc_error(rpc_error(Code.NOT_FOUND, None)).message == "NOT_FOUND"
+    assert from_rpc_error(rpc_error(Code.NOT_FOUND, "")).message == "NOT_FOUND"
+
+
+def test_unavailable_names_the_address() -> None:
+    exc = from_rpc_error(
+        rpc_error(Code.UNAVAILABLE, "failed to connect to all addresses: Connection refused"),
+        address="10.1.2.3:50051",
+    )
+    assert isinstance(exc, MasterUnavailable)
+    assert "cannot reach the master at 10.1.2.3:50051" in exc.message
+    assert "Connection refused" in exc.message
+
+
+def test_unavailable_without_address_keeps_details() -> None:
+    exc = from_rpc_error(rpc_error(Code.UNAVAILABLE, "Connection refused"))
+    assert exc.message == "Connection refused"
+
+
+@pytest.mark.parametrize(("address", "shown"), [("10.1.2.3:50051", "10.1.2.3:50051"), ("", "?")])
+def test_deadline_exceeded(address: str, shown: str) -> None:
+    exc = from_rpc_error(rpc_error(Code.DEADLINE_EXCEEDED, "Deadline Exceeded"), address)
+    assert type(exc) is DistExecError
+    assert exc.code is Code.DEADLINE_EXCEEDED
+    assert exc.message == f"the master at {shown} did not answer in time"
+
+
+def test_shorten_keeps_short_values() -> None:
+    assert shorten("abc") == "'abc'"
+    assert shorten("x" * 58) == repr("x" * 58)
+
+
+def test_shorten_cuts_long_values() -> None:
+    short = shorten("y" * 10_000)
+    assert short.startswith("'yyyy")
+    assert "...'" in short
+    assert short.endswith("(10000 chars)")
+    assert len(short) < 80

@@ -1,0 +1,203 @@
+"""OutputHub: live output fan-out, and cutting off followers that fall behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import cast
+
+import pytest
+
+from dist_exec.master.output import (
+    FOLLOWER_BUFFER_BYTES,
+    Follower,
+    FollowerTooSlow,
+    LiveChunk,
+    OutputHub,
+)
+from dist_exec.models import JobId, OutputChunk, Stream
+
+JOB = JobId("job-1")
+OTHER = JobId("job-2")
+MIB = 1024 * 1024
+
+
+def chunk(offset: int, data: bytes, stream: Stream = Stream.STDOUT) -> OutputChunk:
+    return OutputChunk(stream, offset, data)
+
+
+def reading(follower: Follower) -> contextlib.aclosing[AsyncGenerator[LiveChunk, None]]:
+    """Step through a follower by hand; its generator is closed on exit."""
+    return contextlib.aclosing(cast("AsyncGenerator[LiveChunk, None]", aiter(follower)))
+
+
+async def collect(follower: Follower) -> list[LiveChunk]:
+    async with asyncio.timeout(5):
+        return [item async for item in follower]
+
+
+async def test_follower_gets_chunks_in_order_and_ends_on_close() -> None:
+    hub = OutputHub()
+    follower = hub.follow(JOB)
+    chunks = [chunk(0, b"hello "), chunk(0, b"oops", Stream.STDERR), chunk(6, b"world")]
+    for c in chunks:
+        hub.publish(JOB, 1, c)
+    hub.close(JOB)
+
+    assert await collect(follower) == [LiveChunk(1, c) for c in chunks]
+
+
+async def test_attempt_number_travels_with_each_chunk() -> None:
+    hub = OutputHub()
+    follower = hub.follow(JOB)
+    hub.publish(JOB, 1, chunk(0, b"first try"))
+    hub.publish(JOB, 2, chunk(0, b"second try"))
+    hub.close(JOB)
+
+    assert [item.attempt for item in await collect(follower)] == [1, 2]
+
+
+async def test_every_follower_gets_everything() -> None:
+    hub = OutputHub()
+    followers = [hub.follow(JOB) for _ in range(3)]
+    hub.publish(JOB, 1, chunk(0, b"a"))
+    hub.publish(JOB, 1, chunk(1, b"b"))
+    hub.close(JOB)
+
+    for follower in followers:
+        assert [item.chunk.data for item in await collect(follower)] == [b"a", b"b"]
+
+
+async def test_followers_only_see_their_own_job() -> None:
+    hub = OutputHub()
+    mine, theirs = hub.follow(JOB), hub.follow(OTHER)
+    hub.publish(JOB, 1, chunk(0, b"mine"))
+    hub.publish(OTHER, 1, chunk(0, b"theirs"))
+    hub.close(JOB)
+    hub.close(OTHER)
+
+    assert [item.chunk.data for item in await collect(mine)] == [b"mine"]
+    assert [item.chunk.data for item in await collect(theirs)] == [b"theirs"]
+
+
+async def test_close_ends_only_that_job() -> None:
+    hub = OutputHub()
+    mine, theirs = hub.follow(JOB), hub.follow(OTHER)
+    hub.close(JOB)
+    assert await collect(mine) == []
+
+    hub.publish(OTHER, 1, chunk(0, b"still live"))
+    hub.close(OTHER)
+    assert [item.chunk.data for item in await collect(theirs)] == [b"still live"]
+
+
+async def test_follower_waits_for_live_output() -> None:
+    hub = OutputHub()
+    follower = hub.follow(JOB)
+    reader = asyncio.create_task(collect(follower))
+    hub.publish(JOB, 1, chunk(0, b"late"))
+    hub.close(JOB)
+    assert [item.chunk.data for item in await reader] == [b"late"]
+
+
+def test_publish_and_close_without_followers_are_no_ops() -> None:
+    hub = OutputHub()
+    hub.publish(JOB, 1, chunk(0, b"nobody listens"))
+    hub.close(JOB)
+    hub.close(JOB)
+
+
+async def test_unfollow_stops_delivery() -> None:
+    hub = OutputHub()
+    gone, staying = hub.follow(JOB), hub.follow(JOB)
+    hub.publish(JOB, 1, chunk(0, b"both"))
+    hub.unfollow(JOB, gone)
+    hub.unfollow(JOB, gone)  # twice is harmless
+    hub.publish(JOB, 1, chunk(4, b"one"))
+    hub.close(JOB)
+
+    assert [item.chunk.data for item in await collect(staying)] == [b"both", b"one"]
+    # The one that left got what was published before, and neither later chunks nor the end.
+    async with reading(gone) as items:
+        first = await anext(items)
+    assert first.chunk.data == b"both"
+    assert gone._queue.empty()
+
+
+async def test_unfollow_of_last_follower_forgets_the_job() -> None:
+    hub = OutputHub()
+    follower = hub.follow(JOB)
+    hub.unfollow(JOB, follower)
+    hub.unfollow(OTHER, follower)  # unknown job: no-op
+    assert hub._followers == {}
+
+
+async def test_a_follower_that_keeps_up_is_never_cut_off() -> None:
+    hub = OutputHub()
+    follower = hub.follow(JOB)
+    data = b"x" * MIB
+    rounds = 3 * FOLLOWER_BUFFER_BYTES // MIB
+    async with reading(follower) as items:
+        for i in range(rounds):
+            hub.publish(JOB, 1, chunk(i * MIB, data))
+            got = await anext(items)
+            assert got.chunk.offset == i * MIB
+    assert not follower.lagged
+
+
+async def test_exactly_the_buffer_is_not_too_slow() -> None:
+    hub = OutputHub()
+    follower = hub.follow(JOB)
+    data = b"x" * MIB
+    count = FOLLOWER_BUFFER_BYTES // MIB
+    for i in range(count):
+        hub.publish(JOB, 1, chunk(i * MIB, data))
+    hub.close(JOB)
+
+    assert len(await collect(follower)) == count
+    assert not follower.lagged
+
+
+async def test_follower_that_falls_behind_ends_with_follower_too_slow() -> None:
+    hub = OutputHub()
+    slow, fresh = hub.follow(JOB), hub.follow(JOB)
+    data = b"x" * MIB
+    count = FOLLOWER_BUFFER_BYTES // MIB
+    for i in range(count + 1):
+        hub.publish(JOB, 1, chunk(i * MIB, data))
+    assert slow.lagged
+
+    # Later output and even the job's end change nothing: it already ends in an error.
+    hub.publish(JOB, 1, chunk((count + 1) * MIB, data))
+    hub.close(JOB)
+
+    received: list[LiveChunk] = []
+
+    async def read_all() -> None:
+        async with asyncio.timeout(5):
+            async for item in slow:
+                received.append(item)
+
+    with pytest.raises(FollowerTooSlow, match="fell too far behind"):
+        await read_all()
+    # Everything it got is a gap-free prefix, so it can resume from its offsets.
+    assert [item.chunk.offset for item in received] == [i * MIB for i in range(count)]
+
+    # A follower that was not read either is cut off on its own, independently.
+    assert fresh.lagged
+    with pytest.raises(FollowerTooSlow):
+        await collect(fresh)
+
+
+async def test_lag_is_per_follower() -> None:
+    hub = OutputHub()
+    slow, reader = hub.follow(JOB), hub.follow(JOB)
+    data = b"x" * MIB
+    count = FOLLOWER_BUFFER_BYTES // MIB + 1
+    async with reading(reader) as items:
+        for i in range(count):
+            hub.publish(JOB, 1, chunk(i * MIB, data))
+            assert (await anext(items)).chunk.offset == i * MIB
+    assert slow.lagged
+    assert not reader.lagged

@@ -1,0 +1,322 @@
+"""NodeRegistry: membership, liveness (against a fake clock) and slot bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dist_exec.master.registry import NodeRegistry
+from dist_exec.models import NodeId, NodeInfo, NodeStatus
+
+HEARTBEAT_TIMEOUT_S = 15.0
+REMOVAL_S = 30.0
+EPOCH = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """A clock that only moves when the test says so."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def now(self) -> datetime:
+        return EPOCH + timedelta(seconds=self.t)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(clock: FakeClock) -> NodeRegistry:
+    return NodeRegistry(clock, HEARTBEAT_TIMEOUT_S, REMOVAL_S)
+
+
+def add(
+    registry: NodeRegistry,
+    node_id: str,
+    max_tasks: int = 2,
+    capabilities: Iterable[str] = ("command",),
+) -> None:
+    registry.register(NodeId(node_id), f"{node_id}:7000", capabilities, max_tasks, {"zone": "a"})
+
+
+def ids(nodes: Iterable[NodeInfo]) -> list[str]:
+    return [n.id for n in nodes]
+
+
+def swept(registry: NodeRegistry) -> tuple[list[str], list[str]]:
+    """One sweep, as (ids turned unhealthy, ids removed)."""
+    result = registry.sweep()
+    return list(result.unhealthy), [n.id for n in result.removed]
+
+
+def status(registry: NodeRegistry, node_id: str) -> NodeStatus:
+    node = registry.get(NodeId(node_id))
+    assert node is not None
+    return node.status
+
+
+def test_register(registry: NodeRegistry, clock: FakeClock) -> None:
+    labels = {"zone": "eu-1"}
+    node = registry.register(NodeId("w1"), "10.0.0.1:7000", ["command", "http"], 4, labels)
+    labels["zone"] = "changed later"
+
+    assert node.id == "w1"
+    assert node.address == "10.0.0.1:7000"
+    assert node.capabilities == frozenset({"command", "http"})
+    assert node.max_tasks == 4
+    assert node.labels == {"zone": "eu-1"}
+    assert node.status == NodeStatus.HEALTHY
+    assert node.active_tasks == 0
+    assert node.free_slots == 4
+    assert node.last_seen == clock.monotonic()
+    assert node.last_seen_wall == clock.now()
+    assert registry.get(NodeId("w1")) is node
+
+
+def test_nodes_in_id_order(registry: NodeRegistry) -> None:
+    for node_id in ("w3", "w1", "w2"):
+        add(registry, node_id)
+    assert ids(registry.nodes()) == ["w1", "w2", "w3"]
+    assert registry.get(NodeId("nope")) is None
+
+
+def test_heartbeat_of_unknown_node_is_none(registry: NodeRegistry) -> None:
+    assert registry.heartbeat(NodeId("ghost"), 0, draining=False) is None
+
+
+def test_heartbeat_records_time_and_reported_load(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    clock.advance(4.0)
+    node = registry.heartbeat(NodeId("w1"), reported_active=3, draining=False)
+
+    assert node is not None
+    assert node.last_seen == clock.monotonic()
+    assert node.last_seen_wall == clock.now()
+    assert node.reported_active == 3
+    assert node.active_tasks == 0  # the master's own reservations are not overwritten
+
+
+def test_heartbeat_draining_and_back(registry: NodeRegistry) -> None:
+    add(registry, "w1")
+    registry.heartbeat(NodeId("w1"), 0, draining=True)
+    assert status(registry, "w1") == NodeStatus.DRAINING
+    assert registry.eligible("command") == []
+    registry.heartbeat(NodeId("w1"), 0, draining=False)
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+
+
+def test_deregister(registry: NodeRegistry) -> None:
+    add(registry, "w1")
+    add(registry, "w2")
+    removed = registry.deregister(NodeId("w1"))
+    assert removed is not None
+    assert removed.id == "w1"
+    assert registry.get(NodeId("w1")) is None
+    assert ids(registry.nodes()) == ["w2"]
+    assert registry.deregister(NodeId("w1")) is None
+    assert registry.heartbeat(NodeId("w1"), 0, draining=False) is None
+
+
+def test_sweep_leaves_fresh_nodes_alone(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    clock.advance(HEARTBEAT_TIMEOUT_S - 0.001)
+    assert swept(registry) == ([], [])
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+
+
+def test_sweep_marks_unhealthy_then_removes(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    assert swept(registry) == (["w1"], [])
+    assert status(registry, "w1") == NodeStatus.UNHEALTHY
+    assert registry.eligible("command") == []
+
+    # Reported once, not on every sweep.
+    clock.advance(1.0)
+    assert swept(registry) == ([], [])
+
+    clock.advance(REMOVAL_S - HEARTBEAT_TIMEOUT_S - 1.0)
+    assert swept(registry) == ([], ["w1"])
+    assert registry.get(NodeId("w1")) is None
+    assert registry.nodes() == []
+    assert registry.heartbeat(NodeId("w1"), 0, draining=False) is None
+
+
+def test_sweep_of_a_long_silent_node_reports_both(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    clock.advance(REMOVAL_S + 100)
+    assert swept(registry) == (["w1"], ["w1"])
+    assert registry.get(NodeId("w1")) is None
+
+
+def test_sweep_of_a_silent_draining_node(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    registry.heartbeat(NodeId("w1"), 1, draining=True)
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    assert swept(registry) == (["w1"], [])
+    assert status(registry, "w1") == NodeStatus.UNHEALTHY
+
+
+def test_heartbeats_keep_a_node_healthy(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    for _ in range(10):
+        clock.advance(HEARTBEAT_TIMEOUT_S - 1)
+        registry.heartbeat(NodeId("w1"), 0, draining=False)
+        assert swept(registry) == ([], [])
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+
+
+def test_sweep_only_touches_silent_nodes(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "old")
+    clock.advance(10.0)
+    add(registry, "new")
+    clock.advance(HEARTBEAT_TIMEOUT_S - 10.0)
+    assert swept(registry) == (["old"], [])
+    assert status(registry, "new") == NodeStatus.HEALTHY
+
+
+def test_heartbeat_revives_an_unhealthy_node(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    registry.sweep()
+    assert status(registry, "w1") == NodeStatus.UNHEALTHY
+
+    registry.heartbeat(NodeId("w1"), 0, draining=False)
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+    assert ids(registry.eligible("command")) == ["w1"]
+    clock.advance(REMOVAL_S - 1)
+    assert swept(registry) == (["w1"], [])
+
+
+def test_eligible_filters_status_capability_and_slots(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    add(registry, "stale")
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    add(registry, "e-full", max_tasks=1)
+    add(registry, "d-http", capabilities=("http",))
+    add(registry, "c-draining")
+    add(registry, "b-both", capabilities=("command", "http"))
+    add(registry, "a-cmd")
+    registry.sweep()  # "stale" turns UNHEALTHY
+    registry.heartbeat(NodeId("c-draining"), 0, draining=True)
+    registry.reserve(NodeId("e-full"))
+
+    assert ids(registry.eligible("command")) == ["a-cmd", "b-both"]
+    assert ids(registry.eligible("http")) == ["b-both", "d-http"]
+    assert registry.eligible("gpu") == []
+
+
+def test_can_ever_run(registry: NodeRegistry, clock: FakeClock) -> None:
+    assert registry.can_ever_run("command") is False
+    add(registry, "w1", max_tasks=1)
+    registry.reserve(NodeId("w1"))
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    registry.sweep()
+    # Full and unhealthy, but it exists: the task can wait for it.
+    assert registry.can_ever_run("command") is True
+    assert registry.can_ever_run("gpu") is False
+
+
+def test_reserve_and_release(registry: NodeRegistry) -> None:
+    add(registry, "w1", max_tasks=2)
+    w1 = NodeId("w1")
+    registry.reserve(w1)
+    registry.reserve(w1)
+    node = registry.get(w1)
+    assert node is not None
+    assert (node.active_tasks, node.free_slots) == (2, 0)
+    assert registry.eligible("command") == []
+
+    with pytest.raises(ValueError, match="node w1 has no free slot"):
+        registry.reserve(w1)
+    assert node.active_tasks == 2
+
+    registry.release(w1)
+    assert (node.active_tasks, node.free_slots) == (1, 1)
+    assert ids(registry.eligible("command")) == ["w1"]
+
+
+def test_release_never_goes_negative(registry: NodeRegistry) -> None:
+    add(registry, "w1")
+    registry.release(NodeId("w1"))
+    node = registry.get(NodeId("w1"))
+    assert node is not None
+    assert node.active_tasks == 0
+    assert node.free_slots == 2
+
+
+def test_release_of_unknown_node_is_a_no_op(registry: NodeRegistry) -> None:
+    registry.release(NodeId("ghost"))
+    assert registry.nodes() == []
+
+
+def test_reserve_of_unknown_node_fails(registry: NodeRegistry) -> None:
+    with pytest.raises(KeyError):
+        registry.reserve(NodeId("ghost"))
+
+
+def test_forced_reserve_counts_past_max(registry: NodeRegistry) -> None:
+    add(registry, "w1", max_tasks=1)
+    w1 = NodeId("w1")
+    registry.reserve(w1)
+    registry.reserve(w1, force=True)
+    registry.reserve(w1, force=True)
+    node = registry.get(w1)
+    assert node is not None
+    assert node.active_tasks == 3
+    assert node.free_slots == 0
+
+    registry.release(w1)
+    registry.release(w1)
+    assert node.free_slots == 0  # still at max: 1 of 1 in use
+    registry.release(w1)
+    assert node.free_slots == 1
+
+
+def test_reregister_preserves_reservations(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1", max_tasks=3)
+    w1 = NodeId("w1")
+    registry.reserve(w1)
+    registry.reserve(w1)
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    registry.sweep()
+    assert status(registry, "w1") == NodeStatus.UNHEALTHY
+
+    node = registry.register(w1, "10.9.9.9:7001", ["command", "http"], 5, {"zone": "b"})
+
+    assert registry.get(w1) is node
+    assert node.active_tasks == 2
+    assert node.free_slots == 3
+    assert node.status == NodeStatus.HEALTHY
+    assert node.address == "10.9.9.9:7001"
+    assert node.capabilities == frozenset({"command", "http"})
+    assert node.labels == {"zone": "b"}
+    assert node.last_seen == clock.monotonic()
+    assert ids(registry.nodes()) == ["w1"]
+    registry.release(w1)
+    assert node.active_tasks == 1
+
+
+def test_register_after_removal_starts_fresh(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    registry.reserve(NodeId("w1"))
+    clock.advance(REMOVAL_S)
+    assert swept(registry) == (["w1"], ["w1"])
+
+    add(registry, "w1")
+    node = registry.get(NodeId("w1"))
+    assert node is not None
+    assert node.active_tasks == 0

@@ -1,0 +1,335 @@
+"""SqliteJobStore on a real file: writes, reads, output, guards and durability."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dist_exec.master.store import SqliteJobStore
+from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskSpec
+
+T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+
+
+def make_job(job_id: str, priority: int = 0, created: datetime = T0) -> Job:
+    return Job(
+        id=JobId(job_id),
+        spec=TaskSpec(
+            task_type="command",
+            payload=b'{"command": "echo", "args": ["\\u00e9"]}\x00\xff',
+            timeout_s=12.5,
+            priority=priority,
+            metadata={"owner": "alice", "ticket": "OPS-1"},
+            max_retries=3,
+        ),
+        status=JobStatus.PENDING,
+        created_at=created,
+    )
+
+
+def out(offset: int, data: bytes) -> OutputChunk:
+    return OutputChunk(Stream.STDOUT, offset, data)
+
+
+def err(offset: int, data: bytes) -> OutputChunk:
+    return OutputChunk(Stream.STDERR, offset, data)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "jobs.sqlite"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteJobStore]:
+    async with SqliteJobStore(db_path) as opened:
+        yield opened
+
+
+async def get(store: SqliteJobStore, job_id: str) -> Job:
+    job = await store.get(JobId(job_id))
+    assert job is not None
+    return job
+
+
+async def test_insert_then_get(store: SqliteJobStore, db_path: Path) -> None:
+    job = make_job("a")
+    seq = await store.insert(job)
+    assert seq >= 1
+    assert db_path.exists()
+    assert await store.get(JobId("a")) == job
+
+
+async def test_get_unknown_is_none(store: SqliteJobStore) -> None:
+    assert await store.get(JobId("nope")) is None
+
+
+async def test_sequence_numbers_increase(store: SqliteJobStore) -> None:
+    seqs = [await store.insert(make_job(f"j{i}")) for i in range(5)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 5
+
+
+async def test_concurrent_inserts_all_land(store: SqliteJobStore) -> None:
+    seqs = await asyncio.gather(*(store.insert(make_job(f"j{i}")) for i in range(200)))
+    assert len(set(seqs)) == 200
+    jobs, total = await store.list_jobs(limit=1000, offset=0, status=None)
+    assert total == 200
+    assert {j.id for j in jobs} == {f"j{i}" for i in range(200)}
+
+
+async def test_duplicate_id_is_refused(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.insert(make_job("a", priority=5))
+    assert (await get(store, "a")).spec.priority == 0
+    # The store keeps working after a failed write.
+    await store.insert(make_job("b"))
+    assert (await get(store, "b")).id == "b"
+
+
+async def test_mark_running(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    started = T0 + timedelta(seconds=3)
+    await store.mark_running(JobId("a"), "worker-7", 2, started)
+
+    job = await get(store, "a")
+    assert job.status == JobStatus.RUNNING
+    assert job.worker_id == "worker-7"
+    assert job.attempt == 2
+    assert job.started_at == started
+    assert job.completed_at is None
+
+
+async def test_output_in_order_per_stream(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    job_id = JobId("a")
+    # Appended out of order: reads come back ordered by offset.
+    for chunk in (out(6, b"world\n"), err(0, b"warn: x\n"), out(0, b"hello "), out(12, b"!")):
+        store.append_output(job_id, chunk)
+
+    chunks = await store.read_output(job_id, {})
+
+    assert [c for c in chunks if c.stream == Stream.STDOUT] == [
+        out(0, b"hello "),
+        out(6, b"world\n"),
+        out(12, b"!"),
+    ]
+    assert [c for c in chunks if c.stream == Stream.STDERR] == [err(0, b"warn: x\n")]
+    job = await get(store, "a")
+    assert (job.stdout, job.stderr) == (b"hello world\n!", b"warn: x\n")
+
+
+async def test_read_output_from_offsets(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    job_id = JobId("a")
+    for chunk in (out(0, b"hello "), out(6, b"world"), err(0, b"abc"), err(3, b"def")):
+        store.append_output(job_id, chunk)
+
+    async def read(stdout: int, stderr: int) -> dict[Stream, list[OutputChunk]]:
+        chunks = await store.read_output(job_id, {Stream.STDOUT: stdout, Stream.STDERR: stderr})
+        return {s: [c for c in chunks if c.stream == s] for s in Stream}
+
+    # Mid-chunk offsets cut the chunk; chunk-boundary offsets skip whole chunks.
+    assert await read(3, 3) == {
+        Stream.STDOUT: [out(3, b"lo "), out(6, b"world")],
+        Stream.STDERR: [err(3, b"def")],
+    }
+    assert await read(8, 5) == {Stream.STDOUT: [out(8, b"rld")], Stream.STDERR: [err(5, b"f")]}
+    assert await read(11, 6) == {Stream.STDOUT: [], Stream.STDERR: []}
+    assert await read(99, 0) == {Stream.STDOUT: [], Stream.STDERR: [err(0, b"abc"), err(3, b"def")]}
+
+
+async def test_read_output_of_other_or_unknown_jobs(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    await store.insert(make_job("b"))
+    store.append_output(JobId("a"), out(0, b"mine"))
+    assert await store.read_output(JobId("b"), {}) == []
+    assert await store.read_output(JobId("zzz"), {}) == []
+
+
+async def test_append_output_same_offset_replaces(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    store.append_output(JobId("a"), out(0, b"first"))
+    store.append_output(JobId("a"), out(0, b"again"))
+    assert await store.read_output(JobId("a"), {}) == [out(0, b"again")]
+
+
+def finished_job(job: Job, status: JobStatus = JobStatus.COMPLETED, exit_code: int = 0) -> Job:
+    return replace(
+        job,
+        status=status,
+        worker_id="worker-1",
+        started_at=T0 + timedelta(seconds=1),
+        completed_at=T0 + timedelta(seconds=2, microseconds=500),
+        exit_code=exit_code,
+        error="" if exit_code == 0 else f"command exited with status {exit_code}",
+        stdout_bytes=5000,
+        stderr_bytes=7,
+        truncated=True,
+        retries=1,
+    )
+
+
+async def test_finish_without_guard(store: SqliteJobStore) -> None:
+    job = make_job("a")
+    await store.insert(job)
+    done = finished_job(job, JobStatus.FAILED, exit_code=2)
+
+    assert await store.finish(done, expect_attempt=None) is True
+
+    stored = await get(store, "a")
+    assert stored == done
+    assert stored.completed_at == T0 + timedelta(seconds=2, microseconds=500)
+
+
+async def test_finish_keeps_exit_code_none(store: SqliteJobStore) -> None:
+    job = make_job("a")
+    await store.insert(job)
+    cancelled = replace(job, status=JobStatus.CANCELLED, error="cancelled before it started")
+    assert await store.finish(cancelled, expect_attempt=None) is True
+    stored = await get(store, "a")
+    assert stored.exit_code is None
+    assert stored.status == JobStatus.CANCELLED
+
+
+async def test_finish_only_once(store: SqliteJobStore) -> None:
+    job = make_job("a")
+    await store.insert(job)
+    assert await store.finish(finished_job(job), expect_attempt=None) is True
+    later = finished_job(job, JobStatus.FAILED, exit_code=9)
+    assert await store.finish(later, expect_attempt=None) is False
+    stored = await get(store, "a")
+    assert (stored.status, stored.exit_code) == (JobStatus.COMPLETED, 0)
+
+
+async def test_finish_with_attempt_guard(store: SqliteJobStore) -> None:
+    job = make_job("a")
+    await store.insert(job)
+    await store.mark_running(job.id, "worker-1", 2, T0)
+
+    # A late result of attempt 1 must not end the job that attempt 2 now runs.
+    assert await store.finish(finished_job(job, JobStatus.FAILED, 1), expect_attempt=1) is False
+    assert (await get(store, "a")).status == JobStatus.RUNNING
+
+    assert await store.finish(finished_job(job), expect_attempt=2) is True
+    assert (await get(store, "a")).status == JobStatus.COMPLETED
+
+
+async def test_finish_of_unknown_job_is_false(store: SqliteJobStore) -> None:
+    assert await store.finish(finished_job(make_job("ghost")), expect_attempt=None) is False
+
+
+async def test_requeue_resets_the_job_and_deletes_its_output(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    await store.insert(make_job("b"))
+    await store.mark_running(JobId("a"), "worker-1", 1, T0)
+    store.append_output(JobId("a"), out(0, b"partial"))
+    store.append_output(JobId("a"), err(0, b"partial err"))
+    store.append_output(JobId("b"), out(0, b"other job"))
+
+    await store.requeue(JobId("a"), retries=1, error="worker worker-1 was lost")
+
+    job = await get(store, "a")
+    assert job.status == JobStatus.PENDING
+    assert job.retries == 1
+    assert job.error == "worker worker-1 was lost"
+    assert job.worker_id == ""
+    assert job.started_at is None
+    assert (job.stdout, job.stderr) == (b"", b"")
+    assert await store.read_output(JobId("a"), {}) == []
+    assert await store.read_output(JobId("b"), {}) == [out(0, b"other job")]
+
+
+async def test_list_jobs_newest_first_with_paging(store: SqliteJobStore) -> None:
+    for i in range(5):
+        await store.insert(make_job(f"j{i}", created=T0 + timedelta(seconds=i)))
+
+    jobs, total = await store.list_jobs(limit=2, offset=0, status=None)
+    assert ([j.id for j in jobs], total) == (["j4", "j3"], 5)
+    jobs, total = await store.list_jobs(limit=2, offset=2, status=None)
+    assert ([j.id for j in jobs], total) == (["j2", "j1"], 5)
+    jobs, total = await store.list_jobs(limit=2, offset=4, status=None)
+    assert ([j.id for j in jobs], total) == (["j0"], 5)
+    jobs, total = await store.list_jobs(limit=2, offset=10, status=None)
+    assert (jobs, total) == ([], 5)
+
+
+async def test_list_jobs_filters_by_status(store: SqliteJobStore) -> None:
+    for i in range(5):
+        await store.insert(make_job(f"j{i}"))
+    await store.mark_running(JobId("j1"), "w", 1, T0)
+    await store.mark_running(JobId("j3"), "w", 1, T0)
+    await store.finish(finished_job(make_job("j4")), expect_attempt=None)
+
+    running, total = await store.list_jobs(limit=10, offset=0, status=JobStatus.RUNNING)
+    assert ([j.id for j in running], total) == (["j3", "j1"], 2)
+    assert all(j.worker_id == "w" for j in running)
+    pending, total = await store.list_jobs(limit=1, offset=0, status=JobStatus.PENDING)
+    assert ([j.id for j in pending], total) == (["j2"], 2)
+    timed_out, total = await store.list_jobs(limit=10, offset=0, status=JobStatus.TIMEOUT)
+    assert (timed_out, total) == ([], 0)
+
+
+async def test_list_jobs_leaves_output_out(store: SqliteJobStore) -> None:
+    await store.insert(make_job("a"))
+    store.append_output(JobId("a"), out(0, b"big output"))
+    await store.read_output(JobId("a"), {})  # flushes the queued write
+    jobs, _ = await store.list_jobs(limit=10, offset=0, status=None)
+    assert jobs[0].stdout == b""
+
+
+async def test_unfinished(store: SqliteJobStore) -> None:
+    seqs = {f"j{i}": await store.insert(make_job(f"j{i}")) for i in range(4)}
+    await store.mark_running(JobId("j1"), "w", 1, T0)
+    await store.finish(finished_job(make_job("j2")), expect_attempt=None)
+
+    unfinished = await store.unfinished()
+
+    assert [(seq, job.id, job.status) for seq, job in unfinished] == [
+        (seqs["j0"], "j0", JobStatus.PENDING),
+        (seqs["j1"], "j1", JobStatus.RUNNING),
+        (seqs["j3"], "j3", JobStatus.PENDING),
+    ]
+    assert unfinished[1][1].worker_id == "w"
+    assert unfinished[1][1].attempt == 1
+
+
+async def test_data_survives_reopening(db_path: Path) -> None:
+    done = finished_job(make_job("done"), JobStatus.FAILED, exit_code=3)
+    async with SqliteJobStore(db_path) as store:
+        seq_pending = await store.insert(make_job("pending", priority=7))
+        seq_running = await store.insert(make_job("running"))
+        await store.insert(make_job("done"))
+        await store.mark_running(JobId("running"), "worker-2", 1, T0)
+        store.append_output(JobId("running"), out(0, b"so far"))
+        store.append_output(JobId("done"), err(0, b"oops"))
+        assert await store.finish(done, expect_attempt=None)
+        # Closed right after unawaited appends: they must still be written.
+        store.append_output(JobId("running"), out(6, b", more"))
+
+    async with SqliteJobStore(db_path) as store:
+        assert [(seq, job.id) for seq, job in await store.unfinished()] == [
+            (seq_pending, "pending"),
+            (seq_running, "running"),
+        ]
+        pending = await get(store, "pending")
+        assert pending == make_job("pending", priority=7)
+        running = await get(store, "running")
+        assert (running.status, running.worker_id, running.started_at) == (
+            JobStatus.RUNNING,
+            "worker-2",
+            T0,
+        )
+        assert running.stdout == b"so far, more"
+        assert await store.read_output(JobId("running"), {Stream.STDOUT: 6}) == [out(6, b", more")]
+        stored_done = await get(store, "done")
+        assert stored_done == replace(done, stderr=b"oops")
+        # New jobs continue the sequence.
+        assert await store.insert(make_job("new")) > seq_running
