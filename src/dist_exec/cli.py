@@ -518,21 +518,25 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
         follow = asyncio.ensure_future(_stream(client, job_id, quiet=as_json))
         loop.add_signal_handler(signal.SIGINT, follow.cancel)
         try:
-            await follow
+            job = await follow
         except asyncio.CancelledError:
             # Ctrl-C: stop the command, as it would stop a local one.
             await client.cancel(job_id)
+            job = await client.get(job_id)
         finally:
             loop.remove_signal_handler(signal.SIGINT)
-        job = await client.get(job_id)
         if as_json:
-            print_json(job_json(job))
+            print_json(job_json(await client.get(job_id)))
         return _exit_code(job, quiet=as_json)
 
 
-async def _stream(client: Client, job_id: str, quiet: bool) -> None:
+async def _stream(client: Client, job_id: str, quiet: bool) -> Job:
+    """Print the job's output as it comes; returns the ended job."""
     last_attempt = 0
-    async for attempt, chunk in client.stream_output(job_id):
+    async for item in client.watch(job_id):
+        if isinstance(item, Job):
+            return item
+        attempt, chunk = item
         if last_attempt and attempt != last_attempt and not quiet:
             click.echo(f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True)
         last_attempt = attempt
@@ -541,6 +545,7 @@ async def _stream(client: Client, job_id: str, quiet: bool) -> None:
         out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
         out.write(chunk.data)
         out.flush()
+    raise AssertionError("watch() always ends with the job")
 
 
 def _exit_code(job: Job, quiet: bool) -> int:

@@ -7,7 +7,7 @@
     ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, over a rate limit
     ├── WorkerDraining            FAILED_PRECONDITION  worker takes no new tasks
     ├── TaskNotFound              NOT_FOUND            worker does not hold that attempt
-    ├── NotRegistered             FAILED_PRECONDITION  node unknown to the master
+    ├── FollowerTooSlow           ABORTED              output stream fell behind; resume
     └── MasterUnavailable         UNAVAILABLE          client could not reach the master
 
 Servicers raise these; ``grpc_errors`` turns them into ``context.abort`` in one place, and the
@@ -76,10 +76,10 @@ class TaskNotFound(DistExecError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class NotRegistered(DistExecError):
-    """The master does not know the node that called."""
+class FollowerTooSlow(DistExecError):
+    """An output stream fell too far behind its job; the client resumes from its offsets."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = grpc.StatusCode.ABORTED
 
 
 class MasterUnavailable(DistExecError):
@@ -94,6 +94,7 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: JobAlreadyFinished,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: MasterUnavailable,
+    grpc.StatusCode.ABORTED: FollowerTooSlow,
 }
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from dist_exec.errors import (
     DistExecError,
+    FollowerTooSlow,
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
     MasterUnavailable,
-    NotRegistered,
     ResourceExhausted,
     TaskNotFound,
     WorkerDraining,
@@ -30,7 +30,7 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
     WorkerDraining: Code.FAILED_PRECONDITION,
     TaskNotFound: Code.NOT_FOUND,
-    NotRegistered: Code.FAILED_PRECONDITION,
+    FollowerTooSlow: Code.ABORTED,
     MasterUnavailable: Code.UNAVAILABLE,
 }
 

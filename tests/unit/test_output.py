@@ -9,13 +9,8 @@ from typing import cast
 
 import pytest
 
-from dist_exec.master.output import (
-    FOLLOWER_BUFFER_BYTES,
-    Follower,
-    FollowerTooSlow,
-    LiveChunk,
-    OutputHub,
-)
+from dist_exec.errors import FollowerTooSlow
+from dist_exec.master.output import FOLLOWER_BUFFER_BYTES, Follower, LiveChunk, OutputHub
 from dist_exec.models import JobId, OutputChunk, Stream
 
 JOB = JobId("job-1")
@@ -43,7 +38,7 @@ async def test_follower_gets_chunks_in_order_and_ends_on_close() -> None:
     chunks = [chunk(0, b"hello "), chunk(0, b"oops", Stream.STDERR), chunk(6, b"world")]
     for c in chunks:
         hub.publish(JOB, 1, c)
-    hub.close(JOB)
+    hub.close(JOB, None)
 
     assert await collect(follower) == [LiveChunk(1, c) for c in chunks]
 
@@ -53,7 +48,7 @@ async def test_attempt_number_travels_with_each_chunk() -> None:
     follower = hub.follow(JOB)
     hub.publish(JOB, 1, chunk(0, b"first try"))
     hub.publish(JOB, 2, chunk(0, b"second try"))
-    hub.close(JOB)
+    hub.close(JOB, None)
 
     assert [item.attempt for item in await collect(follower)] == [1, 2]
 
@@ -63,7 +58,7 @@ async def test_every_follower_gets_everything() -> None:
     followers = [hub.follow(JOB) for _ in range(3)]
     hub.publish(JOB, 1, chunk(0, b"a"))
     hub.publish(JOB, 1, chunk(1, b"b"))
-    hub.close(JOB)
+    hub.close(JOB, None)
 
     for follower in followers:
         assert [item.chunk.data for item in await collect(follower)] == [b"a", b"b"]
@@ -74,8 +69,8 @@ async def test_followers_only_see_their_own_job() -> None:
     mine, theirs = hub.follow(JOB), hub.follow(OTHER)
     hub.publish(JOB, 1, chunk(0, b"mine"))
     hub.publish(OTHER, 1, chunk(0, b"theirs"))
-    hub.close(JOB)
-    hub.close(OTHER)
+    hub.close(JOB, None)
+    hub.close(OTHER, None)
 
     assert [item.chunk.data for item in await collect(mine)] == [b"mine"]
     assert [item.chunk.data for item in await collect(theirs)] == [b"theirs"]
@@ -84,11 +79,11 @@ async def test_followers_only_see_their_own_job() -> None:
 async def test_close_ends_only_that_job() -> None:
     hub = OutputHub()
     mine, theirs = hub.follow(JOB), hub.follow(OTHER)
-    hub.close(JOB)
+    hub.close(JOB, None)
     assert await collect(mine) == []
 
     hub.publish(OTHER, 1, chunk(0, b"still live"))
-    hub.close(OTHER)
+    hub.close(OTHER, None)
     assert [item.chunk.data for item in await collect(theirs)] == [b"still live"]
 
 
@@ -97,15 +92,15 @@ async def test_follower_waits_for_live_output() -> None:
     follower = hub.follow(JOB)
     reader = asyncio.create_task(collect(follower))
     hub.publish(JOB, 1, chunk(0, b"late"))
-    hub.close(JOB)
+    hub.close(JOB, None)
     assert [item.chunk.data for item in await reader] == [b"late"]
 
 
 def test_publish_and_close_without_followers_are_no_ops() -> None:
     hub = OutputHub()
     hub.publish(JOB, 1, chunk(0, b"nobody listens"))
-    hub.close(JOB)
-    hub.close(JOB)
+    hub.close(JOB, None)
+    hub.close(JOB, None)
 
 
 async def test_unfollow_stops_delivery() -> None:
@@ -115,7 +110,7 @@ async def test_unfollow_stops_delivery() -> None:
     hub.unfollow(JOB, gone)
     hub.unfollow(JOB, gone)  # twice is harmless
     hub.publish(JOB, 1, chunk(4, b"one"))
-    hub.close(JOB)
+    hub.close(JOB, None)
 
     assert [item.chunk.data for item in await collect(staying)] == [b"both", b"one"]
     # The one that left got what was published before, and neither later chunks nor the end.
@@ -153,7 +148,7 @@ async def test_exactly_the_buffer_is_not_too_slow() -> None:
     count = FOLLOWER_BUFFER_BYTES // MIB
     for i in range(count):
         hub.publish(JOB, 1, chunk(i * MIB, data))
-    hub.close(JOB)
+    hub.close(JOB, None)
 
     assert len(await collect(follower)) == count
     assert not follower.lagged
@@ -170,7 +165,7 @@ async def test_follower_that_falls_behind_ends_with_follower_too_slow() -> None:
 
     # Later output and even the job's end change nothing: it already ends in an error.
     hub.publish(JOB, 1, chunk((count + 1) * MIB, data))
-    hub.close(JOB)
+    hub.close(JOB, None)
 
     received: list[LiveChunk] = []
 

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
 
 STREAM_RETRIES = 30  # consecutive reconnects of an output stream before giving up
-_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+_RESUMABLE = {
+    grpc.StatusCode.UNAVAILABLE,  # master restarting
+    grpc.StatusCode.ABORTED,  # this follower fell behind
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
 
 
 def command_spec(
@@ -125,12 +130,34 @@ class Client:
     async def stream_output(
         self, job_id: str, follow: bool = True
     ) -> AsyncIterator[tuple[int, OutputChunk]]:
-        """Output of the job; when following, until the job ends.
+        """Output of the job as (attempt, chunk); when following, until the job ends.
 
         A dropped stream (say, the master restarted) is resumed from the last byte received, so
         nothing is missed or repeated. A chunk with a higher attempt number than before means
         the job was retried and its output started again.
         """
+        async for item in self._stream(job_id, follow, include_result=False):
+            if not isinstance(item, Job):
+                yield item
+
+    async def watch(self, job_id: str) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
+        """Like ``stream_output`` (following), then the ended Job itself (without its output,
+        which was streamed) as the last item."""
+        async for item in self._stream(job_id, follow=True, include_result=True):
+            yield item
+            if isinstance(item, Job):
+                return
+        yield await self.get(job_id)  # a master that does not send the result
+
+    async def wait(self, job_id: str) -> Job:
+        """Wait for the job to end; returns it with its output."""
+        async for _ in self._stream(job_id, follow=True, include_result=False):
+            pass
+        return await self.get(job_id)
+
+    async def _stream(
+        self, job_id: str, follow: bool, include_result: bool
+    ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
         offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
         attempt, failures = 0, 0
         while True:
@@ -139,10 +166,14 @@ class Client:
                 no_follow=not follow,
                 stdout_offset=offsets[Stream.STDOUT],
                 stderr_offset=offsets[Stream.STDERR],
+                include_result=include_result,
             )
             try:
                 async for msg in self.stub.StreamOutput(request):
                     failures = 0
+                    if msg.HasField("result"):
+                        yield wire.job_from_status_pb(msg.result)
+                        continue
                     if msg.attempt > attempt and attempt:
                         offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
                     attempt = max(attempt, msg.attempt)

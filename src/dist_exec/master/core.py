@@ -26,7 +26,7 @@ from dist_exec.master.dispatcher import (
     WorkerClient,
     WorkerUnreachable,
 )
-from dist_exec.master.output import LiveChunk, OutputHub
+from dist_exec.master.output import OutputHub
 from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import JobStore
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MAX_RETRIES_LIMIT = 100
 MAX_METADATA_BYTES = 64 * 1024
 REATTACH_BACKOFF_MAX_S = 2.0
+OUTPUT_CACHE_BYTES = 256 * 1024  # stored output of a running job also kept in memory, up to this
 CANCEL_CONFIRM_S = 1.0  # resend CancelTask this often until the worker confirms the end
 
 _EXEC_TO_JOB = {
@@ -82,6 +83,11 @@ class ActiveJob:
     seen: dict[Stream, int] = field(default_factory=lambda: {s: 0 for s in Stream})
     cancel_requested: bool = False
     orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
+    # The stored output of the current attempt, while it is small: followers read it from here
+    # instead of the store. ``kept_all`` turns False once it outgrows the cache.
+    kept: list[OutputChunk] = field(default_factory=list)
+    kept_bytes: int = 0
+    kept_all: bool = True
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -144,6 +150,7 @@ class Master:
                 active.started_at = job.started_at
                 active.started_mono = self.clock.monotonic()
                 active.orphan_deadline = self.clock.monotonic() + grace
+                active.kept_all = False  # its output so far is in the store only
             else:
                 self.scheduler.enqueue(job.id, seq, job.spec)
         if self._active:
@@ -234,8 +241,8 @@ class Master:
         self._wake.set()
         return job.id
 
-    async def get(self, job_id: JobId) -> Job:
-        job = await self.store.get(job_id)
+    async def get(self, job_id: JobId, with_output: bool = True) -> Job:
+        job = await self.store.get(job_id, with_output)
         if job is None:
             raise JobNotFound(f"job {job_id} not found")
         return job
@@ -294,34 +301,42 @@ class Master:
         await self._complete(job, JobStatus.CANCELLED, error=reason)
 
     async def stream_output(
-        self, job_id: JobId, offsets: Mapping[Stream, int], follow: bool
-    ) -> AsyncIterator[tuple[int, OutputChunk]]:
-        """Stored output from ``offsets``, then (when following) live output until the end."""
+        self, job_id: JobId, offsets: Mapping[Stream, int], follow: bool, include_result: bool
+    ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
+        """Stored output from ``offsets``, then (when following) live output until the end,
+        then (with ``include_result``, once the job has ended) the job itself, without output."""
         job = self._active.get(job_id)
         follower = self.hub.follow(job_id) if job is not None and follow else None
+        final: Job | None = None
         try:
-            stored = await self.store.read_output(job_id, offsets)
-            if job is None and not stored:
-                await self.get(job_id)  # NOT_FOUND for an unknown id
+            if job is not None and job.kept_all:
+                # Snapshot and subscription in one step of the loop: nothing falls between.
+                stored = [c for c in (_tail(k, offsets.get(k.stream, 0)) for k in job.kept) if c]
+            else:
+                stored = await self.store.read_output(job_id, offsets)
+            if job is None and (include_result or not stored):
+                final = await self.get(job_id, with_output=False)  # or NOT_FOUND
             attempt = job.attempt if job is not None else 0
             sent = {s: offsets.get(s, 0) for s in Stream}
             for chunk in stored:
                 sent[chunk.stream] = chunk.offset + len(chunk.data)
                 yield attempt, chunk
-            if follower is None:
-                return
-            async for live in follower:
-                if live.attempt < attempt:
-                    continue
-                if live.attempt > attempt:
-                    attempt, sent = live.attempt, {s: 0 for s in Stream}
-                fresh = _after(live, sent)
-                if fresh is not None:
-                    sent[fresh.stream] = fresh.offset + len(fresh.data)
-                    yield attempt, fresh
+            if follower is not None:
+                async for live in follower:
+                    if live.attempt < attempt:
+                        continue
+                    if live.attempt > attempt:
+                        attempt, sent = live.attempt, {s: 0 for s in Stream}
+                    fresh = _tail(live.chunk, sent[live.chunk.stream])
+                    if fresh is not None:
+                        sent[fresh.stream] = fresh.offset + len(fresh.data)
+                        yield attempt, fresh
+                final = follower.final
         finally:
             if follower is not None:
                 self.hub.unfollow(job_id, follower)
+        if include_result and final is not None:
+            yield final
 
     def nodes(self) -> list[NodeInfo]:
         return self.registry.nodes()
@@ -377,12 +392,25 @@ class Master:
         return True
 
     def deregister(self, node_id: NodeId) -> None:
+        """The node leaves: no new tasks. Results still on their way over its streams are taken
+        (a draining worker deregisters right after sending them); then its channel closes."""
         node = self.registry.deregister(node_id)
         if node is None:
             return
-        self._node_lost(node_id, f"worker {node_id} left")
-        self._spawn(self.workers.forget(node.address))
+        for job in list(self._active.values()):
+            if job.node_id == node_id and job.status == JobStatus.RUNNING and job.runner is None:
+                self._spawn(self._retry(job, f"worker {node_id} left"))
+        self._spawn(self._forget_when_idle(node))
         log.info("node %s deregistered", node_id)
+
+    async def _forget_when_idle(self, node: NodeInfo) -> None:
+        runners = [
+            j.runner for j in self._active.values() if j.node_id == node.id and j.runner is not None
+        ]
+        if runners:
+            await asyncio.wait(runners, timeout=self.config.rpc_timeout_s)
+        if self.registry.get(node.id) is None:
+            await self.workers.forget(node.address)
 
     def _node_lost(self, node_id: NodeId, reason: str) -> None:
         for job in list(self._active.values()):
@@ -425,7 +453,8 @@ class Master:
             while self._current(job, attempt):
                 node = self.registry.get(node_id)
                 if node is None:
-                    return  # deregistered or removed: _node_lost retries the job
+                    await self._retry(job, f"worker {node_id} left before reporting the result")
+                    return
                 deadline = (
                     job.started_mono
                     + job.spec.timeout_s
@@ -488,6 +517,11 @@ class Master:
         if keep > 0:
             stored = chunk if keep >= len(chunk.data) else replace(chunk, data=chunk.data[:keep])
             self.store.append_output(job.id, stored)
+            if job.kept_all and job.kept_bytes + len(stored.data) <= OUTPUT_CACHE_BYTES:
+                job.kept.append(stored)
+                job.kept_bytes += len(stored.data)
+            elif job.kept_all:
+                job.kept_all, job.kept, job.kept_bytes = False, [], 0
         self.hub.publish(job.id, attempt, chunk)
 
     async def _on_outcome(
@@ -533,6 +567,7 @@ class Master:
         job.status = JobStatus.PENDING
         job.retries = retries
         job.node_id = None
+        job.kept_all, job.kept, job.kept_bytes = True, [], 0  # the store drops it too
         await self.store.requeue(job.id, retries, reason)
         if self._active.get(job.id) is not job or job.status != JobStatus.PENDING:
             return  # cancelled while the requeue was written
@@ -571,7 +606,7 @@ class Master:
             await asyncio.shield(self.store.finish(record, expect_attempt=None))
         finally:
             self._active.pop(job.id, None)
-            self.hub.close(job.id)
+            self.hub.close(job.id, record)
             job.ended.set()
 
 
@@ -581,10 +616,8 @@ def _truncated(outcome: ExecOutcome | None, limit: int) -> bool:
     return outcome.truncated or max(outcome.stdout_bytes, outcome.stderr_bytes) > limit
 
 
-def _after(live: LiveChunk, sent: Mapping[Stream, int]) -> OutputChunk | None:
-    """The part of a live chunk not yet sent to this follower."""
-    chunk = live.chunk
-    start = sent[chunk.stream]
+def _tail(chunk: OutputChunk, start: int) -> OutputChunk | None:
+    """The part of a chunk from byte ``start`` of its stream on, if any."""
     end = chunk.offset + len(chunk.data)
     if end <= start:
         return None

@@ -10,13 +10,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from dist_exec.models import JobId, OutputChunk
+from dist_exec.errors import FollowerTooSlow
+from dist_exec.models import Job, JobId, OutputChunk
 
 FOLLOWER_BUFFER_BYTES = 8 * 1024 * 1024
-
-
-class FollowerTooSlow(Exception):
-    """The follower fell more than FOLLOWER_BUFFER_BYTES behind."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +27,7 @@ class Follower:
         self._queue: asyncio.Queue[LiveChunk | None] = asyncio.Queue()
         self._bytes = 0
         self.lagged = False
+        self.final: Job | None = None  # the job's terminal state, once it has ended
 
     def _put(self, item: LiveChunk | None) -> None:
         if self.lagged:
@@ -46,7 +44,9 @@ class Follower:
             self._bytes -= len(item.chunk.data)
             yield item
         if self.lagged:
-            raise FollowerTooSlow("output follower fell too far behind")
+            raise FollowerTooSlow(
+                "this output stream fell too far behind the job; resume from your offsets"
+            )
 
 
 class OutputHub:
@@ -69,7 +69,8 @@ class OutputHub:
         for follower in self._followers.get(job_id, ()):
             follower._put(LiveChunk(attempt, chunk))
 
-    def close(self, job_id: JobId) -> None:
+    def close(self, job_id: JobId, final: Job | None) -> None:
         """The job has ended and everything it printed was published: end every follower."""
         for follower in self._followers.pop(job_id, ()):
+            follower.final = final
             follower._put(None)

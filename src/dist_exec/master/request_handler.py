@@ -16,7 +16,7 @@ from dist_exec.config import MasterConfig
 from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors, shorten
 from dist_exec.executors.command import describe
 from dist_exec.master.core import HeldAttempt, Master
-from dist_exec.models import JobId, NodeId, Stream, TaskSpec
+from dist_exec.models import Job, JobId, NodeId, Stream, TaskSpec
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -95,9 +95,13 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         if request.stdout_offset < 0 or request.stderr_offset < 0:
             raise InvalidTaskSpec("output offsets must not be negative")
         offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
-        async for attempt, chunk in self.master.stream_output(
-            _job_id(request.job_id), offsets, follow=not request.no_follow
+        async for item in self.master.stream_output(
+            _job_id(request.job_id), offsets, not request.no_follow, request.include_result
         ):
+            if isinstance(item, Job):
+                yield master_pb2.OutputChunk(result=wire.job_to_status_pb(item))
+                continue
+            attempt, chunk = item
             yield master_pb2.OutputChunk(
                 data=chunk.data,
                 type=chunk.stream.value,  # type: ignore[arg-type]

@@ -1,9 +1,12 @@
-"""Durable job store: one SQLite file (WAL, synchronous=FULL) in the master's data directory.
+"""Durable job store: one SQLite file (WAL) in the master's data directory.
 
 All writes go through one writer thread that commits them in batches (group commit), so a burst
-of submissions costs one fsync, not one each. An awaited write has been committed to disk when
-it returns. Reads that must see every earlier write (output replay) run on the writer thread
-too; other reads use their own connection and see what is committed.
+of submissions costs one fsync, not one each. A batch that accepts a job is committed with
+synchronous=FULL: when ``insert`` returns, the job is on disk and survives a power loss. Other
+batches (state changes, output) use synchronous=NORMAL: they survive a crash of the master
+process, and the next FULL commit syncs them too; only an OS crash in between can lose them,
+after which such a job runs again. Reads that must see every earlier write (output replay) run
+on the writer thread too; other reads use their own connection and see what is committed.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class JobStore(Protocol):
     def append_output(self, job_id: JobId, chunk: OutputChunk) -> None: ...
     async def finish(self, job: Job, expect_attempt: int | None) -> bool: ...
     async def requeue(self, job_id: JobId, retries: int, error: str) -> None: ...
-    async def get(self, job_id: JobId) -> Job | None: ...
+    async def get(self, job_id: JobId, with_output: bool = True) -> Job | None: ...
     async def list_jobs(
         self, limit: int, offset: int, status: JobStatus | None
     ) -> tuple[list[Job], int]: ...
@@ -122,9 +125,11 @@ class SqliteJobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # (operation, future or None, must be fsynced before the future resolves)
         self._queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None] | None
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None, bool] | None
         ] = queue.SimpleQueue()
+        self._synchronous = "FULL"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
@@ -183,12 +188,16 @@ class SqliteJobStore:
     def _run_batch(
         self,
         conn: sqlite3.Connection,
-        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]],
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None, bool]],
     ) -> None:
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        synchronous = "FULL" if any(durable for _, _, durable in batch) else "NORMAL"
         try:
+            if synchronous != self._synchronous:
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._synchronous = synchronous
             conn.execute("BEGIN IMMEDIATE")
-            for fn, fut in batch:
+            for fn, fut, _ in batch:
                 try:
                     results.append((fut, fn(conn), None))
                 except Exception as exc:
@@ -197,16 +206,18 @@ class SqliteJobStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [(fut, None, exc) for _, fut in batch]
+            results = [(fut, None, exc) for _, fut, _ in batch]
         assert self._loop is not None
         for fut, value, error in results:
             if fut is not None:
                 self._loop.call_soon_threadsafe(_resolve, fut, value, error)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _write(
+        self, fn: Callable[[sqlite3.Connection], T], durable: bool = False
+    ) -> asyncio.Future[T]:
         assert self._loop is not None
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut))
+        self._queue.put((fn, fut, durable))
         return fut
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -231,7 +242,7 @@ class SqliteJobStore:
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        return await self._write(op)
+        return await self._write(op, durable=True)
 
     async def mark_running(
         self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
@@ -253,6 +264,7 @@ class SqliteJobStore:
                     (job_id, chunk.stream.value, chunk.offset, chunk.data),
                 ),
                 None,
+                False,
             )
         )
 
@@ -287,13 +299,13 @@ class SqliteJobStore:
 
         await self._write(op)
 
-    async def get(self, job_id: JobId) -> Job | None:
+    async def get(self, job_id: JobId, with_output: bool = True) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
             row = conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-            if row is None:
-                return None
+            if row is None or not with_output:
+                return None if row is None else _job_from_row(row)
             parts: dict[int, list[bytes]] = {0: [], 1: []}
             for stream, data in conn.execute(
                 "SELECT stream, data FROM output WHERE job_id = ? ORDER BY stream, offset",

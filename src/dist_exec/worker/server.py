@@ -46,7 +46,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
         )
         try:
-            yield worker_pb2.ExecuteProgress(type=worker_pb2.PROGRESS_STARTED)
             async for chunk in output.follow(sub):
                 yield worker_pb2.ExecuteProgress(
                     type=worker_pb2.PROGRESS_OUTPUT,

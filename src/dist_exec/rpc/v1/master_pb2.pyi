@@ -160,28 +160,32 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobSummary, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class StreamOutputRequest(_message.Message):
-    __slots__ = ("job_id", "no_follow", "stdout_offset", "stderr_offset")
+    __slots__ = ("job_id", "no_follow", "stdout_offset", "stderr_offset", "include_result")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NO_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     STDOUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STDERR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RESULT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     no_follow: bool
     stdout_offset: int
     stderr_offset: int
-    def __init__(self, job_id: _Optional[str] = ..., no_follow: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ...) -> None: ...
+    include_result: bool
+    def __init__(self, job_id: _Optional[str] = ..., no_follow: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ..., include_result: _Optional[bool] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
-    __slots__ = ("data", "type", "offset", "attempt")
+    __slots__ = ("data", "type", "offset", "attempt", "result")
     DATA_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     type: _common_pb2.OutputType
     offset: int
     attempt: int
-    def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[_common_pb2.OutputType, str]] = ..., offset: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    result: GetStatusResponse
+    def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[_common_pb2.OutputType, str]] = ..., offset: _Optional[int] = ..., attempt: _Optional[int] = ..., result: _Optional[_Union[GetStatusResponse, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
