@@ -95,6 +95,7 @@ class ExecOutcome:
     truncated: bool = False
     duration_s: float = 0.0
     retryable: bool = False  # the worker gave up on it (shutdown): run it again elsewhere
+    metadata: dict[str, str] = field(default_factory=dict)  # executor-specific (HTTP headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,11 @@ class NodeInfo:
     status: NodeStatus = NodeStatus.HEALTHY
     active_tasks: int = 0  # slots the master has reserved on this node
     reported_active: int = 0  # what the node said in its last heartbeat
+    weight: int = 0  # share for weighted balancing; 0 means max_tasks
+
+    @property
+    def effective_weight(self) -> int:
+        return self.weight if self.weight > 0 else self.max_tasks
 
     @property
     def free_slots(self) -> int:

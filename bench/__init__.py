@@ -1,0 +1,1 @@
+"""Benchmarks of dist-exec (run them as scripts: python bench/bench_throughput.py)."""
