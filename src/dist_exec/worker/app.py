@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -113,6 +115,16 @@ class Registrar:
             )
 
 
+def _watch_children_with_pidfd() -> None:
+    """Python 3.11's default child watcher starts a thread per child process; a pidfd watcher
+    needs none (3.12 uses pidfds by itself and deprecates the watcher API)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+
+
 async def run_worker(
     config: WorkerConfig,
     stop: asyncio.Event,
@@ -120,6 +132,7 @@ async def run_worker(
     executors: dict[str, Executor] | None = None,
 ) -> None:
     """Serve until ``stop`` is set, then drain: no new tasks, finish (or hand back), deregister."""
+    _watch_children_with_pidfd()
     executors = (
         executors
         if executors is not None
