@@ -88,6 +88,32 @@ class Client:
             raise self._error(exc) from None
         return JobId(reply.job_id)
 
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[JobId]:
+        """Submit several jobs in one call: all are accepted, or none (an error says which)."""
+        request = master_pb2.SubmitBatchRequest(jobs=[wire.submit_request(s) for s in specs])
+        try:
+            reply = await self.stub.SubmitBatch(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return [JobId(j) for j in reply.job_ids]
+
+    async def watch_many(
+        self, job_ids: Sequence[str], with_output: bool = True
+    ) -> AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]:
+        """Output of several jobs as (job id, (attempt, chunk)), interleaved, and each job's
+        final state (without output) as (job id, Job) when it ends. Stops when all have ended."""
+        request = master_pb2.WatchJobsRequest(job_ids=job_ids, no_output=not with_output)
+        try:
+            async for event in self.stub.WatchJobs(request):
+                job_id = JobId(event.job_id)
+                if event.HasField("result"):
+                    yield job_id, wire.job_from_status_pb(event.result)
+                else:
+                    out = event.output
+                    yield job_id, (out.attempt, OutputChunk(Stream(out.type), out.offset, out.data))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
     async def get(self, job_id: str) -> Job:
         try:
             reply = await self.stub.GetStatus(

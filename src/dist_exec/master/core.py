@@ -48,6 +48,7 @@ from dist_exec.models import (
 
 log = logging.getLogger(__name__)
 MAX_RETRIES_LIMIT = 100
+MAX_BATCH_JOBS = 1000  # per SubmitBatch, and per WatchJobs
 MAX_METADATA_BYTES = 64 * 1024
 REATTACH_BACKOFF_MAX_S = 2.0
 OUTPUT_CACHE_BYTES = 256 * 1024  # stored output of a running job also kept in memory, up to this
@@ -233,13 +234,65 @@ class Master:
         return replace(spec, timeout_s=timeout_s, max_retries=max_retries)
 
     async def submit(self, spec: TaskSpec) -> JobId:
-        spec = self.validate(spec)
-        job = Job(JobId(str(uuid.uuid4())), spec, JobStatus.PENDING, self.clock.now())
-        seq = await self.store.insert(job)  # durable before the id is returned
-        self._active[job.id] = ActiveJob(job, seq)
-        self.scheduler.enqueue(job.id, seq, spec)
+        return (await self.submit_many([spec]))[0]
+
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[JobId]:
+        """Accept jobs, all or none; their ids come back once they are durable."""
+        if not 0 < len(specs) <= MAX_BATCH_JOBS:
+            raise InvalidTaskSpec(f"a batch holds 1-{MAX_BATCH_JOBS} jobs, got {len(specs)}")
+        checked = []
+        for i, spec in enumerate(specs):
+            try:
+                checked.append(self.validate(spec))
+            except InvalidTaskSpec as exc:
+                if len(specs) == 1:
+                    raise
+                raise InvalidTaskSpec(f"job {i} of the batch: {exc.message}") from None
+        now = self.clock.now()
+        jobs = [Job(JobId(str(uuid.uuid4())), s, JobStatus.PENDING, now) for s in checked]
+        seqs = await self.store.insert_many(jobs)
+        for job, seq in zip(jobs, seqs, strict=True):
+            self._active[job.id] = ActiveJob(job, seq)
+            self.scheduler.enqueue(job.id, seq, job.spec)
         self._wake.set()
-        return job.id
+        return [job.id for job in jobs]
+
+    async def watch(
+        self, job_ids: Sequence[JobId], with_output: bool
+    ) -> AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]:
+        """Output and final state of several jobs, interleaved, until all have ended."""
+        unique = list(dict.fromkeys(job_ids))
+        if not 0 < len(unique) <= MAX_BATCH_JOBS:
+            raise InvalidTaskSpec(f"watch 1-{MAX_BATCH_JOBS} jobs, got {len(unique)}")
+        for job_id in unique:
+            if job_id not in self._active:
+                await self.get(job_id, with_output=False)  # NOT_FOUND before anything streams
+        events: asyncio.Queue[tuple[JobId, tuple[int, OutputChunk] | Job] | BaseException] = (
+            asyncio.Queue(256)
+        )
+
+        async def pump(job_id: JobId) -> None:
+            try:
+                async for item in self.stream_output(job_id, {}, follow=True, include_result=True):
+                    if with_output or isinstance(item, Job):
+                        await events.put((job_id, item))
+            except Exception as exc:
+                await events.put(exc)
+
+        pumps = [asyncio.create_task(pump(job_id)) for job_id in unique]
+        try:
+            ended = 0
+            while ended < len(unique):
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event[1], Job):
+                    ended += 1
+                yield event
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def get(self, job_id: JobId, with_output: bool = True) -> Job:
         job = await self.store.get(job_id, with_output)

@@ -117,7 +117,8 @@ class GrpcWorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise _classify(exc, address) from None
         finally:
-            call.cancel()
+            if not call.done():
+                call.cancel()
         raise WorkerUnreachable(f"worker {address} ended the stream without a result")
 
     async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:

@@ -16,7 +16,7 @@ from dist_exec.config import MasterConfig
 from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors, shorten
 from dist_exec.executors.command import describe
 from dist_exec.master.core import HeldAttempt, Master
-from dist_exec.models import Job, JobId, NodeId, Stream, TaskSpec
+from dist_exec.models import Job, JobId, NodeId, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -27,6 +27,28 @@ def _job_id(raw: str) -> JobId:
         return JobId(str(uuid.UUID(raw)))
     except ValueError:
         raise InvalidTaskSpec(f"invalid job id {shorten(raw)}: expected a UUID") from None
+
+
+def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
+    if request.timeout.seconds < 0 or request.timeout.nanos < 0:
+        raise InvalidTaskSpec("timeout must not be negative")
+    return TaskSpec(
+        task_type=request.task_type,
+        payload=request.payload,
+        timeout_s=wire.from_duration(request.timeout),
+        priority=request.priority,
+        metadata=dict(request.metadata),
+        max_retries=request.max_retries if request.HasField("max_retries") else None,
+    )
+
+
+def _chunk_pb(attempt: int, chunk: OutputChunk) -> master_pb2.OutputChunk:
+    return master_pb2.OutputChunk(
+        data=chunk.data,
+        type=chunk.stream.value,  # type: ignore[arg-type]
+        offset=chunk.offset,
+        attempt=attempt,
+    )
 
 
 def _summary(task_type: str, payload: bytes) -> str:
@@ -42,18 +64,26 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     async def Submit(
         self, request: master_pb2.SubmitRequest, context: Context
     ) -> master_pb2.SubmitResponse:
-        if request.timeout.seconds < 0 or request.timeout.nanos < 0:
-            raise InvalidTaskSpec("timeout must not be negative")
-        spec = TaskSpec(
-            task_type=request.task_type,
-            payload=request.payload,
-            timeout_s=wire.from_duration(request.timeout),
-            priority=request.priority,
-            metadata=dict(request.metadata),
-            max_retries=request.max_retries if request.HasField("max_retries") else None,
-        )
-        job_id = await self.master.submit(spec)
+        job_id = await self.master.submit(_spec(request))
         return master_pb2.SubmitResponse(job_id=job_id)
+
+    @grpc_errors
+    async def SubmitBatch(
+        self, request: master_pb2.SubmitBatchRequest, context: Context
+    ) -> master_pb2.SubmitBatchResponse:
+        job_ids = await self.master.submit_many([_spec(r) for r in request.jobs])
+        return master_pb2.SubmitBatchResponse(job_ids=job_ids)
+
+    @grpc_stream_errors
+    async def WatchJobs(
+        self, request: master_pb2.WatchJobsRequest, context: Context
+    ) -> AsyncGenerator[master_pb2.JobEvent, None]:
+        job_ids = [_job_id(j) for j in request.job_ids]
+        async for job_id, item in self.master.watch(job_ids, with_output=not request.no_output):
+            if isinstance(item, Job):
+                yield master_pb2.JobEvent(job_id=job_id, result=wire.job_to_status_pb(item))
+            else:
+                yield master_pb2.JobEvent(job_id=job_id, output=_chunk_pb(*item))
 
     @grpc_errors
     async def GetStatus(
@@ -100,14 +130,8 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         ):
             if isinstance(item, Job):
                 yield master_pb2.OutputChunk(result=wire.job_to_status_pb(item))
-                continue
-            attempt, chunk = item
-            yield master_pb2.OutputChunk(
-                data=chunk.data,
-                type=chunk.stream.value,  # type: ignore[arg-type]
-                offset=chunk.offset,
-                attempt=attempt,
-            )
+            else:
+                yield _chunk_pb(*item)
 
     @grpc_errors
     async def ListNodes(

@@ -16,7 +16,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +72,7 @@ class JobStore(Protocol):
     """What the master needs from durable storage."""
 
     async def insert(self, job: Job) -> int: ...
+    async def insert_many(self, jobs: Sequence[Job]) -> list[int]: ...
     async def mark_running(
         self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
     ) -> None: ...
@@ -226,21 +227,43 @@ class SqliteJobStore:
         return await asyncio.get_running_loop().run_in_executor(self._read_pool, lambda: fn(reader))
 
     async def insert(self, job: Job) -> int:
-        spec = job.spec
-        row = (
-            job.id, spec.task_type, spec.payload, spec.timeout_s, spec.priority,
-            json.dumps(spec.metadata), spec.max_retries, job.status.value,
-            _ts(job.created_at),
-        )  # fmt: skip
+        return (await self.insert_many([job]))[0]
 
-        def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
-                " max_retries, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
+    async def insert_many(self, jobs: Sequence[Job]) -> list[int]:
+        """Accept jobs durably, all or none; returns their sequence numbers."""
+        rows = [
+            (
+                job.id,
+                job.spec.task_type,
+                job.spec.payload,
+                job.spec.timeout_s,
+                job.spec.priority,
+                json.dumps(job.spec.metadata),
+                job.spec.max_retries,
+                job.status.value,
+                _ts(job.created_at),
             )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            for job in jobs
+        ]
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            conn.execute("SAVEPOINT insert_many")
+            seqs = []
+            try:
+                for row in rows:
+                    cur = conn.execute(
+                        "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
+                        " max_retries, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                    assert cur.lastrowid is not None
+                    seqs.append(cur.lastrowid)
+            except BaseException:
+                conn.execute("ROLLBACK TO insert_many")
+                raise
+            finally:
+                conn.execute("RELEASE insert_many")
+            return seqs
 
         return await self._write(op, durable=True)
 

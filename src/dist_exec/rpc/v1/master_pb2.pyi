@@ -187,6 +187,36 @@ class OutputChunk(_message.Message):
     result: GetStatusResponse
     def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[_common_pb2.OutputType, str]] = ..., offset: _Optional[int] = ..., attempt: _Optional[int] = ..., result: _Optional[_Union[GetStatusResponse, _Mapping]] = ...) -> None: ...
 
+class SubmitBatchRequest(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[SubmitRequest]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[SubmitRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitBatchResponse(_message.Message):
+    __slots__ = ("job_ids",)
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchJobsRequest(_message.Message):
+    __slots__ = ("job_ids", "no_output")
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    NO_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    no_output: bool
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., no_output: _Optional[bool] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "output", "result")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    output: OutputChunk
+    result: GetStatusResponse
+    def __init__(self, job_id: _Optional[str] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[GetStatusResponse, _Mapping]] = ...) -> None: ...
+
 class ListNodesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

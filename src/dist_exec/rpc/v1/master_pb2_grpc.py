@@ -64,6 +64,16 @@ class MasterServiceStub:
                 request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/distexec.v1.MasterService/SubmitBatch',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
+        self.WatchJobs = channel.unary_stream(
+                '/distexec.v1.MasterService/WatchJobs',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class MasterServiceServicer:
@@ -106,6 +116,21 @@ class MasterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """Addition: submit several jobs in one call, all accepted (durably) or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJobs(self, request, context):
+        """Addition: follow several jobs on one stream: their output, then each one's final state.
+        Ends when every job has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +163,16 @@ def add_MasterServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.ListNodesRequest.FromString,
                     response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'WatchJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJobs,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.WatchJobsRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +337,60 @@ class MasterService:
             '/distexec.v1.MasterService/ListNodes',
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.ListNodesRequest.SerializeToString,
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distexec.v1.MasterService/SubmitBatch',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBatchRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/distexec.v1.MasterService/WatchJobs',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.WatchJobsRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,12 @@ class MasterServiceStub:
     StreamOutput: _grpc.UnaryStreamMultiCallable[_master_pb2.StreamOutputRequest, _master_pb2.OutputChunk]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_master_pb2.ListNodesRequest, _master_pb2.ListNodesResponse]
     """Addition: the registered workers."""
+    SubmitBatch: _grpc.UnaryUnaryMultiCallable[_master_pb2.SubmitBatchRequest, _master_pb2.SubmitBatchResponse]
+    """Addition: submit several jobs in one call, all accepted (durably) or none."""
+    WatchJobs: _grpc.UnaryStreamMultiCallable[_master_pb2.WatchJobsRequest, _master_pb2.JobEvent]
+    """Addition: follow several jobs on one stream: their output, then each one's final state.
+    Ends when every job has ended.
+    """
 
 @_typing.type_check_only
 class MasterServiceAsyncStub(MasterServiceStub):
@@ -51,6 +57,12 @@ class MasterServiceAsyncStub(MasterServiceStub):
     StreamOutput: _aio.UnaryStreamMultiCallable[_master_pb2.StreamOutputRequest, _master_pb2.OutputChunk]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_master_pb2.ListNodesRequest, _master_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Addition: the registered workers."""
+    SubmitBatch: _aio.UnaryUnaryMultiCallable[_master_pb2.SubmitBatchRequest, _master_pb2.SubmitBatchResponse]  # type: ignore[assignment]
+    """Addition: submit several jobs in one call, all accepted (durably) or none."""
+    WatchJobs: _aio.UnaryStreamMultiCallable[_master_pb2.WatchJobsRequest, _master_pb2.JobEvent]  # type: ignore[assignment]
+    """Addition: follow several jobs on one stream: their output, then each one's final state.
+    Ends when every job has ended.
+    """
 
 class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -95,5 +107,23 @@ class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_master_pb2.ListNodesResponse, _abc.Awaitable[_master_pb2.ListNodesResponse]]:
         """Addition: the registered workers."""
+
+    @_abc_1.abstractmethod
+    def SubmitBatch(
+        self,
+        request: _master_pb2.SubmitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_pb2.SubmitBatchResponse, _abc.Awaitable[_master_pb2.SubmitBatchResponse]]:
+        """Addition: submit several jobs in one call, all accepted (durably) or none."""
+
+    @_abc_1.abstractmethod
+    def WatchJobs(
+        self,
+        request: _master_pb2.WatchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_master_pb2.JobEvent], _abc.AsyncIterator[_master_pb2.JobEvent]]:
+        """Addition: follow several jobs on one stream: their output, then each one's final state.
+        Ends when every job has ended.
+        """
 
 def add_MasterServiceServicer_to_server(servicer: MasterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
