@@ -303,7 +303,8 @@ class DistRunner:
         segments: Segments | None = None,
     ) -> None:
         self.client = client
-        self.body = {"watch": self.by_watch, "stream": self.by_stream, "poll": self.by_poll}[wait]
+        bodies = {"stream": self.by_stream, "stream-get": self.by_stream_get, "poll": self.by_poll}
+        self.body = bodies[wait]
         self.job_timeout_s = job_timeout_s
         self.poll_s = poll_s
         self.segments = segments
@@ -316,24 +317,6 @@ class DistRunner:
             return f"no result within {self.job_timeout_s:g}s"
         except Exception as exc:  # a failed RPC is a wrong result, not a crash of the bench
             return f"{type(exc).__name__}: {exc}"
-
-    async def by_watch(self, i: int) -> str | None:
-        """Submit, then watch(): the output stream, ended by the final Job (no GetStatus)."""
-        t0 = time.perf_counter()
-        job_id = await self.client.submit(command_spec(["echo", str(i)]))
-        t1 = time.perf_counter()
-        streamed = bytearray()
-        job: Job | None = None
-        async for item in self.client.watch(job_id):
-            if isinstance(item, Job):
-                job = item
-            elif item[1].stream == Stream.STDOUT:
-                streamed += item[1].data
-        if self.segments is not None:
-            self.segments.append((t1 - t0, time.perf_counter() - t1, 0.0))
-        if job is None:
-            return "watch() ended without the job's final state"
-        return check_output(i, bytes(streamed), job.exit_code, job.status.value)
 
     async def by_stream(self, i: int) -> str | None:
         """Submit, then follow the output stream, which ends with the job's final state."""
@@ -353,6 +336,24 @@ class DistRunner:
             return "the stream ended without the job's final state"
         return check_output(i, bytes(streamed), final.exit_code, final.status.value)
 
+    async def by_stream_get(self, i: int) -> str | None:
+        """Submit, follow stream_output() to its end, then GetStatus (one RPC more)."""
+        t0 = time.perf_counter()
+        job_id = await self.client.submit(command_spec(["echo", str(i)]))
+        t1 = time.perf_counter()
+        streamed = bytearray()
+        async for _attempt, chunk in self.client.stream_output(job_id):
+            if chunk.stream == Stream.STDOUT:
+                streamed += chunk.data
+        t2 = time.perf_counter()
+        job = await self.client.get(job_id)
+        if self.segments is not None:
+            self.segments.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        problem = check_output(i, job.stdout, job.exit_code, job.status.value)
+        if problem is None and bytes(streamed) != expected(i):
+            problem = f"streamed stdout {bytes(streamed)!r} differs from stored {job.stdout!r}"
+        return problem
+
     async def by_poll(self, i: int) -> str | None:
         """Submit, then GetStatus until the job has ended."""
         t0 = time.perf_counter()
@@ -366,6 +367,64 @@ class DistRunner:
                 return check_output(i, job.stdout, job.exit_code, job.status.value)
             if self.poll_s > 0:
                 await asyncio.sleep(self.poll_s)
+
+
+class BatchingRunner:
+    """Runs ``echo I`` through dist-exec as a script with many jobs would: it keeps up to
+    ``concurrency`` jobs in flight and refills in batches, one SubmitBatch and one WatchJobs
+    stream per batch, whenever at least ``batch`` slots are free."""
+
+    def __init__(self, client: Client, job_timeout_s: float, batch: int) -> None:
+        self.client = client
+        self.job_timeout_s = job_timeout_s
+        self.batch = batch
+
+    async def run_all(self, ids: Sequence[int], concurrency: int) -> Checks:
+        checks = Checks()
+        pending = list(ids)
+        pending.reverse()
+        free = asyncio.Semaphore(concurrency)
+        async with asyncio.TaskGroup() as tg:
+            while pending:
+                # Take a whole batch of slots (fewer at the end) before submitting.
+                size = min(self.batch, len(pending), concurrency)
+                for _ in range(size):
+                    await free.acquire()
+                chunk = [pending.pop() for _ in range(size)]
+                tg.create_task(self._run(chunk, checks, free))
+        return checks
+
+    async def _run(self, ids: list[int], checks: Checks, free: asyncio.Semaphore) -> None:
+        done: set[int] = set()
+        try:
+            async with asyncio.timeout(self.job_timeout_s):
+                job_ids = await self.client.submit_many(
+                    [command_spec(["echo", str(i)]) for i in ids]
+                )
+                number = dict(zip(job_ids, ids, strict=True))
+                streamed = {job_id: bytearray() for job_id in job_ids}
+                async for job_id, item in self.client.watch_many(job_ids):
+                    i = number[job_id]
+                    if isinstance(item, Job):
+                        checks.record(
+                            i,
+                            check_output(
+                                i, bytes(streamed[job_id]), item.exit_code, item.status.value
+                            ),
+                        )
+                        done.add(i)
+                        free.release()
+                    elif item[1].stream == Stream.STDOUT:
+                        streamed[job_id] += item[1].data
+            message = "the watch ended before this job did"
+        except TimeoutError:
+            message = f"no result within {self.job_timeout_s:g}s"
+        except Exception as exc:  # a failed RPC is a wrong result, not a crash of the bench
+            message = f"{type(exc).__name__}: {exc}"
+        for i in ids:
+            if i not in done:
+                checks.record(i, message)
+                free.release()
 
 
 def make_local_runner(job_timeout_s: float) -> RunOne:
@@ -409,8 +468,17 @@ class Throughput:
         )
 
 
-async def measure_throughput(run: RunOne, ids: Sequence[int], concurrency: int) -> Throughput:
+async def measure_throughput(
+    run: RunOne | BatchingRunner, ids: Sequence[int], concurrency: int
+) -> Throughput:
     """Run every id with at most ``concurrency`` in flight; time the whole batch."""
+    if isinstance(run, BatchingRunner):
+        started = time.perf_counter()
+        checks = await run.run_all(ids, concurrency)
+        seconds = time.perf_counter() - started
+        return Throughput(
+            len(ids), concurrency, seconds, len(ids) / seconds, checks.wrong, checks.examples
+        )
     checks = Checks()
     pending = iter(ids)
 
@@ -483,12 +551,15 @@ class Results:
     config: dict[str, Any]
     dist_throughput: Throughput
     local_throughput: Throughput
+    single_throughput: Throughput  # one job per Submit and stream (empty with --no-batch)
+    single_ratio: float
     dist_latency: Latency
     local_latency: Latency
     dist_latency_segments_p50_ms: dict[str, float]
     dist_cpu_ms_per_job: dict[str, float]
     local_cpu_ms_per_job: dict[str, float]
     other_load_share: dict[str, float]  # machine CPU used by other processes while measuring
+    disturbed: bool  # other load above OTHER_LOAD_WARN somewhere: the numbers are unreliable
     throughput_ratio: float
     ratio_target_met: bool
     p50_target_met: bool
@@ -509,7 +580,10 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
     concurrency = args.concurrency or args.workers * args.slots
     local = make_local_runner(args.job_timeout)
     async with Client(cluster.master.address, timeout_s=args.job_timeout) as client:
-        dist = DistRunner(client, args.wait, args.job_timeout, args.poll_interval)
+        single = DistRunner(client, args.wait, args.job_timeout, args.poll_interval)
+        dist: RunOne | BatchingRunner = (
+            BatchingRunner(client, args.job_timeout, args.batch_size) if args.batch else single
+        )
         if args.warmup:
             log(f"warm-up: {args.warmup} jobs each way")
             warm = range(10_000_000, 10_000_000 + args.warmup)
@@ -524,18 +598,27 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
             f"throughput: {args.jobs} x echo each way, concurrency {concurrency}, "
             f"{args.rounds} interleaved round(s)"
         )
-        dist_tp = local_tp = Throughput(0, concurrency, 0.0, 0.0, 0, [])
-        dist_use, local_use = CpuUse(), CpuUse()
+        empty = Throughput(0, concurrency, 0.0, 0.0, 0, [])
+        dist_tp = local_tp = single_tp = empty
+        dist_use, local_use, single_use = CpuUse(), CpuUse(), CpuUse()
+        runs: list[tuple[str, RunOne | BatchingRunner, CpuUse]] = [
+            ("dist-exec", dist, dist_use),
+            ("local", local, local_use),
+        ]
+        if args.batch:  # also the one-job-at-a-time client, for comparison
+            runs.append(("dist-exec single", single, single_use))
         for start, end in _rounds(args.jobs, args.rounds):
-            for name, runner, use in (("dist-exec", dist, dist_use), ("local", local, local_use)):
+            for name, runner, use in runs:
                 before = cpu_snapshot(cluster)
                 result = await measure_throughput(runner, range(start, end), concurrency)
                 use.add(before, cpu_snapshot(cluster), result.seconds)
                 log(f"  {name}: {end - start} in {result.seconds:.2f}s, {result.per_second:.0f}/s")
                 if name == "local":
                     local_tp += result
-                else:
+                elif name == "dist-exec":
                     dist_tp += result
+                else:
+                    single_tp += result
         workers = [w.name for w in cluster.workers]
         dist_cpu = dist_use.per_job_ms(["master", *workers, "commands", "client"], args.jobs)
         local_cpu = local_use.per_job_ms(["client", "local commands"], args.jobs)
@@ -544,6 +627,8 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
             "local throughput": local_use.others_share(),
         }
         log(f"  CPU ms/job: dist-exec {dist_cpu}; local {local_cpu}")
+        if args.batch:
+            others["dist-exec single throughput"] = single_use.others_share()
 
         lat_ids = range(args.latency_jobs)
         log(f"latency: {args.latency_jobs} sequential jobs each way")
@@ -566,6 +651,7 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
         for k, name in enumerate(("submit", "wait_end", "get_result"))
     }
     ratio = dist_tp.per_second / local_tp.per_second if local_tp.per_second else 0.0
+    single_ratio = single_tp.per_second / local_tp.per_second if local_tp.per_second else 0.0
     return Results(
         config={
             "workers": args.workers,
@@ -575,22 +661,30 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
             "latency_jobs": args.latency_jobs,
             "warmup": args.warmup,
             "wait": args.wait,
+            "batch": args.batch,
             "rounds": args.rounds,
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
         },
         dist_throughput=dist_tp,
         local_throughput=local_tp,
+        single_throughput=single_tp,
+        single_ratio=single_ratio,
         dist_latency=dist_lat,
         local_latency=local_lat,
         dist_latency_segments_p50_ms=segments_p50,
         dist_cpu_ms_per_job=dist_cpu,
         local_cpu_ms_per_job=local_cpu,
         other_load_share=others,
+        disturbed=max(others.values()) > OTHER_LOAD_WARN,
         throughput_ratio=ratio,
         ratio_target_met=ratio >= TARGET_RATIO,
         p50_target_met=dist_lat.p50_ms < TARGET_P50_MS,
-        wrong_outputs=dist_tp.wrong + local_tp.wrong + dist_lat.wrong + local_lat.wrong,
+        wrong_outputs=dist_tp.wrong
+        + local_tp.wrong
+        + single_tp.wrong
+        + dist_lat.wrong
+        + local_lat.wrong,
     )
 
 
@@ -599,7 +693,7 @@ def print_summary(r: Results) -> None:
     dt, lt, dl, ll = r.dist_throughput, r.local_throughput, r.dist_latency, r.local_latency
 
     def met(ok: bool) -> str:
-        return "MET" if ok else "NOT MET"
+        return ("MET" if ok else "NOT MET") + (" (unreliable: other load)" if r.disturbed else "")
 
     print()
     print(
@@ -607,7 +701,11 @@ def print_summary(r: Results) -> None:
         f"concurrency {c['concurrency']}, wait={c['wait']}, {c['cpus']} CPUs"
     )
     print(f"{'':<26}{'dist-exec':>12}{'local':>12}")
-    print(f"{'throughput (cmds/s)':<26}{dt.per_second:>12.1f}{lt.per_second:>12.1f}")
+    label = "throughput, batch (cmds/s)" if c["batch"] else "throughput (cmds/s)"
+    print(f"{label:<26}{dt.per_second:>12.1f}{lt.per_second:>12.1f}")
+    if c["batch"]:
+        st = r.single_throughput
+        print(f"{'throughput, single (/s)':<26}{st.per_second:>12.1f}{'':>12}")
     print(f"{'  wall time (s)':<26}{dt.seconds:>12.2f}{lt.seconds:>12.2f}")
     print(f"{'  wrong outputs':<26}{dt.wrong:>12d}{lt.wrong:>12d}")
     print(f"{'latency p50 (ms)':<26}{dl.p50_ms:>12.2f}{ll.p50_ms:>12.2f}")
@@ -628,13 +726,16 @@ def print_summary(r: Results) -> None:
         "machine CPU used by other processes while measuring: "
         + ", ".join(f"{v:.0%} ({k})" for k, v in shares.items())
     )
-    if max(shares.values()) > OTHER_LOAD_WARN:
+    if r.disturbed:
         print("WARNING: other load on this machine disturbed the measurement; run it again")
     print()
+    how = "batched client" if c["batch"] else "one job per call"
     print(
-        f"throughput ratio dist-exec/local: {r.throughput_ratio:.3f} "
+        f"throughput ratio dist-exec/local ({how}): {r.throughput_ratio:.3f} "
         f"(target >= {TARGET_RATIO}): {met(r.ratio_target_met)}"
     )
+    if c["batch"]:
+        print(f"throughput ratio, one job per Submit and stream: {r.single_ratio:.3f}")
     print(
         f"dist-exec p50 latency: {dl.p50_ms:.2f} ms (target < {TARGET_P50_MS} ms): "
         f"{met(r.p50_target_met)}"
@@ -667,10 +768,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=32, help="warm-up jobs each way (0: none)")
     p.add_argument(
         "--wait",
-        choices=("watch", "stream", "poll"),
-        default="watch",
-        help="how a job's end is awaited: watch() (StreamOutput ending with the job's state), "
-        "stream_output() then GetStatus, or polling GetStatus",
+        choices=("stream", "stream-get", "poll"),
+        default="stream",
+        help="how a job's end is awaited: Client.watch() (the output stream, ended by the job's "
+        "final state), stream_output() then GetStatus, or polling GetStatus",
+    )
+    p.add_argument(
+        "--no-batch",
+        dest="batch",
+        action="store_false",
+        help="throughput with one Submit and one stream per job only (default: measure the "
+        "batched client, SubmitBatch + WatchJobs, and also this, for comparison)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=4, help="jobs per SubmitBatch in the batched client"
     )
     p.add_argument(
         "--poll-interval", type=float, default=0.001, help="seconds between polls (--wait poll)"

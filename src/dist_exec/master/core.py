@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -84,6 +85,7 @@ class ActiveJob:
     seen: dict[Stream, int] = field(default_factory=lambda: {s: 0 for s in Stream})
     cancel_requested: bool = False
     orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
+    accepted: asyncio.Future[list[int]] | None = None  # the store's commit of the job
     # The stored output of the current attempt, while it is small: followers read it from here
     # instead of the store. ``kept_all`` turns False once it outgrows the cache.
     kept: list[OutputChunk] = field(default_factory=list)
@@ -122,6 +124,7 @@ class Master:
         self._active: dict[JobId, ActiveJob] = {}
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
+        self._seq = itertools.count(1)  # submission order, for FIFO within a priority
         self.ready = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -141,7 +144,9 @@ class Master:
 
     async def _recover(self) -> None:
         grace = self.config.heartbeat_timeout_s
-        for seq, job in await self.store.unfinished():
+        unfinished = await self.store.unfinished()
+        self._seq = itertools.count(max((seq for seq, _ in unfinished), default=0) + 1)
+        for seq, job in unfinished:
             active = ActiveJob(job, seq, attempt=job.attempt, retries=job.retries)
             self._active[job.id] = active
             if job.status == JobStatus.RUNNING:
@@ -250,12 +255,26 @@ class Master:
                 raise InvalidTaskSpec(f"job {i} of the batch: {exc.message}") from None
         now = self.clock.now()
         jobs = [Job(JobId(str(uuid.uuid4())), s, JobStatus.PENDING, now) for s in checked]
-        seqs = await self.store.insert_many(jobs)
-        for job, seq in zip(jobs, seqs, strict=True):
-            self._active[job.id] = ActiveJob(job, seq)
-            self.scheduler.enqueue(job.id, seq, job.spec)
+        # Queue the durable write, then schedule at once: placement overlaps the fsync, and a
+        # dispatch waits for it (_start_attempt). The ids go back only once the jobs are on disk.
+        accepted = self.store.insert_many(jobs)
+        for job in jobs:
+            self._active[job.id] = active = ActiveJob(job, next(self._seq), accepted=accepted)
+            self.scheduler.enqueue(job.id, active.seq, job.spec)
         self._wake.set()
+        try:
+            await asyncio.shield(accepted)
+        except Exception:
+            for job in jobs:
+                self._withdraw(job.id)
+            raise
         return [job.id for job in jobs]
+
+    def _withdraw(self, job_id: JobId) -> None:
+        """Forget a job whose acceptance could not be recorded."""
+        self.scheduler.remove(job_id)
+        self._active.pop(job_id, None)
+        self.hub.close(job_id, None)
 
     async def watch(
         self, job_ids: Sequence[JobId], with_output: bool
@@ -485,6 +504,12 @@ class Master:
 
     async def _start_attempt(self, job: ActiveJob, attempt: int, node_id: NodeId) -> None:
         try:
+            if job.accepted is not None:
+                try:
+                    await job.accepted
+                except Exception:
+                    self.registry.release(node_id)
+                    return  # never accepted: submit_many reports it and withdraws the job
             assert job.started_at is not None
             await self.store.mark_running(job.id, node_id, attempt, job.started_at)
         except BaseException:

@@ -70,14 +70,15 @@ class WorkerClient(Protocol):
 class GrpcWorkerClient:
     def __init__(self, rpc_timeout_s: float) -> None:
         self.rpc_timeout_s = rpc_timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
 
     def _stub(self, address: str) -> WorkerServiceAsyncStub:
-        channel = self._channels.get(address)
-        if channel is None:
+        known = self._channels.get(address)
+        if known is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return worker_pb2_grpc.WorkerServiceStub(channel)
+            known = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
+            self._channels[address] = known
+        return known[1]
 
     async def execute(
         self,
@@ -102,7 +103,10 @@ class GrpcWorkerClient:
         )
         call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
+        outcome: ExecOutcome | None = None
         try:
+            # Read the call to its end, even after the result: the worker forgets a result once
+            # its stream completes, and cancelling it early would leave the result held there.
             async for msg in call:
                 if msg.type == worker_pb2.PROGRESS_OUTPUT:
                     stream = Stream(msg.output_type)
@@ -110,8 +114,7 @@ class GrpcWorkerClient:
                     position[stream] = start + len(msg.data)
                     yield OutputChunk(stream, start, msg.data)
                 elif msg.type == worker_pb2.PROGRESS_COMPLETED:
-                    yield wire.outcome_from_pb(msg.final_result)
-                    return
+                    outcome = wire.outcome_from_pb(msg.final_result)
                 elif msg.type == worker_pb2.PROGRESS_ERROR:
                     raise AttemptRejected(msg.data.decode(errors="replace"), fatal=True)
         except grpc.aio.AioRpcError as exc:
@@ -119,7 +122,9 @@ class GrpcWorkerClient:
         finally:
             if not call.done():
                 call.cancel()
-        raise WorkerUnreachable(f"worker {address} ended the stream without a result")
+        if outcome is None:
+            raise WorkerUnreachable(f"worker {address} ended the stream without a result")
+        yield outcome
 
     async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
         try:
@@ -132,9 +137,9 @@ class GrpcWorkerClient:
         return reply.cancelled
 
     async def forget(self, address: str) -> None:
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close()
+        known = self._channels.pop(address, None)
+        if known is not None:
+            await known[0].close()
 
     async def close(self) -> None:
         for address in list(self._channels):

@@ -72,7 +72,7 @@ class JobStore(Protocol):
     """What the master needs from durable storage."""
 
     async def insert(self, job: Job) -> int: ...
-    async def insert_many(self, jobs: Sequence[Job]) -> list[int]: ...
+    def insert_many(self, jobs: Sequence[Job]) -> asyncio.Future[list[int]]: ...
     async def mark_running(
         self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
     ) -> None: ...
@@ -229,8 +229,9 @@ class SqliteJobStore:
     async def insert(self, job: Job) -> int:
         return (await self.insert_many([job]))[0]
 
-    async def insert_many(self, jobs: Sequence[Job]) -> list[int]:
-        """Accept jobs durably, all or none; returns their sequence numbers."""
+    def insert_many(self, jobs: Sequence[Job]) -> asyncio.Future[list[int]]:
+        """Accept jobs durably, all or none. Queued at once, before any later write; the future
+        gives their sequence numbers once they are on disk."""
         rows = [
             (
                 job.id,
@@ -265,7 +266,7 @@ class SqliteJobStore:
                 conn.execute("RELEASE insert_many")
             return seqs
 
-        return await self._write(op, durable=True)
+        return self._write(op, durable=True)
 
     async def mark_running(
         self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
