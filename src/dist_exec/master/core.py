@@ -86,6 +86,7 @@ class ActiveJob:
     cancel_requested: bool = False
     orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
     accepted: asyncio.Future[list[int]] | None = None  # the store's commit of the job
+    recorded_attempt: int = 0  # the attempt whose start the store already has
     # The stored output of the current attempt, while it is small: followers read it from here
     # instead of the store. ``kept_all`` turns False once it outgrows the cache.
     kept: list[OutputChunk] = field(default_factory=list)
@@ -167,15 +168,22 @@ class Master:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            for assignment in self.scheduler.plan(self.registry.eligible, self.registry.reserve):
-                job = self._active[assignment.job_id]
-                job.status = JobStatus.RUNNING
-                job.attempt += 1
-                job.node_id = assignment.node_id
-                job.started_at = self.clock.now()
-                job.started_mono = self.clock.monotonic()
-                job.seen = {s: 0 for s in Stream}
-                job.runner = self._spawn(self._start_attempt(job, job.attempt, assignment.node_id))
+            self._place()
+
+    def _place(self) -> list[ActiveJob]:
+        """Assign queued jobs to free slots and start their attempts; returns those jobs."""
+        placed = []
+        for assignment in self.scheduler.plan(self.registry.eligible, self.registry.reserve):
+            job = self._active[assignment.job_id]
+            job.status = JobStatus.RUNNING
+            job.attempt += 1
+            job.node_id = assignment.node_id
+            job.started_at = self.clock.now()
+            job.started_mono = self.clock.monotonic()
+            job.seen = {s: 0 for s in Stream}
+            job.runner = self._spawn(self._start_attempt(job, job.attempt, assignment.node_id))
+            placed.append(job)
+        return placed
 
     async def _sweep_forever(self) -> None:
         period = max(0.05, min(1.0, self.config.heartbeat_interval_s / 2))
@@ -255,13 +263,31 @@ class Master:
                 raise InvalidTaskSpec(f"job {i} of the batch: {exc.message}") from None
         now = self.clock.now()
         jobs = [Job(JobId(str(uuid.uuid4())), s, JobStatus.PENDING, now) for s in checked]
-        # Queue the durable write, then schedule at once: placement overlaps the fsync, and a
-        # dispatch waits for it (_start_attempt). The ids go back only once the jobs are on disk.
-        accepted = self.store.insert_many(jobs)
-        for job in jobs:
-            self._active[job.id] = active = ActiveJob(job, next(self._seq), accepted=accepted)
-            self.scheduler.enqueue(job.id, active.seq, job.spec)
-        self._wake.set()
+        actives = [ActiveJob(job, next(self._seq)) for job in jobs]
+        for active in actives:
+            self._active[active.id] = active
+            self.scheduler.enqueue(active.id, active.seq, active.spec)
+        # Place what fits now, and write those jobs already RUNNING: one commit accepts a job
+        # and records where it runs. Dispatch waits for that commit (_start_attempt); the ids
+        # go back only once the jobs are on disk.
+        mine = {a.id for a in actives}
+        for active in self._place():
+            if active.id in mine:  # (older queued jobs may be placed too; theirs is not recorded)
+                active.recorded_attempt = active.attempt
+        accepted = self.store.insert_many(
+            [
+                replace(
+                    a.record,
+                    status=a.status,
+                    started_at=a.started_at,
+                    worker_id=a.node_id or "",
+                    attempt=a.attempt,
+                )
+                for a in actives
+            ]
+        )
+        for active in actives:
+            active.accepted = accepted
         try:
             await asyncio.shield(accepted)
         except Exception:
@@ -511,7 +537,8 @@ class Master:
                     self.registry.release(node_id)
                     return  # never accepted: submit_many reports it and withdraws the job
             assert job.started_at is not None
-            await self.store.mark_running(job.id, node_id, attempt, job.started_at)
+            if job.recorded_attempt != attempt:
+                await self.store.mark_running(job.id, node_id, attempt, job.started_at)
         except BaseException:
             self.registry.release(node_id)
             raise

@@ -231,7 +231,8 @@ class SqliteJobStore:
 
     def insert_many(self, jobs: Sequence[Job]) -> asyncio.Future[list[int]]:
         """Accept jobs durably, all or none. Queued at once, before any later write; the future
-        gives their sequence numbers once they are on disk."""
+        gives their sequence numbers once they are on disk. A job may arrive already RUNNING
+        (placed at once): its node, attempt and start time are recorded with it."""
         rows = [
             (
                 job.id,
@@ -243,6 +244,9 @@ class SqliteJobStore:
                 job.spec.max_retries,
                 job.status.value,
                 _ts(job.created_at),
+                _ts(job.started_at),
+                job.worker_id,
+                job.attempt,
             )
             for job in jobs
         ]
@@ -254,7 +258,8 @@ class SqliteJobStore:
                 for row in rows:
                     cur = conn.execute(
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
-                        " max_retries, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " max_retries, status, created_at, started_at, worker_id, attempt)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None
