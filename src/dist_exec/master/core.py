@@ -340,6 +340,9 @@ class Master:
             await asyncio.gather(*pumps, return_exceptions=True)
 
     async def get(self, job_id: JobId, with_output: bool = True) -> Job:
+        finishing = self._active.get(job_id)
+        if finishing is not None and finishing.status.terminal:
+            await finishing.ended.wait()  # read the job as committed, not as it was before
         job = await self.store.get(job_id, with_output)
         if job is None:
             raise JobNotFound(f"job {job_id} not found")
@@ -404,6 +407,10 @@ class Master:
         """Stored output from ``offsets``, then (when following) live output until the end,
         then (with ``include_result``, once the job has ended) the job itself, without output."""
         job = self._active.get(job_id)
+        if job is not None and job.status.terminal:
+            # Finishing: its followers were already told; read it as committed instead.
+            await job.ended.wait()
+            job = None
         follower = self.hub.follow(job_id) if job is not None and follow else None
         final: Job | None = None
         try:
@@ -412,9 +419,9 @@ class Master:
                 stored = [c for c in (_tail(k, offsets.get(k.stream, 0)) for k in job.kept) if c]
             else:
                 stored = await self.store.read_output(job_id, offsets)
-            if job is None and (include_result or not stored):
+            if job is None:
                 final = await self.get(job_id, with_output=False)  # or NOT_FOUND
-            attempt = job.attempt if job is not None else 0
+            attempt = job.attempt if job is not None else final.attempt if final else 0
             sent = {s: offsets.get(s, 0) for s in Stream}
             for chunk in stored:
                 sent[chunk.stream] = chunk.offset + len(chunk.data)
@@ -574,8 +581,11 @@ class Master:
                         f"plus {format_duration(self.config.dispatch_grace_s)}",
                     )
                     return
+                events = self.workers.execute(
+                    node.address, job.id, attempt, job.spec, attach, job.seen, deadline
+                )
                 try:
-                    outcome = await self._follow_attempt(job, attempt, node, attach, deadline)
+                    outcome = await self._follow_attempt(job, attempt, node, events)
                 except WorkerUnreachable as exc:
                     log.info("attempt %d of %s: %s; re-attaching", attempt, job.id, exc)
                     attach = True
@@ -592,17 +602,22 @@ class Master:
                         await self._retry(job, f"worker {node_id} refused: {exc}", count=False)
                     return
                 await self._on_outcome(job, attempt, node_id, outcome)
+                # Recorded: now let the worker forget it. Until here it still holds the result,
+                # so a master that dies before its commit gets it again after the restart.
+                with contextlib.suppress(Exception):
+                    await anext(events, None)
                 return
         finally:
             self.registry.release(node_id)
             self._wake.set()
 
     async def _follow_attempt(
-        self, job: ActiveJob, attempt: int, node: NodeInfo, attach: bool, deadline_s: float
+        self,
+        job: ActiveJob,
+        attempt: int,
+        node: NodeInfo,
+        events: AsyncIterator[OutputChunk | ExecOutcome],
     ) -> ExecOutcome:
-        events = self.workers.execute(
-            node.address, job.id, attempt, job.spec, attach, job.seen, deadline_s
-        )
         async for event in events:
             if isinstance(event, ExecOutcome):
                 return event
@@ -707,11 +722,13 @@ class Master:
             stderr_bytes=outcome.stderr_bytes if outcome else job.seen[Stream.STDERR],
             truncated=_truncated(outcome, self.config.max_output_bytes),
         )
+        # Followers hear the end before the commit: a worker's result is only released once it is
+        # committed (_run_attempt), and get() of a finishing job waits for the commit.
+        self.hub.close(job.id, record)
         try:
             await asyncio.shield(self.store.finish(record, expect_attempt=None))
         finally:
             self._active.pop(job.id, None)
-            self.hub.close(job.id, record)
             job.ended.set()
 
 

@@ -49,6 +49,10 @@ class WorkerUnreachable(Exception):
 
 
 class WorkerClient(Protocol):
+    """``execute`` yields output chunks, then the outcome. Resuming it once more after the
+    outcome completes the call, which tells the worker the result was taken (it then forgets
+    it): do that only once the result is recorded. Closing it instead cancels the call."""
+
     def execute(
         self,
         address: str,
@@ -103,10 +107,7 @@ class GrpcWorkerClient:
         )
         call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
-        outcome: ExecOutcome | None = None
         try:
-            # Read the call to its end, even after the result: the worker forgets a result once
-            # its stream completes, and cancelling it early would leave the result held there.
             async for msg in call:
                 if msg.type == worker_pb2.PROGRESS_OUTPUT:
                     stream = Stream(msg.output_type)
@@ -114,7 +115,12 @@ class GrpcWorkerClient:
                     position[stream] = start + len(msg.data)
                     yield OutputChunk(stream, start, msg.data)
                 elif msg.type == worker_pb2.PROGRESS_COMPLETED:
-                    outcome = wire.outcome_from_pb(msg.final_result)
+                    yield wire.outcome_from_pb(msg.final_result)
+                    # Resumed: the result is recorded. Read the call to its end (not cancel
+                    # it), so the worker knows it was delivered and forgets it.
+                    async for _ in call:
+                        pass
+                    return
                 elif msg.type == worker_pb2.PROGRESS_ERROR:
                     raise AttemptRejected(msg.data.decode(errors="replace"), fatal=True)
         except grpc.aio.AioRpcError as exc:
@@ -122,9 +128,7 @@ class GrpcWorkerClient:
         finally:
             if not call.done():
                 call.cancel()
-        if outcome is None:
-            raise WorkerUnreachable(f"worker {address} ended the stream without a result")
-        yield outcome
+        raise WorkerUnreachable(f"worker {address} ended the stream without a result")
 
     async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
         try:

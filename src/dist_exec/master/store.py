@@ -27,6 +27,7 @@ from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskSpe
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 MAX_BATCH = 2000
+OUTPUT_FLUSH_S = 0.02  # output waits at most this long for the next write to go out with
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -131,6 +132,8 @@ class SqliteJobStore:
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None, bool] | None
         ] = queue.SimpleQueue()
         self._synchronous = "FULL"
+        self._output: list[tuple[str, int, int, bytes]] = []  # appended, not yet queued
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
@@ -152,6 +155,7 @@ class SqliteJobStore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._flush_output()
         self._queue.put(None)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
@@ -217,9 +221,27 @@ class SqliteJobStore:
         self, fn: Callable[[sqlite3.Connection], T], durable: bool = False
     ) -> asyncio.Future[T]:
         assert self._loop is not None
+        self._flush_output()  # buffered output keeps its place before any later write
         fut: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((fn, fut, durable))
         return fut
+
+    def _flush_output(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._output:
+            return
+        rows, self._output = self._output, []
+        self._queue.put(
+            (
+                lambda conn: conn.executemany(
+                    "INSERT OR REPLACE INTO output VALUES (?, ?, ?, ?)", rows
+                ),
+                None,
+                False,
+            )
+        )
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._reader is not None
@@ -285,17 +307,13 @@ class SqliteJobStore:
         )
 
     def append_output(self, job_id: JobId, chunk: OutputChunk) -> None:
-        # Not awaited: ordered before any later write, and committed with the batch it lands in.
-        self._queue.put(
-            (
-                lambda conn: conn.execute(
-                    "INSERT OR REPLACE INTO output VALUES (?, ?, ?, ?)",
-                    (job_id, chunk.stream.value, chunk.offset, chunk.data),
-                ),
-                None,
-                False,
-            )
-        )
+        """Not awaited. Buffered until the next write (or OUTPUT_FLUSH_S), so a short job's
+        output goes to disk with its final state, in one commit; always ordered before any
+        later write. A master crash loses only what its workers can send again."""
+        self._output.append((job_id, chunk.stream.value, chunk.offset, chunk.data))
+        if self._flush_timer is None:
+            assert self._loop is not None
+            self._flush_timer = self._loop.call_later(OUTPUT_FLUSH_S, self._flush_output)
 
     async def finish(self, job: Job, expect_attempt: int | None) -> bool:
         """Record a terminal state; with ``expect_attempt``, only if that attempt is current."""

@@ -1,0 +1,163 @@
+"""Master core with a scripted worker and a real SQLite store whose commits a test can hold."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from dist_exec.clock import SystemClock
+from dist_exec.config import MasterConfig
+from dist_exec.executors.command import CommandExecutor
+from dist_exec.master.balancer import RoundRobinBalancer
+from dist_exec.master.core import HeldAttempt, Master
+from dist_exec.master.registry import NodeRegistry
+from dist_exec.master.scheduler import Scheduler
+from dist_exec.master.store import SqliteJobStore
+from dist_exec.models import (
+    ExecOutcome,
+    ExecStatus,
+    Job,
+    JobStatus,
+    NodeId,
+    OutputChunk,
+    Stream,
+    TaskSpec,
+)
+
+SPEC = TaskSpec("command", b'{"command": "echo", "args": ["hi"]}', 30.0)
+
+
+class ScriptedWorker:
+    """A WorkerClient whose every attempt prints 'hi' and succeeds; records deliveries."""
+
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def execute(
+        self,
+        address: str,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        await self.release.wait()
+        yield OutputChunk(Stream.STDOUT, 0, b"hi\n")
+        yield ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"hi\n", stdout_bytes=3)
+        self.delivered.append((task_id, attempt))
+
+    async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
+        return False
+
+    async def forget(self, address: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class HeldStore(SqliteJobStore):
+    """Commits of final states wait until the test lets them through."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.finish_gate = asyncio.Event()
+        self.finish_gate.set()
+        self.finishing = asyncio.Event()
+
+    async def finish(self, job: Job, expect_attempt: int | None) -> bool:
+        self.finishing.set()
+        await self.finish_gate.wait()
+        return await super().finish(job, expect_attempt)
+
+
+async def start_master(tmp_path: Path, worker: ScriptedWorker) -> tuple[Master, HeldStore]:
+    store = HeldStore(tmp_path / "master.db")
+    await store.__aenter__()
+    clock = SystemClock()
+    master = Master(
+        MasterConfig(data_dir=tmp_path),
+        store,
+        NodeRegistry(clock, 15.0, 30.0),
+        Scheduler(RoundRobinBalancer()),
+        worker,
+        {"command": CommandExecutor()},
+        clock,
+    )
+    return master, store
+
+
+async def test_a_follower_arriving_while_the_result_commits_still_gets_the_end(
+    tmp_path: Path,
+) -> None:
+    worker = ScriptedWorker()
+    master, store = await start_master(tmp_path, worker)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
+        store.finish_gate.clear()
+        job_id = await master.submit(SPEC)
+        async with asyncio.timeout(5):
+            await store.finishing.wait()  # the result is in, its commit is held
+            assert worker.delivered == []  # the worker keeps it until the commit
+            items = []
+
+            async def follow() -> None:
+                async for item in master.stream_output(
+                    job_id, {}, follow=True, include_result=True
+                ):
+                    items.append(item)
+
+            follower = asyncio.create_task(follow())
+            await asyncio.sleep(0)  # let it subscribe while the commit is held
+            store.finish_gate.set()
+            await follower
+        final = items[-1]
+        assert isinstance(final, Job)
+        assert final.status == JobStatus.COMPLETED
+        assert [i for i in items if not isinstance(i, Job)] == [
+            (1, OutputChunk(Stream.STDOUT, 0, b"hi\n"))
+        ]
+        async with asyncio.timeout(5):
+            while worker.delivered != [(job_id, 1)]:
+                await asyncio.sleep(0.01)
+        job = await master.get(job_id)
+        assert job.status == JobStatus.COMPLETED
+        assert job.stdout == b"hi\n"
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
+
+
+async def test_a_restarted_worker_that_lost_an_attempt_gets_it_retried(tmp_path: Path) -> None:
+    worker = ScriptedWorker()
+    worker.release.clear()  # attempts hang until released
+    master, store = await start_master(tmp_path, worker)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
+        job_id = await master.submit(SPEC)
+        async with asyncio.timeout(5):
+            while (await master.get(job_id)).status != JobStatus.RUNNING:
+                await asyncio.sleep(0.01)
+            # The node comes back (same id) holding nothing: attempt 1 is lost.
+            master.register(NodeId("w1"), "127.0.0.1:2", ["command"], 1, {}, [])
+            worker.release.set()
+            while (job := await master.get(job_id)).status != JobStatus.COMPLETED:
+                await asyncio.sleep(0.01)
+        assert job.retries == 1
+        assert job.attempt == 2
+        # A node that reports an attempt the master does not know gets no job for it.
+        master.register(NodeId("w2"), "127.0.0.1:3", ["command"], 1, {}, [HeldAttempt("x", 1)])
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
