@@ -148,14 +148,14 @@ def _url(url: str, allowed_schemes: frozenset[str]) -> str:
         raise InvalidTaskSpec(
             f"http payload: 'url' {shorten(url)} is not a valid URL: {exc}"
         ) from None
+    if parsed.scheme and parsed.scheme not in allowed_schemes:
+        raise InvalidTaskSpec(
+            f"http payload: 'url' scheme {parsed.scheme!r} is not allowed; use {allowed}"
+        )
     if not parsed.scheme or not parsed.host:
         raise InvalidTaskSpec(
             f"http payload: 'url' must be an absolute {allowed} URL with a host, "
             f"e.g. https://example.com/path; got {shorten(url)}"
-        )
-    if parsed.scheme not in allowed_schemes:
-        raise InvalidTaskSpec(
-            f"http payload: 'url' scheme {parsed.scheme!r} is not allowed; use {allowed}"
         )
     if port == 0:
         raise InvalidTaskSpec(f"http payload: 'url' port must be 1-65535; got {shorten(url)}")
@@ -218,9 +218,10 @@ def _display(url: URL) -> str:
 class _HopRefused(aiohttp.ClientError):
     """A redirect pointed at a scheme this executor does not allow."""
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, allowed_schemes: frozenset[str]) -> None:
         super().__init__(url)
         self.url = url
+        self.allowed_schemes = allowed_schemes
 
 
 @dataclass(slots=True)
@@ -240,7 +241,7 @@ class _Exchange:
     ) -> aiohttp.ClientResponse:
         """Client middleware: runs for the first request and for every redirect."""
         if request.url.scheme not in self.allowed_schemes:
-            raise _HopRefused(request.url)
+            raise _HopRefused(request.url, self.allowed_schemes)
         self.url = request.url
         return await handler(request)
 
@@ -373,7 +374,8 @@ def _failure_message(exc: BaseException, hop: URL) -> str:
     """A clear sentence for a request that got no complete response."""
     url = _display(hop)
     if isinstance(exc, _HopRefused):
-        return f"refused to follow the redirect to {_display(exc.url)}: scheme not allowed"
+        allowed = " and ".join(sorted(exc.allowed_schemes))
+        return f"refused to follow the redirect to {_display(exc.url)}: only {allowed} allowed"
     if isinstance(exc, aiohttp.NonHttpUrlRedirectClientError):
         return f"refused to follow the redirect from {url} to {shorten(str(exc.args[0]))}"
     if isinstance(exc, aiohttp.InvalidUrlRedirectClientError):
