@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -33,7 +34,10 @@ from dist_exec.config import (
     split_address,
 )
 from dist_exec.errors import DistExecError
-from dist_exec.models import Job, JobStatus, NodeInfo, Stream
+from dist_exec.executors import describe_task
+from dist_exec.executors.http import HttpSpec
+from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
+from dist_exec.models import Job, JobStatus, NodeInfo, Stream, TaskSpec
 
 T = TypeVar("T")
 EXIT_ERROR = 1
@@ -41,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_NOT_RUN = 125
 EXIT_CANCELLED = 130
+EXIT_HTTP_ERROR = 22  # an HTTP job answered with a 4xx or 5xx status (curl --fail's code)
 
 
 # ---- parameter types ------------------------------------------------------------------------
@@ -152,16 +157,18 @@ def job_json(job: Job, summary: str | None = None) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "completed_at": _iso(job.completed_at),
         "retries": job.retries,
+        "attempt": job.attempt,
+        "selector": job.spec.selector,
+        "pending_reason": job.pending_reason or None,
+        "metadata": job.result_metadata,
         "stdout_bytes": job.stdout_bytes,
         "stderr_bytes": job.stderr_bytes,
         "output_truncated": job.truncated,
     }
     if summary is not None:
         body["command"] = summary
-    elif job.spec.task_type == "command" and job.spec.payload:
-        from dist_exec.executors.command import describe
-
-        body["command"] = describe(job.spec.payload)
+    elif job.spec.payload:
+        body["command"] = describe_task(job.spec.task_type, job.spec.payload)
     return body
 
 
@@ -279,6 +286,16 @@ def ready_line(what: str) -> Callable[[str], None]:
     help="Default retries of a job after infrastructure failures.",
 )
 @click.option(
+    "--balancer",
+    type=click.Choice(sorted(BALANCERS)),
+    envvar="BALANCER",
+    default=DEFAULT_BALANCER,
+    show_default=True,
+    help="How a node is picked among those that can take a task: round-robin cycles, "
+    "weighted gives each node a share by its --weight, least-connections picks the least "
+    "loaded relative to its capacity, random picks uniformly.",
+)
+@click.option(
     "--max-output",
     type=SIZE,
     default="4M",
@@ -292,6 +309,7 @@ def master(
     heartbeat_interval: float,
     heartbeat_timeout: float,
     max_retries: int,
+    balancer: str,
     max_output: int,
     log_level: str,
 ) -> None:
@@ -308,6 +326,7 @@ def master(
         heartbeat_timeout_s=heartbeat_timeout,
         node_removal_s=2 * heartbeat_timeout,
         default_max_retries=max_retries,
+        balancer=balancer,
         max_output_bytes=max_output,
     )
     serve(lambda stop: run_master(config, stop, ready_line("master")))
@@ -356,6 +375,13 @@ def _labels_from_env() -> list[tuple[str, str]]:
     show_default=True,
 )
 @click.option(
+    "--weight",
+    type=click.IntRange(0, 1_000_000),
+    envvar="WORKER_WEIGHT",
+    default=0,
+    help="Share of tasks under --balancer weighted (default: --max-concurrent-tasks).",
+)
+@click.option(
     "--label",
     "labels",
     type=KEY_VALUE,
@@ -397,6 +423,7 @@ def worker(
     advertise: str | None,
     worker_id: str | None,
     max_concurrent_tasks: int,
+    weight: int,
     labels: tuple[tuple[str, str], ...],
     heartbeat_interval: float,
     drain_timeout: float,
@@ -418,6 +445,7 @@ def worker(
         advertise=advertise or "",
         worker_id=worker_id or default_worker_id(),
         max_concurrent_tasks=max_concurrent_tasks,
+        weight=weight,
         labels=all_labels,
         heartbeat_interval_s=heartbeat_interval,
         drain_timeout_s=drain_timeout,
@@ -439,8 +467,26 @@ class RunCommand(click.Command):
 
 
 @main.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
-@click.argument("command", nargs=-1, required=True)
+@click.argument("command", nargs=-1)
 @master_option
+@click.option(
+    "--type",
+    "task_type",
+    type=click.Choice(["command", "http"]),
+    default="command",
+    show_default=True,
+    help="command: run COMMAND; http: request --url.",
+)
+@click.option("--url", default=None, help="(--type http) The URL to request.")
+@click.option("--method", default="GET", show_default=True, help="(--type http)")
+@click.option("--header", "headers", type=KEY_VALUE, multiple=True, help="(--type http) NAME=VALUE")
+@click.option("--data", default="", help="(--type http) Request body.")
+@click.option(
+    "--selector",
+    type=KEY_VALUE,
+    multiple=True,
+    help="Run only on nodes with this label, repeatable: --selector zone=a.",
+)
 @click.option(
     "--timeout",
     type=DURATION,
@@ -476,6 +522,12 @@ def run(
     ctx: click.Context,
     command: tuple[str, ...],
     master_address: str,
+    task_type: str,
+    url: str | None,
+    method: str,
+    headers: tuple[tuple[str, str], ...],
+    data: str,
+    selector: tuple[tuple[str, str], ...],
     timeout: float | None,
     priority: int,
     env: tuple[tuple[str, str], ...],
@@ -490,20 +542,36 @@ def run(
     \b
       dist-exec run "ls -la /tmp | wc -l" --timeout 30s   # a shell string (/bin/sh -c)
       dist-exec run -- ls -la /tmp                        # argv, no shell
+      dist-exec run --selector zone=a "uptime"            # only on nodes labelled zone=a
+      dist-exec run --type http --url http://svc:8080/health
+
+    An HTTP job prints the response body and exits 0 for a 2xx or 3xx status, else 22 (as
+    curl --fail does); the status and headers are in `status --json` under "metadata".
     """
-    argv_mode = bool(ctx.meta.get("argv_mode"))
     if timeout is not None and timeout <= 0:
         fail("--timeout must be longer than 0", EXIT_USAGE)
-    spec = command_spec(
-        list(command) if argv_mode else " ".join(command),
-        shell=not argv_mode,
-        timeout_s=timeout or 0.0,
-        priority=priority,
-        env=dict(env),
-        working_dir=cwd,
-        stdin=stdin_file.read() if stdin_file is not None else "",
-        max_retries=max_retries,
-    )
+    if task_type == "http":
+        if not url or command:
+            fail("--type http takes --url URL and no command", EXIT_USAGE)
+        body = HttpSpec(url, method, dict(headers), data).to_payload()
+        spec = TaskSpec("http", body, timeout or 0.0, priority, max_retries=max_retries)
+    else:
+        if not command:
+            fail("Missing argument 'COMMAND...': what to run", EXIT_USAGE)
+        if url or headers or data:
+            fail("--url, --header and --data go with --type http", EXIT_USAGE)
+        argv_mode = bool(ctx.meta.get("argv_mode"))
+        spec = command_spec(
+            list(command) if argv_mode else " ".join(command),
+            shell=not argv_mode,
+            timeout_s=timeout or 0.0,
+            priority=priority,
+            env=dict(env),
+            working_dir=cwd,
+            stdin=stdin_file.read() if stdin_file is not None else "",
+            max_retries=max_retries,
+        )
+    spec = replace(spec, selector=dict(selector))
     code = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
     sys.exit(code)
 
@@ -564,6 +632,11 @@ def _exit_code(job: Job, quiet: bool) -> int:
     if job.exit_code is None:
         say(f"job {job.id} failed: {job.error or job.status.value}")
         return EXIT_NOT_RUN
+    if job.spec.task_type == "http":
+        if job.status == JobStatus.COMPLETED:
+            return 0
+        say(job.error or f"HTTP {job.exit_code}")
+        return EXIT_HTTP_ERROR
     if job.exit_code >= 126 and job.error:
         say(job.error)
     return job.exit_code
@@ -586,6 +659,10 @@ def _describe_job(job: Job) -> None:
         ("started", data["started_at"] or "-"),
         ("completed", data["completed_at"] or "-"),
     ]
+    if job.pending_reason:
+        rows.append(("pending", job.pending_reason))
+    if job.spec.selector:
+        rows.append(("selector", ",".join(f"{k}={v}" for k, v in job.spec.selector.items())))
     if job.error:
         rows.append(("error", job.error))
     if job.truncated:

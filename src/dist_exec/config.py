@@ -135,6 +135,7 @@ class MasterConfig:
     max_payload_bytes: int = 1024 * 1024
     dispatch_grace_s: float = 30.0  # master RPC deadline = task timeout + this
     rpc_timeout_s: float = 10.0  # unary calls to workers
+    balancer: str = "round-robin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,7 @@ class WorkerConfig:
     advertise: str = ""  # empty: derived from listen and the bound port
     worker_id: str = field(default_factory=default_worker_id)
     max_concurrent_tasks: int = 10
+    weight: int = 0  # share under weighted balancing; 0 = max_concurrent_tasks
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval_s: float = 5.0  # until the master says otherwise
     drain_timeout_s: float = 30.0

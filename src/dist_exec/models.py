@@ -72,6 +72,7 @@ class TaskSpec:
     priority: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     max_retries: int | None = None  # None: the master's default
+    selector: dict[str, str] = field(default_factory=dict)  # labels a node must have
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ class Job:
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     truncated: bool = False
+    result_metadata: dict[str, str] = field(default_factory=dict)
+    pending_reason: str = ""  # for a PENDING job: why it has not started
 
 
 @dataclass(slots=True)
@@ -139,6 +142,12 @@ class NodeInfo:
     @property
     def effective_weight(self) -> int:
         return self.weight if self.weight > 0 else self.max_tasks
+
+    def matches(self, spec: TaskSpec) -> bool:
+        """Runs this task type and carries every label of the task's selector."""
+        return spec.task_type in self.capabilities and all(
+            self.labels.get(k) == v for k, v in spec.selector.items()
+        )
 
     @property
     def free_slots(self) -> int:

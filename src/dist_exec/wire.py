@@ -79,6 +79,7 @@ def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
         priority=spec.priority,
         metadata=spec.metadata,
         max_retries=spec.max_retries,  # None leaves the optional field unset
+        selector=spec.selector,
     )
 
 
@@ -97,6 +98,7 @@ def outcome_to_pb(outcome: ExecOutcome, task_id: str, attempt: int) -> worker_pb
         output_truncated=outcome.truncated,
         attempt=attempt,
         retryable=outcome.retryable,
+        metadata=outcome.metadata,
     )
 
 
@@ -118,6 +120,7 @@ def outcome_from_pb(msg: worker_pb2.ExecuteResponse) -> ExecOutcome:
         truncated=msg.output_truncated,
         duration_s=from_duration(msg.duration),
         retryable=msg.retryable,
+        metadata=dict(msg.metadata),
     )
 
 
@@ -144,6 +147,10 @@ def job_to_status_pb(job: Job) -> master_pb2.GetStatusResponse:
         stdout_bytes=job.stdout_bytes,
         stderr_bytes=job.stderr_bytes,
         output_truncated=job.truncated,
+        pending_reason=job.pending_reason,
+        selector=job.spec.selector,
+        result_metadata=job.result_metadata,
+        attempt=job.attempt,
     )
 
 
@@ -157,6 +164,7 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
             priority=msg.priority,
             metadata=dict(msg.metadata),
             max_retries=msg.max_retries,
+            selector=dict(msg.selector),
         ),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
@@ -171,6 +179,9 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
         stdout_bytes=msg.stdout_bytes,
         stderr_bytes=msg.stderr_bytes,
         truncated=msg.output_truncated,
+        result_metadata=dict(msg.result_metadata),
+        pending_reason=msg.pending_reason,
+        attempt=msg.attempt,
     )
 
 

@@ -189,7 +189,7 @@ def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
         assert {"id", "address", "status", "capabilities", "max_tasks", "active_tasks",
                 "labels", "last_seen"} <= node.keys()  # fmt: skip
         assert node["status"] == "HEALTHY"
-        assert node["capabilities"] == ["command"]
+        assert node["capabilities"] == ["command", "http"]
         assert node["max_tasks"] == 4
     assert "w1" in run_cli("nodes", master=small_cluster.address).stdout
 

@@ -178,7 +178,7 @@ async def test_worker_rejects_bad_execute_requests(channels: dict[str, grpc.aio.
     assert not cancelled.cancelled
     status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
     assert status.worker_id == "w1"
-    assert list(status.capabilities) == ["command"]
+    assert list(status.capabilities) == ["command", "http"]
     ok = await stub.Execute(
         worker_pb2.ExecuteRequest(task_id="direct", task_type="command", payload=ECHO)
     )

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from dist_exec.master.registry import NodeRegistry
-from dist_exec.models import NodeId, NodeInfo, NodeStatus
+from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskSpec
 
 HEARTBEAT_TIMEOUT_S = 15.0
 REMOVAL_S = 30.0
@@ -29,6 +29,10 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+def spec(task_type: str, **selector: str) -> TaskSpec:
+    return TaskSpec(task_type, b"{}", 1.0, selector=selector)
 
 
 @pytest.fixture
@@ -111,7 +115,7 @@ def test_heartbeat_draining_and_back(registry: NodeRegistry) -> None:
     add(registry, "w1")
     registry.heartbeat(NodeId("w1"), 0, draining=True)
     assert status(registry, "w1") == NodeStatus.DRAINING
-    assert registry.eligible("command") == []
+    assert registry.eligible(spec("command")) == []
     registry.heartbeat(NodeId("w1"), 0, draining=False)
     assert status(registry, "w1") == NodeStatus.HEALTHY
 
@@ -141,7 +145,7 @@ def test_sweep_marks_unhealthy_then_removes(registry: NodeRegistry, clock: FakeC
     clock.advance(HEARTBEAT_TIMEOUT_S)
     assert swept(registry) == (["w1"], [])
     assert status(registry, "w1") == NodeStatus.UNHEALTHY
-    assert registry.eligible("command") == []
+    assert registry.eligible(spec("command")) == []
 
     # Reported once, not on every sweep.
     clock.advance(1.0)
@@ -195,7 +199,7 @@ def test_heartbeat_revives_an_unhealthy_node(registry: NodeRegistry, clock: Fake
 
     registry.heartbeat(NodeId("w1"), 0, draining=False)
     assert status(registry, "w1") == NodeStatus.HEALTHY
-    assert ids(registry.eligible("command")) == ["w1"]
+    assert ids(registry.eligible(spec("command"))) == ["w1"]
     clock.advance(REMOVAL_S - 1)
     assert swept(registry) == (["w1"], [])
 
@@ -214,20 +218,27 @@ def test_eligible_filters_status_capability_and_slots(
     registry.heartbeat(NodeId("c-draining"), 0, draining=True)
     registry.reserve(NodeId("e-full"))
 
-    assert ids(registry.eligible("command")) == ["a-cmd", "b-both"]
-    assert ids(registry.eligible("http")) == ["b-both", "d-http"]
-    assert registry.eligible("gpu") == []
+    assert ids(registry.eligible(spec("command"))) == ["a-cmd", "b-both"]
+    assert ids(registry.eligible(spec("http"))) == ["b-both", "d-http"]
+    assert registry.eligible(spec("gpu")) == []
 
 
-def test_can_ever_run(registry: NodeRegistry, clock: FakeClock) -> None:
-    assert registry.can_ever_run("command") is False
+def test_matching_ignores_free_slots_but_not_health_or_labels(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    assert registry.matching(spec("command")) == []
     add(registry, "w1", max_tasks=1)
+    registry.register(NodeId("w2"), "w2:1", ["command"], 1, {"zone": "b", "gpu": "yes"})
     registry.reserve(NodeId("w1"))
+    # Full, but it can take the task later.
+    assert ids(registry.matching(spec("command"))) == ["w1", "w2"]
+    assert ids(registry.matching(spec("command", gpu="yes"))) == ["w2"]
+    assert ids(registry.eligible(spec("command", zone="b", gpu="yes"))) == ["w2"]
+    assert registry.matching(spec("command", zone="c")) == []
+    assert registry.matching(spec("gpu")) == []
     clock.advance(HEARTBEAT_TIMEOUT_S)
     registry.sweep()
-    # Full and unhealthy, but it exists: the task can wait for it.
-    assert registry.can_ever_run("command") is True
-    assert registry.can_ever_run("gpu") is False
+    assert registry.matching(spec("command")) == []
 
 
 def test_reserve_and_release(registry: NodeRegistry) -> None:
@@ -238,7 +249,7 @@ def test_reserve_and_release(registry: NodeRegistry) -> None:
     node = registry.get(w1)
     assert node is not None
     assert (node.active_tasks, node.free_slots) == (2, 0)
-    assert registry.eligible("command") == []
+    assert registry.eligible(spec("command")) == []
 
     with pytest.raises(ValueError, match="node w1 has no free slot"):
         registry.reserve(w1)
@@ -246,7 +257,7 @@ def test_reserve_and_release(registry: NodeRegistry) -> None:
 
     registry.release(w1)
     assert (node.active_tasks, node.free_slots) == (1, 1)
-    assert ids(registry.eligible("command")) == ["w1"]
+    assert ids(registry.eligible(spec("command"))) == ["w1"]
 
 
 def test_release_never_goes_negative(registry: NodeRegistry) -> None:

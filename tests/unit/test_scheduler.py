@@ -34,12 +34,12 @@ class FakeNodes:
         self.reserved: list[NodeId] = []
         self.eligible_calls: list[str] = []
 
-    def eligible(self, task_type: str) -> list[NodeInfo]:
-        self.eligible_calls.append(task_type)
+    def eligible(self, spec: TaskSpec) -> list[NodeInfo]:
+        self.eligible_calls.append(spec.task_type)
         return [
             n
             for n in sorted(self.nodes.values(), key=lambda n: n.id)
-            if task_type in n.capabilities and n.free_slots > 0
+            if n.matches(spec) and n.free_slots > 0
         ]
 
     def reserve(self, node_id: NodeId) -> None:

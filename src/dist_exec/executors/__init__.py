@@ -60,6 +60,19 @@ class ExecutorFactory(Protocol):
     def __call__(self, options: Mapping[str, object]) -> Executor: ...
 
 
+def describe_task(task_type: str, payload: bytes) -> str:
+    """One line for listings: the command as typed, or the request made."""
+    if task_type == "command":
+        from dist_exec.executors.command import describe
+
+        return describe(payload)
+    if task_type == "http":
+        from dist_exec.executors.http import describe as describe_http
+
+        return describe_http(payload)
+    return task_type
+
+
 def available_executor_names() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 

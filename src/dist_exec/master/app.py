@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from dist_exec.clock import SystemClock
 from dist_exec.config import MasterConfig, join_address, listen_address, split_address
 from dist_exec.executors import Executor, load_executors
-from dist_exec.master.balancer import RoundRobinBalancer
+from dist_exec.master.balancer import make_balancer
 from dist_exec.master.core import Master
 from dist_exec.master.dispatcher import MAX_MESSAGE_BYTES, GrpcWorkerClient
 from dist_exec.master.registry import NodeRegistry
@@ -45,7 +45,7 @@ async def run_master(
             config,
             store,
             NodeRegistry(clock, config.heartbeat_timeout_s, config.node_removal_s),
-            Scheduler(RoundRobinBalancer()),
+            Scheduler(make_balancer(config.balancer)),
             workers,
             executors,
             clock,

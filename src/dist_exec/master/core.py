@@ -244,6 +244,10 @@ class Master:
             raise InvalidTaskSpec(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
         if any(not k for k in spec.metadata):
             raise InvalidTaskSpec("metadata keys must not be empty")
+        if any(not k or not v for k, v in spec.selector.items()):
+            raise InvalidTaskSpec("selector labels need a key and a value: --selector zone=a")
+        if sum(len(k) + len(v) for k, v in spec.selector.items()) > MAX_METADATA_BYTES:
+            raise InvalidTaskSpec(f"selector is larger than {MAX_METADATA_BYTES} bytes")
         return replace(spec, timeout_s=timeout_s, max_retries=max_retries)
 
     async def submit(self, spec: TaskSpec) -> JobId:
@@ -346,7 +350,30 @@ class Master:
         job = await self.store.get(job_id, with_output)
         if job is None:
             raise JobNotFound(f"job {job_id} not found")
+        active = self._active.get(job_id)
+        if job.status == JobStatus.PENDING and active is not None:
+            return replace(job, pending_reason=self.pending_reason(active))
         return job
+
+    def pending_reason(self, job: ActiveJob) -> str:
+        """Why a queued job has not started, in words a person can act on."""
+        spec = job.spec
+        if job.id not in self.scheduler:
+            return "waiting to be queued again after a failed attempt"
+        matching = self.registry.matching(spec)
+        if not matching:
+            wanted = f"task type {spec.task_type!r}"
+            if spec.selector:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
+                wanted += f" with labels {labels}"
+            return f"no matching node: no healthy worker runs {wanted}"
+        ahead = self.scheduler.ahead_of(job.id)
+        if not any(n.free_slots for n in matching):
+            busy = f"all {len(matching)} matching node(s) are busy"
+            return busy + (f"; behind {ahead} higher-priority job(s)" if ahead else "")
+        if ahead:
+            return f"behind {ahead} higher-priority job(s)"
+        return "being placed"
 
     async def list_jobs(
         self, limit: int, offset: int, status: JobStatus | None
@@ -459,13 +486,16 @@ class Master:
         max_tasks: int,
         labels: Mapping[str, str],
         held: Sequence[HeldAttempt],
+        weight: int = 0,
     ) -> NodeInfo:
-        if not node_id or not address or max_tasks <= 0:
-            raise InvalidTaskSpec("register needs worker_id, address and max_concurrent_tasks > 0")
+        if not node_id or not address or max_tasks <= 0 or weight < 0:
+            raise InvalidTaskSpec(
+                "register needs worker_id, address, max_concurrent_tasks > 0 and weight >= 0"
+            )
         previous = self.registry.get(node_id)
         if previous is not None and previous.address != address:
             self._spawn(self.workers.forget(previous.address))
-        node = self.registry.register(node_id, address, capabilities, max_tasks, labels)
+        node = self.registry.register(node_id, address, capabilities, max_tasks, labels, weight)
         held_keys = {(h.task_id, h.attempt) for h in held}
         for job in list(self._active.values()):
             if job.node_id != node_id or job.status != JobStatus.RUNNING:
@@ -721,6 +751,7 @@ class Master:
             stdout_bytes=outcome.stdout_bytes if outcome else job.seen[Stream.STDOUT],
             stderr_bytes=outcome.stderr_bytes if outcome else job.seen[Stream.STDERR],
             truncated=_truncated(outcome, self.config.max_output_bytes),
+            result_metadata=outcome.metadata if outcome else {},
         )
         # Followers hear the end before the commit: a worker's result is only released once it is
         # committed (_run_attempt), and get() of a finishing job waits for the commit.

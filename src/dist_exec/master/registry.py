@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from dist_exec.clock import Clock
-from dist_exec.models import NodeId, NodeInfo, NodeStatus
+from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,7 @@ class NodeRegistry:
         capabilities: Iterable[str],
         max_tasks: int,
         labels: Mapping[str, str],
+        weight: int = 0,
     ) -> NodeInfo:
         """Add a node, or replace one with the same id (a restarted worker)."""
         node = NodeInfo(
@@ -42,6 +43,7 @@ class NodeRegistry:
             labels=dict(labels),
             last_seen=self.clock.monotonic(),
             last_seen_wall=self.clock.now(),
+            weight=weight,
         )
         old = self._nodes.get(node_id)
         if old is not None:
@@ -84,16 +86,17 @@ class NodeRegistry:
     def nodes(self) -> list[NodeInfo]:
         return sorted(self._nodes.values(), key=lambda n: n.id)
 
-    def eligible(self, task_type: str) -> list[NodeInfo]:
-        """Healthy nodes that run ``task_type`` and have a free slot, in id order."""
+    def eligible(self, spec: TaskSpec) -> list[NodeInfo]:
+        """Healthy nodes that can run ``spec`` and have a free slot, in id order."""
         return [
             n
             for n in self.nodes()
-            if n.status == NodeStatus.HEALTHY and task_type in n.capabilities and n.free_slots > 0
+            if n.status == NodeStatus.HEALTHY and n.free_slots > 0 and n.matches(spec)
         ]
 
-    def can_ever_run(self, task_type: str) -> bool:
-        return any(task_type in n.capabilities for n in self._nodes.values())
+    def matching(self, spec: TaskSpec) -> list[NodeInfo]:
+        """Healthy nodes that can run ``spec``, busy or not."""
+        return [n for n in self.nodes() if n.status == NodeStatus.HEALTHY and n.matches(spec)]
 
     def reserve(self, node_id: NodeId, force: bool = False) -> None:
         """Take a slot. ``force``: count an attempt already running there, even past max."""

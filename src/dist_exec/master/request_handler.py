@@ -14,7 +14,7 @@ import grpc.aio
 from dist_exec import wire
 from dist_exec.config import MasterConfig
 from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors, shorten
-from dist_exec.executors.command import describe
+from dist_exec.executors import describe_task
 from dist_exec.master.core import HeldAttempt, Master
 from dist_exec.models import Job, JobId, NodeId, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -39,6 +39,7 @@ def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
         priority=request.priority,
         metadata=dict(request.metadata),
         max_retries=request.max_retries if request.HasField("max_retries") else None,
+        selector=dict(request.selector),
     )
 
 
@@ -49,10 +50,6 @@ def _chunk_pb(attempt: int, chunk: OutputChunk) -> master_pb2.OutputChunk:
         offset=chunk.offset,
         attempt=attempt,
     )
-
-
-def _summary(task_type: str, payload: bytes) -> str:
-    return describe(payload) if task_type == "command" else task_type
 
 
 class MasterServicer(master_pb2_grpc.MasterServiceServicer):
@@ -113,7 +110,8 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         jobs, total = await self.master.list_jobs(request.limit, request.offset, status)
         return master_pb2.ListJobsResponse(
             jobs=[
-                wire.job_to_summary_pb(j, _summary(j.spec.task_type, j.spec.payload)) for j in jobs
+                wire.job_to_summary_pb(j, describe_task(j.spec.task_type, j.spec.payload))
+                for j in jobs
             ],
             total=total,
         )
@@ -156,6 +154,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             request.max_concurrent_tasks,
             dict(request.labels),
             [HeldAttempt(h.task_id, h.attempt) for h in request.held_attempts],
+            request.weight,
         )
         return worker_pb2.RegisterResponse(
             accepted=True,

@@ -52,6 +52,14 @@ class Scheduler:
         self._types[queued[1].task_type] -= 1
         return True
 
+    def ahead_of(self, job_id: JobId) -> int:
+        """Queued jobs of a higher priority than this one (0 if it is not queued)."""
+        queued = self._queued.get(job_id)
+        if queued is None:
+            return 0
+        priority = queued[1].priority
+        return sum(1 for _, spec in self._queued.values() if spec.priority > priority)
+
     def ordered(self) -> list[JobId]:
         return [j for _, _, gen, j in sorted(self._heap) if self._current(j, gen)]
 
@@ -61,24 +69,31 @@ class Scheduler:
 
     def plan(
         self,
-        eligible: Callable[[str], list[NodeInfo]],
+        eligible: Callable[[TaskSpec], list[NodeInfo]],
         reserve: Callable[[NodeId], None],
     ) -> list[Assignment]:
-        """Place queued tasks in order while nodes have room; reserve each chosen slot."""
+        """Place queued tasks in order while nodes have room; reserve each chosen slot.
+
+        A task that finds no room blocks the tasks behind it that need the same kind of node
+        (type and selector), so a lower priority never overtakes a higher one for a slot."""
         assignments: list[Assignment] = []
         skipped: list[tuple[int, int, int, JobId]] = []
-        full_types: set[str] = set()
+        full: set[tuple[str, frozenset[tuple[str, str]]]] = set()
+        full_types: set[str] = set()  # types every one of whose queued tasks is blocked
         while self._heap and not full_types.issuperset(+self._types):
             entry = heapq.heappop(self._heap)
             job_id, generation = entry[3], entry[2]
             if not self._current(job_id, generation):
                 continue  # removed (or queued again) since
             spec = self._queued[job_id][1]
+            kind = (spec.task_type, frozenset(spec.selector.items()))
             node = None
-            if spec.task_type not in full_types:
-                node = self.balancer.select(spec, eligible(spec.task_type))
+            if kind not in full:
+                node = self.balancer.select(spec, eligible(spec))
             if node is None:
-                full_types.add(spec.task_type)
+                full.add(kind)
+                if not spec.selector:
+                    full_types.add(spec.task_type)
                 skipped.append(entry)
                 continue
             reserve(node.id)

@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     stdout_bytes INTEGER NOT NULL DEFAULT 0,
     stderr_bytes INTEGER NOT NULL DEFAULT 0,
-    truncated INTEGER NOT NULL DEFAULT 0
+    truncated INTEGER NOT NULL DEFAULT 0,
+    selector TEXT NOT NULL DEFAULT '{}',
+    result_metadata TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS output (
@@ -65,8 +67,13 @@ CREATE TABLE IF NOT EXISTS output (
 _JOB_COLUMNS = (
     "seq, id, task_type, payload, timeout_s, priority, metadata, max_retries, status, created_at,"
     " started_at, completed_at, worker_id, attempt, retries, exit_code, error, stdout_bytes,"
-    " stderr_bytes, truncated"
+    " stderr_bytes, truncated, selector, result_metadata"
 )
+# Columns added after the first release; older files get them on open.
+_ADDED_COLUMNS = {
+    "selector": "TEXT NOT NULL DEFAULT '{}'",
+    "result_metadata": "TEXT NOT NULL DEFAULT '{}'",
+}
 
 
 class JobStore(Protocol):
@@ -101,10 +108,18 @@ def _dt(value: float | None) -> datetime | None:
 def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b"") -> Job:
     (_seq, id_, task_type, payload, timeout_s, priority, metadata, max_retries, status, created,
      started, completed, worker_id, attempt, retries, exit_code, error, out_n, err_n,
-     truncated) = row  # fmt: skip
+     truncated, selector, result_metadata) = row  # fmt: skip
     return Job(
         id=JobId(id_),
-        spec=TaskSpec(task_type, payload, timeout_s, priority, json.loads(metadata), max_retries),
+        spec=TaskSpec(
+            task_type,
+            payload,
+            timeout_s,
+            priority,
+            json.loads(metadata),
+            max_retries,
+            json.loads(selector),
+        ),
         status=JobStatus(status),
         created_at=_dt(created) or datetime.fromtimestamp(0, UTC),
         started_at=_dt(started),
@@ -119,6 +134,7 @@ def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b""
         stdout_bytes=out_n,
         stderr_bytes=err_n,
         truncated=bool(truncated),
+        result_metadata=json.loads(result_metadata),
     )
 
 
@@ -144,6 +160,10 @@ class SqliteJobStore:
         self._loop = asyncio.get_running_loop()
         write_conn = self._connect(check_same_thread=False)  # used only by the writer thread
         write_conn.executescript(_SCHEMA)
+        have = {row[1] for row in write_conn.execute("PRAGMA table_info(jobs)")}
+        for column, definition in _ADDED_COLUMNS.items():
+            if column not in have:
+                write_conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
         write_conn.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -269,6 +289,7 @@ class SqliteJobStore:
                 _ts(job.started_at),
                 job.worker_id,
                 job.attempt,
+                json.dumps(job.spec.selector),
             )
             for job in jobs
         ]
@@ -280,8 +301,8 @@ class SqliteJobStore:
                 for row in rows:
                     cur = conn.execute(
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
-                        " max_retries, status, created_at, started_at, worker_id, attempt)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " max_retries, status, created_at, started_at, worker_id, attempt,"
+                        " selector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None
@@ -320,7 +341,7 @@ class SqliteJobStore:
         values = (
             job.status.value, job.worker_id, _ts(job.started_at), _ts(job.completed_at),
             job.exit_code, job.error, job.stdout_bytes, job.stderr_bytes, int(job.truncated),
-            job.retries, job.id,
+            job.retries, json.dumps(job.result_metadata), job.id,
         )  # fmt: skip
         guard = "" if expect_attempt is None else f" AND attempt = {int(expect_attempt)}"
 
@@ -328,7 +349,8 @@ class SqliteJobStore:
             cur = conn.execute(
                 "UPDATE jobs SET status = ?, worker_id = ?, started_at = ?, completed_at = ?,"
                 " exit_code = ?, error = ?, stdout_bytes = ?, stderr_bytes = ?, truncated = ?,"
-                " retries = ? WHERE id = ? AND status IN ('PENDING', 'RUNNING')" + guard,
+                " retries = ?, result_metadata = ? WHERE id = ?"
+                " AND status IN ('PENDING', 'RUNNING')" + guard,
                 values,
             )
             return cur.rowcount == 1

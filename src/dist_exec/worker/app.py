@@ -75,6 +75,7 @@ class Registrar:
             capabilities=self.runner.capabilities,
             max_concurrent_tasks=self.config.max_concurrent_tasks,
             labels=self.config.labels,
+            weight=self.config.weight,
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None

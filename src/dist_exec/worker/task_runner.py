@@ -317,6 +317,7 @@ class TaskRunner:
             truncated,
             outcome.duration_s or time.monotonic() - attempt.started,
             outcome.retryable,
+            outcome.metadata,
         )
         attempt.finished_at = time.monotonic()
         attempt.output.close()

@@ -61,7 +61,14 @@ class ExecuteRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., attach: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("task_id", "status", "output", "error", "exit_code", "duration", "stderr", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "attempt", "retryable")
+    __slots__ = ("task_id", "status", "output", "error", "exit_code", "duration", "stderr", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "attempt", "retryable", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +82,7 @@ class ExecuteResponse(_message.Message):
     HAS_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: _common_pb2.ExecutionStatus
     output: bytes
@@ -88,7 +96,8 @@ class ExecuteResponse(_message.Message):
     has_exit_code: bool
     attempt: int
     retryable: bool
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ExecutionStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stderr: _Optional[bytes] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., attempt: _Optional[int] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ExecutionStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stderr: _Optional[bytes] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., attempt: _Optional[int] = ..., retryable: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExecuteProgress(_message.Message):
     __slots__ = ("type", "data", "final_result", "output_type", "offset")
@@ -149,7 +158,7 @@ class HeldAttempt(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "capabilities", "max_concurrent_tasks", "labels", "held_attempts")
+    __slots__ = ("worker_id", "address", "capabilities", "max_concurrent_tasks", "labels", "held_attempts", "weight")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,13 +172,15 @@ class RegisterRequest(_message.Message):
     MAX_CONCURRENT_TASKS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     HELD_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     max_concurrent_tasks: int
     labels: _containers.ScalarMap[str, str]
     held_attempts: _containers.RepeatedCompositeFieldContainer[HeldAttempt]
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ...) -> None: ...
+    weight: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("accepted", "message", "heartbeat_interval")
