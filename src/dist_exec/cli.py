@@ -286,6 +286,48 @@ def ready_line(what: str) -> Callable[[str], None]:
     help="Default retries of a job after infrastructure failures.",
 )
 @click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0),
+    envvar="RATE_LIMIT",
+    default=1000.0,
+    show_default=True,
+    help="Jobs per second each client may submit (0: no limit).",
+)
+@click.option(
+    "--rate-burst",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Jobs a client may submit at once above the rate.",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Jobs that may wait in the queue; more are refused (nothing accepted is dropped).",
+)
+@click.option(
+    "--priority-aging",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="A waiting job gains one priority level this often, so none starves (0: off).",
+)
+@click.option(
+    "--allow-command",
+    "allowed_commands",
+    multiple=True,
+    help="Only these programs may run (glob, repeatable; env ALLOWED_COMMANDS=ls,echo). "
+    "Shell strings are the program 'sh'.",
+)
+@click.option(
+    "--block-command",
+    "blocked_commands",
+    multiple=True,
+    help="Refuse programs or command lines matching this glob (repeatable; env BLOCKED_COMMANDS).",
+)
+@click.option(
     "--balancer",
     type=click.Choice(sorted(BALANCERS)),
     envvar="BALANCER",
@@ -309,6 +351,12 @@ def master(
     heartbeat_interval: float,
     heartbeat_timeout: float,
     max_retries: int,
+    rate_limit: float,
+    rate_burst: int,
+    max_queued: int,
+    priority_aging: float,
+    allowed_commands: tuple[str, ...],
+    blocked_commands: tuple[str, ...],
     balancer: str,
     max_output: int,
     log_level: str,
@@ -326,10 +374,23 @@ def master(
         heartbeat_timeout_s=heartbeat_timeout,
         node_removal_s=2 * heartbeat_timeout,
         default_max_retries=max_retries,
+        rate_limit_per_s=rate_limit,
+        rate_burst=rate_burst,
+        max_queued=max_queued,
+        priority_aging_s=priority_aging,
+        allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
+        blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
         balancer=balancer,
         max_output_bytes=max_output,
     )
     serve(lambda stop: run_master(config, stop, ready_line("master")))
+
+
+def _rules(given: tuple[str, ...], env: str) -> tuple[str, ...]:
+    """Command rules from the flags, else from a comma-separated environment variable."""
+    if given:
+        return given
+    return tuple(r.strip() for r in os.environ.get(env, "").split(",") if r.strip())
 
 
 def _labels_from_env() -> list[tuple[str, str]]:
@@ -373,6 +434,19 @@ def _labels_from_env() -> list[tuple[str, str]]:
     envvar="MAX_CONCURRENT_TASKS",
     default=10,
     show_default=True,
+)
+@click.option(
+    "--allow-command",
+    "allowed_commands",
+    multiple=True,
+    help="Only these programs may run (glob, repeatable; env ALLOWED_COMMANDS=ls,echo). "
+    "Shell strings are the program 'sh'.",
+)
+@click.option(
+    "--block-command",
+    "blocked_commands",
+    multiple=True,
+    help="Refuse programs or command lines matching this glob (repeatable; env BLOCKED_COMMANDS).",
 )
 @click.option(
     "--weight",
@@ -423,6 +497,8 @@ def worker(
     advertise: str | None,
     worker_id: str | None,
     max_concurrent_tasks: int,
+    allowed_commands: tuple[str, ...],
+    blocked_commands: tuple[str, ...],
     weight: int,
     labels: tuple[tuple[str, str], ...],
     heartbeat_interval: float,
@@ -445,6 +521,8 @@ def worker(
         advertise=advertise or "",
         worker_id=worker_id or default_worker_id(),
         max_concurrent_tasks=max_concurrent_tasks,
+        allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
+        blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
         weight=weight,
         labels=all_labels,
         heartbeat_interval_s=heartbeat_interval,

@@ -136,6 +136,12 @@ class MasterConfig:
     dispatch_grace_s: float = 30.0  # master RPC deadline = task timeout + this
     rpc_timeout_s: float = 10.0  # unary calls to workers
     balancer: str = "round-robin"
+    rate_limit_per_s: float = 1000.0  # jobs per second per client; 0 turns it off
+    rate_burst: int = 2000
+    max_queued: int = 100_000  # jobs waiting; more are refused, nothing accepted is dropped
+    priority_aging_s: float = 60.0  # a waiting job gains a priority level this often; 0: never
+    allowed_commands: tuple[str, ...] = ()  # globs; empty: any command
+    blocked_commands: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,4 +159,6 @@ class WorkerConfig:
     result_retention_s: float = 600.0  # undelivered results are held this long
     kill_grace_s: float = 5.0  # TERM, then KILL after this long
     inherit_env: bool = False  # pass the worker's own environment to commands
+    allowed_commands: tuple[str, ...] = ()  # checked again here: a forged request is refused
+    blocked_commands: tuple[str, ...] = ()
     rpc_timeout_s: float = 10.0

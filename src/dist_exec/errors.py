@@ -4,7 +4,9 @@
     ├── InvalidTaskSpec           INVALID_ARGUMENT   bad field, payload or task type
     ├── JobNotFound               NOT_FOUND
     ├── JobAlreadyFinished        FAILED_PRECONDITION  cancel of a job that has ended
-    ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, over a rate limit
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, worker full
+    │   └── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
+    ├── PolicyDenied              PERMISSION_DENIED    command refused by the command policy
     ├── WorkerDraining            FAILED_PRECONDITION  worker takes no new tasks
     ├── TaskNotFound              NOT_FOUND            worker does not hold that attempt
     ├── FollowerTooSlow           ABORTED              output stream fell behind; resume
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -38,6 +41,11 @@ class DistExecError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Extra machine-readable detail sent with the status (e.g. retry-after-ms)."""
+        return ()
 
 
 class InvalidTaskSpec(DistExecError):
@@ -62,6 +70,24 @@ class ResourceExhausted(DistExecError):
     """A queue or rate limit is full; try again later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RateLimited(ResourceExhausted):
+    """Over the client's rate limit; ``retry_after_s`` says when a retry would fit."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("retry-after-ms", str(math.ceil(self.retry_after_s * 1000))),)
+
+
+class PolicyDenied(DistExecError):
+    """The command policy (allowed / blocked commands) refuses this command."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class WorkerDraining(DistExecError):
@@ -95,6 +121,7 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: MasterUnavailable,
     grpc.StatusCode.ABORTED: FollowerTooSlow,
+    grpc.StatusCode.PERMISSION_DENIED: PolicyDenied,
 }
 
 
@@ -139,7 +166,7 @@ def grpc_errors(
         try:
             return await fn(*args, **kwargs)
         except DistExecError as exc:
-            await _context(args).abort(exc.code, _cap(exc.message))
+            await _abort(_context(args), exc)
             raise  # abort raises; this keeps type checkers content
         except Exception as exc:
             log.exception("internal error in %s", fn.__name__)
@@ -164,7 +191,7 @@ def grpc_stream_errors(
                 async for item in items:
                     yield item
         except DistExecError as exc:
-            await _context(args).abort(exc.code, _cap(exc.message))
+            await _abort(_context(args), exc)
         except Exception as exc:
             log.exception("internal error in %s", fn.__name__)
             await _context(args).abort(
@@ -172,6 +199,12 @@ def grpc_stream_errors(
             )
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: DistExecError) -> None:
+    if exc.trailing_metadata:
+        context.set_trailing_metadata(exc.trailing_metadata)
+    await context.abort(exc.code, _cap(exc.message))
 
 
 def _context(args: tuple[Any, ...]) -> grpc.aio.ServicerContext[Any, Any]:

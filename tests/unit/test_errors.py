@@ -13,6 +13,8 @@ from dist_exec.errors import (
     JobAlreadyFinished,
     JobNotFound,
     MasterUnavailable,
+    PolicyDenied,
+    RateLimited,
     ResourceExhausted,
     TaskNotFound,
     WorkerDraining,
@@ -31,6 +33,8 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     WorkerDraining: Code.FAILED_PRECONDITION,
     TaskNotFound: Code.NOT_FOUND,
     FollowerTooSlow: Code.ABORTED,
+    RateLimited: Code.RESOURCE_EXHAUSTED,
+    PolicyDenied: Code.PERMISSION_DENIED,
     MasterUnavailable: Code.UNAVAILABLE,
 }
 
@@ -84,7 +88,7 @@ def test_specific_classes_are_not_internal() -> None:
         (Code.RESOURCE_EXHAUSTED, ResourceExhausted),
         (Code.UNAVAILABLE, MasterUnavailable),
         (Code.INTERNAL, DistExecError),
-        (Code.PERMISSION_DENIED, DistExecError),
+        (Code.PERMISSION_DENIED, PolicyDenied),
         (Code.UNKNOWN, DistExecError),
         (Code.UNIMPLEMENTED, DistExecError),
         (Code.CANCELLED, DistExecError),
@@ -106,8 +110,8 @@ def test_code_survives_the_round_trip(cls: type[DistExecError]) -> None:
 
 
 def test_code_on_one_error_does_not_leak_into_its_class() -> None:
-    exc = from_rpc_error(rpc_error(Code.PERMISSION_DENIED))
-    assert exc.code is Code.PERMISSION_DENIED
+    exc = from_rpc_error(rpc_error(Code.UNAUTHENTICATED))
+    assert exc.code is Code.UNAUTHENTICATED
     assert DistExecError.code is Code.INTERNAL
     assert DistExecError("x").code is Code.INTERNAL
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import os
+import shlex
 import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_exec.errors import InvalidTaskSpec, shorten
+from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 
@@ -124,6 +126,42 @@ def _string(body: Mapping[str, object], key: str, default: str | None = None) ->
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class CommandPolicy:
+    """Which commands may run (the spec's allowed_commands / blocked_commands).
+
+    Rules are shell-style globs. ``blocked`` is matched against the program's name and against
+    the whole command line; ``allowed``, when not empty, against the program's name only. A
+    shell string's program is ``sh``: allowing ``sh`` allows anything, so an allow-list without
+    it admits only argv commands, which cannot hide another program.
+    """
+
+    allowed: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
+
+    def check(self, spec: CommandSpec) -> None:
+        program = "sh" if spec.shell else os.path.basename(spec.command)
+        line = spec.command if spec.shell else shlex.join([spec.command, *spec.args])
+        for rule in self.blocked:
+            if fnmatch.fnmatchcase(program, rule) or fnmatch.fnmatchcase(line, rule):
+                raise PolicyDenied(f"command {shorten(program)} is blocked by rule {rule!r}")
+        if self.allowed and not any(fnmatch.fnmatchcase(program, r) for r in self.allowed):
+            raise PolicyDenied(
+                f"command {shorten(program)} is not in the allowed commands "
+                f"({', '.join(self.allowed)})"
+            )
+
+
+def _rules(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(r.strip() for r in value.split(",") if r.strip())
+    if isinstance(value, list | tuple) and all(isinstance(r, str) for r in value):
+        return tuple(value)
+    raise ValueError(f"command rules must be strings, got {value!r}")
+
+
 def describe(payload: bytes) -> str:
     """One line for listings: the command as a person would type it."""
     try:
@@ -144,9 +182,12 @@ class CommandExecutor:
         opts = options or {}
         self.kill_grace_s = float(str(opts.get("kill_grace_s", 5.0)))
         self.inherit_env = bool(opts.get("inherit_env", False))
+        self.policy = CommandPolicy(
+            _rules(opts.get("allowed_commands")), _rules(opts.get("blocked_commands"))
+        )
 
     def validate(self, payload: bytes) -> None:
-        parse_payload(payload)
+        self.policy.check(parse_payload(payload))
 
     async def health_check(self) -> bool:
         proc = await asyncio.create_subprocess_exec("true")
@@ -163,6 +204,7 @@ class CommandExecutor:
 
     async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
         spec = parse_payload(request.payload)
+        self.policy.check(spec)  # here too: a forged request must not get past it
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:

@@ -37,7 +37,18 @@ async def run_master(
     executors: dict[str, Executor] | None = None,
 ) -> None:
     """Serve until ``stop`` is set; in-flight work stays recorded for the next start."""
-    executors = executors if executors is not None else load_executors()
+    executors = (
+        executors
+        if executors is not None
+        else load_executors(
+            options={
+                "command": {
+                    "allowed_commands": config.allowed_commands,
+                    "blocked_commands": config.blocked_commands,
+                }
+            }
+        )
+    )
     clock = SystemClock()
     workers = GrpcWorkerClient(config.rpc_timeout_s)
     async with SqliteJobStore(config.data_dir / DB_FILE) as store:
@@ -45,7 +56,7 @@ async def run_master(
             config,
             store,
             NodeRegistry(clock, config.heartbeat_timeout_s, config.node_removal_s),
-            Scheduler(make_balancer(config.balancer)),
+            Scheduler(make_balancer(config.balancer), config.priority_aging_s),
             workers,
             executors,
             clock,

@@ -19,8 +19,16 @@ from datetime import datetime
 
 from dist_exec.clock import Clock
 from dist_exec.config import MasterConfig, format_duration
-from dist_exec.errors import InvalidTaskSpec, JobAlreadyFinished, JobNotFound, shorten
+from dist_exec.errors import (
+    InvalidTaskSpec,
+    JobAlreadyFinished,
+    JobNotFound,
+    PolicyDenied,
+    ResourceExhausted,
+    shorten,
+)
 from dist_exec.executors import Executor
+from dist_exec.master.admission import RateLimiter
 from dist_exec.master.dispatcher import (
     AttemptGone,
     AttemptRejected,
@@ -122,6 +130,11 @@ class Master:
         self.executors = executors
         self.clock = clock
         self.hub = OutputHub()
+        self.rate_limiter = (
+            RateLimiter(clock, config.rate_limit_per_s, config.rate_burst)
+            if config.rate_limit_per_s > 0
+            else None
+        )
         self._active: dict[JobId, ActiveJob] = {}
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -159,7 +172,7 @@ class Master:
                 active.orphan_deadline = self.clock.monotonic() + grace
                 active.kept_all = False  # its output so far is in the store only
             else:
-                self.scheduler.enqueue(job.id, seq, job.spec)
+                self.scheduler.enqueue(job.id, seq, job.spec, self.clock.monotonic())
         if self._active:
             log.info("recovered %d unfinished jobs", len(self._active))
         self._wake.set()
@@ -203,6 +216,8 @@ class Master:
                 )
                 self._spawn(self.workers.forget(node.address))
             now = self.clock.monotonic()
+            if self.scheduler.age(now):
+                self._wake.set()
             for job in list(self._active.values()):
                 if job.orphan_deadline is not None and now >= job.orphan_deadline:
                     job.orphan_deadline = None
@@ -253,24 +268,26 @@ class Master:
     async def submit(self, spec: TaskSpec) -> JobId:
         return (await self.submit_many([spec]))[0]
 
-    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[JobId]:
-        """Accept jobs, all or none; their ids come back once they are durable."""
-        if not 0 < len(specs) <= MAX_BATCH_JOBS:
-            raise InvalidTaskSpec(f"a batch holds 1-{MAX_BATCH_JOBS} jobs, got {len(specs)}")
-        checked = []
-        for i, spec in enumerate(specs):
-            try:
-                checked.append(self.validate(spec))
-            except InvalidTaskSpec as exc:
-                if len(specs) == 1:
-                    raise
-                raise InvalidTaskSpec(f"job {i} of the batch: {exc.message}") from None
+    async def submit_many(self, specs: Sequence[TaskSpec], client: str = "") -> list[JobId]:
+        """Accept jobs, all or none; their ids come back once they are durable.
+
+        Admission, in order: shape of the batch, each job's validation (executor and command
+        policy), the client's rate limit, the bound on queued jobs."""
+        checked = self._validate_batch(specs)
+        if self.rate_limiter is not None:
+            self.rate_limiter.admit(client or "anonymous", len(specs))
+        if len(self.scheduler) + len(specs) > self.config.max_queued:
+            raise ResourceExhausted(
+                f"the queue is full ({len(self.scheduler)} jobs waiting, limit "
+                f"{self.config.max_queued}); try again later"
+            )
         now = self.clock.now()
+        now_mono = self.clock.monotonic()
         jobs = [Job(JobId(str(uuid.uuid4())), s, JobStatus.PENDING, now) for s in checked]
         actives = [ActiveJob(job, next(self._seq)) for job in jobs]
         for active in actives:
             self._active[active.id] = active
-            self.scheduler.enqueue(active.id, active.seq, active.spec)
+            self.scheduler.enqueue(active.id, active.seq, active.spec, now_mono)
         # Place what fits now, and write those jobs already RUNNING: one commit accepts a job
         # and records where it runs. Dispatch waits for that commit (_start_attempt); the ids
         # go back only once the jobs are on disk.
@@ -299,6 +316,19 @@ class Master:
                 self._withdraw(job.id)
             raise
         return [job.id for job in jobs]
+
+    def _validate_batch(self, specs: Sequence[TaskSpec]) -> list[TaskSpec]:
+        if not 0 < len(specs) <= MAX_BATCH_JOBS:
+            raise InvalidTaskSpec(f"a batch holds 1-{MAX_BATCH_JOBS} jobs, got {len(specs)}")
+        checked = []
+        for i, spec in enumerate(specs):
+            try:
+                checked.append(self.validate(spec))
+            except (InvalidTaskSpec, PolicyDenied) as exc:
+                if len(specs) == 1:
+                    raise
+                raise type(exc)(f"job {i} of the batch: {exc.message}") from None
+        return checked
 
     def _withdraw(self, job_id: JobId) -> None:
         """Forget a job whose acceptance could not be recorded."""
@@ -370,9 +400,9 @@ class Master:
         ahead = self.scheduler.ahead_of(job.id)
         if not any(n.free_slots for n in matching):
             busy = f"all {len(matching)} matching node(s) are busy"
-            return busy + (f"; behind {ahead} higher-priority job(s)" if ahead else "")
+            return busy + (f"; {ahead} job(s) ahead of it in the queue" if ahead else "")
         if ahead:
-            return f"behind {ahead} higher-priority job(s)"
+            return f"{ahead} job(s) ahead of it in the queue"
         return "being placed"
 
     async def list_jobs(
@@ -721,7 +751,7 @@ class Master:
         await self.store.requeue(job.id, retries, reason)
         if self._active.get(job.id) is not job or job.status != JobStatus.PENDING:
             return  # cancelled while the requeue was written
-        self.scheduler.enqueue(job.id, job.seq, job.spec)
+        self.scheduler.enqueue(job.id, job.seq, job.spec, self.clock.monotonic())
         self._wake.set()
 
     async def _complete(

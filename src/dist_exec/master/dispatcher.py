@@ -153,7 +153,7 @@ class GrpcWorkerClient:
 
 def _classify(exc: grpc.aio.AioRpcError, address: str) -> Exception:
     code, details = exc.code(), exc.details() or exc.code().name
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
         return AttemptRejected(details, fatal=True)
     if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):
         return AttemptRejected(details, fatal=False)

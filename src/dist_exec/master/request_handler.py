@@ -29,6 +29,15 @@ def _job_id(raw: str) -> JobId:
         raise InvalidTaskSpec(f"invalid job id {shorten(raw)}: expected a UUID") from None
 
 
+def _client(context: Context) -> str:
+    """Who is asking: until there is authentication, the peer's address without its port."""
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:51234", "ipv6:[::1]:51234", "unix:..."
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]") or peer
+    return peer
+
+
 def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
     if request.timeout.seconds < 0 or request.timeout.nanos < 0:
         raise InvalidTaskSpec("timeout must not be negative")
@@ -61,14 +70,14 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     async def Submit(
         self, request: master_pb2.SubmitRequest, context: Context
     ) -> master_pb2.SubmitResponse:
-        job_id = await self.master.submit(_spec(request))
+        job_id = (await self.master.submit_many([_spec(request)], _client(context)))[0]
         return master_pb2.SubmitResponse(job_id=job_id)
 
     @grpc_errors
     async def SubmitBatch(
         self, request: master_pb2.SubmitBatchRequest, context: Context
     ) -> master_pb2.SubmitBatchResponse:
-        job_ids = await self.master.submit_many([_spec(r) for r in request.jobs])
+        job_ids = await self.master.submit_many([_spec(r) for r in request.jobs], _client(context))
         return master_pb2.SubmitBatchResponse(job_ids=job_ids)
 
     @grpc_stream_errors

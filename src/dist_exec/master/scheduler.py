@@ -1,6 +1,11 @@
 """Scheduler: the queue of pending tasks and which of them to place now. Pure.
 
-Order: higher priority first; within a priority, first submitted first (FIFO by sequence).
+Order: higher (effective) priority first; within one, first submitted first (FIFO).
+
+Aging keeps low priorities from starving: a queued job gains one priority level for every
+``aging_s`` it has waited, up to the top (10). So a job of priority p ranks with priority 10
+after at most (10 - p) * aging_s, and from then on it goes before every priority-10 job
+submitted after it. ``age(now)`` applies the rule; the master calls it about once a second.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dist_exec.master.balancer import Balancer
-from dist_exec.models import JobId, NodeId, NodeInfo, TaskSpec
+from dist_exec.models import MAX_PRIORITY, JobId, NodeId, NodeInfo, TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,13 +25,21 @@ class Assignment:
     node_id: NodeId
 
 
+@dataclass(slots=True)
+class _Queued:
+    generation: int  # matches the job's live heap entry; older entries are skipped
+    spec: TaskSpec
+    seq: int
+    since: float  # when it was queued (for aging)
+    effective: int  # priority after aging
+
+
 class Scheduler:
-    def __init__(self, balancer: Balancer) -> None:
+    def __init__(self, balancer: Balancer, aging_s: float = 0.0) -> None:
         self.balancer = balancer
-        # Heap entries carry the enqueue generation: an entry whose job was removed (and maybe
-        # queued again since) no longer matches and is skipped.
-        self._heap: list[tuple[int, int, int, JobId]] = []
-        self._queued: dict[JobId, tuple[int, TaskSpec]] = {}  # job -> (generation, spec)
+        self.aging_s = aging_s  # 0: no aging
+        self._heap: list[tuple[int, int, int, JobId]] = []  # (-effective, seq, generation, id)
+        self._queued: dict[JobId, _Queued] = {}
         self._generation = 0
         self._types: Counter[str] = Counter()  # queued jobs per task type
 
@@ -36,11 +49,11 @@ class Scheduler:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._queued
 
-    def enqueue(self, job_id: JobId, seq: int, spec: TaskSpec) -> None:
+    def enqueue(self, job_id: JobId, seq: int, spec: TaskSpec, now: float = 0.0) -> None:
         if job_id in self._queued:
             self.remove(job_id)
         self._generation += 1
-        self._queued[job_id] = (self._generation, spec)
+        self._queued[job_id] = _Queued(self._generation, spec, seq, now, spec.priority)
         self._types[spec.task_type] += 1
         heapq.heappush(self._heap, (-spec.priority, seq, self._generation, job_id))
 
@@ -49,23 +62,40 @@ class Scheduler:
         queued = self._queued.pop(job_id, None)
         if queued is None:
             return False
-        self._types[queued[1].task_type] -= 1
+        self._types[queued.spec.task_type] -= 1
         return True
 
+    def age(self, now: float) -> int:
+        """Raise the effective priority of jobs that waited long enough; returns how many."""
+        if self.aging_s <= 0:
+            return 0
+        raised = 0
+        for job_id, queued in self._queued.items():
+            if queued.effective >= MAX_PRIORITY:
+                continue
+            boost = int((now - queued.since) / self.aging_s)
+            effective = min(MAX_PRIORITY, queued.spec.priority + boost)
+            if effective > queued.effective:
+                self._generation += 1
+                queued.generation, queued.effective = self._generation, effective
+                heapq.heappush(self._heap, (-effective, queued.seq, queued.generation, job_id))
+                raised += 1
+        return raised
+
     def ahead_of(self, job_id: JobId) -> int:
-        """Queued jobs of a higher priority than this one (0 if it is not queued)."""
+        """Queued jobs that rank before this one (0 if it is not queued)."""
         queued = self._queued.get(job_id)
         if queued is None:
             return 0
-        priority = queued[1].priority
-        return sum(1 for _, spec in self._queued.values() if spec.priority > priority)
+        key = (-queued.effective, queued.seq)
+        return sum(1 for q in self._queued.values() if (-q.effective, q.seq) < key)
 
     def ordered(self) -> list[JobId]:
         return [j for _, _, gen, j in sorted(self._heap) if self._current(j, gen)]
 
     def _current(self, job_id: JobId, generation: int) -> bool:
         queued = self._queued.get(job_id)
-        return queued is not None and queued[0] == generation
+        return queued is not None and queued.generation == generation
 
     def plan(
         self,
@@ -85,7 +115,7 @@ class Scheduler:
             job_id, generation = entry[3], entry[2]
             if not self._current(job_id, generation):
                 continue  # removed (or queued again) since
-            spec = self._queued[job_id][1]
+            spec = self._queued[job_id].spec
             kind = (spec.task_type, frozenset(spec.selector.items()))
             node = None
             if kind not in full:

@@ -139,7 +139,12 @@ async def run_worker(
         if executors is not None
         else load_executors(
             options={
-                "command": {"kill_grace_s": config.kill_grace_s, "inherit_env": config.inherit_env}
+                "command": {
+                    "kill_grace_s": config.kill_grace_s,
+                    "inherit_env": config.inherit_env,
+                    "allowed_commands": config.allowed_commands,
+                    "blocked_commands": config.blocked_commands,
+                }
             }
         )
     )

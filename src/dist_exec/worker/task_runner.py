@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from dist_exec.config import format_duration
 from dist_exec.errors import (
     InvalidTaskSpec,
+    PolicyDenied,
     ResourceExhausted,
     TaskNotFound,
     WorkerDraining,
@@ -291,7 +292,7 @@ class TaskRunner:
             else:
                 try:
                     outcome = work.result()
-                except InvalidTaskSpec as exc:
+                except (InvalidTaskSpec, PolicyDenied) as exc:
                     outcome = ExecOutcome(ExecStatus.FAILURE, error=exc.message)
                 except Exception as exc:
                     log.exception("executor %s failed on %s", executor.name, request.task_id)
