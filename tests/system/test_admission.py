@@ -1,0 +1,105 @@
+"""Every admission rule on a real cluster: the gRPC code, and the CLI's one-line message."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import grpc.aio
+import pytest
+
+from dist_exec.client import Client, ResourceExhausted, command_spec
+from dist_exec.errors import PolicyDenied
+from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.conftest import ClusterFactory, run_cli
+
+
+def test_command_policy_on_the_master(cluster: ClusterFactory) -> None:
+    master = cluster.master(extra=["--block-command", "rm", "--allow-command", "echo",
+                                   "--allow-command", "rm"])  # fmt: skip
+    cluster.worker(master)
+    ok = run_cli("run", "--", "echo", "fine", master=master.address)
+    assert (ok.code, ok.stdout) == (0, "fine\n")
+    blocked = run_cli("run", "--", "rm", "-rf", "/tmp/nothing", master=master.address)
+    assert blocked.code == 125
+    assert blocked.stderr.strip() == "dist-exec: command 'rm' is blocked by rule 'rm'"
+    shell = run_cli("run", "echo via a shell", master=master.address)
+    assert shell.code == 125
+    assert "'sh' is not in the allowed commands (echo, rm)" in shell.stderr
+
+
+async def test_policy_is_enforced_on_the_worker_too(cluster: ClusterFactory) -> None:
+    master = cluster.master()  # the master allows anything
+    worker = cluster.worker(master, extra=["--block-command", "touch"])
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec(["touch", "/tmp/never"]))
+        job = await client.wait(job_id)
+    assert job.status.value == "FAILED"
+    assert job.error == "command 'touch' is blocked by rule 'touch'"
+    # A forged request straight to the worker is refused as well.
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Execute(
+                worker_pb2.ExecuteRequest(
+                    task_id="forged",
+                    task_type="command",
+                    payload=json.dumps({"command": "touch", "args": ["/tmp/x"]}).encode(),
+                )
+            )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "blocked by rule 'touch'" in (info.value.details() or "")
+
+
+async def test_rate_limit_refuses_with_a_retry_hint(cluster: ClusterFactory) -> None:
+    master = cluster.master(extra=["--rate-limit", "1", "--rate-burst", "3"])
+    async with grpc.aio.insecure_channel(master.address) as channel:
+        stub = master_pb2_grpc.MasterServiceStub(channel)
+        request = master_pb2.SubmitRequest(task_type="command", payload=b'{"command": "true"}')
+        for _ in range(3):
+            await stub.Submit(request)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Submit(request)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "rate limit exceeded for 127.0.0.1: 1 jobs/s, burst 3; retry in" in (
+        info.value.details() or ""
+    )
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert 0 < int(trailing["retry-after-ms"]) <= 1000
+    cli = run_cli("run", "-d", "true", master=master.address)
+    assert cli.code == 125
+    assert cli.stderr.startswith("dist-exec: rate limit exceeded for 127.0.0.1")
+    assert "retry in" in cli.stderr
+
+
+async def test_full_queue_refuses_new_jobs_and_keeps_the_accepted(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master(extra=["--max-queued", "3"])  # no worker: everything waits
+    async with Client(master.address) as client:
+        accepted = await client.submit_many([command_spec(["true"])] * 3)
+        with pytest.raises(ResourceExhausted, match=r"the queue is full \(3 jobs waiting"):
+            await client.submit(command_spec(["true"]))
+        cli = run_cli("run", "-d", "true", master=master.address)
+        assert cli.code == 125
+        assert "the queue is full" in cli.stderr
+        cluster.worker(master)
+        for job_id in accepted:
+            assert (await client.wait(job_id)).status.value == "COMPLETED"
+        # Room again once the queue drains.
+        assert (await client.wait(await client.submit(command_spec(["true"])))).exit_code == 0
+
+
+async def test_batch_with_a_refused_command_names_it(cluster: ClusterFactory) -> None:
+    master = cluster.master(extra=["--block-command", "reboot"])
+    async with Client(master.address) as client:
+        with pytest.raises(PolicyDenied, match="job 1 of the batch: command 'reboot'"):
+            await client.submit_many([command_spec(["true"]), command_spec(["reboot"])])
+        _, total = await client.list_jobs()
+        assert total == 0
+
+
+def test_aging_flag_is_validated() -> None:
+    result = run_cli("master", "--priority-aging", "soon")
+    assert result.code == 2
+    assert "invalid duration 'soon'" in result.stderr
