@@ -8,6 +8,7 @@ out, 130 when it was cancelled and 125 when dist-exec could not run it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from dist_exec.config import (
     parse_size,
     split_address,
 )
-from dist_exec.errors import DistExecError
+from dist_exec.errors import DistExecError, JobNotFound
 from dist_exec.executors import describe_task
 from dist_exec.executors.http import HttpSpec
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
@@ -593,6 +594,13 @@ class RunCommand(click.Command):
     default=None,
     help="Retries after infrastructure failures (default: the master's).",
 )
+@click.option(
+    "--all",
+    "broadcast",
+    is_flag=True,
+    help="Run once on every healthy node that can (with --selector: every matching one); "
+    "output lines are prefixed with the node id; exits 0 only if every node succeeded.",
+)
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @json_option
 @click.pass_context
@@ -612,6 +620,7 @@ def run(
     cwd: str,
     stdin_file: Any,
     max_retries: int | None,
+    broadcast: bool,
     detach: bool,
     as_json: bool,
 ) -> None:
@@ -650,8 +659,102 @@ def run(
             max_retries=max_retries,
         )
     spec = replace(spec, selector=dict(selector))
-    code = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+    if broadcast:
+        code = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+    else:
+        code = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
     sys.exit(code)
+
+
+class _Prefixer:
+    """Writes each node's output line by line, each line prefixed with the node id."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.partial: dict[tuple[str, Stream], bytes] = {}
+
+    def write(self, node: str, stream: Stream, data: bytes) -> None:
+        text = self.partial.pop((node, stream), b"") + data
+        *lines, rest = text.split(b"\n")
+        if rest:
+            self.partial[(node, stream)] = rest
+        out = sys.stdout.buffer if stream == Stream.STDOUT else sys.stderr.buffer
+        prefix = f"[{node:<{self.width}}] ".encode()
+        for line in lines:
+            out.write(prefix + line + b"\n")
+        out.flush()
+
+    def flush(self, node: str) -> None:
+        for stream in Stream:
+            rest = self.partial.pop((node, stream), b"")
+            if rest:
+                self.write(node, stream, rest + b"\n")
+
+
+async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> int:
+    async with Client(address) as client:
+        broadcast_id, tasks = await client.submit_broadcast(spec)
+        if detach:
+            click.echo(broadcast_id)
+            return 0
+        node_of: dict[str, str] = dict(tasks)
+        prefixer = _Prefixer(max(len(n) for n in node_of.values()))
+        finals: dict[str, Job] = {}
+        loop = asyncio.get_running_loop()
+        watch = asyncio.ensure_future(
+            _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
+        )
+        loop.add_signal_handler(signal.SIGINT, watch.cancel)
+        try:
+            await watch
+        except asyncio.CancelledError:
+            for job_id in node_of:
+                if job_id not in finals:
+                    with contextlib.suppress(DistExecError):
+                        await client.cancel(job_id)
+            for job_id in node_of:
+                finals[job_id] = await client.get(job_id)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        failed = [j for j in node_of if finals[j].status != JobStatus.COMPLETED]
+        if as_json:
+            jobs = [await client.get(j) for j in node_of]
+            print_json(
+                {
+                    "broadcast_id": broadcast_id,
+                    "nodes": len(jobs),
+                    "succeeded": len(jobs) - len(failed),
+                    "results": [{"node_id": node_of[j.id]} | job_json(j) for j in jobs],
+                }
+            )
+        else:
+            click.echo(
+                f"dist-exec: broadcast {broadcast_id} on {len(node_of)} node(s): "
+                f"{len(node_of) - len(failed)} succeeded, {len(failed)} failed",
+                err=True,
+            )
+            for job_id, node in sorted(node_of.items(), key=lambda item: item[1]):
+                job = finals[job_id]
+                code = "-" if job.exit_code is None else str(job.exit_code)
+                detail = f"  {job.error}" if job.status != JobStatus.COMPLETED and job.error else ""
+                click.echo(f"  {node:<20} {job.status.value:<9} exit {code}{detail}", err=True)
+        return 0 if not failed else EXIT_ERROR
+
+
+async def _watch_broadcast(
+    client: Client,
+    job_ids: list[str],
+    node_of: dict[str, str],
+    prefixer: _Prefixer,
+    finals: dict[str, Job],
+    quiet: bool,
+) -> None:
+    async for job_id, item in client.watch_many(job_ids, with_output=not quiet):
+        if isinstance(item, Job):
+            finals[job_id] = item
+            prefixer.flush(node_of[job_id])
+        else:
+            prefixer.write(node_of[job_id], item[1].stream, item[1].data)
 
 
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
@@ -760,17 +863,33 @@ def _describe_job(job: Job) -> None:
 @master_option
 @json_option
 def status(job_id: str, master_address: str, as_json: bool) -> None:
-    """Show one job."""
+    """Show one job, or the per-node jobs of a broadcast."""
 
-    async def body() -> Job:
+    async def body() -> Job | list[Job]:
         async with Client(master_address) as client:
-            return await client.get(job_id)
+            try:
+                return await client.get(job_id)
+            except JobNotFound:
+                members, _ = await client.list_jobs(1000, broadcast_id=job_id)
+                if not members:
+                    raise
+                return [await client.get(j.id) for j, _ in members]
 
-    job = run_client(body())
+    found = run_client(body())
+    if isinstance(found, Job):
+        if as_json:
+            print_json(job_json(found))
+        else:
+            _describe_job(found)
+        return
     if as_json:
-        print_json(job_json(job))
-    else:
-        _describe_job(job)
+        print_json({"broadcast_id": job_id, "jobs": [job_json(j) for j in found]})
+        return
+    done = sum(1 for j in found if j.status == JobStatus.COMPLETED)
+    click.echo(f"broadcast {job_id}: {len(found)} node(s), {done} completed")
+    for job in sorted(found, key=lambda j: j.spec.node_id):
+        code = "-" if job.exit_code is None else str(job.exit_code)
+        click.echo(f"  {job.spec.node_id:<20} {job.status.value:<9} exit {code:<4} job {job.id}")
 
 
 def _status_choice(value: str | None) -> JobStatus | None:
@@ -787,16 +906,24 @@ def _status_choice(value: str | None) -> JobStatus | None:
     default=None,
     help="Only jobs in this state.",
 )
+@click.option("--broadcast", default=None, help="Only the per-node jobs of this broadcast.")
 @master_option
 @json_option
 def list_jobs(
-    limit: int, offset: int, status_filter: str | None, master_address: str, as_json: bool
+    limit: int,
+    offset: int,
+    status_filter: str | None,
+    broadcast: str | None,
+    master_address: str,
+    as_json: bool,
 ) -> None:
     """List recent jobs, newest first."""
 
     async def body() -> tuple[list[tuple[Job, str]], list[Job], int]:
         async with Client(master_address) as client:
-            jobs, total = await client.list_jobs(limit, offset, _status_choice(status_filter))
+            jobs, total = await client.list_jobs(
+                limit, offset, _status_choice(status_filter), broadcast or ""
+            )
             full = [await client.get(j.id) for j, _ in jobs] if as_json else []
             return jobs, full, total
 
@@ -812,6 +939,7 @@ def list_jobs(
         click.echo(
             f"{job.id:<36}  {job.status.value:<9}  {exit_code:>4}  {worker_id:<20}"
             f"  {created:<20}  {summary}"
+            + (f"  [broadcast {job.spec.broadcast_id[:8]}]" if job.spec.broadcast_id else "")
         )
     click.echo(f"({len(jobs)} of {total} jobs)", err=True)
 

@@ -7,6 +7,7 @@
     ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, worker full
     │   └── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
     ├── PolicyDenied              PERMISSION_DENIED    command refused by the command policy
+    ├── NoMatchingNode            FAILED_PRECONDITION  broadcast with no healthy matching node
     ├── WorkerDraining            FAILED_PRECONDITION  worker takes no new tasks
     ├── TaskNotFound              NOT_FOUND            worker does not hold that attempt
     ├── FollowerTooSlow           ABORTED              output stream fell behind; resume
@@ -88,6 +89,12 @@ class PolicyDenied(DistExecError):
     """The command policy (allowed / blocked commands) refuses this command."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NoMatchingNode(DistExecError):
+    """No healthy node can run the task now (a broadcast needs at least one)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class WorkerDraining(DistExecError):

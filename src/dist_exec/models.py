@@ -73,6 +73,8 @@ class TaskSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     max_retries: int | None = None  # None: the master's default
     selector: dict[str, str] = field(default_factory=dict)  # labels a node must have
+    node_id: str = ""  # pinned to this node (the per-node jobs of a broadcast)
+    broadcast_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +147,10 @@ class NodeInfo:
 
     def matches(self, spec: TaskSpec) -> bool:
         """Runs this task type and carries every label of the task's selector."""
-        return spec.task_type in self.capabilities and all(
-            self.labels.get(k) == v for k, v in spec.selector.items()
+        return (
+            spec.task_type in self.capabilities
+            and spec.node_id in ("", self.id)
+            and all(self.labels.get(k) == v for k, v in spec.selector.items())
         )
 
     @property

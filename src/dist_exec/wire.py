@@ -151,6 +151,8 @@ def job_to_status_pb(job: Job) -> master_pb2.GetStatusResponse:
         selector=job.spec.selector,
         result_metadata=job.result_metadata,
         attempt=job.attempt,
+        broadcast_id=job.spec.broadcast_id,
+        node_id=job.spec.node_id,
     )
 
 
@@ -165,6 +167,8 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
             metadata=dict(msg.metadata),
             max_retries=msg.max_retries,
             selector=dict(msg.selector),
+            node_id=msg.node_id,
+            broadcast_id=msg.broadcast_id,
         ),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
@@ -199,6 +203,7 @@ def job_to_summary_pb(job: Job, summary: str) -> master_pb2.JobSummary:
         completed_at=timestamp(job.completed_at),
         error=job.error,
         summary=summary,
+        broadcast_id=job.spec.broadcast_id,
     )
 
 
@@ -206,7 +211,7 @@ def job_from_summary_pb(msg: master_pb2.JobSummary) -> tuple[Job, str]:
     """A listed job (no output, payload or timeout on the wire) and its one-line summary."""
     job = Job(
         id=JobId(msg.job_id),
-        spec=TaskSpec(msg.task_type, b"", 0.0, msg.priority),
+        spec=TaskSpec(msg.task_type, b"", 0.0, msg.priority, broadcast_id=msg.broadcast_id),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
         started_at=from_timestamp(msg, "started_at"),

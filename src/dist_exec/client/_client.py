@@ -97,6 +97,16 @@ class Client:
             raise self._error(exc) from None
         return [JobId(j) for j in reply.job_ids]
 
+    async def submit_broadcast(self, spec: TaskSpec) -> tuple[str, list[tuple[JobId, str]]]:
+        """Run ``spec`` once on every healthy matching node; returns the broadcast id and the
+        (job id, node id) of each per-node job."""
+        request = master_pb2.SubmitBroadcastRequest(job=wire.submit_request(spec))
+        try:
+            reply = await self.stub.SubmitBroadcast(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return reply.broadcast_id, [(JobId(t.job_id), t.node_id) for t in reply.tasks]
+
     async def watch_many(
         self, job_ids: Sequence[str], with_output: bool = True
     ) -> AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]:
@@ -133,12 +143,17 @@ class Client:
         return reply.message
 
     async def list_jobs(
-        self, limit: int = 10, offset: int = 0, status: JobStatus | None = None
+        self,
+        limit: int = 10,
+        offset: int = 0,
+        status: JobStatus | None = None,
+        broadcast_id: str = "",
     ) -> tuple[list[tuple[Job, str]], int]:
         request = master_pb2.ListJobsRequest(
             limit=limit,
             offset=offset,
             status_filter=wire.JOB_STATUS_TO_PB[status] if status else 0,  # type: ignore[arg-type]
+            broadcast_id=broadcast_id,
         )
         try:
             reply = await self.stub.ListJobs(request, timeout=self.timeout_s)

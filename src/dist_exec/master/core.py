@@ -23,6 +23,7 @@ from dist_exec.errors import (
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
+    NoMatchingNode,
     PolicyDenied,
     ResourceExhausted,
     shorten,
@@ -317,6 +318,26 @@ class Master:
             raise
         return [job.id for job in jobs]
 
+    async def submit_broadcast(
+        self, spec: TaskSpec, client: str = ""
+    ) -> tuple[str, list[tuple[JobId, NodeId]]]:
+        """Run ``spec`` once on every healthy node that matches it: one job per node, pinned
+        to it, all sharing a broadcast id. Returns that id and the (job, node) pairs."""
+        if spec.node_id or spec.broadcast_id:
+            raise InvalidTaskSpec("a broadcast job cannot be pinned to a node")
+        nodes = self.registry.matching(spec)
+        if not nodes:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
+            raise NoMatchingNode(
+                f"no healthy worker runs task type {shorten(spec.task_type)}"
+                + (f" with labels {labels}" if labels else "")
+                + ": nothing to broadcast to"
+            )
+        broadcast_id = str(uuid.uuid4())
+        specs = [replace(spec, node_id=n.id, broadcast_id=broadcast_id) for n in nodes]
+        job_ids = await self.submit_many(specs, client)
+        return broadcast_id, list(zip(job_ids, [n.id for n in nodes], strict=True))
+
     def _validate_batch(self, specs: Sequence[TaskSpec]) -> list[TaskSpec]:
         if not 0 < len(specs) <= MAX_BATCH_JOBS:
             raise InvalidTaskSpec(f"a batch holds 1-{MAX_BATCH_JOBS} jobs, got {len(specs)}")
@@ -393,6 +414,8 @@ class Master:
         matching = self.registry.matching(spec)
         if not matching:
             wanted = f"task type {spec.task_type!r}"
+            if spec.node_id:
+                wanted += f" as node {spec.node_id}"
             if spec.selector:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
                 wanted += f" with labels {labels}"
@@ -406,11 +429,11 @@ class Master:
         return "being placed"
 
     async def list_jobs(
-        self, limit: int, offset: int, status: JobStatus | None
+        self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
     ) -> tuple[list[Job], int]:
         if limit < 0 or offset < 0:
             raise InvalidTaskSpec("limit and offset must not be negative")
-        return await self.store.list_jobs(min(limit or 100, 1000), offset, status)
+        return await self.store.list_jobs(min(limit or 100, 1000), offset, status, broadcast_id)
 
     async def cancel(self, job_id: JobId, wait_s: float) -> str:
         """Cancel a job; waits up to ``wait_s`` for a running one to be confirmed dead."""
@@ -736,6 +759,9 @@ class Master:
             await self._complete(job, JobStatus.CANCELLED, error=f"cancelled ({reason})")
             return
         retries = job.retries + (1 if count else 0)
+        if job.spec.node_id:  # pinned (broadcast): no other node may run it instead
+            await self._complete(job, JobStatus.FAILED, error=f"{reason}; not retried elsewhere")
+            return
         if retries > (job.spec.max_retries or 0):
             await self._complete(
                 job,

@@ -80,6 +80,18 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         job_ids = await self.master.submit_many([_spec(r) for r in request.jobs], _client(context))
         return master_pb2.SubmitBatchResponse(job_ids=job_ids)
 
+    @grpc_errors
+    async def SubmitBroadcast(
+        self, request: master_pb2.SubmitBroadcastRequest, context: Context
+    ) -> master_pb2.SubmitBroadcastResponse:
+        broadcast_id, tasks = await self.master.submit_broadcast(
+            _spec(request.job), _client(context)
+        )
+        return master_pb2.SubmitBroadcastResponse(
+            broadcast_id=broadcast_id,
+            tasks=[master_pb2.BroadcastTask(job_id=j, node_id=n) for j, n in tasks],
+        )
+
     @grpc_stream_errors
     async def WatchJobs(
         self, request: master_pb2.WatchJobsRequest, context: Context
@@ -116,7 +128,8 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             status = wire.JOB_STATUS_FROM_PB.get(request.status_filter)
             if status is None:
                 raise InvalidTaskSpec(f"unknown status_filter value {request.status_filter}")
-        jobs, total = await self.master.list_jobs(request.limit, request.offset, status)
+        broadcast = _job_id(request.broadcast_id) if request.broadcast_id else ""
+        jobs, total = await self.master.list_jobs(request.limit, request.offset, status, broadcast)
         return master_pb2.ListJobsResponse(
             jobs=[
                 wire.job_to_summary_pb(j, describe_task(j.spec.task_type, j.spec.payload))

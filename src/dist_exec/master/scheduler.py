@@ -108,7 +108,7 @@ class Scheduler:
         (type and selector), so a lower priority never overtakes a higher one for a slot."""
         assignments: list[Assignment] = []
         skipped: list[tuple[int, int, int, JobId]] = []
-        full: set[tuple[str, frozenset[tuple[str, str]]]] = set()
+        full: set[tuple[str, frozenset[tuple[str, str]], str]] = set()
         full_types: set[str] = set()  # types every one of whose queued tasks is blocked
         while self._heap and not full_types.issuperset(+self._types):
             entry = heapq.heappop(self._heap)
@@ -116,13 +116,13 @@ class Scheduler:
             if not self._current(job_id, generation):
                 continue  # removed (or queued again) since
             spec = self._queued[job_id].spec
-            kind = (spec.task_type, frozenset(spec.selector.items()))
+            kind = (spec.task_type, frozenset(spec.selector.items()), spec.node_id)
             node = None
             if kind not in full:
                 node = self.balancer.select(spec, eligible(spec))
             if node is None:
                 full.add(kind)
-                if not spec.selector:
+                if not spec.selector and not spec.node_id:
                     full_types.add(spec.task_type)
                 skipped.append(entry)
                 continue

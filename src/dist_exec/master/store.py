@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     stderr_bytes INTEGER NOT NULL DEFAULT 0,
     truncated INTEGER NOT NULL DEFAULT 0,
     selector TEXT NOT NULL DEFAULT '{}',
-    result_metadata TEXT NOT NULL DEFAULT '{}'
+    result_metadata TEXT NOT NULL DEFAULT '{}',
+    node_pin TEXT NOT NULL DEFAULT '',
+    broadcast_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS output (
@@ -67,12 +69,14 @@ CREATE TABLE IF NOT EXISTS output (
 _JOB_COLUMNS = (
     "seq, id, task_type, payload, timeout_s, priority, metadata, max_retries, status, created_at,"
     " started_at, completed_at, worker_id, attempt, retries, exit_code, error, stdout_bytes,"
-    " stderr_bytes, truncated, selector, result_metadata"
+    " stderr_bytes, truncated, selector, result_metadata, node_pin, broadcast_id"
 )
 # Columns added after the first release; older files get them on open.
 _ADDED_COLUMNS = {
     "selector": "TEXT NOT NULL DEFAULT '{}'",
     "result_metadata": "TEXT NOT NULL DEFAULT '{}'",
+    "node_pin": "TEXT NOT NULL DEFAULT ''",
+    "broadcast_id": "TEXT NOT NULL DEFAULT ''",
 }
 
 
@@ -89,7 +93,7 @@ class JobStore(Protocol):
     async def requeue(self, job_id: JobId, retries: int, error: str) -> None: ...
     async def get(self, job_id: JobId, with_output: bool = True) -> Job | None: ...
     async def list_jobs(
-        self, limit: int, offset: int, status: JobStatus | None
+        self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
     ) -> tuple[list[Job], int]: ...
     async def unfinished(self) -> list[tuple[int, Job]]: ...
     async def read_output(
@@ -108,7 +112,7 @@ def _dt(value: float | None) -> datetime | None:
 def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b"") -> Job:
     (_seq, id_, task_type, payload, timeout_s, priority, metadata, max_retries, status, created,
      started, completed, worker_id, attempt, retries, exit_code, error, out_n, err_n,
-     truncated, selector, result_metadata) = row  # fmt: skip
+     truncated, selector, result_metadata, node_pin, broadcast_id) = row  # fmt: skip
     return Job(
         id=JobId(id_),
         spec=TaskSpec(
@@ -119,6 +123,8 @@ def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b""
             json.loads(metadata),
             max_retries,
             json.loads(selector),
+            node_pin,
+            broadcast_id,
         ),
         status=JobStatus(status),
         created_at=_dt(created) or datetime.fromtimestamp(0, UTC),
@@ -164,6 +170,10 @@ class SqliteJobStore:
         for column, definition in _ADDED_COLUMNS.items():
             if column not in have:
                 write_conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+        write_conn.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_by_broadcast ON jobs (broadcast_id) "
+            "WHERE broadcast_id != ''"
+        )
         write_conn.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -290,6 +300,8 @@ class SqliteJobStore:
                 job.worker_id,
                 job.attempt,
                 json.dumps(job.spec.selector),
+                job.spec.node_id,
+                job.spec.broadcast_id,
             )
             for job in jobs
         ]
@@ -302,7 +314,8 @@ class SqliteJobStore:
                     cur = conn.execute(
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
                         " max_retries, status, created_at, started_at, worker_id, attempt,"
-                        " selector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " selector, node_pin, broadcast_id)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None
@@ -386,9 +399,17 @@ class SqliteJobStore:
         return await self._read(op)
 
     async def list_jobs(
-        self, limit: int, offset: int, status: JobStatus | None
+        self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
     ) -> tuple[list[Job], int]:
-        where, args = ("WHERE status = ?", (status.value,)) if status else ("", ())
+        clauses, params = [], []
+        if status:
+            clauses.append("status = ?")
+            params.append(status.value)
+        if broadcast_id:
+            clauses.append("broadcast_id = ?")
+            params.append(broadcast_id)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        args = tuple(params)
 
         def op(conn: sqlite3.Connection) -> tuple[list[Job], int]:
             total = conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]

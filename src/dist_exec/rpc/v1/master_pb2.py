@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from dist_exec.rpc.v1 import common_pb2 as dist__exec_dot_rpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ist_exec/rpc/v1/master.proto\x12\x0b\x64istexec.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1d\x64ist_exec/rpc/v1/common.proto\"\xf5\x02\n\rSubmitRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.distexec.v1.SubmitRequest.MetadataEntry\x12\x18\n\x0bmax_retries\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12:\n\x08selector\x18\x07 \x03(\x0b\x32(.distexec.v1.SubmitRequest.SelectorEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_max_retries\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10GetStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa6\x07\n\x11GetStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.distexec.v1.JobStatus\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x0e\n\x06stderr\x18\n \x01(\x0c\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12\x11\n\ttask_type\x18\x0c \x01(\t\x12\x0f\n\x07payload\x18\r \x01(\x0c\x12>\n\x08metadata\x18\x0e \x03(\x0b\x32,.distexec.v1.GetStatusResponse.MetadataEntry\x12*\n\x07timeout\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07retries\x18\x10 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x11 \x01(\x05\x12\x14\n\x0cstdout_bytes\x18\x12 \x01(\x03\x12\x14\n\x0cstderr_bytes\x18\x13 \x01(\x03\x12\x18\n\x10output_truncated\x18\x14 \x01(\x08\x12\x15\n\rhas_exit_code\x18\x15 \x01(\x08\x12\x16\n\x0epending_reason\x18\x16 \x01(\t\x12>\n\x08selector\x18\x17 \x03(\x0b\x32,.distexec.v1.GetStatusResponse.SelectorEntry\x12K\n\x0fresult_metadata\x18\x18 \x03(\x0b\x32\x32.distexec.v1.GetStatusResponse.ResultMetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x19 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13ResultMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"_\n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12-\n\rstatus_filter\x18\x03 \x01(\x0e\x32\x16.distexec.v1.JobStatus\"\xd8\x02\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.distexec.v1.JobStatus\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0f\n\x07summary\x18\x0c \x01(\t\"H\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.distexec.v1.JobSummary\x12\r\n\x05total\x18\x02 \x01(\x05\"~\n\x13StreamOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tno_follow\x18\x02 \x01(\x08\x12\x15\n\rstdout_offset\x18\x03 \x01(\x03\x12\x15\n\rstderr_offset\x18\x04 \x01(\x03\x12\x16\n\x0einclude_result\x18\x05 \x01(\x08\"\x93\x01\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.distexec.v1.OutputType\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12.\n\x06result\x18\x05 \x01(\x0b\x32\x1e.distexec.v1.GetStatusResponse\">\n\x12SubmitBatchRequest\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.distexec.v1.SubmitRequest\"&\n\x13SubmitBatchResponse\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"6\n\x10WatchJobsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\x11\n\tno_output\x18\x02 \x01(\x08\"t\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.distexec.v1.OutputChunk\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1e.distexec.v1.GetStatusResponse\"\x12\n\x10ListNodesRequest\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.distexec.v1.NodeInfo2\xdb\x04\n\rMasterService\x12\x41\n\x06Submit\x12\x1a.distexec.v1.SubmitRequest\x1a\x1b.distexec.v1.SubmitResponse\x12J\n\tGetStatus\x12\x1d.distexec.v1.GetStatusRequest\x1a\x1e.distexec.v1.GetStatusResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.distexec.v1.CancelRequest\x1a\x1b.distexec.v1.CancelResponse\x12G\n\x08ListJobs\x12\x1c.distexec.v1.ListJobsRequest\x1a\x1d.distexec.v1.ListJobsResponse\x12L\n\x0cStreamOutput\x12 .distexec.v1.StreamOutputRequest\x1a\x18.distexec.v1.OutputChunk0\x01\x12J\n\tListNodes\x12\x1d.distexec.v1.ListNodesRequest\x1a\x1e.distexec.v1.ListNodesResponse\x12P\n\x0bSubmitBatch\x12\x1f.distexec.v1.SubmitBatchRequest\x1a .distexec.v1.SubmitBatchResponse\x12\x43\n\tWatchJobs\x12\x1d.distexec.v1.WatchJobsRequest\x1a\x15.distexec.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ist_exec/rpc/v1/master.proto\x12\x0b\x64istexec.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1d\x64ist_exec/rpc/v1/common.proto\"\xf5\x02\n\rSubmitRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.distexec.v1.SubmitRequest.MetadataEntry\x12\x18\n\x0bmax_retries\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12:\n\x08selector\x18\x07 \x03(\x0b\x32(.distexec.v1.SubmitRequest.SelectorEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_max_retries\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10GetStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xcd\x07\n\x11GetStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.distexec.v1.JobStatus\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x0e\n\x06stderr\x18\n \x01(\x0c\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12\x11\n\ttask_type\x18\x0c \x01(\t\x12\x0f\n\x07payload\x18\r \x01(\x0c\x12>\n\x08metadata\x18\x0e \x03(\x0b\x32,.distexec.v1.GetStatusResponse.MetadataEntry\x12*\n\x07timeout\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07retries\x18\x10 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x11 \x01(\x05\x12\x14\n\x0cstdout_bytes\x18\x12 \x01(\x03\x12\x14\n\x0cstderr_bytes\x18\x13 \x01(\x03\x12\x18\n\x10output_truncated\x18\x14 \x01(\x08\x12\x15\n\rhas_exit_code\x18\x15 \x01(\x08\x12\x16\n\x0epending_reason\x18\x16 \x01(\t\x12>\n\x08selector\x18\x17 \x03(\x0b\x32,.distexec.v1.GetStatusResponse.SelectorEntry\x12K\n\x0fresult_metadata\x18\x18 \x03(\x0b\x32\x32.distexec.v1.GetStatusResponse.ResultMetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x19 \x01(\x05\x12\x14\n\x0c\x62roadcast_id\x18\x1a \x01(\t\x12\x0f\n\x07node_id\x18\x1b \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13ResultMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"u\n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12-\n\rstatus_filter\x18\x03 \x01(\x0e\x32\x16.distexec.v1.JobStatus\x12\x14\n\x0c\x62roadcast_id\x18\x04 \x01(\t\"\xee\x02\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.distexec.v1.JobStatus\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x06 \x01(\x08\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0f\n\x07summary\x18\x0c \x01(\t\x12\x14\n\x0c\x62roadcast_id\x18\r \x01(\t\"H\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.distexec.v1.JobSummary\x12\r\n\x05total\x18\x02 \x01(\x05\"~\n\x13StreamOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tno_follow\x18\x02 \x01(\x08\x12\x15\n\rstdout_offset\x18\x03 \x01(\x03\x12\x15\n\rstderr_offset\x18\x04 \x01(\x03\x12\x16\n\x0einclude_result\x18\x05 \x01(\x08\"\x93\x01\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.distexec.v1.OutputType\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12.\n\x06result\x18\x05 \x01(\x0b\x32\x1e.distexec.v1.GetStatusResponse\"A\n\x16SubmitBroadcastRequest\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x1a.distexec.v1.SubmitRequest\"0\n\rBroadcastTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"Z\n\x17SubmitBroadcastResponse\x12\x14\n\x0c\x62roadcast_id\x18\x01 \x01(\t\x12)\n\x05tasks\x18\x02 \x03(\x0b\x32\x1a.distexec.v1.BroadcastTask\">\n\x12SubmitBatchRequest\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.distexec.v1.SubmitRequest\"&\n\x13SubmitBatchResponse\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"6\n\x10WatchJobsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\x11\n\tno_output\x18\x02 \x01(\x08\"t\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.distexec.v1.OutputChunk\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1e.distexec.v1.GetStatusResponse\"\x12\n\x10ListNodesRequest\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.distexec.v1.NodeInfo2\xb9\x05\n\rMasterService\x12\x41\n\x06Submit\x12\x1a.distexec.v1.SubmitRequest\x1a\x1b.distexec.v1.SubmitResponse\x12J\n\tGetStatus\x12\x1d.distexec.v1.GetStatusRequest\x1a\x1e.distexec.v1.GetStatusResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.distexec.v1.CancelRequest\x1a\x1b.distexec.v1.CancelResponse\x12G\n\x08ListJobs\x12\x1c.distexec.v1.ListJobsRequest\x1a\x1d.distexec.v1.ListJobsResponse\x12L\n\x0cStreamOutput\x12 .distexec.v1.StreamOutputRequest\x1a\x18.distexec.v1.OutputChunk0\x01\x12J\n\tListNodes\x12\x1d.distexec.v1.ListNodesRequest\x1a\x1e.distexec.v1.ListNodesResponse\x12P\n\x0bSubmitBatch\x12\x1f.distexec.v1.SubmitBatchRequest\x1a .distexec.v1.SubmitBatchResponse\x12\x43\n\tWatchJobs\x12\x1d.distexec.v1.WatchJobsRequest\x1a\x15.distexec.v1.JobEvent0\x01\x12\\\n\x0fSubmitBroadcast\x12#.distexec.v1.SubmitBroadcastRequest\x1a$.distexec.v1.SubmitBroadcastResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,39 +55,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=552
   _globals['_GETSTATUSREQUEST']._serialized_end=586
   _globals['_GETSTATUSRESPONSE']._serialized_start=589
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1523
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1562
   _globals['_GETSTATUSRESPONSE_METADATAENTRY']._serialized_start=404
   _globals['_GETSTATUSRESPONSE_METADATAENTRY']._serialized_end=451
   _globals['_GETSTATUSRESPONSE_SELECTORENTRY']._serialized_start=453
   _globals['_GETSTATUSRESPONSE_SELECTORENTRY']._serialized_end=500
-  _globals['_GETSTATUSRESPONSE_RESULTMETADATAENTRY']._serialized_start=1470
-  _globals['_GETSTATUSRESPONSE_RESULTMETADATAENTRY']._serialized_end=1523
-  _globals['_CANCELREQUEST']._serialized_start=1525
-  _globals['_CANCELREQUEST']._serialized_end=1556
-  _globals['_CANCELRESPONSE']._serialized_start=1558
-  _globals['_CANCELRESPONSE']._serialized_end=1610
-  _globals['_LISTJOBSREQUEST']._serialized_start=1612
-  _globals['_LISTJOBSREQUEST']._serialized_end=1707
-  _globals['_JOBSUMMARY']._serialized_start=1710
-  _globals['_JOBSUMMARY']._serialized_end=2054
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2056
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2128
-  _globals['_STREAMOUTPUTREQUEST']._serialized_start=2130
-  _globals['_STREAMOUTPUTREQUEST']._serialized_end=2256
-  _globals['_OUTPUTCHUNK']._serialized_start=2259
-  _globals['_OUTPUTCHUNK']._serialized_end=2406
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=2408
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=2470
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=2472
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=2510
-  _globals['_WATCHJOBSREQUEST']._serialized_start=2512
-  _globals['_WATCHJOBSREQUEST']._serialized_end=2566
-  _globals['_JOBEVENT']._serialized_start=2568
-  _globals['_JOBEVENT']._serialized_end=2684
-  _globals['_LISTNODESREQUEST']._serialized_start=2686
-  _globals['_LISTNODESREQUEST']._serialized_end=2704
-  _globals['_LISTNODESRESPONSE']._serialized_start=2706
-  _globals['_LISTNODESRESPONSE']._serialized_end=2763
-  _globals['_MASTERSERVICE']._serialized_start=2766
-  _globals['_MASTERSERVICE']._serialized_end=3369
+  _globals['_GETSTATUSRESPONSE_RESULTMETADATAENTRY']._serialized_start=1509
+  _globals['_GETSTATUSRESPONSE_RESULTMETADATAENTRY']._serialized_end=1562
+  _globals['_CANCELREQUEST']._serialized_start=1564
+  _globals['_CANCELREQUEST']._serialized_end=1595
+  _globals['_CANCELRESPONSE']._serialized_start=1597
+  _globals['_CANCELRESPONSE']._serialized_end=1649
+  _globals['_LISTJOBSREQUEST']._serialized_start=1651
+  _globals['_LISTJOBSREQUEST']._serialized_end=1768
+  _globals['_JOBSUMMARY']._serialized_start=1771
+  _globals['_JOBSUMMARY']._serialized_end=2137
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2139
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2211
+  _globals['_STREAMOUTPUTREQUEST']._serialized_start=2213
+  _globals['_STREAMOUTPUTREQUEST']._serialized_end=2339
+  _globals['_OUTPUTCHUNK']._serialized_start=2342
+  _globals['_OUTPUTCHUNK']._serialized_end=2489
+  _globals['_SUBMITBROADCASTREQUEST']._serialized_start=2491
+  _globals['_SUBMITBROADCASTREQUEST']._serialized_end=2556
+  _globals['_BROADCASTTASK']._serialized_start=2558
+  _globals['_BROADCASTTASK']._serialized_end=2606
+  _globals['_SUBMITBROADCASTRESPONSE']._serialized_start=2608
+  _globals['_SUBMITBROADCASTRESPONSE']._serialized_end=2698
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=2700
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=2762
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=2764
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=2802
+  _globals['_WATCHJOBSREQUEST']._serialized_start=2804
+  _globals['_WATCHJOBSREQUEST']._serialized_end=2858
+  _globals['_JOBEVENT']._serialized_start=2860
+  _globals['_JOBEVENT']._serialized_end=2976
+  _globals['_LISTNODESREQUEST']._serialized_start=2978
+  _globals['_LISTNODESREQUEST']._serialized_end=2996
+  _globals['_LISTNODESRESPONSE']._serialized_start=2998
+  _globals['_LISTNODESRESPONSE']._serialized_end=3055
+  _globals['_MASTERSERVICE']._serialized_start=3058
+  _globals['_MASTERSERVICE']._serialized_end=3755
 # @@protoc_insertion_point(module_scope)

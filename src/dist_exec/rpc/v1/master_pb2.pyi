@@ -56,7 +56,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job_id", "status", "output", "error", "exit_code", "created_at", "started_at", "completed_at", "worker_id", "stderr", "priority", "task_type", "payload", "metadata", "timeout", "retries", "max_retries", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "pending_reason", "selector", "result_metadata", "attempt")
+    __slots__ = ("job_id", "status", "output", "error", "exit_code", "created_at", "started_at", "completed_at", "worker_id", "stderr", "priority", "task_type", "payload", "metadata", "timeout", "retries", "max_retries", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "pending_reason", "selector", "result_metadata", "attempt", "broadcast_id", "node_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,8 @@ class GetStatusResponse(_message.Message):
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     RESULT_METADATA_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: _common_pb2.JobStatus
     output: bytes
@@ -128,7 +130,9 @@ class GetStatusResponse(_message.Message):
     selector: _containers.ScalarMap[str, str]
     result_metadata: _containers.ScalarMap[str, str]
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., stderr: _Optional[bytes] = ..., priority: _Optional[int] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., max_retries: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., pending_reason: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., result_metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    broadcast_id: str
+    node_id: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., stderr: _Optional[bytes] = ..., priority: _Optional[int] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., max_retries: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., pending_reason: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., result_metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., broadcast_id: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -145,17 +149,19 @@ class CancelResponse(_message.Message):
     def __init__(self, cancelled: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("limit", "offset", "status_filter")
+    __slots__ = ("limit", "offset", "status_filter", "broadcast_id")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     STATUS_FILTER_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
     limit: int
     offset: int
     status_filter: _common_pb2.JobStatus
-    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., status_filter: _Optional[_Union[_common_pb2.JobStatus, str]] = ...) -> None: ...
+    broadcast_id: str
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., status_filter: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., broadcast_id: _Optional[str] = ...) -> None: ...
 
 class JobSummary(_message.Message):
-    __slots__ = ("job_id", "task_type", "status", "created_at", "exit_code", "has_exit_code", "worker_id", "priority", "started_at", "completed_at", "error", "summary")
+    __slots__ = ("job_id", "task_type", "status", "created_at", "exit_code", "has_exit_code", "worker_id", "priority", "started_at", "completed_at", "error", "summary", "broadcast_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +174,7 @@ class JobSummary(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     task_type: str
     status: _common_pb2.JobStatus
@@ -180,7 +187,8 @@ class JobSummary(_message.Message):
     completed_at: _timestamp_pb2.Timestamp
     error: str
     summary: str
-    def __init__(self, job_id: _Optional[str] = ..., task_type: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., has_exit_code: _Optional[bool] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+    broadcast_id: str
+    def __init__(self, job_id: _Optional[str] = ..., task_type: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., has_exit_code: _Optional[bool] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., summary: _Optional[str] = ..., broadcast_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "total")
@@ -217,6 +225,28 @@ class OutputChunk(_message.Message):
     attempt: int
     result: GetStatusResponse
     def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[_common_pb2.OutputType, str]] = ..., offset: _Optional[int] = ..., attempt: _Optional[int] = ..., result: _Optional[_Union[GetStatusResponse, _Mapping]] = ...) -> None: ...
+
+class SubmitBroadcastRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: SubmitRequest
+    def __init__(self, job: _Optional[_Union[SubmitRequest, _Mapping]] = ...) -> None: ...
+
+class BroadcastTask(_message.Message):
+    __slots__ = ("job_id", "node_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    node_id: str
+    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class SubmitBroadcastResponse(_message.Message):
+    __slots__ = ("broadcast_id", "tasks")
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    broadcast_id: str
+    tasks: _containers.RepeatedCompositeFieldContainer[BroadcastTask]
+    def __init__(self, broadcast_id: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[BroadcastTask, _Mapping]]] = ...) -> None: ...
 
 class SubmitBatchRequest(_message.Message):
     __slots__ = ("jobs",)

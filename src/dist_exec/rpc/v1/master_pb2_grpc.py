@@ -74,6 +74,11 @@ class MasterServiceStub:
                 request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.WatchJobsRequest.SerializeToString,
                 response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.SubmitBroadcast = channel.unary_unary(
+                '/distexec.v1.MasterService/SubmitBroadcast',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastResponse.FromString,
+                _registered_method=True)
 
 
 class MasterServiceServicer:
@@ -131,6 +136,13 @@ class MasterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBroadcast(self, request, context):
+        """Addition: run a job once on every healthy node that matches it (type and selector).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +185,11 @@ def add_MasterServiceServicer_to_server(servicer, server):
                     servicer.WatchJobs,
                     request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.WatchJobsRequest.FromString,
                     response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.SerializeToString,
+            ),
+            'SubmitBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBroadcast,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +408,33 @@ class MasterService:
             '/distexec.v1.MasterService/WatchJobs',
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.WatchJobsRequest.SerializeToString,
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distexec.v1.MasterService/SubmitBroadcast',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastResponse.FromString,
             options,
             channel_credentials,
             insecure,

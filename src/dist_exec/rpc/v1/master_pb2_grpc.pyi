@@ -46,6 +46,8 @@ class MasterServiceStub:
     """Addition: follow several jobs on one stream: their output, then each one's final state.
     Ends when every job has ended.
     """
+    SubmitBroadcast: _grpc.UnaryUnaryMultiCallable[_master_pb2.SubmitBroadcastRequest, _master_pb2.SubmitBroadcastResponse]
+    """Addition: run a job once on every healthy node that matches it (type and selector)."""
 
 @_typing.type_check_only
 class MasterServiceAsyncStub(MasterServiceStub):
@@ -63,6 +65,8 @@ class MasterServiceAsyncStub(MasterServiceStub):
     """Addition: follow several jobs on one stream: their output, then each one's final state.
     Ends when every job has ended.
     """
+    SubmitBroadcast: _aio.UnaryUnaryMultiCallable[_master_pb2.SubmitBroadcastRequest, _master_pb2.SubmitBroadcastResponse]  # type: ignore[assignment]
+    """Addition: run a job once on every healthy node that matches it (type and selector)."""
 
 class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -125,5 +129,13 @@ class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
         """Addition: follow several jobs on one stream: their output, then each one's final state.
         Ends when every job has ended.
         """
+
+    @_abc_1.abstractmethod
+    def SubmitBroadcast(
+        self,
+        request: _master_pb2.SubmitBroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_pb2.SubmitBroadcastResponse, _abc.Awaitable[_master_pb2.SubmitBroadcastResponse]]:
+        """Addition: run a job once on every healthy node that matches it (type and selector)."""
 
 def add_MasterServiceServicer_to_server(servicer: MasterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
