@@ -1,0 +1,79 @@
+"""HTTP jobs through the real cluster against a local HTTP server (127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import SmallCluster, run_cli
+
+
+async def hello(request: web.Request) -> web.Response:
+    body = await request.text()
+    return web.Response(
+        text=f"{request.method} {request.path} {body}".strip(),
+        headers={"X-Served-By": "test"},
+    )
+
+
+async def missing(request: web.Request) -> web.Response:
+    return web.Response(status=404, text="no such thing")
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/hello", hello)
+    app.router.add_get("/missing", missing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_http_job_prints_the_body_and_records_status_and_headers(
+    small_cluster: SmallCluster, http_server: str
+) -> None:
+    addr = small_cluster.address
+    ok = await asyncio.to_thread(
+        run_cli, "run", "--type", "http", "--url", f"{http_server}/hello", master=addr
+    )
+    assert (ok.code, ok.stdout) == (0, "GET /hello")
+    posted = await asyncio.to_thread(
+        run_cli, "run", "--type", "http", "--method", "POST", "--data", "payload",
+        "--header", "X-Test=1", "--url", f"{http_server}/hello", "--json", master=addr,
+    )  # fmt: skip
+    body = json.loads(posted.stdout)
+    assert posted.code == 0
+    assert body["output"] == "POST /hello payload"
+    assert body["exit_code"] == 200
+    assert body["metadata"]["http.status"] == "200"
+    assert body["metadata"]["header.x-served-by"] == "test"
+    assert body["command"].startswith("POST http://127.0.0.1")
+
+    gone = await asyncio.to_thread(
+        run_cli, "run", "--type", "http", "--url", f"{http_server}/missing", master=addr
+    )
+    assert gone.code == 22
+    assert gone.stdout == "no such thing"
+    assert "HTTP 404" in gone.stderr
+
+
+def test_bad_http_jobs_are_refused_at_submit(small_cluster: SmallCluster) -> None:
+    addr = small_cluster.address
+    bad = run_cli("run", "--type", "http", "--url", "ftp://127.0.0.1/x", master=addr)
+    assert bad.code == 125
+    assert "ftp" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    usage = run_cli("run", "--type", "http", master=addr)
+    assert usage.code == 2
+    assert "--type http takes --url URL" in usage.stderr
+    mixed = run_cli("run", "--url", "http://127.0.0.1:1/", "true", master=addr)
+    assert mixed.code == 2
