@@ -181,6 +181,7 @@ def node_json(node: NodeInfo) -> dict[str, Any]:
         "capabilities": sorted(node.capabilities),
         "max_tasks": node.max_tasks,
         "active_tasks": node.active_tasks,
+        "weight": node.effective_weight,
         "labels": node.labels,
         "last_seen": _iso(node.last_seen_wall),
     }

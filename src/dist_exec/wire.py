@@ -233,6 +233,7 @@ def node_to_pb(node: NodeInfo) -> common_pb2.NodeInfo:
         active_tasks=node.active_tasks,
         labels=node.labels,
         last_seen=timestamp(node.last_seen_wall),
+        weight=node.effective_weight,
     )
 
 
@@ -247,4 +248,5 @@ def node_from_pb(msg: common_pb2.NodeInfo) -> NodeInfo:
         last_seen_wall=from_timestamp(msg, "last_seen") or datetime.fromtimestamp(0, UTC),
         status=NODE_STATUS_FROM_PB.get(msg.status, NodeStatus.UNHEALTHY),
         active_tasks=msg.active_tasks,
+        weight=msg.weight,
     )

@@ -83,12 +83,17 @@ class Scheduler:
         return raised
 
     def ahead_of(self, job_id: JobId) -> int:
-        """Queued jobs that rank before this one (0 if it is not queued)."""
+        """Queued jobs of the same task type that rank before this one (0 if not queued)."""
         queued = self._queued.get(job_id)
         if queued is None:
             return 0
         key = (-queued.effective, queued.seq)
-        return sum(1 for q in self._queued.values() if (-q.effective, q.seq) < key)
+        task_type = queued.spec.task_type
+        return sum(
+            1
+            for q in self._queued.values()
+            if q.spec.task_type == task_type and (-q.effective, q.seq) < key
+        )
 
     def ordered(self) -> list[JobId]:
         return [j for _, _, gen, j in sorted(self._heap) if self._current(j, gen)]

@@ -70,7 +70,7 @@ NODE_STATUS_UNHEALTHY: NodeStatus
 NODE_STATUS_DRAINING: NodeStatus
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "status", "capabilities", "max_tasks", "active_tasks", "labels", "last_seen")
+    __slots__ = ("node_id", "address", "status", "capabilities", "max_tasks", "active_tasks", "labels", "last_seen", "weight")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class NodeInfo(_message.Message):
     ACTIVE_TASKS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     status: NodeStatus
@@ -94,4 +95,5 @@ class NodeInfo(_message.Message):
     active_tasks: int
     labels: _containers.ScalarMap[str, str]
     last_seen: _timestamp_pb2.Timestamp
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_tasks: _Optional[int] = ..., active_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    weight: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_tasks: _Optional[int] = ..., active_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
