@@ -248,7 +248,9 @@ def test_node_round_trip(status: NodeStatus) -> None:
     msg = common_pb2.NodeInfo.FromString(wire.node_to_pb(node).SerializeToString())
     assert list(msg.capabilities) == ["command", "http"]
     back = wire.node_from_pb(msg)
-    # The registry's monotonic clock and the node's own report do not travel.
+    # The registry's monotonic clock and the node's own report do not travel; the weight
+    # travels as the one in force (an unset weight is the node's slot count).
+    assert back.weight == node.effective_weight == node.max_tasks
     assert back == NodeInfo(
         id=node.id,
         address=node.address,
@@ -259,6 +261,7 @@ def test_node_round_trip(status: NodeStatus) -> None:
         last_seen_wall=node.last_seen_wall,
         status=node.status,
         active_tasks=node.active_tasks,
+        weight=node.max_tasks,
     )
 
 
