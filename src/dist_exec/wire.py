@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -45,12 +45,17 @@ NODE_STATUS_TO_PB = {
 NODE_STATUS_FROM_PB = {v: k for k, v in NODE_STATUS_TO_PB.items()}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     if dt is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(dt)
-    return ts
+    # Same result as Timestamp.FromDatetime for aware datetimes, at a fraction of its cost.
+    micros = (dt - _EPOCH) // _MICROSECOND
+    seconds, micros = divmod(micros, 1_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def from_timestamp(msg: object, name: str) -> datetime | None:

@@ -140,6 +140,8 @@ class CommandPolicy:
     blocked: tuple[str, ...] = ()
 
     def check(self, spec: CommandSpec) -> None:
+        if not self.allowed and not self.blocked:
+            return
         program = "sh" if spec.shell else os.path.basename(spec.command)
         line = spec.command if spec.shell else shlex.join([spec.command, *spec.args])
         for rule in self.blocked:
