@@ -6,9 +6,12 @@ import asyncio
 import signal
 from pathlib import Path
 
+import grpc.aio
+
 from dist_exec.client import Client, JobStatus, command_spec
 from dist_exec.config import split_address
 from dist_exec.models import Job
+from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 from tests.conftest import ClusterFactory
 
 TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT}
@@ -119,12 +122,18 @@ async def test_worker_sigkill_mid_task_retries_on_another_worker(
         assert runs.read_text().split() == ["run", "run"]
 
 
-async def test_worker_sigterm_drains_running_work_then_exits(cluster: ClusterFactory) -> None:
+async def test_worker_sigterm_drains_running_work_then_exits(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
     master = cluster.master()
     w1 = cluster.worker(master, worker_id="w1", max_tasks=2)
+    started = tmp_path / "started"
     async with Client(master.address) as client:
-        job_id = await client.submit(command_spec("sleep 1; echo finished", shell=True))
-        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        job_id = await client.submit(
+            command_spec(f"echo go > {started}; sleep 1; echo finished", shell=True)
+        )
+        # RUNNING on the master means dispatched; wait until the command itself runs.
+        await wait_file_lines(started, 1)
         w1.signal(signal.SIGTERM)
         job = await wait_job(client, job_id)
         assert job.status == JobStatus.COMPLETED
@@ -149,3 +158,27 @@ async def test_drain_deadline_hands_unfinished_work_back(cluster: ClusterFactory
         job = await wait_job(client, job_id, statuses={JobStatus.RUNNING})
         assert job.worker_id == "w2"
         await client.cancel(job_id)
+
+
+async def test_a_worker_keeps_a_delivered_result_for_a_master_that_died_before_committing(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master()
+    worker = cluster.worker(master, worker_id="w1")
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec(["echo", "kept"]))
+        job = await client.wait(job_id)
+    assert job.status == JobStatus.COMPLETED
+    # What a restarted master does for a job it never committed: attach to the attempt again.
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        replies = [
+            reply
+            async for reply in stub.ExecuteStream(
+                worker_pb2.ExecuteRequest(task_id=job_id, attempt=job.attempt, attach=True)
+            )
+        ]
+    final = replies[-1]
+    assert final.type == worker_pb2.PROGRESS_COMPLETED
+    assert final.final_result.output == b"kept\n"
+    assert final.final_result.exit_code == 0

@@ -161,3 +161,45 @@ async def test_a_restarted_worker_that_lost_an_attempt_gets_it_retried(tmp_path:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.__aexit__(None, None, None)
+
+
+class BrokenOnceWorker(ScriptedWorker):
+    """The first attempt fails in a way no one planned for (a bug, a malformed message)."""
+
+    async def execute(
+        self,
+        address: str,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        if attempt == 1:
+            raise ValueError("7 is not a valid Stream")
+        async for event in super().execute(
+            address, task_id, attempt, spec, attach, offsets, deadline_s
+        ):
+            yield event
+
+
+async def test_an_unexpected_error_in_an_attempt_retries_instead_of_stopping_the_master(
+    tmp_path: Path,
+) -> None:
+    master, store = await start_master(tmp_path, BrokenOnceWorker())
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
+        job_id = await master.submit(SPEC)
+        async with asyncio.timeout(5):
+            while (job := await master.get(job_id)).status != JobStatus.COMPLETED:
+                assert not runner.done(), "the master stopped"
+                await asyncio.sleep(0.01)
+        assert job.retries == 1
+        assert master.registry.get(NodeId("w1")).active_tasks == 0  # type: ignore[union-attr]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)

@@ -14,6 +14,7 @@ from dist_exec.errors import InvalidTaskSpec, ResourceExhausted, TaskNotFound, W
 from dist_exec.executors import ExecRequest, Executor, OutputSink
 from dist_exec.executors.command import CommandExecutor, CommandSpec
 from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
+from dist_exec.worker import task_runner
 from dist_exec.worker.task_runner import Attempt, TaskRunner
 
 MakeRunner = Callable[..., TaskRunner]
@@ -340,7 +341,9 @@ async def test_subscribe_replays_then_follows_live(make_runner: MakeRunner) -> N
     assert (await finished(attempt)).stdout == b"abcdefghi"
 
 
-async def test_delivered_forgets_the_attempt(make_runner: MakeRunner) -> None:
+async def test_delivered_keeps_the_result_only_among_recent_ones(
+    make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = make_runner()
     attempt = runner.start(request(CommandSpec("true")), "command")
     await finished(attempt)
@@ -348,11 +351,19 @@ async def test_delivered_forgets_the_attempt(make_runner: MakeRunner) -> None:
 
     runner.delivered(attempt)
 
-    assert runner.held() == []
-    with pytest.raises(TaskNotFound, match="holds no attempt 1 of task 'task-1'"):
-        runner.find("task-1", 1)
+    # Still there for a master that dies before committing it, but no longer owed.
+    assert runner.held() == [attempt]
+    assert runner.find("task-1", 1) is attempt
     async with asyncio.timeout(5):
         await runner.wait_delivered()
+    # Bounded: the oldest go first.
+    monkeypatch.setattr(task_runner, "RECENT_RESULTS", 1)
+    second = runner.start(request(CommandSpec("true"), attempt=2), "command")
+    await finished(second)
+    runner.delivered(second)
+    assert runner.held() == [second]
+    with pytest.raises(TaskNotFound, match="holds no attempt 1 of task 'task-1'"):
+        runner.find("task-1", 1)
 
 
 async def test_delivered_of_a_running_attempt_keeps_it(make_runner: MakeRunner) -> None:

@@ -36,7 +36,7 @@ from dist_exec.master.dispatcher import (
     WorkerClient,
     WorkerUnreachable,
 )
-from dist_exec.master.output import OutputHub
+from dist_exec.master.output import Follower, OutputHub
 from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import JobStore
@@ -76,6 +76,7 @@ _EXEC_TO_JOB = {
 class HeldAttempt:
     task_id: str
     attempt: int
+    finished: bool = False
 
 
 @dataclass(slots=True)
@@ -157,6 +158,18 @@ class Master:
         assert self._tg is not None, "Master.run() is not running"
         return self._tg.create_task(coro)  # type: ignore[arg-type]
 
+    def _start_runner(self, coro: object, node_id: NodeId) -> asyncio.Task[None]:
+        """Run an attempt; its slot on ``node_id`` is released when the task ends, however it
+        ends (a task cancelled before its first step never runs its own finally)."""
+
+        def release(_: asyncio.Task[None]) -> None:
+            self.registry.release(node_id)
+            self._wake.set()
+
+        task = self._spawn(coro)
+        task.add_done_callback(release)
+        return task
+
     async def _recover(self) -> None:
         grace = self.config.heartbeat_timeout_s
         unfinished = await self.store.unfinished()
@@ -195,7 +208,9 @@ class Master:
             job.started_at = self.clock.now()
             job.started_mono = self.clock.monotonic()
             job.seen = {s: 0 for s in Stream}
-            job.runner = self._spawn(self._start_attempt(job, job.attempt, assignment.node_id))
+            job.runner = self._start_runner(
+                self._start_attempt(job, job.attempt, assignment.node_id), assignment.node_id
+            )
             placed.append(job)
         return placed
 
@@ -223,7 +238,11 @@ class Master:
                 if job.orphan_deadline is not None and now >= job.orphan_deadline:
                     job.orphan_deadline = None
                     self._spawn(
-                        self._retry(job, f"worker {job.node_id} did not come back after a restart")
+                        self._retry(
+                            job,
+                            f"worker {job.node_id} did not come back after a restart",
+                            attempt=job.attempt,
+                        )
                     )
 
     # ---- client API -------------------------------------------------------------------------
@@ -492,36 +511,40 @@ class Master:
             await job.ended.wait()
             job = None
         follower = self.hub.follow(job_id) if job is not None and follow else None
-        final: Job | None = None
         try:
-            if job is not None and job.kept_all:
-                # Snapshot and subscription in one step of the loop: nothing falls between.
-                stored = [c for c in (_tail(k, offsets.get(k.stream, 0)) for k in job.kept) if c]
-            else:
-                stored = await self.store.read_output(job_id, offsets)
-            if job is None:
-                final = await self.get(job_id, with_output=False)  # or NOT_FOUND
-            attempt = job.attempt if job is not None else final.attempt if final else 0
+            attempt, stored, final = await self._stored_output(job_id, job, offsets)
             sent = {s: offsets.get(s, 0) for s in Stream}
             for chunk in stored:
                 sent[chunk.stream] = chunk.offset + len(chunk.data)
                 yield attempt, chunk
             if follower is not None:
-                async for live in follower:
-                    if live.attempt < attempt:
-                        continue
-                    if live.attempt > attempt:
-                        attempt, sent = live.attempt, {s: 0 for s in Stream}
-                    fresh = _tail(live.chunk, sent[live.chunk.stream])
-                    if fresh is not None:
-                        sent[fresh.stream] = fresh.offset + len(fresh.data)
-                        yield attempt, fresh
+                async for item in _live(follower, attempt, sent):
+                    yield item
                 final = follower.final
         finally:
             if follower is not None:
                 self.hub.unfollow(job_id, follower)
         if include_result and final is not None:
             yield final
+
+    async def _stored_output(
+        self, job_id: JobId, job: ActiveJob | None, offsets: Mapping[Stream, int]
+    ) -> tuple[int, list[OutputChunk], Job | None]:
+        """What a follower starts from: (attempt, stored output, the job if it has ended)."""
+        if job is None:
+            final = await self.get(job_id, with_output=False)  # or NOT_FOUND
+            return final.attempt, await self.store.read_output(job_id, offsets), final
+        attempt = job.attempt
+        if job.kept_all:
+            # Taken in the same step of the loop as the subscription: nothing falls between.
+            return (
+                attempt,
+                [c for c in (_tail(k, offsets.get(k.stream, 0)) for k in job.kept) if c],
+                None,
+            )
+        stored = await self.store.read_output(job_id, offsets)
+        # A retry replaced the output meanwhile: follow the new attempt from its start.
+        return attempt, stored if job.attempt == attempt else [], None
 
     def nodes(self) -> list[NodeInfo]:
         return self.registry.nodes()
@@ -550,6 +573,7 @@ class Master:
             self._spawn(self.workers.forget(previous.address))
         node = self.registry.register(node_id, address, capabilities, max_tasks, labels, weight)
         held_keys = {(h.task_id, h.attempt) for h in held}
+        unfinished = {(h.task_id, h.attempt) for h in held if not h.finished}
         for job in list(self._active.values()):
             if job.node_id != node_id or job.status != JobStatus.RUNNING:
                 continue
@@ -558,10 +582,16 @@ class Master:
                 if job.runner is None:  # recovered after a master restart: attach to it
                     job.orphan_deadline = None
                     self.registry.reserve(node_id, force=True)
-                    job.runner = self._spawn(self._run_attempt(job, job.attempt, node_id, True))
+                    job.runner = self._start_runner(
+                        self._run_attempt(job, job.attempt, node_id, True), node_id
+                    )
             else:
-                self._spawn(self._retry(job, f"worker {node_id} restarted and lost the task"))
-        for task_id, attempt in held_keys:
+                self._spawn(
+                    self._retry(
+                        job, f"worker {node_id} restarted and lost the task", attempt=job.attempt
+                    )
+                )
+        for task_id, attempt in held_keys & unfinished:  # finished ones expire by themselves
             log.info("node %s holds stale attempt %d of %s; stopping it", node_id, attempt, task_id)
             self._spawn(self._stop_stale(node.address, task_id, attempt))
         self._wake.set()
@@ -587,7 +617,7 @@ class Master:
             return
         for job in list(self._active.values()):
             if job.node_id == node_id and job.status == JobStatus.RUNNING and job.runner is None:
-                self._spawn(self._retry(job, f"worker {node_id} left"))
+                self._spawn(self._retry(job, f"worker {node_id} left", attempt=job.attempt))
         self._spawn(self._forget_when_idle(node))
         log.info("node %s deregistered", node_id)
 
@@ -603,7 +633,7 @@ class Master:
     def _node_lost(self, node_id: NodeId, reason: str) -> None:
         for job in list(self._active.values()):
             if job.node_id == node_id and job.status == JobStatus.RUNNING:
-                self._spawn(self._retry(job, reason))
+                self._spawn(self._retry(job, reason, attempt=job.attempt))
 
     async def _stop_stale(self, address: str, task_id: str, attempt: int) -> None:
         with contextlib.suppress(WorkerUnreachable, AttemptGone, AttemptRejected):
@@ -619,21 +649,18 @@ class Master:
         )
 
     async def _start_attempt(self, job: ActiveJob, attempt: int, node_id: NodeId) -> None:
-        try:
-            if job.accepted is not None:
-                try:
-                    await job.accepted
-                except Exception:
-                    self.registry.release(node_id)
-                    return  # never accepted: submit_many reports it and withdraws the job
-            assert job.started_at is not None
-            if job.recorded_attempt != attempt:
-                await self.store.mark_running(job.id, node_id, attempt, job.started_at)
-        except BaseException:
-            self.registry.release(node_id)
-            raise
+        if job.accepted is not None:
+            try:
+                # Shielded: the future is shared by the whole batch; cancelling this runner
+                # must not cancel it for the others.
+                await asyncio.shield(job.accepted)
+            except Exception:
+                return  # never accepted: submit_many reports it and withdraws the job
+            job.accepted = None
+        assert job.started_at is not None
+        if job.recorded_attempt != attempt:
+            await self.store.mark_running(job.id, node_id, attempt, job.started_at)
         if not self._current(job, attempt) or job.cancel_requested:
-            self.registry.release(node_id)
             if self._current(job, attempt):
                 await self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
             return
@@ -684,14 +711,15 @@ class Master:
                     else:
                         await self._retry(job, f"worker {node_id} refused: {exc}", count=False)
                     return
+                except Exception as exc:  # a bug or a broken worker must not stop the master
+                    log.exception("attempt %d of %s on %s failed", attempt, job.id, node_id)
+                    await self._retry(job, f"worker {node_id}: {exc}", attempt=attempt)
+                    return
                 await self._on_outcome(job, attempt, node_id, outcome)
-                # Recorded: now let the worker forget it. Until here it still holds the result,
-                # so a master that dies before its commit gets it again after the restart.
                 with contextlib.suppress(Exception):
-                    await anext(events, None)
+                    await anext(events, None)  # complete the call
                 return
         finally:
-            self.registry.release(node_id)
             self._wake.set()
 
     async def _follow_attempt(
@@ -747,9 +775,16 @@ class Master:
             status = JobStatus.CANCELLED
         await self._complete(job, status, outcome)
 
-    async def _retry(self, job: ActiveJob, reason: str, count: bool = True) -> None:
-        """The attempt was lost to infrastructure: queue the job again, or give up."""
+    async def _retry(
+        self, job: ActiveJob, reason: str, count: bool = True, attempt: int | None = None
+    ) -> None:
+        """The attempt was lost to infrastructure: queue the job again, or give up.
+
+        ``attempt``: act only if that attempt is still the job's running one (a decision taken
+        earlier must not hit a newer attempt, or count the same loss twice)."""
         if self._active.get(job.id) is not job or job.status.terminal:
+            return
+        if attempt is not None and (job.status != JobStatus.RUNNING or job.attempt != attempt):
             return
         if job.runner is not None and job.runner is not asyncio.current_task():
             job.runner.cancel()
@@ -823,6 +858,22 @@ def _truncated(outcome: ExecOutcome | None, limit: int) -> bool:
     if outcome is None:
         return False
     return outcome.truncated or max(outcome.stdout_bytes, outcome.stderr_bytes) > limit
+
+
+async def _live(
+    follower: Follower, attempt: int, sent: dict[Stream, int]
+) -> AsyncIterator[tuple[int, OutputChunk]]:
+    """A follower's live chunks not sent yet; a newer attempt starts its output over."""
+    async for live in follower:
+        if live.attempt < attempt:
+            continue
+        if live.attempt > attempt:
+            attempt = live.attempt
+            sent.update(dict.fromkeys(Stream, 0))
+        fresh = _tail(live.chunk, sent[live.chunk.stream])
+        if fresh is not None:
+            sent[fresh.stream] = fresh.offset + len(fresh.data)
+            yield attempt, fresh
 
 
 def _tail(chunk: OutputChunk, start: int) -> OutputChunk | None:

@@ -125,6 +125,8 @@ class GrpcWorkerClient:
                     raise AttemptRejected(msg.data.decode(errors="replace"), fatal=True)
         except grpc.aio.AioRpcError as exc:
             raise _classify(exc, address) from None
+        except ValueError as exc:  # e.g. an output type this master does not know
+            raise AttemptGone(f"worker {address} sent a malformed message: {exc}") from None
         finally:
             if not call.done():
                 call.cancel()

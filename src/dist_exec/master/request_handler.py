@@ -175,7 +175,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             list(request.capabilities),
             request.max_concurrent_tasks,
             dict(request.labels),
-            [HeldAttempt(h.task_id, h.attempt) for h in request.held_attempts],
+            [HeldAttempt(h.task_id, h.attempt, h.finished) for h in request.held_attempts],
             request.weight,
         )
         return worker_pb2.RegisterResponse(

@@ -136,4 +136,8 @@ class Scheduler:
             assignments.append(Assignment(job_id, node.id))
         for entry in skipped:
             heapq.heappush(self._heap, entry)
+        if len(self._heap) > 2 * len(self._queued) + 1024:
+            # Removed and re-aged jobs leave dead entries; drop them before they pile up.
+            self._heap = [e for e in self._heap if self._current(e[3], e[2])]
+            heapq.heapify(self._heap)
         return assignments

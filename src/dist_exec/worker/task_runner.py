@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,15 @@ from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
 
 log = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_CHUNKS = 64  # at most this many chunks (of up to 64 KiB) wait for the master
+# Delivered results kept for a master that dies before committing them (bounded three ways).
+RECENT_RESULTS = 10_000
+RECENT_RESULT_BYTES = 64 * 1024 * 1024
+RECENT_RESULTS_S = 120.0
+
+
+def _result_bytes(attempt: Attempt) -> int:
+    outcome = attempt.outcome
+    return 0 if outcome is None else len(outcome.stdout) + len(outcome.stderr)
 
 
 @dataclass(slots=True)
@@ -82,6 +92,9 @@ class AttemptOutput:
             if start < len(buf.head):
                 replay.append(OutputChunk(stream, start, bytes(buf.head[start:])))
         sub = _Subscription(replay)
+        if self._subscriber is not None:
+            # The stream it fed is dead or replaced: end it, and free a writer blocked on it.
+            self.unsubscribe(self._subscriber)
         self._subscriber = sub
         if self._closed:
             sub.queue.put_nowait(None)
@@ -90,9 +103,10 @@ class AttemptOutput:
     def unsubscribe(self, sub: _Subscription) -> None:
         if self._subscriber is sub:
             self._subscriber = None
-        # Wake a writer blocked on this subscriber's full queue.
+        # Wake a writer blocked on this subscriber's full queue, and end its follower.
         while not sub.queue.empty():
             sub.queue.get_nowait()
+        sub.queue.put_nowait(None)
 
     async def follow(self, sub: _Subscription) -> AsyncIterator[OutputChunk]:
         for chunk in sub.replay:
@@ -149,6 +163,10 @@ class TaskRunner:
         self._idle.set()
         self._empty = asyncio.Event()  # no attempt is held (every result was delivered)
         self._empty.set()
+        # Results already sent, kept a while: the master may die before committing one, and
+        # then gets it again after its restart (they are reported when registering again).
+        self._recent: OrderedDict[tuple[str, int], Attempt] = OrderedDict()
+        self._recent_bytes = 0
 
     @property
     def capabilities(self) -> list[str]:
@@ -162,11 +180,13 @@ class TaskRunner:
         return [a.task_id for a in self._attempts.values() if a.outcome is None]
 
     def held(self) -> list[Attempt]:
+        """Attempts running or finished whose results the master may still need."""
         self._expire()
-        return list(self._attempts.values())
+        return [*self._attempts.values(), *self._recent.values()]
 
     def find(self, task_id: str, attempt: int) -> Attempt:
-        found = self._attempts.get((task_id, attempt))
+        key = (task_id, attempt)
+        found = self._attempts.get(key) or self._recent.get(key)
         if found is None:
             raise TaskNotFound(f"this worker holds no attempt {attempt} of task {shorten(task_id)}")
         return found
@@ -221,11 +241,18 @@ class TaskRunner:
         return found
 
     def delivered(self, attempt: Attempt) -> None:
-        """The master has the result: forget the attempt."""
-        if attempt.outcome is not None:
-            self._attempts.pop(attempt.key, None)
-            if not self._attempts:
-                self._empty.set()
+        """The result went out to the master: keep it only among the recent results."""
+        if attempt.outcome is None or self._attempts.pop(attempt.key, None) is None:
+            return
+        if not self._attempts:
+            self._empty.set()
+        self._recent[attempt.key] = attempt
+        self._recent_bytes += _result_bytes(attempt)
+        while self._recent and (
+            len(self._recent) > RECENT_RESULTS or self._recent_bytes > RECENT_RESULT_BYTES
+        ):
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= _result_bytes(old)
 
     async def wait_delivered(self) -> None:
         """Until every held result has been delivered."""
@@ -265,6 +292,13 @@ class TaskRunner:
                 del self._attempts[key]
         if not self._attempts:
             self._empty.set()
+        recent_cutoff = time.monotonic() - RECENT_RESULTS_S
+        while self._recent:
+            key, oldest = next(iter(self._recent.items()))
+            if oldest.finished_at >= recent_cutoff:
+                break
+            del self._recent[key]
+            self._recent_bytes -= _result_bytes(oldest)
 
     async def _run(self, attempt: Attempt, executor: Executor, request: ExecRequest) -> None:
         work = asyncio.create_task(executor.execute(request, attempt.output))
