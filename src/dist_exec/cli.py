@@ -119,6 +119,24 @@ master_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--allow-command / --block-command, the same on master and worker (both enforce them)."""
+    fn = click.option(
+        "--block-command",
+        "blocked_commands",
+        multiple=True,
+        help="Refuse programs or command lines matching this glob (repeatable; env "
+        "BLOCKED_COMMANDS).",
+    )(fn)
+    return click.option(
+        "--allow-command",
+        "allowed_commands",
+        multiple=True,
+        help="Only these programs may run (glob, repeatable; env ALLOWED_COMMANDS=ls,echo). "
+        "Shell strings are the program 'sh'.",
+    )(fn)
+
+
 # ---- output helpers -------------------------------------------------------------------------
 
 
@@ -316,19 +334,7 @@ def ready_line(what: str) -> Callable[[str], None]:
     show_default=True,
     help="A waiting job gains one priority level this often, so none starves (0: off).",
 )
-@click.option(
-    "--allow-command",
-    "allowed_commands",
-    multiple=True,
-    help="Only these programs may run (glob, repeatable; env ALLOWED_COMMANDS=ls,echo). "
-    "Shell strings are the program 'sh'.",
-)
-@click.option(
-    "--block-command",
-    "blocked_commands",
-    multiple=True,
-    help="Refuse programs or command lines matching this glob (repeatable; env BLOCKED_COMMANDS).",
-)
+@policy_options
 @click.option(
     "--balancer",
     type=click.Choice(sorted(BALANCERS)),
@@ -437,19 +443,7 @@ def _labels_from_env() -> list[tuple[str, str]]:
     default=10,
     show_default=True,
 )
-@click.option(
-    "--allow-command",
-    "allowed_commands",
-    multiple=True,
-    help="Only these programs may run (glob, repeatable; env ALLOWED_COMMANDS=ls,echo). "
-    "Shell strings are the program 'sh'.",
-)
-@click.option(
-    "--block-command",
-    "blocked_commands",
-    multiple=True,
-    help="Refuse programs or command lines matching this glob (repeatable; env BLOCKED_COMMANDS).",
-)
+@policy_options
 @click.option(
     "--weight",
     type=click.IntRange(0, 1_000_000),
