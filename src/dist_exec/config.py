@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -101,16 +100,6 @@ def advertised_address(listen: str, bound_port: int) -> str:
     if host in ("", "0.0.0.0", "::"):
         host = socket.gethostbyname(socket.gethostname())
     return join_address(host, bound_port)
-
-
-def is_loopback(address: str) -> bool:
-    host, _ = split_address(address)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_data_dir() -> Path:

@@ -7,7 +7,6 @@ import pytest
 from dist_exec.config import (
     dial_address,
     format_duration,
-    is_loopback,
     listen_address,
     parse_duration,
     split_address,
@@ -174,27 +173,3 @@ def test_dial_and_listen_reject_bad_addresses(address: str) -> None:
         dial_address(address)
     with pytest.raises(ValueError, match="invalid address"):
         listen_address(address)
-
-
-@pytest.mark.parametrize(
-    ("address", "loopback"),
-    [
-        ("127.0.0.1:50051", True),
-        ("127.1.2.3:1", True),
-        ("localhost:1", True),
-        ("[::1]:80", True),
-        ("10.0.0.1:1", False),
-        ("0.0.0.0:1", False),
-        ("[::]:1", False),
-        ("example.com:1", False),
-        # ':port' binds every interface, so it is not loopback-only.
-        (":50051", False),
-    ],
-)
-def test_is_loopback(address: str, loopback: bool) -> None:
-    assert is_loopback(address) is loopback
-
-
-def test_is_loopback_rejects_bad_port() -> None:
-    with pytest.raises(ValueError, match="port must be 0-65535"):
-        is_loopback("127.0.0.1:65536")

@@ -73,10 +73,6 @@ def describe_task(task_type: str, payload: bytes) -> str:
     return task_type
 
 
-def available_executor_names() -> list[str]:
-    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
-
-
 def load_executors(
     enabled: Iterable[str] | None = None,
     options: Mapping[str, Mapping[str, object]] | None = None,

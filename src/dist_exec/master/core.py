@@ -549,9 +549,6 @@ class Master:
     def nodes(self) -> list[NodeInfo]:
         return self.registry.nodes()
 
-    def is_active(self, job_id: JobId) -> bool:
-        return job_id in self._active
-
     # ---- node API ---------------------------------------------------------------------------
 
     def register(
