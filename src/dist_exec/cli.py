@@ -590,6 +590,11 @@ class RunCommand(click.Command):
     help="Retries after infrastructure failures (default: the master's).",
 )
 @click.option(
+    "--idempotency-key",
+    default="",
+    help="Submitting again with this key (within 24h) gives the same job instead of a new one.",
+)
+@click.option(
     "--all",
     "broadcast",
     is_flag=True,
@@ -615,6 +620,7 @@ def run(
     cwd: str,
     stdin_file: Any,
     max_retries: int | None,
+    idempotency_key: str,
     broadcast: bool,
     detach: bool,
     as_json: bool,
@@ -653,7 +659,7 @@ def run(
             stdin=stdin_file.read() if stdin_file is not None else "",
             max_retries=max_retries,
         )
-    spec = replace(spec, selector=dict(selector))
+    spec = replace(spec, selector=dict(selector), idempotency_key=idempotency_key)
     if broadcast:
         code = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
     else:

@@ -128,6 +128,7 @@ class MasterConfig:
     rate_limit_per_s: float = 1000.0  # jobs per second per client; 0 turns it off
     rate_burst: int = 2000
     max_queued: int = 100_000  # jobs waiting; more are refused, nothing accepted is dropped
+    idempotency_retention_s: float = 86400.0  # how long a submit's idempotency key is honoured
     priority_aging_s: float = 60.0  # a waiting job gains a priority level this often; 0: never
     allowed_commands: tuple[str, ...] = ()  # globs; empty: any command
     blocked_commands: tuple[str, ...] = ()

@@ -6,6 +6,7 @@
     ├── JobAlreadyFinished        FAILED_PRECONDITION  cancel of a job that has ended
     ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, worker full
     │   └── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
+    ├── AlreadyExists             ALREADY_EXISTS       idempotency key used for another request
     ├── PolicyDenied              PERMISSION_DENIED    command refused by the command policy
     ├── NoMatchingNode            FAILED_PRECONDITION  broadcast with no healthy matching node
     ├── WorkerDraining            FAILED_PRECONDITION  worker takes no new tasks
@@ -85,6 +86,12 @@ class RateLimited(ResourceExhausted):
         return (("retry-after-ms", str(math.ceil(self.retry_after_s * 1000))),)
 
 
+class AlreadyExists(DistExecError):
+    """The idempotency key was used for a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class PolicyDenied(DistExecError):
     """The command policy (allowed / blocked commands) refuses this command."""
 
@@ -129,6 +136,7 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.UNAVAILABLE: MasterUnavailable,
     grpc.StatusCode.ABORTED: FollowerTooSlow,
     grpc.StatusCode.PERMISSION_DENIED: PolicyDenied,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
 }
 
 

@@ -75,6 +75,7 @@ class TaskSpec:
     selector: dict[str, str] = field(default_factory=dict)  # labels a node must have
     node_id: str = ""  # pinned to this node (the per-node jobs of a broadcast)
     broadcast_id: str = ""
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

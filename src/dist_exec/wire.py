@@ -85,6 +85,7 @@ def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
         metadata=spec.metadata,
         max_retries=spec.max_retries,  # None leaves the optional field unset
         selector=spec.selector,
+        idempotency_key=spec.idempotency_key,
     )
 
 

@@ -7,6 +7,7 @@ import grpc.aio
 import pytest
 
 from dist_exec.errors import (
+    AlreadyExists,
     DistExecError,
     FollowerTooSlow,
     InvalidTaskSpec,
@@ -34,6 +35,7 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     WorkerDraining: Code.FAILED_PRECONDITION,
     TaskNotFound: Code.NOT_FOUND,
     FollowerTooSlow: Code.ABORTED,
+    AlreadyExists: Code.ALREADY_EXISTS,
     NoMatchingNode: Code.FAILED_PRECONDITION,
     RateLimited: Code.RESOURCE_EXHAUSTED,
     PolicyDenied: Code.PERMISSION_DENIED,

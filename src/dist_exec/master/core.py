@@ -15,11 +15,12 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from dist_exec.clock import Clock
 from dist_exec.config import MasterConfig, format_duration
 from dist_exec.errors import (
+    AlreadyExists,
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
@@ -39,7 +40,7 @@ from dist_exec.master.dispatcher import (
 from dist_exec.master.output import Follower, OutputHub
 from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.scheduler import Scheduler
-from dist_exec.master.store import JobStore
+from dist_exec.master.store import JobStore, request_hash
 from dist_exec.models import (
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -59,6 +60,7 @@ from dist_exec.models import (
 log = logging.getLogger(__name__)
 MAX_RETRIES_LIMIT = 100
 MAX_BATCH_JOBS = 1000  # per SubmitBatch, and per WatchJobs
+MAX_KEY_CHARS = 256
 MAX_METADATA_BYTES = 64 * 1024
 REATTACH_BACKOFF_MAX_S = 2.0
 OUTPUT_CACHE_BYTES = 256 * 1024  # stored output of a running job also kept in memory, up to this
@@ -141,6 +143,7 @@ class Master:
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._seq = itertools.count(1)  # submission order, for FIFO within a priority
+        self._keys: dict[str, tuple[JobId, str]] = {}  # idempotency keys of active jobs
         self.ready = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -292,18 +295,26 @@ class Master:
         """Accept jobs, all or none; their ids come back once they are durable.
 
         Admission, in order: shape of the batch, each job's validation (executor and command
-        policy), the client's rate limit, the bound on queued jobs."""
+        policy), idempotency keys (a known key with the same request gives its existing job),
+        the client's rate limit, the bound on queued jobs."""
         checked = self._validate_batch(specs)
-        if self.rate_limiter is not None:
-            self.rate_limiter.admit(client or "anonymous", len(specs))
-        if len(self.scheduler) + len(specs) > self.config.max_queued:
-            raise ResourceExhausted(
-                f"the queue is full ({len(self.scheduler)} jobs waiting, limit "
-                f"{self.config.max_queued}); try again later"
-            )
-        now = self.clock.now()
+        known = await self._known_keys(checked)
+        # From here on no await until the keys are taken: two submits with one key cannot
+        # both create a job.
+        ids: list[JobId | None] = [None] * len(checked)
+        fresh: list[tuple[int, TaskSpec]] = []
+        for i, spec in enumerate(checked):
+            key = spec.idempotency_key
+            hit = self._keys.get(key) or known.get(key) if key else None
+            if hit is not None:
+                ids[i] = _same_request(key, spec, hit)
+            else:
+                fresh.append((i, spec))
+        if not fresh:
+            return [j for j in ids if j is not None]
+        self._admit(len(fresh), client)
+        jobs = self._take_keys(fresh, ids)
         now_mono = self.clock.monotonic()
-        jobs = [Job(JobId(str(uuid.uuid4())), s, JobStatus.PENDING, now) for s in checked]
         actives = [ActiveJob(job, next(self._seq)) for job in jobs]
         for active in actives:
             self._active[active.id] = active
@@ -335,7 +346,49 @@ class Master:
             for job in jobs:
                 self._withdraw(job.id)
             raise
-        return [job.id for job in jobs]
+        return [j for j in ids if j is not None]
+
+    def _admit(self, count: int, client: str) -> None:
+        """The client's rate limit and the bound on queued jobs."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.admit(client or "anonymous", count)
+        if len(self.scheduler) + count > self.config.max_queued:
+            raise ResourceExhausted(
+                f"the queue is full ({len(self.scheduler)} jobs waiting, limit "
+                f"{self.config.max_queued}); try again later"
+            )
+
+    def _take_keys(
+        self, fresh: Sequence[tuple[int, TaskSpec]], ids: list[JobId | None]
+    ) -> list[Job]:
+        """New jobs for ``fresh`` (filling ``ids``); each takes its idempotency key."""
+        now = self.clock.now()
+        jobs = []
+        for i, spec in fresh:
+            key = spec.idempotency_key
+            if key and key in self._keys:  # the same key twice in one batch
+                ids[i] = _same_request(key, spec, self._keys[key])
+                continue
+            job = Job(JobId(str(uuid.uuid4())), spec, JobStatus.PENDING, now)
+            if key:
+                self._keys[key] = (job.id, request_hash(spec))
+            ids[i] = job.id
+            jobs.append(job)
+        return jobs
+
+    async def _known_keys(self, specs: Sequence[TaskSpec]) -> dict[str, tuple[JobId, str]]:
+        """Jobs already created for the batch's idempotency keys, from the store."""
+        since = self.clock.now() - timedelta(seconds=self.config.idempotency_retention_s)
+        known = {}
+        for spec in specs:
+            key = spec.idempotency_key
+            if key and key not in self._keys and key not in known:
+                if len(key) > MAX_KEY_CHARS:
+                    raise InvalidTaskSpec(f"idempotency key longer than {MAX_KEY_CHARS} chars")
+                found = await self.store.find_by_key(key, since)
+                if found is not None:
+                    known[key] = found
+        return known
 
     async def submit_broadcast(
         self, spec: TaskSpec, client: str = ""
@@ -373,8 +426,16 @@ class Master:
     def _withdraw(self, job_id: JobId) -> None:
         """Forget a job whose acceptance could not be recorded."""
         self.scheduler.remove(job_id)
-        self._active.pop(job_id, None)
+        job = self._active.pop(job_id, None)
+        if job is not None:
+            self._forget_key(job)
         self.hub.close(job_id, None)
+
+    def _forget_key(self, job: ActiveJob) -> None:
+        """Once a job has ended (or was never accepted) the store answers for its key."""
+        key = job.spec.idempotency_key
+        if key and self._keys.get(key, (None, ""))[0] == job.id:
+            del self._keys[key]
 
     async def watch(
         self, job_ids: Sequence[JobId], with_output: bool
@@ -848,6 +909,7 @@ class Master:
             await asyncio.shield(self.store.finish(record, expect_attempt=None))
         finally:
             self._active.pop(job.id, None)
+            self._forget_key(job)
             job.ended.set()
 
 
@@ -871,6 +933,17 @@ async def _live(
         if fresh is not None:
             sent[fresh.stream] = fresh.offset + len(fresh.data)
             yield attempt, fresh
+
+
+def _same_request(key: str, spec: TaskSpec, known: tuple[JobId, str]) -> JobId:
+    """The job already created for this key, if the request is the same one."""
+    job_id, digest = known
+    if digest != request_hash(spec):
+        raise AlreadyExists(
+            f"idempotency key {shorten(key)} was already used for a different request "
+            f"(job {job_id}); use a new key for a new job"
+        )
+    return job_id
 
 
 def _tail(chunk: OutputChunk, start: int) -> OutputChunk | None:

@@ -49,6 +49,7 @@ def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
         metadata=dict(request.metadata),
         max_retries=request.max_retries if request.HasField("max_retries") else None,
         selector=dict(request.selector),
+        idempotency_key=request.idempotency_key,
     )
 
 

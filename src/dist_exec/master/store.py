@@ -12,6 +12,7 @@ on the writer thread too; other reads use their own connection and see what is c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import queue
 import sqlite3
@@ -55,7 +56,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     selector TEXT NOT NULL DEFAULT '{}',
     result_metadata TEXT NOT NULL DEFAULT '{}',
     node_pin TEXT NOT NULL DEFAULT '',
-    broadcast_id TEXT NOT NULL DEFAULT ''
+    broadcast_id TEXT NOT NULL DEFAULT '',
+    idempotency_key TEXT NOT NULL DEFAULT '',
+    request_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS output (
@@ -77,6 +80,8 @@ _ADDED_COLUMNS = {
     "result_metadata": "TEXT NOT NULL DEFAULT '{}'",
     "node_pin": "TEXT NOT NULL DEFAULT ''",
     "broadcast_id": "TEXT NOT NULL DEFAULT ''",
+    "idempotency_key": "TEXT NOT NULL DEFAULT ''",
+    "request_hash": "TEXT NOT NULL DEFAULT ''",
 }
 
 
@@ -96,9 +101,20 @@ class JobStore(Protocol):
         self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
     ) -> tuple[list[Job], int]: ...
     async def unfinished(self) -> list[tuple[int, Job]]: ...
+    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None: ...
     async def read_output(
         self, job_id: JobId, offsets: Mapping[Stream, int]
     ) -> list[OutputChunk]: ...
+
+
+def request_hash(spec: TaskSpec) -> str:
+    """What makes two submissions with one idempotency key the same request."""
+    body = json.dumps(
+        [spec.task_type, spec.payload.hex(), spec.timeout_s, spec.priority, spec.metadata,
+         spec.max_retries, spec.selector, spec.node_id],
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -173,6 +189,10 @@ class SqliteJobStore:
         write_conn.execute(
             "CREATE INDEX IF NOT EXISTS jobs_by_broadcast ON jobs (broadcast_id) "
             "WHERE broadcast_id != ''"
+        )
+        write_conn.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key, seq) "
+            "WHERE idempotency_key != ''"
         )
         write_conn.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -302,6 +322,8 @@ class SqliteJobStore:
                 json.dumps(job.spec.selector),
                 job.spec.node_id,
                 job.spec.broadcast_id,
+                job.spec.idempotency_key,
+                request_hash(job.spec) if job.spec.idempotency_key else "",
             )
             for job in jobs
         ]
@@ -314,8 +336,8 @@ class SqliteJobStore:
                     cur = conn.execute(
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
                         " max_retries, status, created_at, started_at, worker_id, attempt,"
-                        " selector, node_pin, broadcast_id)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " selector, node_pin, broadcast_id, idempotency_key, request_hash)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None
@@ -418,6 +440,19 @@ class SqliteJobStore:
                 (*args, limit, offset),
             ).fetchall()
             return [_job_from_row(r) for r in rows], total
+
+        return await self._read(op)
+
+    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None:
+        """The newest job created with this idempotency key since ``since``: (id, hash)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[JobId, str] | None:
+            row = conn.execute(
+                "SELECT id, request_hash FROM jobs WHERE idempotency_key = ? AND created_at >= ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (key, _ts(since)),
+            ).fetchone()
+            return None if row is None else (JobId(row[0]), row[1])
 
         return await self._read(op)
 
