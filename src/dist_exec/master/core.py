@@ -298,20 +298,22 @@ class Master:
         policy), idempotency keys (a known key with the same request gives its existing job),
         the client's rate limit, the bound on queued jobs."""
         checked = self._validate_batch(specs)
-        known = await self._known_keys(checked)
-        # From here on no await until the keys are taken: two submits with one key cannot
-        # both create a job.
         ids: list[JobId | None] = [None] * len(checked)
-        fresh: list[tuple[int, TaskSpec]] = []
-        for i, spec in enumerate(checked):
-            key = spec.idempotency_key
-            hit = self._keys.get(key) or known.get(key) if key else None
-            if hit is not None:
-                ids[i] = _same_request(key, spec, hit)
-            else:
-                fresh.append((i, spec))
-        if not fresh:
-            return [j for j in ids if j is not None]
+        fresh = list(enumerate(checked))
+        if any(spec.idempotency_key for spec in checked):
+            known = await self._known_keys(checked)
+            # From here on no await until the keys are taken: two submits with one key cannot
+            # both create a job.
+            fresh = []
+            for i, spec in enumerate(checked):
+                key = spec.idempotency_key
+                hit = self._keys.get(key) or known.get(key) if key else None
+                if hit is not None:
+                    ids[i] = _same_request(key, spec, hit)
+                else:
+                    fresh.append((i, spec))
+            if not fresh:
+                return [j for j in ids if j is not None]
         self._admit(len(fresh), client)
         jobs = self._take_keys(fresh, ids)
         now_mono = self.clock.monotonic()
