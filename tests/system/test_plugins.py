@@ -138,7 +138,9 @@ async def test_job_waits_when_no_worker_has_the_plugin(
 
     async with Client(master.address) as client:
         job_id = await client.submit(TaskSpec("reverse", b'{"text": "hello"}', 10.0))
-        await asyncio.sleep(1.0)  # several heartbeats: nothing places it meanwhile
+        # A job submitted after it runs to the end: the scheduler has passed over this one.
+        later = await client.submit(TaskSpec("command", b'{"command": "true"}', 10.0))
+        assert (await client.wait(later)).status == JobStatus.COMPLETED
         shown = await asyncio.to_thread(run_cli, "status", job_id, "--json", master=master.address)
         assert shown.code == 0, shown.stderr
         body = json.loads(shown.stdout)

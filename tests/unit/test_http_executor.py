@@ -306,6 +306,7 @@ class EchoServer:
     port: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends slow handlers
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)  # a handler was cut off
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a slow handler has started
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -346,6 +347,7 @@ async def _chunked(request: web.Request) -> web.StreamResponse:
 
 async def _wait_for_release(request: web.Request) -> None:
     srv = request.app[SERVER]
+    srv.arrived.set()
     try:
         async with asyncio.timeout(HANDLER_WAIT_S):
             await srv.release.wait()
@@ -675,11 +677,14 @@ async def test_cancel_while_waiting_for_the_headers(
     work = asyncio.create_task(
         HttpExecutor().execute(request(HttpSpec(server.url("/slow"))), RecordingSink())
     )
-    await asyncio.sleep(0.1)  # let the request go out; the outcome does not depend on it
+    async with asyncio.timeout(5):
+        await server.arrived.wait()  # the request is out, its headers not back yet
     work.cancel()
     with pytest.raises(asyncio.CancelledError):
         await work
     assert all(s.closed for s in sessions)
+    async with asyncio.timeout(5):
+        await server.client_gone.wait()
 
 
 @pytest.fixture
