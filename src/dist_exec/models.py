@@ -139,7 +139,6 @@ class NodeInfo:
     last_seen_wall: datetime
     status: NodeStatus = NodeStatus.HEALTHY
     active_tasks: int = 0  # slots the master has reserved on this node
-    reported_active: int = 0  # what the node said in its last heartbeat
     weight: int = 0  # share for weighted balancing; 0 means max_tasks
 
     @property

@@ -96,27 +96,26 @@ def test_nodes_in_id_order(registry: NodeRegistry) -> None:
 
 
 def test_heartbeat_of_unknown_node_is_none(registry: NodeRegistry) -> None:
-    assert registry.heartbeat(NodeId("ghost"), 0, draining=False) is None
+    assert registry.heartbeat(NodeId("ghost"), draining=False) is None
 
 
-def test_heartbeat_records_time_and_reported_load(registry: NodeRegistry, clock: FakeClock) -> None:
+def test_heartbeat_records_time(registry: NodeRegistry, clock: FakeClock) -> None:
     add(registry, "w1")
     clock.advance(4.0)
-    node = registry.heartbeat(NodeId("w1"), reported_active=3, draining=False)
+    node = registry.heartbeat(NodeId("w1"), draining=False)
 
     assert node is not None
     assert node.last_seen == clock.monotonic()
     assert node.last_seen_wall == clock.now()
-    assert node.reported_active == 3
     assert node.active_tasks == 0  # the master's own reservations are not overwritten
 
 
 def test_heartbeat_draining_and_back(registry: NodeRegistry) -> None:
     add(registry, "w1")
-    registry.heartbeat(NodeId("w1"), 0, draining=True)
+    registry.heartbeat(NodeId("w1"), draining=True)
     assert status(registry, "w1") == NodeStatus.DRAINING
     assert registry.eligible(spec("command")) == []
-    registry.heartbeat(NodeId("w1"), 0, draining=False)
+    registry.heartbeat(NodeId("w1"), draining=False)
     assert status(registry, "w1") == NodeStatus.HEALTHY
 
 
@@ -129,7 +128,7 @@ def test_deregister(registry: NodeRegistry) -> None:
     assert registry.get(NodeId("w1")) is None
     assert ids(registry.nodes()) == ["w2"]
     assert registry.deregister(NodeId("w1")) is None
-    assert registry.heartbeat(NodeId("w1"), 0, draining=False) is None
+    assert registry.heartbeat(NodeId("w1"), draining=False) is None
 
 
 def test_sweep_leaves_fresh_nodes_alone(registry: NodeRegistry, clock: FakeClock) -> None:
@@ -155,7 +154,7 @@ def test_sweep_marks_unhealthy_then_removes(registry: NodeRegistry, clock: FakeC
     assert swept(registry) == ([], ["w1"])
     assert registry.get(NodeId("w1")) is None
     assert registry.nodes() == []
-    assert registry.heartbeat(NodeId("w1"), 0, draining=False) is None
+    assert registry.heartbeat(NodeId("w1"), draining=False) is None
 
 
 def test_sweep_of_a_long_silent_node_reports_both(registry: NodeRegistry, clock: FakeClock) -> None:
@@ -167,7 +166,7 @@ def test_sweep_of_a_long_silent_node_reports_both(registry: NodeRegistry, clock:
 
 def test_sweep_of_a_silent_draining_node(registry: NodeRegistry, clock: FakeClock) -> None:
     add(registry, "w1")
-    registry.heartbeat(NodeId("w1"), 1, draining=True)
+    registry.heartbeat(NodeId("w1"), draining=True)
     clock.advance(HEARTBEAT_TIMEOUT_S)
     assert swept(registry) == (["w1"], [])
     assert status(registry, "w1") == NodeStatus.UNHEALTHY
@@ -177,7 +176,7 @@ def test_heartbeats_keep_a_node_healthy(registry: NodeRegistry, clock: FakeClock
     add(registry, "w1")
     for _ in range(10):
         clock.advance(HEARTBEAT_TIMEOUT_S - 1)
-        registry.heartbeat(NodeId("w1"), 0, draining=False)
+        registry.heartbeat(NodeId("w1"), draining=False)
         assert swept(registry) == ([], [])
     assert status(registry, "w1") == NodeStatus.HEALTHY
 
@@ -197,7 +196,7 @@ def test_heartbeat_revives_an_unhealthy_node(registry: NodeRegistry, clock: Fake
     registry.sweep()
     assert status(registry, "w1") == NodeStatus.UNHEALTHY
 
-    registry.heartbeat(NodeId("w1"), 0, draining=False)
+    registry.heartbeat(NodeId("w1"), draining=False)
     assert status(registry, "w1") == NodeStatus.HEALTHY
     assert ids(registry.eligible(spec("command"))) == ["w1"]
     clock.advance(REMOVAL_S - 1)
@@ -215,7 +214,7 @@ def test_eligible_filters_status_capability_and_slots(
     add(registry, "b-both", capabilities=("command", "http"))
     add(registry, "a-cmd")
     registry.sweep()  # "stale" turns UNHEALTHY
-    registry.heartbeat(NodeId("c-draining"), 0, draining=True)
+    registry.heartbeat(NodeId("c-draining"), draining=True)
     registry.reserve(NodeId("e-full"))
 
     assert ids(registry.eligible(spec("command"))) == ["a-cmd", "b-both"]

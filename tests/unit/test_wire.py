@@ -238,7 +238,6 @@ def make_node(status: NodeStatus = NodeStatus.HEALTHY) -> NodeInfo:
         last_seen_wall=T0,
         status=status,
         active_tasks=3,
-        reported_active=2,
     )
 
 

@@ -658,13 +658,13 @@ class Master:
         log.info("node %s registered at %s (%d slots)", node_id, address, max_tasks)
         return node
 
-    def heartbeat(self, node_id: NodeId, active_tasks: int, draining: bool) -> bool:
+    def heartbeat(self, node_id: NodeId, draining: bool) -> bool:
         """False: the node is unknown or was declared dead, so it must register again."""
         node = self.registry.get(node_id)
         if node is None or node.status == NodeStatus.UNHEALTHY:
             return False
         was_draining = node.status == NodeStatus.DRAINING
-        self.registry.heartbeat(node_id, active_tasks, draining)
+        self.registry.heartbeat(node_id, draining)
         if was_draining and not draining:
             self._wake.set()
         return True

@@ -29,7 +29,7 @@ class Follower:
         self.lagged = False
         self.final: Job | None = None  # the job's terminal state, once it has ended
 
-    def _put(self, item: LiveChunk | None) -> None:
+    def put(self, item: LiveChunk | None) -> None:
         if self.lagged:
             return
         if item is not None:
@@ -67,10 +67,10 @@ class OutputHub:
 
     def publish(self, job_id: JobId, attempt: int, chunk: OutputChunk) -> None:
         for follower in self._followers.get(job_id, ()):
-            follower._put(LiveChunk(attempt, chunk))
+            follower.put(LiveChunk(attempt, chunk))
 
     def close(self, job_id: JobId, final: Job | None) -> None:
         """The job has ended and everything it printed was published: end every follower."""
         for follower in self._followers.pop(job_id, ()):
             follower.final = final
-            follower._put(None)
+            follower.put(None)

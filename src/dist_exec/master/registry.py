@@ -51,14 +51,13 @@ class NodeRegistry:
         self._nodes[node_id] = node
         return node
 
-    def heartbeat(self, node_id: NodeId, reported_active: int, draining: bool) -> NodeInfo | None:
+    def heartbeat(self, node_id: NodeId, draining: bool) -> NodeInfo | None:
         """Record a heartbeat; None when the node is unknown (it must register again)."""
         node = self._nodes.get(node_id)
         if node is None:
             return None
         node.last_seen = self.clock.monotonic()
         node.last_seen_wall = self.clock.now()
-        node.reported_active = reported_active
         node.status = NodeStatus.DRAINING if draining else NodeStatus.HEALTHY
         return node
 

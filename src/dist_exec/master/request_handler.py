@@ -196,9 +196,8 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
     async def Heartbeat(
         self, request: worker_pb2.HeartbeatRequest, context: Context
     ) -> worker_pb2.HeartbeatResponse:
-        known = self.master.heartbeat(
-            NodeId(request.worker_id), request.active_tasks, request.draining
-        )
+        # active_tasks is on the wire by contract; the master counts its own reservations.
+        known = self.master.heartbeat(NodeId(request.worker_id), request.draining)
         return worker_pb2.HeartbeatResponse(
             acknowledged=known, action=worker_pb2.HEARTBEAT_ACTION_NONE
         )
