@@ -6,6 +6,7 @@ when the test ends, whatever happened.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import selectors
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from dist_exec.models import Stream
 
 T = TypeVar("T")
 READY_TIMEOUT_S = 20.0
@@ -246,6 +249,28 @@ def run_cli(
         stdin=None if input_text is not None else subprocess.DEVNULL,
     )
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+class RecordingSink:
+    """An executor OutputSink for tests: keeps everything, signals the first stdout bytes."""
+
+    def __init__(self) -> None:
+        self.data: dict[Stream, bytearray] = {s: bytearray() for s in Stream}
+        self.first_stdout = asyncio.Event()
+
+    async def write(self, stream: Stream, data: bytes) -> None:
+        assert data, "empty writes are noise"
+        self.data[stream] += data
+        if stream == Stream.STDOUT:
+            self.first_stdout.set()
+
+    @property
+    def stdout(self) -> bytes:
+        return bytes(self.data[Stream.STDOUT])
+
+    @property
+    def stderr(self) -> bytes:
+        return bytes(self.data[Stream.STDERR])
 
 
 def pid_alive(pid: int) -> bool:

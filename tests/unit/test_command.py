@@ -21,7 +21,8 @@ from dist_exec.executors.command import (
     describe,
     parse_payload,
 )
-from dist_exec.models import ExecOutcome, ExecStatus, Stream
+from dist_exec.models import ExecOutcome, ExecStatus
+from tests.conftest import RecordingSink
 
 # --- payload parsing -------------------------------------------------------------------------
 
@@ -204,27 +205,6 @@ def test_argv() -> None:
 
 
 # --- running real processes ------------------------------------------------------------------
-
-
-class RecordingSink:
-    """An OutputSink that keeps everything and signals the first stdout bytes."""
-
-    def __init__(self) -> None:
-        self.data: dict[Stream, bytearray] = {s: bytearray() for s in Stream}
-        self.first_stdout = asyncio.Event()
-
-    async def write(self, stream: Stream, data: bytes) -> None:
-        self.data[stream] += data
-        if stream == Stream.STDOUT:
-            self.first_stdout.set()
-
-    @property
-    def stdout(self) -> bytes:
-        return bytes(self.data[Stream.STDOUT])
-
-    @property
-    def stderr(self) -> bytes:
-        return bytes(self.data[Stream.STDERR])
 
 
 def group_members(pgid: int) -> dict[int, str]:

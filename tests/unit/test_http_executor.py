@@ -24,8 +24,9 @@ from dist_exec.executors.http import (
     describe,
     parse_payload,
 )
-from dist_exec.models import ExecOutcome, ExecStatus, Stream
+from dist_exec.models import ExecOutcome, ExecStatus
 from dist_exec.worker.task_runner import TaskRunner
+from tests.conftest import RecordingSink
 
 HANDLER_WAIT_S = 10.0  # the longest a slow endpoint waits; teardown releases it sooner
 
@@ -277,23 +278,6 @@ async def test_health_check() -> None:
 
 
 # --- real requests ---------------------------------------------------------------------------
-
-
-class RecordingSink:
-    """An OutputSink that keeps everything and signals the first bytes."""
-
-    def __init__(self) -> None:
-        self.data: dict[Stream, bytearray] = {s: bytearray() for s in Stream}
-        self.first = asyncio.Event()
-
-    async def write(self, stream: Stream, data: bytes) -> None:
-        assert data, "empty writes are noise"
-        self.data[stream] += data
-        self.first.set()
-
-    @property
-    def stdout(self) -> bytes:
-        return bytes(self.data[Stream.STDOUT])
 
 
 def pattern(n: int) -> bytes:
@@ -660,7 +644,7 @@ async def test_cancel_in_the_middle_of_the_body_cleans_up(
         HttpExecutor().execute(request(HttpSpec(server.url("/stream"))), sink)
     )
     async with asyncio.timeout(5):
-        await sink.first.wait()
+        await sink.first_stdout.wait()
     work.cancel()
     with pytest.raises(asyncio.CancelledError):
         await work
