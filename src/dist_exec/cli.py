@@ -28,6 +28,7 @@ from dist_exec.config import (
     MASTER_ENV,
     MasterConfig,
     WorkerConfig,
+    check_bindable,
     default_data_dir,
     default_worker_id,
     parse_duration,
@@ -253,8 +254,16 @@ def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         pass
     except RuntimeError as exc:
         if "Failed to bind" in str(exc) or "bind" in str(exc).lower():
-            fail(f"cannot listen: {exc}")
+            reason = str(exc).split(";", 1)[0]  # drop gRPC's GRPC_VERBOSITY hint
+            fail(f"cannot listen: {reason} (in use by another process, or not an address here?)")
         raise
+
+
+def check_listen(address: str) -> None:
+    try:
+        check_bindable(address)
+    except OSError as exc:
+        fail(f"cannot listen on {address}: {exc.strerror or exc}")
 
 
 def ready_line(what: str) -> Callable[[str], None]:
@@ -375,9 +384,17 @@ def master(
     setup_logging(log_level)
     if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
         fail("--heartbeat-timeout must be longer than --heartbeat-interval (> 0)", EXIT_USAGE)
+    data_dir = data_dir or default_data_dir()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"cannot use --data-dir {data_dir}: {exc.strerror or exc}", EXIT_USAGE)
     config = MasterConfig(
         listen=listen,
-        data_dir=data_dir or default_data_dir(),
+        data_dir=data_dir,
         heartbeat_interval_s=heartbeat_interval,
         heartbeat_timeout_s=heartbeat_timeout,
         node_removal_s=2 * heartbeat_timeout,
@@ -391,6 +408,7 @@ def master(
         balancer=balancer,
         max_output_bytes=max_output,
     )
+    check_listen(listen)
     serve(lambda stop: run_master(config, stop, ready_line("master")))
 
 
@@ -526,6 +544,7 @@ def worker(
         inherit_env=inherit_env,
         max_output_bytes=max_output,
     )
+    check_listen(listen)
     serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
 
 

@@ -11,6 +11,18 @@ from pathlib import Path
 import platformdirs
 
 DEFAULT_MASTER_ADDRESS = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC server options of master and worker. No SO_REUSEPORT: a second server on a port already
+# in use must fail to start, not silently share the port (and the clients) with the first.
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),  # find dead peers of long streams
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
 MASTER_ENV = "DIST_EXEC_MASTER"
 
 _DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ms|s|m|h|d)", re.ASCII)
@@ -92,6 +104,17 @@ def listen_address(address: str) -> str:
     """An address to bind: ':50051' means every interface."""
     host, port = split_address(address)
     return join_address(host or "0.0.0.0", port)
+
+
+def check_bindable(address: str) -> None:
+    """Raise OSError if nothing could listen on ``address`` now (in use, or not ours)."""
+    host, port = split_address(listen_address(address))
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+        probe.bind((host, port))
 
 
 def advertised_address(listen: str, bound_port: int) -> str:

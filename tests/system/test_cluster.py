@@ -145,3 +145,25 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         proc.kill()
         proc.communicate()
     assert run_cli("nodes", master=address).code == 1
+
+
+def test_a_second_server_on_a_used_port_refuses_to_start(cluster: ClusterFactory) -> None:
+    master = cluster.master()
+    data = ["--data-dir", str(master.extra["data_dir"]) + "-2"]
+    for args in (["master", *data], ["worker", "--master", master.address]):
+        result = run_cli(*args, "--listen", master.address)
+        assert result.code == 1
+        assert (
+            result.stderr
+            == f"dist-exec: cannot listen on {master.address}: Address already in use\n"
+        )
+        assert "Traceback" not in result.stderr
+
+
+def test_an_unusable_data_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli("master", "--listen", "127.0.0.1:0", "--data-dir", str(blocker / "sub"))
+    assert result.code == 2
+    assert result.stderr.startswith(f"dist-exec: cannot use --data-dir {blocker / 'sub'}: ")
+    assert "Traceback" not in result.stderr

@@ -11,11 +11,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dist_exec.clock import SystemClock
-from dist_exec.config import MasterConfig, join_address, listen_address, split_address
+from dist_exec.config import (
+    SERVER_OPTIONS,
+    MasterConfig,
+    join_address,
+    listen_address,
+    split_address,
+)
 from dist_exec.executors import Executor, load_executors
 from dist_exec.master.balancer import make_balancer
 from dist_exec.master.core import Master
-from dist_exec.master.dispatcher import MAX_MESSAGE_BYTES, GrpcWorkerClient
+from dist_exec.master.dispatcher import GrpcWorkerClient
 from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.request_handler import MasterServicer, RegistrationServicer
 from dist_exec.master.scheduler import Scheduler
@@ -61,14 +67,7 @@ async def run_master(
             executors,
             clock,
         )
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ]
-        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         master_pb2_grpc.add_MasterServiceServicer_to_server(MasterServicer(master, config), server)
         worker_pb2_grpc.add_RegistrationServiceServicer_to_server(
             RegistrationServicer(master, config), server

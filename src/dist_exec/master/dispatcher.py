@@ -15,13 +15,13 @@ import grpc
 import grpc.aio
 
 from dist_exec import wire
+from dist_exec.config import MAX_MESSAGE_BYTES
 from dist_exec.models import ExecOutcome, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.worker_pb2_grpc import WorkerServiceAsyncStub
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -16,7 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dist_exec import wire
-from dist_exec.config import WorkerConfig, advertised_address, dial_address, listen_address
+from dist_exec.config import (
+    SERVER_OPTIONS,
+    WorkerConfig,
+    advertised_address,
+    dial_address,
+    listen_address,
+)
 from dist_exec.executors import Executor, load_executors
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from dist_exec.worker.server import WorkerServicer
@@ -151,7 +157,7 @@ async def run_worker(
     runner = TaskRunner(
         executors, config.max_concurrent_tasks, config.max_output_bytes, config.result_retention_s
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(
         WorkerServicer(runner, config.worker_id), server
     )
