@@ -148,12 +148,14 @@ class ClusterFactory:
         heartbeat_timeout: str = "2s",
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
+        retry_backoff: str = "50ms",
     ) -> Proc:
         data_dir = data_dir or self.tmp / "master-data"
         args = [
             "--listen", listen, "--data-dir", str(data_dir),
             "--heartbeat-interval", heartbeat_interval,
             "--heartbeat-timeout", heartbeat_timeout,
+            "--retry-backoff", retry_backoff,
             *(extra or []),
         ]  # fmt: skip
         proc = self._start("master", args, env)

@@ -184,6 +184,17 @@ def job_json(job: Job, summary: str | None = None) -> dict[str, Any]:
         "stdout_bytes": job.stdout_bytes,
         "stderr_bytes": job.stderr_bytes,
         "output_truncated": job.truncated,
+        "attempts": [
+            {
+                "attempt": a.attempt,
+                "node_id": a.node_id,
+                "started_at": _iso(a.started_at),
+                "ended_at": _iso(a.ended_at),
+                "outcome": a.outcome.value if a.outcome else None,
+                "detail": a.detail,
+            }
+            for a in job.attempts
+        ],
     }
     if summary is not None:
         body["command"] = summary
@@ -315,6 +326,28 @@ def ready_line(what: str) -> Callable[[str], None]:
     help="Default retries of a job after infrastructure failures.",
 )
 @click.option(
+    "--retry-backoff",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    help="Wait before a job's first retry; it doubles with each retry (with jitter).",
+)
+@click.option(
+    "--retry-backoff-max",
+    type=DURATION,
+    default="1m",
+    show_default=True,
+    help="Longest wait before a retry.",
+)
+@click.option(
+    "--poison-after",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Fail a job instead of retrying it once its worker was lost this many times in a row "
+    "(a task that kills workers).",
+)
+@click.option(
     "--rate-limit",
     type=click.FloatRange(min=0),
     envvar="RATE_LIMIT",
@@ -368,6 +401,9 @@ def master(
     heartbeat_interval: float,
     heartbeat_timeout: float,
     max_retries: int,
+    retry_backoff: float,
+    retry_backoff_max: float,
+    poison_after: int,
     rate_limit: float,
     rate_burst: int,
     max_queued: int,
@@ -399,6 +435,9 @@ def master(
         heartbeat_timeout_s=heartbeat_timeout,
         node_removal_s=2 * heartbeat_timeout,
         default_max_retries=max_retries,
+        retry_backoff_s=retry_backoff,
+        retry_backoff_max_s=max(retry_backoff, retry_backoff_max),
+        poison_threshold=poison_after,
         rate_limit_per_s=rate_limit,
         rate_burst=rate_burst,
         max_queued=max_queued,
@@ -606,7 +645,20 @@ class RunCommand(click.Command):
     "--max-retries",
     type=click.IntRange(0, 100),
     default=None,
-    help="Retries after infrastructure failures (default: the master's).",
+    help="Retries after a lost worker or a failed dispatch, and with --retry-on-failure after "
+    "a failed command (default: the master's).",
+)
+@click.option(
+    "--retry-on-failure",
+    is_flag=True,
+    help="Retry (up to --max-retries) when the command fails or times out, not only when its "
+    "worker is lost.",
+)
+@click.option(
+    "--queue-timeout",
+    type=DURATION,
+    default=None,
+    help="Fail the job if it waits longer than this in the queue to start.",
 )
 @click.option(
     "--idempotency-key",
@@ -639,6 +691,8 @@ def run(
     cwd: str,
     stdin_file: Any,
     max_retries: int | None,
+    retry_on_failure: bool,
+    queue_timeout: float | None,
     idempotency_key: str,
     broadcast: bool,
     detach: bool,
@@ -678,7 +732,15 @@ def run(
             stdin=stdin_file.read() if stdin_file is not None else "",
             max_retries=max_retries,
         )
-    spec = replace(spec, selector=dict(selector), idempotency_key=idempotency_key)
+    if queue_timeout is not None and queue_timeout <= 0:
+        fail("--queue-timeout must be longer than 0", EXIT_USAGE)
+    spec = replace(
+        spec,
+        selector=dict(selector),
+        idempotency_key=idempotency_key,
+        retry_on_failure=retry_on_failure,
+        queue_timeout_s=queue_timeout or 0.0,
+    )
     if broadcast:
         code = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
     else:
@@ -876,6 +938,14 @@ def _describe_job(job: Job) -> None:
         )
     for key, value in rows:
         click.echo(f"{key + ':':<11}{value}")
+    if len(job.attempts) > 1 or any(a.detail for a in job.attempts):
+        click.echo("attempts:")
+        for a in job.attempts:
+            started = a.started_at.strftime("%H:%M:%S") if a.started_at else "-"
+            ended = a.ended_at.strftime("%H:%M:%S") if a.ended_at else "running"
+            line = f"  #{a.attempt} {a.node_id or '-'} {started}-{ended} "
+            line += a.outcome.value if a.outcome else "RUNNING"
+            click.echo(line + (f": {a.detail}" if a.detail else ""))
 
 
 @main.command()

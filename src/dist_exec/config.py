@@ -143,6 +143,9 @@ class MasterConfig:
     default_timeout_s: float = 3600.0
     max_timeout_s: float = 7 * 86400.0
     default_max_retries: int = 3
+    retry_backoff_s: float = 1.0  # first retry waits about this long, doubling each time
+    retry_backoff_max_s: float = 60.0
+    poison_threshold: int = 3  # a task whose workers died this many times in a row is failed
     max_output_bytes: int = 4 * 1024 * 1024  # kept per stream per job
     max_payload_bytes: int = 1024 * 1024
     dispatch_grace_s: float = 30.0  # master RPC deadline = task timeout + this

@@ -76,6 +76,8 @@ class TaskSpec:
     node_id: str = ""  # pinned to this node (the per-node jobs of a broadcast)
     broadcast_id: str = ""
     idempotency_key: str = ""
+    retry_on_failure: bool = False  # a failed command is retried too, not only a lost one
+    queue_timeout_s: float = 0.0  # fail the job if it waits longer than this to start; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,31 @@ class ExecOutcome:
     metadata: dict[str, str] = field(default_factory=dict)  # executor-specific (HTTP headers)
 
 
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt ended, as the job's history records it."""
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    WORKER_LOST = "WORKER_LOST"  # its node died, was partitioned away or forgot the task
+    LOST = "LOST"  # dispatching or following it failed
+    RETURNED = "RETURNED"  # handed back (draining worker, refused): not counted as a retry
+    RETRIED = "RETRIED"  # the command failed and the job asked for retries on failure
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One try of a job on a node."""
+
+    attempt: int
+    node_id: str
+    started_at: datetime | None
+    ended_at: datetime | None = None
+    outcome: AttemptOutcome | None = None  # None while it runs
+    detail: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A job as the store records it."""
@@ -124,6 +151,8 @@ class Job:
     truncated: bool = False
     result_metadata: dict[str, str] = field(default_factory=dict)
     pending_reason: str = ""  # for a PENDING job: why it has not started
+    attempts: tuple[AttemptRecord, ...] = ()  # oldest first; only where asked for
+    worker_losses: int = 0  # attempts in a row whose worker was lost while running it
 
 
 @dataclass(slots=True)

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from dist_exec.models import (
+    AttemptOutcome,
+    AttemptRecord,
     ExecOutcome,
     ExecStatus,
     Job,
@@ -86,6 +88,8 @@ def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
         max_retries=spec.max_retries,  # None leaves the optional field unset
         selector=spec.selector,
         idempotency_key=spec.idempotency_key,
+        retry_on_failure=spec.retry_on_failure,
+        queue_timeout=duration(spec.queue_timeout_s) if spec.queue_timeout_s else None,
     )
 
 
@@ -159,6 +163,32 @@ def job_to_status_pb(job: Job) -> master_pb2.GetStatusResponse:
         attempt=job.attempt,
         broadcast_id=job.spec.broadcast_id,
         node_id=job.spec.node_id,
+        attempts=[attempt_to_pb(a) for a in job.attempts],
+        retry_on_failure=job.spec.retry_on_failure,
+        queue_timeout=duration(job.spec.queue_timeout_s) if job.spec.queue_timeout_s else None,
+    )
+
+
+def attempt_to_pb(record: AttemptRecord) -> master_pb2.AttemptInfo:
+    return master_pb2.AttemptInfo(
+        attempt=record.attempt,
+        node_id=record.node_id,
+        started_at=timestamp(record.started_at),
+        ended_at=timestamp(record.ended_at),
+        outcome=record.outcome.value if record.outcome else "",
+        detail=record.detail,
+    )
+
+
+def attempt_from_pb(msg: master_pb2.AttemptInfo) -> AttemptRecord:
+    outcome = msg.outcome if msg.outcome in AttemptOutcome.__members__ else None
+    return AttemptRecord(
+        attempt=msg.attempt,
+        node_id=msg.node_id,
+        started_at=from_timestamp(msg, "started_at"),
+        ended_at=from_timestamp(msg, "ended_at"),
+        outcome=AttemptOutcome(outcome) if outcome else None,
+        detail=msg.detail,
     )
 
 
@@ -175,6 +205,8 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
             selector=dict(msg.selector),
             node_id=msg.node_id,
             broadcast_id=msg.broadcast_id,
+            retry_on_failure=msg.retry_on_failure,
+            queue_timeout_s=from_duration(msg.queue_timeout),
         ),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
@@ -192,6 +224,7 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
         result_metadata=dict(msg.result_metadata),
         pending_reason=msg.pending_reason,
         attempt=msg.attempt,
+        attempts=tuple(attempt_from_pb(a) for a in msg.attempts),
     )
 
 

@@ -15,6 +15,7 @@ from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore
 from dist_exec.models import (
+    AttemptOutcome,
     ExecOutcome,
     ExecStatus,
     Job,
@@ -70,18 +71,25 @@ class HeldStore(SqliteJobStore):
         self.finish_gate.set()
         self.finishing = asyncio.Event()
 
-    async def finish(self, job: Job, expect_attempt: int | None) -> bool:
+    async def finish(
+        self,
+        job: Job,
+        expect_attempt: int | None,
+        attempt_outcome: AttemptOutcome | None = None,
+    ) -> bool:
         self.finishing.set()
         await self.finish_gate.wait()
-        return await super().finish(job, expect_attempt)
+        return await super().finish(job, expect_attempt, attempt_outcome)
 
 
-async def start_master(tmp_path: Path, worker: ScriptedWorker) -> tuple[Master, HeldStore]:
+async def start_master(
+    tmp_path: Path, worker: ScriptedWorker, config: MasterConfig | None = None
+) -> tuple[Master, HeldStore]:
     store = HeldStore(tmp_path / "master.db")
     await store.__aenter__()
     clock = SystemClock()
     master = Master(
-        MasterConfig(data_dir=tmp_path),
+        config or MasterConfig(data_dir=tmp_path, retry_backoff_s=0.01),
         store,
         NodeRegistry(clock, 15.0, 30.0),
         Scheduler(RoundRobinBalancer()),

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,8 @@ from dist_exec.master.store import JobStore, request_hash
 from dist_exec.models import (
     MAX_PRIORITY,
     MIN_PRIORITY,
+    AttemptOutcome,
+    AttemptRecord,
     ExecOutcome,
     ExecStatus,
     Job,
@@ -105,6 +108,10 @@ class ActiveJob:
     kept_bytes: int = 0
     kept_all: bool = True
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    queued_mono: float = 0.0  # when it last entered the queue (for its queue timeout)
+    retry_at: float | None = None  # waiting out its retry backoff until then
+    retry_handle: asyncio.TimerHandle | None = None
+    worker_losses: int = 0  # attempts in a row whose worker was lost (poison detection)
 
     @property
     def id(self) -> JobId:
@@ -178,7 +185,14 @@ class Master:
         unfinished = await self.store.unfinished()
         self._seq = itertools.count(max((seq for seq, _ in unfinished), default=0) + 1)
         for seq, job in unfinished:
-            active = ActiveJob(job, seq, attempt=job.attempt, retries=job.retries)
+            active = ActiveJob(
+                job,
+                seq,
+                attempt=job.attempt,
+                retries=job.retries,
+                queued_mono=self.clock.monotonic(),
+                worker_losses=job.worker_losses,
+            )
             self._active[job.id] = active
             if job.status == JobStatus.RUNNING:
                 # Its worker gets one heartbeat timeout to register again and claim it.
@@ -244,9 +258,16 @@ class Master:
                         self._retry(
                             job,
                             f"worker {job.node_id} did not come back after a restart",
+                            AttemptOutcome.WORKER_LOST,
                             attempt=job.attempt,
                         )
                     )
+                elif (
+                    job.status == JobStatus.PENDING
+                    and job.spec.queue_timeout_s
+                    and now - job.queued_mono >= job.spec.queue_timeout_s
+                ):
+                    self._spawn(self._queue_timed_out(job))
 
     # ---- client API -------------------------------------------------------------------------
 
@@ -286,6 +307,11 @@ class Master:
             raise InvalidTaskSpec("selector labels need a key and a value: --selector zone=a")
         if sum(len(k) + len(v) for k, v in spec.selector.items()) > MAX_METADATA_BYTES:
             raise InvalidTaskSpec(f"selector is larger than {MAX_METADATA_BYTES} bytes")
+        if not 0 <= spec.queue_timeout_s <= self.config.max_timeout_s:
+            raise InvalidTaskSpec(
+                "queue timeout must be between 0 (none) and "
+                f"{format_duration(self.config.max_timeout_s)}"
+            )
         return replace(spec, timeout_s=timeout_s, max_retries=max_retries)
 
     async def submit(self, spec: TaskSpec) -> JobId:
@@ -319,6 +345,7 @@ class Master:
         now_mono = self.clock.monotonic()
         actives = [ActiveJob(job, next(self._seq)) for job in jobs]
         for active in actives:
+            active.queued_mono = now_mono
             self._active[active.id] = active
             self.scheduler.enqueue(active.id, active.seq, active.spec, now_mono)
         # Place what fits now, and write those jobs already RUNNING: one commit accepts a job
@@ -491,6 +518,12 @@ class Master:
     def pending_reason(self, job: ActiveJob) -> str:
         """Why a queued job has not started, in words a person can act on."""
         spec = job.spec
+        if job.retry_at is not None:
+            wait = max(0.0, job.retry_at - self.clock.monotonic())
+            return (
+                f"retrying in {format_duration(round(wait, 1))} (attempt {job.attempt} ended: "
+                f"{_clip(job.record.error or 'lost', 200)})"
+            )
         if job.id not in self.scheduler:
             return "waiting to be queued again after a failed attempt"
         matching = self.registry.matching(spec)
@@ -529,6 +562,7 @@ class Master:
         job.cancel_requested = True
         if job.status == JobStatus.PENDING:
             self.scheduler.remove(job.id)
+            self._cancel_backoff(job)
             await self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
             return "cancelled before it started"
         with contextlib.suppress(TimeoutError):
@@ -648,12 +682,25 @@ class Master:
             else:
                 self._spawn(
                     self._retry(
-                        job, f"worker {node_id} restarted and lost the task", attempt=job.attempt
+                        job,
+                        f"worker {node_id} restarted and lost the task",
+                        AttemptOutcome.WORKER_LOST,
+                        attempt=job.attempt,
                     )
                 )
-        for task_id, attempt in held_keys & unfinished:  # finished ones expire by themselves
-            log.info("node %s holds stale attempt %d of %s; stopping it", node_id, attempt, task_id)
-            self._spawn(self._stop_stale(node.address, task_id, attempt))
+        for task_id, attempt in held_keys:
+            # Superseded attempts (the store ignores attempts that are the job's current one:
+            # results held for delivery after a master restart). Finished ones expire by
+            # themselves; running ones are stopped.
+            if (task_id, attempt) in unfinished:
+                log.info(
+                    "node %s holds stale attempt %d of %s; stopping it", node_id, attempt, task_id
+                )
+                self._spawn(self._stop_stale(node.address, task_id, attempt))
+                note = f"still running on {node_id} after it was superseded; told to stop"
+            else:
+                note = f"finished on {node_id} after it was superseded; its result was not accepted"
+            self.store.note_attempt(JobId(task_id), attempt, note)
         self._wake.set()
         log.info("node %s registered at %s (%d slots)", node_id, address, max_tasks)
         return node
@@ -677,7 +724,11 @@ class Master:
             return
         for job in list(self._active.values()):
             if job.node_id == node_id and job.status == JobStatus.RUNNING and job.runner is None:
-                self._spawn(self._retry(job, f"worker {node_id} left", attempt=job.attempt))
+                self._spawn(
+                    self._retry(
+                        job, f"worker {node_id} left", AttemptOutcome.LOST, attempt=job.attempt
+                    )
+                )
         self._spawn(self._forget_when_idle(node))
         log.info("node %s deregistered", node_id)
 
@@ -693,7 +744,9 @@ class Master:
     def _node_lost(self, node_id: NodeId, reason: str) -> None:
         for job in list(self._active.values()):
             if job.node_id == node_id and job.status == JobStatus.RUNNING:
-                self._spawn(self._retry(job, reason, attempt=job.attempt))
+                self._spawn(
+                    self._retry(job, reason, AttemptOutcome.WORKER_LOST, attempt=job.attempt)
+                )
 
     async def _stop_stale(self, address: str, task_id: str, attempt: int) -> None:
         with contextlib.suppress(WorkerUnreachable, AttemptGone, AttemptRejected):
@@ -735,7 +788,11 @@ class Master:
             while self._current(job, attempt):
                 node = self.registry.get(node_id)
                 if node is None:
-                    await self._retry(job, f"worker {node_id} left before reporting the result")
+                    await self._retry(
+                        job,
+                        f"worker {node_id} left before reporting the result",
+                        AttemptOutcome.LOST,
+                    )
                     return
                 deadline = (
                     job.started_mono
@@ -763,17 +820,23 @@ class Master:
                     backoff = min(backoff * 2, REATTACH_BACKOFF_MAX_S)
                     continue
                 except AttemptGone as exc:
-                    await self._retry(job, f"worker {node_id} lost the task: {exc}")
+                    await self._retry(
+                        job, f"worker {node_id} lost the task: {exc}", AttemptOutcome.WORKER_LOST
+                    )
                     return
                 except AttemptRejected as exc:
                     if exc.fatal:
                         await self._complete(job, JobStatus.FAILED, error=str(exc))
                     else:
-                        await self._retry(job, f"worker {node_id} refused: {exc}", count=False)
+                        await self._retry(
+                            job, f"worker {node_id} refused: {exc}", AttemptOutcome.RETURNED
+                        )
                     return
                 except Exception as exc:  # a bug or a broken worker must not stop the master
                     log.exception("attempt %d of %s on %s failed", attempt, job.id, node_id)
-                    await self._retry(job, f"worker {node_id}: {exc}", attempt=attempt)
+                    await self._retry(
+                        job, f"worker {node_id}: {exc}", AttemptOutcome.LOST, attempt=attempt
+                    )
                     return
                 await self._on_outcome(job, attempt, node_id, outcome)
                 with contextlib.suppress(Exception):
@@ -820,6 +883,7 @@ class Master:
     ) -> None:
         if not self._current(job, attempt):
             log.info("ignoring result of superseded attempt %d of %s", attempt, job.id)
+            self.store.note_attempt(job.id, attempt, f"late result ignored: {_describe(outcome)}")
             return
         # A worker may carry output in its result only (the original contract allows it), or
         # hold more of it than it streamed: keep what was not seen yet.
@@ -828,17 +892,27 @@ class Master:
             if len(data) > seen:
                 self._on_output(job, attempt, OutputChunk(stream, seen, data[seen:]))
         if outcome.retryable:
-            await self._retry(job, outcome.error or f"worker {node_id} gave the task back", False)
+            reason = outcome.error or f"worker {node_id} gave the task back"
+            await self._retry(job, reason, AttemptOutcome.RETURNED)
             return
         status = _EXEC_TO_JOB[outcome.status]
         if job.cancel_requested and status == JobStatus.FAILED and outcome.exit_code is None:
             status = JobStatus.CANCELLED
+        if (
+            status in (JobStatus.FAILED, JobStatus.TIMEOUT)
+            and job.spec.retry_on_failure
+            and not job.cancel_requested
+            and job.retries < (job.spec.max_retries or 0)
+        ):
+            await self._retry(job, _describe(outcome), AttemptOutcome.RETRIED)
+            return
         await self._complete(job, status, outcome)
 
     async def _retry(
-        self, job: ActiveJob, reason: str, count: bool = True, attempt: int | None = None
+        self, job: ActiveJob, reason: str, kind: AttemptOutcome, attempt: int | None = None
     ) -> None:
-        """The attempt was lost to infrastructure: queue the job again, or give up.
+        """The attempt ended without a result to keep (``kind`` says how): queue the job again
+        after a backoff, or give up. A RETURNED attempt is not counted as a retry.
 
         ``attempt``: act only if that attempt is still the job's running one (a decision taken
         earlier must not hit a newer attempt, or count the same loss twice)."""
@@ -853,27 +927,77 @@ class Master:
         if job.cancel_requested:
             await self._complete(job, JobStatus.CANCELLED, error=f"cancelled ({reason})")
             return
-        retries = job.retries + (1 if count else 0)
+        counted = kind != AttemptOutcome.RETURNED
+        retries = job.retries + (1 if counted else 0)
+        losses = job.worker_losses + 1 if kind == AttemptOutcome.WORKER_LOST else 0
+        give_up = ""
         if job.spec.node_id:  # pinned (broadcast): no other node may run it instead
-            await self._complete(job, JobStatus.FAILED, error=f"{reason}; not retried elsewhere")
-            return
-        if retries > (job.spec.max_retries or 0):
-            await self._complete(
-                job,
-                JobStatus.FAILED,
-                error=f"{reason}; gave up after {job.attempt} attempts",
+            give_up = f"{reason}; not retried elsewhere"
+        elif losses >= self.config.poison_threshold:
+            give_up = (
+                f"{reason}; its worker was lost {losses} times in a row while running it, so it "
+                "is not retried (the task may be what kills its workers)"
             )
+        elif retries > (job.spec.max_retries or 0):
+            give_up = f"{reason}; gave up after {job.attempt} attempts"
+        if give_up:
+            await self._complete(job, JobStatus.FAILED, error=give_up, attempt_outcome=kind)
             return
-        log.warning("job %s attempt %d: %s; queueing it again", job.id, job.attempt, reason)
+        delay = self._backoff(retries) if counted else 0.0
+        log.warning("job %s attempt %d: %s; retrying in %.1fs", job.id, job.attempt, reason, delay)
+        ended = AttemptRecord(
+            job.attempt, job.node_id or "", job.started_at, self.clock.now(), kind, reason
+        )
         job.status = JobStatus.PENDING
         job.retries = retries
+        job.worker_losses = losses
         job.node_id = None
+        job.record = replace(job.record, error=reason)
         job.kept_all, job.kept, job.kept_bytes = True, [], 0  # the store drops it too
-        await self.store.requeue(job.id, retries, reason)
+        job.queued_mono = self.clock.monotonic()
+        if delay > 0:
+            job.retry_at = job.queued_mono + delay
+        await self.store.requeue(job.id, retries, reason, ended if job.attempt else None, losses)
         if self._active.get(job.id) is not job or job.status != JobStatus.PENDING:
             return  # cancelled while the requeue was written
+        if job.retry_at is None:
+            self._enqueue(job)
+        else:
+            job.retry_handle = asyncio.get_running_loop().call_later(delay, self._enqueue, job)
+
+    def _backoff(self, retry: int) -> float:
+        """Exponential backoff with jitter before retry number ``retry`` (from 1): half of
+        the exponential step is fixed, half random, so retries of many jobs spread out."""
+        step = min(
+            self.config.retry_backoff_max_s,
+            self.config.retry_backoff_s * 2.0 ** min(retry - 1, 30),
+        )
+        return step / 2 + random.uniform(0, step / 2)
+
+    def _enqueue(self, job: ActiveJob) -> None:
+        job.retry_at = job.retry_handle = None
+        if self._active.get(job.id) is not job or job.status != JobStatus.PENDING:
+            return
         self.scheduler.enqueue(job.id, job.seq, job.spec, self.clock.monotonic())
         self._wake.set()
+
+    def _cancel_backoff(self, job: ActiveJob) -> None:
+        if job.retry_handle is not None:
+            job.retry_handle.cancel()
+        job.retry_at = job.retry_handle = None
+
+    async def _queue_timed_out(self, job: ActiveJob) -> None:
+        if self._active.get(job.id) is not job or job.status != JobStatus.PENDING:
+            return
+        self.scheduler.remove(job.id)
+        self._cancel_backoff(job)
+        limit = format_duration(job.spec.queue_timeout_s)
+        await self._complete(
+            job,
+            JobStatus.FAILED,
+            error=f"did not start within its queue timeout of {limit}"
+            + (f" (last attempt: {job.record.error})" if job.attempt else ""),
+        )
 
     async def _complete(
         self,
@@ -881,8 +1005,10 @@ class Master:
         status: JobStatus,
         outcome: ExecOutcome | None = None,
         error: str = "",
+        attempt_outcome: AttemptOutcome | None = None,
     ) -> None:
-        """Record the terminal state durably, then end followers and forget the job."""
+        """Record the terminal state durably, then end followers and forget the job.
+        ``attempt_outcome``: how its last attempt ended, when not as the job did."""
         if job.status.terminal:
             return
         job.status = status
@@ -908,11 +1034,26 @@ class Master:
         # committed (_run_attempt), and get() of a finishing job waits for the commit.
         self.hub.close(job.id, record)
         try:
-            await asyncio.shield(self.store.finish(record, expect_attempt=None))
+            await asyncio.shield(
+                self.store.finish(record, expect_attempt=None, attempt_outcome=attempt_outcome)
+            )
         finally:
             self._active.pop(job.id, None)
             self._forget_key(job)
             job.ended.set()
+
+
+def _describe(outcome: ExecOutcome) -> str:
+    """A result in a few words: "FAILURE: command exited with status 2"."""
+    if outcome.error:
+        return f"{outcome.status.value}: {_clip(outcome.error, 200)}"
+    if outcome.exit_code is not None:
+        return f"{outcome.status.value}, exit code {outcome.exit_code}"
+    return outcome.status.value
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _truncated(outcome: ExecOutcome | None, limit: int) -> bool:

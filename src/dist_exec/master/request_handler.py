@@ -41,6 +41,8 @@ def _client(context: Context) -> str:
 def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
     if request.timeout.seconds < 0 or request.timeout.nanos < 0:
         raise InvalidTaskSpec("timeout must not be negative")
+    if request.queue_timeout.seconds < 0 or request.queue_timeout.nanos < 0:
+        raise InvalidTaskSpec("queue timeout must not be negative")
     return TaskSpec(
         task_type=request.task_type,
         payload=request.payload,
@@ -50,6 +52,8 @@ def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
         max_retries=request.max_retries if request.HasField("max_retries") else None,
         selector=dict(request.selector),
         idempotency_key=request.idempotency_key,
+        retry_on_failure=request.retry_on_failure,
+        queue_timeout_s=wire.from_duration(request.queue_timeout),
     )
 
 

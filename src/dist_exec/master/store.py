@@ -23,7 +23,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskSpec
+from dist_exec.models import (
+    AttemptOutcome,
+    AttemptRecord,
+    Job,
+    JobId,
+    JobStatus,
+    OutputChunk,
+    Stream,
+    TaskSpec,
+)
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
@@ -58,7 +67,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     node_pin TEXT NOT NULL DEFAULT '',
     broadcast_id TEXT NOT NULL DEFAULT '',
     idempotency_key TEXT NOT NULL DEFAULT '',
-    request_hash TEXT NOT NULL DEFAULT ''
+    request_hash TEXT NOT NULL DEFAULT '',
+    retry_on_failure INTEGER NOT NULL DEFAULT 0,
+    queue_timeout_s REAL NOT NULL DEFAULT 0,
+    worker_losses INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS output (
@@ -68,11 +80,22 @@ CREATE TABLE IF NOT EXISTS output (
     data BLOB NOT NULL,
     PRIMARY KEY (job_id, stream, offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    outcome TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
 """
 _JOB_COLUMNS = (
     "seq, id, task_type, payload, timeout_s, priority, metadata, max_retries, status, created_at,"
     " started_at, completed_at, worker_id, attempt, retries, exit_code, error, stdout_bytes,"
-    " stderr_bytes, truncated, selector, result_metadata, node_pin, broadcast_id"
+    " stderr_bytes, truncated, selector, result_metadata, node_pin, broadcast_id,"
+    " retry_on_failure, queue_timeout_s, worker_losses"
 )
 # Columns added after the first release; older files get them on open.
 _ADDED_COLUMNS = {
@@ -82,6 +105,9 @@ _ADDED_COLUMNS = {
     "broadcast_id": "TEXT NOT NULL DEFAULT ''",
     "idempotency_key": "TEXT NOT NULL DEFAULT ''",
     "request_hash": "TEXT NOT NULL DEFAULT ''",
+    "retry_on_failure": "INTEGER NOT NULL DEFAULT 0",
+    "queue_timeout_s": "REAL NOT NULL DEFAULT 0",
+    "worker_losses": "INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -94,8 +120,21 @@ class JobStore(Protocol):
         self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
     ) -> None: ...
     def append_output(self, job_id: JobId, chunk: OutputChunk) -> None: ...
-    async def finish(self, job: Job, expect_attempt: int | None) -> bool: ...
-    async def requeue(self, job_id: JobId, retries: int, error: str) -> None: ...
+    async def finish(
+        self,
+        job: Job,
+        expect_attempt: int | None,
+        attempt_outcome: AttemptOutcome | None = None,
+    ) -> bool: ...
+    async def requeue(
+        self,
+        job_id: JobId,
+        retries: int,
+        error: str,
+        ended: AttemptRecord | None = None,
+        worker_losses: int = 0,
+    ) -> None: ...
+    def note_attempt(self, job_id: JobId, attempt: int, detail: str) -> None: ...
     async def get(self, job_id: JobId, with_output: bool = True) -> Job | None: ...
     async def list_jobs(
         self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
@@ -109,11 +148,13 @@ class JobStore(Protocol):
 
 def request_hash(spec: TaskSpec) -> str:
     """What makes two submissions with one idempotency key the same request."""
-    body = json.dumps(
-        [spec.task_type, spec.payload.hex(), spec.timeout_s, spec.priority, spec.metadata,
-         spec.max_retries, spec.selector, spec.node_id],
-        sort_keys=True,
-    )  # fmt: skip
+    fields: list[object] = [
+        spec.task_type, spec.payload.hex(), spec.timeout_s, spec.priority, spec.metadata,
+        spec.max_retries, spec.selector, spec.node_id,
+    ]  # fmt: skip
+    if spec.retry_on_failure or spec.queue_timeout_s:  # later additions, only when set
+        fields += [spec.retry_on_failure, spec.queue_timeout_s]
+    body = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -125,10 +166,16 @@ def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b"") -> Job:
+def _job_from_row(
+    row: tuple[Any, ...],
+    stdout: bytes = b"",
+    stderr: bytes = b"",
+    attempts: tuple[AttemptRecord, ...] = (),
+) -> Job:
     (_seq, id_, task_type, payload, timeout_s, priority, metadata, max_retries, status, created,
      started, completed, worker_id, attempt, retries, exit_code, error, out_n, err_n,
-     truncated, selector, result_metadata, node_pin, broadcast_id) = row  # fmt: skip
+     truncated, selector, result_metadata, node_pin, broadcast_id, retry_on_failure,
+     queue_timeout_s, worker_losses) = row  # fmt: skip
     return Job(
         id=JobId(id_),
         spec=TaskSpec(
@@ -141,6 +188,8 @@ def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b""
             json.loads(selector),
             node_pin,
             broadcast_id,
+            retry_on_failure=bool(retry_on_failure),
+            queue_timeout_s=queue_timeout_s,
         ),
         status=JobStatus(status),
         created_at=_dt(created) or datetime.fromtimestamp(0, UTC),
@@ -157,7 +206,24 @@ def _job_from_row(row: tuple[Any, ...], stdout: bytes = b"", stderr: bytes = b""
         stderr_bytes=err_n,
         truncated=bool(truncated),
         result_metadata=json.loads(result_metadata),
+        attempts=attempts,
+        worker_losses=worker_losses,
     )
+
+
+def _attempt_from_row(row: tuple[Any, ...]) -> AttemptRecord:
+    attempt, node_id, started, ended, outcome, detail = row
+    return AttemptRecord(
+        attempt, node_id, _dt(started), _dt(ended), AttemptOutcome(outcome) if outcome else None,
+        detail,
+    )  # fmt: skip
+
+
+_START_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, NULL, NULL, '')"
+_END_ATTEMPT = (
+    "UPDATE attempts SET ended_at = ?, outcome = ?, detail = ?"
+    " WHERE job_id = ? AND attempt = ? AND outcome IS NULL"
+)
 
 
 class SqliteJobStore:
@@ -324,8 +390,15 @@ class SqliteJobStore:
                 job.spec.broadcast_id,
                 job.spec.idempotency_key,
                 request_hash(job.spec) if job.spec.idempotency_key else "",
+                int(job.spec.retry_on_failure),
+                job.spec.queue_timeout_s,
             )
             for job in jobs
+        ]
+        started = [
+            (job.id, job.attempt, job.worker_id, _ts(job.started_at))
+            for job in jobs
+            if job.status == JobStatus.RUNNING
         ]
 
         def op(conn: sqlite3.Connection) -> list[int]:
@@ -336,12 +409,14 @@ class SqliteJobStore:
                     cur = conn.execute(
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
                         " max_retries, status, created_at, started_at, worker_id, attempt,"
-                        " selector, node_pin, broadcast_id, idempotency_key, request_hash)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " selector, node_pin, broadcast_id, idempotency_key, request_hash,"
+                        " retry_on_failure, queue_timeout_s)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None
                     seqs.append(cur.lastrowid)
+                conn.executemany(_START_ATTEMPT, started)
             except BaseException:
                 conn.execute("ROLLBACK TO insert_many")
                 raise
@@ -354,13 +429,15 @@ class SqliteJobStore:
     async def mark_running(
         self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
     ) -> None:
-        await self._write(
-            lambda conn: conn.execute(
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE jobs SET status = 'RUNNING', worker_id = ?, attempt = ?, started_at = ?"
                 " WHERE id = ?",
                 (worker_id, attempt, _ts(started_at), job_id),
             )
-        )
+            conn.execute(_START_ATTEMPT, (job_id, attempt, worker_id, _ts(started_at)))
+
+        await self._write(op)
 
     def append_output(self, job_id: JobId, chunk: OutputChunk) -> None:
         """Not awaited. Buffered until the next write (or OUTPUT_FLUSH_S), so a short job's
@@ -371,8 +448,15 @@ class SqliteJobStore:
             assert self._loop is not None
             self._flush_timer = self._loop.call_later(OUTPUT_FLUSH_S, self._flush_output)
 
-    async def finish(self, job: Job, expect_attempt: int | None) -> bool:
-        """Record a terminal state; with ``expect_attempt``, only if that attempt is current."""
+    async def finish(
+        self,
+        job: Job,
+        expect_attempt: int | None,
+        attempt_outcome: AttemptOutcome | None = None,
+    ) -> bool:
+        """Record a terminal state; with ``expect_attempt``, only if that attempt is current.
+        The last attempt ends as the job did, or as ``attempt_outcome`` says."""
+        ended_as = (attempt_outcome or AttemptOutcome(job.status.value)).value
         values = (
             job.status.value, job.worker_id, _ts(job.started_at), _ts(job.completed_at),
             job.exit_code, job.error, job.stdout_bytes, job.stderr_bytes, int(job.truncated),
@@ -388,35 +472,85 @@ class SqliteJobStore:
                 " AND status IN ('PENDING', 'RUNNING')" + guard,
                 values,
             )
+            if cur.rowcount == 1 and job.attempt > 0:
+                detail = job.error or (
+                    f"exit code {job.exit_code}" if job.exit_code is not None else ""
+                )
+                conn.execute(
+                    _END_ATTEMPT,
+                    (_ts(job.completed_at), ended_as, detail, job.id, job.attempt),
+                )
             return cur.rowcount == 1
 
         return await self._write(op)
 
-    async def requeue(self, job_id: JobId, retries: int, error: str) -> None:
+    async def requeue(
+        self,
+        job_id: JobId,
+        retries: int,
+        error: str,
+        ended: AttemptRecord | None = None,
+        worker_losses: int = 0,
+    ) -> None:
+        """Queue the job again; ``ended`` is how its last attempt ended."""
+
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE jobs SET status = 'PENDING', retries = ?, error = ?, worker_id = '',"
-                " started_at = NULL WHERE id = ?",
-                (retries, error, job_id),
+                " started_at = NULL, worker_losses = ? WHERE id = ?",
+                (retries, error, worker_losses, job_id),
             )
             conn.execute("DELETE FROM output WHERE job_id = ?", (job_id,))
+            if ended is not None and ended.outcome is not None:
+                conn.execute(
+                    _END_ATTEMPT,
+                    (_ts(ended.ended_at), ended.outcome.value, ended.detail, job_id, ended.attempt),
+                )
 
         await self._write(op)
+
+    def note_attempt(self, job_id: JobId, attempt: int, detail: str) -> None:
+        """Add to the history of a superseded attempt (one that is not the job's current
+        one), once: a late result, a stale process. Not awaited."""
+        self._flush_output()
+        self._queue.put(
+            (
+                lambda conn: conn.execute(
+                    "UPDATE attempts SET detail ="
+                    " CASE detail WHEN '' THEN ? ELSE detail || '; ' || ? END"
+                    " WHERE job_id = ? AND attempt = ? AND instr(detail, ?) = 0"
+                    " AND attempt < (SELECT attempt FROM jobs WHERE id = ?)",
+                    (detail, detail, job_id, attempt, detail, job_id),
+                ),
+                None,
+                False,
+            )
+        )
 
     async def get(self, job_id: JobId, with_output: bool = True) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
             row = conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-            if row is None or not with_output:
-                return None if row is None else _job_from_row(row)
+            if row is None:
+                return None
+            attempts = tuple(
+                _attempt_from_row(r)
+                for r in conn.execute(
+                    "SELECT attempt, node_id, started_at, ended_at, outcome, detail FROM attempts"
+                    " WHERE job_id = ? ORDER BY attempt",
+                    (job_id,),
+                )
+            )
+            if not with_output:
+                return _job_from_row(row, attempts=attempts)
             parts: dict[int, list[bytes]] = {0: [], 1: []}
             for stream, data in conn.execute(
                 "SELECT stream, data FROM output WHERE job_id = ? ORDER BY stream, offset",
                 (job_id,),
             ):
                 parts[stream].append(data)
-            return _job_from_row(row, b"".join(parts[0]), b"".join(parts[1]))
+            return _job_from_row(row, b"".join(parts[0]), b"".join(parts[1]), attempts)
 
         return await self._read(op)
 
