@@ -53,6 +53,7 @@ class NodeStatus(enum.StrEnum):
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
     DRAINING = "DRAINING"
+    SUSPECT = "SUSPECT"  # missed heartbeats, not yet declared dead: no new tasks
 
 
 class Stream(enum.IntEnum):

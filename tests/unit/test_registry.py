@@ -133,9 +133,12 @@ def test_deregister(registry: NodeRegistry) -> None:
 
 def test_sweep_leaves_fresh_nodes_alone(registry: NodeRegistry, clock: FakeClock) -> None:
     add(registry, "w1")
-    clock.advance(HEARTBEAT_TIMEOUT_S - 0.001)
+    clock.advance(registry.suspect_s - 0.001)
     assert swept(registry) == ([], [])
     assert status(registry, "w1") == NodeStatus.HEALTHY
+    clock.advance(HEARTBEAT_TIMEOUT_S - registry.suspect_s)
+    assert swept(registry) == ([], [])  # suspect, not yet declared dead
+    assert status(registry, "w1") == NodeStatus.SUSPECT
 
 
 def test_sweep_marks_unhealthy_then_removes(registry: NodeRegistry, clock: FakeClock) -> None:
@@ -183,9 +186,9 @@ def test_heartbeats_keep_a_node_healthy(registry: NodeRegistry, clock: FakeClock
 
 def test_sweep_only_touches_silent_nodes(registry: NodeRegistry, clock: FakeClock) -> None:
     add(registry, "old")
-    clock.advance(10.0)
+    clock.advance(HEARTBEAT_TIMEOUT_S - 1.0)
     add(registry, "new")
-    clock.advance(HEARTBEAT_TIMEOUT_S - 10.0)
+    clock.advance(1.0)
     assert swept(registry) == (["old"], [])
     assert status(registry, "new") == NodeStatus.HEALTHY
 
@@ -330,3 +333,29 @@ def test_register_after_removal_starts_fresh(registry: NodeRegistry, clock: Fake
     node = registry.get(NodeId("w1"))
     assert node is not None
     assert node.active_tasks == 0
+
+
+def test_a_node_missing_heartbeats_turns_suspect_before_unhealthy(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    add(registry, "w1")
+    clock.advance(registry.suspect_s)
+    result = registry.sweep()
+    assert (result.suspect, result.unhealthy) == (["w1"], [])
+    assert status(registry, "w1") == NodeStatus.SUSPECT
+    assert registry.eligible(spec("command")) == []  # no new tasks while suspect
+    assert registry.sweep().suspect == []  # reported once
+    registry.heartbeat(NodeId("w1"), draining=False)  # it was only slow
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+    assert ids(registry.eligible(spec("command"))) == ["w1"]
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    result = registry.sweep()
+    assert (result.suspect, result.unhealthy) == ([], ["w1"])
+
+
+def test_a_draining_node_is_not_made_suspect(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    registry.heartbeat(NodeId("w1"), draining=True)
+    clock.advance(registry.suspect_s)
+    assert registry.sweep().suspect == []
+    assert status(registry, "w1") == NodeStatus.DRAINING

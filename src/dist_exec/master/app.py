@@ -61,7 +61,13 @@ async def run_master(
         master = Master(
             config,
             store,
-            NodeRegistry(clock, config.heartbeat_timeout_s, config.node_removal_s),
+            NodeRegistry(
+                clock,
+                config.heartbeat_timeout_s,
+                config.node_removal_s,
+                # Two missed heartbeats, and never later than the timeout.
+                min(2 * config.heartbeat_interval_s, config.heartbeat_timeout_s * 0.8),
+            ),
             Scheduler(make_balancer(config.balancer), config.priority_aging_s),
             workers,
             executors,

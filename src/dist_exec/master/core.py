@@ -68,6 +68,8 @@ MAX_METADATA_BYTES = 64 * 1024
 REATTACH_BACKOFF_MAX_S = 2.0
 OUTPUT_CACHE_BYTES = 256 * 1024  # stored output of a running job also kept in memory, up to this
 CANCEL_CONFIRM_S = 1.0  # resend CancelTask this often until the worker confirms the end
+STOP_RETRY_MIN_S = 0.5  # asking an unreachable node to stop an unwanted attempt: first wait
+STOP_RETRY_MAX_S = 10.0
 
 _EXEC_TO_JOB = {
     ExecStatus.SUCCESS: JobStatus.COMPLETED,
@@ -243,6 +245,8 @@ class Master:
                     format_duration(self.config.heartbeat_timeout_s),
                 )
                 self._node_lost(node_id, f"worker {node_id} stopped responding")
+            for node_id in sweep.suspect:
+                log.info("node %s missed heartbeats; no new tasks until it is heard from", node_id)
             for node in sweep.removed:
                 log.info(
                     "forgetting node %s after %ss of silence", node.id, self.config.node_removal_s
@@ -583,7 +587,10 @@ class Master:
                 await self.workers.cancel(node.address, job.id, job.attempt)
             except (WorkerUnreachable, AttemptGone, AttemptRejected) as exc:
                 log.warning("cannot reach worker %s to cancel %s: %s", node.id, job.id, exc)
+                attempt = job.attempt
                 await self._force_cancel(job, f"cancelled (worker {node.id} unreachable)")
+                if isinstance(exc, WorkerUnreachable):  # it may still run there: keep asking
+                    self._spawn(self._stop_stale(node.id, job.id, attempt))
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CANCEL_CONFIRM_S):
@@ -696,7 +703,7 @@ class Master:
                 log.info(
                     "node %s holds stale attempt %d of %s; stopping it", node_id, attempt, task_id
                 )
-                self._spawn(self._stop_stale(node.address, task_id, attempt))
+                self._spawn(self._stop_stale(node_id, task_id, attempt))
                 note = f"still running on {node_id} after it was superseded; told to stop"
             else:
                 note = f"finished on {node_id} after it was superseded; its result was not accepted"
@@ -710,10 +717,10 @@ class Master:
         node = self.registry.get(node_id)
         if node is None or node.status == NodeStatus.UNHEALTHY:
             return False
-        was_draining = node.status == NodeStatus.DRAINING
+        was_idle = node.status in (NodeStatus.DRAINING, NodeStatus.SUSPECT)
         self.registry.heartbeat(node_id, draining)
-        if was_draining and not draining:
-            self._wake.set()
+        if was_idle and not draining:
+            self._wake.set()  # it takes tasks again
         return True
 
     def deregister(self, node_id: NodeId) -> None:
@@ -748,9 +755,22 @@ class Master:
                     self._retry(job, reason, AttemptOutcome.WORKER_LOST, attempt=job.attempt)
                 )
 
-    async def _stop_stale(self, address: str, task_id: str, attempt: int) -> None:
-        with contextlib.suppress(WorkerUnreachable, AttemptGone, AttemptRejected):
-            await self.workers.cancel(address, task_id, attempt)
+    async def _stop_stale(self, node_id: NodeId, task_id: str, attempt: int) -> None:
+        """Ask a node to stop an attempt that is no longer wanted (superseded, or cancelled
+        while the node could not be reached) until it confirms or reports it gone. A node that
+        is forgotten meanwhile must register again, and is told then."""
+        delay = STOP_RETRY_MIN_S
+        while (node := self.registry.get(node_id)) is not None:
+            try:
+                await self.workers.cancel(node.address, task_id, attempt)
+                return
+            except (AttemptGone, AttemptRejected):
+                return
+            except WorkerUnreachable as exc:
+                log.info("cannot reach %s yet to stop attempt %d of %s: %s", node_id, attempt,
+                         task_id, exc)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STOP_RETRY_MAX_S)
 
     # ---- attempts ---------------------------------------------------------------------------
 

@@ -15,14 +15,24 @@ from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskSpec
 @dataclass(frozen=True, slots=True)
 class Sweep:
     unhealthy: list[NodeId]  # turned UNHEALTHY now: their tasks must be retried
+    suspect: list[NodeId]  # turned SUSPECT now: no new tasks until they are heard from
     removed: list[NodeInfo]  # forgotten now: they must register again
 
 
 class NodeRegistry:
-    def __init__(self, clock: Clock, heartbeat_timeout_s: float, removal_s: float) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        heartbeat_timeout_s: float,
+        removal_s: float,
+        suspect_s: float | None = None,
+    ) -> None:
+        """A node silent for ``suspect_s`` (default: a third of the timeout) is SUSPECT, for
+        ``heartbeat_timeout_s`` UNHEALTHY, for ``removal_s`` forgotten."""
         self.clock = clock
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.removal_s = removal_s
+        self.suspect_s = heartbeat_timeout_s / 3 if suspect_s is None else suspect_s
         self._nodes: dict[NodeId, NodeInfo] = {}
 
     def register(
@@ -66,7 +76,7 @@ class NodeRegistry:
 
     def sweep(self) -> Sweep:
         now = self.clock.monotonic()
-        unhealthy, removed = [], []
+        unhealthy, suspect, removed = [], [], []
         for node in list(self._nodes.values()):
             silent = now - node.last_seen
             if silent >= self.removal_s:
@@ -77,7 +87,10 @@ class NodeRegistry:
             elif silent >= self.heartbeat_timeout_s and node.status != NodeStatus.UNHEALTHY:
                 node.status = NodeStatus.UNHEALTHY
                 unhealthy.append(node.id)
-        return Sweep(unhealthy, removed)
+            elif silent >= self.suspect_s and node.status == NodeStatus.HEALTHY:
+                node.status = NodeStatus.SUSPECT
+                suspect.append(node.id)
+        return Sweep(unhealthy, suspect, removed)
 
     def get(self, node_id: NodeId) -> NodeInfo | None:
         return self._nodes.get(node_id)
