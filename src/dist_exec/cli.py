@@ -39,7 +39,7 @@ from dist_exec.errors import DistExecError, JobNotFound
 from dist_exec.executors import describe_task
 from dist_exec.executors.http import HttpSpec
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
-from dist_exec.models import Job, JobStatus, NodeInfo, Stream, TaskSpec
+from dist_exec.models import Job, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
 
 T = TypeVar("T")
 EXIT_ERROR = 1
@@ -392,7 +392,15 @@ def ready_line(what: str) -> Callable[[str], None]:
     type=SIZE,
     default="4M",
     show_default=True,
-    help="Output kept per job and stream; the rest is counted, not stored.",
+    help="Output kept from the start of each stream of a job; beyond it only --output-tail "
+    "is kept, the rest is counted.",
+)
+@click.option(
+    "--output-tail",
+    type=SIZE,
+    default="1M",
+    show_default=True,
+    help="Output kept from the end of each stream longer than --max-output.",
 )
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def master(
@@ -412,6 +420,7 @@ def master(
     blocked_commands: tuple[str, ...],
     balancer: str,
     max_output: int,
+    output_tail: int,
     log_level: str,
 ) -> None:
     """Run the master: accepts jobs, tracks workers, dispatches."""
@@ -446,6 +455,7 @@ def master(
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
         balancer=balancer,
         max_output_bytes=max_output,
+        output_tail_bytes=output_tail,
     )
     check_listen(listen)
     serve(lambda stop: run_master(config, stop, ready_line("master")))
@@ -864,19 +874,41 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
 async def _stream(client: Client, job_id: str, quiet: bool) -> Job:
     """Print the job's output as it comes; returns the ended job."""
     last_attempt = 0
+    printer = _OutputPrinter()
     async for item in client.watch(job_id):
         if isinstance(item, Job):
             return item
         attempt, chunk = item
-        if last_attempt and attempt != last_attempt and not quiet:
-            click.echo(f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True)
+        if last_attempt and attempt != last_attempt:
+            printer = _OutputPrinter()
+            if not quiet:
+                click.echo(
+                    f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True
+                )
         last_attempt = attempt
-        if quiet:
-            continue
+        if not quiet:
+            printer.write(chunk)
+    raise AssertionError("watch() always ends with the job")
+
+
+class _OutputPrinter:
+    """Writes a job's output to stdout and stderr, saying where bytes were not kept (the
+    middle of a stream longer than the master keeps)."""
+
+    def __init__(self) -> None:
+        self.ends = dict.fromkeys(Stream, 0)
+
+    def write(self, chunk: OutputChunk) -> None:
         out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
+        gap = chunk.offset - self.ends[chunk.stream]
+        if gap > 0:
+            out.flush()
+            click.echo(
+                f"dist-exec: [{gap} bytes of {chunk.stream.name.lower()} not kept]", err=True
+            )
+        self.ends[chunk.stream] = chunk.offset + len(chunk.data)
         out.write(chunk.data)
         out.flush()
-    raise AssertionError("watch() always ends with the job")
 
 
 def _exit_code(job: Job, quiet: bool) -> int:
@@ -1043,8 +1075,11 @@ def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
     """Print a job's output: stdout to stdout, stderr to stderr."""
 
     async def body() -> None:
+        printer, last_attempt = _OutputPrinter(), 0
         async with Client(master_address) as client:
-            async for _attempt, chunk in client.stream_output(job_id, follow=follow):
+            async for attempt, chunk in client.stream_output(job_id, follow=follow):
+                if attempt != last_attempt:
+                    printer, last_attempt = _OutputPrinter(), attempt
                 if as_json:
                     click.echo(
                         json.dumps(
@@ -1056,9 +1091,7 @@ def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
                         )
                     )
                     continue
-                out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
-                out.write(chunk.data)
-                out.flush()
+                printer.write(chunk)
 
     run_client(body())
 

@@ -146,7 +146,8 @@ class MasterConfig:
     retry_backoff_s: float = 1.0  # first retry waits about this long, doubling each time
     retry_backoff_max_s: float = 60.0
     poison_threshold: int = 3  # a task whose workers died this many times in a row is failed
-    max_output_bytes: int = 4 * 1024 * 1024  # kept per stream per job
+    max_output_bytes: int = 4 * 1024 * 1024  # head kept per stream per job
+    output_tail_bytes: int = 1024 * 1024  # and the last bytes, when a stream is longer
     max_payload_bytes: int = 1024 * 1024
     dispatch_grace_s: float = 30.0  # master RPC deadline = task timeout + this
     rpc_timeout_s: float = 10.0  # unary calls to workers

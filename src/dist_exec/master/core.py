@@ -59,6 +59,7 @@ from dist_exec.models import (
     Stream,
     TaskSpec,
 )
+from dist_exec.output_tail import OutputTail
 
 log = logging.getLogger(__name__)
 MAX_RETRIES_LIMIT = 100
@@ -110,6 +111,8 @@ class ActiveJob:
     kept_bytes: int = 0
     kept_all: bool = True
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # The last bytes of each stream beyond the stored head, kept until the job ends.
+    tails: dict[Stream, OutputTail] = field(default_factory=dict)
     queued_mono: float = 0.0  # when it last entered the queue (for its queue timeout)
     retry_at: float | None = None  # waiting out its retry backoff until then
     retry_handle: asyncio.TimerHandle | None = None
@@ -896,6 +899,11 @@ class Master:
                 job.kept_bytes += len(stored.data)
             elif job.kept_all:
                 job.kept_all, job.kept, job.kept_bytes = False, [], 0
+        if keep < len(chunk.data) and self.config.output_tail_bytes > 0:
+            tail = job.tails.get(chunk.stream)
+            if tail is None:
+                tail = job.tails[chunk.stream] = OutputTail(self.config.output_tail_bytes)
+            tail.add(chunk.data[max(0, keep) :])
         self.hub.publish(job.id, attempt, chunk)
 
     async def _on_outcome(
@@ -974,6 +982,7 @@ class Master:
         job.node_id = None
         job.record = replace(job.record, error=reason)
         job.kept_all, job.kept, job.kept_bytes = True, [], 0  # the store drops it too
+        job.tails = {}
         job.queued_mono = self.clock.monotonic()
         if delay > 0:
             job.retry_at = job.queued_mono + delay
@@ -1050,6 +1059,12 @@ class Master:
             truncated=_truncated(outcome, self.config.max_output_bytes),
             result_metadata=outcome.metadata if outcome else {},
         )
+        for stream, tail in job.tails.items():  # committed with the final state
+            data = tail.value()
+            self.store.append_output(
+                job.id, OutputChunk(stream, job.seen[stream] - len(data), data)
+            )
+        job.tails = {}
         # Followers hear the end before the commit: a worker's result is only released once it is
         # committed (_run_attempt), and get() of a finishing job waits for the commit.
         self.hub.close(job.id, record)

@@ -158,6 +158,11 @@ def request_hash(spec: TaskSpec) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def omitted(count: int) -> bytes:
+    """What stands for the bytes of a long stream that were not kept."""
+    return f"\n[... {count} bytes omitted ...]\n".encode()
+
+
 def _ts(dt: datetime | None) -> float | None:
     return None if dt is None else dt.timestamp()
 
@@ -545,11 +550,15 @@ class SqliteJobStore:
             if not with_output:
                 return _job_from_row(row, attempts=attempts)
             parts: dict[int, list[bytes]] = {0: [], 1: []}
-            for stream, data in conn.execute(
-                "SELECT stream, data FROM output WHERE job_id = ? ORDER BY stream, offset",
+            ends = {0: 0, 1: 0}
+            for stream, offset, data in conn.execute(
+                "SELECT stream, offset, data FROM output WHERE job_id = ? ORDER BY stream, offset",
                 (job_id,),
             ):
+                if offset > ends[stream]:  # between the kept head and tail
+                    parts[stream].append(omitted(offset - ends[stream]))
                 parts[stream].append(data)
+                ends[stream] = offset + len(data)
             return _job_from_row(row, b"".join(parts[0]), b"".join(parts[1]), attempts)
 
         return await self._read(op)

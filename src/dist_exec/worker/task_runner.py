@@ -26,9 +26,11 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import ExecRequest, Executor
 from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
+from dist_exec.output_tail import OutputTail
 
 log = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE_CHUNKS = 64  # at most this many chunks (of up to 64 KiB) wait for the master
+OUTPUT_TAIL_BYTES = 1024 * 1024  # kept beyond the head, replayed to a master that re-attaches
 # Delivered results kept for a master that dies before committing them (bounded three ways).
 RECENT_RESULTS = 10_000
 RECENT_RESULT_BYTES = 64 * 1024 * 1024
@@ -42,10 +44,12 @@ def _result_bytes(attempt: Attempt) -> int:
 
 @dataclass(slots=True)
 class _Buffer:
-    """The first ``limit`` bytes of a stream, and how many bytes it had in all."""
+    """The first ``limit`` bytes of a stream, its last OUTPUT_TAIL_BYTES beyond those, and
+    how many bytes it had in all: bounded memory, however much a command prints."""
 
     limit: int
     head: bytearray = field(default_factory=bytearray)
+    tail: OutputTail = field(default_factory=lambda: OutputTail(OUTPUT_TAIL_BYTES))
     total: int = 0
 
     def add(self, data: bytes) -> int:
@@ -54,7 +58,22 @@ class _Buffer:
         room = self.limit - len(self.head)
         if room > 0:
             self.head += data[:room]
+        if room < len(data):
+            self.tail.add(data[max(0, room) :])
         return offset
+
+    def kept(self, start: int) -> list[tuple[int, bytes]]:
+        """What is kept from byte ``start`` on: (offset, data) of the head and the tail."""
+        parts = []
+        if start < len(self.head):
+            parts.append((start, bytes(self.head[start:])))
+        if self.total > len(self.head):
+            tail = self.tail.value()
+            tail_start = self.total - len(tail)
+            if start < self.total:
+                cut = max(0, start - tail_start)
+                parts.append((tail_start + cut, tail[cut:]))
+        return [(offset, data) for offset, data in parts if data]
 
 
 class _Subscription:
@@ -88,9 +107,8 @@ class AttemptOutput:
         """Replay what is kept from ``offsets`` on, then follow live. Replaces any subscriber."""
         replay = []
         for stream, buf in self._buffers.items():
-            start = max(0, offsets.get(stream, 0))
-            if start < len(buf.head):
-                replay.append(OutputChunk(stream, start, bytes(buf.head[start:])))
+            for offset, data in buf.kept(max(0, offsets.get(stream, 0))):
+                replay.append(OutputChunk(stream, offset, data))
         sub = _Subscription(replay)
         if self._subscriber is not None:
             # The stream it fed is dead or replaced: end it, and free a writer blocked on it.

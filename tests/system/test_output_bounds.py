@@ -1,0 +1,62 @@
+"""Output that cannot hurt: a command printing a gigabyte keeps worker and master memory
+bounded; the job keeps the head and the tail, counts every byte and says it was truncated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import ClusterFactory, Proc, run_cli, wait_for
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def peak_rss_mib(proc: Proc) -> float:
+    """The process's high-water resident set size (VmHWM), in MiB."""
+    for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_a_gigabyte_of_output_keeps_memory_bounded_and_keeps_head_and_tail(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master(extra=["--max-output", "1M", "--output-tail", "64K"])
+    worker = cluster.worker(master, worker_id="w1")
+    # 1 GiB of stdout: a first line, then zeros, then a last line; a little stderr too.
+    script = (
+        "echo first-line; head -c 1073741824 /dev/zero; echo; echo last-line; echo to-stderr >&2"
+    )
+    submitted = run_cli("run", "--detach", script, master=master.address)
+    assert submitted.code == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+
+    def ended() -> dict[str, object] | None:
+        shown = run_cli("status", "--json", job_id, master=master.address)
+        job: dict[str, object] = json.loads(shown.stdout)
+        return job if job["status"] not in ("PENDING", "RUNNING") else None
+
+    job = wait_for(ended, 240, "the gigabyte job to end", poll=0.5)
+    assert job["status"] == "COMPLETED", job["error"]
+    produced = len("first-line\n") + GIB + len("\nlast-line\n")
+    assert job["stdout_bytes"] == produced
+    assert job["output_truncated"] is True
+    output = job["output"]
+    assert isinstance(output, str)
+    assert output.startswith("first-line\n")
+    assert output.endswith("\nlast-line\n")  # the last line always arrives
+    assert f"[... {produced - MIB - 64 * 1024} bytes omitted ...]" in output
+    assert job["stderr"] == "to-stderr\n"
+
+    # Neither process held the gigabyte (or a large part of it) in memory at any time.
+    assert peak_rss_mib(worker) < 200, peak_rss_mib(worker)
+    assert peak_rss_mib(master) < 200, peak_rss_mib(master)
+
+    logs = run_cli("logs", job_id, master=master.address)
+    assert logs.code == 0, logs.stderr
+    assert logs.stdout.startswith("first-line\n")
+    assert logs.stdout.endswith("\nlast-line\n")
+    assert len(logs.stdout) == MIB + 64 * 1024
+    assert f"[{produced - MIB - 64 * 1024} bytes of stdout not kept]" in logs.stderr
