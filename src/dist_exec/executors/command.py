@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
+from dist_exec.executors.guardian import ProcessGuard
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 
 SHELL = "/bin/sh"
@@ -187,6 +188,8 @@ class CommandExecutor:
         self.policy = CommandPolicy(
             _rules(opts.get("allowed_commands")), _rules(opts.get("blocked_commands"))
         )
+        guard = opts.get("process_guard")  # kills running groups if the worker dies
+        self.guard = guard if isinstance(guard, ProcessGuard) else None
 
     def validate(self, payload: bytes) -> None:
         self.policy.check(parse_payload(payload))
@@ -232,6 +235,8 @@ class CommandExecutor:
             return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
 
         proc = asyncio.subprocess.Process(transport, protocol, loop)
+        if self.guard is not None:
+            self.guard.watch(proc.pid)  # its own session: the group id is its pid
         pumps = asyncio.gather(
             _pump(proc.stdout, Stream.STDOUT, sink),
             _pump(proc.stderr, Stream.STDERR, sink),
@@ -261,6 +266,8 @@ class CommandExecutor:
     ) -> None:
         """TERM the whole group, KILL it after the grace period, reap, then drain the pipes."""
         await terminate_group(proc, self.kill_grace_s)
+        if self.guard is not None:
+            self.guard.unwatch(proc.pid)
         try:
             async with asyncio.timeout(PIPE_DRAIN_S):
                 await pumps

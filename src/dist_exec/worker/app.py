@@ -24,6 +24,7 @@ from dist_exec.config import (
     listen_address,
 )
 from dist_exec.executors import Executor, load_executors
+from dist_exec.executors.guardian import ProcessGuard
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from dist_exec.worker.server import WorkerServicer
 from dist_exec.worker.task_runner import TaskRunner
@@ -140,6 +141,7 @@ async def run_worker(
 ) -> None:
     """Serve until ``stop`` is set, then drain: no new tasks, finish (or hand back), deregister."""
     _watch_children_with_pidfd()
+    guard = ProcessGuard()
     executors = (
         executors
         if executors is not None
@@ -150,6 +152,7 @@ async def run_worker(
                     "inherit_env": config.inherit_env,
                     "allowed_commands": config.allowed_commands,
                     "blocked_commands": config.blocked_commands,
+                    "process_guard": guard,
                 }
             }
         )
@@ -208,3 +211,4 @@ async def run_worker(
         await runner.close()
         await server.stop(grace=1.0)
         await channel.close()
+        await asyncio.to_thread(guard.close)
