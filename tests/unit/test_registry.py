@@ -359,3 +359,15 @@ def test_a_draining_node_is_not_made_suspect(registry: NodeRegistry, clock: Fake
     clock.advance(registry.suspect_s)
     assert registry.sweep().suspect == []
     assert status(registry, "w1") == NodeStatus.DRAINING
+
+
+def test_excused_silence_does_not_count(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    clock.advance(HEARTBEAT_TIMEOUT_S + 5)  # the master was stopped all this time
+    registry.excuse(HEARTBEAT_TIMEOUT_S + 5)
+    assert swept(registry) == ([], [])
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+    registry.excuse(1000)  # never into the future
+    node = registry.get(NodeId("w1"))
+    assert node is not None
+    assert node.last_seen == clock.monotonic()

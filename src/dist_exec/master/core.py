@@ -238,8 +238,20 @@ class Master:
 
     async def _sweep_forever(self) -> None:
         period = max(0.05, min(1.0, self.config.heartbeat_interval_s / 2))
+        last = self.clock.monotonic()
         while True:
             await asyncio.sleep(period)
+            stalled = self.clock.monotonic() - last - period
+            last = self.clock.monotonic()
+            if stalled > self.config.heartbeat_interval_s:
+                # The master itself did not run (SIGSTOP, a paused VM, a starved loop): the
+                # silence is its own, and heartbeats sent meanwhile wait unread. Nodes get that
+                # time back instead of all being declared dead at once.
+                log.warning(
+                    "the master did not run for %s; not counting that against any worker",
+                    format_duration(round(stalled, 1)),
+                )
+                self.registry.excuse(stalled)
             sweep = self.registry.sweep()
             for node_id in sweep.unhealthy:
                 log.warning(

@@ -92,6 +92,13 @@ class NodeRegistry:
                 suspect.append(node.id)
         return Sweep(unhealthy, suspect, removed)
 
+    def excuse(self, seconds: float) -> None:
+        """Do not count the last ``seconds`` of silence against any node (the master was not
+        running to hear them)."""
+        now = self.clock.monotonic()
+        for node in self._nodes.values():
+            node.last_seen = min(now, node.last_seen + seconds)
+
     def get(self, node_id: NodeId) -> NodeInfo | None:
         return self._nodes.get(node_id)
 
