@@ -25,6 +25,7 @@ from dist_exec.config import (
 )
 from dist_exec.executors import Executor, load_executors
 from dist_exec.executors.guardian import ProcessGuard
+from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from dist_exec.worker.server import WorkerServicer
 from dist_exec.worker.task_runner import TaskRunner
@@ -179,7 +180,7 @@ async def run_worker(
     address = config.advertise or advertised_address(config.listen, port)
     for service in ("", WORKER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    channel = grpc.aio.insecure_channel(dial_address(config.master))
+    channel = grpc.aio.insecure_channel(dial_address(config.master), options=CHANNEL_OPTIONS)
     registrar = Registrar(config, runner, address, channel)
     try:
         async with asyncio.TaskGroup() as tg:
