@@ -69,6 +69,7 @@ MAX_METADATA_BYTES = 64 * 1024
 REATTACH_BACKOFF_MAX_S = 2.0
 OUTPUT_CACHE_BYTES = 256 * 1024  # stored output of a running job also kept in memory, up to this
 CANCEL_CONFIRM_S = 1.0  # resend CancelTask this often until the worker confirms the end
+RESTART_GRACE_EXTRA_S = 2.0  # after a restart, beyond the heartbeat timeout, to hear from nodes
 STOP_RETRY_MIN_S = 0.5  # asking an unreachable node to stop an unwanted attempt: first wait
 STOP_RETRY_MAX_S = 10.0
 
@@ -186,7 +187,9 @@ class Master:
         return task
 
     async def _recover(self) -> None:
-        grace = self.config.heartbeat_timeout_s
+        # Workers notice the restart at their next heartbeat, once their channel has connected
+        # again (reconnect backoff of at most about a second): then they register and report.
+        grace = self.config.heartbeat_timeout_s + RESTART_GRACE_EXTRA_S
         unfinished = await self.store.unfinished()
         self._seq = itertools.count(max((seq for seq, _ in unfinished), default=0) + 1)
         for seq, job in unfinished:
