@@ -52,7 +52,8 @@ async def test_policy_is_enforced_on_the_worker_too(cluster: ClusterFactory) -> 
 
 
 async def test_rate_limit_refuses_with_a_retry_hint(cluster: ClusterFactory) -> None:
-    master = cluster.master(extra=["--rate-limit", "1", "--rate-burst", "3"])
+    # One job per 100 s after the burst: the CLI below starts well within that, however slow.
+    master = cluster.master(extra=["--rate-limit", "0.01", "--rate-burst", "3"])
     async with grpc.aio.insecure_channel(master.address) as channel:
         stub = master_pb2_grpc.MasterServiceStub(channel)
         request = master_pb2.SubmitRequest(task_type="command", payload=b'{"command": "true"}')
@@ -61,11 +62,11 @@ async def test_rate_limit_refuses_with_a_retry_hint(cluster: ClusterFactory) -> 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Submit(request)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "rate limit exceeded for 127.0.0.1: 1 jobs/s, burst 3; retry in" in (
+    assert "rate limit exceeded for 127.0.0.1: 0.01 jobs/s, burst 3; retry in" in (
         info.value.details() or ""
     )
     trailing = dict(info.value.trailing_metadata() or ())
-    assert 0 < int(trailing["retry-after-ms"]) <= 1000
+    assert 90_000 < int(trailing["retry-after-ms"]) <= 100_000
     cli = run_cli("run", "-d", "true", master=master.address)
     assert cli.code == 125
     assert cli.stderr.startswith("dist-exec: rate limit exceeded for 127.0.0.1")

@@ -98,7 +98,10 @@ def test_big_output_is_streamed_whole_but_stored_bounded(cluster: ClusterFactory
     body = json.loads(run_cli("list", "--json", "--limit", "1", master=master.address).stdout)[0]
     assert body["output_truncated"] is True
     assert body["stdout_bytes"] == size
-    assert len(body["output"]) == 64 * 1024
+    # The first 64 KiB and the last MiB (--output-tail) are kept, and the gap is marked.
+    head, tail = 64 * 1024, 1024 * 1024
+    gap = f"\n[... {size - head - tail} bytes omitted ...]\n"
+    assert body["output"] == "a" * head + gap + "a" * tail
     assert body["stderr"] == "tail\n"
 
 
