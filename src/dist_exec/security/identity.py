@@ -1,0 +1,36 @@
+"""Who is calling: an identity is a name and a role, from a certificate or a bearer token."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"  # everything: any job, cancel any, drain nodes
+    SUBMIT = "submit"  # run jobs; see and cancel its own
+    READ = "read"  # see every job and node
+    WORKER = "worker"  # register and heartbeat as the worker its credential names
+    MASTER = "master"  # call workers' WorkerService
+    CLIENT = "client"  # a certificate for the transport only: the identity comes from a token
+
+
+CLIENT_ROLES = (Role.ADMIN, Role.SUBMIT, Role.READ)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    role: Role
+    via: str  # "token", "cert", or "none" (an open loopback server: everyone is the local admin)
+    peer: str = ""
+
+    @property
+    def sees_all_jobs(self) -> bool:
+        return self.role in (Role.ADMIN, Role.READ)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.role.value}, by {self.via})"
+
+
+LOCAL = Identity("local", Role.ADMIN, "none")
