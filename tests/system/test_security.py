@@ -237,6 +237,28 @@ async def test_workers_register_only_as_their_certificate_says(cluster: ClusterF
     assert refusals == [("register", "w1", "denied"), ("Deregister", "root", "denied")]
 
 
+async def test_a_pool_certificate_serves_a_deployment_of_workers(cluster: ClusterFactory) -> None:
+    master = cluster.master(secure=True)
+    pki = cluster.pki
+    pool = pki.tls_args("dist-exec-worker", "workers")
+    for pod in ("dist-exec-worker-7f9c-abcde", "dist-exec-worker-7f9c-fghij"):
+        cluster.worker(master, worker_id=pod, max_tasks=1, extra=pool)
+    async with Client(master.address, credentials=pki.credentials("root", "admin")) as root:
+        assert len(await root.nodes()) == 2
+        ids = await root.submit_many([command_spec(["sleep", "0.3"]) for _ in range(4)])
+        jobs = [await root.wait(j) for j in ids]
+        assert {j.status for j in jobs} == {JobStatus.COMPLETED}
+        assert {j.worker_id for j in jobs} == {
+            "dist-exec-worker-7f9c-abcde", "dist-exec-worker-7f9c-fghij"
+        }  # fmt: skip
+    async with pki.credentials("dist-exec-worker", "workers").channel(master.address) as channel:
+        stub = worker_pb2_grpc.RegistrationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="dist-exec-workerX"))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'dist-exec-worker' or dist-exec-worker-*" in (info.value.details() or "")
+
+
 def test_a_worker_with_a_foreign_certificate_never_registers(cluster: ClusterFactory) -> None:
     master = cluster.master(secure=True)
     pki = cluster.pki

@@ -26,7 +26,6 @@ from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.request_handler import Drains, MasterServicer, RegistrationServicer
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore
-from dist_exec.models import NodeId
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dist_exec.security.audit import AuditLog
 from dist_exec.security.auth import MASTER_RULES, Authenticator, SecurityInterceptor
@@ -76,8 +75,8 @@ async def run_master(
     audit = AuditLog(config.audit_log or config.data_dir / AUDIT_FILE)
     closing: set[asyncio.Task[None]] = set()
 
-    def on_register(node_id: NodeId, address: str) -> None:
-        if dialer.expect(address, node_id):  # another node now serves this address
+    def on_register(address: str, server_name: str) -> None:
+        if dialer.expect(address, server_name):  # another worker now serves this address
             task = asyncio.get_running_loop().create_task(workers.forget(address))
             closing.add(task)
             task.add_done_callback(closing.discard)

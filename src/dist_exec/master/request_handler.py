@@ -31,7 +31,7 @@ from dist_exec.models import Job, JobId, NodeId, NodeStatus, OutputChunk, Stream
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dist_exec.security.audit import AuditLog, task_summary
 from dist_exec.security.auth import current_identity
-from dist_exec.security.identity import Identity
+from dist_exec.security.identity import Identity, Role
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -292,11 +292,15 @@ def _summaries(requests: Sequence[master_pb2.SubmitRequest]) -> list[dict[str, A
 
 
 def _check_worker_id(worker_id: str) -> None:
-    """A worker authenticated by a certificate or token registers only as the id it names."""
+    """A worker authenticated by a certificate or token registers only as the id it names
+    (a pool credential: as NAME-anything)."""
     identity = current_identity()
-    if identity.via != "none" and worker_id != identity.name:
+    if not identity.may_act_as_worker(worker_id):
+        allowed = f"{identity.name!r}" + (
+            f" or {identity.name}-*" if identity.role == Role.WORKERS else ""
+        )
         raise AccessDenied(
-            f"this worker's credentials name {identity.name!r}; it cannot act as worker "
+            f"this worker's credentials name {allowed}; it cannot act as worker "
             f"{shorten(worker_id)}"
         )
 
@@ -308,13 +312,14 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         config: MasterConfig,
         audit: AuditLog | None = None,
         drains: Drains | None = None,
-        on_register: Callable[[NodeId, str], None] = lambda node_id, address: None,
+        on_register: Callable[[str, str], None] = lambda address, server_name: None,
     ) -> None:
         self.master = master
         self.config = config
         self.audit = audit
         self.drains = drains or Drains()
-        self.on_register = on_register  # the address a node id is now reached at
+        # A worker registered this address; with TLS its certificate must name server_name.
+        self.on_register = on_register
 
     @grpc_errors
     async def Register(
@@ -326,7 +331,10 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             if self.audit is not None:
                 self.audit.record("register", current_identity(), "denied", exc.message)
             raise
-        self.on_register(NodeId(request.worker_id), request.address)
+        identity = current_identity()
+        self.on_register(
+            request.address, identity.name if identity.via == "cert" else request.worker_id
+        )
         self.drains.requested.discard(NodeId(request.worker_id))
         self.master.register(
             NodeId(request.worker_id),

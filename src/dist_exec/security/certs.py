@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
-CERT_ROLES = ("master", "worker", "admin", "submit", "read", "client")
+CERT_ROLES = ("master", "worker", "workers", "admin", "submit", "read", "client")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 

@@ -51,8 +51,9 @@ def certs_init(directory: Path, days: int) -> None:
     "--role",
     type=click.Choice(certs.CERT_ROLES),
     required=True,
-    help="master, worker (NAME is its worker id), a client role (admin, submit, read), or "
-    "client (transport only: the identity comes from a token).",
+    help="master, worker (NAME is its worker id), workers (a pool sharing one certificate, "
+    "e.g. a Kubernetes Deployment: worker ids NAME-*), a client role (admin, submit, read), "
+    "or client (transport only: the identity comes from a token).",
 )
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
@@ -113,10 +114,10 @@ def tokens_group() -> None:
 @click.argument("name")
 @click.option(
     "--role",
-    type=click.Choice(["admin", "submit", "read", "worker"]),
+    type=click.Choice(["admin", "submit", "read", "worker", "workers"]),
     required=True,
     help="submit: run jobs, see and cancel its own; read: see all jobs; admin: everything; "
-    "worker: register as the worker NAME.",
+    "worker: register as the worker NAME; workers: a pool, register as NAME or NAME-*.",
 )
 @tokens_options
 def tokens_add(name: str, role: str, data_dir: Path | None, file: Path | None) -> None:

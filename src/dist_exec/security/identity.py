@@ -11,11 +11,15 @@ class Role(enum.StrEnum):
     SUBMIT = "submit"  # run jobs; see and cancel its own
     READ = "read"  # see every job and node
     WORKER = "worker"  # register and heartbeat as the worker its credential names
+    # A pool of workers sharing one credential (a Kubernetes Deployment's pods): NAME may
+    # register as NAME or as any NAME-suffix (pod names).
+    WORKERS = "workers"
     MASTER = "master"  # call workers' WorkerService
     CLIENT = "client"  # a certificate for the transport only: the identity comes from a token
 
 
 CLIENT_ROLES = (Role.ADMIN, Role.SUBMIT, Role.READ)
+WORKER_ROLES = (Role.WORKER, Role.WORKERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +33,15 @@ class Identity:
     def sees_all_jobs(self) -> bool:
         return self.role in (Role.ADMIN, Role.READ)
 
-    def describe(self) -> str:
-        return f"{self.name} ({self.role.value}, by {self.via})"
+    def may_act_as_worker(self, worker_id: str) -> bool:
+        """Whether this caller may register (and heartbeat) as ``worker_id``."""
+        if self.via == "none":
+            return True
+        if self.role == Role.WORKER:
+            return worker_id == self.name
+        return self.role == Role.WORKERS and (
+            worker_id == self.name or worker_id.startswith(self.name + "-")
+        )
 
 
 LOCAL = Identity("local", Role.ADMIN, "none")

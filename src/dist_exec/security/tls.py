@@ -76,8 +76,8 @@ def peer_cert_pem(context: grpc.aio.ServicerContext[object, object]) -> bytes | 
 
 class WorkerDialer:
     """The master's channels to workers. With TLS, the master presents its own certificate and
-    expects the worker's to name the node id that registered this address (its DNS subject
-    alternative name), so a worker cannot pass another's address off as its own."""
+    expects the worker's to carry the name of the certificate that registered this address (a
+    DNS subject alternative name), so a worker cannot pass another's address off as its own."""
 
     def __init__(self, tls: TlsFiles | None, options: list[tuple[str, int]]) -> None:
         self.tls = tls
@@ -85,11 +85,11 @@ class WorkerDialer:
         self._names: dict[str, str] = {}
         self._credentials = tls.channel_credentials() if tls is not None else None
 
-    def expect(self, address: str, node_id: str) -> bool:
+    def expect(self, address: str, server_name: str) -> bool:
         """Record who serves ``address``; True when that changed (drop an open channel)."""
         previous = self._names.get(address)
-        self._names[address] = node_id
-        return previous is not None and previous != node_id
+        self._names[address] = server_name
+        return previous is not None and previous != server_name
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if self._credentials is None:

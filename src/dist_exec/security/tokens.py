@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dist_exec.security.identity import CLIENT_ROLES, Role
+from dist_exec.security.identity import CLIENT_ROLES, WORKER_ROLES, Role
 
 TOKEN_PREFIX = "dxt_"
 RELOAD_EVERY_S = 1.0
@@ -76,7 +76,7 @@ def _write_tokens(path: Path, entries: list[TokenEntry]) -> None:
 
 def add_token(path: Path, name: str, role: Role) -> str:
     """Add an identity with a new token; returns the token (shown once, stored hashed)."""
-    if role not in CLIENT_ROLES and role != Role.WORKER:
+    if role not in CLIENT_ROLES and role not in WORKER_ROLES:
         raise TokenFileError(f"a token cannot have the role {role.value}")
     if not name or len(name) > 128 or not name.isprintable():
         raise TokenFileError("a token's name must be 1-128 printable characters")
