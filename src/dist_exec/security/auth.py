@@ -88,9 +88,13 @@ class Authenticator:
     def required(self) -> bool:
         return self.tls or (self.tokens is not None and self.tokens.configured)
 
-    def identify(self, metadata: Mapping[str, str], context: Context) -> Identity:
+    def identify(self, context: Context) -> Identity:
         peer = peer_address(context)
-        header = metadata.get("authorization")
+        header = next(
+            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
+        )
+        if isinstance(header, bytes):
+            header = header.decode("utf-8", "replace")
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -153,6 +157,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.rules = rules
         self.audit = audit
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # one per method
 
     async def intercept_service(
         self,
@@ -161,19 +166,28 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         ],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler
-        method: str = details.method
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         rule = self.rules.get(method)
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
         deserialize = _lenient(handler.request_deserializer)
         # grpc.aio servicers are coroutines and async generators; the stubs type them as sync.
         inner: Any = handler.unary_unary or handler.unary_stream
         if handler.unary_unary is not None:
 
             async def unary(request: Any, context: Context) -> Any:
-                await self._enter(method, rule, metadata, request, context)
+                await self._enter(method, rule, request, context)
                 return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -183,7 +197,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             )
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await self._enter(method, rule, metadata, request, context)
+            await self._enter(method, rule, request, context)
             async for item in inner(request, context):
                 yield item
 
@@ -197,7 +211,6 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         self,
         method: str,
         rule: frozenset[Role] | None,
-        metadata: Mapping[str, str],
         request: Any,
         context: Context,
     ) -> None:
@@ -212,7 +225,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         identity: Identity | None = None
         try:
             identity = (
-                self.authenticator.identify(metadata, context)
+                self.authenticator.identify(context)
                 if rule is not None
                 else Identity(LOCAL.name, LOCAL.role, "none", peer_address(context))
             )
