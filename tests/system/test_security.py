@@ -20,6 +20,7 @@ from dist_exec.security.identity import Role
 from dist_exec.security.tls import INSECURE_FLAG
 from dist_exec.security.tokens import add_token
 from tests.conftest import ClusterFactory, Proc, run_cli, wait_for
+from tests.system.test_cluster import free_port
 
 pytestmark = pytest.mark.system
 
@@ -314,6 +315,28 @@ async def test_rate_limits_key_on_the_identity(cluster: ClusterFactory) -> None:
         with pytest.raises(Exception, match="rate limit exceeded for alice"):
             await alice.submit(command_spec(["true"]))
         await bob.submit(command_spec(["true"]))  # same address, another identity
+
+
+def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
+    data = tmp_path / "cluster"
+    address = f"127.0.0.1:{free_port()}"
+    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
+    assert up.code == 0, up.stderr
+    try:
+        me = run_cli("whoami", master=address)
+        assert (me.code, me.stdout) == (0, "admin (admin, authenticated by token)\n")
+        # Someone without this user's config directory has no credentials: refused.
+        other = run_cli("run", "true", master=address, env={"HOME": str(tmp_path / "other"),
+                                                            "XDG_CONFIG_HOME": ""})  # fmt: skip
+        assert other.code == 3
+        assert "it requires TLS" in other.stderr
+        token = (data / "admin.token").read_text().strip()
+        assert token not in (data / "tokens.json").read_text()
+        for secret in (data / "admin.token", data / "tls" / "ca.key", data / "tls" / "admin.key"):
+            assert secret.stat().st_mode & 0o077 == 0, secret
+    finally:
+        assert run_cli("down", "--data-dir", str(data)).code == 0
+    assert not (data / "client.json").exists()
 
 
 def test_servers_refuse_plain_non_loopback_listeners(tmp_path: Path) -> None:

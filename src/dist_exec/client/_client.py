@@ -87,16 +87,20 @@ class Client:
 
     def _error(self, exc: grpc.aio.AioRpcError) -> DistExecError:
         details = (exc.details() or "").lower()
-        if (
-            self.credentials.ca is not None
-            and exc.code() == grpc.StatusCode.UNAVAILABLE
-            and ("handshake" in details or "socket closed" in details)
-        ):
+        refused = exc.code() == grpc.StatusCode.UNAVAILABLE and (
+            "handshake" in details or "socket closed" in details
+        )
+        if refused and self.credentials.ca is not None:
             # gRPC can only refuse a client certificate by closing the TLS connection.
             return Unauthenticated(
                 f"the master at {self.address} refused the TLS connection: this client's "
                 "certificate is missing, expired or not signed by the master's CA, or the "
                 "master's certificate is not signed by --ca"
+            )
+        if refused:
+            return Unauthenticated(
+                f"the master at {self.address} closed the connection: it requires TLS; pass "
+                "--ca and --cert/--key (a local cluster's are found for the user who started it)"
             )
         return from_rpc_error(exc, self.address)
 
