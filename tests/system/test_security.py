@@ -114,6 +114,8 @@ async def test_roles_and_owners(cluster: ClusterFactory) -> None:
     log = _audit(master)
     cancels = [(e["identity"], e["decision"]) for e in log if e["action"] == "cancel"]
     assert cancels == [("bob", "denied"), ("bob", "denied"), ("root", "allowed")]
+    looks = [(e["action"], e["identity"]) for e in log if e["action"] in ("status", "output")]
+    assert looks == [("status", "bob"), ("output", "bob")]
 
 
 async def test_secure_cluster_runs_jobs_over_mutual_tls(cluster: ClusterFactory) -> None:
@@ -337,6 +339,20 @@ def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
     finally:
         assert run_cli("down", "--data-dir", str(data)).code == 0
     assert not (data / "client.json").exists()
+
+
+def test_tokens_added_or_revoked_take_effect_without_a_restart(cluster: ClusterFactory) -> None:
+    master, _ = _token_master(cluster)
+    data = str(master.extra["data_dir"])
+    token = run_cli("tokens", "add", "late", "--role", "read", "--data-dir", data).stdout.strip()
+
+    def whoami() -> str:
+        result = run_cli("whoami", "--token", token, master=master.address)
+        return result.stdout if result.code == 0 else ""
+
+    assert wait_for(whoami, 10, "the new token to work") == "late (read, authenticated by token)\n"
+    assert run_cli("tokens", "revoke", "late", "--data-dir", data).code == 0
+    wait_for(lambda: not whoami(), 10, "the revoked token to be refused")
 
 
 def test_servers_refuse_plain_non_loopback_listeners(tmp_path: Path) -> None:

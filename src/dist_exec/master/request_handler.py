@@ -130,10 +130,18 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         self._audit(action, "allowed", jobs=job_ids, tasks=_summaries(requests))
         return job_ids
 
-    async def _owned(self, job_id: JobId) -> Job:
+    def _visible(self, job: Job, action: str) -> None:
+        """Refuse (and audit) a job the caller may not see or act on."""
+        try:
+            _check_owner(current_identity(), job)
+        except AccessDenied as exc:
+            self._audit(action, "denied", exc.message, jobs=[job.id])
+            raise
+
+    async def _owned(self, job_id: JobId, action: str) -> Job:
         """The job (without output), if the caller may see it."""
         job = await self.master.get(job_id, with_output=False)
-        _check_owner(current_identity(), job)
+        self._visible(job, action)
         return job
 
     @grpc_errors
@@ -180,7 +188,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         job_ids = [_job_id(j) for j in request.job_ids]
         if not current_identity().sees_all_jobs:
             for job_id in job_ids:
-                await self._owned(job_id)
+                await self._owned(job_id, "watch")
         async for job_id, item in self.master.watch(job_ids, with_output=not request.no_output):
             if isinstance(item, Job):
                 yield master_pb2.JobEvent(job_id=job_id, result=wire.job_to_status_pb(item))
@@ -192,7 +200,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         self, request: master_pb2.GetStatusRequest, context: Context
     ) -> master_pb2.GetStatusResponse:
         job = await self.master.get(_job_id(request.job_id))
-        _check_owner(current_identity(), job)
+        self._visible(job, "status")
         return wire.job_to_status_pb(job)
 
     @grpc_errors
@@ -203,11 +211,11 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         wait_s = 15.0 if remaining is None else max(0.0, min(15.0, remaining - 0.5))
         job_id = _job_id(request.job_id)
         try:
-            await self._owned(job_id)
-            message = await self.master.cancel(job_id, wait_s)
-        except (AccessDenied, JobNotFound) as exc:
+            await self._owned(job_id, "cancel")
+        except JobNotFound as exc:
             self._audit("cancel", "denied", exc.message, jobs=[job_id])
             raise
+        message = await self.master.cancel(job_id, wait_s)
         self._audit("cancel", "allowed", message, jobs=[job_id])
         return master_pb2.CancelResponse(cancelled=True, message=message)
 
@@ -225,6 +233,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         owner = request.owner or None
         if not identity.sees_all_jobs:
             if owner not in (None, identity.name):
+                self._audit("list", "denied", "a submitter lists only its own jobs", owner=owner)
                 raise AccessDenied(f"{identity.name} may only list its own jobs")
             owner = identity.name
         jobs, total = await self.master.list_jobs(
@@ -245,7 +254,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         if request.stdout_offset < 0 or request.stderr_offset < 0:
             raise InvalidTaskSpec("output offsets must not be negative")
         if not current_identity().sees_all_jobs:
-            await self._owned(_job_id(request.job_id))
+            await self._owned(_job_id(request.job_id), "output")
         offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
         async for item in self.master.stream_output(
             _job_id(request.job_id), offsets, not request.no_follow, request.include_result
