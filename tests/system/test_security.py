@@ -291,7 +291,7 @@ def test_a_worker_with_a_foreign_certificate_never_registers(cluster: ClusterFac
 
 async def test_admin_drains_a_node(cluster: ClusterFactory) -> None:
     master, tokens = _token_master(cluster)
-    cluster.worker(master, worker_id="w1", extra=["--token", tokens["w1"]])
+    worker = cluster.worker(master, worker_id="w1", extra=["--token", tokens["w1"]])
     refused = run_cli("drain", "w1", "--token", tokens["alice"], master=master.address)
     assert refused.code == 4
     done = run_cli("drain", "w1", "--token", tokens["root"], master=master.address)
@@ -302,6 +302,7 @@ async def test_admin_drains_a_node(cluster: ClusterFactory) -> None:
         got = await root.get(job)
         assert got.status == JobStatus.PENDING
         assert "no matching node" in got.pending_reason
+    wait_for(lambda: "asked this node to drain" in worker.log_text(), 10, "the worker to drain")
     drains = [(e["identity"], e["decision"]) for e in _audit(master) if e["action"] in
               ("drain", "AuthDrainNode")]  # fmt: skip
     assert drains == [("alice", "denied"), ("root", "allowed")]
