@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import pytest
 
 from dist_exec.models import Stream
+from dist_exec.security import certs
+from dist_exec.security.credentials import Credentials
 
 T = TypeVar("T")
 READY_TIMEOUT_S = 20.0
@@ -109,13 +111,51 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+class Pki:
+    """A CA in a test's directory, and certificates issued by it on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        certs.init_ca(directory)
+        self.ca = directory / certs.CA_CERT
+
+    def issue(self, name: str, role: str, **kwargs: Any) -> certs.Issued:
+        existing = certs.Issued(self.dir / f"{name}.crt", self.dir / f"{name}.key")
+        if not kwargs and existing.cert.exists():
+            return existing
+        return certs.issue(self.dir, name, role, self.dir, **kwargs)
+
+    def tls_args(self, name: str, role: str) -> list[str]:
+        issued = self.issue(name, role)
+        return [
+            "--tls-cert", str(issued.cert), "--tls-key", str(issued.key),
+            "--tls-ca", str(self.ca),
+        ]  # fmt: skip
+
+    def credentials(self, name: str, role: str, token: str = "") -> Credentials:
+        issued = self.issue(name, role)
+        return Credentials(
+            self.ca.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes(), token
+        )
+
+
 class ClusterFactory:
-    """Starts masters and workers as real processes; stops whatever is left at teardown."""
+    """Starts masters and workers as real processes; stops whatever is left at teardown.
+
+    ``secure=True`` gives a master or worker mutual TLS with certificates from ``self.pki``
+    (the master's named "master", each worker's named by its worker id)."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[Proc] = []
         self._count = 0
+        self._pki: Pki | None = None
+
+    @property
+    def pki(self) -> Pki:
+        if self._pki is None:
+            self._pki = Pki(self.tmp / "pki")
+        return self._pki
 
     def _start(self, kind: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         self._count += 1
@@ -149,6 +189,7 @@ class ClusterFactory:
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
         retry_backoff: str = "50ms",
+        secure: bool = False,
     ) -> Proc:
         data_dir = data_dir or self.tmp / "master-data"
         args = [
@@ -156,6 +197,7 @@ class ClusterFactory:
             "--heartbeat-interval", heartbeat_interval,
             "--heartbeat-timeout", heartbeat_timeout,
             "--retry-backoff", retry_backoff,
+            *(self.pki.tls_args("master", "master") if secure else []),
             *(extra or []),
         ]  # fmt: skip
         proc = self._start("master", args, env)
@@ -170,6 +212,7 @@ class ClusterFactory:
         labels: dict[str, str] | None = None,
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
+        secure: bool = False,
     ) -> Proc:
         address = master if isinstance(master, str) else master.address
         worker_id = worker_id or f"w{self._count + 1}"
@@ -177,6 +220,7 @@ class ClusterFactory:
             "--master", address, "--listen", "127.0.0.1:0", "--worker-id", worker_id,
             "--max-concurrent-tasks", str(max_tasks),
             *[f"--label={k}={v}" for k, v in (labels or {}).items()],
+            *(self.pki.tls_args(worker_id, "worker") if secure else []),
             *(extra or []),
         ]  # fmt: skip
         proc = self._start("worker", args, env)

@@ -1,8 +1,10 @@
 """The dist-exec command line: servers (master, worker, up, down) and client commands.
 
 Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error (one line on
-stderr) and 2 on bad usage. ``run`` exits with the command's own exit code, 124 when it timed
-out, 130 when it was cancelled and 125 when dist-exec could not run it.
+stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
+and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
+own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
+run it, and 3 or 4 as above.
 """
 
 from __future__ import annotations
@@ -35,15 +37,26 @@ from dist_exec.config import (
     parse_size,
     split_address,
 )
-from dist_exec.errors import DistExecError, JobNotFound
+from dist_exec.errors import AccessDenied, DistExecError, JobNotFound, Unauthenticated
 from dist_exec.executors import describe_task
 from dist_exec.executors.http import HttpSpec
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
 from dist_exec.models import Job, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+from dist_exec.security.commands import certs_group, tokens_group
+from dist_exec.security.credentials import (
+    TOKEN_ENV,
+    Credentials,
+    CredentialsError,
+    discover,
+    load_client_config,
+)
+from dist_exec.security.tls import INSECURE_FLAG, TlsConfigError, TlsFiles, is_loopback
 
 T = TypeVar("T")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_UNAUTHENTICATED = 3
+EXIT_FORBIDDEN = 4
 EXIT_TIMEOUT = 124
 EXIT_NOT_RUN = 125
 EXIT_CANCELLED = 130
@@ -108,15 +121,71 @@ DURATION = DurationType()
 SIZE = SizeType()
 ADDRESS = AddressType()
 KEY_VALUE = KeyValueType()
-master_option = click.option(
-    "--master",
-    "master_address",
-    type=ADDRESS,
-    envvar=MASTER_ENV,
-    default=DEFAULT_MASTER_ADDRESS,
-    show_default=True,
-    help=f"Master address (env {MASTER_ENV}).",
-)
+_CREDENTIAL_KEYS = ("token", "ca", "cert", "key", "client_config")
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[f"dist_exec.{param.name}"] = value
+    return value
+
+
+def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--master, and the credentials to show it (stored in the click context; see connect)."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    for name, kind, env, help_text in reversed(
+        [
+            ("token", None, TOKEN_ENV, "Bearer token"),
+            ("ca", path, "DIST_EXEC_CA", "CA certificate that signed the master's (turns on TLS)"),
+            ("cert", path, "DIST_EXEC_CERT", "Client certificate (with --key)"),
+            ("key", path, "DIST_EXEC_KEY", "Key of the client certificate"),
+            ("client-config", path, "DIST_EXEC_CLIENT_CONFIG",
+             "A client.json written by 'dist-exec up' (master address and credentials)"),
+        ]
+    ):  # fmt: skip
+        fn = click.option(
+            f"--{name}",
+            type=kind,
+            envvar=env,
+            default=None,
+            expose_value=False,
+            callback=_remember,
+            help=f"{help_text} (env {env}).",
+        )(fn)
+    return click.option(
+        "--master",
+        "master_address",
+        type=ADDRESS,
+        envvar=MASTER_ENV,
+        default=DEFAULT_MASTER_ADDRESS,
+        show_default=True,
+        help=f"Master address (env {MASTER_ENV}). Without credentials options, those of the "
+        "local cluster ('dist-exec up') serving this address are used.",
+    )(fn)
+
+
+def connect(address: str) -> Client:
+    """A Client for ``address``: the credentials of --client-config, else those of the local
+    cluster serving that address (if any), each part replaced by what the command line gives
+    (so ``--token T`` on a local cluster keeps its TLS files and sends T)."""
+    ctx = click.get_current_context()
+    given = {k: ctx.meta.get(f"dist_exec.{k}") for k in _CREDENTIAL_KEYS}
+    try:
+        if given["client_config"] is not None:
+            master, base = load_client_config(given["client_config"])
+            if ctx.get_parameter_source("master_address") == click.core.ParameterSource.DEFAULT:
+                address = master
+        else:
+            base = discover(address) or Credentials()
+        explicit = Credentials.from_files(given["ca"], given["cert"], given["key"])
+    except CredentialsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    cert, key = (explicit.cert, explicit.key) if explicit.cert else (base.cert, base.key)
+    credentials = Credentials(explicit.ca or base.ca, cert, key, given["token"] or base.token)
+    if credentials.cert is not None and credentials.ca is None:
+        fail("a client certificate (--cert) needs --ca to verify the master", EXIT_USAGE)
+    return Client(address, credentials=credentials)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -138,6 +207,66 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def tls_server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls-cert/--tls-key/--tls-ca and the flag that allows a plain non-loopback listener."""
+    fn = click.option(
+        INSECURE_FLAG,
+        "insecure",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember,
+        help="Listen on a non-loopback address without TLS and authentication: anyone who "
+        "can reach it can run commands. Never use this outside an isolated test network.",
+    )(fn)
+    path = click.Path(dir_okay=False, path_type=Path)
+    for name, what in reversed(
+        [
+            ("cert", "This server's certificate (PEM)"),
+            ("key", "Its private key"),
+            ("ca", "The CA that signs the peers' certificates: mutual TLS"),
+        ]
+    ):
+        fn = click.option(
+            f"--tls-{name}",
+            f"tls_{name}",
+            type=path,
+            envvar=f"DIST_EXEC_TLS_{name.upper()}",
+            default=None,
+            expose_value=False,
+            callback=_remember,
+            help=f"{what} (env DIST_EXEC_TLS_{name.upper()}).",
+        )(fn)
+    return fn
+
+
+def server_tls(listen: str, what: str) -> TlsFiles | None:
+    """The TLS files given to a master or worker; refuses a plain non-loopback listener."""
+    meta = click.get_current_context().meta
+    try:
+        tls = TlsFiles.load(
+            meta.get("dist_exec.tls_cert"), meta.get("dist_exec.tls_key"),
+            meta.get("dist_exec.tls_ca"),
+        )  # fmt: skip
+    except TlsConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if tls is None and not is_loopback(listen):
+        if not meta.get("dist_exec.insecure"):
+            fail(
+                f"refusing to listen on {listen} without TLS: anyone who can reach it could run "
+                f"commands. Give --tls-cert, --tls-key and --tls-ca (see 'dist-exec certs'), "
+                f"listen on 127.0.0.1, or pass {INSECURE_FLAG}",
+                EXIT_USAGE,
+            )
+        logging.getLogger("dist_exec.security").warning(
+            "!!! INSECURE: this %s listens on %s WITHOUT TLS OR AUTHENTICATION: anyone who can "
+            "reach it can run arbitrary commands (%s) !!!",
+            what,
+            listen,
+            INSECURE_FLAG,
+        )
+    return tls
+
+
 # ---- output helpers -------------------------------------------------------------------------
 
 
@@ -150,6 +279,10 @@ def run_client(coro: Coroutine[Any, Any, T], exit_code: int = EXIT_ERROR) -> T:
     """Run a client coroutine; a DistExecError becomes one line on stderr and an exit code."""
     try:
         return asyncio.run(coro)
+    except Unauthenticated as exc:
+        fail(f"not authenticated: {exc.message}", EXIT_UNAUTHENTICATED)
+    except AccessDenied as exc:
+        fail(f"permission denied: {exc.message}", EXIT_FORBIDDEN)
     except DistExecError as exc:
         fail(exc.message, exit_code)
 
@@ -195,6 +328,7 @@ def job_json(job: Job, summary: str | None = None) -> dict[str, Any]:
             }
             for a in job.attempts
         ],
+        "owner": job.spec.owner or None,
     }
     if summary is not None:
         body["command"] = summary
@@ -402,6 +536,21 @@ def ready_line(what: str) -> Callable[[str], None]:
     show_default=True,
     help="Output kept from the end of each stream longer than --max-output.",
 )
+@tls_server_options
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="DIST_EXEC_TOKENS_FILE",
+    default=None,
+    help="Bearer tokens ('dist-exec tokens add'); default DATA_DIR/tokens.json. When it "
+    "exists, or with TLS, every caller must authenticate.",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append-only audit log (JSON lines); default DATA_DIR/audit.log.",
+)
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def master(
     listen: str,
@@ -421,12 +570,15 @@ def master(
     balancer: str,
     max_output: int,
     output_tail: int,
+    tokens_file: Path | None,
+    audit_log: Path | None,
     log_level: str,
 ) -> None:
     """Run the master: accepts jobs, tracks workers, dispatches."""
     from dist_exec.master.app import run_master
 
     setup_logging(log_level)
+    tls = server_tls(listen, "master")
     if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
         fail("--heartbeat-timeout must be longer than --heartbeat-interval (> 0)", EXIT_USAGE)
     data_dir = data_dir or default_data_dir()
@@ -456,6 +608,9 @@ def master(
         balancer=balancer,
         max_output_bytes=max_output,
         output_tail_bytes=output_tail,
+        tls=tls,
+        tokens_file=tokens_file,
+        audit_log=audit_log,
     )
     check_listen(listen)
     serve(lambda stop: run_master(config, stop, ready_line("master")))
@@ -553,6 +708,14 @@ def _labels_from_env() -> list[tuple[str, str]]:
     show_default=True,
     help="Output held in memory per task and stream; the rest is streamed, not kept.",
 )
+@tls_server_options
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    default="",
+    help="A worker-role token, for a master that authenticates by tokens without TLS "
+    f"(env {TOKEN_ENV}).",
+)
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def worker(
     master_address: str,
@@ -568,12 +731,14 @@ def worker(
     drain_timeout: float,
     inherit_env: bool,
     max_output: int,
+    token: str,
     log_level: str,
 ) -> None:
     """Run a worker: registers with the master and runs the tasks it is sent."""
     from dist_exec.worker.app import run_worker
 
     setup_logging(log_level)
+    tls = server_tls(listen, "worker")
     try:
         all_labels = dict(_labels_from_env()) | dict(labels)
     except click.BadParameter as exc:
@@ -592,6 +757,8 @@ def worker(
         drain_timeout_s=drain_timeout,
         inherit_env=inherit_env,
         max_output_bytes=max_output,
+        tls=tls,
+        token=token,
     )
     check_listen(listen)
     serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
@@ -784,7 +951,7 @@ class _Prefixer:
 
 
 async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> int:
-    async with Client(address) as client:
+    async with connect(address) as client:
         broadcast_id, tasks = await client.submit_broadcast(spec)
         if detach:
             click.echo(broadcast_id)
@@ -850,7 +1017,7 @@ async def _watch_broadcast(
 
 
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
-    async with Client(address) as client:
+    async with connect(address) as client:
         job_id = await client.submit(spec)
         if detach:
             click.echo(job_id)
@@ -988,7 +1155,7 @@ def status(job_id: str, master_address: str, as_json: bool) -> None:
     """Show one job, or the per-node jobs of a broadcast."""
 
     async def body() -> Job | list[Job]:
-        async with Client(master_address) as client:
+        async with connect(master_address) as client:
             try:
                 return await client.get(job_id)
             except JobNotFound:
@@ -1042,7 +1209,7 @@ def list_jobs(
     """List recent jobs, newest first."""
 
     async def body() -> tuple[list[tuple[Job, str]], list[Job], int]:
-        async with Client(master_address) as client:
+        async with connect(master_address) as client:
             jobs, total = await client.list_jobs(
                 limit, offset, _status_choice(status_filter), broadcast or ""
             )
@@ -1076,7 +1243,7 @@ def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
 
     async def body() -> None:
         printer, last_attempt = _OutputPrinter(), 0
-        async with Client(master_address) as client:
+        async with connect(master_address) as client:
             async for attempt, chunk in client.stream_output(job_id, follow=follow):
                 if attempt != last_attempt:
                     printer, last_attempt = _OutputPrinter(), attempt
@@ -1104,7 +1271,7 @@ def cancel(job_id: str, master_address: str, as_json: bool) -> None:
     """Cancel a queued or running job (its whole process group is killed)."""
 
     async def body() -> tuple[str, Job]:
-        async with Client(master_address) as client:
+        async with connect(master_address) as client:
             message = await client.cancel(job_id)
             return message, await client.get(job_id)
 
@@ -1124,7 +1291,7 @@ def nodes(master_address: str, as_json: bool) -> None:
     """List the workers registered with the master."""
 
     async def body() -> list[NodeInfo]:
-        async with Client(master_address) as client:
+        async with connect(master_address) as client:
             return await client.nodes()
 
     found = run_client(body())
@@ -1141,6 +1308,40 @@ def nodes(master_address: str, as_json: bool) -> None:
         )
     if not found:
         click.echo("(no workers registered)", err=True)
+
+
+@main.command()
+@click.argument("node_id")
+@master_option
+def drain(node_id: str, master_address: str) -> None:
+    """(admin) Stop giving NODE_ID new tasks; the ones it runs finish."""
+
+    async def body() -> str:
+        async with connect(master_address) as client:
+            return await client.drain(node_id)
+
+    click.echo(run_client(body()))
+
+
+@main.command()
+@master_option
+@json_option
+def whoami(master_address: str, as_json: bool) -> None:
+    """The identity and role the master sees for these credentials."""
+
+    async def body() -> tuple[str, str, str]:
+        async with connect(master_address) as client:
+            return await client.whoami()
+
+    name, role, auth = run_client(body())
+    if as_json:
+        print_json({"name": name, "role": role, "auth": auth})
+    else:
+        click.echo(f"{name} ({role}, authenticated by {auth})")
+
+
+main.add_command(certs_group)
+main.add_command(tokens_group)
 
 
 # ---- embedded local cluster -----------------------------------------------------------------

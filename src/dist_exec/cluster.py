@@ -3,6 +3,10 @@
 ``up`` starts a master and N workers as child processes on this machine and waits until each has
 printed its "listening on" line. In the foreground it stops them all on Ctrl-C or SIGTERM; with
 ``-d`` it runs itself in the background and leaves a pid file that ``down`` uses.
+
+It is zero-configuration but not open: on first use it makes a CA, certificates for the master,
+each worker and an ``admin`` client, and an admin token, under DATA_DIR/tls (mutual TLS on
+every link), and writes a client config that the CLI finds by the master's address.
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dist_exec.config import dial_address
+from dist_exec.config import dial_address, split_address
+from dist_exec.security import certs
+from dist_exec.security.credentials import remove_client_config, write_client_config
+from dist_exec.security.identity import Role
+from dist_exec.security.tokens import add_token, read_tokens, revoke_token
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 45.0
 PID_FILE = "cluster.pid"
 STATE_FILE = "cluster.json"
+TLS_DIR = "tls"
+ADMIN = "admin"
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 class ClusterError(Exception):
@@ -81,7 +92,39 @@ def _stop(procs: list[subprocess.Popen[str]]) -> None:
                 proc.wait()
 
 
+def _tls_args(tls: Path, name: str) -> list[str]:
+    return [
+        "--tls-cert", str(tls / f"{name}.crt"), "--tls-key", str(tls / f"{name}.key"),
+        "--tls-ca", str(tls / certs.CA_CERT),
+    ]  # fmt: skip
+
+
+def prepare_credentials(options: ClusterOptions) -> Path:
+    """The cluster's CA, certificates and admin token (made once, reused by later starts)."""
+    tls = options.data_dir / TLS_DIR
+    if not (tls / certs.CA_CERT).exists():
+        certs.init_ca(tls, name="dist-exec local cluster CA")
+    host, _ = split_address(options.listen)
+    wanted = [("master", "master", (host,) if host not in ("", "0.0.0.0", "::") else ())]
+    wanted += [(f"local-{i}", "worker", ()) for i in range(1, options.workers + 1)]
+    wanted.append((ADMIN, ADMIN, ()))
+    for name, role, hosts in wanted:
+        if not (tls / f"{name}.crt").exists() or name == "master":
+            certs.issue(tls, name, role, tls, hosts)
+    tokens = options.data_dir / "tokens.json"
+    token_file = options.data_dir / ADMIN_TOKEN_FILE
+    if not token_file.exists() or all(e.name != ADMIN for e in read_tokens(tokens)):
+        revoke_token(tokens, ADMIN)
+        token = add_token(tokens, ADMIN, Role.ADMIN)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    return tls
+
+
 def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> None:
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    tls = prepare_credentials(options)
     logs = options.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[str]] = []
@@ -93,11 +136,15 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
         stop_requested = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    address = ""
     try:
         master, log = _spawn(
-            ["master", "--listen", options.listen, "--data-dir", str(options.data_dir)],
+            [
+                "master", "--listen", options.listen, "--data-dir", str(options.data_dir),
+                *_tls_args(tls, "master"),
+            ],
             logs / "master.log",
-        )
+        )  # fmt: skip
         procs.append(master)
         files.append(log)
         address = dial_address(_wait_ready(master, "master", logs / "master.log"))
@@ -107,6 +154,7 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
                     "worker", "--master", address, "--listen", "127.0.0.1:0",
                     "--worker-id", f"local-{i}",
                     "--max-concurrent-tasks", str(options.max_concurrent_tasks),
+                    *_tls_args(tls, f"local-{i}"),
                 ],
                 logs / f"worker-{i}.log",
             )  # fmt: skip
@@ -114,6 +162,10 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
             files.append(log)
         for i, worker in enumerate(procs[1:], start=1):
             _wait_ready(worker, f"worker local-{i}", logs / f"worker-{i}.log")
+        write_client_config(
+            options.data_dir, address, tls / certs.CA_CERT, tls / f"{ADMIN}.crt",
+            tls / f"{ADMIN}.key", options.data_dir / ADMIN_TOKEN_FILE,
+        )  # fmt: skip
         (options.data_dir / STATE_FILE).write_text(
             json.dumps({"master": address, "pid": os.getpid(), "workers": options.workers})
         )
@@ -128,6 +180,8 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
             f.close()
         with contextlib.suppress(FileNotFoundError):
             (options.data_dir / STATE_FILE).unlink()
+        if address:
+            remove_client_config(options.data_dir, address)
         for s, handler in previous.items():
             signal.signal(s, handler)
 

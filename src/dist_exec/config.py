@@ -7,8 +7,12 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from dist_exec.security.tls import TlsFiles
 
 DEFAULT_MASTER_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -159,6 +163,9 @@ class MasterConfig:
     priority_aging_s: float = 60.0  # a waiting job gains a priority level this often; 0: never
     allowed_commands: tuple[str, ...] = ()  # globs; empty: any command
     blocked_commands: tuple[str, ...] = ()
+    tls: TlsFiles | None = None  # mutual TLS on every connection (clients and workers)
+    tokens_file: Path | None = None  # None: DATA_DIR/tokens.json; auth is required if it exists
+    audit_log: Path | None = None  # None: DATA_DIR/audit.log
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +186,5 @@ class WorkerConfig:
     allowed_commands: tuple[str, ...] = ()  # checked again here: a forged request is refused
     blocked_commands: tuple[str, ...] = ()
     rpc_timeout_s: float = 10.0
+    tls: TlsFiles | None = None  # serve mutual TLS (only the master's certificate may call)
+    token: str = ""  # sent to the master when it authenticates by tokens (no TLS)

@@ -8,6 +8,8 @@
     │   └── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
     ├── AlreadyExists             ALREADY_EXISTS       idempotency key used for another request
     ├── PolicyDenied              PERMISSION_DENIED    command refused by the command policy
+    ├── AccessDenied              PERMISSION_DENIED    the caller's role may not do this
+    ├── Unauthenticated           UNAUTHENTICATED      missing or invalid credentials
     ├── NoMatchingNode            FAILED_PRECONDITION  broadcast with no healthy matching node
     ├── WorkerDraining            FAILED_PRECONDITION  worker takes no new tasks
     ├── TaskNotFound              NOT_FOUND            worker does not hold that attempt
@@ -98,6 +100,22 @@ class PolicyDenied(DistExecError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class AccessDenied(DistExecError):
+    """The caller is known, but its role (or ownership) does not allow the request."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((ACCESS_DENIED_KEY, "role"),)
+
+
+class Unauthenticated(DistExecError):
+    """No credentials, or credentials the server does not accept."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class NoMatchingNode(DistExecError):
     """No healthy node can run the task now (a broadcast needs at least one)."""
 
@@ -137,7 +155,9 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.ABORTED: FollowerTooSlow,
     grpc.StatusCode.PERMISSION_DENIED: PolicyDenied,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
+ACCESS_DENIED_KEY = "dist-exec-denied"  # trailing metadata telling AccessDenied from PolicyDenied
 
 
 MAX_MESSAGE_CHARS = 1000  # a status message travels in a header: keep it well under 8 KiB
@@ -166,6 +186,10 @@ def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecErro
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"the master at {address or '?'} did not answer in time"
     cls = _BY_CODE.get(code, DistExecError)
+    if code == grpc.StatusCode.PERMISSION_DENIED and any(
+        key == ACCESS_DENIED_KEY for key, _ in (err.trailing_metadata() or ())
+    ):
+        cls = AccessDenied
     exc = cls(details)
     exc.code = code
     return exc

@@ -79,6 +79,7 @@ class TaskSpec:
     idempotency_key: str = ""
     retry_on_failure: bool = False  # a failed command is retried too, not only a lost one
     queue_timeout_s: float = 0.0  # fail the job if it waits longer than this to start; 0: never
+    owner: str = ""  # the identity that submitted it (set by the master, never by the client)
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,6 +165,7 @@ def job_to_status_pb(job: Job) -> master_pb2.GetStatusResponse:
         broadcast_id=job.spec.broadcast_id,
         node_id=job.spec.node_id,
         attempts=[attempt_to_pb(a) for a in job.attempts],
+        owner=job.spec.owner,
         retry_on_failure=job.spec.retry_on_failure,
         queue_timeout=duration(job.spec.queue_timeout_s) if job.spec.queue_timeout_s else None,
     )
@@ -208,6 +209,7 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
             broadcast_id=msg.broadcast_id,
             retry_on_failure=msg.retry_on_failure,
             queue_timeout_s=from_duration(msg.queue_timeout),
+            owner=msg.owner,
         ),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
@@ -244,6 +246,7 @@ def job_to_summary_pb(job: Job, summary: str) -> master_pb2.JobSummary:
         error=job.error,
         summary=summary,
         broadcast_id=job.spec.broadcast_id,
+        owner=job.spec.owner,
     )
 
 
@@ -251,7 +254,9 @@ def job_from_summary_pb(msg: master_pb2.JobSummary) -> tuple[Job, str]:
     """A listed job (no output, payload or timeout on the wire) and its one-line summary."""
     job = Job(
         id=JobId(msg.job_id),
-        spec=TaskSpec(msg.task_type, b"", 0.0, msg.priority, broadcast_id=msg.broadcast_id),
+        spec=TaskSpec(
+            msg.task_type, b"", 0.0, msg.priority, broadcast_id=msg.broadcast_id, owner=msg.owner
+        ),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),
         started_at=from_timestamp(msg, "started_at"),

@@ -7,6 +7,8 @@ import grpc.aio
 import pytest
 
 from dist_exec.errors import (
+    ACCESS_DENIED_KEY,
+    AccessDenied,
     AlreadyExists,
     DistExecError,
     FollowerTooSlow,
@@ -19,6 +21,7 @@ from dist_exec.errors import (
     RateLimited,
     ResourceExhausted,
     TaskNotFound,
+    Unauthenticated,
     WorkerDraining,
     from_rpc_error,
     shorten,
@@ -40,6 +43,8 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     RateLimited: Code.RESOURCE_EXHAUSTED,
     PolicyDenied: Code.PERMISSION_DENIED,
     MasterUnavailable: Code.UNAVAILABLE,
+    AccessDenied: Code.PERMISSION_DENIED,
+    Unauthenticated: Code.UNAUTHENTICATED,
 }
 
 
@@ -50,11 +55,13 @@ def all_subclasses(cls: type[DistExecError]) -> set[type[DistExecError]]:
     return found
 
 
-def rpc_error(code: grpc.StatusCode, details: str | None = "details") -> grpc.aio.AioRpcError:
+def rpc_error(
+    code: grpc.StatusCode, details: str | None = "details", trailers: tuple[str, str] | None = None
+) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(
         code,
         initial_metadata=grpc.aio.Metadata(),
-        trailing_metadata=grpc.aio.Metadata(),
+        trailing_metadata=grpc.aio.Metadata(*([trailers] if trailers else [])),
         details=details,
     )
 
@@ -93,6 +100,7 @@ def test_specific_classes_are_not_internal() -> None:
         (Code.UNAVAILABLE, MasterUnavailable),
         (Code.INTERNAL, DistExecError),
         (Code.PERMISSION_DENIED, PolicyDenied),
+        (Code.UNAUTHENTICATED, Unauthenticated),
         (Code.UNKNOWN, DistExecError),
         (Code.UNIMPLEMENTED, DistExecError),
         (Code.CANCELLED, DistExecError),
@@ -103,6 +111,14 @@ def test_from_rpc_error_maps_codes(code: grpc.StatusCode, cls: type[DistExecErro
     assert type(exc) is cls
     assert exc.code is code
     assert exc.message == "job 42: it broke"
+
+
+def test_an_access_refusal_is_told_from_the_command_policy_by_its_trailer() -> None:
+    exc = from_rpc_error(
+        rpc_error(Code.PERMISSION_DENIED, "no", AccessDenied("x").trailing_metadata[0])
+    )
+    assert type(exc) is AccessDenied
+    assert AccessDenied("x").trailing_metadata == ((ACCESS_DENIED_KEY, "role"),)
 
 
 @pytest.mark.parametrize("cls", [pytest.param(cls, id=cls.__name__) for cls in EXPECTED_CODES])

@@ -9,17 +9,22 @@ async with Client("127.0.0.1:50051") as client:
 
 from dist_exec.client._client import Client, command_spec
 from dist_exec.errors import (
+    AccessDenied,
     DistExecError,
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
     MasterUnavailable,
     ResourceExhausted,
+    Unauthenticated,
 )
 from dist_exec.models import Job, JobId, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+from dist_exec.security.credentials import Credentials
 
 __all__ = [
+    "AccessDenied",
     "Client",
+    "Credentials",
     "DistExecError",
     "InvalidTaskSpec",
     "Job",
@@ -33,5 +38,6 @@ __all__ = [
     "ResourceExhausted",
     "Stream",
     "TaskSpec",
+    "Unauthenticated",
     "command_spec",
 ]

@@ -10,11 +10,12 @@ import grpc.aio
 
 from dist_exec import wire
 from dist_exec.config import dial_address
-from dist_exec.errors import DistExecError, from_rpc_error
+from dist_exec.errors import DistExecError, Unauthenticated, from_rpc_error
 from dist_exec.executors.command import CommandSpec
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.models import Job, JobId, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc
+from dist_exec.security.credentials import Credentials
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
@@ -53,16 +54,22 @@ def command_spec(
 
 
 class Client:
-    """A connection to one master. Every call has a deadline (``timeout_s``)."""
+    """A connection to one master. Every call has a deadline (``timeout_s``).
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    ``credentials``: TLS (the CA that signed the master's certificate, optionally a client
+    certificate) and/or a bearer token; none for a master without authentication."""
+
+    def __init__(
+        self, address: str, timeout_s: float = 30.0, credentials: Credentials | None = None
+    ) -> None:
         self.address = dial_address(address)
         self.timeout_s = timeout_s
+        self.credentials = credentials or Credentials()
         self._channel: grpc.aio.Channel | None = None
         self._stub: MasterServiceAsyncStub | None = None
 
     async def __aenter__(self) -> Client:
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._channel = self.credentials.channel(self.address, CHANNEL_OPTIONS)
         self._stub = master_pb2_grpc.MasterServiceStub(self._channel)
         return self
 
@@ -79,6 +86,22 @@ class Client:
         return self._stub
 
     def _error(self, exc: grpc.aio.AioRpcError) -> DistExecError:
+        details = (exc.details() or "").lower()
+        refused = exc.code() == grpc.StatusCode.UNAVAILABLE and (
+            "handshake" in details or "socket closed" in details
+        )
+        if refused and self.credentials.ca is not None:
+            # gRPC can only refuse a client certificate by closing the TLS connection.
+            return Unauthenticated(
+                f"the master at {self.address} refused the TLS connection: this client's "
+                "certificate is missing, expired or not signed by the master's CA, or the "
+                "master's certificate is not signed by --ca"
+            )
+        if refused:
+            return Unauthenticated(
+                f"the master at {self.address} closed the connection: it requires TLS; pass "
+                "--ca and --cert/--key (a local cluster's are found for the user who started it)"
+            )
         return from_rpc_error(exc, self.address)
 
     async def submit(self, spec: TaskSpec) -> JobId:
@@ -148,18 +171,40 @@ class Client:
         offset: int = 0,
         status: JobStatus | None = None,
         broadcast_id: str = "",
+        owner: str = "",
     ) -> tuple[list[tuple[Job, str]], int]:
         request = master_pb2.ListJobsRequest(
             limit=limit,
             offset=offset,
             status_filter=wire.JOB_STATUS_TO_PB[status] if status else 0,  # type: ignore[arg-type]
             broadcast_id=broadcast_id,
+            owner=owner,
         )
         try:
             reply = await self.stub.ListJobs(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
         return [wire.job_from_summary_pb(j) for j in reply.jobs], reply.total
+
+    async def drain(self, node_id: str) -> str:
+        """(admin) The node takes no new tasks; the ones it runs finish."""
+        try:
+            reply = await self.stub.AuthDrainNode(
+                master_pb2.AuthDrainNodeRequest(node_id=node_id), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return reply.message
+
+    async def whoami(self) -> tuple[str, str, str]:
+        """(name, role, how authenticated) as the master sees this client."""
+        try:
+            reply = await self.stub.AuthWhoAmI(
+                master_pb2.AuthWhoAmIRequest(), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return reply.name, reply.role, reply.auth
 
     async def nodes(self) -> list[NodeInfo]:
         try:

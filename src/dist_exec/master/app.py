@@ -21,12 +21,16 @@ from dist_exec.config import (
 from dist_exec.executors import Executor, load_executors
 from dist_exec.master.balancer import make_balancer
 from dist_exec.master.core import Master
-from dist_exec.master.dispatcher import GrpcWorkerClient
+from dist_exec.master.dispatcher import CHANNEL_OPTIONS, GrpcWorkerClient
 from dist_exec.master.registry import NodeRegistry
-from dist_exec.master.request_handler import MasterServicer, RegistrationServicer
+from dist_exec.master.request_handler import Drains, MasterServicer, RegistrationServicer
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dist_exec.security.audit import AuditLog
+from dist_exec.security.auth import MASTER_RULES, Authenticator, SecurityInterceptor
+from dist_exec.security.tls import WorkerDialer
+from dist_exec.security.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 SERVICES = (
@@ -34,6 +38,8 @@ SERVICES = (
     worker_pb2.DESCRIPTOR.services_by_name["RegistrationService"].full_name,
 )
 DB_FILE = "master.db"
+TOKENS_FILE = "tokens.json"
+AUDIT_FILE = "audit.log"
 
 
 async def run_master(
@@ -56,7 +62,25 @@ async def run_master(
         )
     )
     clock = SystemClock()
-    workers = GrpcWorkerClient(config.rpc_timeout_s)
+    dialer = WorkerDialer(config.tls, CHANNEL_OPTIONS)
+    workers = GrpcWorkerClient(config.rpc_timeout_s, dialer.channel)
+    tokens = TokenStore(config.tokens_file or config.data_dir / TOKENS_FILE)
+    authenticator = Authenticator(tokens, tls=config.tls is not None)
+    if not authenticator.required:
+        log.warning(
+            "no TLS and no tokens file (%s): every caller is the local admin; "
+            "this is only allowed on loopback addresses",
+            tokens.path,
+        )
+    audit = AuditLog(config.audit_log or config.data_dir / AUDIT_FILE)
+    closing: set[asyncio.Task[None]] = set()
+
+    def on_register(address: str, server_name: str) -> None:
+        if dialer.expect(address, server_name):  # another worker now serves this address
+            task = asyncio.get_running_loop().create_task(workers.forget(address))
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
     async with SqliteJobStore(config.data_dir / DB_FILE) as store:
         master = Master(
             config,
@@ -73,10 +97,16 @@ async def run_master(
             executors,
             clock,
         )
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        master_pb2_grpc.add_MasterServiceServicer_to_server(MasterServicer(master, config), server)
+        server = grpc.aio.server(
+            options=SERVER_OPTIONS,
+            interceptors=[SecurityInterceptor(authenticator, MASTER_RULES, audit)],
+        )
+        drains = Drains()
+        master_pb2_grpc.add_MasterServiceServicer_to_server(
+            MasterServicer(master, config, audit, drains), server
+        )
         worker_pb2_grpc.add_RegistrationServiceServicer_to_server(
-            RegistrationServicer(master, config), server
+            RegistrationServicer(master, config, audit, drains, on_register), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -88,7 +118,12 @@ async def run_master(
             ),
             server,
         )
-        port = server.add_insecure_port(listen_address(config.listen))
+        if config.tls is not None:
+            port = server.add_secure_port(
+                listen_address(config.listen), config.tls.server_credentials()
+            )
+        else:
+            port = server.add_insecure_port(listen_address(config.listen))
         try:
             async with asyncio.TaskGroup() as tg:
                 runner = tg.create_task(master.run())
@@ -106,3 +141,4 @@ async def run_master(
         finally:
             await server.stop(grace=None)
             await workers.close()
+            audit.close()

@@ -566,11 +566,19 @@ class Master:
         return "being placed"
 
     async def list_jobs(
-        self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
+        self,
+        limit: int,
+        offset: int,
+        status: JobStatus | None,
+        broadcast_id: str = "",
+        owner: str | None = None,
     ) -> tuple[list[Job], int]:
+        """Newest first; with ``owner``, only the jobs that identity submitted."""
         if limit < 0 or offset < 0:
             raise InvalidTaskSpec("limit and offset must not be negative")
-        return await self.store.list_jobs(min(limit or 100, 1000), offset, status, broadcast_id)
+        return await self.store.list_jobs(
+            min(limit or 100, 1000), offset, status, broadcast_id, owner
+        )
 
     async def cancel(self, job_id: JobId, wait_s: float) -> str:
         """Cancel a job; waits up to ``wait_s`` for a running one to be confirmed dead."""

@@ -8,7 +8,7 @@ it) and ``WorkerUnreachable`` (transport trouble: the attempt may still be runni
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
@@ -76,15 +76,26 @@ class WorkerClient(Protocol):
     async def close(self) -> None: ...
 
 
+def _insecure(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 class GrpcWorkerClient:
-    def __init__(self, rpc_timeout_s: float) -> None:
+    """``channel_factory`` makes the channel to a worker address (TLS: ``security.tls``)."""
+
+    def __init__(
+        self,
+        rpc_timeout_s: float,
+        channel_factory: Callable[[str], grpc.aio.Channel] = _insecure,
+    ) -> None:
         self.rpc_timeout_s = rpc_timeout_s
+        self.channel_factory = channel_factory
         self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
 
     def _stub(self, address: str) -> WorkerServiceAsyncStub:
         known = self._channels.get(address)
         if known is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self.channel_factory(address)
             known = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
             self._channels[address] = known
         return known[1]

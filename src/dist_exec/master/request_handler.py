@@ -1,23 +1,37 @@
 """gRPC servicers of the master: MasterService (clients) and RegistrationService (workers).
 
-Thin: check the shape of each request, convert with ``wire``, call the Master.
+Thin: check the shape of each request, convert with ``wire``, call the Master. Who may call
+what is the SecurityInterceptor's job (``security.auth``); here only the checks that depend on
+the request: a job's owner, the worker id a worker registers as, and the audit records.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc.aio
 
 from dist_exec import wire
 from dist_exec.config import MasterConfig
-from dist_exec.errors import InvalidTaskSpec, grpc_errors, grpc_stream_errors, shorten
+from dist_exec.errors import (
+    AccessDenied,
+    DistExecError,
+    InvalidTaskSpec,
+    JobNotFound,
+    grpc_errors,
+    grpc_stream_errors,
+    shorten,
+)
 from dist_exec.executors import describe_task
 from dist_exec.master.core import HeldAttempt, Master
-from dist_exec.models import Job, JobId, NodeId, OutputChunk, Stream, TaskSpec
+from dist_exec.models import Job, JobId, NodeId, NodeStatus, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dist_exec.security.audit import AuditLog, task_summary
+from dist_exec.security.auth import current_identity
+from dist_exec.security.identity import Identity, Role
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -30,12 +44,25 @@ def _job_id(raw: str) -> JobId:
 
 
 def _client(context: Context) -> str:
-    """Who is asking: until there is authentication, the peer's address without its port."""
+    """Who is asking, for rate limits: the authenticated identity; on an open server (no
+    authentication) the peer's address without its port."""
+    identity = current_identity()
+    if identity.via != "none":
+        return identity.name
     peer = context.peer() or ""  # "ipv4:127.0.0.1:51234", "ipv6:[::1]:51234", "unix:..."
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
         return rest.rpartition(":")[0].strip("[]") or peer
     return peer
+
+
+def _check_owner(identity: Identity, job: Job) -> None:
+    """A `submit` identity may only see and cancel the jobs it submitted."""
+    if not identity.sees_all_jobs and job.spec.owner != identity.name:
+        raise AccessDenied(
+            f"job {job.id} belongs to another identity; {identity.name} "
+            f"({identity.role.value}) may only see and cancel its own jobs"
+        )
 
 
 def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
@@ -66,31 +93,88 @@ def _chunk_pb(attempt: int, chunk: OutputChunk) -> master_pb2.OutputChunk:
     )
 
 
+class Drains:
+    """Nodes an admin asked to drain: told so on their next heartbeat."""
+
+    def __init__(self) -> None:
+        self.requested: set[NodeId] = set()
+
+
 class MasterServicer(master_pb2_grpc.MasterServiceServicer):
-    def __init__(self, master: Master, config: MasterConfig) -> None:
+    def __init__(
+        self,
+        master: Master,
+        config: MasterConfig,
+        audit: AuditLog | None = None,
+        drains: Drains | None = None,
+    ) -> None:
         self.master = master
         self.config = config
+        self.audit = audit
+        self.drains = drains or Drains()
+
+    def _audit(self, action: str, decision: str, reason: str = "", **details: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(action, current_identity(), decision, reason, **details)
+
+    async def _submit(
+        self, action: str, requests: Sequence[master_pb2.SubmitRequest], context: Context
+    ) -> list[JobId]:
+        owner = current_identity().name
+        try:
+            specs = [replace(_spec(r), owner=owner) for r in requests]
+            job_ids = await self.master.submit_many(specs, _client(context))
+        except DistExecError as exc:
+            self._audit(action, "denied", exc.message, tasks=_summaries(requests))
+            raise
+        self._audit(action, "allowed", jobs=job_ids, tasks=_summaries(requests))
+        return job_ids
+
+    def _visible(self, job: Job, action: str) -> None:
+        """Refuse (and audit) a job the caller may not see or act on."""
+        try:
+            _check_owner(current_identity(), job)
+        except AccessDenied as exc:
+            self._audit(action, "denied", exc.message, jobs=[job.id])
+            raise
+
+    async def _owned(self, job_id: JobId, action: str) -> Job:
+        """The job (without output), if the caller may see it."""
+        job = await self.master.get(job_id, with_output=False)
+        self._visible(job, action)
+        return job
 
     @grpc_errors
     async def Submit(
         self, request: master_pb2.SubmitRequest, context: Context
     ) -> master_pb2.SubmitResponse:
-        job_id = (await self.master.submit_many([_spec(request)], _client(context)))[0]
+        job_id = (await self._submit("submit", [request], context))[0]
         return master_pb2.SubmitResponse(job_id=job_id)
 
     @grpc_errors
     async def SubmitBatch(
         self, request: master_pb2.SubmitBatchRequest, context: Context
     ) -> master_pb2.SubmitBatchResponse:
-        job_ids = await self.master.submit_many([_spec(r) for r in request.jobs], _client(context))
+        job_ids = await self._submit("submit_batch", request.jobs, context)
         return master_pb2.SubmitBatchResponse(job_ids=job_ids)
 
     @grpc_errors
     async def SubmitBroadcast(
         self, request: master_pb2.SubmitBroadcastRequest, context: Context
     ) -> master_pb2.SubmitBroadcastResponse:
-        broadcast_id, tasks = await self.master.submit_broadcast(
-            _spec(request.job), _client(context)
+        summary = _summaries([request.job])
+        try:
+            spec = replace(_spec(request.job), owner=current_identity().name)
+            broadcast_id, tasks = await self.master.submit_broadcast(spec, _client(context))
+        except DistExecError as exc:
+            self._audit("submit_broadcast", "denied", exc.message, tasks=summary)
+            raise
+        self._audit(
+            "submit_broadcast",
+            "allowed",
+            broadcast=broadcast_id,
+            jobs=[j for j, _ in tasks],
+            tasks=summary,
         )
         return master_pb2.SubmitBroadcastResponse(
             broadcast_id=broadcast_id,
@@ -102,6 +186,9 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         self, request: master_pb2.WatchJobsRequest, context: Context
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
         job_ids = [_job_id(j) for j in request.job_ids]
+        if not current_identity().sees_all_jobs:
+            for job_id in job_ids:
+                await self._owned(job_id, "watch")
         async for job_id, item in self.master.watch(job_ids, with_output=not request.no_output):
             if isinstance(item, Job):
                 yield master_pb2.JobEvent(job_id=job_id, result=wire.job_to_status_pb(item))
@@ -113,6 +200,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         self, request: master_pb2.GetStatusRequest, context: Context
     ) -> master_pb2.GetStatusResponse:
         job = await self.master.get(_job_id(request.job_id))
+        self._visible(job, "status")
         return wire.job_to_status_pb(job)
 
     @grpc_errors
@@ -121,7 +209,14 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> master_pb2.CancelResponse:
         remaining = context.time_remaining()
         wait_s = 15.0 if remaining is None else max(0.0, min(15.0, remaining - 0.5))
-        message = await self.master.cancel(_job_id(request.job_id), wait_s)
+        job_id = _job_id(request.job_id)
+        try:
+            await self._owned(job_id, "cancel")
+        except JobNotFound as exc:
+            self._audit("cancel", "denied", exc.message, jobs=[job_id])
+            raise
+        message = await self.master.cancel(job_id, wait_s)
+        self._audit("cancel", "allowed", message, jobs=[job_id])
         return master_pb2.CancelResponse(cancelled=True, message=message)
 
     @grpc_errors
@@ -134,7 +229,16 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             if status is None:
                 raise InvalidTaskSpec(f"unknown status_filter value {request.status_filter}")
         broadcast = _job_id(request.broadcast_id) if request.broadcast_id else ""
-        jobs, total = await self.master.list_jobs(request.limit, request.offset, status, broadcast)
+        identity = current_identity()
+        owner = request.owner or None
+        if not identity.sees_all_jobs:
+            if owner not in (None, identity.name):
+                self._audit("list", "denied", "a submitter lists only its own jobs", owner=owner)
+                raise AccessDenied(f"{identity.name} may only list its own jobs")
+            owner = identity.name
+        jobs, total = await self.master.list_jobs(
+            request.limit, request.offset, status, broadcast, owner
+        )
         return master_pb2.ListJobsResponse(
             jobs=[
                 wire.job_to_summary_pb(j, describe_task(j.spec.task_type, j.spec.payload))
@@ -149,6 +253,8 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> AsyncGenerator[master_pb2.OutputChunk, None]:
         if request.stdout_offset < 0 or request.stderr_offset < 0:
             raise InvalidTaskSpec("output offsets must not be negative")
+        if not current_identity().sees_all_jobs:
+            await self._owned(_job_id(request.job_id), "output")
         offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
         async for item in self.master.stream_output(
             _job_id(request.job_id), offsets, not request.no_follow, request.include_result
@@ -164,16 +270,81 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> master_pb2.ListNodesResponse:
         return master_pb2.ListNodesResponse(nodes=[wire.node_to_pb(n) for n in self.master.nodes()])
 
+    @grpc_errors
+    async def AuthDrainNode(
+        self, request: master_pb2.AuthDrainNodeRequest, context: Context
+    ) -> master_pb2.AuthDrainNodeResponse:
+        node_id = NodeId(request.node_id)
+        node = next((n for n in self.master.nodes() if n.id == node_id), None)
+        if node is None:
+            self._audit("drain", "denied", "no such node", node=request.node_id)
+            raise JobNotFound(f"no registered node {shorten(request.node_id)}")
+        self.drains.requested.add(node_id)
+        node.status = NodeStatus.DRAINING  # no new tasks from now on; the worker is told next
+        self._audit("drain", "allowed", node=node_id)
+        return master_pb2.AuthDrainNodeResponse(
+            message=f"node {node_id} is draining: no new tasks; running ones finish"
+        )
+
+    @grpc_errors
+    async def AuthWhoAmI(
+        self, request: master_pb2.AuthWhoAmIRequest, context: Context
+    ) -> master_pb2.AuthWhoAmIResponse:
+        identity = current_identity()
+        return master_pb2.AuthWhoAmIResponse(
+            name=identity.name, role=identity.role.value, auth=identity.via
+        )
+
+
+def _summaries(requests: Sequence[master_pb2.SubmitRequest]) -> list[dict[str, Any]]:
+    return [task_summary(r.task_type, r.payload) for r in requests[:100]]
+
+
+def _check_worker_id(worker_id: str) -> None:
+    """A worker authenticated by a certificate or token registers only as the id it names
+    (a pool credential: as NAME-anything)."""
+    identity = current_identity()
+    if not identity.may_act_as_worker(worker_id):
+        allowed = f"{identity.name!r}" + (
+            f" or {identity.name}-*" if identity.role == Role.WORKERS else ""
+        )
+        raise AccessDenied(
+            f"this worker's credentials name {allowed}; it cannot act as worker "
+            f"{shorten(worker_id)}"
+        )
+
 
 class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
-    def __init__(self, master: Master, config: MasterConfig) -> None:
+    def __init__(
+        self,
+        master: Master,
+        config: MasterConfig,
+        audit: AuditLog | None = None,
+        drains: Drains | None = None,
+        on_register: Callable[[str, str], None] = lambda address, server_name: None,
+    ) -> None:
         self.master = master
         self.config = config
+        self.audit = audit
+        self.drains = drains or Drains()
+        # A worker registered this address; with TLS its certificate must name server_name.
+        self.on_register = on_register
 
     @grpc_errors
     async def Register(
         self, request: worker_pb2.RegisterRequest, context: Context
     ) -> worker_pb2.RegisterResponse:
+        try:
+            _check_worker_id(request.worker_id)
+        except AccessDenied as exc:
+            if self.audit is not None:
+                self.audit.record("register", current_identity(), "denied", exc.message)
+            raise
+        identity = current_identity()
+        self.on_register(
+            request.address, identity.name if identity.via == "cert" else request.worker_id
+        )
+        self.drains.requested.discard(NodeId(request.worker_id))
         self.master.register(
             NodeId(request.worker_id),
             request.address,
@@ -193,15 +364,21 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
     async def Deregister(
         self, request: worker_pb2.DeregisterRequest, context: Context
     ) -> worker_pb2.DeregisterResponse:
+        _check_worker_id(request.worker_id)
         self.master.deregister(NodeId(request.worker_id))
+        self.drains.requested.discard(NodeId(request.worker_id))
         return worker_pb2.DeregisterResponse(acknowledged=True)
 
     @grpc_errors
     async def Heartbeat(
         self, request: worker_pb2.HeartbeatRequest, context: Context
     ) -> worker_pb2.HeartbeatResponse:
+        _check_worker_id(request.worker_id)
+        node_id = NodeId(request.worker_id)
+        drain = node_id in self.drains.requested
         # active_tasks is on the wire by contract; the master counts its own reservations.
-        known = self.master.heartbeat(NodeId(request.worker_id), request.draining)
+        known = self.master.heartbeat(node_id, request.draining or drain)
         return worker_pb2.HeartbeatResponse(
-            acknowledged=known, action=worker_pb2.HEARTBEAT_ACTION_NONE
+            acknowledged=known,
+            action=worker_pb2.HEARTBEAT_ACTION_DRAIN if drain else worker_pb2.HEARTBEAT_ACTION_NONE,
         )

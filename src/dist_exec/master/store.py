@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash TEXT NOT NULL DEFAULT '',
     retry_on_failure INTEGER NOT NULL DEFAULT 0,
     queue_timeout_s REAL NOT NULL DEFAULT 0,
-    worker_losses INTEGER NOT NULL DEFAULT 0
+    worker_losses INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS output (
@@ -95,7 +96,7 @@ _JOB_COLUMNS = (
     "seq, id, task_type, payload, timeout_s, priority, metadata, max_retries, status, created_at,"
     " started_at, completed_at, worker_id, attempt, retries, exit_code, error, stdout_bytes,"
     " stderr_bytes, truncated, selector, result_metadata, node_pin, broadcast_id,"
-    " retry_on_failure, queue_timeout_s, worker_losses"
+    " retry_on_failure, queue_timeout_s, worker_losses, owner"
 )
 # Columns added after the first release; older files get them on open.
 _ADDED_COLUMNS = {
@@ -108,6 +109,7 @@ _ADDED_COLUMNS = {
     "retry_on_failure": "INTEGER NOT NULL DEFAULT 0",
     "queue_timeout_s": "REAL NOT NULL DEFAULT 0",
     "worker_losses": "INTEGER NOT NULL DEFAULT 0",
+    "owner": "TEXT NOT NULL DEFAULT ''",
 }
 
 
@@ -137,7 +139,12 @@ class JobStore(Protocol):
     def note_attempt(self, job_id: JobId, attempt: int, detail: str) -> None: ...
     async def get(self, job_id: JobId, with_output: bool = True) -> Job | None: ...
     async def list_jobs(
-        self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
+        self,
+        limit: int,
+        offset: int,
+        status: JobStatus | None,
+        broadcast_id: str = "",
+        owner: str | None = None,
     ) -> tuple[list[Job], int]: ...
     async def unfinished(self) -> list[tuple[int, Job]]: ...
     async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None: ...
@@ -154,6 +161,8 @@ def request_hash(spec: TaskSpec) -> str:
     ]  # fmt: skip
     if spec.retry_on_failure or spec.queue_timeout_s:  # later additions, only when set
         fields += [spec.retry_on_failure, spec.queue_timeout_s]
+    if spec.owner:  # one owner's key never returns another's job
+        fields.append(spec.owner)
     body = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -180,7 +189,7 @@ def _job_from_row(
     (_seq, id_, task_type, payload, timeout_s, priority, metadata, max_retries, status, created,
      started, completed, worker_id, attempt, retries, exit_code, error, out_n, err_n,
      truncated, selector, result_metadata, node_pin, broadcast_id, retry_on_failure,
-     queue_timeout_s, worker_losses) = row  # fmt: skip
+     queue_timeout_s, worker_losses, owner) = row  # fmt: skip
     return Job(
         id=JobId(id_),
         spec=TaskSpec(
@@ -195,6 +204,7 @@ def _job_from_row(
             broadcast_id,
             retry_on_failure=bool(retry_on_failure),
             queue_timeout_s=queue_timeout_s,
+            owner=owner,
         ),
         status=JobStatus(status),
         created_at=_dt(created) or datetime.fromtimestamp(0, UTC),
@@ -397,6 +407,7 @@ class SqliteJobStore:
                 request_hash(job.spec) if job.spec.idempotency_key else "",
                 int(job.spec.retry_on_failure),
                 job.spec.queue_timeout_s,
+                job.spec.owner,
             )
             for job in jobs
         ]
@@ -415,8 +426,8 @@ class SqliteJobStore:
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
                         " max_retries, status, created_at, started_at, worker_id, attempt,"
                         " selector, node_pin, broadcast_id, idempotency_key, request_hash,"
-                        " retry_on_failure, queue_timeout_s)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " retry_on_failure, queue_timeout_s, owner)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None
@@ -564,9 +575,17 @@ class SqliteJobStore:
         return await self._read(op)
 
     async def list_jobs(
-        self, limit: int, offset: int, status: JobStatus | None, broadcast_id: str = ""
+        self,
+        limit: int,
+        offset: int,
+        status: JobStatus | None,
+        broadcast_id: str = "",
+        owner: str | None = None,
     ) -> tuple[list[Job], int]:
         clauses, params = [], []
+        if owner is not None:
+            clauses.append("owner = ?")
+            params.append(owner)
         if status:
             clauses.append("status = ?")
             params.append(status.value)

@@ -27,6 +27,8 @@ from dist_exec.executors import Executor, load_executors
 from dist_exec.executors.guardian import ProcessGuard
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from dist_exec.security.auth import WORKER_RULES, Authenticator, SecurityInterceptor
+from dist_exec.security.credentials import Credentials
 from dist_exec.worker.server import WorkerServicer
 from dist_exec.worker.task_runner import TaskRunner
 
@@ -112,6 +114,9 @@ class Registrar:
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat to %s failed: %s", self.config.master, exc.details())
             return
+        if reply.action == worker_pb2.HEARTBEAT_ACTION_DRAIN and not self.runner.draining:
+            log.info("the master asked this node to drain: no new tasks; running ones finish")
+            self.runner.draining = True
         if not reply.acknowledged:
             log.info("master does not know this node (restarted?); registering again")
             await self.register()
@@ -161,7 +166,12 @@ async def run_worker(
     runner = TaskRunner(
         executors, config.max_concurrent_tasks, config.max_output_bytes, config.result_retention_s
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=[
+            SecurityInterceptor(Authenticator(None, tls=config.tls is not None), WORKER_RULES)
+        ],
+    )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(
         WorkerServicer(runner, config.worker_id), server
     )
@@ -175,12 +185,21 @@ async def run_worker(
         ),
         server,
     )
-    port = server.add_insecure_port(listen_address(config.listen))
+    if config.tls is not None:
+        port = server.add_secure_port(
+            listen_address(config.listen), config.tls.server_credentials()
+        )
+    else:
+        port = server.add_insecure_port(listen_address(config.listen))
     await server.start()
     address = config.advertise or advertised_address(config.listen, port)
     for service in ("", WORKER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    channel = grpc.aio.insecure_channel(dial_address(config.master), options=CHANNEL_OPTIONS)
+    tls = config.tls
+    credentials = Credentials(
+        tls.ca if tls else None, tls.cert if tls else None, tls.key if tls else None, config.token
+    )
+    channel = credentials.channel(dial_address(config.master), CHANNEL_OPTIONS)
     registrar = Registrar(config, runner, address, channel)
     try:
         async with asyncio.TaskGroup() as tg:

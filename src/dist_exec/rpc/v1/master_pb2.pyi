@@ -62,7 +62,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job_id", "status", "output", "error", "exit_code", "created_at", "started_at", "completed_at", "worker_id", "stderr", "priority", "task_type", "payload", "metadata", "timeout", "retries", "max_retries", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "pending_reason", "selector", "result_metadata", "attempt", "broadcast_id", "node_id", "attempts", "retry_on_failure", "queue_timeout")
+    __slots__ = ("job_id", "status", "output", "error", "exit_code", "created_at", "started_at", "completed_at", "worker_id", "stderr", "priority", "task_type", "payload", "metadata", "timeout", "retries", "max_retries", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "pending_reason", "selector", "result_metadata", "attempt", "broadcast_id", "node_id", "attempts", "retry_on_failure", "queue_timeout", "owner")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class GetStatusResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RETRY_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: _common_pb2.JobStatus
     output: bytes
@@ -144,7 +145,8 @@ class GetStatusResponse(_message.Message):
     attempts: _containers.RepeatedCompositeFieldContainer[AttemptInfo]
     retry_on_failure: bool
     queue_timeout: _duration_pb2.Duration
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., stderr: _Optional[bytes] = ..., priority: _Optional[int] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., max_retries: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., pending_reason: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., result_metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., broadcast_id: _Optional[str] = ..., node_id: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., retry_on_failure: _Optional[bool] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., stderr: _Optional[bytes] = ..., priority: _Optional[int] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., max_retries: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., pending_reason: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., result_metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., broadcast_id: _Optional[str] = ..., node_id: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., retry_on_failure: _Optional[bool] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class AttemptInfo(_message.Message):
     __slots__ = ("attempt", "node_id", "started_at", "ended_at", "outcome", "detail")
@@ -177,19 +179,21 @@ class CancelResponse(_message.Message):
     def __init__(self, cancelled: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("limit", "offset", "status_filter", "broadcast_id")
+    __slots__ = ("limit", "offset", "status_filter", "broadcast_id", "owner")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     STATUS_FILTER_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     limit: int
     offset: int
     status_filter: _common_pb2.JobStatus
     broadcast_id: str
-    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., status_filter: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., broadcast_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., status_filter: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., broadcast_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class JobSummary(_message.Message):
-    __slots__ = ("job_id", "task_type", "status", "created_at", "exit_code", "has_exit_code", "worker_id", "priority", "started_at", "completed_at", "error", "summary", "broadcast_id")
+    __slots__ = ("job_id", "task_type", "status", "created_at", "exit_code", "has_exit_code", "worker_id", "priority", "started_at", "completed_at", "error", "summary", "broadcast_id", "owner")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +207,7 @@ class JobSummary(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     task_type: str
     status: _common_pb2.JobStatus
@@ -216,7 +221,8 @@ class JobSummary(_message.Message):
     error: str
     summary: str
     broadcast_id: str
-    def __init__(self, job_id: _Optional[str] = ..., task_type: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., has_exit_code: _Optional[bool] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., summary: _Optional[str] = ..., broadcast_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., task_type: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., has_exit_code: _Optional[bool] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., summary: _Optional[str] = ..., broadcast_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "total")
@@ -315,3 +321,29 @@ class ListNodesResponse(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeInfo]
     def __init__(self, nodes: _Optional[_Iterable[_Union[_common_pb2.NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class AuthDrainNodeRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class AuthDrainNodeResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
+
+class AuthWhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuthWhoAmIResponse(_message.Message):
+    __slots__ = ("name", "role", "auth")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    auth: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., auth: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,16 @@ class MasterServiceStub:
                 request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastRequest.SerializeToString,
                 response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastResponse.FromString,
                 _registered_method=True)
+        self.AuthDrainNode = channel.unary_unary(
+                '/distexec.v1.MasterService/AuthDrainNode',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthDrainNodeRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthDrainNodeResponse.FromString,
+                _registered_method=True)
+        self.AuthWhoAmI = channel.unary_unary(
+                '/distexec.v1.MasterService/AuthWhoAmI',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class MasterServiceServicer:
@@ -143,6 +153,20 @@ class MasterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthDrainNode(self, request, context):
+        """Addition (admin): the node takes no new tasks and finishes the ones it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuthWhoAmI(self, request, context):
+        """Addition: the identity the master sees for this caller (name, role, how authenticated).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +214,16 @@ def add_MasterServiceServicer_to_server(servicer, server):
                     servicer.SubmitBroadcast,
                     request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastRequest.FromString,
                     response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastResponse.SerializeToString,
+            ),
+            'AuthDrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthDrainNode,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthDrainNodeRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthDrainNodeResponse.SerializeToString,
+            ),
+            'AuthWhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthWhoAmI,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +469,60 @@ class MasterService:
             '/distexec.v1.MasterService/SubmitBroadcast',
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastRequest.SerializeToString,
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.SubmitBroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthDrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distexec.v1.MasterService/AuthDrainNode',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthDrainNodeRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthDrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthWhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distexec.v1.MasterService/AuthWhoAmI',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

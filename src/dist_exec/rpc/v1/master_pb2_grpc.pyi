@@ -48,6 +48,10 @@ class MasterServiceStub:
     """
     SubmitBroadcast: _grpc.UnaryUnaryMultiCallable[_master_pb2.SubmitBroadcastRequest, _master_pb2.SubmitBroadcastResponse]
     """Addition: run a job once on every healthy node that matches it (type and selector)."""
+    AuthDrainNode: _grpc.UnaryUnaryMultiCallable[_master_pb2.AuthDrainNodeRequest, _master_pb2.AuthDrainNodeResponse]
+    """Addition (admin): the node takes no new tasks and finishes the ones it runs."""
+    AuthWhoAmI: _grpc.UnaryUnaryMultiCallable[_master_pb2.AuthWhoAmIRequest, _master_pb2.AuthWhoAmIResponse]
+    """Addition: the identity the master sees for this caller (name, role, how authenticated)."""
 
 @_typing.type_check_only
 class MasterServiceAsyncStub(MasterServiceStub):
@@ -67,6 +71,10 @@ class MasterServiceAsyncStub(MasterServiceStub):
     """
     SubmitBroadcast: _aio.UnaryUnaryMultiCallable[_master_pb2.SubmitBroadcastRequest, _master_pb2.SubmitBroadcastResponse]  # type: ignore[assignment]
     """Addition: run a job once on every healthy node that matches it (type and selector)."""
+    AuthDrainNode: _aio.UnaryUnaryMultiCallable[_master_pb2.AuthDrainNodeRequest, _master_pb2.AuthDrainNodeResponse]  # type: ignore[assignment]
+    """Addition (admin): the node takes no new tasks and finishes the ones it runs."""
+    AuthWhoAmI: _aio.UnaryUnaryMultiCallable[_master_pb2.AuthWhoAmIRequest, _master_pb2.AuthWhoAmIResponse]  # type: ignore[assignment]
+    """Addition: the identity the master sees for this caller (name, role, how authenticated)."""
 
 class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -137,5 +145,21 @@ class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_master_pb2.SubmitBroadcastResponse, _abc.Awaitable[_master_pb2.SubmitBroadcastResponse]]:
         """Addition: run a job once on every healthy node that matches it (type and selector)."""
+
+    @_abc_1.abstractmethod
+    def AuthDrainNode(
+        self,
+        request: _master_pb2.AuthDrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_pb2.AuthDrainNodeResponse, _abc.Awaitable[_master_pb2.AuthDrainNodeResponse]]:
+        """Addition (admin): the node takes no new tasks and finishes the ones it runs."""
+
+    @_abc_1.abstractmethod
+    def AuthWhoAmI(
+        self,
+        request: _master_pb2.AuthWhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_pb2.AuthWhoAmIResponse, _abc.Awaitable[_master_pb2.AuthWhoAmIResponse]]:
+        """Addition: the identity the master sees for this caller (name, role, how authenticated)."""
 
 def add_MasterServiceServicer_to_server(servicer: MasterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

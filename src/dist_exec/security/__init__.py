@@ -1,0 +1,1 @@
+"""Transport security, identities, roles and the audit log (issue 6)."""

@@ -1,0 +1,251 @@
+"""Authentication and authorization of every RPC, in one gRPC server interceptor.
+
+The interceptor wraps each method's handler:
+
+1. A request that does not parse (say, invalid UTF-8 in a string field) is INVALID_ARGUMENT,
+   not the INTERNAL or UNKNOWN gRPC would give it.
+2. The caller is identified: a bearer token (``authorization: Bearer dxt_...``) names it when
+   one is sent; else the verified TLS client certificate does (common name and role); else, on
+   a server that requires no authentication (plain loopback, no tokens file), it is the local
+   admin. Nothing valid: UNAUTHENTICATED.
+3. The method's rule decides whether the role may call it: PERMISSION_DENIED if not.
+4. The identity is available to the servicer through ``current_identity()`` for the checks that
+   depend on the request (a job's owner, the worker id a worker registers as).
+
+Refusals are written to the audit log when there is one.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from dist_exec.errors import AccessDenied, DistExecError, Unauthenticated
+from dist_exec.security.audit import AuditLog
+from dist_exec.security.certs import identity_of
+from dist_exec.security.identity import LOCAL, Identity, Role
+from dist_exec.security.tls import peer_cert_pem
+from dist_exec.security.tokens import TokenStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_CURRENT: contextvars.ContextVar[Identity] = contextvars.ContextVar("dist_exec_identity")
+ANY_CLIENT = frozenset({Role.ADMIN, Role.SUBMIT, Role.READ})
+SUBMITTERS = frozenset({Role.ADMIN, Role.SUBMIT})
+ADMINS = frozenset({Role.ADMIN})
+WORKERS = frozenset({Role.WORKER, Role.WORKERS})
+MASTERS = frozenset({Role.MASTER})
+_M = "/distexec.v1.MasterService/"
+_R = "/distexec.v1.RegistrationService/"
+_W = "/distexec.v1.WorkerService/"
+MASTER_RULES: dict[str, frozenset[Role]] = {
+    _M + "Submit": SUBMITTERS,
+    _M + "SubmitBatch": SUBMITTERS,
+    _M + "SubmitBroadcast": SUBMITTERS,
+    _M + "Cancel": SUBMITTERS,  # a submitter only its own jobs (checked by the servicer)
+    _M + "GetStatus": ANY_CLIENT,  # likewise
+    _M + "StreamOutput": ANY_CLIENT,
+    _M + "WatchJobs": ANY_CLIENT,
+    _M + "ListJobs": ANY_CLIENT,  # a submitter sees only its own
+    _M + "ListNodes": ANY_CLIENT,
+    _M + "AuthDrainNode": ADMINS,
+    _M + "AuthWhoAmI": frozenset(Role),
+    _R + "Register": WORKERS,
+    _R + "Heartbeat": WORKERS,
+    _R + "Deregister": WORKERS,
+}
+WORKER_RULES: dict[str, frozenset[Role]] = {
+    _W + "Execute": MASTERS,
+    _W + "ExecuteStream": MASTERS,
+    _W + "CancelTask": MASTERS,
+    _W + "GetWorkerStatus": MASTERS,
+}
+
+
+def current_identity() -> Identity:
+    """The caller of the RPC being served (the local admin outside an intercepted call)."""
+    return _CURRENT.get(LOCAL)
+
+
+def peer_address(context: Context) -> str:
+    """'ipv4:127.0.0.1:51234' -> '127.0.0.1:51234'."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    return rest if kind in ("ipv4", "ipv6") else peer
+
+
+class Authenticator:
+    """Turns a call's credentials into an Identity."""
+
+    def __init__(self, tokens: TokenStore | None, tls: bool) -> None:
+        self.tokens = tokens
+        self.tls = tls
+
+    @property
+    def required(self) -> bool:
+        return self.tls or (self.tokens is not None and self.tokens.configured)
+
+    def identify(self, context: Context) -> Identity:
+        peer = peer_address(context)
+        header = next(
+            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
+        )
+        if isinstance(header, bytes):
+            header = header.decode("utf-8", "replace")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("malformed authorization header: expected 'Bearer TOKEN'")
+            entry = self.tokens.lookup(token.strip()) if self.tokens is not None else None
+            if entry is None:
+                raise Unauthenticated("invalid token: it is not (or no longer) known to the master")
+            return Identity(entry.name, entry.role, "token", peer)
+        pem = peer_cert_pem(context) if self.tls else None
+        if pem is not None:
+            name, role = identity_of(pem)
+            try:
+                parsed = Role(role)
+            except ValueError:
+                parsed = Role.CLIENT
+            if parsed == Role.CLIENT:
+                raise Unauthenticated(
+                    f"certificate {name!r} carries no role; send a token (--token or "
+                    "DIST_EXEC_TOKEN)"
+                )
+            return Identity(name, parsed, "cert", peer)
+        if self.required:
+            raise Unauthenticated(
+                "no credentials: pass a token (--token or DIST_EXEC_TOKEN) or a client "
+                "certificate (--cert/--key)"
+            )
+        return Identity(LOCAL.name, LOCAL.role, LOCAL.via, peer)
+
+
+class _Malformed:
+    """Stands in for a request that did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+class SecurityInterceptor(grpc.aio.ServerInterceptor):
+    """See the module docstring. ``rules`` maps full method names to the roles that may call
+    them; methods without a rule (health, reflection) need no credentials."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        rules: Mapping[str, frozenset[Role]],
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.authenticator = authenticator
+        self.rules = rules
+        self.audit = audit
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # one per method
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        rule = self.rules.get(method)
+        deserialize = _lenient(handler.request_deserializer)
+        # grpc.aio servicers are coroutines and async generators; the stubs type them as sync.
+        inner: Any = handler.unary_unary or handler.unary_stream
+        if handler.unary_unary is not None:
+
+            async def unary(request: Any, context: Context) -> Any:
+                await self._enter(method, rule, request, context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                deserialize,
+                handler.response_serializer,
+            )
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            await self._enter(method, rule, request, context)
+            async for item in inner(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream,
+            deserialize,
+            handler.response_serializer,
+        )
+
+    async def _enter(
+        self,
+        method: str,
+        rule: frozenset[Role] | None,
+        request: Any,
+        context: Context,
+    ) -> None:
+        """Check the call; sets the identity for the servicer (each RPC runs in its own task,
+        with its own copy of the context, so nothing leaks to other calls)."""
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"malformed request to {method}: {type(request.error).__name__}: "
+                f"{str(request.error)[:200]} (a string field must be valid UTF-8)",
+            )
+        identity: Identity | None = None
+        try:
+            identity = (
+                self.authenticator.identify(context)
+                if rule is not None
+                else Identity(LOCAL.name, LOCAL.role, "none", peer_address(context))
+            )
+            if rule is not None and identity.via != "none" and identity.role not in rule:
+                allowed = ", ".join(sorted(r.value for r in rule))
+                raise AccessDenied(
+                    f"{identity.name} has the role {identity.role.value}; "
+                    f"{method.rsplit('/', 1)[-1]} needs {allowed}"
+                )
+        except DistExecError as exc:
+            if self.audit is not None:
+                self.audit.record(
+                    method.rsplit("/", 1)[-1],
+                    identity,
+                    "denied",
+                    exc.message,
+                    peer=peer_address(context),
+                )
+            if exc.trailing_metadata:
+                context.set_trailing_metadata(exc.trailing_metadata)
+            await context.abort(exc.code, exc.message)
+        assert identity is not None
+        _CURRENT.set(identity)

@@ -1,0 +1,101 @@
+"""TLS material of a master, worker or client, and the gRPC credentials made from it.
+
+A master or worker with TLS serves mutual TLS only: every connection must present a certificate
+signed by the deployment's CA (gRPC's Python API cannot ask for an optional client certificate),
+and what the caller may do then depends on the role in that certificate (or on a bearer token).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from dist_exec.config import split_address
+
+INSECURE_FLAG = "--insecure-no-tls-i-know-this-exposes-remote-execution"
+
+
+class TlsConfigError(Exception):
+    """TLS files are missing, unreadable or incomplete."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM bytes: this process's certificate and key, and the CA that signs its peers."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @classmethod
+    def load(cls, cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles | None:
+        """None when none of the three is given; all three, or an error."""
+        given = {"--tls-cert": cert, "--tls-key": key, "--tls-ca": ca}
+        if not any(given.values()):
+            return None
+        missing = [flag for flag, path in given.items() if path is None]
+        if missing:
+            raise TlsConfigError(f"TLS needs --tls-cert, --tls-key and --tls-ca; missing {missing}")
+        data = {}
+        for flag, path in given.items():
+            assert path is not None
+            try:
+                data[flag] = path.read_bytes()
+            except OSError as exc:
+                raise TlsConfigError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+        return cls(data["--tls-cert"], data["--tls-key"], data["--tls-ca"])
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``address`` (HOST:PORT) binds only this machine's loopback interface."""
+    host, _ = split_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface), a host name, or an interface address
+
+
+def peer_cert_pem(context: grpc.aio.ServicerContext[object, object]) -> bytes | None:
+    """The verified certificate the caller presented, if the connection is TLS."""
+    return next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+
+
+class WorkerDialer:
+    """The master's channels to workers. With TLS, the master presents its own certificate and
+    expects the worker's to carry the name of the certificate that registered this address (a
+    DNS subject alternative name), so a worker cannot pass another's address off as its own."""
+
+    def __init__(self, tls: TlsFiles | None, options: list[tuple[str, int]]) -> None:
+        self.tls = tls
+        self.options = options
+        self._names: dict[str, str] = {}
+        self._credentials = tls.channel_credentials() if tls is not None else None
+
+    def expect(self, address: str, server_name: str) -> bool:
+        """Record who serves ``address``; True when that changed (drop an open channel)."""
+        previous = self._names.get(address)
+        self._names[address] = server_name
+        return previous is not None and previous != server_name
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address, options=self.options)
+        name = self._names.get(address, "")
+        options: list[tuple[str, str | int]] = [*self.options]
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
+        return grpc.aio.secure_channel(address, self._credentials, options=options)

@@ -1,0 +1,386 @@
+"""Transport security, identities, roles and the audit log, with real processes and real TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from dist_exec.client import AccessDenied, Client, Credentials, Unauthenticated, command_spec
+from dist_exec.models import JobStatus, NodeStatus
+from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
+from dist_exec.security.certs import init_ca, issue
+from dist_exec.security.identity import Role
+from dist_exec.security.tls import INSECURE_FLAG
+from dist_exec.security.tokens import add_token
+from tests.conftest import ClusterFactory, Proc, run_cli, wait_for
+from tests.system.test_cluster import free_port
+
+pytestmark = pytest.mark.system
+
+
+def _tokens(master: Proc) -> Path:
+    return Path(master.extra["data_dir"]) / "tokens.json"
+
+
+def _token_master(cluster: ClusterFactory, *extra: str) -> tuple[Proc, dict[str, str]]:
+    """A plain loopback master with a tokens file: every caller must bring a token."""
+    data = cluster.tmp / "token-master"
+    tokens = {
+        name: add_token(data / "tokens.json", name, role)
+        for name, role in [
+            ("alice", Role.SUBMIT), ("bob", Role.SUBMIT), ("reader", Role.READ),
+            ("root", Role.ADMIN), ("w1", Role.WORKER),
+        ]
+    }  # fmt: skip
+    master = cluster.master(data_dir=data, extra=list(extra))
+    return master, tokens
+
+
+def _audit(master: Proc) -> list[dict[str, object]]:
+    path = Path(master.extra["data_dir"]) / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_token_master_refuses_missing_and_wrong_tokens(cluster: ClusterFactory) -> None:
+    master, _ = _token_master(cluster)
+    for credentials in (None, Credentials(token="dxt_not-a-real-token")):
+        async with Client(master.address, credentials=credentials) as client:
+            with pytest.raises(Unauthenticated) as info:
+                await client.submit(command_spec(["true"]))
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    none = run_cli("run", "true", master=master.address)
+    assert (none.code, none.stderr) == (
+        3,
+        "dist-exec: not authenticated: no credentials: pass a token (--token or "
+        "DIST_EXEC_TOKEN) or a client certificate (--cert/--key)\n",
+    )
+    wrong = run_cli("list", "--token", "dxt_wrong", master=master.address)
+    assert wrong.code == 3
+    assert "invalid token" in wrong.stderr
+    assert "Traceback" not in wrong.stderr + none.stderr
+    denied = [e for e in _audit(master) if e["decision"] == "denied"]
+    assert {e["reason"] for e in denied} >= {
+        "invalid token: it is not (or no longer) known to the master"
+    }
+
+
+async def test_roles_and_owners(cluster: ClusterFactory) -> None:
+    master, tokens = _token_master(cluster)
+    cluster.worker(master, worker_id="w1", extra=["--token", tokens["w1"]])
+
+    def as_(name: str) -> Client:
+        return Client(master.address, credentials=Credentials(token=tokens[name]))
+
+    async with as_("alice") as alice, as_("bob") as bob, as_("reader") as reader:
+        job = await alice.submit(command_spec(["sleep", "30"]))
+        assert (await alice.get(job)).spec.owner == "alice"
+        # A read identity sees every job but may not run one.
+        assert (await reader.get(job)).spec.owner == "alice"
+        with pytest.raises(AccessDenied, match="reader has the role read; Submit needs"):
+            await reader.submit(command_spec(["true"]))
+        with pytest.raises(AccessDenied):
+            await reader.cancel(job)
+        # Another submitter can neither see nor cancel it, nor list it.
+        with pytest.raises(AccessDenied, match="belongs to another identity") as info:
+            await bob.cancel(job)
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(AccessDenied):
+            await bob.get(job)
+        with pytest.raises(AccessDenied):
+            async for _ in bob.stream_output(job, follow=False):
+                pass
+        mine = await bob.submit(command_spec(["true"]))
+        listed, total = await bob.list_jobs()
+        assert ([j.id for j, _ in listed], total) == ([mine], 1)
+        with pytest.raises(AccessDenied):
+            await bob.list_jobs(owner="alice")
+        assert {j.spec.owner for j, _ in (await reader.list_jobs())[0]} == {"alice", "bob"}
+    cli = run_cli("cancel", job, "--token", tokens["bob"], master=master.address)
+    assert cli.code == 4
+    assert cli.stderr.startswith("dist-exec: permission denied: job ")
+    admin = run_cli("cancel", job, "--json", "--token", tokens["root"], master=master.address)
+    assert admin.code == 0, admin.stderr
+    assert json.loads(admin.stdout)["status"] == JobStatus.CANCELLED.value
+    status = json.loads(run_cli("status", job, "--json", "--token", tokens["root"],
+                                master=master.address).stdout)  # fmt: skip
+    assert status["owner"] == "alice"
+    log = _audit(master)
+    cancels = [(e["identity"], e["decision"]) for e in log if e["action"] == "cancel"]
+    assert cancels == [("bob", "denied"), ("bob", "denied"), ("root", "allowed")]
+    looks = [(e["action"], e["identity"]) for e in log if e["action"] in ("status", "output")]
+    assert looks == [("status", "bob"), ("output", "bob")]
+
+
+async def test_secure_cluster_runs_jobs_over_mutual_tls(cluster: ClusterFactory) -> None:
+    master = cluster.master(secure=True)
+    cluster.worker(master, worker_id="node-a", secure=True)
+    pki = cluster.pki
+    async with Client(master.address, credentials=pki.credentials("carol", "submit")) as carol:
+        job = await carol.wait(
+            await carol.submit(
+                command_spec("printf ok", shell=True, env={"API_TOKEN": "hunter2", "MODE": "x"})
+            )
+        )
+        assert (job.status, job.stdout, job.worker_id, job.spec.owner) == (
+            JobStatus.COMPLETED, b"ok", "node-a", "carol",
+        )  # fmt: skip
+        assert await carol.whoami() == ("carol", "submit", "cert")
+    submit = next(e for e in _audit(master) if e["action"] == "submit")
+    assert submit["identity"] == "carol"
+    assert submit["decision"] == "allowed"
+    assert submit["tasks"] == [
+        {"type": "command", "command": "printf ok", "shell": True,
+         "env": {"API_TOKEN": "<redacted>", "MODE": "x"}},
+    ]  # fmt: skip
+    assert "hunter2" not in (Path(master.extra["data_dir"]) / "audit.log").read_text()
+    cli = run_cli(
+        "run", "echo via-cli", "--ca", str(pki.ca),
+        "--cert", str(pki.issue("carol", "submit").cert),
+        "--key", str(pki.issue("carol", "submit").key), master=master.address,
+    )  # fmt: skip
+    assert (cli.code, cli.stdout) == (0, "via-cli\n"), cli.stderr
+
+
+async def test_expired_foreign_and_roleless_certificates_are_refused(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master(secure=True)
+    pki = cluster.pki
+    expired = pki.issue("old", "admin", days=-1)
+    foreign_dir = cluster.tmp / "foreign"
+    init_ca(foreign_dir)
+    foreign = issue(foreign_dir, "mallory", "admin", foreign_dir)
+    ca = pki.ca.read_bytes()
+    for cert in (expired, foreign):
+        credentials = Credentials(ca, cert.cert.read_bytes(), cert.key.read_bytes())
+        async with Client(master.address, timeout_s=10, credentials=credentials) as client:
+            # gRPC refuses a bad client certificate in the TLS handshake: UNAVAILABLE on the wire,
+            # reported by the client as unauthenticated.
+            with pytest.raises(Unauthenticated, match="refused the TLS connection"):
+                await client.submit(command_spec(["true"]))
+        cli = run_cli(
+            "list", "--ca", str(pki.ca), "--cert", str(cert.cert), "--key", str(cert.key),
+            master=master.address,
+        )  # fmt: skip
+        assert cli.code == 3
+        assert "refused the TLS connection" in cli.stderr
+    # A transport-only certificate needs a token to say who it is.
+    async with Client(master.address, credentials=pki.credentials("cli", "client")) as client:
+        with pytest.raises(Unauthenticated, match="carries no role"):
+            await client.list_jobs()
+    # A worker's certificate is no client's.
+    async with Client(master.address, credentials=pki.credentials("w9", "worker")) as client:
+        with pytest.raises(AccessDenied, match="w9 has the role worker"):
+            await client.submit(command_spec(["true"]))
+
+
+async def test_a_worker_accepts_calls_only_from_the_master(cluster: ClusterFactory) -> None:
+    master = cluster.master(secure=True)
+    worker = cluster.worker(master, worker_id="node-a", secure=True)
+    pki = cluster.pki
+    request = worker_pb2.ExecuteRequest(
+        task_id="00000000-0000-0000-0000-000000000001", task_type="command",
+        payload=b'{"command": "touch", "args": ["/tmp/rogue"]}',
+    )  # fmt: skip
+    # No client certificate at all: refused in the handshake.
+    rogue = Credentials(pki.ca.read_bytes())
+    async with rogue.channel(worker.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await worker_pb2_grpc.WorkerServiceStub(channel).Execute(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Certificates of the right CA but not the master's role: PERMISSION_DENIED.
+    for name, role in (("root", "admin"), ("node-b", "worker")):
+        creds = pki.credentials(name, role)
+        options = [("grpc.ssl_target_name_override", "node-a")]
+        async with creds.channel(worker.address, options) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Execute(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "needs master" in (info.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert worker.alive()
+
+
+async def test_workers_register_only_as_their_certificate_says(cluster: ClusterFactory) -> None:
+    master = cluster.master(secure=True)
+    pki = cluster.pki
+    # A worker certificate for w1 claiming to be w2: PERMISSION_DENIED.
+    async with pki.credentials("w1", "worker").channel(master.address) as channel:
+        stub = worker_pb2_grpc.RegistrationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Register(
+                worker_pb2.RegisterRequest(
+                    worker_id="w2", address="127.0.0.1:1", capabilities=["command"],
+                    max_concurrent_tasks=1,
+                ),
+                timeout=10,
+            )  # fmt: skip
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "credentials name 'w1'" in (info.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="w2"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A client certificate may not register at all.
+    async with pki.credentials("root", "admin").channel(master.address) as channel:
+        stub = worker_pb2_grpc.RegistrationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Deregister(worker_pb2.DeregisterRequest(worker_id="root"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refusals = [(e["action"], e["identity"], e["decision"]) for e in _audit(master)]
+    assert refusals == [("register", "w1", "denied"), ("Deregister", "root", "denied")]
+
+
+async def test_a_pool_certificate_serves_a_deployment_of_workers(cluster: ClusterFactory) -> None:
+    master = cluster.master(secure=True)
+    pki = cluster.pki
+    pool = pki.tls_args("dist-exec-worker", "workers")
+    for pod in ("dist-exec-worker-7f9c-abcde", "dist-exec-worker-7f9c-fghij"):
+        cluster.worker(master, worker_id=pod, max_tasks=1, extra=pool)
+    async with Client(master.address, credentials=pki.credentials("root", "admin")) as root:
+        assert len(await root.nodes()) == 2
+        ids = await root.submit_many([command_spec(["sleep", "0.3"]) for _ in range(4)])
+        jobs = [await root.wait(j) for j in ids]
+        assert {j.status for j in jobs} == {JobStatus.COMPLETED}
+        assert {j.worker_id for j in jobs} == {
+            "dist-exec-worker-7f9c-abcde", "dist-exec-worker-7f9c-fghij"
+        }  # fmt: skip
+    async with pki.credentials("dist-exec-worker", "workers").channel(master.address) as channel:
+        stub = worker_pb2_grpc.RegistrationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="dist-exec-workerX"))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'dist-exec-worker' or dist-exec-worker-*" in (info.value.details() or "")
+
+
+def test_a_worker_with_a_foreign_certificate_never_registers(cluster: ClusterFactory) -> None:
+    master = cluster.master(secure=True)
+    pki = cluster.pki
+    foreign_dir = cluster.tmp / "foreign"
+    init_ca(foreign_dir)
+    cert = issue(foreign_dir, "intruder", "worker", foreign_dir)
+    log = cluster.tmp / "intruder.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dist_exec", "worker", "--master", master.address,
+             "--worker-id", "intruder", "--tls-cert", str(cert.cert), "--tls-key", str(cert.key),
+             "--tls-ca", str(pki.ca)],
+            stdout=subprocess.DEVNULL, stderr=out, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: log.read_text().count("cannot register") >= 2, 20, "refused registers")
+    finally:
+        proc.kill()
+        proc.wait()
+    root = pki.issue("root", "admin")
+    nodes = run_cli(
+        "nodes", "--json", "--ca", str(pki.ca), "--cert", str(root.cert), "--key", str(root.key),
+        master=master.address,
+    )  # fmt: skip
+    assert (nodes.code, json.loads(nodes.stdout)) == (0, [])
+
+
+async def test_admin_drains_a_node(cluster: ClusterFactory) -> None:
+    master, tokens = _token_master(cluster)
+    worker = cluster.worker(master, worker_id="w1", extra=["--token", tokens["w1"]])
+    refused = run_cli("drain", "w1", "--token", tokens["alice"], master=master.address)
+    assert refused.code == 4
+    done = run_cli("drain", "w1", "--token", tokens["root"], master=master.address)
+    assert done.code == 0, done.stderr
+    async with Client(master.address, credentials=Credentials(token=tokens["root"])) as root:
+        assert [n.status for n in await root.nodes()] == [NodeStatus.DRAINING]
+        job = await root.submit(command_spec(["true"]))
+        got = await root.get(job)
+        assert got.status == JobStatus.PENDING
+        assert "no matching node" in got.pending_reason
+    wait_for(lambda: "asked this node to drain" in worker.log_text(), 10, "the worker to drain")
+    drains = [(e["identity"], e["decision"]) for e in _audit(master) if e["action"] in
+              ("drain", "AuthDrainNode")]  # fmt: skip
+    assert drains == [("alice", "denied"), ("root", "allowed")]
+
+
+async def test_rate_limits_key_on_the_identity(cluster: ClusterFactory) -> None:
+    master, tokens = _token_master(cluster, "--rate-limit", "0.01", "--rate-burst", "1")
+    async with (
+        Client(master.address, credentials=Credentials(token=tokens["alice"])) as alice,
+        Client(master.address, credentials=Credentials(token=tokens["bob"])) as bob,
+    ):
+        await alice.submit(command_spec(["true"]))
+        with pytest.raises(Exception, match="rate limit exceeded for alice"):
+            await alice.submit(command_spec(["true"]))
+        await bob.submit(command_spec(["true"]))  # same address, another identity
+
+
+def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
+    data = tmp_path / "cluster"
+    address = f"127.0.0.1:{free_port()}"
+    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
+    assert up.code == 0, up.stderr
+    try:
+        me = run_cli("whoami", master=address)
+        assert (me.code, me.stdout) == (0, "admin (admin, authenticated by token)\n")
+        # Someone without this user's config directory has no credentials: refused.
+        other = run_cli("run", "true", master=address, env={"HOME": str(tmp_path / "other"),
+                                                            "XDG_CONFIG_HOME": ""})  # fmt: skip
+        assert other.code == 3
+        assert "it requires TLS" in other.stderr
+        token = (data / "admin.token").read_text().strip()
+        assert token not in (data / "tokens.json").read_text()
+        for secret in (data / "admin.token", data / "tls" / "ca.key", data / "tls" / "admin.key"):
+            assert secret.stat().st_mode & 0o077 == 0, secret
+    finally:
+        assert run_cli("down", "--data-dir", str(data)).code == 0
+    assert not (data / "client.json").exists()
+
+
+def test_tokens_added_or_revoked_take_effect_without_a_restart(cluster: ClusterFactory) -> None:
+    master, _ = _token_master(cluster)
+    data = str(master.extra["data_dir"])
+    token = run_cli("tokens", "add", "late", "--role", "read", "--data-dir", data).stdout.strip()
+
+    def whoami() -> str:
+        result = run_cli("whoami", "--token", token, master=master.address)
+        return result.stdout if result.code == 0 else ""
+
+    assert wait_for(whoami, 10, "the new token to work") == "late (read, authenticated by token)\n"
+    assert run_cli("tokens", "revoke", "late", "--data-dir", data).code == 0
+    wait_for(lambda: not whoami(), 10, "the revoked token to be refused")
+
+
+def test_servers_refuse_plain_non_loopback_listeners(tmp_path: Path) -> None:
+    for args in (
+        ["master", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path / "m")],
+        ["worker", "--listen", ":0", "--master", "127.0.0.1:1"],
+    ):
+        result = run_cli(*args)
+        assert result.code == 2
+        assert "refusing to listen on" in result.stderr
+        assert INSECURE_FLAG in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_tokens_are_stored_hashed_and_shown_once(tmp_path: Path) -> None:
+    added = run_cli("tokens", "add", "ci", "--role", "submit", "--data-dir", str(tmp_path))
+    assert added.code == 0, added.stderr
+    token = added.stdout.strip()
+    assert token.startswith("dxt_")
+    assert len(token) > 40
+    stored = (tmp_path / "tokens.json").read_text()
+    assert token not in stored
+    assert oct(os.stat(tmp_path / "tokens.json").st_mode & 0o777) == "0o600"
+    listed = run_cli("tokens", "list", "--data-dir", str(tmp_path))
+    assert listed.stdout.startswith("ci ")
+    assert token not in listed.stdout
+    again = run_cli("tokens", "add", "ci", "--role", "read", "--data-dir", str(tmp_path))
+    assert again.code == 1
+    assert run_cli("tokens", "revoke", "ci", "--data-dir", str(tmp_path)).code == 0
+    assert json.loads((tmp_path / "tokens.json").read_text()) == {"tokens": []}
