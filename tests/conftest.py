@@ -213,7 +213,10 @@ class ClusterFactory:
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
         secure: bool = False,
+        run_as: str | None = "root",
     ) -> Proc:
+        """``run_as``: the user commands run as. Tests run as root and many write into pytest's
+        private tmp_path, so root unless a test asks for the default (None: 'nobody')."""
         address = master if isinstance(master, str) else master.address
         worker_id = worker_id or f"w{self._count + 1}"
         args = [
@@ -221,6 +224,7 @@ class ClusterFactory:
             "--max-concurrent-tasks", str(max_tasks),
             *[f"--label={k}={v}" for k, v in (labels or {}).items()],
             *(self.pki.tls_args(worker_id, "worker") if secure else []),
+            *(["--run-as", run_as] if run_as is not None else []),
             *(extra or []),
         ]  # fmt: skip
         proc = self._start("worker", args, env)

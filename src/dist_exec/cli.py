@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -37,11 +37,21 @@ from dist_exec.config import (
     parse_size,
     split_address,
 )
-from dist_exec.errors import AccessDenied, DistExecError, JobNotFound, Unauthenticated
+from dist_exec.errors import (
+    AccessDenied,
+    DistExecError,
+    InvalidTaskSpec,
+    JobNotFound,
+    Unauthenticated,
+)
 from dist_exec.executors import describe_task
+from dist_exec.executors.containment import Mode
 from dist_exec.executors.http import HttpSpec
+from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
+from dist_exec.executors.limits import check as check_limits
+from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
-from dist_exec.models import Job, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+from dist_exec.models import Job, JobStatus, NodeInfo, OutputChunk, Stream, TaskLimits, TaskSpec
 from dist_exec.security.commands import certs_group, tokens_group
 from dist_exec.security.credentials import (
     TOKEN_ENV,
@@ -295,7 +305,7 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def job_json(job: Job, summary: str | None = None) -> dict[str, Any]:
+def job_json(job: Job, command: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": job.id,
         "status": job.status.value,
@@ -330,8 +340,10 @@ def job_json(job: Job, summary: str | None = None) -> dict[str, Any]:
         ],
         "owner": job.spec.owner or None,
     }
-    if summary is not None:
-        body["command"] = summary
+    if job.spec.limits.any:
+        body["limits"] = asdict(job.spec.limits)
+    if command is not None:
+        body["command"] = command
     elif job.spec.payload:
         body["command"] = describe_task(job.spec.task_type, job.spec.payload)
     return body
@@ -716,6 +728,45 @@ def _labels_from_env() -> list[tuple[str, str]]:
     help="A worker-role token, for a master that authenticates by tokens without TLS "
     f"(env {TOKEN_ENV}).",
 )
+@click.option(
+    "--task-memory-limit",
+    type=SIZE,
+    default="0",
+    help="Memory of each task (all its processes): the default and the most a job may ask "
+    "for (0: none).",
+)
+@click.option(
+    "--task-cpu-time-limit",
+    type=DURATION,
+    default="0",
+    help="CPU time of each task (all its processes), default and ceiling (0: none).",
+)
+@click.option(
+    "--task-max-procs",
+    type=click.IntRange(0, MAX_PROCS),
+    default=0,
+    help="Processes (and threads) of each task at once, default and ceiling (0: none).",
+)
+@click.option(
+    "--task-max-file-size",
+    type=SIZE,
+    default="0",
+    help="Largest file a task may write, default and ceiling (0: none).",
+)
+@click.option(
+    "--containment",
+    type=click.Choice([m.value for m in Mode]),
+    default=Mode.AUTO.value,
+    show_default=True,
+    help="How task limits are enforced: cgroups (v1 or v2, found at start-up), rlimits, or "
+    "auto: cgroups when this host allows, else rlimits.",
+)
+@click.option(
+    "--run-as",
+    default=None,
+    help="User that commands run as (needs root). Default: 'nobody' when the worker runs as "
+    "root, else the worker's own user; '--run-as root' keeps root.",
+)
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def worker(
     master_address: str,
@@ -732,9 +783,16 @@ def worker(
     inherit_env: bool,
     max_output: int,
     token: str,
+    task_memory_limit: int,
+    task_cpu_time_limit: float,
+    task_max_procs: int,
+    task_max_file_size: int,
+    containment: str,
+    run_as: str | None,
     log_level: str,
 ) -> None:
     """Run a worker: registers with the master and runs the tasks it is sent."""
+    from dist_exec.executors.containment import ContainmentError
     from dist_exec.worker.app import run_worker
 
     setup_logging(log_level)
@@ -759,9 +817,21 @@ def worker(
         max_output_bytes=max_output,
         tls=tls,
         token=token,
+        task_limits=TaskLimits(
+            task_memory_limit, task_cpu_time_limit, task_max_procs, task_max_file_size
+        ),
+        containment=containment,
+        run_as=run_as,
     )
+    try:
+        check_limits(config.task_limits)
+    except InvalidTaskSpec as exc:
+        fail(f"worker task limits: {exc.message}", EXIT_USAGE)
     check_listen(listen)
-    serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
+    try:
+        serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
+    except ContainmentError as exc:
+        fail(str(exc))
 
 
 # ---- run ------------------------------------------------------------------------------------
@@ -849,6 +919,12 @@ class RunCommand(click.Command):
     help="Run once on every healthy node that can (with --selector: every matching one); "
     "output lines are prefixed with the node id; exits 0 only if every node succeeded.",
 )
+@click.option("--memory", type=SIZE, default="0", help="Memory limit of the command: 512M, 2G.")
+@click.option("--cpu-time", type=DURATION, default="0", help="CPU time limit: 30s, 5m.")
+@click.option(
+    "--max-procs", type=click.IntRange(0, MAX_PROCS), default=0, help="Process limit, e.g. 64."
+)
+@click.option("--max-file-size", type=SIZE, default="0", help="Largest file it may write: 100M.")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @json_option
 @click.pass_context
@@ -872,6 +948,10 @@ def run(
     queue_timeout: float | None,
     idempotency_key: str,
     broadcast: bool,
+    memory: int,
+    cpu_time: float,
+    max_procs: int,
+    max_file_size: int,
     detach: bool,
     as_json: bool,
 ) -> None:
@@ -917,6 +997,7 @@ def run(
         idempotency_key=idempotency_key,
         retry_on_failure=retry_on_failure,
         queue_timeout_s=queue_timeout or 0.0,
+        limits=TaskLimits(memory, cpu_time, max_procs, max_file_size),
     )
     if broadcast:
         code = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
@@ -1099,7 +1180,7 @@ def _exit_code(job: Job, quiet: bool) -> int:
             return 0
         say(job.error or f"HTTP {job.exit_code}")
         return EXIT_HTTP_ERROR
-    if job.exit_code >= 126 and job.error:
+    if job.error and (job.exit_code >= 126 or LIMIT_METADATA_KEY in job.result_metadata):
         say(job.error)
     return job.exit_code
 
@@ -1125,6 +1206,8 @@ def _describe_job(job: Job) -> None:
         rows.append(("pending", job.pending_reason))
     if job.spec.selector:
         rows.append(("selector", ",".join(f"{k}={v}" for k, v in job.spec.selector.items())))
+    if job.spec.limits.any:
+        rows.append(("limits", limits_summary(job.spec.limits)))
     if job.error:
         rows.append(("error", job.error))
     if job.truncated:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 
+from dist_exec.models import TaskLimits
+
 if TYPE_CHECKING:
     from dist_exec.security.tls import TlsFiles
 
@@ -188,3 +190,6 @@ class WorkerConfig:
     rpc_timeout_s: float = 10.0
     tls: TlsFiles | None = None  # serve mutual TLS (only the master's certificate may call)
     token: str = ""  # sent to the master when it authenticates by tokens (no TLS)
+    task_limits: TaskLimits = field(default_factory=TaskLimits)  # default and ceiling per task
+    containment: str = "auto"  # auto | cgroup | rlimit: how task limits are enforced
+    run_as: str | None = None  # None: "nobody" when the worker runs as root, else its own user

@@ -64,6 +64,22 @@ class Stream(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """Resource limits of one task; 0 means "not set" (the worker's own limit applies)."""
+
+    memory_bytes: int = 0
+    cpu_time_s: float = 0.0
+    max_procs: int = 0
+    max_file_size_bytes: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(
+            self.memory_bytes or self.cpu_time_s or self.max_procs or self.max_file_size_bytes
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TaskSpec:
     """What a client asked to run."""
 
@@ -80,6 +96,7 @@ class TaskSpec:
     retry_on_failure: bool = False  # a failed command is retried too, not only a lost one
     queue_timeout_s: float = 0.0  # fail the job if it waits longer than this to start; 0: never
     owner: str = ""  # the identity that submitted it (set by the master, never by the client)
+    limits: TaskLimits = field(default_factory=TaskLimits)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from dist_exec.models import (
     NodeId,
     NodeInfo,
     NodeStatus,
+    TaskLimits,
     TaskSpec,
 )
 from dist_exec.rpc.v1 import common_pb2, master_pb2, worker_pb2
@@ -79,6 +80,27 @@ def from_duration(d: duration_pb2.Duration) -> float:
     return float(d.ToNanoseconds()) / 1e9
 
 
+def limits_to_pb(limits: TaskLimits) -> common_pb2.Limits | None:
+    if not limits.any:
+        return None
+    return common_pb2.Limits(
+        memory_bytes=limits.memory_bytes,
+        cpu_time=duration(limits.cpu_time_s) if limits.cpu_time_s else None,
+        max_procs=limits.max_procs,
+        max_file_size_bytes=limits.max_file_size_bytes,
+    )
+
+
+def limits_from_pb(msg: common_pb2.Limits) -> TaskLimits:
+    """Limits as sent; a negative CPU time stays negative for validation to refuse."""
+    return TaskLimits(
+        memory_bytes=msg.memory_bytes,
+        cpu_time_s=from_duration(msg.cpu_time),
+        max_procs=msg.max_procs,
+        max_file_size_bytes=msg.max_file_size_bytes,
+    )
+
+
 def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
     return master_pb2.SubmitRequest(
         task_type=spec.task_type,
@@ -91,6 +113,7 @@ def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
         idempotency_key=spec.idempotency_key,
         retry_on_failure=spec.retry_on_failure,
         queue_timeout=duration(spec.queue_timeout_s) if spec.queue_timeout_s else None,
+        limits=limits_to_pb(spec.limits),
     )
 
 
@@ -168,6 +191,7 @@ def job_to_status_pb(job: Job) -> master_pb2.GetStatusResponse:
         owner=job.spec.owner,
         retry_on_failure=job.spec.retry_on_failure,
         queue_timeout=duration(job.spec.queue_timeout_s) if job.spec.queue_timeout_s else None,
+        limits=limits_to_pb(job.spec.limits),
     )
 
 
@@ -210,6 +234,7 @@ def job_from_status_pb(msg: master_pb2.GetStatusResponse) -> Job:
             retry_on_failure=msg.retry_on_failure,
             queue_timeout_s=from_duration(msg.queue_timeout),
             owner=msg.owner,
+            limits=limits_from_pb(msg.limits),
         ),
         status=JOB_STATUS_FROM_PB.get(msg.status, JobStatus.PENDING),
         created_at=from_timestamp(msg, "created_at") or datetime.fromtimestamp(0, UTC),

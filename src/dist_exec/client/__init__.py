@@ -18,7 +18,16 @@ from dist_exec.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from dist_exec.models import Job, JobId, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+from dist_exec.models import (
+    Job,
+    JobId,
+    JobStatus,
+    NodeInfo,
+    OutputChunk,
+    Stream,
+    TaskLimits,
+    TaskSpec,
+)
 from dist_exec.security.credentials import Credentials
 
 __all__ = [
@@ -37,6 +46,7 @@ __all__ = [
     "OutputChunk",
     "ResourceExhausted",
     "Stream",
+    "TaskLimits",
     "TaskSpec",
     "Unauthenticated",
     "command_spec",

@@ -13,7 +13,16 @@ from dist_exec.config import dial_address
 from dist_exec.errors import DistExecError, Unauthenticated, from_rpc_error
 from dist_exec.executors.command import CommandSpec
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
-from dist_exec.models import Job, JobId, JobStatus, NodeInfo, OutputChunk, Stream, TaskSpec
+from dist_exec.models import (
+    Job,
+    JobId,
+    JobStatus,
+    NodeInfo,
+    OutputChunk,
+    Stream,
+    TaskLimits,
+    TaskSpec,
+)
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc
 from dist_exec.security.credentials import Credentials
 
@@ -40,6 +49,7 @@ def command_spec(
     stdin: str = "",
     max_retries: int | None = None,
     metadata: Mapping[str, str] | None = None,
+    limits: TaskLimits | None = None,
 ) -> TaskSpec:
     """A TaskSpec for the command executor: a shell string, or argv when ``shell`` is False."""
     if isinstance(command, str):
@@ -49,7 +59,13 @@ def command_spec(
             command[0], list(command[1:]), False, dict(env or {}), working_dir, stdin
         )
     return TaskSpec(
-        "command", spec.to_payload(), timeout_s, priority, dict(metadata or {}), max_retries
+        "command",
+        spec.to_payload(),
+        timeout_s,
+        priority,
+        dict(metadata or {}),
+        max_retries,
+        limits=limits or TaskLimits(),
     )
 
 

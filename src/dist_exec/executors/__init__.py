@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
 from dist_exec.errors import InvalidTaskSpec
-from dist_exec.models import ExecOutcome, Stream
+from dist_exec.models import ExecOutcome, Stream, TaskLimits
 
 ENTRY_POINT_GROUP = "dist_exec.executors"
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class ExecRequest:
     payload: bytes
     timeout_s: float
     metadata: Mapping[str, str] = field(default_factory=dict)
+    limits: TaskLimits = field(default_factory=TaskLimits)  # as the task asked (0: not set)
 
 
 class OutputSink(Protocol):

@@ -18,14 +18,18 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
+from dist_exec.executors.containment import POLL_S, Containment, Jail
 from dist_exec.executors.guardian import ProcessGuard
+from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 
 SHELL = "/bin/sh"
@@ -35,6 +39,7 @@ PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to rea
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FIELDS = {"command", "args", "shell", "env", "working_dir", "stdin"}
+STDERR_TAIL = 4096  # kept to tell an allocation or fork failure under rlimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +195,8 @@ class CommandExecutor:
         )
         guard = opts.get("process_guard")  # kills running groups if the worker dies
         self.guard = guard if isinstance(guard, ProcessGuard) else None
+        containment = opts.get("containment")
+        self.containment = containment if isinstance(containment, Containment) else Containment()
 
     def validate(self, payload: bytes) -> None:
         self.policy.check(parse_payload(payload))
@@ -210,7 +217,21 @@ class CommandExecutor:
     async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
         spec = parse_payload(request.payload)
         self.policy.check(spec)  # here too: a forged request must not get past it
-        started = time.monotonic()
+        limits = fit(request.limits, self.containment.limits)
+        try:
+            jail = self.containment.jail(f"task-{uuid.uuid4().hex}", limits)
+        except OSError as exc:
+            return ExecOutcome(ExecStatus.FAILURE, error=f"cannot set up the task's limits: {exc}")
+        try:
+            return await self._run(spec, jail, sink)
+        finally:
+            # Also kills whatever of the task left its process group but not its cgroup.
+            await asyncio.shield(asyncio.to_thread(jail.close))
+
+    async def _spawn(
+        self, spec: CommandSpec, jail: Jail
+    ) -> tuple[asyncio.subprocess.Process, _ExitWatchingProtocol] | ExecOutcome:
+        """The started process, or why it could not start."""
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
@@ -220,8 +241,9 @@ class CommandExecutor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=spec.working_dir or None,
-                env=self._environment(spec),
+                env=jail.environment(self._environment(spec)),
                 start_new_session=True,
+                **jail.spawn_options(),  # type: ignore[arg-type]
             )
         except FileNotFoundError:
             if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
@@ -232,33 +254,65 @@ class CommandExecutor:
         except PermissionError:
             return ExecOutcome(ExecStatus.FAILURE, 126, f"permission denied: {spec.argv[0]}")
         except OSError as exc:
+            exceeded = jail.spawn_failure(exc)
+            if exceeded is not None:
+                return _limit_outcome(exceeded, None, 0.0)
             return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
-
+        except subprocess.SubprocessError as exc:  # the pre-exec step (cgroup, rlimits, user)
+            return ExecOutcome(ExecStatus.FAILURE, error=f"cannot apply the task's limits: {exc}")
         proc = asyncio.subprocess.Process(transport, protocol, loop)
         if self.guard is not None:
             self.guard.watch(proc.pid)  # its own session: the group id is its pid
+        return proc, protocol
+
+    async def _run(self, spec: CommandSpec, jail: Jail, sink: OutputSink) -> ExecOutcome:
+        started = time.monotonic()
+        spawned = await self._spawn(spec, jail)
+        if isinstance(spawned, ExecOutcome):
+            return spawned
+        proc, protocol = spawned
+        tail = _StderrTail(sink)
         pumps = asyncio.gather(
             _pump(proc.stdout, Stream.STDOUT, sink),
-            _pump(proc.stderr, Stream.STDERR, sink),
+            _pump(proc.stderr, Stream.STDERR, tail),
             _feed(proc.stdin, spec.stdin.encode()),
         )
+        watch = asyncio.create_task(_watch(jail, proc.pid)) if jail.watched else None
+        exited = asyncio.create_task(protocol.exited.wait())
+        exceeded: Exceeded | None = None
         try:
             # Not proc.wait(): it also waits for the pipes to close, which a background child
             # holding them open can put off forever (CPython gh-119710).
-            await protocol.exited.wait()
+            await asyncio.wait(
+                {t for t in (exited, watch) if t}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if watch is not None and watch.done():
+                exceeded = watch.result()
+                _signal_group(proc.pid, signal.SIGKILL)
+                jail.kill_all()
+                await exited
         except asyncio.CancelledError:
             await asyncio.shield(self._stop(proc, pumps))
             raise
+        finally:
+            for task in (exited, watch):
+                if task is not None:
+                    task.cancel()
         # The main process is gone; anything it left behind in its group goes too.
         await self._stop(proc, pumps)
         returncode = proc.returncode
         assert returncode is not None
         exit_code = returncode if returncode >= 0 else 128 - returncode
+        duration_s = time.monotonic() - started
+        if exceeded is None and returncode != 0:
+            exceeded = jail.verdict(returncode, bytes(tail.tail))
+        if exceeded is not None:
+            return _limit_outcome(exceeded, exit_code, duration_s)
         return ExecOutcome(
             ExecStatus.SUCCESS if exit_code == 0 else ExecStatus.FAILURE,
             exit_code,
             "" if exit_code == 0 else _exit_message(returncode),
-            duration_s=time.monotonic() - started,
+            duration_s=duration_s,
         )
 
     async def _stop(
@@ -278,6 +332,39 @@ class CommandExecutor:
                 await pumps
         except Exception:
             pumps.cancel()
+
+
+def _limit_outcome(exceeded: Exceeded, exit_code: int | None, duration_s: float) -> ExecOutcome:
+    return ExecOutcome(
+        ExecStatus.FAILURE,
+        exit_code,
+        exceeded.message,
+        duration_s=duration_s,
+        metadata=exceeded.metadata,
+    )
+
+
+async def _watch(jail: Jail, session: int) -> Exceeded:
+    """Until the task reaches a limit that the kernel only counts (CPU time of the whole tree, a
+    refused fork, an OOM kill of one of its processes): then the task is killed."""
+    while True:
+        await asyncio.sleep(POLL_S)
+        exceeded = await asyncio.to_thread(jail.exceeded_now, session)
+        if exceeded is not None:
+            return exceeded
+
+
+class _StderrTail:
+    """Passes output on, keeping the last bytes of stderr."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self.sink = sink
+        self.tail = bytearray()
+
+    async def write(self, stream: Stream, data: bytes) -> None:
+        self.tail += data
+        del self.tail[:-STDERR_TAIL]
+        await self.sink.write(stream, data)
 
 
 class _ExitWatchingProtocol(asyncio.subprocess.SubprocessStreamProtocol):

@@ -31,6 +31,7 @@ from dist_exec.errors import (
     shorten,
 )
 from dist_exec.executors import Executor
+from dist_exec.executors.limits import check as check_limits
 from dist_exec.master.admission import RateLimiter
 from dist_exec.master.dispatcher import (
     AttemptGone,
@@ -334,6 +335,9 @@ class Master:
                 "queue timeout must be between 0 (none) and "
                 f"{format_duration(self.config.max_timeout_s)}"
             )
+        if spec.limits.any and spec.task_type != "command":
+            raise InvalidTaskSpec("resource limits apply to command jobs only")
+        check_limits(spec.limits)
         return replace(spec, timeout_s=timeout_s, max_retries=max_retries)
 
     async def submit(self, spec: TaskSpec) -> JobId:

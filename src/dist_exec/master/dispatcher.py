@@ -120,6 +120,7 @@ class GrpcWorkerClient:
             attach=attach,
             stdout_offset=offsets.get(Stream.STDOUT, 0),
             stderr_offset=offsets.get(Stream.STDERR, 0),
+            limits=wire.limits_to_pb(spec.limits),
         )
         call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset

@@ -81,6 +81,7 @@ def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
         idempotency_key=request.idempotency_key,
         retry_on_failure=request.retry_on_failure,
         queue_timeout_s=wire.from_duration(request.queue_timeout),
+        limits=wire.limits_from_pb(request.limits),
     )
 
 

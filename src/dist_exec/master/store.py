@@ -19,6 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -31,6 +32,7 @@ from dist_exec.models import (
     JobStatus,
     OutputChunk,
     Stream,
+    TaskLimits,
     TaskSpec,
 )
 
@@ -71,7 +73,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     retry_on_failure INTEGER NOT NULL DEFAULT 0,
     queue_timeout_s REAL NOT NULL DEFAULT 0,
     worker_losses INTEGER NOT NULL DEFAULT 0,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    limits TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS output (
@@ -96,7 +99,7 @@ _JOB_COLUMNS = (
     "seq, id, task_type, payload, timeout_s, priority, metadata, max_retries, status, created_at,"
     " started_at, completed_at, worker_id, attempt, retries, exit_code, error, stdout_bytes,"
     " stderr_bytes, truncated, selector, result_metadata, node_pin, broadcast_id,"
-    " retry_on_failure, queue_timeout_s, worker_losses, owner"
+    " retry_on_failure, queue_timeout_s, worker_losses, owner, limits"
 )
 # Columns added after the first release; older files get them on open.
 _ADDED_COLUMNS = {
@@ -110,6 +113,7 @@ _ADDED_COLUMNS = {
     "queue_timeout_s": "REAL NOT NULL DEFAULT 0",
     "worker_losses": "INTEGER NOT NULL DEFAULT 0",
     "owner": "TEXT NOT NULL DEFAULT ''",
+    "limits": "TEXT NOT NULL DEFAULT '{}'",
 }
 
 
@@ -163,6 +167,8 @@ def request_hash(spec: TaskSpec) -> str:
         fields += [spec.retry_on_failure, spec.queue_timeout_s]
     if spec.owner:  # one owner's key never returns another's job
         fields.append(spec.owner)
+    if spec.limits.any:
+        fields.append(asdict(spec.limits))
     body = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -189,7 +195,7 @@ def _job_from_row(
     (_seq, id_, task_type, payload, timeout_s, priority, metadata, max_retries, status, created,
      started, completed, worker_id, attempt, retries, exit_code, error, out_n, err_n,
      truncated, selector, result_metadata, node_pin, broadcast_id, retry_on_failure,
-     queue_timeout_s, worker_losses, owner) = row  # fmt: skip
+     queue_timeout_s, worker_losses, owner, limits) = row  # fmt: skip
     return Job(
         id=JobId(id_),
         spec=TaskSpec(
@@ -205,6 +211,7 @@ def _job_from_row(
             retry_on_failure=bool(retry_on_failure),
             queue_timeout_s=queue_timeout_s,
             owner=owner,
+            limits=TaskLimits(**json.loads(limits)),
         ),
         status=JobStatus(status),
         created_at=_dt(created) or datetime.fromtimestamp(0, UTC),
@@ -408,6 +415,7 @@ class SqliteJobStore:
                 int(job.spec.retry_on_failure),
                 job.spec.queue_timeout_s,
                 job.spec.owner,
+                json.dumps(asdict(job.spec.limits)),
             )
             for job in jobs
         ]
@@ -426,8 +434,8 @@ class SqliteJobStore:
                         "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
                         " max_retries, status, created_at, started_at, worker_id, attempt,"
                         " selector, node_pin, broadcast_id, idempotency_key, request_hash,"
-                        " retry_on_failure, queue_timeout_s, owner)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " retry_on_failure, queue_timeout_s, owner, limits)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                     assert cur.lastrowid is not None

@@ -24,6 +24,7 @@ from dist_exec.config import (
     listen_address,
 )
 from dist_exec.executors import Executor, load_executors
+from dist_exec.executors.containment import Containment, Mode
 from dist_exec.executors.guardian import ProcessGuard
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -147,6 +148,12 @@ async def run_worker(
 ) -> None:
     """Serve until ``stop`` is set, then drain: no new tasks, finish (or hand back), deregister."""
     _watch_children_with_pidfd()
+    containment = Containment.start(Mode(config.containment), config.task_limits, config.run_as)
+    log.info(
+        "task limits through %s; commands run as %s",
+        containment.mode,
+        containment.run_as.name if containment.run_as else "this worker's user",
+    )
     guard = ProcessGuard()
     executors = (
         executors
@@ -159,6 +166,7 @@ async def run_worker(
                     "allowed_commands": config.allowed_commands,
                     "blocked_commands": config.blocked_commands,
                     "process_guard": guard,
+                    "containment": containment,
                 }
             }
         )
@@ -232,3 +240,4 @@ async def run_worker(
         await server.stop(grace=1.0)
         await channel.close()
         await asyncio.to_thread(guard.close)
+        containment.close()

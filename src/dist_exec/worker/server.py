@@ -32,6 +32,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 payload=request.payload,
                 timeout_s=wire.from_duration(request.timeout),
                 metadata=dict(request.metadata),
+                limits=wire.limits_from_pb(request.limits),
             ),
             request.task_type,
         )

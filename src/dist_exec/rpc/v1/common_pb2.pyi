@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -99,3 +100,15 @@ class NodeInfo(_message.Message):
     last_seen: _timestamp_pb2.Timestamp
     weight: int
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_tasks: _Optional[int] = ..., active_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("memory_bytes", "cpu_time", "max_procs", "max_file_size_bytes")
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_TIME_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    memory_bytes: int
+    cpu_time: _duration_pb2.Duration
+    max_procs: int
+    max_file_size_bytes: int
+    def __init__(self, memory_bytes: _Optional[int] = ..., cpu_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_procs: _Optional[int] = ..., max_file_size_bytes: _Optional[int] = ...) -> None: ...

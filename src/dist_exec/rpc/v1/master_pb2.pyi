@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("task_type", "payload", "timeout", "priority", "metadata", "max_retries", "selector", "idempotency_key", "retry_on_failure", "queue_timeout")
+    __slots__ = ("task_type", "payload", "timeout", "priority", "metadata", "max_retries", "selector", "idempotency_key", "retry_on_failure", "queue_timeout", "limits")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class SubmitRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     RETRY_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     task_type: str
     payload: bytes
     timeout: _duration_pb2.Duration
@@ -47,7 +48,8 @@ class SubmitRequest(_message.Message):
     idempotency_key: str
     retry_on_failure: bool
     queue_timeout: _duration_pb2.Duration
-    def __init__(self, task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., priority: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., retry_on_failure: _Optional[bool] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    limits: _common_pb2.Limits
+    def __init__(self, task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., priority: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_retries: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., retry_on_failure: _Optional[bool] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -62,7 +64,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job_id", "status", "output", "error", "exit_code", "created_at", "started_at", "completed_at", "worker_id", "stderr", "priority", "task_type", "payload", "metadata", "timeout", "retries", "max_retries", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "pending_reason", "selector", "result_metadata", "attempt", "broadcast_id", "node_id", "attempts", "retry_on_failure", "queue_timeout", "owner")
+    __slots__ = ("job_id", "status", "output", "error", "exit_code", "created_at", "started_at", "completed_at", "worker_id", "stderr", "priority", "task_type", "payload", "metadata", "timeout", "retries", "max_retries", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "pending_reason", "selector", "result_metadata", "attempt", "broadcast_id", "node_id", "attempts", "retry_on_failure", "queue_timeout", "owner", "limits")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,7 @@ class GetStatusResponse(_message.Message):
     RETRY_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: _common_pb2.JobStatus
     output: bytes
@@ -146,7 +149,8 @@ class GetStatusResponse(_message.Message):
     retry_on_failure: bool
     queue_timeout: _duration_pb2.Duration
     owner: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., stderr: _Optional[bytes] = ..., priority: _Optional[int] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., max_retries: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., pending_reason: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., result_metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., broadcast_id: _Optional[str] = ..., node_id: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., retry_on_failure: _Optional[bool] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    limits: _common_pb2.Limits
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., stderr: _Optional[bytes] = ..., priority: _Optional[int] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., max_retries: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., pending_reason: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., result_metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., broadcast_id: _Optional[str] = ..., node_id: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptInfo, _Mapping]]] = ..., retry_on_failure: _Optional[bool] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class AttemptInfo(_message.Message):
     __slots__ = ("attempt", "node_id", "started_at", "ended_at", "outcome", "detail")

@@ -32,7 +32,7 @@ HEARTBEAT_ACTION_DRAIN: HeartbeatAction
 HEARTBEAT_ACTION_SHUTDOWN: HeartbeatAction
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("task_id", "task_type", "payload", "timeout", "metadata", "attempt", "attach", "stdout_offset", "stderr_offset")
+    __slots__ = ("task_id", "task_type", "payload", "timeout", "metadata", "attempt", "attach", "stdout_offset", "stderr_offset", "limits")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class ExecuteRequest(_message.Message):
     ATTACH_FIELD_NUMBER: _ClassVar[int]
     STDOUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STDERR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_type: str
     payload: bytes
@@ -58,7 +59,8 @@ class ExecuteRequest(_message.Message):
     attach: bool
     stdout_offset: int
     stderr_offset: int
-    def __init__(self, task_id: _Optional[str] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., attach: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ...) -> None: ...
+    limits: _common_pb2.Limits
+    def __init__(self, task_id: _Optional[str] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., attach: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("task_id", "status", "output", "error", "exit_code", "duration", "stderr", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "attempt", "retryable", "metadata")

@@ -1,0 +1,519 @@
+"""Containment of commands: resource limits through cgroups or rlimits, and the user they run as.
+
+The worker picks a mode once, at start-up. With **cgroups** (v1 or v2, detected) each limited
+task gets its own cgroup below a parent the worker owns (``dist-exec-<pid>`` inside the worker's
+own cgroup), joined by the child itself between fork and exec, so nothing it starts can escape:
+memory and processes are the kernel's limits on the whole tree, CPU time is the tree's total
+(read from the cgroup while the task runs). Without cgroups, **rlimits** apply to each process:
+RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC (counted per user, so it needs a dedicated user) and
+a count of the task's processes. RLIMIT_FSIZE (largest file) and RLIMIT_CPU apply in both modes.
+
+When a limit is reached the task is killed and the limit named (see ``limits.Exceeded``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import pwd
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_exec.executors.limits import Exceeded, LimitKind
+from dist_exec.models import TaskLimits
+
+log = logging.getLogger(__name__)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+POLL_S = 0.05  # how often a running task's usage is read
+EMPTY_WAIT_S = 5.0  # how long to wait for a task's cgroup to empty after killing it
+
+
+class Mode(enum.StrEnum):
+    AUTO = "auto"  # cgroups when this host lets the worker use them, else rlimits
+    CGROUP = "cgroup"
+    RLIMIT = "rlimit"
+
+
+class ContainmentError(Exception):
+    """The requested containment cannot be set up on this host (said at start-up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The user commands run as: uid and gid set, supplementary groups dropped."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def resolve_run_as(name: str | None) -> RunAs | None:
+    """The user commands run as; None: the worker's own. A worker running as root runs commands
+    as ``nobody`` unless told otherwise (``--run-as root`` keeps root)."""
+    euid = os.geteuid()
+    if name is None:
+        if euid != 0:
+            return None
+        name = "nobody"
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        raise ContainmentError(f"--run-as: no user {name!r} on this host") from None
+    if entry.pw_uid == euid:
+        return None
+    if euid != 0:
+        raise ContainmentError(
+            f"--run-as {name}: the worker must run as root to run commands as another user"
+        )
+    home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
+    return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, home)
+
+
+# ---- cgroups ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Files:
+    """Where one cgroup version keeps what we use."""
+
+    memory_max: str
+    swap_max: str
+    pids_max: str
+    pids_events: str
+    oom_events: str
+    oom_key: str
+
+
+_V1 = _Files(
+    "memory.limit_in_bytes",
+    "memory.memsw.limit_in_bytes",
+    "pids.max",
+    "pids.events",
+    "memory.oom_control",
+    "oom_kill",
+)
+_V2 = _Files(
+    "memory.max", "memory.swap.max", "pids.max", "pids.events", "memory.events", "oom_kill"
+)
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller (or "" for v2) -> this process's cgroup path, from /proc/self/cgroup."""
+    paths = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            paths[name] = path
+    return paths
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+def _counter(path: Path, key: str) -> int:
+    """A 'key N' line of a cgroup events file; 0 when absent."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    return 0
+
+
+class Cgroups:
+    """The worker's parent cgroups and the per-task cgroups below them."""
+
+    def __init__(self, version: int, parents: dict[str, Path]) -> None:
+        self.version = version
+        self.parents = parents  # controller ("memory", "pids", "cpuacct"; "" for v2) -> dir
+        self.files = _V1 if version == 1 else _V2
+
+    @classmethod
+    def create(cls, root: Path = CGROUP_ROOT) -> Cgroups:
+        """Make this worker's parent cgroups; ContainmentError says why it cannot."""
+        try:
+            own = _own_cgroups()
+        except OSError as exc:
+            raise ContainmentError(f"cannot read /proc/self/cgroup: {exc}") from None
+        name = f"dist-exec-{os.getpid()}"
+        if set(own) == {""}:  # a pure v2 host: one hierarchy
+            return cls(2, {"": _v2_parent(root / own[""].lstrip("/"), name)})
+        parents: dict[str, Path] = {}
+        for controller in ("memory", "pids", "cpuacct"):
+            if controller not in own or not (root / controller).is_dir():
+                raise ContainmentError(f"cgroup v1 controller {controller} is not mounted")
+            base = root / controller / own[controller].lstrip("/")
+            _sweep(base)
+            try:
+                (base / name).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise ContainmentError(f"cannot create a cgroup in {base}: {exc}") from None
+            parents[controller] = base / name
+        return cls(1, parents)
+
+    def task(self, name: str, limits: TaskLimits) -> TaskCgroup:
+        """A new cgroup for one task with ``limits`` written to it."""
+        dirs: dict[str, Path] = {}
+        try:
+            for controller, parent in self.parents.items():
+                if self.version == 1 and not _wants(controller, limits):
+                    continue
+                path = parent / name
+                path.mkdir()
+                dirs[controller] = path
+            group = TaskCgroup(self, dirs, limits)
+            group.apply()
+        except OSError:
+            for path in dirs.values():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
+        return group
+
+    def close(self) -> None:
+        for parent in self.parents.values():
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _wants(controller: str, limits: TaskLimits) -> bool:
+    return {
+        "memory": bool(limits.memory_bytes),
+        "pids": bool(limits.max_procs),
+        "cpuacct": bool(limits.cpu_time_s),
+    }[controller]
+
+
+def _v2_parent(own: Path, name: str) -> Path:
+    """On v2, controllers can be delegated only from a cgroup without processes: move the worker
+    into a leaf of its own cgroup first, then enable memory, pids and cpu below it."""
+    try:
+        _sweep(own)
+        available = (own / "cgroup.controllers").read_text().split()
+        missing = {"memory", "pids", "cpu"} - set(available)
+        if missing:
+            raise ContainmentError(f"cgroup v2 controllers unavailable: {', '.join(missing)}")
+        leaf = own / "dist-exec-worker"
+        leaf.mkdir(exist_ok=True)
+        _write(leaf / "cgroup.procs", str(os.getpid()))
+        _write(own / "cgroup.subtree_control", "+memory +pids +cpu")
+        parent = own / name
+        parent.mkdir(exist_ok=True)
+        _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+    except OSError as exc:
+        raise ContainmentError(f"cannot delegate cgroup v2 controllers in {own}: {exc}") from None
+    return parent
+
+
+def _sweep(base: Path) -> None:
+    """Remove what workers that died without cleaning up left in ``base`` (empty cgroups)."""
+    with contextlib.suppress(OSError):
+        for stale in base.glob("dist-exec-[0-9]*"):
+            pid = int(stale.name.rsplit("-", 1)[1])
+            if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+                continue
+            for task in stale.iterdir():
+                if task.is_dir():
+                    with contextlib.suppress(OSError):
+                        task.rmdir()
+            with contextlib.suppress(OSError):
+                stale.rmdir()
+
+
+class TaskCgroup:
+    """One task's cgroup (one directory per controller on v1)."""
+
+    def __init__(self, cgroups: Cgroups, dirs: dict[str, Path], limits: TaskLimits) -> None:
+        self.cgroups = cgroups
+        self.dirs = dirs
+        self.limits = limits
+        self.procs_files = tuple(str(d / "cgroup.procs") for d in dirs.values())
+
+    def _dir(self, controller: str) -> Path | None:
+        return self.dirs.get("" if self.cgroups.version == 2 else controller)
+
+    def apply(self) -> None:
+        files, limits = self.cgroups.files, self.limits
+        memory = self._dir("memory")
+        if limits.memory_bytes and memory is not None:
+            _write(memory / files.memory_max, str(limits.memory_bytes))
+            swap = memory / files.swap_max
+            if swap.exists():  # no swapping past the limit
+                _write(swap, "0" if self.cgroups.version == 2 else str(limits.memory_bytes))
+        pids = self._dir("pids")
+        if limits.max_procs and pids is not None:
+            _write(pids / files.pids_max, str(limits.max_procs))
+
+    def cpu_time_s(self) -> float:
+        if self.cgroups.version == 2:
+            return _counter(self.dirs[""] / "cpu.stat", "usage_usec") / 1e6
+        cpuacct = self._dir("cpuacct")
+        if cpuacct is None:
+            return 0.0
+        with contextlib.suppress(OSError, ValueError):
+            return int((cpuacct / "cpuacct.usage").read_text()) / 1e9
+        return 0.0
+
+    def exceeded(self) -> LimitKind | None:
+        files, limits = self.cgroups.files, self.limits
+        memory = self._dir("memory")
+        if (
+            limits.memory_bytes
+            and memory is not None
+            and _counter(memory / files.oom_events, files.oom_key)
+        ):
+            return LimitKind.MEMORY
+        pids = self._dir("pids")
+        if limits.max_procs and pids is not None and _counter(pids / files.pids_events, "max"):
+            return LimitKind.PROCS
+        if limits.cpu_time_s and self.cpu_time_s() >= limits.cpu_time_s:
+            return LimitKind.CPU_TIME
+        return None
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for procs in self.procs_files:
+            with contextlib.suppress(OSError):
+                found.update(int(p) for p in Path(procs).read_text().split())
+        return found
+
+    def kill_all(self) -> None:
+        """SIGKILL everything in the cgroup, also what left the task's process group."""
+        if self.cgroups.version == 2 and (self.dirs[""] / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                _write(self.dirs[""] / "cgroup.kill", "1")
+            return
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def remove(self) -> None:
+        """Kill what is left and remove the cgroup (it may take a moment to empty)."""
+        deadline = time.monotonic() + EMPTY_WAIT_S
+        while self.pids() and time.monotonic() < deadline:
+            self.kill_all()
+            time.sleep(0.01)
+        for path in self.dirs.values():
+            try:
+                path.rmdir()
+            except OSError as exc:
+                log.warning("cannot remove cgroup %s: %s", path, exc)
+
+
+# ---- what a task runs under ------------------------------------------------------------------
+
+
+def _rlimits(limits: TaskLimits, cgroup: bool) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) for the child. CPU: SIGXCPU at the limit, SIGKILL a second later."""
+    out = []
+    if limits.cpu_time_s:
+        seconds = max(1, int(-(-limits.cpu_time_s // 1)))  # whole seconds, rounded up
+        out.append((resource.RLIMIT_CPU, seconds, seconds + 1))
+    if limits.max_file_size_bytes:
+        size = limits.max_file_size_bytes
+        out.append((resource.RLIMIT_FSIZE, size, size))
+    if not cgroup:
+        if limits.memory_bytes:
+            out.append((resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+        if limits.max_procs:
+            out.append((resource.RLIMIT_NPROC, limits.max_procs, limits.max_procs))
+    return out
+
+
+class Jail:
+    """What one task runs under: its cgroup (if any), rlimits and user. Cleaned by ``close``."""
+
+    def __init__(self, limits: TaskLimits, cgroup: TaskCgroup | None, run_as: RunAs | None) -> None:
+        self.limits = limits
+        self.cgroup = cgroup
+        self.run_as = run_as
+        self._rlimits = _rlimits(limits, cgroup is not None)
+
+    @property
+    def watched(self) -> bool:
+        """Whether the task's usage must be read while it runs (see ``exceeded_now``)."""
+        return self.cgroup is not None or bool(self.limits.max_procs)
+
+    def spawn_options(self) -> dict[str, object]:
+        """Keyword arguments for subprocess: the user switch, and a pre-exec step when limits
+        apply (it joins the cgroup and sets rlimits as root, then drops to the user)."""
+        run_as = self.run_as
+        if not self._rlimits and self.cgroup is None:
+            if run_as is None:
+                return {}
+            return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        procs_files, rlimits = self.cgroup.procs_files if self.cgroup else (), self._rlimits
+        # Runs in the forked child before exec: syscalls only, nothing that takes a lock.
+        setrlimit, getpid, os_open, os_write, os_close = (
+            resource.setrlimit,
+            os.getpid,
+            os.open,
+            os.write,
+            os.close,
+        )
+
+        def enter() -> None:
+            pid = str(getpid()).encode()
+            for procs in procs_files:
+                fd = os_open(procs, os.O_WRONLY)
+                try:
+                    os_write(fd, pid)
+                finally:
+                    os_close(fd)
+            for which, soft, hard in rlimits:
+                setrlimit(which, (soft, hard))
+            if run_as is not None:
+                os.setgroups([])
+                os.setgid(run_as.gid)
+                os.setuid(run_as.uid)
+
+        return {"preexec_fn": enter}
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        """The identity variables of the user the command runs as."""
+        if self.run_as is None:
+            return env
+        return {
+            **env,
+            "HOME": self.run_as.home,
+            "USER": self.run_as.name,
+            "LOGNAME": self.run_as.name,
+        }
+
+    def exceeded_now(self, session: int) -> Exceeded | None:
+        """While the task runs: a limit it has reached (the caller then kills it)."""
+        kind = self.cgroup.exceeded() if self.cgroup is not None else None
+        if (
+            kind is None
+            and self.cgroup is None
+            and self.limits.max_procs
+            and _count_session(session) >= self.limits.max_procs
+        ):
+            kind = LimitKind.PROCS
+        return self._exceeded(kind)
+
+    def verdict(self, returncode: int, stderr_tail: bytes) -> Exceeded | None:
+        """After the task's main process ended: the limit that ended it, if one did."""
+        kind = self.cgroup.exceeded() if self.cgroup is not None else None
+        signalled = -returncode if returncode < 0 else returncode - 128
+        if kind is None and self.limits.cpu_time_s and signalled == signal.SIGXCPU:
+            kind = LimitKind.CPU_TIME
+        if kind is None and self.limits.max_file_size_bytes and signalled == signal.SIGXFSZ:
+            kind = LimitKind.FILE_SIZE
+        if kind is None and self.cgroup is None and returncode != 0:
+            kind = _rlimit_failure(self.limits, stderr_tail)
+        return self._exceeded(kind)
+
+    def spawn_failure(self, exc: OSError) -> Exceeded | None:
+        """exec refused because the user already runs RLIMIT_NPROC processes."""
+        if exc.errno == errno.EAGAIN and self.cgroup is None and self.limits.max_procs:
+            return self._exceeded(LimitKind.PROCS)
+        return None
+
+    def _exceeded(self, kind: LimitKind | None) -> Exceeded | None:
+        if kind is None:
+            return None
+        value = {
+            LimitKind.MEMORY: self.limits.memory_bytes,
+            LimitKind.CPU_TIME: self.limits.cpu_time_s,
+            LimitKind.PROCS: self.limits.max_procs,
+            LimitKind.FILE_SIZE: self.limits.max_file_size_bytes,
+        }[kind]
+        return Exceeded(kind, value)
+
+    def kill_all(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+
+    def close(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+# What a program prints when an allocation or a fork fails: with rlimits the kernel refuses the
+# request (ENOMEM, EAGAIN) instead of killing, so this is how the limit shows.
+_MEMORY_FAILURES = (b"MemoryError", b"Cannot allocate memory", b"out of memory", b"bad_alloc")
+_FORK_FAILURES = (b"fork", b"Resource temporarily unavailable")
+
+
+def _rlimit_failure(limits: TaskLimits, stderr_tail: bytes) -> LimitKind | None:
+    lower = stderr_tail.lower()
+    if limits.memory_bytes and any(m.lower() in lower for m in _MEMORY_FAILURES):
+        return LimitKind.MEMORY
+    if limits.max_procs and any(m.lower() in lower for m in _FORK_FAILURES):
+        return LimitKind.PROCS
+    return None
+
+
+def _count_session(session: int) -> int:
+    """Processes of a session (the task's, led by its first process), zombies excluded."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, session, ...
+        if fields[0] != "Z" and int(fields[3]) == session:
+            count += 1
+    return count
+
+
+class Containment:
+    """A worker's means of containing commands, chosen once at start-up."""
+
+    def __init__(
+        self,
+        limits: TaskLimits | None = None,
+        cgroups: Cgroups | None = None,
+        run_as: RunAs | None = None,
+    ) -> None:
+        self.limits = limits or TaskLimits()  # the worker's: default and ceiling
+        self.cgroups = cgroups
+        self.run_as = run_as
+
+    @classmethod
+    def start(
+        cls,
+        mode: Mode,
+        limits: TaskLimits,
+        run_as: str | None,
+        create_cgroups: Callable[[], Cgroups] = Cgroups.create,
+    ) -> Containment:
+        user = resolve_run_as(run_as)
+        cgroups = None
+        if mode != Mode.RLIMIT:
+            try:
+                cgroups = create_cgroups()
+            except ContainmentError as exc:
+                if mode == Mode.CGROUP:
+                    raise
+                log.info("no cgroups for task limits (%s); using rlimits", exc)
+        return cls(limits, cgroups, user)
+
+    @property
+    def mode(self) -> str:
+        return f"cgroup-v{self.cgroups.version}" if self.cgroups else Mode.RLIMIT.value
+
+    def jail(self, name: str, limits: TaskLimits) -> Jail:
+        """Everything a task with ``limits`` runs under; ``close`` it when the task is over."""
+        cgroup = None
+        wants_cgroup = limits.memory_bytes or limits.max_procs or limits.cpu_time_s
+        if self.cgroups is not None and wants_cgroup:
+            cgroup = self.cgroups.task(name, limits)
+        return Jail(limits, cgroup, self.run_as)
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
