@@ -277,7 +277,7 @@ class CommandExecutor:
             _pump(proc.stderr, Stream.STDERR, tail),
             _feed(proc.stdin, spec.stdin.encode()),
         )
-        watch = asyncio.create_task(_watch(jail, proc.pid)) if jail.watched else None
+        watch = asyncio.create_task(_watch(jail, proc.pid, tail)) if jail.watched else None
         exited = asyncio.create_task(protocol.exited.wait())
         exceeded: Exceeded | None = None
         try:
@@ -304,7 +304,7 @@ class CommandExecutor:
         assert returncode is not None
         exit_code = returncode if returncode >= 0 else 128 - returncode
         duration_s = time.monotonic() - started
-        if exceeded is None and returncode != 0:
+        if exceeded is None:  # also on success: a limit reached ends the task as failed
             exceeded = jail.verdict(returncode, bytes(tail.tail))
         if exceeded is not None:
             return _limit_outcome(exceeded, exit_code, duration_s)
@@ -344,12 +344,12 @@ def _limit_outcome(exceeded: Exceeded, exit_code: int | None, duration_s: float)
     )
 
 
-async def _watch(jail: Jail, session: int) -> Exceeded:
+async def _watch(jail: Jail, session: int, tail: _StderrTail) -> Exceeded:
     """Until the task reaches a limit that the kernel only counts (CPU time of the whole tree, a
     refused fork, an OOM kill of one of its processes): then the task is killed."""
     while True:
         await asyncio.sleep(POLL_S)
-        exceeded = await asyncio.to_thread(jail.exceeded_now, session)
+        exceeded = await asyncio.to_thread(jail.exceeded_now, session, bytes(tail.tail))
         if exceeded is not None:
             return exceeded
 

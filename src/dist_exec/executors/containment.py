@@ -389,17 +389,17 @@ class Jail:
             "LOGNAME": self.run_as.name,
         }
 
-    def exceeded_now(self, session: int) -> Exceeded | None:
-        """While the task runs: a limit it has reached (the caller then kills it)."""
-        kind = self.cgroup.exceeded() if self.cgroup is not None else None
-        if (
-            kind is None
-            and self.cgroup is None
-            and self.limits.max_procs
-            and _count_session(session) >= self.limits.max_procs
+    def exceeded_now(self, session: int, stderr_tail: bytes) -> Exceeded | None:
+        """While the task runs: a limit it has reached (the caller then kills it). Under rlimits a
+        refused fork shows only in what the task prints (RLIMIT_NPROC counts the whole user)."""
+        if self.cgroup is not None:
+            return self._exceeded(self.cgroup.exceeded())
+        if self.limits.max_procs and (
+            _count_session(session) >= self.limits.max_procs
+            or _rlimit_failure(self.limits, stderr_tail) == LimitKind.PROCS
         ):
-            kind = LimitKind.PROCS
-        return self._exceeded(kind)
+            return self._exceeded(LimitKind.PROCS)
+        return None
 
     def verdict(self, returncode: int, stderr_tail: bytes) -> Exceeded | None:
         """After the task's main process ended: the limit that ended it, if one did."""
@@ -409,8 +409,10 @@ class Jail:
             kind = LimitKind.CPU_TIME
         if kind is None and self.limits.max_file_size_bytes and signalled == signal.SIGXFSZ:
             kind = LimitKind.FILE_SIZE
-        if kind is None and self.cgroup is None and returncode != 0:
+        if kind is None and self.cgroup is None:
             kind = _rlimit_failure(self.limits, stderr_tail)
+            if kind == LimitKind.MEMORY and returncode == 0:
+                kind = None  # it printed about memory, but coped
         return self._exceeded(kind)
 
     def spawn_failure(self, exc: OSError) -> Exceeded | None:
@@ -442,14 +444,20 @@ class Jail:
 # What a program prints when an allocation or a fork fails: with rlimits the kernel refuses the
 # request (ENOMEM, EAGAIN) instead of killing, so this is how the limit shows.
 _MEMORY_FAILURES = (b"MemoryError", b"Cannot allocate memory", b"out of memory", b"bad_alloc")
-_FORK_FAILURES = (b"fork", b"Resource temporarily unavailable")
+_FORK_FAILURES = (
+    b"cannot fork",  # dash
+    b"can't fork",
+    b"fork: ",  # bash: "fork: retry: Resource temporarily unavailable"
+    b"fork failed",
+    b"[errno 11] resource temporarily unavailable",  # Python's os.fork
+)
 
 
 def _rlimit_failure(limits: TaskLimits, stderr_tail: bytes) -> LimitKind | None:
     lower = stderr_tail.lower()
     if limits.memory_bytes and any(m.lower() in lower for m in _MEMORY_FAILURES):
         return LimitKind.MEMORY
-    if limits.max_procs and any(m.lower() in lower for m in _FORK_FAILURES):
+    if limits.max_procs and any(m in lower for m in _FORK_FAILURES):
         return LimitKind.PROCS
     return None
 

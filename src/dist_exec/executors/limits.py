@@ -50,8 +50,8 @@ _MAXIMA: dict[LimitKind, float] = {
 def format_size(n: int) -> str:
     """Bytes in the largest binary unit that keeps it whole-ish: 64 MiB, 1.5 GiB, 100 B."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
             return f"{value:g} {unit}" if unit != "B" else f"{n} B"
         value /= 1024
     raise AssertionError("unreachable")
@@ -62,15 +62,17 @@ def limit_value(limits: TaskLimits, kind: LimitKind) -> float:
     return value
 
 
+def _shown(kind: LimitKind, value: float) -> str:
+    if kind in (LimitKind.MEMORY, LimitKind.FILE_SIZE):
+        return format_size(int(value))
+    if kind == LimitKind.CPU_TIME:
+        return format_duration(value)
+    return str(int(value))
+
+
 def describe(kind: LimitKind, value: float) -> str:
     """'memory limit 64 MiB', 'CPU time limit 2s', 'process limit 32'."""
-    if kind in (LimitKind.MEMORY, LimitKind.FILE_SIZE):
-        shown = format_size(int(value))
-    elif kind == LimitKind.CPU_TIME:
-        shown = format_duration(value)
-    else:
-        shown = str(int(value))
-    return f"{_NAMES[kind]} {shown}"
+    return f"{_NAMES[kind]} {_shown(kind, value)}"
 
 
 def summary(limits: TaskLimits) -> str:
@@ -88,7 +90,7 @@ def check(limits: TaskLimits) -> None:
             raise InvalidTaskSpec(f"{_NAMES[kind]} must not be negative")
         if value > _MAXIMA[kind]:
             raise InvalidTaskSpec(
-                f"{_NAMES[kind]} is too large; at most {describe(kind, _MAXIMA[kind])}"
+                f"{_NAMES[kind]} is too large; at most {_shown(kind, _MAXIMA[kind])}"
             )
 
 
