@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -330,3 +332,14 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2] != "Z"
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that commands running as nobody may write (pytest's tmp_path is root's)."""
+    path = Path(tempfile.mkdtemp(prefix="dist-exec-test-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)

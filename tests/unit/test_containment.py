@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,17 +52,6 @@ def containment(request: pytest.FixtureRequest) -> Iterator[Containment]:
         yield found
     finally:
         found.close()
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the user nobody may write (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="dist-exec-contain-"))
-    path.chmod(0o777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
 
 
 async def run(
