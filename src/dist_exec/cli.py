@@ -360,6 +360,7 @@ def node_json(node: NodeInfo) -> dict[str, Any]:
         "weight": node.effective_weight,
         "labels": node.labels,
         "last_seen": _iso(node.last_seen_wall),
+        "task_limits": asdict(node.task_limits) if node.task_limits.any else None,
     }
 
 

@@ -78,6 +78,16 @@ class TaskLimits:
             self.memory_bytes or self.cpu_time_s or self.max_procs or self.max_file_size_bytes
         )
 
+    def within(self, ceiling: TaskLimits) -> bool:
+        """No limit asked here is above the same limit of ``ceiling`` (0 there: no ceiling)."""
+        pairs = (
+            (self.memory_bytes, ceiling.memory_bytes),
+            (self.cpu_time_s, ceiling.cpu_time_s),
+            (self.max_procs, ceiling.max_procs),
+            (self.max_file_size_bytes, ceiling.max_file_size_bytes),
+        )
+        return all(not most or asked <= most for asked, most in pairs)
+
 
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
@@ -188,6 +198,7 @@ class NodeInfo:
     status: NodeStatus = NodeStatus.HEALTHY
     active_tasks: int = 0  # slots the master has reserved on this node
     weight: int = 0  # share for weighted balancing; 0 means max_tasks
+    task_limits: TaskLimits = field(default_factory=TaskLimits)  # most a task may have here
 
     @property
     def effective_weight(self) -> int:
@@ -199,6 +210,7 @@ class NodeInfo:
             spec.task_type in self.capabilities
             and spec.node_id in ("", self.id)
             and all(self.labels.get(k) == v for k, v in spec.selector.items())
+            and spec.limits.within(self.task_limits)
         )
 
     @property

@@ -304,6 +304,7 @@ def node_to_pb(node: NodeInfo) -> common_pb2.NodeInfo:
         labels=node.labels,
         last_seen=timestamp(node.last_seen_wall),
         weight=node.effective_weight,
+        task_limits=limits_to_pb(node.task_limits),
     )
 
 
@@ -319,4 +320,5 @@ def node_from_pb(msg: common_pb2.NodeInfo) -> NodeInfo:
         status=NODE_STATUS_FROM_PB.get(msg.status, NodeStatus.UNHEALTHY),
         active_tasks=msg.active_tasks,
         weight=msg.weight,
+        task_limits=limits_from_pb(msg.task_limits),
     )

@@ -96,15 +96,41 @@ def test_cli_limits_error_and_status(cluster: ClusterFactory) -> None:
     assert "invalid size 'lots'" in bad.stderr
 
 
-async def test_more_than_the_worker_allows_is_refused(cluster: ClusterFactory) -> None:
+async def test_more_than_the_worker_allows_waits_for_a_worker_that_allows_it(
+    cluster: ClusterFactory,
+) -> None:
     master = cluster.master()
-    cluster.worker(master, extra=["--task-memory-limit", "256M"])
+    small = cluster.worker(master, extra=["--task-memory-limit", "256M"])
+    nodes = json.loads(run_cli("nodes", "--json", master=master.address).stdout)
+    assert nodes[0]["task_limits"]["memory_bytes"] == 256 * MiB
+    big = command_spec(["echo", "big"], limits=TaskLimits(memory_bytes=2**30))
     async with Client(master.address) as client:
-        job = await client.wait(
-            await client.submit(command_spec(["true"], limits=TaskLimits(memory_bytes=2**30)))
+        job_id = await client.submit(big)
+        pending = await client.get(job_id)
+        assert pending.status == JobStatus.PENDING
+        assert pending.pending_reason == (
+            "no matching node: no healthy worker runs task type 'command' "
+            "allowing memory limit 1 GiB"
         )
-    assert job.status == JobStatus.FAILED
-    assert job.error == "memory limit 1 GiB is more than this worker allows (memory limit 256 MiB)"
+        cluster.worker(master, extra=["--task-memory-limit", "2G"])
+        done = await client.wait(job_id)
+    assert (done.status, done.stdout) == (JobStatus.COMPLETED, b"big\n")
+    assert done.worker_id != small.extra["id"]
+    # Sent straight to the small worker, the same request is refused there.
+    async with grpc.aio.insecure_channel(small.address) as channel:
+        reply = await worker_pb2_grpc.WorkerServiceStub(channel).Execute(
+            worker_pb2.ExecuteRequest(
+                task_id="forged",
+                task_type="command",
+                payload=b'{"command": "true"}',
+                limits=wire.limits_to_pb(big.limits),
+            ),
+            timeout=JOB_TIMEOUT_S,
+        )
+    assert reply.status == common_pb2.EXECUTION_STATUS_FAILURE
+    assert (
+        reply.error == "memory limit 1 GiB is more than this worker allows (memory limit 256 MiB)"
+    )
 
 
 async def test_bad_limits_are_refused_at_submit(cluster: ClusterFactory) -> None:

@@ -125,3 +125,11 @@ def test_run_as_default_is_nobody_for_root_and_refused_otherwise() -> None:
 def test_run_as_unknown_user_is_one_clear_error() -> None:
     with pytest.raises(ContainmentError, match="--run-as: no user 'no-such-user-here'"):
         resolve_run_as("no-such-user-here")
+
+
+def test_within_a_ceiling() -> None:
+    ceiling = TaskLimits(memory_bytes=512 * MiB, max_procs=64)
+    assert TaskLimits().within(ceiling)
+    assert TaskLimits(memory_bytes=512 * MiB, cpu_time_s=3600).within(ceiling)  # no CPU ceiling
+    assert not TaskLimits(max_procs=65).within(ceiling)
+    assert TaskLimits(memory_bytes=2**40).within(TaskLimits())

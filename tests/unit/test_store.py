@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_exec.master.store import SqliteJobStore
-from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskSpec
+from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskLimits, TaskSpec
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 
@@ -333,3 +333,18 @@ async def test_data_survives_reopening(db_path: Path) -> None:
         assert stored_done == replace(done, stderr=b"oops")
         # New jobs continue the sequence.
         assert await store.insert(make_job("new")) > seq_running
+
+
+async def test_limits_are_kept_and_a_file_without_the_column_gets_it(db_path: Path) -> None:
+    limited = replace(make_job("a"), spec=replace(make_job("a").spec, limits=TaskLimits(1 << 20)))
+    async with SqliteJobStore(db_path) as store:
+        await store.insert(limited)
+        await store.insert(make_job("b"))
+        assert await get(store, "a") == limited
+    with sqlite3.connect(db_path) as conn:  # as a file from before limits existed
+        conn.execute("ALTER TABLE jobs DROP COLUMN limits")
+    async with SqliteJobStore(db_path) as store:
+        assert (await get(store, "a")).spec.limits == TaskLimits()
+        assert await get(store, "b") == make_job("b")
+        await store.insert(replace(limited, id=JobId("c")))
+        assert (await get(store, "c")).spec.limits == TaskLimits(1 << 20)

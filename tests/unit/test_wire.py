@@ -17,6 +17,7 @@ from dist_exec.models import (
     NodeId,
     NodeInfo,
     NodeStatus,
+    TaskLimits,
     TaskSpec,
 )
 from dist_exec.rpc.v1 import common_pb2, master_pb2, worker_pb2
@@ -68,6 +69,10 @@ JOB = Job(
         pytest.param(replace(JOB, status=JobStatus.RUNNING, completed_at=None), id="running"),
         pytest.param(
             replace(JOB, stdout=b"", stderr=b"", spec=replace(JOB.spec, metadata={})), id="empty"
+        ),
+        pytest.param(
+            replace(JOB, spec=replace(JOB.spec, limits=TaskLimits(64 << 20, 1.5, 32, 1 << 20))),
+            id="limits",
         ),
     ],
 )
@@ -279,3 +284,16 @@ def test_submit_request_max_retries_unset_vs_zero() -> None:
     zero = wire.submit_request(TaskSpec("command", b"{}", 30.0, max_retries=0))
     assert zero.HasField("max_retries")
     assert zero.max_retries == 0
+
+
+def test_limits_travel_in_submit_execute_and_node_messages() -> None:
+    limits = TaskLimits(memory_bytes=64 << 20, cpu_time_s=0.25, max_procs=7)
+    spec = TaskSpec("command", b"{}", 30.0, limits=limits)
+    submitted = master_pb2.SubmitRequest.FromString(wire.submit_request(spec).SerializeToString())
+    assert wire.limits_from_pb(submitted.limits) == limits
+    assert not wire.submit_request(TaskSpec("command", b"{}", 30.0)).HasField("limits")
+    node = replace(make_node(), task_limits=TaskLimits(max_file_size_bytes=1 << 20))
+    assert wire.node_from_pb(wire.node_to_pb(node)).task_limits == node.task_limits
+    # A negative CPU time stays negative, for validation to refuse.
+    forged = worker_pb2.ExecuteRequest(limits=common_pb2.Limits(cpu_time=wire.duration(-2)))
+    assert wire.limits_from_pb(forged.limits).cpu_time_s == -2

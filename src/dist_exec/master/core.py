@@ -32,6 +32,7 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import Executor
 from dist_exec.executors.limits import check as check_limits
+from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.master.admission import RateLimiter
 from dist_exec.master.dispatcher import (
     AttemptGone,
@@ -58,6 +59,7 @@ from dist_exec.models import (
     NodeStatus,
     OutputChunk,
     Stream,
+    TaskLimits,
     TaskSpec,
 )
 from dist_exec.output_tail import OutputTail
@@ -560,6 +562,8 @@ class Master:
             if spec.selector:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
                 wanted += f" with labels {labels}"
+            if spec.limits.any:
+                wanted += f" allowing {limits_summary(spec.limits)}"
             return f"no matching node: no healthy worker runs {wanted}"
         ahead = self.scheduler.ahead_of(job.id)
         if not any(n.free_slots for n in matching):
@@ -694,6 +698,7 @@ class Master:
         labels: Mapping[str, str],
         held: Sequence[HeldAttempt],
         weight: int = 0,
+        task_limits: TaskLimits | None = None,
     ) -> NodeInfo:
         if not node_id or not address or max_tasks <= 0 or weight < 0:
             raise InvalidTaskSpec(
@@ -702,7 +707,9 @@ class Master:
         previous = self.registry.get(node_id)
         if previous is not None and previous.address != address:
             self._spawn(self.workers.forget(previous.address))
-        node = self.registry.register(node_id, address, capabilities, max_tasks, labels, weight)
+        node = self.registry.register(
+            node_id, address, capabilities, max_tasks, labels, weight, task_limits
+        )
         held_keys = {(h.task_id, h.attempt) for h in held}
         unfinished = {(h.task_id, h.attempt) for h in held if not h.finished}
         for job in list(self._active.values()):

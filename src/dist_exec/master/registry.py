@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from dist_exec.clock import Clock
-from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskSpec
+from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskLimits, TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,7 @@ class NodeRegistry:
         max_tasks: int,
         labels: Mapping[str, str],
         weight: int = 0,
+        task_limits: TaskLimits | None = None,
     ) -> NodeInfo:
         """Add a node, or replace one with the same id (a restarted worker)."""
         node = NodeInfo(
@@ -54,6 +55,7 @@ class NodeRegistry:
             last_seen=self.clock.monotonic(),
             last_seen_wall=self.clock.now(),
             weight=weight,
+            task_limits=task_limits or TaskLimits(),
         )
         old = self._nodes.get(node_id)
         if old is not None:

@@ -354,6 +354,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             dict(request.labels),
             [HeldAttempt(h.task_id, h.attempt, h.finished) for h in request.held_attempts],
             request.weight,
+            wire.limits_from_pb(request.task_limits),
         )
         return worker_pb2.RegisterResponse(
             accepted=True,

@@ -87,6 +87,7 @@ class Registrar:
             max_concurrent_tasks=self.config.max_concurrent_tasks,
             labels=self.config.labels,
             weight=self.config.weight,
+            task_limits=wire.limits_to_pb(self.config.task_limits),
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ist_exec/rpc/v1/common.proto\x12\x0b\x64istexec.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.distexec.v1.NodeStatus\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x11\n\tmax_tasks\x18\x05 \x01(\x05\x12\x14\n\x0c\x61\x63tive_tasks\x18\x06 \x01(\x05\x12\x31\n\x06labels\x18\x07 \x03(\x0b\x32!.distexec.v1.NodeInfo.LabelsEntry\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06weight\x18\t \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x06Limits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12+\n\x08\x63pu_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_procs\x18\x03 \x01(\r\x12\x1b\n\x13max_file_size_bytes\x18\x04 \x01(\x04*\xba\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x12\x16\n\x12JOB_STATUS_TIMEOUT\x10\x06*<\n\nOutputType\x12\x16\n\x12OUTPUT_TYPE_STDOUT\x10\x00\x12\x16\n\x12OUTPUT_TYPE_STDERR\x10\x01*\xad\x01\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XECUTION_STATUS_SUCCESS\x10\x01\x12\x1c\n\x18\x45XECUTION_STATUS_FAILURE\x10\x02\x12\x1c\n\x18\x45XECUTION_STATUS_TIMEOUT\x10\x03\x12\x1e\n\x1a\x45XECUTION_STATUS_CANCELLED\x10\x04*}\n\x0cWorkerHealth\x12\x19\n\x15WORKER_HEALTH_UNKNOWN\x10\x00\x12\x19\n\x15WORKER_HEALTH_HEALTHY\x10\x01\x12\x1a\n\x16WORKER_HEALTH_DEGRADED\x10\x02\x12\x1b\n\x17WORKER_HEALTH_UNHEALTHY\x10\x03*\x90\x01\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATUS_HEALTHY\x10\x01\x12\x19\n\x15NODE_STATUS_UNHEALTHY\x10\x02\x12\x18\n\x14NODE_STATUS_DRAINING\x10\x03\x12\x17\n\x13NODE_STATUS_SUSPECT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ist_exec/rpc/v1/common.proto\x12\x0b\x64istexec.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.distexec.v1.NodeStatus\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x11\n\tmax_tasks\x18\x05 \x01(\x05\x12\x14\n\x0c\x61\x63tive_tasks\x18\x06 \x01(\x05\x12\x31\n\x06labels\x18\x07 \x03(\x0b\x32!.distexec.v1.NodeInfo.LabelsEntry\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06weight\x18\t \x01(\x05\x12(\n\x0btask_limits\x18\x1e \x01(\x0b\x32\x13.distexec.v1.Limits\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x06Limits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12+\n\x08\x63pu_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_procs\x18\x03 \x01(\r\x12\x1b\n\x13max_file_size_bytes\x18\x04 \x01(\x04*\xba\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x12\x16\n\x12JOB_STATUS_TIMEOUT\x10\x06*<\n\nOutputType\x12\x16\n\x12OUTPUT_TYPE_STDOUT\x10\x00\x12\x16\n\x12OUTPUT_TYPE_STDERR\x10\x01*\xad\x01\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XECUTION_STATUS_SUCCESS\x10\x01\x12\x1c\n\x18\x45XECUTION_STATUS_FAILURE\x10\x02\x12\x1c\n\x18\x45XECUTION_STATUS_TIMEOUT\x10\x03\x12\x1e\n\x1a\x45XECUTION_STATUS_CANCELLED\x10\x04*}\n\x0cWorkerHealth\x12\x19\n\x15WORKER_HEALTH_UNKNOWN\x10\x00\x12\x19\n\x15WORKER_HEALTH_HEALTHY\x10\x01\x12\x1a\n\x16WORKER_HEALTH_DEGRADED\x10\x02\x12\x1b\n\x17WORKER_HEALTH_UNHEALTHY\x10\x03*\x90\x01\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATUS_HEALTHY\x10\x01\x12\x19\n\x15NODE_STATUS_UNHEALTHY\x10\x02\x12\x18\n\x14NODE_STATUS_DRAINING\x10\x03\x12\x17\n\x13NODE_STATUS_SUSPECT\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATUS']._serialized_start=549
-  _globals['_JOBSTATUS']._serialized_end=735
-  _globals['_OUTPUTTYPE']._serialized_start=737
-  _globals['_OUTPUTTYPE']._serialized_end=797
-  _globals['_EXECUTIONSTATUS']._serialized_start=800
-  _globals['_EXECUTIONSTATUS']._serialized_end=973
-  _globals['_WORKERHEALTH']._serialized_start=975
-  _globals['_WORKERHEALTH']._serialized_end=1100
-  _globals['_NODESTATUS']._serialized_start=1103
-  _globals['_NODESTATUS']._serialized_end=1247
+  _globals['_JOBSTATUS']._serialized_start=591
+  _globals['_JOBSTATUS']._serialized_end=777
+  _globals['_OUTPUTTYPE']._serialized_start=779
+  _globals['_OUTPUTTYPE']._serialized_end=839
+  _globals['_EXECUTIONSTATUS']._serialized_start=842
+  _globals['_EXECUTIONSTATUS']._serialized_end=1015
+  _globals['_WORKERHEALTH']._serialized_start=1017
+  _globals['_WORKERHEALTH']._serialized_end=1142
+  _globals['_NODESTATUS']._serialized_start=1145
+  _globals['_NODESTATUS']._serialized_end=1289
   _globals['_NODEINFO']._serialized_start=112
-  _globals['_NODEINFO']._serialized_end=421
-  _globals['_NODEINFO_LABELSENTRY']._serialized_start=376
-  _globals['_NODEINFO_LABELSENTRY']._serialized_end=421
-  _globals['_LIMITS']._serialized_start=423
-  _globals['_LIMITS']._serialized_end=546
+  _globals['_NODEINFO']._serialized_end=463
+  _globals['_NODEINFO_LABELSENTRY']._serialized_start=418
+  _globals['_NODEINFO_LABELSENTRY']._serialized_end=463
+  _globals['_LIMITS']._serialized_start=465
+  _globals['_LIMITS']._serialized_end=588
 # @@protoc_insertion_point(module_scope)

@@ -73,7 +73,7 @@ NODE_STATUS_DRAINING: NodeStatus
 NODE_STATUS_SUSPECT: NodeStatus
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "status", "capabilities", "max_tasks", "active_tasks", "labels", "last_seen", "weight")
+    __slots__ = ("node_id", "address", "status", "capabilities", "max_tasks", "active_tasks", "labels", "last_seen", "weight", "task_limits")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class NodeInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TASK_LIMITS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     status: NodeStatus
@@ -99,7 +100,8 @@ class NodeInfo(_message.Message):
     labels: _containers.ScalarMap[str, str]
     last_seen: _timestamp_pb2.Timestamp
     weight: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_tasks: _Optional[int] = ..., active_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
+    task_limits: Limits
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_tasks: _Optional[int] = ..., active_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., weight: _Optional[int] = ..., task_limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("memory_bytes", "cpu_time", "max_procs", "max_file_size_bytes")
