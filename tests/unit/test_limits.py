@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 
 from dist_exec.errors import InvalidTaskSpec
 from dist_exec.executors.containment import (
+    Cgroups,
     ContainmentError,
     Jail,
     RunAs,
@@ -133,3 +135,22 @@ def test_within_a_ceiling() -> None:
     assert TaskLimits(memory_bytes=512 * MiB, cpu_time_s=3600).within(ceiling)  # no CPU ceiling
     assert not TaskLimits(max_procs=65).within(ceiling)
     assert TaskLimits(memory_bytes=2**40).within(TaskLimits())
+
+
+def test_cgroup_v2_files_are_written_and_read(tmp_path: Path) -> None:
+    """The v2 layout, on a plain directory standing in for the cgroup file system (this host's
+    real cgroups, v1, are exercised in test_containment.py)."""
+    group = Cgroups(2, {"": tmp_path}).task(
+        "task-1", TaskLimits(memory_bytes=64 * MiB, cpu_time_s=1.5, max_procs=8)
+    )
+    task = tmp_path / "task-1"
+    assert group.procs_files == (str(task / "cgroup.procs"),)
+    assert (task / "memory.max").read_text() == str(64 * MiB)
+    assert (task / "pids.max").read_text() == "8"
+    assert group.exceeded() is None
+    (task / "cpu.stat").write_text("usage_usec 1600000\nuser_usec 1500000\n")
+    assert group.exceeded() == LimitKind.CPU_TIME
+    (task / "pids.events").write_text("max 2\n")
+    assert group.exceeded() == LimitKind.PROCS
+    (task / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    assert group.exceeded() == LimitKind.MEMORY
