@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import pwd
 import resource
 import selectors
 import shutil
@@ -134,7 +135,7 @@ class Cluster:
         log(f"{name} pid {server.pid} listening on {server.address}")
         return server
 
-    def start(self, workers: int, slots: int, log_level: str) -> None:
+    def start(self, workers: int, slots: int, log_level: str, run_as: str) -> None:
         data_dir = self.tmp / "master-data"
         master = self._start(
             "master",
@@ -146,7 +147,7 @@ class Cluster:
                 f"worker-{n}",
                 ["worker", "--master", master.address, "--listen", "127.0.0.1:0",
                  "--worker-id", f"bench-{n}", "--max-concurrent-tasks", str(slots),
-                 "--log-level", log_level],
+                 "--log-level", log_level, *(["--run-as", run_as] if run_as else [])],
             )  # fmt: skip
 
     def stop(self) -> None:
@@ -231,11 +232,17 @@ class CpuUse:
 
 @contextmanager
 def running_cluster(
-    tmp: Path, workers: int, slots: int, log_level: str, ready_s: float, stop_s: float
+    tmp: Path,
+    workers: int,
+    slots: int,
+    log_level: str,
+    ready_s: float,
+    stop_s: float,
+    run_as: str = "",
 ) -> Iterator[Cluster]:
     cluster = Cluster(tmp, ready_s, stop_s)
     try:
-        cluster.start(workers, slots, log_level)
+        cluster.start(workers, slots, log_level, run_as)
         yield cluster
     finally:
         cluster.stop()
@@ -656,6 +663,7 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
         config={
             "workers": args.workers,
             "slots_per_worker": args.slots,
+            "commands_run_as": args.run_as if os.geteuid() == 0 else "(the workers' user)",
             "concurrency": concurrency,
             "jobs": args.jobs,
             "latency_jobs": args.latency_jobs,
@@ -698,7 +706,8 @@ def print_summary(r: Results) -> None:
     print()
     print(
         f"dist-exec benchmark: {c['workers']} workers x {c['slots_per_worker']} slots, "
-        f"concurrency {c['concurrency']}, wait={c['wait']}, {c['cpus']} CPUs"
+        f"concurrency {c['concurrency']}, wait={c['wait']}, {c['cpus']} CPUs, "
+        f"commands run as {c['commands_run_as']}"
     )
     print(f"{'':<26}{'dist-exec':>12}{'local':>12}")
     label = "throughput, batch (cmds/s)" if c["batch"] else "throughput (cmds/s)"
@@ -791,6 +800,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-timeout", type=float, default=15.0, help="seconds before SIGKILL")
     p.add_argument("--log-level", default="WARNING", help="servers' --log-level")
     p.add_argument(
+        "--run-as",
+        default=pwd.getpwuid(os.geteuid()).pw_name,
+        help="workers' --run-as (default: this user, so commands run as the same user both "
+        "ways; as root, 'nobody' measures the worker's default user switch)",
+    )
+    p.add_argument(
         "--tmp-dir", type=Path, default=None, help="where the temp dir goes (default: system's)"
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, database)")
@@ -820,7 +835,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="dist-exec-bench-", dir=args.tmp_dir))
     try:
         with running_cluster(
-            tmp, args.workers, args.slots, args.log_level, args.ready_timeout, args.stop_timeout
+            tmp,
+            args.workers,
+            args.slots,
+            args.log_level,
+            args.ready_timeout,
+            args.stop_timeout,
+            args.run_as if os.geteuid() == 0 else "",
         ) as cluster:
             if args.pause_before > 0:
                 log(f"pausing {args.pause_before:g}s before measuring")
