@@ -159,14 +159,22 @@ class ClusterFactory:
             self._pki = Pki(self.tmp / "pki")
         return self._pki
 
-    def _start(self, kind: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+    def _start(
+        self,
+        kind: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> Proc:
+        """``prefix``: a command the server runs under, e.g. ``ip netns exec NS`` (it must exec
+        the server in place, so the pid is the server's)."""
         self._count += 1
         log = self.tmp / f"{kind}-{self._count}.log"
         full_env = {**os.environ, **(env or {})}
         full_env.pop("DIST_EXEC_MASTER", None)
         with log.open("ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dist_exec", kind, *args],
+                [*(prefix or []), sys.executable, "-m", "dist_exec", kind, *args],
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 stdin=subprocess.DEVNULL,
@@ -216,20 +224,22 @@ class ClusterFactory:
         env: dict[str, str] | None = None,
         secure: bool = False,
         run_as: str | None = "root",
+        listen: str = "127.0.0.1:0",
+        prefix: list[str] | None = None,
     ) -> Proc:
         """``run_as``: the user commands run as. Tests run as root and many write into pytest's
         private tmp_path, so root unless a test asks for the default (None: 'nobody')."""
         address = master if isinstance(master, str) else master.address
         worker_id = worker_id or f"w{self._count + 1}"
         args = [
-            "--master", address, "--listen", "127.0.0.1:0", "--worker-id", worker_id,
+            "--master", address, "--listen", listen, "--worker-id", worker_id,
             "--max-concurrent-tasks", str(max_tasks),
             *[f"--label={k}={v}" for k, v in (labels or {}).items()],
             *(self.pki.tls_args(worker_id, "worker") if secure else []),
             *(["--run-as", run_as] if run_as is not None else []),
             *(extra or []),
         ]  # fmt: skip
-        proc = self._start("worker", args, env)
+        proc = self._start("worker", args, env, prefix)
         proc.extra["id"] = worker_id
         return proc
 
