@@ -142,6 +142,7 @@ class Workload:
         self.tokens: dict[JobId, str] = {}
         self.expected: dict[JobId, frozenset[JobStatus]] = {}
         self.first_final: dict[JobId, Job] = {}
+        self._expect: dict[str, frozenset[JobStatus]] = {}
         self._count = 0
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -169,39 +170,45 @@ class Workload:
             max_retries=max_retries,
         )
 
+    def make(
+        self,
+        count: int,
+        body: str,
+        expect: Iterable[JobStatus] = (JobStatus.COMPLETED,),
+        timeout_s: float = 60.0,
+        idempotent: bool = False,
+    ) -> list[tuple[str, TaskSpec]]:
+        """``count`` new (token, spec) pairs; call ``track`` with the ids they got."""
+        made = []
+        for _ in range(count):
+            token = self._token()
+            spec = self.spec(token, body, timeout_s)
+            if idempotent:
+                spec = replace(spec, idempotency_key=f"{self.mark}-{token}")
+            made.append((token, spec))
+            self._expect[token] = frozenset(expect)
+        return made
+
     async def submit(
         self,
         client: Client,
         count: int,
         body: str = "sleep 0.2",
         expect: Iterable[JobStatus] = (JobStatus.COMPLETED,),
-        idempotent: bool = False,
         timeout_s: float = 60.0,
     ) -> list[JobId]:
         """Submit ``count`` jobs in batches; returns their ids in order."""
-        tokens = [self._token() for _ in range(count)]
-        specs = [self.spec(t, body, timeout_s) for t in tokens]
-        if idempotent:
-            specs = [
-                replace(s, idempotency_key=f"{self.mark}-{t}")
-                for s, t in zip(specs, tokens, strict=True)
-            ]
+        made = self.make(count, body, expect, timeout_s)
         ids: list[JobId] = []
         for start in range(0, count, 100):
-            ids += await client.submit_many(specs[start : start + 100])
-        self.track(ids, tokens, expect)
+            ids += await client.submit_many([spec for _, spec in made[start : start + 100]])
+        for job_id, (token, _) in zip(ids, made, strict=True):
+            self.track(job_id, token)
         return ids
 
-    def track(
-        self, ids: Sequence[JobId], tokens: Sequence[str], expect: Iterable[JobStatus]
-    ) -> None:
-        expected = frozenset(expect)
-        for job_id, token in zip(ids, tokens, strict=True):
-            self.tokens[job_id] = token
-            self.expected[job_id] = expected
-
-    def new_token(self) -> str:
-        return self._token()
+    def track(self, job_id: JobId, token: str) -> None:
+        self.tokens[job_id] = token
+        self.expected[job_id] = self._expect[token]
 
     # ---- ledger -------------------------------------------------------------------------
 

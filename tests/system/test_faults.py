@@ -14,13 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from dist_exec.client import Client
 from dist_exec.config import split_address
-from dist_exec.models import JobId, JobStatus, NodeStatus
+from dist_exec.errors import MasterUnavailable
+from dist_exec.master.dispatcher import CHANNEL_OPTIONS
+from dist_exec.models import JobId, JobStatus, NodeStatus, TaskSpec
+from dist_exec.rpc.v1 import master_pb2_grpc
 from tests.conftest import ClusterFactory, Proc
 from tests.faults.workload import (
+    KILL_GRACE_S,
     ExtraRuns,
     MarkedProcess,
     OrphansLeft,
@@ -226,3 +232,196 @@ async def test_worker_drain_mid_load_hands_back_what_it_cannot_finish(
         handed_back = [workload.first_final[j] for j in gated]
         assert any(j.attempt > 1 and j.retries == 0 for j in handed_back), report.summary()
         assert all(j.worker_id != "w1" for j in handed_back)
+
+
+# ---- 6. cancel while the worker is unreachable (stopped) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timeout", "declared_dead"),
+    [("3s", False), ("1s", True)],
+    ids=["stall-shorter-than-timeout", "stall-past-timeout"],
+)
+async def test_cancel_while_its_worker_is_stopped_ends_cancelled_and_kills_it_on_return(
+    cluster: ClusterFactory,
+    workload: Workload,
+    tmp_path: Path,
+    timeout: str,
+    declared_dead: bool,
+) -> None:
+    master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout=timeout)
+    stopped = cluster.worker(master, worker_id="w1", max_tasks=2)
+    gate = tmp_path / "gate"
+    async with Client(master.address) as client:
+        [job_id] = await workload.submit(client, 1, gate_body(gate), expect=[JobStatus.CANCELLED])
+        await wait_until(lambda: len(descendants_of(workload, stopped)) >= 3, what="its processes")
+        cluster.worker(master, worker_id="w2", max_tasks=2)  # where it could be restarted
+        doomed = {p.pid for p in descendants_of(workload, stopped)}
+        stopped.signal(signal.SIGSTOP)
+        try:
+            cancel = asyncio.create_task(client.cancel(job_id))
+            if declared_dead:
+                await wait_until(
+                    lambda: node_status(client, "w1", NodeStatus.UNHEALTHY), what="w1 dead"
+                )
+                await wait_until(
+                    lambda: job_status(client, job_id, JobStatus.CANCELLED), what="CANCELLED"
+                )
+            else:
+                # The fault: a stall of a second, well within the timeout, with the cancel
+                # pending on the stopped worker.
+                await asyncio.wait({cancel}, timeout=1.0)
+        finally:
+            stopped.signal(signal.SIGCONT)
+        await cancel
+        await all_gone(doomed, KILL_GRACE_S + 5, "the cancelled command to die once w1 is back")
+        gate.touch()  # a restarted run would finish now, and show in the ledger
+        await workload.verify(client)
+        assert len(workload.executions()[workload.tokens[job_id]]) == 1  # never restarted
+
+
+async def node_status(client: Client, node_id: str, status: NodeStatus) -> bool:
+    return any(n.id == node_id and n.status == status for n in await client.nodes())
+
+
+async def job_status(client: Client, job_id: JobId, status: JobStatus) -> bool:
+    return (await client.get(job_id)).status == status
+
+
+# ---- 7. cancel and timeout of commands whose children ignore SIGTERM -----------------------
+
+# A shell ignoring TERM with a child shell and grandchildren: ignored signals are inherited, so
+# every process of the group ignores TERM; only the KILL after the grace period stops them.
+IGNORES_TERM = "trap '' TERM; sh -c 'sleep 300 & sleep 300' & sleep 300 & wait"
+
+
+def ignores_term(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(ln for ln in status.splitlines() if ln.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored & (1 << (signal.SIGTERM - 1)))
+
+
+async def test_cancel_and_timeout_kill_children_and_grandchildren_that_ignore_sigterm(
+    cluster: ClusterFactory, workloads: list[Workload], tmp_path: Path
+) -> None:
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1", max_tasks=2)
+    cancelled, timed_out = Workload(tmp_path, "cancel"), Workload(tmp_path, "timeout")
+    workloads += [cancelled, timed_out]
+    async with Client(master.address) as client:
+        [to_cancel] = await cancelled.submit(client, 1, IGNORES_TERM, expect=[JobStatus.CANCELLED])
+        await timed_out.submit(client, 1, IGNORES_TERM, expect=[JobStatus.TIMEOUT], timeout_s=1.5)
+        for wl in (cancelled, timed_out):
+            # sh -c (the job), its child sh, three sleeps: children and grandchildren.
+            procs = await wait_until(
+                lambda wl=wl: (found := marked_processes(wl.mark)) and len(found) >= 5 and found,
+                what=f"the {wl.mark} processes",
+            )
+            assert all(ignores_term(p.pid) for p in procs)
+        await client.cancel(to_cancel)
+        for wl in (cancelled, timed_out):
+            await wl.verify(client, orphan_wait_s=2.0)  # KILL comes with the end of the job
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OrphansLeft,
+    reason="a grandchild that leaves the process group (setsid) survives cancel: the executor "
+    "signals only the group (terminate_group), and nothing tracks descendants that leave it",
+)
+async def test_cancel_kills_a_grandchild_that_left_the_process_group(
+    cluster: ClusterFactory, workload: Workload
+) -> None:
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1", max_tasks=2)
+    async with Client(master.address) as client:
+        [job_id] = await workload.submit(
+            client, 1, "setsid sleep 300 & sleep 300", expect=[JobStatus.CANCELLED]
+        )
+        await wait_until(lambda: len(marked_processes(workload.mark)) >= 3, what="processes")
+        await client.cancel(job_id)
+        await workload.verify(client, orphan_wait_s=2.0)
+
+
+# ---- 8. idempotent submit under a client that retries --------------------------------------
+
+
+class LoseFirstSubmitReply(grpc.aio.UnaryUnaryClientInterceptor):
+    """The network on the way back: the master accepts each keyed Submit, and the reply to the
+    first one with each key is lost (the client sees UNAVAILABLE, as on a dropped connection)."""
+
+    def __init__(self) -> None:
+        self.lost: set[str] = set()
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        method = client_call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        key = getattr(request, "idempotency_key", "")
+        if method.endswith("/Submit") and key and key not in self.lost:
+            await call  # accepted and durable on the master
+            self.lost.add(key)
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="reply lost on the way back (injected)",
+            )
+        return call
+
+
+class LossyClient(Client):
+    def __init__(self, address: str, interceptor: LoseFirstSubmitReply) -> None:
+        super().__init__(address)
+        self.interceptor = interceptor
+
+    async def __aenter__(self) -> LossyClient:
+        self._channel = grpc.aio.insecure_channel(
+            self.address, options=CHANNEL_OPTIONS, interceptors=[self.interceptor]
+        )
+        self._stub = master_pb2_grpc.MasterServiceStub(self._channel)
+        return self
+
+
+async def submit_retrying(client: Client, spec: TaskSpec, attempts: int = 5) -> JobId:
+    """What a careful client does: submit with a key, and submit again when the reply is lost."""
+    for _ in range(attempts - 1):
+        try:
+            return await client.submit(spec)
+        except MasterUnavailable:
+            continue
+    return await client.submit(spec)
+
+
+async def test_a_client_retrying_lost_submit_replies_creates_each_job_once(
+    cluster: ClusterFactory, workload: Workload
+) -> None:
+    master = cluster.master()
+    for i in (1, 2):
+        cluster.worker(master, worker_id=f"w{i}", max_tasks=6)
+    lossy = LoseFirstSubmitReply()
+    made = workload.make(200, SHORT_JOB, idempotent=True)
+    async with LossyClient(master.address, lossy) as client:
+        limit = asyncio.Semaphore(32)
+
+        async def submit(spec: TaskSpec, hedged: bool) -> set[JobId]:
+            async with limit:
+                if hedged:  # and one more, concurrently, as an impatient client would
+                    both = await asyncio.gather(
+                        submit_retrying(client, spec), submit_retrying(client, spec)
+                    )
+                    return set(both)
+                return {await submit_retrying(client, spec)}
+
+        answers = await asyncio.gather(
+            *(submit(spec, hedged=i % 5 == 0) for i, (_, spec) in enumerate(made))
+        )
+        assert len(lossy.lost) == len(made)  # every job had its first reply lost
+        for ids, (token, _) in zip(answers, made, strict=True):
+            assert len(ids) == 1, f"{token}: {ids}"
+            workload.track(ids.pop(), token)
+        _, total = await client.list_jobs()
+        assert total == len(made)
+        await workload.verify(client)  # each ran once: no extra runs
