@@ -25,6 +25,7 @@ from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.models import JobId, JobStatus, NodeStatus, TaskSpec
 from dist_exec.rpc.v1 import master_pb2_grpc
 from tests.conftest import ClusterFactory, Proc
+from tests.faults.netns import NetnsPartition, netns_unavailable
 from tests.faults.workload import (
     KILL_GRACE_S,
     ExtraRuns,
@@ -238,16 +239,16 @@ async def test_worker_drain_mid_load_hands_back_what_it_cannot_finish(
 
 
 @pytest.mark.parametrize(
-    ("timeout", "declared_dead"),
+    ("timeout", "forgotten"),
     [("3s", False), ("1s", True)],
-    ids=["stall-shorter-than-timeout", "stall-past-timeout"],
+    ids=["stall-shorter-than-timeout", "stall-until-forgotten"],
 )
 async def test_cancel_while_its_worker_is_stopped_ends_cancelled_and_kills_it_on_return(
     cluster: ClusterFactory,
     workload: Workload,
     tmp_path: Path,
     timeout: str,
-    declared_dead: bool,
+    forgotten: bool,
 ) -> None:
     master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout=timeout)
     stopped = cluster.worker(master, worker_id="w1", max_tasks=2)
@@ -260,15 +261,16 @@ async def test_cancel_while_its_worker_is_stopped_ends_cancelled_and_kills_it_on
         stopped.signal(signal.SIGSTOP)
         try:
             cancel = asyncio.create_task(client.cancel(job_id))
-            if declared_dead:
-                await wait_until(
-                    lambda: node_status(client, "w1", NodeStatus.UNHEALTHY), what="w1 dead"
-                )
+            if forgotten:
+                # Stopped until the master gives up on w1 and forgets it (closing its channel):
+                # the job is CANCELLED and the Cancel call answers, all while w1 is stopped.
                 await wait_until(
                     lambda: job_status(client, job_id, JobStatus.CANCELLED), what="CANCELLED"
                 )
+                await wait_until(lambda: node_gone(client, "w1"), what="w1 forgotten")
+                await wait_until(cancel.done, 5.0, "the Cancel call to answer")
             else:
-                # The fault: a stall of a second, well within the timeout, with the cancel
+                # The fault: a one-second stall, well within the timeout, with the cancel
                 # pending on the stopped worker.
                 await asyncio.wait({cancel}, timeout=1.0)
         finally:
@@ -278,6 +280,10 @@ async def test_cancel_while_its_worker_is_stopped_ends_cancelled_and_kills_it_on
         gate.touch()  # a restarted run would finish now, and show in the ledger
         await workload.verify(client)
         assert len(workload.executions()[workload.tokens[job_id]]) == 1  # never restarted
+
+
+async def node_gone(client: Client, node_id: str) -> bool:
+    return all(n.id != node_id for n in await client.nodes())
 
 
 async def node_status(client: Client, node_id: str, status: NodeStatus) -> bool:
@@ -425,3 +431,87 @@ async def test_a_client_retrying_lost_submit_replies_creates_each_job_once(
         _, total = await client.list_jobs()
         assert total == len(made)
         await workload.verify(client)  # each ran once: no extra runs
+
+
+# ---- 4. network partition (and 6. cancel while partitioned) --------------------------------
+
+
+@pytest.fixture
+def netns_partition() -> Iterator[NetnsPartition]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    partition = NetnsPartition()
+    try:
+        partition.create()
+        yield partition
+    finally:
+        partition.destroy()
+
+
+async def test_partitioned_worker_tasks_run_elsewhere_and_its_stale_attempts_are_stopped(
+    cluster: ClusterFactory, workload: Workload, tmp_path: Path, netns_partition: NetnsPartition
+) -> None:
+    net = netns_partition
+    master = cluster.master(
+        listen=f"{net.host_ip}:0", heartbeat_interval=BEAT, heartbeat_timeout="1s"
+    )
+    cut_off = cluster.worker(
+        master, worker_id="w3", max_tasks=6, listen=f"{net.ns_ip}:0", prefix=net.prefix
+    )
+    gate = tmp_path / "gate"
+    async with Client(master.address) as client:
+        # Two long jobs on w3 only (the others start later): one to be retried, one to cancel.
+        retried, cancelled = await workload.submit(client, 2, gate_body(gate))
+        workload.expected[cancelled] = frozenset({JobStatus.CANCELLED})
+        await wait_until(
+            lambda: len(descendants_of(workload, cut_off)) >= 6, what="two gated jobs on w3"
+        )
+        for i in (1, 2):
+            cluster.worker(master, worker_id=f"w{i}", max_tasks=6)
+        await workload.submit(client, LOAD, SHORT_JOB)
+        await wait_until(lambda: workload.ended() >= LOAD // 4, what="a quarter of the load")
+        stale = {p.pid for p in descendants_of(workload, cut_off)}
+        net.cut()
+        cut = workload.fault(cut_off.pid)
+        cancel = asyncio.create_task(client.cancel(cancelled))
+        await wait_until(
+            lambda: job_status(client, cancelled, JobStatus.CANCELLED), what="cancelled"
+        )
+        await wait_until(
+            lambda: job_on(client, retried, {"w1", "w2"}), what="the gated job retried elsewhere"
+        )
+        short = [j for j in workload.tokens if j not in (retried, cancelled)]
+        await wait_until(lambda: all_final(client, short), 30, "the load to finish without w3")
+        net.heal()
+        healed = workload.fault(cut_off.pid)
+        await cancel
+        await all_gone(stale, 20.0, "w3's stale attempts to be stopped after the heal")
+        gate.touch()
+        # Runs of w3 that ended while it was cut off are stale: it could not know. Their
+        # results must never be accepted; runs ending after the heal would be a failure.
+        report = await workload.verify(client, [healed])
+        runs = workload.executions()
+        for job_id, job in workload.first_final.items():
+            if job.status != JobStatus.COMPLETED:
+                continue
+            [accepted] = [
+                r for r in runs[workload.tokens[job_id]] if str(r.pid) in job.stdout.decode()
+            ]
+            stale_result = (
+                accepted.ppid == cut_off.pid and (accepted.end_line or 0) >= cut.ledger_mark
+            )
+            assert not stale_result, f"{job_id}: a result from w3 after the cut was accepted"
+        assert workload.first_final[retried].worker_id in {"w1", "w2"}
+        assert len(runs[workload.tokens[cancelled]]) == 1, "the cancelled job was restarted"
+        assert report.cut_off_runs > 0  # the partition really hit running work
+
+
+async def job_on(client: Client, job_id: JobId, workers: set[str]) -> bool:
+    job = await client.get(job_id)
+    return job.status == JobStatus.RUNNING and job.worker_id in workers
+
+
+async def all_final(client: Client, ids: list[JobId]) -> bool:
+    statuses = await asyncio.gather(*(client.get(j) for j in ids))
+    return all(job.status.terminal for job in statuses)

@@ -7,6 +7,7 @@ it) and ``WorkerUnreachable`` (transport trouble: the attempt may still be runni
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -142,6 +143,10 @@ class GrpcWorkerClient:
                     raise AttemptRejected(msg.data.decode(errors="replace"), fatal=True)
         except grpc.aio.AioRpcError as exc:
             raise _classify(exc, address) from None
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise WorkerUnreachable(f"worker {address}: channel closed") from None
         except ValueError as exc:  # e.g. an output type this master does not know
             raise AttemptGone(f"worker {address} sent a malformed message: {exc}") from None
         finally:
@@ -157,6 +162,10 @@ class GrpcWorkerClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise _classify(exc, address) from None
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise WorkerUnreachable(f"worker {address}: channel closed") from None
         return reply.cancelled
 
     async def forget(self, address: str) -> None:
@@ -168,6 +177,14 @@ class GrpcWorkerClient:
         for address in list(self._channels):
             with contextlib.suppress(Exception):
                 await self.forget(address)
+
+
+def _being_cancelled() -> bool:
+    """grpc.aio ends the calls of a channel closed under them (``forget``) with CancelledError.
+    Unless this task itself is being cancelled, that is transport trouble, not a cancellation:
+    passed on, it would kill the caller, e.g. a Cancel RPC that then never answers."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _classify(exc: grpc.aio.AioRpcError, address: str) -> Exception:
