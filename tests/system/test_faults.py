@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from dist_exec.models import JobId, JobStatus, NodeStatus, TaskSpec
 from dist_exec.rpc.v1 import master_pb2_grpc
 from tests.conftest import ClusterFactory, Proc
 from tests.faults.netns import NetnsPartition, netns_unavailable
+from tests.faults.proxy import CuttableProxy
 from tests.faults.workload import (
     KILL_GRACE_S,
     ExtraRuns,
@@ -436,55 +439,107 @@ async def test_a_client_retrying_lost_submit_replies_creates_each_job_once(
 # ---- 4. network partition (and 6. cancel while partitioned) --------------------------------
 
 
-@pytest.fixture
-def netns_partition() -> Iterator[NetnsPartition]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    partition = NetnsPartition()
-    try:
-        partition.create()
-        yield partition
-    finally:
-        partition.destroy()
+@dataclass
+class CutOff:
+    """Worker w3 and how the scenario cuts it off from the master, and heals it."""
+
+    worker: Proc
+    cut: Callable[[], None]
+    heal: Callable[[], None]
 
 
-async def test_partitioned_worker_tasks_run_elsewhere_and_its_stale_attempts_are_stopped(
-    cluster: ClusterFactory, workload: Workload, tmp_path: Path, netns_partition: NetnsPartition
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(params=["netns", "proxy", "sigstop"])
+def cut_off(
+    request: pytest.FixtureRequest, cluster: ClusterFactory
+) -> Iterator[tuple[Proc, CutOff]]:
+    """A master and worker w3, which the test can cut off: a veth pair into a network namespace
+    taken down (root only), a TCP proxy on each direction that stops forwarding, or SIGSTOP
+    past the heartbeat timeout (the worker, not the network, goes silent)."""
+    mode = request.param
+
+    def master(listen: str = "127.0.0.1:0") -> Proc:
+        return cluster.master(listen=listen, heartbeat_interval=BEAT, heartbeat_timeout="1s")
+
+    if mode == "netns":
+        reason = netns_unavailable()
+        if reason:
+            pytest.skip(reason)
+        net = NetnsPartition()
+        try:
+            net.create()
+            m = master(listen=f"{net.host_ip}:0")
+            w3 = cluster.worker(m, "w3", max_tasks=6, listen=f"{net.ns_ip}:0", prefix=net.prefix)
+            yield m, CutOff(w3, net.cut, net.heal)
+        finally:
+            net.destroy()
+    elif mode == "proxy":
+        m = master()
+        up = CuttableProxy(*split_address(m.address)).start()
+        w3_port = free_port()
+        down = CuttableProxy("127.0.0.1", w3_port).start()
+
+        def cut() -> None:
+            up.cut()
+            down.cut()
+
+        def heal() -> None:
+            up.heal()
+            down.heal()
+
+        try:
+            w3 = cluster.worker(
+                up.address, "w3", max_tasks=6, listen=f"127.0.0.1:{w3_port}",
+                extra=["--advertise", down.address],
+            )  # fmt: skip
+            yield m, CutOff(w3, cut, heal)
+        finally:
+            up.close()
+            down.close()
+    else:
+        m = master()
+        w3 = cluster.worker(m, "w3", max_tasks=6)
+        yield m, CutOff(w3, lambda: w3.signal(signal.SIGSTOP), lambda: w3.signal(signal.SIGCONT))
+
+
+async def test_cut_off_worker_tasks_run_elsewhere_and_its_stale_attempts_are_stopped(
+    cluster: ClusterFactory, workload: Workload, tmp_path: Path, cut_off: tuple[Proc, CutOff]
 ) -> None:
-    net = netns_partition
-    master = cluster.master(
-        listen=f"{net.host_ip}:0", heartbeat_interval=BEAT, heartbeat_timeout="1s"
-    )
-    cut_off = cluster.worker(
-        master, worker_id="w3", max_tasks=6, listen=f"{net.ns_ip}:0", prefix=net.prefix
-    )
+    master, w3 = cut_off
     gate = tmp_path / "gate"
     async with Client(master.address) as client:
         # Two long jobs on w3 only (the others start later): one to be retried, one to cancel.
         retried, cancelled = await workload.submit(client, 2, gate_body(gate))
         workload.expected[cancelled] = frozenset({JobStatus.CANCELLED})
         await wait_until(
-            lambda: len(descendants_of(workload, cut_off)) >= 6, what="two gated jobs on w3"
+            lambda: len(descendants_of(workload, w3.worker)) >= 6, what="two gated jobs on w3"
         )
         for i in (1, 2):
             cluster.worker(master, worker_id=f"w{i}", max_tasks=6)
         await workload.submit(client, LOAD, SHORT_JOB)
         await wait_until(lambda: workload.ended() >= LOAD // 4, what="a quarter of the load")
-        stale = {p.pid for p in descendants_of(workload, cut_off)}
-        net.cut()
-        cut = workload.fault(cut_off.pid)
-        cancel = asyncio.create_task(client.cancel(cancelled))
-        await wait_until(
-            lambda: job_status(client, cancelled, JobStatus.CANCELLED), what="cancelled"
-        )
-        await wait_until(
-            lambda: job_on(client, retried, {"w1", "w2"}), what="the gated job retried elsewhere"
-        )
-        short = [j for j in workload.tokens if j not in (retried, cancelled)]
-        await wait_until(lambda: all_final(client, short), 30, "the load to finish without w3")
-        net.heal()
-        healed = workload.fault(cut_off.pid)
+        stale = {p.pid for p in descendants_of(workload, w3.worker)}
+        w3.cut()
+        try:
+            cut = workload.fault(w3.worker.pid)
+            cancel = asyncio.create_task(client.cancel(cancelled))
+            await wait_until(
+                lambda: job_status(client, cancelled, JobStatus.CANCELLED), what="cancelled"
+            )
+            await wait_until(
+                lambda: job_on(client, retried, {"w1", "w2"}), what="the gated job retried"
+            )
+            short = [j for j in workload.tokens if j not in (retried, cancelled)]
+            await wait_until(lambda: all_final(client, short), 30, "the load to finish without w3")
+        finally:
+            w3.heal()
+        healed = workload.fault(w3.worker.pid)
         await cancel
         await all_gone(stale, 20.0, "w3's stale attempts to be stopped after the heal")
         gate.touch()
@@ -495,16 +550,13 @@ async def test_partitioned_worker_tasks_run_elsewhere_and_its_stale_attempts_are
         for job_id, job in workload.first_final.items():
             if job.status != JobStatus.COMPLETED:
                 continue
-            [accepted] = [
-                r for r in runs[workload.tokens[job_id]] if str(r.pid) in job.stdout.decode()
-            ]
-            stale_result = (
-                accepted.ppid == cut_off.pid and (accepted.end_line or 0) >= cut.ledger_mark
-            )
-            assert not stale_result, f"{job_id}: a result from w3 after the cut was accepted"
+            pid = int(job.stdout.split()[-1])
+            [accepted] = [r for r in runs[workload.tokens[job_id]] if r.pid == pid]
+            late = accepted.ppid == w3.worker.pid and (accepted.end_line or 0) >= cut.ledger_mark
+            assert not late, f"{job_id}: a result w3 produced while cut off was accepted"
         assert workload.first_final[retried].worker_id in {"w1", "w2"}
         assert len(runs[workload.tokens[cancelled]]) == 1, "the cancelled job was restarted"
-        assert report.cut_off_runs > 0  # the partition really hit running work
+        assert report.cut_off_runs > 0  # the cut really hit running work
 
 
 async def job_on(client: Client, job_id: JobId, workers: set[str]) -> bool:
