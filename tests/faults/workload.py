@@ -16,8 +16,10 @@ scanning ``/proc`` for the mark.
 
 - ``LostJobs``: a submitted job that is missing, not in a terminal state at the deadline, or
   not in the state the scenario expects (normally COMPLETED);
-- ``DuplicateOutcome``: a job whose accepted outcome changed after it was first seen final, or
-  whose accepted outcome names no execution that completed (a result from nowhere);
+- ``DuplicateOutcome``: a job whose accepted outcome changed after it was first seen final;
+  or a COMPLETED job whose attempt history does not have exactly one COMPLETED attempt, the
+  one the job reports; or whose accepted outcome names no execution that completed (a result
+  from nowhere), or one spawned by another worker than the one the master credits;
 - ``ExtraRuns``: a COMPLETED job with a completed execution besides the accepted one, other than
   the ones a fault legitimately cut off: an execution on a worker the scenario killed (or cut
   off) that wrote its ``end`` line *before* the fault (at-least-once: the side effect happened,
@@ -36,13 +38,13 @@ import shlex
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dist_exec.client import Client, command_spec
 from dist_exec.errors import DistExecError
-from dist_exec.models import Job, JobId, JobStatus, TaskSpec
+from dist_exec.models import AttemptOutcome, Job, JobId, JobStatus, TaskSpec
 
 MARK_ENV = "DIST_EXEC_FAULT_MARK"
 TERMINAL = frozenset(
@@ -296,8 +298,11 @@ class Workload:
         client: Client,
         faults: Sequence[Fault] = (),
         orphan_wait_s: float = KILL_GRACE_S + 5.0,
+        workers: Mapping[str, int] | None = None,
     ) -> Report:
-        """Check every job (see the module docstring); raises on the first kind that fails."""
+        """Check every job (see the module docstring); raises on the first kind that fails.
+        ``workers`` (node id -> pid): also check that the accepted run was spawned by the
+        worker the master says ran the accepted attempt."""
         report = Report(submitted=len(self.tokens))
         await self.wait_final(client)
         report.finished = len(self.first_final)
@@ -318,7 +323,14 @@ class Workload:
                 )
                 continue
             if now.status == JobStatus.COMPLETED:
-                self._check_runs(job_id, token, now, runs.get(token, []), faults, report)
+                accepted = [a for a in now.attempts if a.outcome == AttemptOutcome.COMPLETED]
+                if [(a.attempt, a.node_id) for a in accepted] != [(now.attempt, now.worker_id)]:
+                    report.duplicated.append(
+                        f"{job_id} ({token}): attempt {now.attempt} on {now.worker_id} is the "
+                        f"outcome, but its history has these completed: {accepted}"
+                    )
+                    continue
+                self._check_runs(job_id, token, now, runs.get(token, []), faults, workers, report)
         report.orphans = await _orphans_after(self.mark, orphan_wait_s)
         _raise_first(report)
         return report
@@ -330,13 +342,21 @@ class Workload:
         job: Job,
         runs: list[Execution],
         faults: Sequence[Fault],
+        workers: Mapping[str, int] | None,
         report: Report,
     ) -> None:
         accepted_pid = int(job.stdout.split()[-1]) if job.stdout.split() else -1
         completed = [r for r in runs if r.end_line is not None]
-        if accepted_pid not in {r.pid for r in completed}:
+        accepted = [r for r in completed if r.pid == accepted_pid]
+        if not accepted:
             report.duplicated.append(
                 f"{job_id} ({token}): accepted output {job.stdout!r} names no completed run"
+            )
+            return
+        if workers is not None and accepted[0].ppid != workers.get(job.worker_id):
+            report.duplicated.append(
+                f"{job_id} ({token}): accepted run {accepted_pid} was spawned by pid "
+                f"{accepted[0].ppid}, not by {job.worker_id} (pid {workers.get(job.worker_id)})"
             )
             return
         for run in completed:
