@@ -31,6 +31,7 @@ from tests.faults.netns import NetnsPartition, netns_unavailable
 from tests.faults.proxy import CuttableProxy
 from tests.faults.workload import (
     KILL_GRACE_S,
+    ExtraRuns,
     MarkedProcess,
     OrphansLeft,
     Workload,
@@ -566,3 +567,33 @@ async def job_on(client: Client, job_id: JobId, workers: set[str]) -> bool:
 async def all_final(client: Client, ids: list[JobId]) -> bool:
     statuses = await asyncio.gather(*(client.get(j) for j in ids))
     return all(job.status.terminal for job in statuses)
+
+
+# ---- master stall --------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ExtraRuns,
+    reason="a master that did not run for longer than the heartbeat timeout (SIGSTOP, paused "
+    "VM, starved loop) sweeps before it reads the heartbeats queued meanwhile: every node is "
+    "declared UNHEALTHY and all running tasks run again, next to attempts that completed",
+)
+async def test_master_stalled_past_the_heartbeat_timeout_declares_no_worker_dead(
+    cluster: ClusterFactory, workload: Workload
+) -> None:
+    master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout="1s")
+    for i in (1, 2):
+        cluster.worker(master, worker_id=f"w{i}", max_tasks=6)
+    async with Client(master.address) as client:
+        await workload.submit(client, LOAD, SHORT_JOB)
+        await wait_until(lambda: workload.ended() >= LOAD // 4, what="a quarter of the load")
+        master.signal(signal.SIGSTOP)
+        # The fault: the master itself is frozen for twice the heartbeat timeout. The workers
+        # beat all along; that the master did not hear them is no sign that they are dead.
+        resume_at = time.monotonic() + 2.0
+        while time.monotonic() < resume_at:
+            await asyncio.sleep(0.05)
+        master.signal(signal.SIGCONT)
+        report = await workload.verify(client, workers=worker_pids(cluster))
+        assert all(j.retries == 0 for j in workload.first_final.values()), report.summary()
