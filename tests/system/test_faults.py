@@ -24,7 +24,7 @@ from dist_exec.client import Client
 from dist_exec.config import split_address
 from dist_exec.errors import MasterUnavailable
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
-from dist_exec.models import JobId, JobStatus, NodeStatus, TaskSpec
+from dist_exec.models import AttemptOutcome, JobId, JobStatus, NodeStatus, TaskSpec
 from dist_exec.rpc.v1 import master_pb2_grpc
 from tests.conftest import ClusterFactory, Proc
 from tests.faults.netns import NetnsPartition, netns_unavailable
@@ -32,6 +32,8 @@ from tests.faults.proxy import CuttableProxy
 from tests.faults.workload import (
     KILL_GRACE_S,
     ExtraRuns,
+    Fault,
+    LostJobs,
     MarkedProcess,
     OrphansLeft,
     Workload,
@@ -636,3 +638,51 @@ async def test_master_down_longer_than_the_heartbeat_timeout_runs_nothing_twice(
         )
         report = await workload.verify(client, workers=worker_pids(cluster))
         assert all(j.retries == 0 for j in workload.first_final.values()), report.summary()
+
+
+# ---- a task that kills its workers ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=LostJobs,
+    reason="poison detection blames bystanders: jobs that shared the killed workers with the "
+    "poison task (retried alongside it) are lost --poison-after times in a row too and are "
+    "FAILED as poison; nothing isolates the suspects of a worker loss from each other",
+)
+async def test_a_task_that_kills_its_workers_is_failed_as_poison_and_the_rest_survive(
+    cluster: ClusterFactory, workload: Workload
+) -> None:
+    master = cluster.master(
+        heartbeat_interval=BEAT, heartbeat_timeout="1s", extra=["--poison-after", "2"]
+    )
+    workers = [cluster.worker(master, worker_id=f"w{i}", max_tasks=6) for i in (1, 2, 3)]
+
+    async def death(worker: Proc) -> Fault:
+        """When ``worker`` dies: the ledger mark once its commands are gone too."""
+        while worker.alive():  # polled, not waited on in a thread: cancellable
+            await asyncio.sleep(0.02)
+        await all_gone(
+            {r.pid for r in workload.running_on(worker.pid)}, 3.0, "its commands to die with it"
+        )
+        return workload.fault(worker.pid)
+
+    deaths = [asyncio.create_task(death(w)) for w in workers]
+    try:
+        async with Client(master.address) as client:
+            await workload.submit(client, LOAD // 2, SHORT_JOB)
+            [poison] = await workload.submit(
+                client, 1, "kill -9 $PPID; sleep 1", expect=[JobStatus.FAILED]
+            )
+            await workload.submit(client, LOAD // 2, SHORT_JOB)
+            await wait_until(lambda: job_status(client, poison, JobStatus.FAILED), 30, "poison")
+            job = await client.get(poison)
+            assert "lost 2 times in a row" in job.error, job.error
+            assert [a.outcome for a in job.attempts] == [AttemptOutcome.WORKER_LOST] * 2
+            await wait_until(lambda: sum(d.done() for d in deaths) == 2, what="two deaths")
+            faults = [d.result() for d in deaths if d.done()]
+            await workload.verify(client, faults, workers=worker_pids(cluster))
+    finally:
+        for d in deaths:
+            d.cancel()
+        await asyncio.gather(*deaths, return_exceptions=True)
