@@ -26,6 +26,7 @@ class CuttableProxy:
         self._open = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.accepted = 0  # connections accepted so far (each one a client's connect attempt)
 
     @property
     def address(self) -> str:
@@ -66,6 +67,7 @@ class CuttableProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.accepted += 1
         try:
             await self._open.wait()  # a connection made during a cut waits for the heal
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -73,7 +75,9 @@ class CuttableProxy:
                 await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
             finally:
                 up_writer.close()
-        except OSError:
+        except (OSError, asyncio.CancelledError):
+            # Refused upstream, reset, or close() cancelling it: the connection just ends (a
+            # connection task of asyncio.start_server must not end cancelled: it logs an error).
             pass
         finally:
             writer.close()

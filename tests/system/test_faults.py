@@ -619,25 +619,28 @@ async def test_master_down_longer_than_the_heartbeat_timeout_runs_nothing_twice(
 ) -> None:
     master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout="1s")
     _, port = split_address(master.address)
-    for i in (1, 2):
-        cluster.worker(master, worker_id=f"w{i}", max_tasks=6)
-    async with Client(master.address) as client:
-        await workload.submit(client, 12, "sleep 2")
-        await wait_until(lambda: len(workload.lines()) >= 12, what="12 commands running")
-        master.kill()
-        # The fault: the master stays down for 4 s (a slow restart); meanwhile the commands
-        # finish and their workers hold the results.
-        back_at = time.monotonic() + 4.0
-        while time.monotonic() < back_at:
-            await asyncio.sleep(0.05)
-        cluster.master(
-            data_dir=master.extra["data_dir"],
-            listen=f"127.0.0.1:{port}",
-            heartbeat_interval=BEAT,
-            heartbeat_timeout="1s",
-        )
-        report = await workload.verify(client, workers=worker_pids(cluster))
-        assert all(j.retries == 0 for j in workload.first_final.values()), report.summary()
+    # The worker reaches the master through a proxy only to count its connection attempts.
+    proxy = CuttableProxy("127.0.0.1", port).start()
+    try:
+        cluster.worker(proxy.address, worker_id="w1", max_tasks=12)
+        async with Client(master.address) as client:
+            await workload.submit(client, 12, "sleep 2")
+            await wait_until(lambda: len(workload.lines()) >= 12, what="12 commands running")
+            master.kill()
+            # The fault: the master stays down while the worker tries to reconnect four times
+            # (about 5 s); meanwhile the commands finish and the worker holds their results.
+            before = proxy.accepted
+            await wait_until(lambda: proxy.accepted >= before + 4, 20, "4 reconnect attempts")
+            cluster.master(
+                data_dir=master.extra["data_dir"],
+                listen=f"127.0.0.1:{port}",
+                heartbeat_interval=BEAT,
+                heartbeat_timeout="1s",
+            )
+            report = await workload.verify(client, workers=worker_pids(cluster))
+            assert all(j.retries == 0 for j in workload.first_final.values()), report.summary()
+    finally:
+        proxy.close()
 
 
 # ---- a task that kills its workers ---------------------------------------------------------
