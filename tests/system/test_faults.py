@@ -44,7 +44,7 @@ from tests.faults.workload import (
 pytestmark = pytest.mark.system
 
 BEAT = "0.2s"  # heartbeat interval of every scenario
-SHORT_JOB = "sleep 0.2"
+SHORT_JOB = "sleep 0.1"
 LOAD = 200  # short jobs per scenario
 
 
