@@ -38,7 +38,7 @@ import shlex
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -179,12 +179,13 @@ class Workload:
         expect: Iterable[JobStatus] = (JobStatus.COMPLETED,),
         timeout_s: float = 60.0,
         idempotent: bool = False,
+        max_retries: int | None = None,
     ) -> list[tuple[str, TaskSpec]]:
         """``count`` new (token, spec) pairs; call ``track`` with the ids they got."""
         made = []
         for _ in range(count):
             token = self._token()
-            spec = self.spec(token, body, timeout_s)
+            spec = self.spec(token, body, timeout_s, max_retries)
             if idempotent:
                 spec = replace(spec, idempotency_key=f"{self.mark}-{token}")
             made.append((token, spec))
@@ -198,9 +199,10 @@ class Workload:
         body: str = "sleep 0.2",
         expect: Iterable[JobStatus] = (JobStatus.COMPLETED,),
         timeout_s: float = 60.0,
+        max_retries: int | None = None,
     ) -> list[JobId]:
         """Submit ``count`` jobs in batches; returns their ids in order."""
-        made = self.make(count, body, expect, timeout_s)
+        made = self.make(count, body, expect, timeout_s, max_retries=max_retries)
         ids: list[JobId] = []
         for start in range(0, count, 100):
             ids += await client.submit_many([spec for _, spec in made[start : start + 100]])
@@ -298,11 +300,11 @@ class Workload:
         client: Client,
         faults: Sequence[Fault] = (),
         orphan_wait_s: float = KILL_GRACE_S + 5.0,
-        workers: Mapping[str, int] | None = None,
+        workers: Mapping[str, Collection[int]] | None = None,
     ) -> Report:
         """Check every job (see the module docstring); raises on the first kind that fails.
-        ``workers`` (node id -> pid): also check that the accepted run was spawned by the
-        worker the master says ran the accepted attempt."""
+        ``workers`` (node id -> pids of the processes that had it): also check that the
+        accepted run was spawned by the worker the master says ran the accepted attempt."""
         report = Report(submitted=len(self.tokens))
         await self.wait_final(client)
         report.finished = len(self.first_final)
@@ -342,7 +344,7 @@ class Workload:
         job: Job,
         runs: list[Execution],
         faults: Sequence[Fault],
-        workers: Mapping[str, int] | None,
+        workers: Mapping[str, Collection[int]] | None,
         report: Report,
     ) -> None:
         accepted_pid = int(job.stdout.split()[-1]) if job.stdout.split() else -1
@@ -353,10 +355,10 @@ class Workload:
                 f"{job_id} ({token}): accepted output {job.stdout!r} names no completed run"
             )
             return
-        if workers is not None and accepted[0].ppid != workers.get(job.worker_id):
+        if workers is not None and accepted[0].ppid not in workers.get(job.worker_id, ()):
             report.duplicated.append(
                 f"{job_id} ({token}): accepted run {accepted_pid} was spawned by pid "
-                f"{accepted[0].ppid}, not by {job.worker_id} (pid {workers.get(job.worker_id)})"
+                f"{accepted[0].ppid}, not by {job.worker_id} (pids {workers.get(job.worker_id)})"
             )
             return
         for run in completed:

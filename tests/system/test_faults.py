@@ -44,6 +44,7 @@ from tests.faults.workload import (
 pytestmark = pytest.mark.system
 
 BEAT = "0.2s"  # heartbeat interval of every scenario
+TERMINAL_STATES = [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT]
 SHORT_JOB = "sleep 0.1"
 LOAD = 200  # short jobs per scenario
 
@@ -93,9 +94,13 @@ async def on_worker(client: Client, ids: list[JobId], worker_id: str) -> list[Jo
     return found
 
 
-def worker_pids(cluster: ClusterFactory) -> dict[str, int]:
-    """Node id -> pid of every worker the test started (the last one started with an id)."""
-    return {p.extra["id"]: p.pid for p in cluster.procs if p.kind == "worker"}
+def worker_pids(cluster: ClusterFactory) -> dict[str, set[int]]:
+    """Node id -> pids of the worker processes the test started with that id."""
+    pids: dict[str, set[int]] = {}
+    for proc in cluster.procs:
+        if proc.kind == "worker":
+            pids.setdefault(proc.extra["id"], set()).add(proc.pid)
+    return pids
 
 
 def descendants_of(wl: Workload, worker: Proc) -> list[MarkedProcess]:
@@ -135,25 +140,61 @@ async def test_worker_sigkill_mid_load_retries_its_tasks_elsewhere(
     cluster: ClusterFactory, workload: Workload, tmp_path: Path
 ) -> None:
     master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout="1s")
-    workers = [cluster.worker(master, worker_id=f"w{i}", max_tasks=6) for i in (1, 2, 3)]
-    victim = workers[0]
+    victim = cluster.worker(master, worker_id="w1", max_tasks=6)
     gate = tmp_path / "gate"
     async with Client(master.address) as client:
-        gated = await workload.submit(client, 3, gate_body(gate))
+        # w1 is full with six long jobs (so it starts no command when it is killed: that race
+        # has its own test below); the load runs on w2 and w3 meanwhile.
+        gated = await workload.submit(client, 6, gate_body(gate))
+        await wait_until(lambda: len(workload.lines()) >= 6, what="six gated jobs on w1")
+        for i in (2, 3):
+            cluster.worker(master, worker_id=f"w{i}", max_tasks=6)
         await workload.submit(client, LOAD, SHORT_JOB)
         await wait_until(lambda: workload.ended() >= LOAD // 4, what="a quarter of the load")
-        await wait_until(lambda: on_worker(client, gated, "w1"), what="a gated job on w1")
         doomed = {p.pid for p in descendants_of(workload, victim)}
-        assert doomed
         victim.kill()
         # Its commands die with it (within a bound): none may finish later next to its retry.
         await all_gone(doomed, 3.0, "the killed worker's commands to die with it")
         fault = workload.fault(victim.pid)
+        await wait_until(lambda: all_on(client, gated, {"w2", "w3"}), what="w1's jobs retried")
         gate.touch()
-        report = await workload.verify(client, [fault], workers=worker_pids(cluster))
-        retried = [j for j in workload.first_final.values() if j.retries > 0]
-        assert retried, report.summary()
-        assert all(j.worker_id != "w1" for j in retried)
+        await workload.verify(client, [fault], workers=worker_pids(cluster))
+        for job_id in gated:
+            job = workload.first_final[job_id]
+            assert job.worker_id in {"w2", "w3"}, job
+            first = job.attempts[0]
+            assert (first.node_id, first.outcome) == ("w1", AttemptOutcome.WORKER_LOST)
+
+
+async def all_on(client: Client, ids: list[JobId], workers: set[str]) -> bool:
+    jobs = [await client.get(j) for j in ids]
+    return all(j.status == JobStatus.RUNNING and j.worker_id in workers for j in jobs)
+
+
+@pytest.mark.xfail(
+    strict=False,  # a race: it loses about two runs in three here, so it cannot be strict
+    raises=OrphansLeft,
+    reason="the process guardian learns a command's group only after loop.subprocess_exec "
+    "returns (executors/command.py: guard.watch after the spawn, several loop iterations "
+    "later); a worker that dies in that window (here: killed by its own command at once, or "
+    "any SIGKILL while it starts commands) leaves that command running for good",
+)
+async def test_a_command_started_as_its_worker_dies_dies_with_it(
+    cluster: ClusterFactory, workloads: list[Workload], tmp_path: Path
+) -> None:
+    master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout="1s")
+    worker = cluster.worker(master, worker_id="w1", max_tasks=8)
+    busy, poison = Workload(tmp_path, "busy"), Workload(tmp_path, "poison")
+    workloads += [busy, poison]
+    async with Client(master.address) as client:
+        # Commands streaming output keep the worker's loop busy, as in production.
+        await busy.submit(client, 6, "yes | head -c 200000000", expect=TERMINAL_STATES)
+        await wait_until(lambda: len(busy.lines()) >= 6, what="the busy commands")
+        await poison.submit(client, 1, "kill -9 $PPID; sleep 300", expect=[JobStatus.FAILED])
+        await wait_until(lambda: not worker.alive(), what="the worker killed by its command")
+        await all_gone(
+            {p.pid for p in marked_processes(poison.mark)}, 3.0, "the command to die with it"
+        )
 
 
 # ---- 2. worker SIGSTOP shorter than the heartbeat timeout ----------------------------------
