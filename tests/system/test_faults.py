@@ -171,14 +171,6 @@ async def all_on(client: Client, ids: list[JobId], workers: set[str]) -> bool:
     return all(j.status == JobStatus.RUNNING and j.worker_id in workers for j in jobs)
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: it loses about two runs in three here, so it cannot be strict
-    raises=OrphansLeft,
-    reason="the process guardian learns a command's group only after loop.subprocess_exec "
-    "returns (executors/command.py: guard.watch after the spawn, several loop iterations "
-    "later); a worker that dies in that window (here: killed by its own command at once, or "
-    "any SIGKILL while it starts commands) leaves that command running for good",
-)
 async def test_a_command_started_as_its_worker_dies_dies_with_it(
     cluster: ClusterFactory, workloads: list[Workload], tmp_path: Path
 ) -> None:
@@ -381,12 +373,6 @@ async def test_cancel_and_timeout_kill_children_and_grandchildren_that_ignore_si
             await wl.verify(client, orphan_wait_s=2.0)  # KILL comes with the end of the job
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OrphansLeft,
-    reason="a grandchild that leaves the process group (setsid) survives cancel: the executor "
-    "signals only the group (terminate_group), and nothing tracks descendants that leave it",
-)
 async def test_cancel_kills_a_grandchild_that_left_the_process_group(
     cluster: ClusterFactory, workload: Workload
 ) -> None:

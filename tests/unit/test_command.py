@@ -15,7 +15,9 @@ import pytest
 from dist_exec.errors import InvalidTaskSpec
 from dist_exec.executors import ExecRequest, Executor
 from dist_exec.executors.command import (
+    ATTEMPT_ENV,
     BASE_ENV_KEYS,
+    JOB_ENV,
     CommandExecutor,
     CommandSpec,
     describe,
@@ -350,7 +352,8 @@ async def test_environment_is_only_what_was_given(monkeypatch: pytest.MonkeyPatc
     assert "DIST_EXEC_SECRET_TEST" not in env
     assert env["GIVEN"] == "yes"
     assert "PATH" in env
-    assert set(env) <= {*BASE_ENV_KEYS, "GIVEN"}
+    assert set(env) <= {*BASE_ENV_KEYS, "GIVEN", JOB_ENV, ATTEMPT_ENV}
+    assert env[ATTEMPT_ENV] == "1"
 
 
 async def test_secret_is_not_visible_to_a_shell(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,12 +28,13 @@ from pathlib import Path
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.executors.containment import POLL_S, Containment, Jail
-from dist_exec.executors.guardian import ProcessGuard
+from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged
 from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 
 SHELL = "/bin/sh"
 READ_CHUNK = 64 * 1024
+JOB_ENV, ATTEMPT_ENV = "DIST_EXEC_JOB_ID", "DIST_EXEC_ATTEMPT"  # set for every command
 PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to reach EOF
 # What a command sees of the worker's environment unless the worker passes all of it.
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
@@ -205,13 +206,18 @@ class CommandExecutor:
         proc = await asyncio.create_subprocess_exec("true")
         return await proc.wait() == 0
 
-    def _environment(self, spec: CommandSpec) -> dict[str, str]:
+    def _environment(self, spec: CommandSpec, request: ExecRequest) -> dict[str, str]:
         if self.inherit_env:
             env = dict(os.environ)
         else:
             env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
             env.setdefault("PATH", DEFAULT_PATH)
         env.update(spec.env)
+        # Which job and attempt this is: for the command, and to find its processes that left
+        # its process group when it must be stopped.
+        env[JOB_ENV], env[ATTEMPT_ENV] = request.task_id, str(request.attempt)
+        if self.guard is not None:
+            env[GUARD_ENV] = self.guard.token
         return env
 
     async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
@@ -223,13 +229,13 @@ class CommandExecutor:
         except OSError as exc:
             return ExecOutcome(ExecStatus.FAILURE, error=f"cannot set up the task's limits: {exc}")
         try:
-            return await self._run(spec, jail, sink)
+            return await self._run(spec, request, jail, sink)
         finally:
             # Also kills whatever of the task left its process group but not its cgroup.
             await asyncio.shield(asyncio.to_thread(jail.close))
 
     async def _spawn(
-        self, spec: CommandSpec, jail: Jail
+        self, spec: CommandSpec, request: ExecRequest, jail: Jail
     ) -> tuple[asyncio.subprocess.Process, _ExitWatchingProtocol] | ExecOutcome:
         """The started process, or why it could not start."""
         loop = asyncio.get_running_loop()
@@ -241,7 +247,7 @@ class CommandExecutor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=spec.working_dir or None,
-                env=jail.environment(self._environment(spec)),
+                env=jail.environment(self._environment(spec, request)),
                 start_new_session=True,
                 **jail.spawn_options(),  # type: ignore[arg-type]
             )
@@ -265,9 +271,11 @@ class CommandExecutor:
             self.guard.watch(proc.pid)  # its own session: the group id is its pid
         return proc, protocol
 
-    async def _run(self, spec: CommandSpec, jail: Jail, sink: OutputSink) -> ExecOutcome:
+    async def _run(
+        self, spec: CommandSpec, request: ExecRequest, jail: Jail, sink: OutputSink
+    ) -> ExecOutcome:
         started = time.monotonic()
-        spawned = await self._spawn(spec, jail)
+        spawned = await self._spawn(spec, request, jail)
         if isinstance(spawned, ExecOutcome):
             return spawned
         proc, protocol = spawned
@@ -292,7 +300,8 @@ class CommandExecutor:
                 jail.kill_all()
                 await exited
         except asyncio.CancelledError:
-            await asyncio.shield(self._stop(proc, pumps))
+            # Stopped (cancel, timeout, drain): leftovers outside the group go too.
+            await asyncio.shield(self._stop(proc, pumps, request))
             raise
         finally:
             for task in (exited, watch):
@@ -316,10 +325,18 @@ class CommandExecutor:
         )
 
     async def _stop(
-        self, proc: asyncio.subprocess.Process, pumps: asyncio.Future[tuple[None, None, None]]
+        self,
+        proc: asyncio.subprocess.Process,
+        pumps: asyncio.Future[tuple[None, None, None]],
+        stopped: ExecRequest | None = None,
     ) -> None:
-        """TERM the whole group, KILL it after the grace period, reap, then drain the pipes."""
+        """TERM the whole group, KILL it after the grace period, reap, then drain the pipes.
+        ``stopped``: the attempt was stopped before its end, so its processes that left the
+        group (setsid) are found by their environment and killed too."""
         await terminate_group(proc, self.kill_grace_s)
+        if stopped is not None:
+            tags = {JOB_ENV: stopped.task_id, ATTEMPT_ENV: str(stopped.attempt)}
+            await asyncio.to_thread(kill_tagged, tags)
         if self.guard is not None:
             self.guard.unwatch(proc.pid)
         try:

@@ -7,6 +7,9 @@ process groups are running. When that pipe closes, the worker is gone, however i
 guardian kills every group it was told of and exits.
 
 Protocol on the guardian's stdin: ``+PGID`` when a group starts, ``-PGID`` when it has ended.
+Every command also carries the worker's guard token in its environment (GUARD_ENV), which its
+descendants inherit: the guardian kills those too, so neither a command started just before the
+worker died (not announced yet) nor one that left its group (setsid) survives it.
 """
 
 from __future__ import annotations
@@ -14,19 +17,56 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+GUARD_ENV = "DIST_EXEC_WORKER_GUARD"
+SCAN_ROUNDS = 5  # a process killed mid-fork may leave a child the previous scan missed
+
+
+def tagged(tags: Mapping[str, str]) -> list[int]:
+    """Processes whose environment has every ``name=value`` of ``tags`` (of those this user
+    may read)."""
+    needles = {f"{name}={value}".encode() for name, value in tags.items()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needles <= set(environ.split(b"\0")):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_tagged(tags: Mapping[str, str]) -> int:
+    """SIGKILL every process with these environment ``tags``; returns how many were found."""
+    killed = 0
+    for _ in range(SCAN_ROUNDS):
+        pids = [pid for pid in tagged(tags) if pid != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed += len(pids)
+    return killed
 
 
 class ProcessGuard:
     """The worker's side: starts the guardian and tells it about process groups."""
 
     def __init__(self) -> None:
+        self.token = secrets.token_hex(16)  # in every command's environment (GUARD_ENV)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dist_exec.executors.guardian"],
+            [sys.executable, "-m", "dist_exec.executors.guardian", self.token],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
@@ -68,6 +108,7 @@ class ProcessGuard:
 
 
 def main() -> None:
+    token = sys.argv[1]
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only the end of its pipe ends it
     groups: set[int] = set()
@@ -83,6 +124,7 @@ def main() -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+    kill_tagged({GUARD_ENV: token})
 
 
 if __name__ == "__main__":
