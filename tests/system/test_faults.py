@@ -33,7 +33,6 @@ from tests.faults.proxy import CuttableProxy
 from tests.faults.workload import (
     KILL_GRACE_S,
     Fault,
-    LostJobs,
     MarkedProcess,
     OrphansLeft,
     Workload,
@@ -665,13 +664,6 @@ async def test_master_down_longer_than_the_heartbeat_timeout_runs_nothing_twice(
 # ---- a task that kills its workers ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LostJobs,
-    reason="poison detection blames bystanders: jobs that shared the killed workers with the "
-    "poison task (retried alongside it) are lost --poison-after times in a row too and are "
-    "FAILED as poison; nothing isolates the suspects of a worker loss from each other",
-)
 async def test_a_task_that_kills_its_workers_is_failed_as_poison_and_the_rest_survive(
     cluster: ClusterFactory, workload: Workload
 ) -> None:

@@ -242,3 +242,19 @@ def test_plan_only_uses_capable_nodes(scheduler: Scheduler) -> None:
         ("a", "gpu"),
         ("b", "cpu"),
     ]
+
+
+def test_an_isolated_task_goes_only_to_an_idle_node_and_blocks_no_one(
+    scheduler: Scheduler,
+) -> None:
+    enqueue_all(scheduler, ("suspect", spec(priority=9)), ("a", spec()), ("b", spec()))
+    nodes = FakeNodes(("n1", 2, {"command"}), ("n2", 2, {"command"}))
+    nodes.reserve(NodeId("n1"))
+    nodes.reserve(NodeId("n2"))  # both busy: the suspect waits, the others go past it
+    plan = scheduler.plan(nodes.eligible, nodes.reserve, lambda job: job == "suspect")
+    assert sorted(placed(plan)) == [("a", "n1"), ("b", "n2")]
+    assert scheduler.ordered() == ["suspect"]
+    for node in ("n1", "n1", "n2", "n2"):
+        nodes.release(NodeId(node))
+    plan = scheduler.plan(nodes.eligible, nodes.reserve, lambda job: job == "suspect")
+    assert [job for job, _ in placed(plan)] == ["suspect"]

@@ -160,6 +160,9 @@ class Master:
         self._tg: asyncio.TaskGroup | None = None
         self._seq = itertools.count(1)  # submission order, for FIFO within a priority
         self._keys: dict[str, tuple[JobId, str]] = {}  # idempotency keys of active jobs
+        # Nodes running a job whose worker was lost before: nothing else runs beside it, so a
+        # task that kills its workers takes no bystanders along (nor gets them blamed).
+        self._isolating: dict[NodeId, JobId] = {}
         self.ready = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -183,6 +186,12 @@ class Master:
 
         def release(_: asyncio.Task[None]) -> None:
             self.registry.release(node_id)
+            if self._isolating.get(node_id) is not None and (
+                (job := self._active.get(self._isolating[node_id])) is None
+                or job.node_id != node_id
+                or job.status != JobStatus.RUNNING
+            ):
+                del self._isolating[node_id]
             self._wake.set()
 
         task = self._spawn(coro)
@@ -228,8 +237,10 @@ class Master:
     def _place(self) -> list[ActiveJob]:
         """Assign queued jobs to free slots and start their attempts; returns those jobs."""
         placed = []
-        for assignment in self.scheduler.plan(self.registry.eligible, self.registry.reserve):
+        for assignment in self.scheduler.plan(self._eligible, self.registry.reserve, self._suspect):
             job = self._active[assignment.job_id]
+            if job.worker_losses:
+                self._isolating[assignment.node_id] = job.id
             job.status = JobStatus.RUNNING
             job.attempt += 1
             job.node_id = assignment.node_id
@@ -241,6 +252,13 @@ class Master:
             )
             placed.append(job)
         return placed
+
+    def _eligible(self, spec: TaskSpec) -> list[NodeInfo]:
+        return [n for n in self.registry.eligible(spec) if n.id not in self._isolating]
+
+    def _suspect(self, job_id: JobId) -> bool:
+        job = self._active.get(job_id)
+        return job is not None and job.worker_losses > 0
 
     async def _sweep_forever(self) -> None:
         period = max(0.05, min(1.0, self.config.heartbeat_interval_s / 2))

@@ -106,14 +106,16 @@ class Scheduler:
         self,
         eligible: Callable[[TaskSpec], list[NodeInfo]],
         reserve: Callable[[NodeId], None],
+        isolated: Callable[[JobId], bool] = lambda job_id: False,
     ) -> list[Assignment]:
         """Place queued tasks in order while nodes have room; reserve each chosen slot.
+        An ``isolated`` task goes only to a node that runs nothing else.
 
         A task that finds no room blocks the tasks behind it that need the same kind of node
         (type and selector), so a lower priority never overtakes a higher one for a slot."""
         assignments: list[Assignment] = []
         skipped: list[tuple[int, int, int, JobId]] = []
-        full: set[tuple[str, frozenset[tuple[str, str]], str]] = set()
+        full: set[tuple[str, frozenset[tuple[str, str]], str, bool]] = set()
         full_types: set[str] = set()  # types every one of whose queued tasks is blocked
         while self._heap and not full_types.issuperset(+self._types):
             entry = heapq.heappop(self._heap)
@@ -121,13 +123,17 @@ class Scheduler:
             if not self._current(job_id, generation):
                 continue  # removed (or queued again) since
             spec = self._queued[job_id].spec
-            kind = (spec.task_type, frozenset(spec.selector.items()), spec.node_id)
+            alone = isolated(job_id)
+            kind = (spec.task_type, frozenset(spec.selector.items()), spec.node_id, alone)
             node = None
             if kind not in full:
-                node = self.balancer.select(spec, eligible(spec))
+                nodes = eligible(spec)
+                if alone:
+                    nodes = [n for n in nodes if n.active_tasks == 0]
+                node = self.balancer.select(spec, nodes)
             if node is None:
                 full.add(kind)
-                if not spec.selector and not spec.node_id:
+                if not spec.selector and not spec.node_id and not alone:
                     full_types.add(spec.task_type)
                 skipped.append(entry)
                 continue
