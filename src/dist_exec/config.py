@@ -139,6 +139,35 @@ def default_worker_id() -> str:
     return os.environ.get("WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
 
 
+SCALER_BACKENDS = ("none", "local", "kubernetes")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalerConfig:
+    """The master's auto scaler: which backend, and the policy's bounds and timings."""
+
+    backend: str = "none"  # none | local | kubernetes
+    min_replicas: int = 1
+    max_replicas: int = 20
+    tasks_per_worker: int = (
+        10  # slots a new worker brings (and --max-concurrent-tasks of local ones)
+    )
+    scale_up_threshold: int = 2  # backlog above workers x this adds one worker
+    scale_down_delay_s: float = 120.0  # a worker idle this long may be removed
+    scale_up_cooldown_s: float = 15.0  # between two scale-ups
+    scale_down_cooldown_s: float = 60.0  # after any scale event, before a scale-down
+    min_worker_lifetime_s: float = 60.0  # a worker younger than this is never removed
+    scale_down_utilization: float = 0.5  # remove only while running <= this share of what stays
+    interval_s: float = 1.0  # how often the scaler looks
+    namespace: str = ""  # kubernetes: empty = the service account's (or the kubeconfig's)
+    deployment: str = "dist-exec-worker"
+    kubeconfig: str = ""  # empty: in-cluster service account, else $KUBECONFIG, ~/.kube/config
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "none"
+
+
 @dataclass(frozen=True, slots=True)
 class MasterConfig:
     listen: str = DEFAULT_MASTER_ADDRESS
@@ -168,6 +197,7 @@ class MasterConfig:
     tls: TlsFiles | None = None  # mutual TLS on every connection (clients and workers)
     tokens_file: Path | None = None  # None: DATA_DIR/tokens.json; auth is required if it exists
     audit_log: Path | None = None  # None: DATA_DIR/audit.log
+    autoscaler: AutoscalerConfig = field(default_factory=AutoscalerConfig)
 
 
 @dataclass(frozen=True, slots=True)
