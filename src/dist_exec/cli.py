@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from dist_exec import __version__
+from dist_exec.autoscaler.options import autoscaler_config, scaler_options
 from dist_exec.client import Client, command_spec
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
@@ -51,7 +52,16 @@ from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
 from dist_exec.executors.limits import check as check_limits
 from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
-from dist_exec.models import Job, JobStatus, NodeInfo, OutputChunk, Stream, TaskLimits, TaskSpec
+from dist_exec.models import (
+    Job,
+    JobStatus,
+    NodeInfo,
+    OutputChunk,
+    ScalerStatus,
+    Stream,
+    TaskLimits,
+    TaskSpec,
+)
 from dist_exec.security.commands import certs_group, tokens_group
 from dist_exec.security.credentials import (
     TOKEN_ENV,
@@ -564,8 +574,11 @@ def ready_line(what: str) -> Callable[[str], None]:
     default=None,
     help="Append-only audit log (JSON lines); default DATA_DIR/audit.log.",
 )
+@scaler_options
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+@click.pass_context
 def master(
+    ctx: click.Context,
     listen: str,
     data_dir: Path | None,
     heartbeat_interval: float,
@@ -602,6 +615,10 @@ def master(
         probe.unlink()
     except OSError as exc:
         fail(f"cannot use --data-dir {data_dir}: {exc.strerror or exc}", EXIT_USAGE)
+    try:
+        autoscaler = autoscaler_config(ctx)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
     config = MasterConfig(
         listen=listen,
         data_dir=data_dir,
@@ -624,6 +641,7 @@ def master(
         tls=tls,
         tokens_file=tokens_file,
         audit_log=audit_log,
+        autoscaler=autoscaler,
     )
     check_listen(listen)
     serve(lambda stop: run_master(config, stop, ready_line("master")))
@@ -1374,11 +1392,11 @@ def cancel(job_id: str, master_address: str, as_json: bool) -> None:
 def nodes(master_address: str, as_json: bool) -> None:
     """List the workers registered with the master."""
 
-    async def body() -> list[NodeInfo]:
+    async def body() -> tuple[list[NodeInfo], ScalerStatus | None]:
         async with connect(master_address) as client:
-            return await client.nodes()
+            return await client.nodes(), await client.scaler_status()
 
-    found = run_client(body())
+    found, scaler = run_client(body())
     if as_json:
         print_json([node_json(n) for n in found])
         return
@@ -1392,6 +1410,24 @@ def nodes(master_address: str, as_json: bool) -> None:
         )
     if not found:
         click.echo("(no workers registered)", err=True)
+    if scaler is not None:
+        _describe_scaler(scaler)
+
+
+def _describe_scaler(scaler: ScalerStatus) -> None:
+    floor = f", HPA floor {scaler.floor}" if scaler.floor else ""
+    click.echo(
+        f"autoscaler: {scaler.backend}: {scaler.desired} desired, {scaler.ready} ready "
+        f"(min {scaler.min_replicas}, max {scaler.max_replicas}{floor})"
+    )
+    if scaler.last_event:
+        click.echo(f"  last event: {scaler.last_event} ({_iso(scaler.last_event_at)})")
+    if scaler.last_decision:
+        click.echo(f"  now: {scaler.last_decision}")
+    if scaler.draining:
+        click.echo(f"  draining: {', '.join(scaler.draining)}")
+    if scaler.error:
+        click.echo(f"  error: {scaler.error}")
 
 
 @main.command()
@@ -1453,26 +1489,49 @@ main.add_command(tokens_group)
     show_default=True,
     help="Per worker.",
 )
+@click.option(
+    "--autoscale",
+    is_flag=True,
+    help="Let the master start and stop workers with the load (--min-workers..--max-workers) "
+    "instead of running --workers.",
+)
+@click.option("--min-workers", type=click.IntRange(0, 64), default=1, show_default=True)
+@click.option("--max-workers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--detach", "-d", is_flag=True, help="Start in the background; stop with 'down'.")
 def up(
-    worker_count: int, listen: str, data_dir: Path | None, max_concurrent_tasks: int, detach: bool
+    worker_count: int,
+    listen: str,
+    data_dir: Path | None,
+    max_concurrent_tasks: int,
+    autoscale: bool,
+    min_workers: int,
+    max_workers: int,
+    detach: bool,
 ) -> None:
     """Start a master and N workers on this machine (127.0.0.1 only by default)."""
     from dist_exec import cluster
 
+    if autoscale and min_workers > max_workers:
+        fail(f"--min-workers ({min_workers}) is above --max-workers ({max_workers})", EXIT_USAGE)
     directory = data_dir or default_data_dir()
-    options = cluster.ClusterOptions(directory, listen, worker_count, max_concurrent_tasks)
+    options = cluster.ClusterOptions(
+        directory,
+        listen,
+        worker_count,
+        max_concurrent_tasks,
+        (min_workers, max_workers) if autoscale else None,
+    )
+    workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)
     try:
         if detach:
             address = cluster.start_background(options)
-            click.echo(f"dist-exec cluster up: master at {address}, {worker_count} workers")
+            click.echo(f"dist-exec cluster up: master at {address}, {workers} workers")
             click.echo(f"stop it with: dist-exec down --data-dir {directory}")
             return
         cluster.run_foreground(
             options,
             on_ready=lambda address: click.echo(
-                f"dist-exec cluster up: master at {address}, {worker_count} workers "
-                "(Ctrl-C stops it)",
+                f"dist-exec cluster up: master at {address}, {workers} workers (Ctrl-C stops it)",
             ),
         )
     except cluster.ClusterError as exc:

@@ -48,6 +48,30 @@ class ClusterOptions:
     listen: str
     workers: int
     max_concurrent_tasks: int
+    # Autoscale: the master starts and stops min..max workers itself (local scaler backend).
+    autoscale: tuple[int, int] | None = None
+
+    def master_args(self) -> list[str]:
+        args = ["master", "--listen", self.listen, "--data-dir", str(self.data_dir)]
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            args += [
+                "--scaler", "local", "--min-replicas", str(low), "--max-replicas", str(high),
+                "--tasks-per-worker", str(self.max_concurrent_tasks),
+            ]  # fmt: skip
+        return args
+
+    def up_args(self) -> list[str]:
+        """``up`` arguments that start this cluster again (in the foreground)."""
+        args = [
+            "up", "--workers", str(self.workers), "--listen", self.listen,
+            "--data-dir", str(self.data_dir),
+            "--max-concurrent-tasks", str(self.max_concurrent_tasks),
+        ]  # fmt: skip
+        if self.autoscale is not None:
+            args += ["--autoscale", "--min-workers", str(self.autoscale[0])]
+            args += ["--max-workers", str(self.autoscale[1])]
+        return args
 
 
 def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], IO[str]]:
@@ -139,16 +163,12 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
     address = ""
     try:
         master, log = _spawn(
-            [
-                "master", "--listen", options.listen, "--data-dir", str(options.data_dir),
-                *_tls_args(tls, "master"),
-            ],
-            logs / "master.log",
-        )  # fmt: skip
+            [*options.master_args(), *_tls_args(tls, "master")], logs / "master.log"
+        )
         procs.append(master)
         files.append(log)
         address = dial_address(_wait_ready(master, "master", logs / "master.log"))
-        for i in range(1, options.workers + 1):
+        for i in range(1, 0 if options.autoscale else options.workers + 1):
             worker, log = _spawn(
                 [
                     "worker", "--master", address, "--listen", "127.0.0.1:0",
@@ -201,11 +221,7 @@ def start_background(options: ClusterOptions) -> str:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "dist_exec", "up", "--workers", str(options.workers),
-                "--listen", options.listen, "--data-dir", str(options.data_dir),
-                "--max-concurrent-tasks", str(options.max_concurrent_tasks),
-            ],
+            [sys.executable, "-m", "dist_exec", *options.up_args()],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
     pid_path.write_text(str(proc.pid))

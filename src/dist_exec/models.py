@@ -199,6 +199,9 @@ class NodeInfo:
     active_tasks: int = 0  # slots the master has reserved on this node
     weight: int = 0  # share for weighted balancing; 0 means max_tasks
     task_limits: TaskLimits = field(default_factory=TaskLimits)  # most a task may have here
+    registered_at: float = 0.0  # registry clock
+    idle_since: float | None = None  # registry clock; None while a slot is reserved
+    drain_requested: bool = False  # the auto scaler chose it for removal
 
     @property
     def effective_weight(self) -> int:
@@ -216,3 +219,20 @@ class NodeInfo:
     @property
     def free_slots(self) -> int:
         return max(0, self.max_tasks - self.active_tasks)
+
+
+@dataclass(frozen=True, slots=True)
+class ScalerStatus:
+    """What the master's auto scaler is doing, for ``dist-exec nodes``."""
+
+    backend: str  # e.g. "kubernetes deployment default/dist-exec-worker"
+    desired: int
+    ready: int
+    min_replicas: int
+    max_replicas: int
+    floor: int = 0  # an HPA's minReplicas, when one targets the same workers
+    draining: tuple[str, ...] = ()  # workers chosen for removal, not gone yet
+    last_decision: str = ""
+    last_event: str = ""  # the last scale-up or scale-down, with its reason
+    last_event_at: datetime | None = None
+    error: str = ""  # the backend's last error; empty once a call succeeds again

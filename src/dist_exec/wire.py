@@ -17,6 +17,7 @@ from dist_exec.models import (
     NodeId,
     NodeInfo,
     NodeStatus,
+    ScalerStatus,
     TaskLimits,
     TaskSpec,
 )
@@ -321,4 +322,36 @@ def node_from_pb(msg: common_pb2.NodeInfo) -> NodeInfo:
         active_tasks=msg.active_tasks,
         weight=msg.weight,
         task_limits=limits_from_pb(msg.task_limits),
+    )
+
+
+def scaler_status_to_pb(status: ScalerStatus) -> master_pb2.ScalerStatus:
+    return master_pb2.ScalerStatus(
+        backend=status.backend,
+        desired_replicas=status.desired,
+        ready_replicas=status.ready,
+        min_replicas=status.min_replicas,
+        max_replicas=status.max_replicas,
+        floor=status.floor,
+        draining=status.draining,
+        last_decision=status.last_decision,
+        last_event=status.last_event,
+        last_event_at=timestamp(status.last_event_at),
+        error=status.error,
+    )
+
+
+def scaler_status_from_pb(msg: master_pb2.ScalerStatus) -> ScalerStatus:
+    return ScalerStatus(
+        backend=msg.backend,
+        desired=msg.desired_replicas,
+        ready=msg.ready_replicas,
+        min_replicas=msg.min_replicas,
+        max_replicas=msg.max_replicas,
+        floor=msg.floor,
+        draining=tuple(msg.draining),
+        last_decision=msg.last_decision,
+        last_event=msg.last_event,
+        last_event_at=from_timestamp(msg, "last_event_at"),
+        error=msg.error,
     )

@@ -19,6 +19,7 @@ from dist_exec.models import (
     JobStatus,
     NodeInfo,
     OutputChunk,
+    ScalerStatus,
     Stream,
     TaskLimits,
     TaskSpec,
@@ -228,6 +229,14 @@ class Client:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
         return [wire.node_from_pb(n) for n in reply.nodes]
+
+    async def scaler_status(self) -> ScalerStatus | None:
+        """What the master's auto scaler is doing; None when it has none."""
+        try:
+            reply = await self.stub.ListNodes(master_pb2.ListNodesRequest(), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return wire.scaler_status_from_pb(reply.scaler) if reply.HasField("scaler") else None
 
     async def stream_output(
         self, job_id: str, follow: bool = True

@@ -10,10 +10,12 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dist_exec.autoscaler import make_autoscaler
 from dist_exec.clock import SystemClock
 from dist_exec.config import (
     SERVER_OPTIONS,
     MasterConfig,
+    dial_address,
     join_address,
     listen_address,
     split_address,
@@ -101,9 +103,26 @@ async def run_master(
             options=SERVER_OPTIONS,
             interceptors=[SecurityInterceptor(authenticator, MASTER_RULES, audit)],
         )
+        if config.tls is not None:
+            port = server.add_secure_port(
+                listen_address(config.listen), config.tls.server_credentials()
+            )
+        else:
+            port = server.add_insecure_port(listen_address(config.listen))
+        host, _ = split_address(config.listen)
+        scaler = make_autoscaler(
+            config.autoscaler,
+            master,
+            clock,
+            dial_address(join_address("" if host in ("0.0.0.0", "::") else host, port)),
+            config.data_dir / "logs",
+        )
         drains = Drains()
         master_pb2_grpc.add_MasterServiceServicer_to_server(
-            MasterServicer(master, config, audit, drains), server
+            MasterServicer(
+                master, config, audit, drains, scaler.status if scaler else lambda: None
+            ),
+            server,
         )
         worker_pb2_grpc.add_RegistrationServiceServicer_to_server(
             RegistrationServicer(master, config, audit, drains, on_register), server
@@ -118,12 +137,6 @@ async def run_master(
             ),
             server,
         )
-        if config.tls is not None:
-            port = server.add_secure_port(
-                listen_address(config.listen), config.tls.server_credentials()
-            )
-        else:
-            port = server.add_insecure_port(listen_address(config.listen))
         try:
             async with asyncio.TaskGroup() as tg:
                 runner = tg.create_task(master.run())
@@ -131,14 +144,20 @@ async def run_master(
                 await server.start()
                 for service in ("", *SERVICES):
                     await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-                host, _ = split_address(config.listen)
                 on_ready(join_address(host or "0.0.0.0", port))
+                scaling = tg.create_task(scaler.run()) if scaler else None
                 await stop.wait()
+                if scaling is not None:
+                    scaling.cancel()
+                if scaler is not None:
+                    await scaler.close()  # local workers drain while the master still serves
                 for service in ("", *SERVICES):
                     await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
                 await server.stop(grace=2.0)
                 runner.cancel()
         finally:
+            if scaler is not None:
+                await scaler.close()
             await server.stop(grace=None)
             await workers.close()
             audit.close()

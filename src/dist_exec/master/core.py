@@ -705,6 +705,23 @@ class Master:
     def nodes(self) -> list[NodeInfo]:
         return self.registry.nodes()
 
+    def scaling_demand(self) -> int:
+        """Queued jobs that a new worker could take (those pinned to one node cannot)."""
+        return sum(
+            1 for j in self._active.values() if j.status == JobStatus.PENDING and not j.spec.node_id
+        )
+
+    def request_drain(self, node_id: NodeId) -> bool:
+        """Place nothing more on the node; its next heartbeat reply tells it to drain."""
+        if not self.registry.request_drain(node_id):
+            return False
+        log.info("node %s: drain requested (scale-in)", node_id)
+        return True
+
+    def drain_requested(self, node_id: NodeId) -> bool:
+        node = self.registry.get(node_id)
+        return node is not None and node.drain_requested
+
     # ---- node API ---------------------------------------------------------------------------
 
     def register(

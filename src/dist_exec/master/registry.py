@@ -57,9 +57,15 @@ class NodeRegistry:
             weight=weight,
             task_limits=task_limits or TaskLimits(),
         )
+        node.registered_at = node.last_seen
+        node.idle_since = node.last_seen
         old = self._nodes.get(node_id)
         if old is not None:
             node.active_tasks = old.active_tasks  # reservations of attempts that live on
+            node.idle_since = old.idle_since
+            node.drain_requested = old.drain_requested
+            if old.drain_requested:
+                node.status = NodeStatus.DRAINING
         self._nodes[node_id] = node
         return node
 
@@ -70,8 +76,19 @@ class NodeRegistry:
             return None
         node.last_seen = self.clock.monotonic()
         node.last_seen_wall = self.clock.now()
-        node.status = NodeStatus.DRAINING if draining else NodeStatus.HEALTHY
+        drains = draining or node.drain_requested
+        node.status = NodeStatus.DRAINING if drains else NodeStatus.HEALTHY
         return node
+
+    def request_drain(self, node_id: NodeId) -> bool:
+        """No new tasks for this node from now on (the auto scaler will remove it)."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return False
+        node.drain_requested = True
+        if node.status == NodeStatus.HEALTHY:
+            node.status = NodeStatus.DRAINING
+        return True
 
     def deregister(self, node_id: NodeId) -> NodeInfo | None:
         return self._nodes.pop(node_id, None)
@@ -125,8 +142,11 @@ class NodeRegistry:
         if node.free_slots <= 0 and not force:
             raise ValueError(f"node {node_id} has no free slot")
         node.active_tasks += 1
+        node.idle_since = None
 
     def release(self, node_id: NodeId) -> None:
         node = self._nodes.get(node_id)
         if node is not None and node.active_tasks > 0:
             node.active_tasks -= 1
+            if node.active_tasks == 0:
+                node.idle_since = self.clock.monotonic()

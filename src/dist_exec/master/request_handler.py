@@ -27,7 +27,16 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import describe_task
 from dist_exec.master.core import HeldAttempt, Master
-from dist_exec.models import Job, JobId, NodeId, NodeStatus, OutputChunk, Stream, TaskSpec
+from dist_exec.models import (
+    Job,
+    JobId,
+    NodeId,
+    NodeStatus,
+    OutputChunk,
+    ScalerStatus,
+    Stream,
+    TaskSpec,
+)
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dist_exec.security.audit import AuditLog, task_summary
 from dist_exec.security.auth import current_identity
@@ -108,11 +117,13 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         config: MasterConfig,
         audit: AuditLog | None = None,
         drains: Drains | None = None,
+        scaler_status: Callable[[], ScalerStatus | None] = lambda: None,
     ) -> None:
         self.master = master
         self.config = config
         self.audit = audit
         self.drains = drains or Drains()
+        self.scaler_status = scaler_status
 
     def _audit(self, action: str, decision: str, reason: str = "", **details: Any) -> None:
         if self.audit is not None:
@@ -269,7 +280,11 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     async def ListNodes(
         self, request: master_pb2.ListNodesRequest, context: Context
     ) -> master_pb2.ListNodesResponse:
-        return master_pb2.ListNodesResponse(nodes=[wire.node_to_pb(n) for n in self.master.nodes()])
+        scaler = self.scaler_status()
+        return master_pb2.ListNodesResponse(
+            nodes=[wire.node_to_pb(n) for n in self.master.nodes()],
+            scaler=wire.scaler_status_to_pb(scaler) if scaler is not None else None,
+        )
 
     @grpc_errors
     async def AuthDrainNode(
@@ -377,7 +392,8 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
     ) -> worker_pb2.HeartbeatResponse:
         _check_worker_id(request.worker_id)
         node_id = NodeId(request.worker_id)
-        drain = node_id in self.drains.requested
+        # Drained by an admin (AuthDrainNode) or for scale-in by the auto scaler.
+        drain = node_id in self.drains.requested or self.master.drain_requested(node_id)
         # active_tasks is on the wire by contract; the master counts its own reservations.
         known = self.master.heartbeat(node_id, request.draining or drain)
         return worker_pb2.HeartbeatResponse(

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -45,11 +45,17 @@ class Registrar:
     """Keeps this node registered with the master: register, heartbeat, register again."""
 
     def __init__(
-        self, config: WorkerConfig, runner: TaskRunner, address: str, channel: grpc.aio.Channel
+        self,
+        config: WorkerConfig,
+        runner: TaskRunner,
+        address: str,
+        channel: grpc.aio.Channel,
+        on_drain: Callable[[], Awaitable[None]],
     ) -> None:
         self.config = config
         self.runner = runner
         self.address = address
+        self.on_drain = on_drain  # the master's heartbeat reply said DRAIN
         self.stub: RegistrationServiceAsyncStub = worker_pb2_grpc.RegistrationServiceStub(channel)
         self.interval_s = config.heartbeat_interval_s
         self.registered = asyncio.Event()
@@ -116,12 +122,11 @@ class Registrar:
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat to %s failed: %s", self.config.master, exc.details())
             return
-        if reply.action == worker_pb2.HEARTBEAT_ACTION_DRAIN and not self.runner.draining:
-            log.info("the master asked this node to drain: no new tasks; running ones finish")
-            self.runner.draining = True
         if not reply.acknowledged:
             log.info("master does not know this node (restarted?); registering again")
             await self.register()
+        elif reply.action == worker_pb2.HEARTBEAT_ACTION_DRAIN and not self.runner.draining:
+            await self.on_drain()
 
     async def deregister(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -209,7 +214,17 @@ async def run_worker(
         tls.ca if tls else None, tls.cert if tls else None, tls.key if tls else None, config.token
     )
     channel = credentials.channel(dial_address(config.master), CHANNEL_OPTIONS)
-    registrar = Registrar(config, runner, address, channel)
+
+    async def drain_when_asked() -> None:
+        # Asked by an admin or for scale-in. Stay up: on Kubernetes the pod is deleted once it
+        # is NotReady (a container that exited would be restarted); a local scaler stops it.
+        log.info("the master asked this node to drain: no new tasks; running ones finish")
+        runner.draining = True
+        for service in ("", WORKER_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await registrar.heartbeat()  # confirm now, not at the next beat
+
+    registrar = Registrar(config, runner, address, channel, drain_when_asked)
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())

@@ -321,10 +321,38 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListNodesResponse(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "scaler")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    SCALER_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeInfo]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[_common_pb2.NodeInfo, _Mapping]]] = ...) -> None: ...
+    scaler: ScalerStatus
+    def __init__(self, nodes: _Optional[_Iterable[_Union[_common_pb2.NodeInfo, _Mapping]]] = ..., scaler: _Optional[_Union[ScalerStatus, _Mapping]] = ...) -> None: ...
+
+class ScalerStatus(_message.Message):
+    __slots__ = ("backend", "desired_replicas", "ready_replicas", "min_replicas", "max_replicas", "floor", "draining", "last_decision", "last_event", "last_event_at", "error")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    desired_replicas: int
+    ready_replicas: int
+    min_replicas: int
+    max_replicas: int
+    floor: int
+    draining: _containers.RepeatedScalarFieldContainer[str]
+    last_decision: str
+    last_event: str
+    last_event_at: _timestamp_pb2.Timestamp
+    error: str
+    def __init__(self, backend: _Optional[str] = ..., desired_replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., floor: _Optional[int] = ..., draining: _Optional[_Iterable[str]] = ..., last_decision: _Optional[str] = ..., last_event: _Optional[str] = ..., last_event_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AuthDrainNodeRequest(_message.Message):
     __slots__ = ("node_id",)

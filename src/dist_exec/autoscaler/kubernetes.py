@@ -1,0 +1,221 @@
+"""KubernetesBackend: scales the worker Deployment through the Kubernetes API (lightkube).
+
+The only module that imports a Kubernetes client. What it does, and the rights it needs (the
+Role in deploy/kubernetes/rbac.yaml grants exactly these):
+
+- reads the Deployment (desired and ready replicas)          deployments: get
+- PATCHes its scale subresource, never read-modify-replace   deployments/scale: patch
+  (the deployment controller keeps writing .status, so a replace would mostly get 409)
+- reads victim pods (name = worker id) to see them NotReady   pods: get
+- marks victims with the pod-deletion-cost annotation         pods: patch
+  (honoured by Kubernetes >= 1.22; earlier versions ignore it and delete NotReady pods first)
+- reads HPAs, to never go below the minReplicas of one that   horizontalpodautoscalers: list
+  targets the same Deployment
+
+Transient failures (connection errors, 409, 429, 5xx) are retried a few times; 401/403 and a
+missing Deployment become errors that say what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import httpx2
+from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.autoscaling_v1 import HorizontalPodAutoscaler
+from lightkube.resources.core_v1 import Pod
+from lightkube.types import PatchType
+
+from dist_exec.autoscaler.backend import Scale, ScaleError, ScaleForbidden, ScaleTargetMissing
+from dist_exec.models import NodeId
+
+T = TypeVar("T")
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+VICTIM_COST = "-1000"  # lower is deleted first; unmarked pods count as 0
+RETRIES = 3
+RETRY_BACKOFF_S = 0.2
+TRANSIENT_CODES = {409, 429, 500, 502, 503, 504}
+HPA_CACHE_S = 15.0
+REQUEST_TIMEOUT_S = 5.0
+
+
+def load_kube_config(path: str = "") -> KubeConfig:
+    """``path``, else in-cluster service account, else $KUBECONFIG or ~/.kube/config."""
+    try:
+        return KubeConfig.from_file(path) if path else KubeConfig.from_env()
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        where = path or "the service account, $KUBECONFIG or ~/.kube/config"
+        raise ScaleError(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
+
+
+class KubernetesBackend:
+    def __init__(self, client: AsyncClient, deployment: str, namespace: str = "") -> None:
+        self.client = client
+        self.deployment = deployment
+        self.namespace = namespace or client.namespace
+        self._hpa_floor: tuple[float, int] | None = None  # (read at, minReplicas)
+        self._marked: set[NodeId] = set()
+
+    @classmethod
+    def connect(
+        cls, deployment: str, namespace: str = "", kubeconfig: str = ""
+    ) -> KubernetesBackend:
+        config = load_kube_config(kubeconfig)
+        client = AsyncClient(
+            config, namespace=namespace or None, timeout=httpx2.Timeout(REQUEST_TIMEOUT_S)
+        )
+        return cls(client, deployment, namespace)
+
+    @property
+    def description(self) -> str:
+        return f"kubernetes deployment {self.namespace}/{self.deployment}"
+
+    def owns(self, node_id: NodeId) -> bool:
+        # A Deployment's pods are named <deployment>-<replicaset hash>-<suffix>.
+        return node_id.startswith(f"{self.deployment}-")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # ---- the three calls ----------------------------------------------------------------------
+
+    async def current_scale(self) -> Scale:
+        deployment = await self._deployment()
+        assert deployment.spec is not None
+        status = deployment.status
+        return Scale(
+            desired=deployment.spec.replicas or 0,
+            ready=(status.readyReplicas or 0) if status is not None else 0,
+            floor=await self.hpa_floor(),
+        )
+
+    async def scale_up(self, replicas: int) -> None:
+        await self.set_replicas(replicas)
+
+    async def scale_down(self, victims: Sequence[NodeId]) -> list[NodeId]:
+        """Lower the replicas by the victims whose pods are NotReady (drained), after marking
+        them as the cheapest pods to delete. Pods already gone count as removed."""
+        ready_to_go: list[NodeId] = []
+        gone: list[NodeId] = []
+        for victim in victims:
+            pod = await self._call(
+                f"read pod {victim} of",
+                lambda v=victim: self.client.get(Pod, v, namespace=self.namespace),  # type: ignore[misc]
+                missing_ok=True,
+            )
+            if pod is None:
+                gone.append(victim)
+                continue
+            if victim not in self._marked:
+                await self._mark(victim)
+            if not _ready(pod):
+                ready_to_go.append(victim)
+        if ready_to_go:
+            deployment = await self._deployment()
+            assert deployment.spec is not None
+            await self.set_replicas(max(0, (deployment.spec.replicas or 0) - len(ready_to_go)))
+        self._marked -= set(gone) | set(ready_to_go)
+        return [*ready_to_go, *gone]
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    async def set_replicas(self, replicas: int) -> None:
+        await self._call(
+            f"scale to {replicas}",
+            lambda: self.client.patch(
+                Deployment.Scale,
+                self.deployment,
+                {"spec": {"replicas": replicas}},
+                namespace=self.namespace,
+                patch_type=PatchType.MERGE,
+            ),
+        )
+
+    async def hpa_floor(self) -> int:
+        """minReplicas of an HPA targeting this Deployment (0: none), cached for a while."""
+        now = time.monotonic()
+        if self._hpa_floor is not None and now - self._hpa_floor[0] < HPA_CACHE_S:
+            return self._hpa_floor[1]
+
+        async def read() -> int:
+            floor = 0
+            async for hpa in self.client.list(HorizontalPodAutoscaler, namespace=self.namespace):
+                spec = hpa.spec
+                if (
+                    spec is not None
+                    and spec.scaleTargetRef.kind == "Deployment"
+                    and spec.scaleTargetRef.name == self.deployment
+                ):
+                    floor = max(floor, spec.minReplicas or 1)
+            return floor
+
+        floor = await self._call("list the HPAs of", read)
+        assert floor is not None
+        self._hpa_floor = (now, floor)
+        return floor
+
+    async def _deployment(self) -> Deployment:
+        found = await self._call(
+            "read",
+            lambda: self.client.get(Deployment, self.deployment, namespace=self.namespace),
+        )
+        assert found is not None
+        return found
+
+    async def _mark(self, victim: NodeId) -> None:
+        await self._call(
+            f"annotate pod {victim} of",
+            lambda: self.client.patch(
+                Pod,
+                victim,
+                {"metadata": {"annotations": {DELETION_COST: VICTIM_COST}}},
+                namespace=self.namespace,
+                patch_type=PatchType.MERGE,
+            ),
+            missing_ok=True,
+        )
+        self._marked.add(victim)
+
+    async def _call(
+        self, what: str, call: Callable[[], Awaitable[T]], missing_ok: bool = False
+    ) -> T | None:
+        """``call`` with retries of transient failures; clear errors for the others."""
+        target = f"deployment {self.namespace}/{self.deployment}"
+        for attempt in range(1, RETRIES + 1):
+            try:
+                return await call()
+            except ApiError as exc:
+                code = exc.status.code or exc.response.status_code
+                if code == 404 and missing_ok:
+                    return None
+                if code not in TRANSIENT_CODES or attempt == RETRIES:
+                    raise _api_error(what, target, code, exc.status.message or str(exc)) from None
+            except httpx2.HTTPError as exc:
+                if attempt == RETRIES:
+                    raise ScaleError(
+                        f"cannot reach the Kubernetes API to {what} {target}: {exc!r}"
+                    ) from None
+            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+
+def _api_error(what: str, target: str, code: int, message: str) -> ScaleError:
+    if code in (401, 403):
+        return ScaleForbidden(
+            f"Kubernetes refused to {what} {target} (HTTP {code}): {message}; the master's "
+            "service account needs the Role in deploy/kubernetes/rbac.yaml"
+        )
+    if code == 404:
+        return ScaleTargetMissing(
+            f"{target} not found (HTTP 404); check WORKER_DEPLOYMENT and K8S_NAMESPACE"
+        )
+    return ScaleError(f"Kubernetes failed to {what} {target} (HTTP {code}): {message}")
+
+
+def _ready(pod: Pod) -> bool:
+    conditions = pod.status.conditions if pod.status is not None else None
+    return any(c.type == "Ready" and c.status == "True" for c in conditions or [])

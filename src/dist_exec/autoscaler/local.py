@@ -1,0 +1,113 @@
+"""LocalBackend: the scaled workers are ``dist-exec worker`` processes on this machine.
+
+Like a ReplicaSet, a worker process that exits counts no more, so the policy starts another
+when the group falls below its minimum. Removed workers get SIGTERM: they drain (finish what
+runs, deliver results, deregister) and exit. ``close`` stops every worker this backend started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dist_exec.autoscaler.backend import Scale, ScaleError
+from dist_exec.models import NodeId
+
+log = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 45.0  # a stopping worker drains running tasks first
+ID_PREFIX = "auto-"
+
+
+class LocalBackend:
+    def __init__(
+        self,
+        master_address: str,
+        log_dir: Path,
+        max_concurrent_tasks: int,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.master_address = master_address
+        self.log_dir = log_dir
+        self.max_concurrent_tasks = max_concurrent_tasks
+        self.extra_args = list(extra_args)
+        self._procs: dict[NodeId, asyncio.subprocess.Process] = {}
+        self._stopping: dict[NodeId, asyncio.Task[None]] = {}
+        self._serial = itertools.count(1)
+
+    @property
+    def description(self) -> str:
+        return "local worker processes"
+
+    def owns(self, node_id: NodeId) -> bool:
+        return node_id in self._procs or node_id in self._stopping
+
+    async def current_scale(self) -> Scale:
+        for node_id, proc in list(self._procs.items()):
+            if proc.returncode is not None:
+                log.warning("local worker %s exited with %s", node_id, proc.returncode)
+                del self._procs[node_id]
+        return Scale(desired=len(self._procs), ready=len(self._procs))
+
+    async def scale_up(self, replicas: int) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        while len(self._procs) < replicas:
+            node_id = NodeId(f"{ID_PREFIX}{next(self._serial)}")
+            # Its own session: Ctrl-C on `up` reaches only the master, which drains these.
+            with (self.log_dir / f"{node_id}.log").open("ab") as log_file:
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "dist_exec", "worker",
+                        "--master", self.master_address, "--listen", "127.0.0.1:0",
+                        "--worker-id", node_id,
+                        "--max-concurrent-tasks", str(self.max_concurrent_tasks),
+                        *self.extra_args,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=log_file,
+                        start_new_session=True,
+                    )  # fmt: skip
+                except OSError as exc:
+                    raise ScaleError(f"cannot start a local worker: {exc}") from exc
+            self._procs[node_id] = proc
+            log.info("started local worker %s (pid %d)", node_id, proc.pid)
+
+    async def scale_down(self, victims: Sequence[NodeId]) -> list[NodeId]:
+        removed = []
+        for node_id in victims:
+            proc = self._procs.pop(node_id, None)
+            if proc is None:
+                continue
+            self._stopping[node_id] = asyncio.create_task(self._stop(node_id, proc))
+            removed.append(node_id)
+        return removed
+
+    async def _stop(self, node_id: NodeId, proc: asyncio.subprocess.Process) -> None:
+        try:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning(
+                    "local worker %s did not stop in %ss; killing it", node_id, STOP_TIMEOUT_S
+                )
+                proc.kill()
+                await proc.wait()
+            log.info("local worker %s stopped", node_id)
+        finally:
+            self._stopping.pop(node_id, None)
+
+    async def close(self) -> None:
+        """Stop every worker (they drain first)."""
+        await self.scale_down(list(self._procs))
+        stopping = list(self._stopping.values())
+        if stopping:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*stopping)
