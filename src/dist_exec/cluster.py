@@ -36,6 +36,7 @@ STATE_FILE = "cluster.json"
 TLS_DIR = "tls"
 ADMIN = "admin"
 ADMIN_TOKEN_FILE = "admin.token"
+AUTOSCALED = "auto"  # the pool certificate of the workers the master starts (auto-1, ...)
 
 
 class ClusterError(Exception):
@@ -132,6 +133,8 @@ def prepare_credentials(options: ClusterOptions) -> Path:
     wanted = [("master", "master", (host,) if host not in ("", "0.0.0.0", "::") else ())]
     wanted += [(f"local-{i}", "worker", ()) for i in range(1, options.workers + 1)]
     wanted.append((ADMIN, ADMIN, ()))
+    if options.autoscale is not None:
+        wanted.append((AUTOSCALED, Role.WORKERS.value, ()))
     for name, role, hosts in wanted:
         if not (tls / f"{name}.crt").exists() or name == "master":
             certs.issue(tls, name, role, tls, hosts)
@@ -162,9 +165,10 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     address = ""
     try:
-        master, log = _spawn(
-            [*options.master_args(), *_tls_args(tls, "master")], logs / "master.log"
-        )
+        master_args = [*options.master_args(), *_tls_args(tls, "master")]
+        if options.autoscale is not None:  # its workers share a pool certificate: auto-N
+            master_args += [f"--local-worker-arg={a}" for a in _tls_args(tls, AUTOSCALED)]
+        master, log = _spawn(master_args, logs / "master.log")
         procs.append(master)
         files.append(log)
         address = dial_address(_wait_ready(master, "master", logs / "master.log"))

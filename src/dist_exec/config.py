@@ -162,6 +162,7 @@ class AutoscalerConfig:
     namespace: str = ""  # kubernetes: empty = the service account's (or the kubeconfig's)
     deployment: str = "dist-exec-worker"
     kubeconfig: str = ""  # empty: in-cluster service account, else $KUBECONFIG, ~/.kube/config
+    local_worker_args: tuple[str, ...] = ()  # more `dist-exec worker` arguments (TLS files)
 
     @property
     def enabled(self) -> bool:

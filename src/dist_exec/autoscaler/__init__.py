@@ -17,7 +17,9 @@ def make_backend(config: AutoscalerConfig, master_address: str, log_dir: Path) -
     if config.backend == "local":
         from dist_exec.autoscaler.local import LocalBackend
 
-        return LocalBackend(master_address, log_dir, config.tasks_per_worker)
+        return LocalBackend(
+            master_address, log_dir, config.tasks_per_worker, config.local_worker_args
+        )
     if config.backend == "kubernetes":
         from dist_exec.autoscaler.kubernetes import KubernetesBackend
 

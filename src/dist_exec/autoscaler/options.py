@@ -69,6 +69,9 @@ _OPTIONS: list[tuple[str, str, str, Any, Any, str]] = [
      "The worker Deployment to scale."),
     ("--kubeconfig", "kubeconfig", "KUBECONFIG", str, "",
      "Kubeconfig file (default: the in-cluster service account, else ~/.kube/config)."),
+    ("--local-worker-arg", "local_worker_args", "", str, (),
+     "Repeatable: one more argument for the local workers, e.g. "
+     "--local-worker-arg=--tls-cert=FILE."),
 ]  # fmt: skip
 
 
@@ -84,12 +87,13 @@ def scaler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             flag,
             field_name,
             type=kind,
-            envvar=env,
+            envvar=env or None,
+            multiple=isinstance(default, tuple),
             default=format_duration(default) if kind is SECONDS else default,
-            show_default=default not in (None, ""),
+            show_default=default not in (None, "", ()),
             expose_value=False,
             callback=_store,
-            help=f"{text} (env {env})",
+            help=f"{text} (env {env})" if env else text,
         )(fn)
     return fn
 

@@ -1,0 +1,86 @@
+"""A worker honours the DRAIN action of a heartbeat reply: it takes no new tasks, reports
+NOT_SERVING on its health service (so its pod turns NotReady), says it is draining in its
+heartbeats and stays up until it is stopped, then deregisters."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
+from tests.conftest import ClusterFactory, wait_for
+
+
+class DrainingMaster(worker_pb2_grpc.RegistrationServiceServicer):
+    """A master that answers every heartbeat with DRAIN once ``drain`` is set."""
+
+    def __init__(self) -> None:
+        self.drain = threading.Event()
+        self.heartbeats: list[worker_pb2.HeartbeatRequest] = []
+        self.deregistered = threading.Event()
+
+    def Register(self, request: Any, context: Any) -> worker_pb2.RegisterResponse:
+        response = worker_pb2.RegisterResponse(accepted=True, message="ok")
+        response.heartbeat_interval.FromMilliseconds(100)
+        return response
+
+    def Heartbeat(self, request: Any, context: Any) -> worker_pb2.HeartbeatResponse:
+        self.heartbeats.append(request)
+        action = worker_pb2.HEARTBEAT_ACTION_DRAIN if self.drain.is_set() else 0
+        return worker_pb2.HeartbeatResponse(acknowledged=True, action=action)  # type: ignore[arg-type]
+
+    def Deregister(self, request: Any, context: Any) -> worker_pb2.DeregisterResponse:
+        self.deregistered.set()
+        return worker_pb2.DeregisterResponse(acknowledged=True)
+
+
+@pytest.fixture
+def fake_master() -> Iterator[tuple[DrainingMaster, str]]:
+    servicer = DrainingMaster()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_RegistrationServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        return int(reply.status)
+
+
+def test_drain_action_makes_the_worker_not_serving_and_keeps_it_up(
+    cluster: ClusterFactory, fake_master: tuple[DrainingMaster, str]
+) -> None:
+    servicer, address = fake_master
+    worker = cluster.worker(address, worker_id="victim")
+    wait_for(lambda: servicer.heartbeats, 10, "a first heartbeat")
+    assert health(worker.address) == health_pb2.HealthCheckResponse.SERVING
+    assert not servicer.heartbeats[-1].draining
+
+    servicer.drain.set()
+    wait_for(
+        lambda: health(worker.address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+        10,
+        "the worker to report NOT_SERVING",
+    )
+    wait_for(lambda: servicer.heartbeats[-1].draining, 10, "a heartbeat saying draining")
+    count = len(servicer.heartbeats)
+    wait_for(lambda: len(servicer.heartbeats) > count + 2, 10, "more heartbeats")
+    assert worker.alive(), "a drained worker stays up until it is stopped"
+    assert "the master asked this node to drain" in worker.log_text()
+
+    assert worker.stop() == 0
+    assert servicer.deregistered.is_set()
