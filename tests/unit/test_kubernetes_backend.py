@@ -1,0 +1,111 @@
+"""KubernetesBackend's retry and error rules, over a scripted HTTP transport. The same calls run
+against a real kube-apiserver in tests/k8s; this pins down which failures are retried."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx2
+import pytest
+from lightkube import AsyncClient, KubeConfig
+from lightkube.config.models import Cluster, User
+
+from dist_exec.autoscaler.backend import ScaleError, ScaleForbidden, ScaleTargetMissing
+from dist_exec.autoscaler.kubernetes import KubernetesBackend
+
+
+def status(code: int, message: str) -> httpx2.Response:
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message}
+    return httpx2.Response(code, json={**body, "code": code})
+
+
+class Script:
+    """Answers requests from a list, one per call; records what was asked."""
+
+    def __init__(self, answers: list[httpx2.Response | Exception]) -> None:
+        self.answers: Iterator[httpx2.Response | Exception] = iter(answers)
+        self.requests: list[httpx2.Request] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        answer = next(self.answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def backend(script: Script) -> KubernetesBackend:
+    client = AsyncClient(
+        KubeConfig.from_one(
+            cluster=Cluster(server="http://kube.test"), user=User(token="t"), namespace="ns"
+        ),
+        transport=httpx2.MockTransport(script),
+    )
+    return KubernetesBackend(client, "dist-exec-worker")
+
+
+SCALE = {
+    "kind": "Scale",
+    "apiVersion": "autoscaling/v1",
+    "metadata": {"name": "dist-exec-worker", "namespace": "ns"},
+    "spec": {"replicas": 3},
+}
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dist_exec.autoscaler.kubernetes.RETRY_BACKOFF_S", 0.0)
+
+
+@pytest.mark.parametrize("code", [409, 429, 500, 503])
+async def test_transient_answers_are_retried(code: int) -> None:
+    script = Script([status(code, "try again"), httpx2.Response(200, json=SCALE)])
+    scaler = backend(script)
+    await scaler.set_replicas(3)
+    assert len(script.requests) == 2
+    sent = script.requests[-1]
+    assert sent.method == "PATCH"
+    assert sent.url.path == "/apis/apps/v1/namespaces/ns/deployments/dist-exec-worker/scale"
+    assert sent.headers["content-type"] == "application/merge-patch+json"
+    assert json.loads(sent.content) == {"spec": {"replicas": 3}}
+    await scaler.close()
+
+
+async def test_connection_errors_are_retried_then_reported() -> None:
+    script = Script([httpx2.ConnectError("refused")] * 3)
+    scaler = backend(script)
+    with pytest.raises(ScaleError, match="cannot reach the Kubernetes API to scale to 2"):
+        await scaler.set_replicas(2)
+    assert len(script.requests) == 3
+    await scaler.close()
+
+
+async def test_a_conflict_that_persists_is_reported_after_the_retries() -> None:
+    script = Script([status(409, "the object has been modified")] * 3)
+    scaler = backend(script)
+    with pytest.raises(ScaleError, match=r"\(HTTP 409\): the object has been modified"):
+        await scaler.set_replicas(2)
+    assert len(script.requests) == 3
+    await scaler.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "text"),
+    [
+        (403, ScaleForbidden, "Kubernetes refused to scale to 2 deployment ns/dist-exec-worker"),
+        (401, ScaleForbidden, "deploy/kubernetes/rbac.yaml"),
+        (404, ScaleTargetMissing, "check WORKER_DEPLOYMENT and K8S_NAMESPACE"),
+        (422, ScaleError, "(HTTP 422): invalid"),
+    ],
+)
+async def test_permanent_answers_are_not_retried(
+    code: int, error: type[ScaleError], text: str
+) -> None:
+    script = Script([status(code, "invalid")])
+    scaler = backend(script)
+    with pytest.raises(error) as raised:
+        await scaler.set_replicas(2)
+    assert text in str(raised.value)
+    assert len(script.requests) == 1
+    await scaler.close()
