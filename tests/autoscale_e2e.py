@@ -20,6 +20,16 @@ from dist_exec.models import JobStatus, ScalerStatus
 from dist_exec.security.credentials import Credentials
 
 T = TypeVar("T")
+# Scaler timings short enough for a test (environment of the master, or of `dist-exec up`).
+FAST_SCALING = {
+    "SCALE_DOWN_DELAY_SECONDS": "2s",
+    "COOLDOWN_SECONDS": "0.5s",
+    "SCALE_DOWN_COOLDOWN_SECONDS": "1s",
+    "MIN_WORKER_LIFETIME_SECONDS": "1s",
+    "SCALE_INTERVAL_SECONDS": "0.2s",
+    "HEARTBEAT_INTERVAL_SECONDS": "0.5s",
+    "HEARTBEAT_TIMEOUT_SECONDS": "3s",
+}
 
 
 async def until(

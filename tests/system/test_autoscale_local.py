@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 
 from dist_exec.security.credentials import discover
-from tests.autoscale_e2e import backlog_then_idle
+from tests.autoscale_e2e import FAST_SCALING, backlog_then_idle
 from tests.conftest import ClusterFactory, run_cli
-
-FAST_SCALING = {
-    "SCALE_DOWN_DELAY_SECONDS": "2s",
-    "COOLDOWN_SECONDS": "0.5s",
-    "SCALE_DOWN_COOLDOWN_SECONDS": "1s",
-    "MIN_WORKER_LIFETIME_SECONDS": "1s",
-    "SCALE_INTERVAL_SECONDS": "0.2s",
-    "HEARTBEAT_INTERVAL_SECONDS": "0.5s",
-    "HEARTBEAT_TIMEOUT_SECONDS": "3s",
-}
 
 
 @pytest.mark.timeout(150)

@@ -4,6 +4,9 @@ heartbeats and stays up until it is stopped, then deregisters."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -61,6 +64,29 @@ def health(address: str) -> int:
         return int(reply.status)
 
 
+def probe(*args: str) -> subprocess.CompletedProcess[str]:
+    """The readiness/liveness command of deploy/kubernetes/worker.yaml."""
+    return subprocess.run(
+        [sys.executable, "-m", "dist_exec.healthcheck", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_health_probe_bad_input_and_unreachable_server() -> None:
+    usage = probe()
+    assert usage.returncode == 2
+    assert "usage: python -m dist_exec.healthcheck HOST:PORT [--alive]" in usage.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        down = probe(address, "--alive")
+    assert down.returncode == 1
+    assert down.stderr.startswith(f"unhealthy: {address}: UNAVAILABLE")
+
+
 def test_drain_action_makes_the_worker_not_serving_and_keeps_it_up(
     cluster: ClusterFactory, fake_master: tuple[DrainingMaster, str]
 ) -> None:
@@ -68,6 +94,7 @@ def test_drain_action_makes_the_worker_not_serving_and_keeps_it_up(
     worker = cluster.worker(address, worker_id="victim")
     wait_for(lambda: servicer.heartbeats, 10, "a first heartbeat")
     assert health(worker.address) == health_pb2.HealthCheckResponse.SERVING
+    assert probe(worker.address).returncode == 0
     assert not servicer.heartbeats[-1].draining
 
     servicer.drain.set()
@@ -80,6 +107,11 @@ def test_drain_action_makes_the_worker_not_serving_and_keeps_it_up(
     count = len(servicer.heartbeats)
     wait_for(lambda: len(servicer.heartbeats) > count + 2, 10, "more heartbeats")
     assert worker.alive(), "a drained worker stays up until it is stopped"
+    # The pod's probes: not ready (the ReplicaSet deletes it first), but alive (no restart).
+    readiness = probe(worker.address)
+    assert readiness.returncode == 1
+    assert readiness.stderr.strip() == f"unhealthy: {worker.address}: NOT_SERVING"
+    assert probe(worker.address, "--alive").returncode == 0
     assert "the master asked this node to drain" in worker.log_text()
 
     assert worker.stop() == 0

@@ -19,6 +19,7 @@ missing Deployment become errors that say what to fix.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -34,6 +35,8 @@ from dist_exec.autoscaler.backend import Scale, ScaleError, ScaleForbidden, Scal
 from dist_exec.models import NodeId
 
 T = TypeVar("T")
+# The HTTP client logs every request at INFO: one line per scaler look. Errors are ours to log.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 VICTIM_COST = "-1000"  # lower is deleted first; unmarked pods count as 0
 RETRIES = 3
