@@ -26,9 +26,13 @@ class DrainingMaster(worker_pb2_grpc.RegistrationServiceServicer):
     def __init__(self) -> None:
         self.drain = threading.Event()
         self.heartbeats: list[worker_pb2.HeartbeatRequest] = []
+        self.registrations: list[worker_pb2.RegisterRequest] = []
         self.deregistered = threading.Event()
+        self.forget = threading.Event()  # as a restarted master: the node is unknown
 
     def Register(self, request: Any, context: Any) -> worker_pb2.RegisterResponse:
+        self.registrations.append(request)
+        self.forget.clear()
         response = worker_pb2.RegisterResponse(accepted=True, message="ok")
         response.heartbeat_interval.FromMilliseconds(100)
         return response
@@ -36,7 +40,8 @@ class DrainingMaster(worker_pb2_grpc.RegistrationServiceServicer):
     def Heartbeat(self, request: Any, context: Any) -> worker_pb2.HeartbeatResponse:
         self.heartbeats.append(request)
         action = worker_pb2.HEARTBEAT_ACTION_DRAIN if self.drain.is_set() else 0
-        return worker_pb2.HeartbeatResponse(acknowledged=True, action=action)  # type: ignore[arg-type]
+        known = not self.forget.is_set()
+        return worker_pb2.HeartbeatResponse(acknowledged=known, action=action)  # type: ignore[arg-type]
 
     def Deregister(self, request: Any, context: Any) -> worker_pb2.DeregisterResponse:
         self.deregistered.set()

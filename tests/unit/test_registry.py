@@ -371,3 +371,47 @@ def test_excused_silence_does_not_count(registry: NodeRegistry, clock: FakeClock
     node = registry.get(NodeId("w1"))
     assert node is not None
     assert node.last_seen == clock.monotonic()
+
+
+def node(registry: NodeRegistry, node_id: str) -> NodeInfo:
+    found = registry.get(NodeId(node_id))
+    assert found is not None
+    return found
+
+
+def test_idle_since_follows_reservations(registry: NodeRegistry, clock: FakeClock) -> None:
+    add(registry, "w1")
+    assert node(registry, "w1").registered_at == clock.t
+    assert node(registry, "w1").idle_since == clock.t
+    clock.advance(5)
+    registry.reserve(NodeId("w1"))
+    registry.reserve(NodeId("w1"))
+    assert node(registry, "w1").idle_since is None
+    clock.advance(5)
+    registry.release(NodeId("w1"))
+    assert node(registry, "w1").idle_since is None, "one task still runs"
+    clock.advance(5)
+    registry.release(NodeId("w1"))
+    assert node(registry, "w1").idle_since == clock.t
+
+
+def test_drain_request_stops_placement_and_outlives_heartbeats(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    add(registry, "w1")
+    add(registry, "w2")
+    assert registry.request_drain(NodeId("w1"))
+    assert not registry.request_drain(NodeId("unknown"))
+    assert status(registry, "w1") == NodeStatus.DRAINING
+    assert ids(registry.eligible(spec("command"))) == ["w2"]
+    # The worker's own heartbeat (not draining yet) does not undo the request ...
+    registry.heartbeat(NodeId("w1"), draining=False)
+    assert status(registry, "w1") == NodeStatus.DRAINING
+    # ... nor does registering again, which keeps its reservations' idle time too.
+    registry.reserve(NodeId("w1"), force=True)
+    clock.advance(3)
+    registry.register(NodeId("w1"), "w1:7001", ["command"], 2, {})
+    assert status(registry, "w1") == NodeStatus.DRAINING
+    assert node(registry, "w1").drain_requested
+    assert node(registry, "w1").idle_since is None
+    assert node(registry, "w1").registered_at == clock.t

@@ -17,6 +17,7 @@ from dist_exec.models import (
     NodeId,
     NodeInfo,
     NodeStatus,
+    ScalerStatus,
     TaskLimits,
     TaskSpec,
 )
@@ -297,3 +298,22 @@ def test_limits_travel_in_submit_execute_and_node_messages() -> None:
     # A negative CPU time stays negative, for validation to refuse.
     forged = worker_pb2.ExecuteRequest(limits=common_pb2.Limits(cpu_time=wire.duration(-2)))
     assert wire.limits_from_pb(forged.limits).cpu_time_s == -2
+
+
+@pytest.mark.parametrize("event_at", [None, datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)])
+def test_scaler_status_round_trip(event_at: datetime | None) -> None:
+    status = ScalerStatus(
+        backend="kubernetes deployment ns/dist-exec-worker",
+        desired=4,
+        ready=3,
+        min_replicas=1,
+        max_replicas=10,
+        floor=2,
+        draining=("w-a", "w-b"),
+        last_decision="idle; scale-down cooldown (3s left)",
+        last_event="scaled up to 4: no free slot and 9 task(s) pending",
+        last_event_at=event_at,
+        error="Kubernetes refused to read deployment ns/dist-exec-worker (HTTP 403)",
+    )
+    msg = master_pb2.ScalerStatus.FromString(wire.scaler_status_to_pb(status).SerializeToString())
+    assert wire.scaler_status_from_pb(msg) == status

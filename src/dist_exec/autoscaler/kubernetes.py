@@ -101,7 +101,7 @@ class KubernetesBackend:
 
     async def scale_down(self, victims: Sequence[NodeId]) -> list[NodeId]:
         """Lower the replicas by the victims whose pods are NotReady (drained), after marking
-        them as the cheapest pods to delete. Pods already gone count as removed."""
+        them as the cheapest pods to delete. Pods gone or being deleted count as removed."""
         ready_to_go: list[NodeId] = []
         gone: list[NodeId] = []
         for victim in victims:
@@ -110,8 +110,8 @@ class KubernetesBackend:
                 lambda v=victim: self.client.get(Pod, v, namespace=self.namespace),  # type: ignore[misc]
                 missing_ok=True,
             )
-            if pod is None:
-                gone.append(victim)
+            if pod is None or (pod.metadata and pod.metadata.deletionTimestamp):
+                gone.append(victim)  # already going: lowering the replicas would take another
                 continue
             if victim not in self._marked:
                 await self._mark(victim)

@@ -118,6 +118,10 @@ class Autoscaler:
 
     def _forget_gone(self, nodes: dict[NodeId, NodeInfo], now: float) -> None:
         self._draining &= set(nodes)
+        # Victims chosen before a master restart (their workers say so when they register).
+        self._draining |= {
+            n.id for n in nodes.values() if n.drain_requested and n.id not in self._removing
+        }
         for node_id, since in list(self._removing.items()):
             if node_id not in nodes:
                 del self._removing[node_id]

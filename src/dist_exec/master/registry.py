@@ -86,7 +86,7 @@ class NodeRegistry:
         if node is None:
             return False
         node.drain_requested = True
-        if node.status == NodeStatus.HEALTHY:
+        if node.status != NodeStatus.UNHEALTHY:
             node.status = NodeStatus.DRAINING
         return True
 

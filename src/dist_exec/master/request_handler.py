@@ -371,6 +371,8 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             request.weight,
             wire.limits_from_pb(request.task_limits),
         )
+        if request.drain_requested:  # chosen for scale-in by this master before it restarted
+            self.master.request_drain(NodeId(request.worker_id))
         return worker_pb2.RegisterResponse(
             accepted=True,
             message="registered",

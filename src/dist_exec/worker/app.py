@@ -56,6 +56,7 @@ class Registrar:
         self.runner = runner
         self.address = address
         self.on_drain = on_drain  # the master's heartbeat reply said DRAIN
+        self.drain_requested = False
         self.stub: RegistrationServiceAsyncStub = worker_pb2_grpc.RegistrationServiceStub(channel)
         self.interval_s = config.heartbeat_interval_s
         self.registered = asyncio.Event()
@@ -94,6 +95,7 @@ class Registrar:
             labels=self.config.labels,
             weight=self.config.weight,
             task_limits=wire.limits_to_pb(self.config.task_limits),
+            drain_requested=self.drain_requested,
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None
@@ -125,7 +127,8 @@ class Registrar:
         if not reply.acknowledged:
             log.info("master does not know this node (restarted?); registering again")
             await self.register()
-        elif reply.action == worker_pb2.HEARTBEAT_ACTION_DRAIN and not self.runner.draining:
+        elif reply.action == worker_pb2.HEARTBEAT_ACTION_DRAIN and not self.drain_requested:
+            self.drain_requested = True
             await self.on_drain()
 
     async def deregister(self) -> None:

@@ -160,7 +160,7 @@ class HeldAttempt(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "capabilities", "max_concurrent_tasks", "labels", "held_attempts", "weight", "task_limits")
+    __slots__ = ("worker_id", "address", "capabilities", "max_concurrent_tasks", "labels", "held_attempts", "weight", "drain_requested", "task_limits")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class RegisterRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     HELD_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     TASK_LIMITS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
@@ -183,8 +184,9 @@ class RegisterRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     held_attempts: _containers.RepeatedCompositeFieldContainer[HeldAttempt]
     weight: int
+    drain_requested: bool
     task_limits: _common_pb2.Limits
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ..., weight: _Optional[int] = ..., task_limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ..., weight: _Optional[int] = ..., drain_requested: _Optional[bool] = ..., task_limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("accepted", "message", "heartbeat_interval")
