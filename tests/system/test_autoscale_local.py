@@ -11,7 +11,7 @@ import pytest
 
 from dist_exec.security.credentials import discover
 from tests.autoscale_e2e import FAST_SCALING, backlog_then_idle
-from tests.conftest import ClusterFactory, run_cli
+from tests.conftest import ClusterFactory, pid_alive, run_cli, wait_for
 
 
 @pytest.mark.timeout(150)
@@ -106,3 +106,25 @@ def test_nodes_without_a_scaler_prints_no_scaler_line(cluster: ClusterFactory) -
     result = run_cli("nodes", master=master.address)
     assert "plain" in result.stdout
     assert "autoscaler" not in result.stdout
+
+
+def test_local_workers_stop_when_their_master_is_killed(cluster: ClusterFactory) -> None:
+    master = cluster.master(extra=["--scaler", "local", "--min-replicas", "2"])
+    started = wait_for(
+        lambda: (
+            [
+                int(p)
+                for p in re.findall(
+                    r"started local worker auto-\d+ \(pid (\d+)\)", master.log_text()
+                )
+            ]
+            if master.log_text().count("registered at") >= 2
+            else None
+        ),
+        30,
+        "two local workers",
+    )
+    assert len(started) == 2
+    assert all(pid_alive(pid) for pid in started)
+    master.kill()
+    wait_for(lambda: not any(pid_alive(pid) for pid in started), 30, "the workers to stop")

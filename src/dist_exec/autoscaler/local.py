@@ -2,7 +2,8 @@
 
 Like a ReplicaSet, a worker process that exits counts no more, so the policy starts another
 when the group falls below its minimum. Removed workers get SIGTERM: they drain (finish what
-runs, deliver results, deregister) and exit. ``close`` stops every worker this backend started.
+runs, deliver results, deregister) and exit. ``close`` stops every worker this backend
+started, and ``local_worker`` stops them when the master dies without doing it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -62,7 +64,7 @@ class LocalBackend:
             with (self.log_dir / f"{node_id}.log").open("ab") as log_file:
                 try:
                     proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "dist_exec", "worker",
+                        sys.executable, "-m", "dist_exec.autoscaler.local_worker", str(os.getpid()),
                         "--master", self.master_address, "--listen", "127.0.0.1:0",
                         "--worker-id", node_id,
                         "--max-concurrent-tasks", str(self.max_concurrent_tasks),
