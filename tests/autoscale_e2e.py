@@ -97,16 +97,19 @@ async def backlog_then_idle(
         await until(scaled_up, 30, "the first scale-up", poll=0.02)
         run.backlog_to_scale_up_s = time.monotonic() - submitted
 
+        peak = 0  # desired workers, at most
+
         async def all_done() -> bool:
+            nonlocal peak
             nodes = await client.nodes()
             run.nodes_seen |= {n.id for n in nodes}
             run.peak_nodes = max(run.peak_nodes, len(nodes))
+            peak = max(peak, (await scaler(client)).desired)
             finished = [await client.get(j) for j in job_ids]
             return all(j.status.terminal for j in finished)
 
         await until(all_done, timeout, "every job to finish", poll=0.2)
         idle = time.monotonic()
-        peak = (await scaler(client)).desired
 
         async def scaled_down() -> bool:
             return (await scaler(client)).desired < peak
