@@ -3,12 +3,15 @@
 Exit 0 when the server at ADDRESS reports SERVING (readiness: a draining worker reports
 NOT_SERVING, so its pod turns NotReady); with ``--alive``, when it answers at all (liveness: a
 draining worker must not be restarted). Exit 1 otherwise, with one line on stderr. Kubernetes
->= 1.24 can probe gRPC natively; this works on every version.
+>= 1.24 can probe gRPC natively; this works on every version, and speaks mutual TLS with the
+files of the server it runs beside (DIST_EXEC_TLS_CA, _CERT, _KEY, as in tls-patch.yaml).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,9 +19,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 TIMEOUT_S = 2.0
 
 
+def _channel(address: str) -> grpc.Channel:
+    files = [os.environ.get(f"DIST_EXEC_TLS_{part}", "") for part in ("CA", "KEY", "CERT")]
+    if not all(files):
+        return grpc.insecure_channel(address)
+    ca, key, cert = (Path(f).read_bytes() for f in files)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert))
+
+
 def check(address: str, alive_only: bool) -> str | None:
     """None when healthy, else why not."""
-    with grpc.insecure_channel(address) as channel:
+    try:
+        channel = _channel(address)
+    except OSError as exc:
+        return f"cannot read the TLS files: {exc}"
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S

@@ -4,6 +4,7 @@ heartbeats and stays up until it is stopped, then deregisters."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def health(address: str) -> int:
         return int(reply.status)
 
 
-def probe(*args: str) -> subprocess.CompletedProcess[str]:
+def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The readiness/liveness command of deploy/kubernetes/worker.yaml."""
     return subprocess.run(
         [sys.executable, "-m", "dist_exec.healthcheck", *args],
@@ -77,7 +78,26 @@ def probe(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=30,
         check=False,
+        env={**os.environ, **(env or {})},
     )
+
+
+def test_health_probe_speaks_mutual_tls(cluster: ClusterFactory) -> None:
+    """With the TLS files of the server it runs beside (tls-patch.yaml's environment)."""
+    master = cluster.master(secure=True)
+    worker = cluster.worker(master, worker_id="tls-w", secure=True)
+    for server, name in ((master, "master"), (worker, "tls-w")):
+        issued = cluster.pki.issue(name, "master" if name == "master" else "worker")
+        env = {
+            "DIST_EXEC_TLS_CA": str(cluster.pki.ca),
+            "DIST_EXEC_TLS_CERT": str(issued.cert),
+            "DIST_EXEC_TLS_KEY": str(issued.key),
+        }
+        assert probe(server.address, env=env).returncode == 0, probe(server.address, env=env)
+        assert probe(server.address).returncode == 1  # plain text at a TLS server
+    broken = probe(master.address, env={**env, "DIST_EXEC_TLS_KEY": "/nonexistent"})
+    assert broken.returncode == 1
+    assert broken.stderr.startswith("unhealthy: cannot read the TLS files")
 
 
 def test_health_probe_bad_input_and_unreachable_server() -> None:
