@@ -107,7 +107,12 @@ async def test_worker_sigkill_mid_task_retries_on_another_worker(
     runs = tmp_path / "runs"
     async with Client(master.address) as client:
         job_id = await client.submit(
-            command_spec(f"echo run >> {runs}; sleep 1; echo survived", shell=True)
+            # The first run outlasts its worker whatever the machine's speed; the retry ends.
+            command_spec(
+                f"echo run >> {runs}; "
+                f'if [ "$(wc -l < {runs})" -gt 1 ]; then echo survived; else sleep 60; fi',
+                shell=True,
+            )
         )
         job = await wait_job(client, job_id, statuses={JobStatus.RUNNING})
         assert job.worker_id == "w1"

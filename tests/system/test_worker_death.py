@@ -62,7 +62,7 @@ def test_the_guardian_leaves_with_a_worker_that_stops_normally(cluster: ClusterF
         int(p.name)
         for p in Path("/proc").iterdir()
         if p.name.isdigit()
-        and _cmdline(p).endswith(b"dist_exec.executors.guardian")
+        and b"dist_exec.executors.guardian" in _cmdline(p)
         and _ppid(p) == worker.proc.pid
     ]
     assert len(guardians) == 1
