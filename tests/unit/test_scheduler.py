@@ -244,17 +244,18 @@ def test_plan_only_uses_capable_nodes(scheduler: Scheduler) -> None:
     ]
 
 
-def test_an_isolated_task_goes_only_to_an_idle_node_and_blocks_no_one(
-    scheduler: Scheduler,
-) -> None:
-    enqueue_all(scheduler, ("suspect", spec(priority=9)), ("a", spec()), ("b", spec()))
-    nodes = FakeNodes(("n1", 2, {"command"}), ("n2", 2, {"command"}))
-    nodes.reserve(NodeId("n1"))
-    nodes.reserve(NodeId("n2"))  # both busy: the suspect waits, the others go past it
-    plan = scheduler.plan(nodes.eligible, nodes.reserve, lambda job: job == "suspect")
-    assert sorted(placed(plan)) == [("a", "n1"), ("b", "n2")]
-    assert scheduler.ordered() == ["suspect"]
-    for node in ("n1", "n1", "n2", "n2"):
-        nodes.release(NodeId(node))
-    plan = scheduler.plan(nodes.eligible, nodes.reserve, lambda job: job == "suspect")
-    assert [job for job, _ in placed(plan)] == ["suspect"]
+def test_isolated_tasks_never_share_a_node_and_block_no_one(scheduler: Scheduler) -> None:
+    enqueue_all(
+        scheduler,
+        ("s1", spec(priority=9)), ("s2", spec(priority=9)), ("s3", spec(priority=9)),
+        ("a", spec()), ("b", spec()),
+    )  # fmt: skip
+    nodes = FakeNodes(("n1", 2, {"command"}), ("n2", 2, {"command"}), ("n3", 2, {"command"}))
+    isolated = {"s1", "s2", "s3"}
+    # n3 already runs an isolated task: s1 and s2 take n1 and n2, s3 waits; a and b may share.
+    plan = scheduler.plan(nodes.eligible, nodes.reserve, isolated.__contains__, [NodeId("n3")])
+    assignments = placed(plan)
+    isolated_nodes = [node for job, node in assignments if job in isolated]
+    assert sorted(isolated_nodes) == ["n1", "n2"]
+    assert sorted(job for job, _ in assignments) == ["a", "b", "s1", "s2"]
+    assert scheduler.ordered() == ["s3"]

@@ -160,8 +160,9 @@ class Master:
         self._tg: asyncio.TaskGroup | None = None
         self._seq = itertools.count(1)  # submission order, for FIFO within a priority
         self._keys: dict[str, tuple[JobId, str]] = {}  # idempotency keys of active jobs
-        # Nodes running a job whose worker was lost before: nothing else runs beside it, so a
-        # task that kills its workers takes no bystanders along (nor gets them blamed).
+        # Nodes running a job that one more lost worker would fail as poison. Two such jobs
+        # never share a node: a task that kills its workers cannot take another one on its
+        # last chance down with it, so only the task itself is failed as poison.
         self._isolating: dict[NodeId, JobId] = {}
         self.ready = asyncio.Event()
 
@@ -237,9 +238,11 @@ class Master:
     def _place(self) -> list[ActiveJob]:
         """Assign queued jobs to free slots and start their attempts; returns those jobs."""
         placed = []
-        for assignment in self.scheduler.plan(self._eligible, self.registry.reserve, self._suspect):
+        for assignment in self.scheduler.plan(
+            self.registry.eligible, self.registry.reserve, self._last_chance, self._isolating
+        ):
             job = self._active[assignment.job_id]
-            if job.worker_losses:
+            if self._last_chance(job.id):
                 self._isolating[assignment.node_id] = job.id
             job.status = JobStatus.RUNNING
             job.attempt += 1
@@ -253,12 +256,9 @@ class Master:
             placed.append(job)
         return placed
 
-    def _eligible(self, spec: TaskSpec) -> list[NodeInfo]:
-        return [n for n in self.registry.eligible(spec) if n.id not in self._isolating]
-
-    def _suspect(self, job_id: JobId) -> bool:
+    def _last_chance(self, job_id: JobId) -> bool:
         job = self._active.get(job_id)
-        return job is not None and job.worker_losses > 0
+        return job is not None and job.worker_losses >= self.config.poison_threshold - 1 > 0
 
     async def _sweep_forever(self) -> None:
         period = max(0.05, min(1.0, self.config.heartbeat_interval_s / 2))

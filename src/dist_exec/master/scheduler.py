@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from dist_exec.master.balancer import Balancer
@@ -107,9 +107,10 @@ class Scheduler:
         eligible: Callable[[TaskSpec], list[NodeInfo]],
         reserve: Callable[[NodeId], None],
         isolated: Callable[[JobId], bool] = lambda job_id: False,
+        isolating: Collection[NodeId] = (),
     ) -> list[Assignment]:
         """Place queued tasks in order while nodes have room; reserve each chosen slot.
-        An ``isolated`` task goes only to a node that runs nothing else.
+        An ``isolated`` task never goes to a node that runs another one (``isolating``).
 
         A task that finds no room blocks the tasks behind it that need the same kind of node
         (type and selector), so a lower priority never overtakes a higher one for a slot."""
@@ -117,6 +118,7 @@ class Scheduler:
         skipped: list[tuple[int, int, int, JobId]] = []
         full: set[tuple[str, frozenset[tuple[str, str]], str, bool]] = set()
         full_types: set[str] = set()  # types every one of whose queued tasks is blocked
+        taken = set(isolating)
         while self._heap and not full_types.issuperset(+self._types):
             entry = heapq.heappop(self._heap)
             job_id, generation = entry[3], entry[2]
@@ -129,7 +131,7 @@ class Scheduler:
             if kind not in full:
                 nodes = eligible(spec)
                 if alone:
-                    nodes = [n for n in nodes if n.active_tasks == 0]
+                    nodes = [n for n in nodes if n.id not in taken]
                 node = self.balancer.select(spec, nodes)
             if node is None:
                 full.add(kind)
@@ -138,6 +140,8 @@ class Scheduler:
                 skipped.append(entry)
                 continue
             reserve(node.id)
+            if alone:
+                taken.add(node.id)
             self.remove(job_id)
             assignments.append(Assignment(job_id, node.id))
         for entry in skipped:
