@@ -231,8 +231,9 @@ class CommandExecutor:
         try:
             return await self._run(spec, request, jail, sink)
         finally:
-            # Also kills whatever of the task left its process group but not its cgroup.
-            await asyncio.shield(asyncio.to_thread(jail.close))
+            if jail.cgroup is not None:
+                # Also kills whatever of the task left its process group but not its cgroup.
+                await asyncio.shield(asyncio.to_thread(jail.close))
 
     async def _spawn(
         self, spec: CommandSpec, request: ExecRequest, jail: Jail
@@ -286,19 +287,21 @@ class CommandExecutor:
             _feed(proc.stdin, spec.stdin.encode()),
         )
         watch = asyncio.create_task(_watch(jail, proc.pid, tail)) if jail.watched else None
-        exited = asyncio.create_task(protocol.exited.wait())
+        exited = asyncio.create_task(protocol.exited.wait()) if watch is not None else None
         exceeded: Exceeded | None = None
         try:
             # Not proc.wait(): it also waits for the pipes to close, which a background child
             # holding them open can put off forever (CPython gh-119710).
-            await asyncio.wait(
-                {t for t in (exited, watch) if t}, return_when=asyncio.FIRST_COMPLETED
-            )
+            if watch is None:
+                await protocol.exited.wait()
+            else:
+                assert exited is not None
+                await asyncio.wait({exited, watch}, return_when=asyncio.FIRST_COMPLETED)
             if watch is not None and watch.done():
                 exceeded = watch.result()
                 _signal_group(proc.pid, signal.SIGKILL)
                 jail.kill_all()
-                await exited
+                await protocol.exited.wait()
         except asyncio.CancelledError:
             # Stopped (cancel, timeout, drain): leftovers outside the group go too.
             await asyncio.shield(self._stop(proc, pumps, request))
