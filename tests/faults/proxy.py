@@ -48,6 +48,15 @@ class CuttableProxy:
     def heal(self) -> None:
         self._loop.call_soon_threadsafe(self._open.set)
 
+    def drop(self) -> None:
+        """Close every connection open now (new ones go through): a dropped connection."""
+
+        async def close_all() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(timeout=10)
+
     def close(self) -> None:
         if not self._thread.is_alive():
             return

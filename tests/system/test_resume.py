@@ -1,0 +1,55 @@
+"""Following a job's output survives dropped connections: the client resumes from the last byte
+it got, with no gap and no repeat, and the last line arrives before the final status."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dist_exec.client import Client, command_spec
+from dist_exec.config import split_address
+from dist_exec.models import Job, JobStatus, Stream
+from tests.conftest import ClusterFactory
+from tests.faults.proxy import CuttableProxy
+
+LINES = 400
+
+
+async def test_a_follower_resumes_after_dropped_connections_without_gaps_or_repeats(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    proxy = CuttableProxy(*split_address(master.address)).start()
+    expected = "".join(f"line-{i}\n" for i in range(1, LINES + 1)).encode()
+    try:
+        async with Client(master.address) as direct:
+            job_id = await direct.submit(
+                command_spec(
+                    f"i=1; while [ $i -le {LINES} ]; do echo line-$i; i=$((i+1)); sleep 0.005;"
+                    " done",
+                    shell=True,
+                )
+            )
+        received = bytearray()
+        drops_at = [len(expected) // 4, len(expected) // 2]  # drop the stream twice mid-job
+        final: Job | None = None
+        async with Client(proxy.address) as client:
+            async with asyncio.timeout(60):
+                async for item in client.watch(job_id):
+                    if isinstance(item, Job):
+                        final = item
+                        break
+                    _, chunk = item
+                    assert chunk.stream == Stream.STDOUT
+                    assert chunk.offset == len(received), "a gap or a repeat"
+                    received += chunk.data
+                    if drops_at and len(received) >= drops_at[0]:
+                        drops_at.pop(0)
+                        await asyncio.to_thread(proxy.drop)
+        assert drops_at == [], "the job ended before both drops"
+        assert proxy.accepted >= 3  # it really connected again after each drop
+        assert final is not None
+        assert final.status == JobStatus.COMPLETED
+        assert bytes(received) == expected  # every line, once, the last before the status
+    finally:
+        proxy.close()
