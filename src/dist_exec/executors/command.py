@@ -23,8 +23,8 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from dist_exec import procfs
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.executors.containment import POLL_S, Containment, Jail
@@ -427,19 +427,11 @@ def _group_alive(pgid: int) -> bool:
     and an orphan's zombie waits for init (or a subreaper) to reap it, which can take a while."""
     if not _signal_group(pgid, 0):
         return False
-    proc_dir = Path("/proc")
-    if not proc_dir.is_dir():
+    if not procfs.PROC.is_dir():
         return True
-    for entry in proc_dir.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command name: state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
+    for pid in procfs.pids():
+        fields = procfs.live(pid)
+        if fields is not None and int(fields[2]) == pgid:
             return True
     return False
 

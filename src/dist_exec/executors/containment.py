@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_exec import procfs
 from dist_exec.executors.limits import Exceeded, LimitKind
 from dist_exec.models import TaskLimits
 
@@ -464,18 +465,9 @@ def _rlimit_failure(limits: TaskLimits, stderr_tail: bytes) -> LimitKind | None:
 
 def _count_session(session: int) -> int:
     """Processes of a session (the task's, led by its first process), zombies excluded."""
-    count = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, session, ...
-        if fields[0] != "Z" and int(fields[3]) == session:
-            count += 1
-    return count
+    return sum(
+        1 for pid in procfs.pids() if (f := procfs.live(pid)) is not None and int(f[3]) == session
+    )
 
 
 class Containment:

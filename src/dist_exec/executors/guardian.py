@@ -22,7 +22,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
-from pathlib import Path
+
+from dist_exec import procfs
 
 log = logging.getLogger(__name__)
 GUARD_ENV = "DIST_EXEC_WORKER_GUARD"
@@ -34,15 +35,10 @@ def tagged(tags: Mapping[str, str]) -> list[int]:
     may read)."""
     needles = {f"{name}={value}".encode() for name, value in tags.items()}
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needles <= set(environ.split(b"\0")):
-            found.append(int(entry.name))
+    for pid in procfs.pids():
+        environ = procfs.environment(pid)
+        if environ is not None and needles <= environ:
+            found.append(pid)
     return found
 
 
