@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_exec.config import MasterConfig
-from dist_exec.master.core import HeldAttempt, Master
+from dist_exec.master.core import HeldAttempt, Master, backoff
 from dist_exec.master.dispatcher import AttemptGone
 from dist_exec.models import (
     AttemptOutcome,
@@ -218,21 +218,22 @@ async def test_cancel_during_a_backoff_ends_the_job_without_running_it_again(
         async with asyncio.timeout(10):
             while "retrying in" not in (await master.get(job_id)).pending_reason:
                 await asyncio.sleep(0.01)
+        timer = master._active[job_id].retry_handle
+        assert timer is not None
         assert await master.cancel(job_id, 1.0) == "cancelled before it started"
         job = await wait_end(master, job_id)
         assert job.status == JobStatus.CANCELLED
-        await asyncio.sleep(0)  # the backoff timer, had it not been cancelled, is due later
+        assert [a.outcome for a in job.attempts] == [AttemptOutcome.RETRIED]
+        assert master.scheduler.ordered() == []
+        assert timer.cancelled()  # its backoff timer does not fire later
         assert len(worker.started) == 1
 
     await with_master(tmp_path, worker, config(tmp_path, retry_backoff_s=30.0), body)
 
 
-def test_backoff_doubles_with_jitter_up_to_its_cap(tmp_path: Path) -> None:
-    cfg = config(tmp_path, retry_backoff_s=1.0, retry_backoff_max_s=8.0)
-    master = Master.__new__(Master)
-    master.config = cfg
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
     for retry, step in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (40, 8.0)):
-        delays = [master._backoff(retry) for _ in range(200)]
+        delays = [backoff(retry, 1.0, 8.0) for _ in range(200)]
         assert all(step / 2 <= d <= step for d in delays), (retry, min(delays), max(delays))
         assert max(delays) - min(delays) > step / 10  # jittered, not one fixed value
 

@@ -181,17 +181,14 @@ class Master:
         assert self._tg is not None, "Master.run() is not running"
         return self._tg.create_task(coro)  # type: ignore[arg-type]
 
-    def _start_runner(self, coro: object, node_id: NodeId) -> asyncio.Task[None]:
-        """Run an attempt; its slot on ``node_id`` is released when the task ends, however it
-        ends (a task cancelled before its first step never runs its own finally)."""
+    def _start_runner(self, coro: object, job_id: JobId, node_id: NodeId) -> asyncio.Task[None]:
+        """Run an attempt of ``job_id``; its slot on ``node_id`` (and the node's isolation for
+        it) is released when the task ends, however it ends (a task cancelled before its first
+        step never runs its own finally)."""
 
         def release(_: asyncio.Task[None]) -> None:
             self.registry.release(node_id)
-            if self._isolating.get(node_id) is not None and (
-                (job := self._active.get(self._isolating[node_id])) is None
-                or job.node_id != node_id
-                or job.status != JobStatus.RUNNING
-            ):
+            if self._isolating.get(node_id) == job_id:
                 del self._isolating[node_id]
             self._wake.set()
 
@@ -251,7 +248,9 @@ class Master:
             job.started_mono = self.clock.monotonic()
             job.seen = {s: 0 for s in Stream}
             job.runner = self._start_runner(
-                self._start_attempt(job, job.attempt, assignment.node_id), assignment.node_id
+                self._start_attempt(job, job.attempt, assignment.node_id),
+                job.id,
+                assignment.node_id,
             )
             placed.append(job)
         return placed
@@ -756,7 +755,7 @@ class Master:
                     job.orphan_deadline = None
                     self.registry.reserve(node_id, force=True)
                     job.runner = self._start_runner(
-                        self._run_attempt(job, job.attempt, node_id, True), node_id
+                        self._run_attempt(job, job.attempt, node_id, True), job.id, node_id
                     )
             else:
                 self._spawn(
@@ -1040,7 +1039,11 @@ class Master:
         if give_up:
             await self._complete(job, JobStatus.FAILED, error=give_up, attempt_outcome=kind)
             return
-        delay = self._backoff(retries) if counted else 0.0
+        delay = (
+            backoff(retries, self.config.retry_backoff_s, self.config.retry_backoff_max_s)
+            if counted
+            else 0.0
+        )
         log.warning("job %s attempt %d: %s; retrying in %.1fs", job.id, job.attempt, reason, delay)
         ended = AttemptRecord(
             job.attempt, job.node_id or "", job.started_at, self.clock.now(), kind, reason
@@ -1062,15 +1065,6 @@ class Master:
             self._enqueue(job)
         else:
             job.retry_handle = asyncio.get_running_loop().call_later(delay, self._enqueue, job)
-
-    def _backoff(self, retry: int) -> float:
-        """Exponential backoff with jitter before retry number ``retry`` (from 1): half of
-        the exponential step is fixed, half random, so retries of many jobs spread out."""
-        step = min(
-            self.config.retry_backoff_max_s,
-            self.config.retry_backoff_s * 2.0 ** min(retry - 1, 30),
-        )
-        return step / 2 + random.uniform(0, step / 2)
 
     def _enqueue(self, job: ActiveJob) -> None:
         job.retry_at = job.retry_handle = None
@@ -1145,6 +1139,14 @@ class Master:
             self._active.pop(job.id, None)
             self._forget_key(job)
             job.ended.set()
+
+
+def backoff(retry: int, first_s: float, max_s: float) -> float:
+    """Exponential backoff with jitter before retry number ``retry`` (from 1): the step doubles
+    from ``first_s`` up to ``max_s``; half of it is fixed, half random, so the retries of many
+    jobs lost together spread out."""
+    step = min(max_s, first_s * 2.0 ** min(retry - 1, 30))
+    return step / 2 + random.uniform(0, step / 2)
 
 
 def _describe(outcome: ExecOutcome) -> str:
