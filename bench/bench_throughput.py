@@ -310,7 +310,12 @@ class DistRunner:
         segments: Segments | None = None,
     ) -> None:
         self.client = client
-        bodies = {"stream": self.by_stream, "stream-get": self.by_stream_get, "poll": self.by_poll}
+        bodies = {
+            "run": self.by_run,
+            "stream": self.by_stream,
+            "stream-get": self.by_stream_get,
+            "poll": self.by_poll,
+        }
         self.body = bodies[wait]
         self.job_timeout_s = job_timeout_s
         self.poll_s = poll_s
@@ -324,6 +329,25 @@ class DistRunner:
             return f"no result within {self.job_timeout_s:g}s"
         except Exception as exc:  # a failed RPC is a wrong result, not a crash of the bench
             return f"{type(exc).__name__}: {exc}"
+
+    async def by_run(self, i: int) -> str | None:
+        """One RunJobs call: the job id once it is accepted, then output and the final state."""
+        t0 = time.perf_counter()
+        t1 = t0
+        streamed = bytearray()
+        final: Job | None = None
+        async for item in self.client.run(command_spec(["echo", str(i)])):
+            if isinstance(item, str):
+                t1 = time.perf_counter()
+            elif isinstance(item, Job):
+                final = item
+            elif item[1].stream == Stream.STDOUT:
+                streamed += item[1].data
+        if self.segments is not None:
+            self.segments.append((t1 - t0, time.perf_counter() - t1, 0.0))
+        if final is None:
+            return "the stream ended without the job's final state"
+        return check_output(i, bytes(streamed), final.exit_code, final.status.value)
 
     async def by_stream(self, i: int) -> str | None:
         """Submit, then follow the output stream, which ends with the job's final state."""
@@ -378,8 +402,8 @@ class DistRunner:
 
 class BatchingRunner:
     """Runs ``echo I`` through dist-exec as a script with many jobs would: it keeps up to
-    ``concurrency`` jobs in flight and refills in batches, one SubmitBatch and one WatchJobs
-    stream per batch, whenever at least ``batch`` slots are free."""
+    ``concurrency`` jobs in flight and refills in batches, one RunJobs call (submit and
+    follow) per batch, whenever at least ``batch`` slots are free."""
 
     def __init__(self, client: Client, job_timeout_s: float, batch: int) -> None:
         self.client = client
@@ -405,12 +429,14 @@ class BatchingRunner:
         done: set[int] = set()
         try:
             async with asyncio.timeout(self.job_timeout_s):
-                job_ids = await self.client.submit_many(
-                    [command_spec(["echo", str(i)]) for i in ids]
-                )
+                events = self.client.run_many([command_spec(["echo", str(i)]) for i in ids])
+                job_ids = await anext(events)
+                assert isinstance(job_ids, list)
                 number = dict(zip(job_ids, ids, strict=True))
                 streamed = {job_id: bytearray() for job_id in job_ids}
-                async for job_id, item in self.client.watch_many(job_ids):
+                async for event in events:
+                    assert isinstance(event, tuple)
+                    job_id, item = event
                     i = number[job_id]
                     if isinstance(item, Job):
                         checks.record(
@@ -558,7 +584,7 @@ class Results:
     config: dict[str, Any]
     dist_throughput: Throughput
     local_throughput: Throughput
-    single_throughput: Throughput  # one job per Submit and stream (empty with --no-batch)
+    single_throughput: Throughput  # one job per call (empty with --no-batch)
     single_ratio: float
     dist_latency: Latency
     local_latency: Latency
@@ -744,7 +770,7 @@ def print_summary(r: Results) -> None:
         f"(target >= {TARGET_RATIO}): {met(r.ratio_target_met)}"
     )
     if c["batch"]:
-        print(f"throughput ratio, one job per Submit and stream: {r.single_ratio:.3f}")
+        print(f"throughput ratio, one job per call: {r.single_ratio:.3f}")
     print(
         f"dist-exec p50 latency: {dl.p50_ms:.2f} ms (target < {TARGET_P50_MS} ms): "
         f"{met(r.p50_target_met)}"
@@ -777,20 +803,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=32, help="warm-up jobs each way (0: none)")
     p.add_argument(
         "--wait",
-        choices=("stream", "stream-get", "poll"),
-        default="stream",
-        help="how a job's end is awaited: Client.watch() (the output stream, ended by the job's "
-        "final state), stream_output() then GetStatus, or polling GetStatus",
+        choices=("run", "stream", "stream-get", "poll"),
+        default="run",
+        help="how a job is run: Client.run() (one RunJobs call submits the job and streams its "
+        "output and final state), Submit then Client.watch() (the output stream, ended by the "
+        "job's final state), Submit then stream_output() then GetStatus, or Submit then "
+        "polling GetStatus",
     )
     p.add_argument(
         "--no-batch",
         dest="batch",
         action="store_false",
-        help="throughput with one Submit and one stream per job only (default: measure the "
-        "batched client, SubmitBatch + WatchJobs, and also this, for comparison)",
+        help="throughput with one job per call only (--wait says how; default: measure the "
+        "batched client, one RunJobs call per batch, and also this, for comparison)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=4, help="jobs per SubmitBatch in the batched client"
+        "--batch-size", type=int, default=4, help="jobs per RunJobs call in the batched client"
     )
     p.add_argument(
         "--poll-interval", type=float, default=0.001, help="seconds between polls (--wait poll)"

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -54,6 +54,7 @@ from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
 from dist_exec.models import (
     Job,
+    JobId,
     JobStatus,
     NodeInfo,
     OutputChunk,
@@ -1118,12 +1119,15 @@ async def _watch_broadcast(
 
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
     async with connect(address) as client:
-        job_id = await client.submit(spec)
         if detach:
-            click.echo(job_id)
+            click.echo(await client.submit(spec))
             return 0
+        # One call submits and follows; its first item is the job id, once it is accepted.
+        events = client.run(spec)
+        job_id = await anext(events)
+        assert isinstance(job_id, str)
         loop = asyncio.get_running_loop()
-        follow = asyncio.ensure_future(_stream(client, job_id, quiet=as_json))
+        follow = asyncio.ensure_future(_stream(events, job_id, quiet=as_json))
         loop.add_signal_handler(signal.SIGINT, follow.cancel)
         try:
             job = await follow
@@ -1138,11 +1142,15 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
         return _exit_code(job, quiet=as_json)
 
 
-async def _stream(client: Client, job_id: str, quiet: bool) -> Job:
+async def _stream(
+    events: AsyncIterator[JobId | tuple[int, OutputChunk] | Job], job_id: str, quiet: bool
+) -> Job:
     """Print the job's output as it comes; returns the ended job."""
     last_attempt = 0
     printer = _OutputPrinter()
-    async for item in client.watch(job_id):
+    async for item in events:
+        if isinstance(item, str):
+            continue
         if isinstance(item, Job):
             return item
         attempt, chunk = item

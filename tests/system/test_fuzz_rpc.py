@@ -107,9 +107,14 @@ def _requests(method: MethodDescriptor) -> Iterator[tuple[str, bytes]]:
         yield "huge string", _field(first_string.number, 2, b"a" * (8 * 1024 * 1024))
 
 
-async def _call(channel: grpc.aio.Channel, path: str, streaming: bool, body: bytes) -> None:
-    """Send ``body`` as the raw serialized request (no serializer: the bytes go as they are)."""
-    if streaming:
+async def _call(channel: grpc.aio.Channel, path: str, method: Any, body: bytes) -> None:
+    """Send ``body`` as the raw serialized request (no serializer: the bytes go as they are);
+    to a method that takes a stream of requests, as its one message."""
+    if method.client_streaming:
+        bidi: Any = channel.stream_stream(path)
+        async for _ in bidi(iter([body]), timeout=5):
+            pass
+    elif method.server_streaming:
         call: Any = channel.unary_stream(path)
         async for _ in call(body, timeout=5):
             pass
@@ -131,7 +136,7 @@ async def _barrage(
                 for label, body in _requests(method):
                     codes[f"{method.name} [{label}]"] = grpc.StatusCode.OK
                     try:
-                        await _call(channel, path, method.server_streaming, body)
+                        await _call(channel, path, method, body)
                     except grpc.aio.AioRpcError as exc:
                         codes[f"{method.name} [{label}]"] = exc.code()
                         if exc.code() in UNCLEAR:
@@ -143,9 +148,8 @@ async def _barrage(
                 # Beyond the receive limit: refused by gRPC itself, clearly.
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await _call(
-                        channel, path, method.server_streaming,
-                        _field(1, 2, b"x" * (MAX_MESSAGE_BYTES + 1024)),
-                    )  # fmt: skip
+                        channel, path, method, _field(1, 2, b"x" * (MAX_MESSAGE_BYTES + 1024))
+                    )
                 if info.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     problems.append(f"{path} [oversized]: {info.value.code().name}")
     return problems
@@ -176,6 +180,8 @@ async def test_every_rpc_survives_hostile_messages(cluster: ClusterFactory) -> N
         assert codes["ListJobs [status_filter: unknown enum]"] == invalid
         assert codes["Execute [task_id: invalid utf-8]"] == invalid
         assert codes["Submit [timeout: duration negative]"] == invalid
+        assert codes["Dispatch [not protobuf]"] == invalid
+        assert codes["RunJobs [not protobuf]"] == invalid
         assert len(codes) > 200
         assert master.alive()
         assert worker.alive()

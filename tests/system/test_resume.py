@@ -4,38 +4,48 @@ it got, with no gap and no repeat, and the last line arrives before the final st
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
 
 from dist_exec.client import Client, command_spec
 from dist_exec.config import split_address
-from dist_exec.models import Job, JobStatus, Stream
+from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream
 from tests.conftest import ClusterFactory
 from tests.faults.proxy import CuttableProxy
 
 LINES = 400
 
 
+@pytest.mark.parametrize("how", ["watch", "run"])
 async def test_a_follower_resumes_after_dropped_connections_without_gaps_or_repeats(
-    cluster: ClusterFactory,
+    cluster: ClusterFactory, how: str
 ) -> None:
+    """``watch``: a job submitted before, followed with StreamOutput. ``run``: one RunJobs call
+    submits and follows it; after a drop the client goes on with StreamOutput."""
     master = cluster.master()
     cluster.worker(master, worker_id="w1")
     proxy = CuttableProxy(*split_address(master.address)).start()
     expected = "".join(f"line-{i}\n" for i in range(1, LINES + 1)).encode()
+    spec = command_spec(
+        f"i=1; while [ $i -le {LINES} ]; do echo line-$i; i=$((i+1)); sleep 0.005; done",
+        shell=True,
+    )
     try:
-        async with Client(master.address) as direct:
-            job_id = await direct.submit(
-                command_spec(
-                    f"i=1; while [ $i -le {LINES} ]; do echo line-$i; i=$((i+1)); sleep 0.005;"
-                    " done",
-                    shell=True,
-                )
-            )
         received = bytearray()
         drops_at = [len(expected) // 4, len(expected) // 2]  # drop the stream twice mid-job
         final: Job | None = None
         async with Client(proxy.address) as client:
+            if how == "watch":
+                async with Client(master.address) as direct:
+                    job_id = await direct.submit(spec)
+                items: AsyncIterator[JobId | tuple[int, OutputChunk] | Job] = client.watch(job_id)
+            else:
+                items = client.run(spec)
+                job_id = JobId(str(await anext(items)))
             async with asyncio.timeout(60):
-                async for item in client.watch(job_id):
+                async for item in items:
+                    assert not isinstance(item, str), "the job id comes once, first"
                     if isinstance(item, Job):
                         final = item
                         break
@@ -49,7 +59,7 @@ async def test_a_follower_resumes_after_dropped_connections_without_gaps_or_repe
         assert drops_at == [], "the job ended before both drops"
         assert proxy.accepted >= 3  # it really connected again after each drop
         assert final is not None
-        assert final.status == JobStatus.COMPLETED
+        assert (final.id, final.status) == (job_id, JobStatus.COMPLETED)
         assert bytes(received) == expected  # every line, once, the last before the status
     finally:
         proxy.close()

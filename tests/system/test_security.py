@@ -85,6 +85,9 @@ async def test_roles_and_owners(cluster: ClusterFactory) -> None:
         assert (await reader.get(job)).spec.owner == "alice"
         with pytest.raises(AccessDenied, match="reader has the role read; Submit needs"):
             await reader.submit(command_spec(["true"]))
+        with pytest.raises(AccessDenied, match="reader has the role read; RunJobs needs"):
+            async for _ in reader.run(command_spec(["true"])):
+                pass
         with pytest.raises(AccessDenied):
             await reader.cancel(job)
         # Another submitter can neither see nor cancel it, nor list it.
@@ -208,6 +211,16 @@ async def test_a_worker_accepts_calls_only_from_the_master(cluster: ClusterFacto
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=10)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # The Dispatch stream too: refused before any request on it is read.
+            dispatch = stub.Dispatch(
+                iter([worker_pb2.DispatchRequest(start=[request])]), timeout=10
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in dispatch:
+                    pass
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "needs master" in (info.value.details() or "")
+    assert not Path("/tmp/rogue").exists()
     assert worker.alive()
 
 

@@ -155,12 +155,7 @@ class Client:
         request = master_pb2.WatchJobsRequest(job_ids=job_ids, no_output=not with_output)
         try:
             async for event in self.stub.WatchJobs(request):
-                job_id = JobId(event.job_id)
-                if event.HasField("result"):
-                    yield job_id, wire.job_from_status_pb(event.result)
-                else:
-                    out = event.output
-                    yield job_id, (out.attempt, OutputChunk(Stream(out.type), out.offset, out.data))
+                yield JobId(event.job_id), _event(event)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
 
@@ -251,6 +246,78 @@ class Client:
             if not isinstance(item, Job):
                 yield item
 
+    async def run(self, spec: TaskSpec) -> AsyncIterator[JobId | tuple[int, OutputChunk] | Job]:
+        """Submit a job and follow it in one call: first its id, once the job is accepted
+        (durable), then what ``watch`` yields. A stream that breaks after the id resumes with
+        StreamOutput from where it was."""
+        call = self.stub.RunJobs(master_pb2.RunJobsRequest(jobs=[wire.submit_request(spec)]))
+        job_id: JobId | None = None
+        offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
+        attempt = 0
+        try:
+            async with asyncio.timeout(self.timeout_s):  # to be accepted, as for Submit
+                event = await call.read()
+            while event is not grpc.aio.EOF:
+                assert isinstance(event, master_pb2.JobEvent)
+                if event.accepted:
+                    job_id = JobId(event.job_id)
+                    yield job_id
+                elif event.HasField("result"):
+                    yield wire.job_from_status_pb(event.result)
+                    return
+                else:
+                    out = event.output
+                    attempt, chunk = _track(offsets, attempt, out)
+                    yield attempt, chunk
+                event = await call.read()
+        except TimeoutError:
+            call.cancel()
+            raise self._error(_deadline_error(self.timeout_s)) from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and job_id is None:  # an older master
+                job_id = await self.submit(spec)
+                yield job_id
+            elif job_id is None or exc.code() not in _RESUMABLE:
+                raise self._error(exc) from None
+        finally:
+            if not call.done():
+                call.cancel()
+        if job_id is None:
+            raise DistExecError("the master ended the call without accepting the job")
+        async for item in self._stream(job_id, True, True, offsets, attempt):
+            yield item
+            if isinstance(item, Job):
+                return
+        yield await self.get(job_id)
+
+    async def run_many(
+        self, specs: Sequence[TaskSpec], with_output: bool = True
+    ) -> AsyncIterator[list[JobId] | tuple[JobId, tuple[int, OutputChunk] | Job]]:
+        """Submit several jobs (all are accepted, or none) and follow them in one call: first
+        their ids, in order, then what ``watch_many`` yields, until all have ended."""
+        request = master_pb2.RunJobsRequest(
+            jobs=[wire.submit_request(s) for s in specs], no_output=not with_output
+        )
+        call = self.stub.RunJobs(request)
+        accepted: list[JobId] = []
+        try:
+            async with asyncio.timeout(self.timeout_s):  # to be accepted, as for SubmitBatch
+                for _ in specs:
+                    event = await call.read()
+                    if not isinstance(event, master_pb2.JobEvent) or not event.accepted:
+                        raise DistExecError("the master ended the call without accepting the jobs")
+                    accepted.append(JobId(event.job_id))
+            yield accepted
+            while isinstance(event := await call.read(), master_pb2.JobEvent):
+                yield JobId(event.job_id), _event(event)
+        except TimeoutError:
+            raise self._error(_deadline_error(self.timeout_s)) from None
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            if not call.done():
+                call.cancel()
+
     async def watch(self, job_id: str) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
         """Like ``stream_output`` (following), then the ended Job itself (without its output,
         which was streamed) as the last item."""
@@ -267,10 +334,17 @@ class Client:
         return await self.get(job_id)
 
     async def _stream(
-        self, job_id: str, follow: bool, include_result: bool
+        self,
+        job_id: str,
+        follow: bool,
+        include_result: bool,
+        offsets: dict[Stream, int] | None = None,
+        attempt: int = 0,
     ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
-        offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
-        attempt, failures = 0, 0
+        """Output from ``offsets`` of ``attempt`` on (the start: none), resuming after a
+        broken stream; then the job when ``include_result``."""
+        offsets = offsets or {Stream.STDOUT: 0, Stream.STDERR: 0}
+        failures = 0
         while True:
             request = master_pb2.StreamOutputRequest(
                 job_id=job_id,
@@ -285,11 +359,7 @@ class Client:
                     if msg.HasField("result"):
                         yield wire.job_from_status_pb(msg.result)
                         continue
-                    if msg.attempt > attempt and attempt:
-                        offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
-                    attempt = max(attempt, msg.attempt)
-                    chunk = OutputChunk(Stream(msg.type), msg.offset, msg.data)
-                    offsets[chunk.stream] = chunk.offset + len(chunk.data)
+                    attempt, chunk = _track(offsets, attempt, msg)
                     yield attempt, chunk
                 return
             except grpc.aio.AioRpcError as exc:
@@ -297,3 +367,31 @@ class Client:
                 if exc.code() not in _RESUMABLE or failures > STREAM_RETRIES:
                     raise self._error(exc) from None
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
+
+
+def _event(event: master_pb2.JobEvent) -> tuple[int, OutputChunk] | Job:
+    if event.HasField("result"):
+        return wire.job_from_status_pb(event.result)
+    out = event.output
+    return out.attempt, OutputChunk(Stream(out.type), out.offset, out.data)
+
+
+def _track(
+    offsets: dict[Stream, int], attempt: int, msg: master_pb2.OutputChunk
+) -> tuple[int, OutputChunk]:
+    """Note where a received chunk ends (``offsets``, updated) and which attempt it is of: a
+    later attempt's output starts again at 0."""
+    if msg.attempt > attempt and attempt:
+        offsets.update(dict.fromkeys(Stream, 0))
+    chunk = OutputChunk(Stream(msg.type), msg.offset, msg.data)
+    offsets[chunk.stream] = chunk.offset + len(chunk.data)
+    return max(attempt, msg.attempt), chunk
+
+
+def _deadline_error(timeout_s: float) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        f"no answer within {timeout_s:g}s",
+    )

@@ -77,6 +77,100 @@ class WorkerClient(Protocol):
     async def close(self) -> None: ...
 
 
+ROUTE_EVENTS = 64  # events queued for one attempt before the stream waits (backpressure)
+
+Route = asyncio.Queue[worker_pb2.ExecuteProgress | Exception]
+
+
+class _NoDispatch(Exception):
+    """The worker does not know the Dispatch stream (built before it): use ExecuteStream."""
+
+
+class _Session:
+    """The Dispatch stream to one worker: starts and acknowledgements go out several to a
+    message; events come back and are routed to the attempt they are about. When the stream
+    breaks, every attempt on it gets ``WorkerUnreachable`` (and re-attaches)."""
+
+    def __init__(self, stub: WorkerServiceAsyncStub, address: str) -> None:
+        self.address = address
+        self.call = stub.Dispatch()
+        self.routes: dict[tuple[str, int], Route] = {}
+        self.error: Exception | None = None
+        self._starts: list[worker_pb2.ExecuteRequest] = []
+        self._acks: list[worker_pb2.AttemptRef] = []
+        self._pending = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+
+    def start(self, request: worker_pb2.ExecuteRequest, route: Route) -> None:
+        self.routes[(request.task_id, request.attempt)] = route
+        self._starts.append(request)
+        self._pending.set()
+
+    def ack(self, task_id: str, attempt: int) -> None:
+        self._acks.append(worker_pb2.AttemptRef(task_id=task_id, attempt=attempt))
+        self._pending.set()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._pending.wait()
+                self._pending.clear()
+                request = worker_pb2.DispatchRequest(start=self._starts, delivered=self._acks)
+                self._starts, self._acks = [], []
+                await self.call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. the call ended (done) before this write
+            self._fail(WorkerUnreachable(f"worker {self.address}: {exc}"))
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                for event in message.events:
+                    route = self.routes.get((event.task_id, event.attempt))
+                    if route is not None:  # else an attempt nobody follows any more
+                        await route.put(event)
+            self._fail(WorkerUnreachable(f"worker {self.address} ended the Dispatch stream"))
+        except grpc.aio.AioRpcError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            self._fail(WorkerUnreachable(f"worker {self.address}: channel closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.error is not None:
+            return
+        if isinstance(exc, grpc.aio.AioRpcError):
+            exc = (
+                _NoDispatch()
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED
+                else _classify(exc, self.address)
+            )
+            if isinstance(exc, AttemptGone | AttemptRejected):  # about the stream, not a task
+                exc = WorkerUnreachable(f"worker {self.address}: Dispatch stream: {exc}")
+        self.error = exc
+        for route in self.routes.values():
+            _deliver(route, exc)
+        self.routes.clear()
+        self.call.cancel()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    def close(self) -> None:
+        self._fail(WorkerUnreachable(f"worker {self.address}: channel closed"))
+
+
+def _deliver(route: Route, item: Exception) -> None:
+    """Put ``item`` on a route now, dropping queued events (a re-attach replays them)."""
+    while route.full():
+        route.get_nowait()
+    route.put_nowait(item)
+
+
 def _insecure(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
@@ -92,6 +186,8 @@ class GrpcWorkerClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.channel_factory = channel_factory
         self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._no_dispatch: set[str] = set()  # workers that only know ExecuteStream
 
     def _stub(self, address: str) -> WorkerServiceAsyncStub:
         known = self._channels.get(address)
@@ -111,18 +207,74 @@ class GrpcWorkerClient:
         offsets: Mapping[Stream, int],
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
-        request = worker_pb2.ExecuteRequest(
-            task_id=task_id,
-            task_type=spec.task_type,
-            payload=b"" if attach else spec.payload,
-            timeout=wire.duration(spec.timeout_s),
-            metadata=spec.metadata,
-            attempt=attempt,
-            attach=attach,
-            stdout_offset=offsets.get(Stream.STDOUT, 0),
-            stderr_offset=offsets.get(Stream.STDERR, 0),
-            limits=wire.limits_to_pb(spec.limits),
+        if not attach and address not in self._no_dispatch:
+            try:
+                async for event in self._dispatch(address, task_id, attempt, spec, deadline_s):
+                    yield event
+                return
+            except _NoDispatch:
+                self._no_dispatch.add(address)
+        async for event in self._execute_call(
+            address, task_id, attempt, spec, attach, offsets, deadline_s
+        ):
+            yield event
+
+    async def _dispatch(
+        self, address: str, task_id: str, attempt: int, spec: TaskSpec, deadline_s: float
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        """One attempt on the worker's Dispatch stream (opened on first use)."""
+        session = self._sessions.get(address)
+        if session is None or session.error is not None:
+            session = self._sessions[address] = _Session(self._stub(address), address)
+        route: Route = asyncio.Queue(ROUTE_EVENTS)
+        session.start(_request(task_id, attempt, spec, False, {}), route)
+        timer = asyncio.get_running_loop().call_later(
+            max(deadline_s, 0.001),
+            _deliver,
+            route,
+            WorkerUnreachable(f"worker {address}: DEADLINE_EXCEEDED: no result in time"),
         )
+        key = (task_id, attempt)
+        position = {Stream.STDOUT: 0, Stream.STDERR: 0}
+        try:
+            while True:
+                event = await route.get()
+                if isinstance(event, Exception):
+                    raise event
+                if event.type == worker_pb2.PROGRESS_OUTPUT:
+                    stream = Stream(event.output_type)
+                    start = event.offset if event.HasField("offset") else position[stream]
+                    position[stream] = start + len(event.data)
+                    yield OutputChunk(stream, start, event.data)
+                elif event.type == worker_pb2.PROGRESS_COMPLETED:
+                    yield wire.outcome_from_pb(event.final_result)
+                    # Resumed: the result is recorded; the worker may forget it.
+                    session.ack(task_id, attempt)
+                    return
+                elif event.type == worker_pb2.PROGRESS_ERROR:
+                    raise _refusal(event, address)
+        except ValueError as exc:  # e.g. an output type this master does not know
+            raise AttemptGone(f"worker {address} sent a malformed message: {exc}") from None
+        finally:
+            timer.cancel()
+            if session.routes.get(key) is route:
+                del session.routes[key]
+            while not route.empty():  # frees the reader if it waits to put on this route
+                route.get_nowait()
+
+    async def _execute_call(
+        self,
+        address: str,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        """One attempt through its own ExecuteStream call: to attach to it again, or on a
+        worker without the Dispatch stream."""
+        request = _request(task_id, attempt, spec, attach, offsets)
         call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
         try:
@@ -169,6 +321,10 @@ class GrpcWorkerClient:
         return reply.cancelled
 
     async def forget(self, address: str) -> None:
+        session = self._sessions.pop(address, None)
+        if session is not None:
+            session.close()
+        self._no_dispatch.discard(address)
         known = self._channels.pop(address, None)
         if known is not None:
             await known[0].close()
@@ -179,6 +335,23 @@ class GrpcWorkerClient:
                 await self.forget(address)
 
 
+def _request(
+    task_id: str, attempt: int, spec: TaskSpec, attach: bool, offsets: Mapping[Stream, int]
+) -> worker_pb2.ExecuteRequest:
+    return worker_pb2.ExecuteRequest(
+        task_id=task_id,
+        task_type=spec.task_type,
+        payload=b"" if attach else spec.payload,
+        timeout=wire.duration(spec.timeout_s),
+        metadata=spec.metadata,
+        attempt=attempt,
+        attach=attach,
+        stdout_offset=offsets.get(Stream.STDOUT, 0),
+        stderr_offset=offsets.get(Stream.STDERR, 0),
+        limits=wire.limits_to_pb(spec.limits),
+    )
+
+
 def _being_cancelled() -> bool:
     """grpc.aio ends the calls of a channel closed under them (``forget``) with CancelledError.
     Unless this task itself is being cancelled, that is transport trouble, not a cancellation:
@@ -187,8 +360,23 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def _refusal(event: worker_pb2.ExecuteProgress, address: str) -> Exception:
+    """The error a PROGRESS_ERROR stands for, as the same status would be from ExecuteStream."""
+    message = event.data.decode(errors="replace")
+    code = _CODES.get(event.error_code)
+    if code is None:  # no code (an old worker): it would not run the task at all
+        return AttemptRejected(message, fatal=True)
+    return _by_code(code, message, address)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def _classify(exc: grpc.aio.AioRpcError, address: str) -> Exception:
-    code, details = exc.code(), exc.details() or exc.code().name
+    return _by_code(exc.code(), exc.details() or exc.code().name, address)
+
+
+def _by_code(code: grpc.StatusCode, details: str, address: str) -> Exception:
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
         return AttemptRejected(details, fatal=True)
     if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):

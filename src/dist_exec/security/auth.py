@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from dist_exec.errors import AccessDenied, DistExecError, Unauthenticated
+from dist_exec.errors import AccessDenied, DistExecError, InvalidTaskSpec, Unauthenticated
 from dist_exec.security.audit import AuditLog
 from dist_exec.security.certs import identity_of
 from dist_exec.security.identity import LOCAL, Identity, Role
@@ -45,6 +45,7 @@ MASTER_RULES: dict[str, frozenset[Role]] = {
     _M + "Submit": SUBMITTERS,
     _M + "SubmitBatch": SUBMITTERS,
     _M + "SubmitBroadcast": SUBMITTERS,
+    _M + "RunJobs": SUBMITTERS,
     _M + "Cancel": SUBMITTERS,  # a submitter only its own jobs (checked by the servicer)
     _M + "GetStatus": ANY_CLIENT,  # likewise
     _M + "StreamOutput": ANY_CLIENT,
@@ -60,6 +61,7 @@ MASTER_RULES: dict[str, frozenset[Role]] = {
 WORKER_RULES: dict[str, frozenset[Role]] = {
     _W + "Execute": MASTERS,
     _W + "ExecuteStream": MASTERS,
+    _W + "Dispatch": MASTERS,
     _W + "CancelTask": MASTERS,
     _W + "GetWorkerStatus": MASTERS,
 }
@@ -144,6 +146,22 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
+async def _parsed(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    """The messages of a request stream; one that did not parse ends it with an error the
+    servicer reports as INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise InvalidTaskSpec(_malformed_message(method, request))
+        yield request
+
+
+def _malformed_message(method: str, request: _Malformed) -> str:
+    return (
+        f"malformed request to {method}: {type(request.error).__name__}: "
+        f"{str(request.error)[:200]} (a string field must be valid UTF-8)"
+    )
+
+
 class SecurityInterceptor(grpc.aio.ServerInterceptor):
     """See the module docstring. ``rules`` maps full method names to the roles that may call
     them; methods without a rule (health, reflection) need no credentials."""
@@ -171,7 +189,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
+        if handler is None or (handler.request_streaming and handler.stream_stream is None):
             return handler
         wrapped = self._wrap(method, handler)
         self._wrapped[method] = wrapped
@@ -183,7 +201,19 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         rule = self.rules.get(method)
         deserialize = _lenient(handler.request_deserializer)
         # grpc.aio servicers are coroutines and async generators; the stubs type them as sync.
-        inner: Any = handler.unary_unary or handler.unary_stream
+        inner: Any = handler.unary_unary or handler.unary_stream or handler.stream_stream
+        if handler.stream_stream is not None:
+
+            async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+                await self._enter(method, rule, None, context)
+                async for item in inner(_parsed(requests, method), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi,
+                deserialize,
+                handler.response_serializer,
+            )
         if handler.unary_unary is not None:
 
             async def unary(request: Any, context: Context) -> Any:
@@ -218,9 +248,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         with its own copy of the context, so nothing leaks to other calls)."""
         if isinstance(request, _Malformed):
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"malformed request to {method}: {type(request.error).__name__}: "
-                f"{str(request.error)[:200]} (a string field must be valid UTF-8)",
+                grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request)
             )
         identity: Identity | None = None
         try:

@@ -189,9 +189,8 @@ async def run_worker(
             SecurityInterceptor(Authenticator(None, tls=config.tls is not None), WORKER_RULES)
         ],
     )
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-        WorkerServicer(runner, config.worker_id), server
-    )
+    servicer = WorkerServicer(runner, config.worker_id)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -256,6 +255,7 @@ async def run_worker(
             await registrar.deregister()
     finally:
         await runner.close()
+        servicer.end_dispatch()
         await server.stop(grace=1.0)
         await channel.close()
         await asyncio.to_thread(guard.close)

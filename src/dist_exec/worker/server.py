@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc.aio
@@ -12,6 +13,7 @@ from dist_exec.errors import grpc_errors, grpc_stream_errors
 from dist_exec.executors import ExecRequest
 from dist_exec.models import Stream
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from dist_exec.worker.dispatch import DispatchSession
 from dist_exec.worker.task_runner import Attempt, TaskRunner
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,6 +23,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, runner: TaskRunner, worker_id: str) -> None:
         self.runner = runner
         self.worker_id = worker_id
+        self._sessions: set[asyncio.Task[Any]] = set()
 
     def _attempt(self, request: worker_pb2.ExecuteRequest) -> Attempt:
         if request.attach:
@@ -64,6 +67,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             output.unsubscribe(sub)
         # Only reached when the last message was handed to the transport.
         self.runner.delivered(attempt)
+
+    @grpc_stream_errors
+    async def Dispatch(
+        self, request_iterator: AsyncIterator[worker_pb2.DispatchRequest], context: Context
+    ) -> AsyncGenerator[worker_pb2.DispatchEvents, None]:
+        session = DispatchSession(self.runner, self._attempt)
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            async for message in session.serve(request_iterator):
+                yield message
+        finally:
+            self._sessions.discard(task)
+
+    def end_dispatch(self) -> None:
+        """End the Dispatch streams (shutting down: every result has been delivered or is
+        held for the master to collect with ExecuteStream)."""
+        for task in self._sessions:
+            task.cancel()
 
     @grpc_errors
     async def Execute(

@@ -307,14 +307,24 @@ class WatchJobsRequest(_message.Message):
     def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., no_output: _Optional[bool] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "output", "result")
+    __slots__ = ("job_id", "output", "result", "accepted")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     output: OutputChunk
     result: GetStatusResponse
-    def __init__(self, job_id: _Optional[str] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[GetStatusResponse, _Mapping]] = ...) -> None: ...
+    accepted: bool
+    def __init__(self, job_id: _Optional[str] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., result: _Optional[_Union[GetStatusResponse, _Mapping]] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
+class RunJobsRequest(_message.Message):
+    __slots__ = ("jobs", "no_output")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NO_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[SubmitRequest]
+    no_output: bool
+    def __init__(self, jobs: _Optional[_Iterable[_Union[SubmitRequest, _Mapping]]] = ..., no_output: _Optional[bool] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

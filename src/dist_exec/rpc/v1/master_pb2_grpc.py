@@ -89,6 +89,11 @@ class MasterServiceStub:
                 request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIRequest.SerializeToString,
                 response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIResponse.FromString,
                 _registered_method=True)
+        self.RunJobs = channel.unary_stream(
+                '/distexec.v1.MasterService/RunJobs',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunJobsRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class MasterServiceServicer:
@@ -167,6 +172,16 @@ class MasterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunJobs(self, request, context):
+        """Submit jobs and follow them in one call (what `dist-exec run` does): first one event per
+        job, in request order, with `accepted` set, sent once the jobs are durable (what
+        SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
+        accepted events resumes with StreamOutput or WatchJobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +239,11 @@ def add_MasterServiceServicer_to_server(servicer, server):
                     servicer.AuthWhoAmI,
                     request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIRequest.FromString,
                     response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIResponse.SerializeToString,
+            ),
+            'RunJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunJobs,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunJobsRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +543,33 @@ class MasterService:
             '/distexec.v1.MasterService/AuthWhoAmI',
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIRequest.SerializeToString,
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.AuthWhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/distexec.v1.MasterService/RunJobs',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunJobsRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,12 @@ class MasterServiceStub:
     """Addition (admin): the node takes no new tasks and finishes the ones it runs."""
     AuthWhoAmI: _grpc.UnaryUnaryMultiCallable[_master_pb2.AuthWhoAmIRequest, _master_pb2.AuthWhoAmIResponse]
     """Addition: the identity the master sees for this caller (name, role, how authenticated)."""
+    RunJobs: _grpc.UnaryStreamMultiCallable[_master_pb2.RunJobsRequest, _master_pb2.JobEvent]
+    """Submit jobs and follow them in one call (what `dist-exec run` does): first one event per
+    job, in request order, with `accepted` set, sent once the jobs are durable (what
+    SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
+    accepted events resumes with StreamOutput or WatchJobs.
+    """
 
 @_typing.type_check_only
 class MasterServiceAsyncStub(MasterServiceStub):
@@ -75,6 +81,12 @@ class MasterServiceAsyncStub(MasterServiceStub):
     """Addition (admin): the node takes no new tasks and finishes the ones it runs."""
     AuthWhoAmI: _aio.UnaryUnaryMultiCallable[_master_pb2.AuthWhoAmIRequest, _master_pb2.AuthWhoAmIResponse]  # type: ignore[assignment]
     """Addition: the identity the master sees for this caller (name, role, how authenticated)."""
+    RunJobs: _aio.UnaryStreamMultiCallable[_master_pb2.RunJobsRequest, _master_pb2.JobEvent]  # type: ignore[assignment]
+    """Submit jobs and follow them in one call (what `dist-exec run` does): first one event per
+    job, in request order, with `accepted` set, sent once the jobs are durable (what
+    SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
+    accepted events resumes with StreamOutput or WatchJobs.
+    """
 
 class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -161,5 +173,17 @@ class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_master_pb2.AuthWhoAmIResponse, _abc.Awaitable[_master_pb2.AuthWhoAmIResponse]]:
         """Addition: the identity the master sees for this caller (name, role, how authenticated)."""
+
+    @_abc_1.abstractmethod
+    def RunJobs(
+        self,
+        request: _master_pb2.RunJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_master_pb2.JobEvent], _abc.AsyncIterator[_master_pb2.JobEvent]]:
+        """Submit jobs and follow them in one call (what `dist-exec run` does): first one event per
+        job, in request order, with `accepted` set, sent once the jobs are durable (what
+        SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
+        accepted events resumes with StreamOutput or WatchJobs.
+        """
 
 def add_MasterServiceServicer_to_server(servicer: MasterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

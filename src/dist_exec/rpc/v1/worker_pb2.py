@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from dist_exec.rpc.v1 import common_pb2 as dist__exec_dot_rpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ist_exec/rpc/v1/worker.proto\x12\x0b\x64istexec.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1d\x64ist_exec/rpc/v1/common.proto\"\xd3\x02\n\x0e\x45xecuteRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).distexec.v1.ExecuteRequest.MetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0e\n\x06\x61ttach\x18\x07 \x01(\x08\x12\x15\n\rstdout_offset\x18\x08 \x01(\x03\x12\x15\n\rstderr_offset\x18\t \x01(\x03\x12#\n\x06limits\x18\x1e \x01(\x0b\x32\x13.distexec.v1.Limits\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x03\n\x0f\x45xecuteResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.distexec.v1.ExecutionStatus\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06stderr\x18\x07 \x01(\x0c\x12\x14\n\x0cstdout_bytes\x18\x08 \x01(\x03\x12\x14\n\x0cstderr_bytes\x18\t \x01(\x03\x12\x18\n\x10output_truncated\x18\n \x01(\x08\x12\x15\n\rhas_exit_code\x18\x0b \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x11\n\tretryable\x18\r \x01(\x08\x12<\n\x08metadata\x18\x0e \x03(\x0b\x32*.distexec.v1.ExecuteResponse.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x01\n\x0f\x45xecuteProgress\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.distexec.v1.ProgressType\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x32\n\x0c\x66inal_result\x18\x03 \x01(\x0b\x32\x1c.distexec.v1.ExecuteResponse\x12,\n\x0boutput_type\x18\x04 \x01(\x0e\x32\x17.distexec.v1.OutputType\x12\x13\n\x06offset\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\t\n\x07_offset\"5\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\'\n\x12\x43\x61ncelTaskResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x18\n\x16GetWorkerStatusRequest\"\xbb\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x1c\n\x14max_concurrent_tasks\x18\x03 \x01(\x05\x12\x14\n\x0c\x61\x63tive_tasks\x18\x04 \x01(\x05\x12)\n\x06health\x18\x05 \x01(\x0e\x32\x19.distexec.v1.WorkerHealth\x12\x18\n\x10running_task_ids\x18\x06 \x03(\t\"A\n\x0bHeldAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\xd6\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x1c\n\x14max_concurrent_tasks\x18\x04 \x01(\x05\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.distexec.v1.RegisterRequest.LabelsEntry\x12/\n\rheld_attempts\x18\x06 \x03(\x0b\x32\x18.distexec.v1.HeldAttempt\x12\x0e\n\x06weight\x18\x07 \x01(\x05\x12\x17\n\x0f\x64rain_requested\x18\x08 \x01(\x08\x12(\n\x0btask_limits\x18\x14 \x01(\x0b\x32\x13.distexec.v1.Limits\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x10RegisterResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"*\n\x12\x44\x65registerResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\"\xe5\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63tive_tasks\x18\x02 \x01(\x05\x12)\n\x06health\x18\x03 \x01(\x0e\x32\x19.distexec.v1.WorkerHealth\x12;\n\x07metrics\x18\x04 \x03(\x0b\x32*.distexec.v1.HeartbeatRequest.MetricsEntry\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x11HeartbeatResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\x12,\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1c.distexec.v1.HeartbeatAction*e\n\x0cProgressType\x12\x14\n\x10PROGRESS_STARTED\x10\x00\x12\x13\n\x0fPROGRESS_OUTPUT\x10\x01\x12\x16\n\x12PROGRESS_COMPLETED\x10\x02\x12\x12\n\x0ePROGRESS_ERROR\x10\x03*g\n\x0fHeartbeatAction\x12\x19\n\x15HEARTBEAT_ACTION_NONE\x10\x00\x12\x1a\n\x16HEARTBEAT_ACTION_DRAIN\x10\x01\x12\x1d\n\x19HEARTBEAT_ACTION_SHUTDOWN\x10\x02\x32\xd0\x02\n\rWorkerService\x12\x44\n\x07\x45xecute\x12\x1b.distexec.v1.ExecuteRequest\x1a\x1c.distexec.v1.ExecuteResponse\x12L\n\rExecuteStream\x12\x1b.distexec.v1.ExecuteRequest\x1a\x1c.distexec.v1.ExecuteProgress0\x01\x12M\n\nCancelTask\x12\x1e.distexec.v1.CancelTaskRequest\x1a\x1f.distexec.v1.CancelTaskResponse\x12\\\n\x0fGetWorkerStatus\x12#.distexec.v1.GetWorkerStatusRequest\x1a$.distexec.v1.GetWorkerStatusResponse2\xf9\x01\n\x13RegistrationService\x12G\n\x08Register\x12\x1c.distexec.v1.RegisterRequest\x1a\x1d.distexec.v1.RegisterResponse\x12M\n\nDeregister\x12\x1e.distexec.v1.DeregisterRequest\x1a\x1f.distexec.v1.DeregisterResponse\x12J\n\tHeartbeat\x12\x1d.distexec.v1.HeartbeatRequest\x1a\x1e.distexec.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ist_exec/rpc/v1/worker.proto\x12\x0b\x64istexec.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1d\x64ist_exec/rpc/v1/common.proto\"\xd3\x02\n\x0e\x45xecuteRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).distexec.v1.ExecuteRequest.MetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0e\n\x06\x61ttach\x18\x07 \x01(\x08\x12\x15\n\rstdout_offset\x18\x08 \x01(\x03\x12\x15\n\rstderr_offset\x18\t \x01(\x03\x12#\n\x06limits\x18\x1e \x01(\x0b\x32\x13.distexec.v1.Limits\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x03\n\x0f\x45xecuteResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.distexec.v1.ExecutionStatus\x12\x0e\n\x06output\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06stderr\x18\x07 \x01(\x0c\x12\x14\n\x0cstdout_bytes\x18\x08 \x01(\x03\x12\x14\n\x0cstderr_bytes\x18\t \x01(\x03\x12\x18\n\x10output_truncated\x18\n \x01(\x08\x12\x15\n\rhas_exit_code\x18\x0b \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x11\n\tretryable\x18\r \x01(\x08\x12<\n\x08metadata\x18\x0e \x03(\x0b\x32*.distexec.v1.ExecuteResponse.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x02\n\x0f\x45xecuteProgress\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.distexec.v1.ProgressType\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x32\n\x0c\x66inal_result\x18\x03 \x01(\x0b\x32\x1c.distexec.v1.ExecuteResponse\x12,\n\x0boutput_type\x18\x04 \x01(\x0e\x32\x17.distexec.v1.OutputType\x12\x13\n\x06offset\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x42\t\n\x07_offset\".\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"i\n\x0f\x44ispatchRequest\x12*\n\x05start\x18\x01 \x03(\x0b\x32\x1b.distexec.v1.ExecuteRequest\x12*\n\tdelivered\x18\x02 \x03(\x0b\x32\x17.distexec.v1.AttemptRef\">\n\x0e\x44ispatchEvents\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.distexec.v1.ExecuteProgress\"5\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\'\n\x12\x43\x61ncelTaskResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x18\n\x16GetWorkerStatusRequest\"\xbb\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x1c\n\x14max_concurrent_tasks\x18\x03 \x01(\x05\x12\x14\n\x0c\x61\x63tive_tasks\x18\x04 \x01(\x05\x12)\n\x06health\x18\x05 \x01(\x0e\x32\x19.distexec.v1.WorkerHealth\x12\x18\n\x10running_task_ids\x18\x06 \x03(\t\"A\n\x0bHeldAttempt\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\xd6\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x1c\n\x14max_concurrent_tasks\x18\x04 \x01(\x05\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.distexec.v1.RegisterRequest.LabelsEntry\x12/\n\rheld_attempts\x18\x06 \x03(\x0b\x32\x18.distexec.v1.HeldAttempt\x12\x0e\n\x06weight\x18\x07 \x01(\x05\x12\x17\n\x0f\x64rain_requested\x18\x08 \x01(\x08\x12(\n\x0btask_limits\x18\x14 \x01(\x0b\x32\x13.distexec.v1.Limits\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x10RegisterResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"*\n\x12\x44\x65registerResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\"\xe5\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63tive_tasks\x18\x02 \x01(\x05\x12)\n\x06health\x18\x03 \x01(\x0e\x32\x19.distexec.v1.WorkerHealth\x12;\n\x07metrics\x18\x04 \x03(\x0b\x32*.distexec.v1.HeartbeatRequest.MetricsEntry\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x11HeartbeatResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\x12,\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1c.distexec.v1.HeartbeatAction*e\n\x0cProgressType\x12\x14\n\x10PROGRESS_STARTED\x10\x00\x12\x13\n\x0fPROGRESS_OUTPUT\x10\x01\x12\x16\n\x12PROGRESS_COMPLETED\x10\x02\x12\x12\n\x0ePROGRESS_ERROR\x10\x03*g\n\x0fHeartbeatAction\x12\x19\n\x15HEARTBEAT_ACTION_NONE\x10\x00\x12\x1a\n\x16HEARTBEAT_ACTION_DRAIN\x10\x01\x12\x1d\n\x19HEARTBEAT_ACTION_SHUTDOWN\x10\x02\x32\x9b\x03\n\rWorkerService\x12\x44\n\x07\x45xecute\x12\x1b.distexec.v1.ExecuteRequest\x1a\x1c.distexec.v1.ExecuteResponse\x12L\n\rExecuteStream\x12\x1b.distexec.v1.ExecuteRequest\x1a\x1c.distexec.v1.ExecuteProgress0\x01\x12M\n\nCancelTask\x12\x1e.distexec.v1.CancelTaskRequest\x1a\x1f.distexec.v1.CancelTaskResponse\x12\\\n\x0fGetWorkerStatus\x12#.distexec.v1.GetWorkerStatusRequest\x1a$.distexec.v1.GetWorkerStatusResponse\x12I\n\x08\x44ispatch\x12\x1c.distexec.v1.DispatchRequest\x1a\x1b.distexec.v1.DispatchEvents(\x01\x30\x01\x32\xf9\x01\n\x13RegistrationService\x12G\n\x08Register\x12\x1c.distexec.v1.RegisterRequest\x1a\x1d.distexec.v1.RegisterResponse\x12M\n\nDeregister\x12\x1e.distexec.v1.DeregisterRequest\x1a\x1f.distexec.v1.DeregisterResponse\x12J\n\tHeartbeat\x12\x1d.distexec.v1.HeartbeatRequest\x1a\x1e.distexec.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HEARTBEATREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_PROGRESSTYPE']._serialized_start=2329
-  _globals['_PROGRESSTYPE']._serialized_end=2430
-  _globals['_HEARTBEATACTION']._serialized_start=2432
-  _globals['_HEARTBEATACTION']._serialized_end=2535
+  _globals['_PROGRESSTYPE']._serialized_start=2602
+  _globals['_PROGRESSTYPE']._serialized_end=2703
+  _globals['_HEARTBEATACTION']._serialized_start=2705
+  _globals['_HEARTBEATACTION']._serialized_end=2808
   _globals['_EXECUTEREQUEST']._serialized_start=110
   _globals['_EXECUTEREQUEST']._serialized_end=449
   _globals['_EXECUTEREQUEST_METADATAENTRY']._serialized_start=402
@@ -54,35 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTERESPONSE_METADATAENTRY']._serialized_start=402
   _globals['_EXECUTERESPONSE_METADATAENTRY']._serialized_end=449
   _globals['_EXECUTEPROGRESS']._serialized_start=886
-  _globals['_EXECUTEPROGRESS']._serialized_end=1088
-  _globals['_CANCELTASKREQUEST']._serialized_start=1090
-  _globals['_CANCELTASKREQUEST']._serialized_end=1143
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1145
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1184
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=1186
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=1210
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1213
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1400
-  _globals['_HELDATTEMPT']._serialized_start=1402
-  _globals['_HELDATTEMPT']._serialized_end=1467
-  _globals['_REGISTERREQUEST']._serialized_start=1470
-  _globals['_REGISTERREQUEST']._serialized_end=1812
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=1767
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=1812
-  _globals['_REGISTERRESPONSE']._serialized_start=1814
-  _globals['_REGISTERRESPONSE']._serialized_end=1922
-  _globals['_DEREGISTERREQUEST']._serialized_start=1924
-  _globals['_DEREGISTERREQUEST']._serialized_end=1962
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1964
-  _globals['_DEREGISTERRESPONSE']._serialized_end=2006
-  _globals['_HEARTBEATREQUEST']._serialized_start=2009
-  _globals['_HEARTBEATREQUEST']._serialized_end=2238
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=2192
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=2238
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2240
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2327
-  _globals['_WORKERSERVICE']._serialized_start=2538
-  _globals['_WORKERSERVICE']._serialized_end=2874
-  _globals['_REGISTRATIONSERVICE']._serialized_start=2877
-  _globals['_REGISTRATIONSERVICE']._serialized_end=3126
+  _globals['_EXECUTEPROGRESS']._serialized_end=1142
+  _globals['_ATTEMPTREF']._serialized_start=1144
+  _globals['_ATTEMPTREF']._serialized_end=1190
+  _globals['_DISPATCHREQUEST']._serialized_start=1192
+  _globals['_DISPATCHREQUEST']._serialized_end=1297
+  _globals['_DISPATCHEVENTS']._serialized_start=1299
+  _globals['_DISPATCHEVENTS']._serialized_end=1361
+  _globals['_CANCELTASKREQUEST']._serialized_start=1363
+  _globals['_CANCELTASKREQUEST']._serialized_end=1416
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1418
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1457
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=1459
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=1483
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1486
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1673
+  _globals['_HELDATTEMPT']._serialized_start=1675
+  _globals['_HELDATTEMPT']._serialized_end=1740
+  _globals['_REGISTERREQUEST']._serialized_start=1743
+  _globals['_REGISTERREQUEST']._serialized_end=2085
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=2040
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=2085
+  _globals['_REGISTERRESPONSE']._serialized_start=2087
+  _globals['_REGISTERRESPONSE']._serialized_end=2195
+  _globals['_DEREGISTERREQUEST']._serialized_start=2197
+  _globals['_DEREGISTERREQUEST']._serialized_end=2235
+  _globals['_DEREGISTERRESPONSE']._serialized_start=2237
+  _globals['_DEREGISTERRESPONSE']._serialized_end=2279
+  _globals['_HEARTBEATREQUEST']._serialized_start=2282
+  _globals['_HEARTBEATREQUEST']._serialized_end=2511
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=2465
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=2511
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2513
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2600
+  _globals['_WORKERSERVICE']._serialized_start=2811
+  _globals['_WORKERSERVICE']._serialized_end=3222
+  _globals['_REGISTRATIONSERVICE']._serialized_start=3225
+  _globals['_REGISTRATIONSERVICE']._serialized_end=3474
 # @@protoc_insertion_point(module_scope)

@@ -102,18 +102,46 @@ class ExecuteResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ExecutionStatus, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., exit_code: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stderr: _Optional[bytes] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., output_truncated: _Optional[bool] = ..., has_exit_code: _Optional[bool] = ..., attempt: _Optional[int] = ..., retryable: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExecuteProgress(_message.Message):
-    __slots__ = ("type", "data", "final_result", "output_type", "offset")
+    __slots__ = ("type", "data", "final_result", "output_type", "offset", "task_id", "attempt", "error_code")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     FINAL_RESULT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     type: ProgressType
     data: bytes
     final_result: ExecuteResponse
     output_type: _common_pb2.OutputType
     offset: int
-    def __init__(self, type: _Optional[_Union[ProgressType, str]] = ..., data: _Optional[bytes] = ..., final_result: _Optional[_Union[ExecuteResponse, _Mapping]] = ..., output_type: _Optional[_Union[_common_pb2.OutputType, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+    task_id: str
+    attempt: int
+    error_code: int
+    def __init__(self, type: _Optional[_Union[ProgressType, str]] = ..., data: _Optional[bytes] = ..., final_result: _Optional[_Union[ExecuteResponse, _Mapping]] = ..., output_type: _Optional[_Union[_common_pb2.OutputType, str]] = ..., offset: _Optional[int] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., error_code: _Optional[int] = ...) -> None: ...
+
+class AttemptRef(_message.Message):
+    __slots__ = ("task_id", "attempt")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class DispatchRequest(_message.Message):
+    __slots__ = ("start", "delivered")
+    START_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    start: _containers.RepeatedCompositeFieldContainer[ExecuteRequest]
+    delivered: _containers.RepeatedCompositeFieldContainer[AttemptRef]
+    def __init__(self, start: _Optional[_Iterable[_Union[ExecuteRequest, _Mapping]]] = ..., delivered: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ...) -> None: ...
+
+class DispatchEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ExecuteProgress]
+    def __init__(self, events: _Optional[_Iterable[_Union[ExecuteProgress, _Mapping]]] = ...) -> None: ...
 
 class CancelTaskRequest(_message.Message):
     __slots__ = ("task_id", "attempt")

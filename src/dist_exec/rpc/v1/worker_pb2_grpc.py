@@ -54,6 +54,11 @@ class WorkerServiceStub:
                 request_serializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.SerializeToString,
                 response_deserializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.GetWorkerStatusResponse.FromString,
                 _registered_method=True)
+        self.Dispatch = channel.stream_stream(
+                '/distexec.v1.WorkerService/Dispatch',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.DispatchEvents.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -83,6 +88,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Dispatch(self, request_iterator, context):
+        """Addition: one long-lived stream from the master to each worker. The master starts attempts
+        and acknowledges recorded results on it; the worker sends their output and results back,
+        several to a message. It saves a call per task; re-attaching still uses ExecuteStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +119,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.GetWorkerStatus,
                     request_deserializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.FromString,
                     response_serializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.GetWorkerStatusResponse.SerializeToString,
+            ),
+            'Dispatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Dispatch,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.DispatchRequest.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_worker__pb2.DispatchEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +234,33 @@ class WorkerService:
             '/distexec.v1.WorkerService/GetWorkerStatus',
             dist__exec_dot_rpc_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.SerializeToString,
             dist__exec_dot_rpc_dot_v1_dot_worker__pb2.GetWorkerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dispatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distexec.v1.WorkerService/Dispatch',
+            dist__exec_dot_rpc_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_worker__pb2.DispatchEvents.FromString,
             options,
             channel_credentials,
             insecure,

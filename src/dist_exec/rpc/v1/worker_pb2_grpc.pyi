@@ -35,6 +35,11 @@ class WorkerServiceStub:
     ExecuteStream: _grpc.UnaryStreamMultiCallable[_worker_pb2.ExecuteRequest, _worker_pb2.ExecuteProgress]
     CancelTask: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CancelTaskRequest, _worker_pb2.CancelTaskResponse]
     GetWorkerStatus: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerStatusRequest, _worker_pb2.GetWorkerStatusResponse]
+    Dispatch: _grpc.StreamStreamMultiCallable[_worker_pb2.DispatchRequest, _worker_pb2.DispatchEvents]
+    """Addition: one long-lived stream from the master to each worker. The master starts attempts
+    and acknowledges recorded results on it; the worker sends their output and results back,
+    several to a message. It saves a call per task; re-attaching still uses ExecuteStream.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -43,6 +48,11 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     ExecuteStream: _aio.UnaryStreamMultiCallable[_worker_pb2.ExecuteRequest, _worker_pb2.ExecuteProgress]  # type: ignore[assignment]
     CancelTask: _aio.UnaryUnaryMultiCallable[_worker_pb2.CancelTaskRequest, _worker_pb2.CancelTaskResponse]  # type: ignore[assignment]
     GetWorkerStatus: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerStatusRequest, _worker_pb2.GetWorkerStatusResponse]  # type: ignore[assignment]
+    Dispatch: _aio.StreamStreamMultiCallable[_worker_pb2.DispatchRequest, _worker_pb2.DispatchEvents]  # type: ignore[assignment]
+    """Addition: one long-lived stream from the master to each worker. The master starts attempts
+    and acknowledges recorded results on it; the worker sends their output and results back,
+    several to a message. It saves a call per task; re-attaching still uses ExecuteStream.
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,6 +82,17 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.GetWorkerStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.GetWorkerStatusResponse, _abc.Awaitable[_worker_pb2.GetWorkerStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Dispatch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_worker_pb2.DispatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.DispatchEvents], _abc.AsyncIterator[_worker_pb2.DispatchEvents]]:
+        """Addition: one long-lived stream from the master to each worker. The master starts attempts
+        and acknowledges recorded results on it; the worker sends their output and results back,
+        several to a message. It saves a call per task; re-attaching still uses ExecuteStream.
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,177 @@
+"""The worker's end of the Dispatch stream: one long-lived stream per master.
+
+The master starts attempts and acknowledges recorded results on it; the worker sends each
+attempt's output and result back. Events that are ready together go out in one message, and the
+output of an attempt whose result is in the same message is left out when the result carries it
+whole (its head, not truncated): a short command costs one message each way, not a call.
+
+An attempt outlives the stream: when it breaks, the attempt keeps running and its result is
+held, exactly as when an ExecuteStream call breaks; the master re-attaches with ExecuteStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from dist_exec import wire
+from dist_exec.errors import DistExecError, TaskNotFound
+from dist_exec.rpc.v1 import worker_pb2
+from dist_exec.worker.task_runner import Attempt, TaskRunner
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES = 1024 * 1024  # events per message up to about this much (chunks are smaller)
+OUTBOX_BYTES = 4 * 1024 * 1024  # output waiting to be sent; beyond it, commands wait (a pipe)
+
+Progress = worker_pb2.ExecuteProgress
+
+
+class DispatchSession:
+    """Serves one Dispatch stream; ``start`` starts (or finds) the attempt a request names."""
+
+    def __init__(
+        self, runner: TaskRunner, start: Callable[[worker_pb2.ExecuteRequest], Attempt]
+    ) -> None:
+        self.runner = runner
+        self.start = start
+        self._events: list[Progress] = []
+        self._bytes = 0
+        self._ready = asyncio.Event()  # events wait, or the stream ended
+        self._room = asyncio.Event()  # the outbox is below OUTBOX_BYTES
+        self._room.set()
+        self._ended = False
+        self._error: BaseException | None = None  # what ended the request stream, if not EOF
+        self._followers: set[asyncio.Task[None]] = set()
+
+    async def serve(
+        self, requests: AsyncIterator[worker_pb2.DispatchRequest]
+    ) -> AsyncIterator[worker_pb2.DispatchEvents]:
+        """The messages to send, until the master closes its side (or the call ends)."""
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                await self._ready.wait()
+                if self._events:
+                    yield worker_pb2.DispatchEvents(events=self._take())
+                    continue
+                if self._error is not None:
+                    raise self._error
+                return
+        finally:
+            reader.cancel()
+            for task in self._followers:
+                task.cancel()
+            await asyncio.gather(reader, *self._followers, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[worker_pb2.DispatchRequest]) -> None:
+        try:
+            async for request in requests:
+                for ref in request.delivered:
+                    with contextlib.suppress(TaskNotFound):
+                        self.runner.delivered(self.runner.find(ref.task_id, ref.attempt))
+                for start in request.start:
+                    self._start(start)
+        except Exception as exc:  # a malformed request, a broken call, or a bug: end the stream
+            self._error = exc
+        finally:
+            self._ended = True
+            self._ready.set()
+
+    def _start(self, request: worker_pb2.ExecuteRequest) -> None:
+        try:
+            if request.attach:
+                raise TaskNotFound("attach to an attempt with ExecuteStream, not Dispatch")
+            attempt = self.start(request)
+        except DistExecError as exc:
+            self._push(
+                Progress(
+                    type=worker_pb2.PROGRESS_ERROR,
+                    task_id=request.task_id,
+                    attempt=request.attempt,
+                    data=exc.message.encode(),
+                    error_code=exc.code.value[0],
+                )
+            )
+            return
+        follower = asyncio.create_task(self._follow(attempt))
+        self._followers.add(follower)
+        follower.add_done_callback(self._followers.discard)
+
+    async def _follow(self, attempt: Attempt) -> None:
+        try:
+            await self._send_events(attempt)
+        except Exception:
+            log.exception("cannot send the events of %s attempt %d", *attempt.key)
+
+    async def _send_events(self, attempt: Attempt) -> None:
+        output = attempt.output
+        sub = output.subscribe({})
+        try:
+            async for chunk in output.follow(sub):
+                while self._bytes >= OUTBOX_BYTES:
+                    self._room.clear()
+                    await self._room.wait()
+                self._push(
+                    Progress(
+                        type=worker_pb2.PROGRESS_OUTPUT,
+                        task_id=attempt.task_id,
+                        attempt=attempt.attempt,
+                        data=chunk.data,
+                        output_type=chunk.stream.value,  # type: ignore[arg-type]
+                        offset=chunk.offset,
+                    )
+                )
+            await attempt.done.wait()
+            assert attempt.outcome is not None
+            self._push(
+                Progress(
+                    type=worker_pb2.PROGRESS_COMPLETED,
+                    task_id=attempt.task_id,
+                    attempt=attempt.attempt,
+                    final_result=wire.outcome_to_pb(
+                        attempt.outcome, attempt.task_id, attempt.attempt
+                    ),
+                )
+            )
+        finally:
+            output.unsubscribe(sub)
+
+    def _push(self, event: Progress) -> None:
+        self._events.append(event)
+        self._bytes += len(event.data)
+        self._ready.set()
+
+    def _take(self) -> list[Progress]:
+        """The next message's events (all that wait, up to MESSAGE_BYTES), coalesced."""
+        size, count = 0, 0
+        for event in self._events:
+            if count and size + len(event.data) > MESSAGE_BYTES:
+                break
+            size += len(event.data)
+            count += 1
+        batch, self._events = self._events[:count], self._events[count:]
+        self._bytes -= size
+        if not self._events and not self._ended:
+            self._ready.clear()
+        if self._bytes < OUTBOX_BYTES:
+            self._room.set()
+        return _coalesce(batch)
+
+
+def _coalesce(batch: list[Progress]) -> list[Progress]:
+    """Leave out output that a result in the same batch carries whole."""
+    whole = {
+        (e.task_id, e.attempt)
+        for e in batch
+        if e.type == worker_pb2.PROGRESS_COMPLETED and not e.final_result.output_truncated
+    }
+    if not whole:
+        return batch
+    return [
+        e
+        for e in batch
+        if not (e.type == worker_pb2.PROGRESS_OUTPUT and (e.task_id, e.attempt) in whole)
+    ]
