@@ -415,6 +415,9 @@ class Master:
         for active in actives:
             active.accepted = accepted
         try:
+            # Let the runners of the jobs placed now wait for the commit first: once it is
+            # done, their dispatch goes out before this reply (a command takes longer).
+            await asyncio.sleep(0)
             await asyncio.shield(accepted)
         except Exception:
             for job in jobs:

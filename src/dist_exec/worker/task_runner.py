@@ -153,6 +153,7 @@ class Attempt:
     finished_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    running: bool = False  # its task has started (cancelling it now reaches the executor)
     cancel_reason: str = ""
     retryable_on_cancel: bool = False
 
@@ -254,7 +255,10 @@ class TaskRunner:
             if attempt.task_id == task_id and attempt.outcome is None:
                 attempt.cancel_reason = reason
                 attempt.retryable_on_cancel = retryable
-                attempt.cancel.set()
+                if not attempt.cancel.is_set():
+                    attempt.cancel.set()
+                    if attempt.running and attempt.task is not None:
+                        attempt.task.cancel()  # else _run sees the event when it starts
                 found = True
         return found
 
@@ -319,42 +323,38 @@ class TaskRunner:
             self._recent_bytes -= _result_bytes(oldest)
 
     async def _run(self, attempt: Attempt, executor: Executor, request: ExecRequest) -> None:
-        work = asyncio.create_task(executor.execute(request, attempt.output))
-        cancel = asyncio.create_task(attempt.cancel.wait())
+        """Run the executor in this task: a timeout or ``cancel`` cancels it here, and the
+        executor stops its work (kills the command) before the outcome is set."""
         outcome: ExecOutcome | None = None
+        limit = asyncio.timeout(request.timeout_s if request.timeout_s > 0 else None)
+        attempt.running = True
         try:
-            done, _ = await asyncio.wait(
-                {work, cancel},
-                timeout=request.timeout_s if request.timeout_s > 0 else None,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if work not in done:
-                await _stop(work)
-                if cancel in done:
-                    outcome = ExecOutcome(
-                        ExecStatus.FAILURE if attempt.retryable_on_cancel else ExecStatus.CANCELLED,
-                        error=attempt.cancel_reason,
-                        retryable=attempt.retryable_on_cancel,
-                    )
-                else:
-                    outcome = ExecOutcome(
-                        ExecStatus.TIMEOUT,
-                        error=f"timed out after {format_duration(request.timeout_s)}",
-                    )
+            if attempt.cancel.is_set():  # cancelled before this task ever ran
+                raise asyncio.CancelledError
+            async with limit:
+                outcome = await executor.execute(request, attempt.output)
+        except TimeoutError:
+            if not limit.expired():
+                outcome = _failed(executor, request, TimeoutError("timed out"))
             else:
-                try:
-                    outcome = work.result()
-                except (InvalidTaskSpec, PolicyDenied) as exc:
-                    outcome = ExecOutcome(ExecStatus.FAILURE, error=exc.message)
-                except Exception as exc:
-                    log.exception("executor %s failed on %s", executor.name, request.task_id)
-                    outcome = ExecOutcome(
-                        ExecStatus.FAILURE, error=f"executor {executor.name} failed: {exc}"
-                    )
+                outcome = ExecOutcome(
+                    ExecStatus.TIMEOUT,
+                    error=f"timed out after {format_duration(request.timeout_s)}",
+                )
+        except asyncio.CancelledError:
+            if not attempt.cancel.is_set():
+                raise  # the worker is stopping (close): _finish still runs below
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
+            outcome = ExecOutcome(
+                ExecStatus.FAILURE if attempt.retryable_on_cancel else ExecStatus.CANCELLED,
+                error=attempt.cancel_reason,
+                retryable=attempt.retryable_on_cancel,
+            )
+        except Exception as exc:
+            outcome = _failed(executor, request, exc)
         finally:
-            cancel.cancel()
-            if not work.done():
-                await _stop(work)
             self._finish(attempt, outcome or ExecOutcome(ExecStatus.FAILURE, error="stopped"))
 
     def _finish(self, attempt: Attempt, outcome: ExecOutcome) -> None:
@@ -379,12 +379,8 @@ class TaskRunner:
             self._idle.set()
 
 
-async def _stop(work: asyncio.Task[ExecOutcome]) -> None:
-    """Cancel an executor's run and wait until it has cleaned up."""
-    work.cancel()
-    try:
-        await work
-    except asyncio.CancelledError:
-        pass
-    except Exception:
-        log.exception("executor failed while stopping")
+def _failed(executor: Executor, request: ExecRequest, exc: Exception) -> ExecOutcome:
+    if isinstance(exc, InvalidTaskSpec | PolicyDenied):
+        return ExecOutcome(ExecStatus.FAILURE, error=exc.message)
+    log.error("executor %s failed on %s", executor.name, request.task_id, exc_info=exc)
+    return ExecOutcome(ExecStatus.FAILURE, error=f"executor {executor.name} failed: {exc}")
