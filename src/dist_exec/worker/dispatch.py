@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = 1024 * 1024  # events per message up to about this much (chunks are smaller)
 OUTBOX_BYTES = 4 * 1024 * 1024  # output waiting to be sent; beyond it, commands wait (a pipe)
+# Output alone waits this long (or until this much waits) for more events to share its message.
+LINGER_S = 0.002
+LINGER_BYTES = 64 * 1024
 
 Progress = worker_pb2.ExecuteProgress
 
@@ -40,6 +43,7 @@ class DispatchSession:
         self._events: list[Progress] = []
         self._bytes = 0
         self._ready = asyncio.Event()  # events wait, or the stream ended
+        self._urgent = asyncio.Event()  # a result or refusal waits, or output enough to send
         self._room = asyncio.Event()  # the outbox is below OUTBOX_BYTES
         self._room.set()
         self._ended = False
@@ -54,6 +58,12 @@ class DispatchSession:
         try:
             while True:
                 await self._ready.wait()
+                if self._events and not self._urgent.is_set():
+                    # Output only: a short command's result follows its output closely, and
+                    # then both go in one message (the output often left out, see _coalesce).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(LINGER_S):
+                            await self._urgent.wait()
                 if self._events:
                     yield worker_pb2.DispatchEvents(events=self._take())
                     continue
@@ -143,6 +153,8 @@ class DispatchSession:
         self._events.append(event)
         self._bytes += len(event.data)
         self._ready.set()
+        if event.type != worker_pb2.PROGRESS_OUTPUT or self._bytes >= LINGER_BYTES:
+            self._urgent.set()
 
     def _take(self) -> list[Progress]:
         """The next message's events (all that wait, up to MESSAGE_BYTES), coalesced."""
@@ -156,6 +168,7 @@ class DispatchSession:
         self._bytes -= size
         if not self._events and not self._ended:
             self._ready.clear()
+            self._urgent.clear()
         if self._bytes < OUTBOX_BYTES:
             self._room.set()
         return _coalesce(batch)
