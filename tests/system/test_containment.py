@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd as pwd_module
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,19 +196,34 @@ async def test_forged_request_to_a_worker_gets_the_worker_limits(
 
 
 async def test_commands_run_as_nobody_without_the_worker_environment(
-    cluster: ClusterFactory,
+    cluster: ClusterFactory, tmp_path: Path
 ) -> None:
     master = cluster.master()
     cluster.worker(master, run_as=None, env={"DIST_EXEC_WORKER_SECRET": "s3cret"})
+    # A program only root may run stays closed to the user commands run as (a setpriv-style
+    # switch that keeps root's DAC override until exec would run it).
+    root_only = tmp_path / "root-only-echo"
+    shutil.copy("/bin/echo", root_only)
+    root_only.chmod(0o700)
+    tmp_path.chmod(0o755)
     async with Client(master.address) as client:
         ids = [
             await client.submit(command_spec(["id", "-u"])),
             await client.submit(command_spec(["env"], env={"GIVEN": "yes"})),
             await client.submit(command_spec(["cat"], stdin="fed\n", working_dir="/tmp")),
             await client.submit(command_spec(["pwd"], working_dir="/tmp")),
+            await client.submit(command_spec(["id", "-G"])),
+            await client.submit(command_spec(["grep", "^CapEff", "/proc/self/status"])),
+            await client.submit(command_spec(["no-such-command-here"])),
+            await client.submit(command_spec([str(root_only), "secret"])),
         ]
-        uid, env, cat, pwd = [await client.wait(i) for i in ids]
+        uid, env, cat, pwd, groups, caps, missing, denied = [await client.wait(i) for i in ids]
     assert uid.stdout.decode().strip() == "65534"
+    assert groups.stdout.decode().split() == [str(pwd_module.getpwnam("nobody").pw_gid)]
+    assert caps.stdout.decode().split() == ["CapEff:", "0000000000000000"]
+    assert (missing.exit_code, missing.error) == (127, "command not found: no-such-command-here")
+    assert (denied.exit_code, denied.error) == (126, f"permission denied: {root_only}")
+    assert b"secret" not in denied.stdout
     variables = dict(line.split("=", 1) for line in env.stdout.decode().splitlines())
     assert "DIST_EXEC_WORKER_SECRET" not in variables
     assert "s3cret" not in env.stdout.decode()
