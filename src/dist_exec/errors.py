@@ -122,6 +122,12 @@ class NoMatchingNode(DistExecError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class StaleStart(DistExecError):
+    """A new attempt reached the worker after the master stopped waiting for it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class WorkerDraining(DistExecError):
     """The worker is shutting down and takes no new tasks."""
 

@@ -65,7 +65,15 @@ async def run_master(
     )
     clock = SystemClock()
     dialer = WorkerDialer(config.tls, CHANNEL_OPTIONS)
-    workers = GrpcWorkerClient(config.rpc_timeout_s, dialer.channel)
+    # A start the master may have given up on by the time it arrives is refused by the worker:
+    # the master gives up on a node at the heartbeat timeout, and places nothing on a node that
+    # missed two heartbeats.
+    start_window_s = max(
+        config.heartbeat_timeout_s - 2 * config.heartbeat_interval_s, config.heartbeat_interval_s
+    )
+    workers = GrpcWorkerClient(
+        config.rpc_timeout_s, dialer.channel, start_window_s=start_window_s, clock=clock.monotonic
+    )
     tokens = TokenStore(config.tokens_file or config.data_dir / TOKENS_FILE)
     authenticator = Authenticator(tokens, tls=config.tls is not None)
     if not authenticator.required:

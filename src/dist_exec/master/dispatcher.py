@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -182,9 +183,16 @@ class GrpcWorkerClient:
         self,
         rpc_timeout_s: float,
         channel_factory: Callable[[str], grpc.aio.Channel] = _insecure,
+        start_window_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``start_window_s``: a new attempt that reaches its worker later than this after it
+        was sent is refused there (0: never); ``clock`` is the master's monotonic clock, the one
+        its Register and Heartbeat answers report."""
         self.rpc_timeout_s = rpc_timeout_s
         self.channel_factory = channel_factory
+        self.start_window_s = start_window_s
+        self.clock = clock
         self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
         self._sessions: dict[str, _Session] = {}
         self._no_dispatch: set[str] = set()  # workers that only know ExecuteStream
@@ -227,7 +235,7 @@ class GrpcWorkerClient:
         if session is None or session.error is not None:
             session = self._sessions[address] = _Session(self._stub(address), address)
         route: Route = asyncio.Queue(ROUTE_EVENTS)
-        session.start(_request(task_id, attempt, spec, False, {}), route)
+        session.start(self._request(task_id, attempt, spec, False, {}), route)
         timer = asyncio.get_running_loop().call_later(
             max(deadline_s, 0.001),
             _deliver,
@@ -274,7 +282,7 @@ class GrpcWorkerClient:
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
         """One attempt through its own ExecuteStream call: to attach to it again, or on a
         worker without the Dispatch stream."""
-        request = _request(task_id, attempt, spec, attach, offsets)
+        request = self._request(task_id, attempt, spec, attach, offsets)
         call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
         try:
@@ -306,6 +314,29 @@ class GrpcWorkerClient:
                 call.cancel()
         raise WorkerUnreachable(f"worker {address} ended the stream without a result")
 
+    def _request(
+        self,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+    ) -> worker_pb2.ExecuteRequest:
+        start_by = self.clock() + self.start_window_s if self.start_window_s and not attach else 0
+        return worker_pb2.ExecuteRequest(
+            task_id=task_id,
+            task_type=spec.task_type,
+            payload=b"" if attach else spec.payload,
+            timeout=wire.duration(spec.timeout_s),
+            metadata=spec.metadata,
+            attempt=attempt,
+            attach=attach,
+            stdout_offset=offsets.get(Stream.STDOUT, 0),
+            stderr_offset=offsets.get(Stream.STDERR, 0),
+            limits=wire.limits_to_pb(spec.limits),
+            start_by=wire.duration(start_by) if start_by else None,
+        )
+
     async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
         try:
             reply = await self._stub(address).CancelTask(
@@ -333,23 +364,6 @@ class GrpcWorkerClient:
         for address in list(self._channels):
             with contextlib.suppress(Exception):
                 await self.forget(address)
-
-
-def _request(
-    task_id: str, attempt: int, spec: TaskSpec, attach: bool, offsets: Mapping[Stream, int]
-) -> worker_pb2.ExecuteRequest:
-    return worker_pb2.ExecuteRequest(
-        task_id=task_id,
-        task_type=spec.task_type,
-        payload=b"" if attach else spec.payload,
-        timeout=wire.duration(spec.timeout_s),
-        metadata=spec.metadata,
-        attempt=attempt,
-        attach=attach,
-        stdout_offset=offsets.get(Stream.STDOUT, 0),
-        stderr_offset=offsets.get(Stream.STDERR, 0),
-        limits=wire.limits_to_pb(spec.limits),
-    )
 
 
 def _being_cancelled() -> bool:

@@ -407,6 +407,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             accepted=True,
             message="registered",
             heartbeat_interval=wire.duration(self.config.heartbeat_interval_s),
+            master_clock=wire.duration(self.master.clock.monotonic()),
         )
 
     @grpc_errors
@@ -431,4 +432,5 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         return worker_pb2.HeartbeatResponse(
             acknowledged=known,
             action=worker_pb2.HEARTBEAT_ACTION_DRAIN if drain else worker_pb2.HEARTBEAT_ACTION_NONE,
+            master_clock=wire.duration(self.master.clock.monotonic()),
         )

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from dist_exec.security.auth import WORKER_RULES, Authenticator, SecurityInterceptor
 from dist_exec.security.credentials import Credentials
-from dist_exec.worker.server import WorkerServicer
+from dist_exec.worker.server import MasterClock, WorkerServicer
 from dist_exec.worker.task_runner import TaskRunner
 
 if TYPE_CHECKING:
@@ -51,8 +52,10 @@ class Registrar:
         address: str,
         channel: grpc.aio.Channel,
         on_drain: Callable[[], Awaitable[None]],
+        master_clock: MasterClock,
     ) -> None:
         self.config = config
+        self.master_clock = master_clock
         self.runner = runner
         self.address = address
         self.on_drain = on_drain  # the master's heartbeat reply said DRAIN
@@ -66,12 +69,14 @@ class Registrar:
         backoff = 0.1
         while True:
             try:
+                sent = time.monotonic()
                 reply = await self.stub.Register(
                     self._register_request(), timeout=self.config.rpc_timeout_s
                 )
             except grpc.aio.AioRpcError as exc:
                 log.warning("cannot register with master %s: %s", self.config.master, exc.details())
             else:
+                self._clock_sample(reply, sent)
                 if reply.accepted:
                     if reply.HasField("heartbeat_interval"):
                         self.interval_s = (
@@ -110,7 +115,15 @@ class Registrar:
             await asyncio.sleep(self.interval_s)
             await self.heartbeat()
 
+    def _clock_sample(
+        self, reply: worker_pb2.RegisterResponse | worker_pb2.HeartbeatResponse, sent: float
+    ) -> None:
+        if reply.HasField("master_clock"):
+            master_s = wire.from_duration(reply.master_clock)
+            self.master_clock.sample(master_s, sent, time.monotonic())
+
     async def heartbeat(self) -> None:
+        sent = time.monotonic()
         try:
             reply = await self.stub.Heartbeat(
                 worker_pb2.HeartbeatRequest(
@@ -124,6 +137,7 @@ class Registrar:
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat to %s failed: %s", self.config.master, exc.details())
             return
+        self._clock_sample(reply, sent)
         if not reply.acknowledged:
             log.info("master does not know this node (restarted?); registering again")
             await self.register()
@@ -189,7 +203,8 @@ async def run_worker(
             SecurityInterceptor(Authenticator(None, tls=config.tls is not None), WORKER_RULES)
         ],
     )
-    servicer = WorkerServicer(runner, config.worker_id)
+    master_clock = MasterClock()
+    servicer = WorkerServicer(runner, config.worker_id, master_clock)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -226,7 +241,7 @@ async def run_worker(
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await registrar.heartbeat()  # confirm now, not at the next beat
 
-    registrar = Registrar(config, runner, address, channel, drain_when_asked)
+    registrar = Registrar(config, runner, address, channel, drain_when_asked, master_clock)
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())

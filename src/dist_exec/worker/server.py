@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc.aio
 
 from dist_exec import wire
-from dist_exec.errors import grpc_errors, grpc_stream_errors
+from dist_exec.errors import StaleStart, grpc_errors, grpc_stream_errors, shorten
 from dist_exec.executors import ExecRequest
 from dist_exec.models import Stream
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -19,15 +20,33 @@ from dist_exec.worker.task_runner import Attempt, TaskRunner
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+class MasterClock:
+    """The master's monotonic clock as seen from this worker: its reading in each Register and
+    Heartbeat answer, taken to be from halfway through the call."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+
+    def sample(self, master_s: float, sent: float, received: float) -> None:
+        self.offset = master_s - (sent + received) / 2
+
+    def now(self) -> float | None:
+        return None if self.offset is None else time.monotonic() + self.offset
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, runner: TaskRunner, worker_id: str) -> None:
+    def __init__(
+        self, runner: TaskRunner, worker_id: str, master_clock: MasterClock | None = None
+    ) -> None:
         self.runner = runner
         self.worker_id = worker_id
+        self.master_clock = master_clock or MasterClock()
         self._sessions: set[asyncio.Task[Any]] = set()
 
     def _attempt(self, request: worker_pb2.ExecuteRequest) -> Attempt:
         if request.attach:
             return self.runner.find(request.task_id, request.attempt)
+        self._check_fresh(request)
         return self.runner.start(
             ExecRequest(
                 task_id=request.task_id,
@@ -39,6 +58,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ),
             request.task_type,
         )
+
+    def _check_fresh(self, request: worker_pb2.ExecuteRequest) -> None:
+        """Refuse a start that arrives after the master stopped waiting for it: held up in a
+        partition, it may have run elsewhere since."""
+        now = self.master_clock.now()
+        if now is None or not request.HasField("start_by"):
+            return
+        if self.runner.holds(request.task_id, request.attempt):
+            return  # a repeated start: it runs already
+        late = now - wire.from_duration(request.start_by)
+        if late > 0:
+            raise StaleStart(
+                f"attempt {request.attempt} of task {shorten(request.task_id)} reached this "
+                f"worker {late:.1f}s after the master stopped waiting for it; not started"
+            )
 
     @grpc_stream_errors
     async def ExecuteStream(

@@ -203,6 +203,10 @@ class TaskRunner:
         self._expire()
         return [*self._attempts.values(), *self._recent.values()]
 
+    def holds(self, task_id: str, attempt: int) -> bool:
+        """Whether this attempt was started here already (a repeated start finds it)."""
+        return (task_id, attempt) in self._attempts
+
     def find(self, task_id: str, attempt: int) -> Attempt:
         key = (task_id, attempt)
         found = self._attempts.get(key) or self._recent.get(key)

@@ -32,7 +32,7 @@ HEARTBEAT_ACTION_DRAIN: HeartbeatAction
 HEARTBEAT_ACTION_SHUTDOWN: HeartbeatAction
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("task_id", "task_type", "payload", "timeout", "metadata", "attempt", "attach", "stdout_offset", "stderr_offset", "limits")
+    __slots__ = ("task_id", "task_type", "payload", "timeout", "metadata", "attempt", "attach", "stdout_offset", "stderr_offset", "limits", "start_by")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class ExecuteRequest(_message.Message):
     STDOUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STDERR_OFFSET_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    START_BY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_type: str
     payload: bytes
@@ -60,7 +61,8 @@ class ExecuteRequest(_message.Message):
     stdout_offset: int
     stderr_offset: int
     limits: _common_pb2.Limits
-    def __init__(self, task_id: _Optional[str] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., attach: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
+    start_by: _duration_pb2.Duration
+    def __init__(self, task_id: _Optional[str] = ..., task_type: _Optional[str] = ..., payload: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., attach: _Optional[bool] = ..., stdout_offset: _Optional[int] = ..., stderr_offset: _Optional[int] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., start_by: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("task_id", "status", "output", "error", "exit_code", "duration", "stderr", "stdout_bytes", "stderr_bytes", "output_truncated", "has_exit_code", "attempt", "retryable", "metadata")
@@ -217,14 +219,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ..., weight: _Optional[int] = ..., drain_requested: _Optional[bool] = ..., task_limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("accepted", "message", "heartbeat_interval")
+    __slots__ = ("accepted", "message", "heartbeat_interval", "master_clock")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MASTER_CLOCK_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
     heartbeat_interval: _duration_pb2.Duration
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    master_clock: _duration_pb2.Duration
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., master_clock: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -260,9 +264,11 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., active_tasks: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.WorkerHealth, str]] = ..., metrics: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("acknowledged", "action")
+    __slots__ = ("acknowledged", "action", "master_clock")
     ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    MASTER_CLOCK_FIELD_NUMBER: _ClassVar[int]
     acknowledged: bool
     action: HeartbeatAction
-    def __init__(self, acknowledged: _Optional[bool] = ..., action: _Optional[_Union[HeartbeatAction, str]] = ...) -> None: ...
+    master_clock: _duration_pb2.Duration
+    def __init__(self, acknowledged: _Optional[bool] = ..., action: _Optional[_Union[HeartbeatAction, str]] = ..., master_clock: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
