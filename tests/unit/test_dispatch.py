@@ -94,10 +94,14 @@ async def _events(
     return got
 
 
-async def _with_worker(handler: Handler | None, body: Callable[..., Awaitable[None]]) -> FakeWorker:
+async def _with_worker(
+    handler: Handler | None, body: Callable[..., Awaitable[None]], declared: bool = True
+) -> FakeWorker:
+    """``declared``: the worker said it serves Dispatch when it registered."""
     servicer = FakeWorker(handler)  # type: ignore[abstract]  # (the other RPCs: UNIMPLEMENTED)
     server, address = await _serve(servicer)
     client = GrpcWorkerClient(rpc_timeout_s=5)
+    client.dispatch_to(address, declared)
     try:
         await body(client, address)
     finally:
@@ -207,14 +211,17 @@ async def test_no_result_by_the_deadline_is_unreachable() -> None:
     await _with_worker(handler, body)
 
 
-async def test_a_worker_without_dispatch_gets_execute_stream_calls() -> None:
+@pytest.mark.parametrize(
+    "declared", [False, True], ids=["registered-without-dispatch", "claims-dispatch-wrongly"]
+)
+async def test_a_worker_without_dispatch_gets_execute_stream_calls(declared: bool) -> None:
     async def body(client: GrpcWorkerClient, address: str) -> None:
         for task_id in ("a", "b"):
             events = await _events(client, address, task_id)
             assert events[0] == OutputChunk(Stream.STDOUT, 0, b"old\n")
             assert isinstance(events[1], ExecOutcome)
 
-    servicer = await _with_worker(None, body)
+    servicer = await _with_worker(None, body, declared=declared)
     assert servicer.execute_calls == 2
 
 

@@ -79,6 +79,7 @@ class WorkerClient(Protocol):
 
 
 ROUTE_EVENTS = 64  # events queued for one attempt before the stream waits (backpressure)
+STATUS_WAIT_S = 5.0  # for the status of a Dispatch call a write failed on
 
 Route = asyncio.Queue[worker_pb2.ExecuteProgress | Exception]
 
@@ -119,12 +120,23 @@ class _Session:
                 request = worker_pb2.DispatchRequest(start=self._starts, delivered=self._acks)
                 self._starts, self._acks = [], []
                 await self.call.write(request)
-        except grpc.aio.AioRpcError as exc:
-            self._fail(exc)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # e.g. the call ended (done) before this write
-            self._fail(WorkerUnreachable(f"worker {self.address}: {exc}"))
+        except Exception as exc:
+            self._fail(await self._write_error(exc))
+
+    async def _write_error(self, exc: Exception) -> Exception:
+        """Why a write failed, as the call's own status says: a write to a call the worker
+        refused outright (UNIMPLEMENTED: it has no Dispatch) fails as INTERNAL, or as an
+        InvalidStateError once the call is over."""
+        try:
+            async with asyncio.timeout(STATUS_WAIT_S):
+                code, details = await self.call.code(), await self.call.details()
+        except Exception:  # no status in time: the transport is in trouble
+            return WorkerUnreachable(f"worker {self.address}: Dispatch stream: {exc}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return _NoDispatch()
+        return WorkerUnreachable(f"worker {self.address}: {code.name}: {details}")
 
     async def _read(self) -> None:
         try:
@@ -195,7 +207,7 @@ class GrpcWorkerClient:
         self.clock = clock
         self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
         self._sessions: dict[str, _Session] = {}
-        self._no_dispatch: set[str] = set()  # workers that only know ExecuteStream
+        self._dispatch: set[str] = set()  # workers that serve the Dispatch stream
 
     def _stub(self, address: str) -> WorkerServiceAsyncStub:
         known = self._channels.get(address)
@@ -215,19 +227,27 @@ class GrpcWorkerClient:
         offsets: Mapping[Stream, int],
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
-        if not attach and address not in self._no_dispatch:
+        if not attach and address in self._dispatch:
             try:
-                async for event in self._dispatch(address, task_id, attempt, spec, deadline_s):
+                async for event in self._on_stream(address, task_id, attempt, spec, deadline_s):
                     yield event
                 return
             except _NoDispatch:
-                self._no_dispatch.add(address)
+                self._dispatch.discard(address)
         async for event in self._execute_call(
             address, task_id, attempt, spec, attach, offsets, deadline_s
         ):
             yield event
 
-    async def _dispatch(
+    def dispatch_to(self, address: str, supported: bool) -> None:
+        """Whether the worker at ``address`` serves the Dispatch stream (it says so when it
+        registers); else each attempt is an ExecuteStream call."""
+        if supported:
+            self._dispatch.add(address)
+        else:
+            self._dispatch.discard(address)
+
+    async def _on_stream(
         self, address: str, task_id: str, attempt: int, spec: TaskSpec, deadline_s: float
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
         """One attempt on the worker's Dispatch stream (opened on first use)."""
@@ -355,7 +375,6 @@ class GrpcWorkerClient:
         session = self._sessions.pop(address, None)
         if session is not None:
             session.close()
-        self._no_dispatch.discard(address)
         known = self._channels.pop(address, None)
         if known is not None:
             await known[0].close()

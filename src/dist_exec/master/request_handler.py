@@ -367,13 +367,14 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         config: MasterConfig,
         audit: AuditLog | None = None,
         drains: Drains | None = None,
-        on_register: Callable[[str, str], None] = lambda address, server_name: None,
+        on_register: Callable[[str, str, bool], None] = lambda address, name, dispatch: None,
     ) -> None:
         self.master = master
         self.config = config
         self.audit = audit
         self.drains = drains or Drains()
-        # A worker registered this address; with TLS its certificate must name server_name.
+        # A worker registered this address (with TLS its certificate must name server_name),
+        # and says whether it serves the Dispatch stream.
         self.on_register = on_register
 
     @grpc_errors
@@ -388,7 +389,9 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             raise
         identity = current_identity()
         self.on_register(
-            request.address, identity.name if identity.via == "cert" else request.worker_id
+            request.address,
+            identity.name if identity.via == "cert" else request.worker_id,
+            request.dispatch_stream,
         )
         self.drains.requested.discard(NodeId(request.worker_id))
         self.master.register(

@@ -70,6 +70,7 @@ class Registrar:
         while True:
             try:
                 sent = time.monotonic()
+                self.master_clock.reset()
                 reply = await self.stub.Register(
                     self._register_request(), timeout=self.config.rpc_timeout_s
                 )
@@ -101,6 +102,7 @@ class Registrar:
             weight=self.config.weight,
             task_limits=wire.limits_to_pb(self.config.task_limits),
             drain_requested=self.drain_requested,
+            dispatch_stream=True,
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None

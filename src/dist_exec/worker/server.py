@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -21,14 +22,23 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class MasterClock:
-    """The master's monotonic clock as seen from this worker: its reading in each Register and
-    Heartbeat answer, taken to be from halfway through the call."""
+    """The master's monotonic clock as seen from this worker, from its reading in Register and
+    Heartbeat answers, each taken to be from halfway through its call. Of the last ``keep``
+    samples the one with the shortest round trip counts (a slow answer says little about when
+    the master read its clock); old ones age out, as two hosts' clocks drift apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 16) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)  # (round trip, offset)
         self.offset: float | None = None
 
     def sample(self, master_s: float, sent: float, received: float) -> None:
-        self.offset = master_s - (sent + received) / 2
+        self._samples.append((received - sent, master_s - (sent + received) / 2))
+        self.offset = min(self._samples)[1]
+
+    def reset(self) -> None:
+        """Another master (or the same one restarted elsewhere): start over."""
+        self._samples.clear()
+        self.offset = None
 
     def now(self) -> float | None:
         return None if self.offset is None else time.monotonic() + self.offset
