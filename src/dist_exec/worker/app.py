@@ -70,13 +70,16 @@ class Registrar:
         while True:
             try:
                 sent = time.monotonic()
-                self.master_clock.reset()
                 reply = await self.stub.Register(
                     self._register_request(), timeout=self.config.rpc_timeout_s
                 )
             except grpc.aio.AioRpcError as exc:
                 log.warning("cannot register with master %s: %s", self.config.master, exc.details())
             else:
+                # Another master, or the same one restarted, maybe elsewhere: start over. Not
+                # before the answer: a start held up in a partition may arrive meanwhile, and it
+                # must still be checked against the clock known so far.
+                self.master_clock.reset()
                 self._clock_sample(reply, sent)
                 if reply.accepted:
                     if reply.HasField("heartbeat_interval"):

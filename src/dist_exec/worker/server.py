@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -19,6 +20,7 @@ from dist_exec.worker.dispatch import DispatchSession
 from dist_exec.worker.task_runner import Attempt, TaskRunner
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
 
 
 class MasterClock:
@@ -79,6 +81,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return  # a repeated start: it runs already
         late = now - wire.from_duration(request.start_by)
         if late > 0:
+            log.warning(
+                "refused attempt %d of %s: it arrived %.1fs after the master stopped waiting",
+                request.attempt,
+                request.task_id,
+                late,
+            )
             raise StaleStart(
                 f"attempt {request.attempt} of task {shorten(request.task_id)} reached this "
                 f"worker {late:.1f}s after the master stopped waiting for it; not started"
