@@ -28,14 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dist_exec.client import Client, command_spec
-from dist_exec.models import Job, JobStatus, Stream
+from dist_exec.models import Job, JobStatus, OutputChunk, Stream
 
 TARGET_RATIO = 0.5  # dist-exec throughput / local throughput
 TARGET_P50_MS = 4.0  # dist-exec single-command latency, median
@@ -333,36 +333,34 @@ class DistRunner:
     async def by_run(self, i: int) -> str | None:
         """One RunJobs call: the job id once it is accepted, then output and the final state."""
         t0 = time.perf_counter()
-        t1 = t0
-        streamed = bytearray()
-        final: Job | None = None
-        async for item in self.client.run(command_spec(["echo", str(i)])):
-            if isinstance(item, str):
-                t1 = time.perf_counter()
-            elif isinstance(item, Job):
-                final = item
-            elif item[1].stream == Stream.STDOUT:
-                streamed += item[1].data
-        if self.segments is not None:
-            self.segments.append((t1 - t0, time.perf_counter() - t1, 0.0))
-        if final is None:
-            return "the stream ended without the job's final state"
-        return check_output(i, bytes(streamed), final.exit_code, final.status.value)
+        return await self._follow(i, t0, self.client.run(command_spec(["echo", str(i)])))
 
     async def by_stream(self, i: int) -> str | None:
         """Submit, then follow the output stream, which ends with the job's final state."""
         t0 = time.perf_counter()
         job_id = await self.client.submit(command_spec(["echo", str(i)]))
-        t1 = time.perf_counter()
+        return await self._follow(i, t0, self.client.watch(job_id), submitted=time.perf_counter())
+
+    async def _follow(
+        self,
+        i: int,
+        t0: float,
+        items: AsyncIterator[str | tuple[int, OutputChunk] | Job],
+        submitted: float = 0.0,
+    ) -> str | None:
+        """Check what ``items`` streams for ``echo I``; ``submitted``: when the id came back
+        (else the id is the first item)."""
         streamed = bytearray()
         final: Job | None = None
-        async for item in self.client.watch(job_id):
-            if isinstance(item, Job):
+        async for item in items:
+            if isinstance(item, str):
+                submitted = time.perf_counter()
+            elif isinstance(item, Job):
                 final = item
             elif item[1].stream == Stream.STDOUT:
                 streamed += item[1].data
         if self.segments is not None:
-            self.segments.append((t1 - t0, time.perf_counter() - t1, 0.0))
+            self.segments.append((submitted - t0, time.perf_counter() - submitted, 0.0))
         if final is None:
             return "the stream ended without the job's final state"
         return check_output(i, bytes(streamed), final.exit_code, final.status.value)

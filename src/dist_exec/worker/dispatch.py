@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any
 
 from dist_exec import wire
 from dist_exec.errors import DistExecError, TaskNotFound
+from dist_exec.models import Stream
 from dist_exec.rpc.v1 import worker_pb2
 from dist_exec.worker.task_runner import Attempt, TaskRunner
 
@@ -117,37 +119,12 @@ class DispatchSession:
             log.exception("cannot send the events of %s attempt %d", *attempt.key)
 
     async def _send_events(self, attempt: Attempt) -> None:
-        output = attempt.output
-        sub = output.subscribe({})
-        try:
-            async for chunk in output.follow(sub):
-                while self._bytes >= OUTBOX_BYTES:
+        async with contextlib.aclosing(progress(attempt, {}, tagged=True)) as events:
+            async for event in events:
+                while event.type == worker_pb2.PROGRESS_OUTPUT and self._bytes >= OUTBOX_BYTES:
                     self._room.clear()
                     await self._room.wait()
-                self._push(
-                    Progress(
-                        type=worker_pb2.PROGRESS_OUTPUT,
-                        task_id=attempt.task_id,
-                        attempt=attempt.attempt,
-                        data=chunk.data,
-                        output_type=chunk.stream.value,  # type: ignore[arg-type]
-                        offset=chunk.offset,
-                    )
-                )
-            await attempt.done.wait()
-            assert attempt.outcome is not None
-            self._push(
-                Progress(
-                    type=worker_pb2.PROGRESS_COMPLETED,
-                    task_id=attempt.task_id,
-                    attempt=attempt.attempt,
-                    final_result=wire.outcome_to_pb(
-                        attempt.outcome, attempt.task_id, attempt.attempt
-                    ),
-                )
-            )
-        finally:
-            output.unsubscribe(sub)
+                self._push(event)
 
     def _push(self, event: Progress) -> None:
         self._events.append(event)
@@ -172,6 +149,34 @@ class DispatchSession:
         if self._bytes < OUTBOX_BYTES:
             self._room.set()
         return _coalesce(batch)
+
+
+async def progress(
+    attempt: Attempt, offsets: Mapping[Stream, int], tagged: bool
+) -> AsyncGenerator[Progress, None]:
+    """An attempt's output from ``offsets`` on, live, then its result. ``tagged``: each message
+    names the attempt (the Dispatch stream carries many; an ExecuteStream call only one)."""
+    ids: dict[str, Any] = {"task_id": attempt.task_id, "attempt": attempt.attempt} if tagged else {}
+    output = attempt.output
+    sub = output.subscribe(offsets)
+    try:
+        async for chunk in output.follow(sub):
+            yield Progress(
+                type=worker_pb2.PROGRESS_OUTPUT,
+                data=chunk.data,
+                output_type=chunk.stream.value,  # type: ignore[arg-type]
+                offset=chunk.offset,
+                **ids,
+            )
+        await attempt.done.wait()
+        assert attempt.outcome is not None
+        yield Progress(
+            type=worker_pb2.PROGRESS_COMPLETED,
+            final_result=wire.outcome_to_pb(attempt.outcome, attempt.task_id, attempt.attempt),
+            **ids,
+        )
+    finally:
+        output.unsubscribe(sub)
 
 
 def _coalesce(batch: list[Progress]) -> list[Progress]:

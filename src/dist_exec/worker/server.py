@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -16,7 +17,7 @@ from dist_exec.errors import StaleStart, grpc_errors, grpc_stream_errors, shorte
 from dist_exec.executors import ExecRequest
 from dist_exec.models import Stream
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from dist_exec.worker.dispatch import DispatchSession
+from dist_exec.worker.dispatch import DispatchSession, progress
 from dist_exec.worker.task_runner import Attempt, TaskRunner
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -97,26 +98,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExecuteRequest, context: Context
     ) -> AsyncGenerator[worker_pb2.ExecuteProgress, None]:
         attempt = self._attempt(request)
-        output = attempt.output
-        sub = output.subscribe(
-            {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
-        )
-        try:
-            async for chunk in output.follow(sub):
-                yield worker_pb2.ExecuteProgress(
-                    type=worker_pb2.PROGRESS_OUTPUT,
-                    data=chunk.data,
-                    output_type=chunk.stream.value,  # type: ignore[arg-type]
-                    offset=chunk.offset,
-                )
-            await attempt.done.wait()
-            assert attempt.outcome is not None
-            yield worker_pb2.ExecuteProgress(
-                type=worker_pb2.PROGRESS_COMPLETED,
-                final_result=wire.outcome_to_pb(attempt.outcome, attempt.task_id, attempt.attempt),
-            )
-        finally:
-            output.unsubscribe(sub)
+        offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
+        async with contextlib.aclosing(progress(attempt, offsets, tagged=False)) as events:
+            async for event in events:
+                yield event
         # Only reached when the last message was handed to the transport.
         self.runner.delivered(attempt)
 
