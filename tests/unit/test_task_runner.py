@@ -408,3 +408,51 @@ async def test_drain_waits_for_attempts_that_finish_in_time(make_runner: MakeRun
     assert outcome.status == ExecStatus.SUCCESS
     assert outcome.retryable is False
     assert outcome.stdout == b"done"
+
+
+class TroubledExecutor:
+    """Raises its own TimeoutError, or fails while it stops for a cancel (``on_cancel``)."""
+
+    name = "troubled"
+
+    def __init__(self, on_cancel: bool) -> None:
+        self.on_cancel = on_cancel
+        self.started = asyncio.Event()
+
+    def validate(self, payload: bytes) -> None:
+        pass
+
+    async def health_check(self) -> bool:
+        return True
+
+    async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
+        self.started.set()
+        if not self.on_cancel:
+            raise TimeoutError("upstream did not answer")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup went wrong") from None
+        raise AssertionError("unreachable")
+
+
+async def test_an_executors_own_timeout_error_is_a_failure_not_a_timeout(
+    make_runner: MakeRunner,
+) -> None:
+    runner = make_runner(executors={"troubled": TroubledExecutor(on_cancel=False)})
+    outcome = await finished(runner.start(request(b"", timeout_s=30), "troubled"))
+    assert outcome.status == ExecStatus.FAILURE
+    assert outcome.error == "executor troubled failed: upstream did not answer"
+
+
+async def test_a_cancelled_attempt_stays_cancelled_when_its_executor_fails_stopping(
+    make_runner: MakeRunner,
+) -> None:
+    executor = TroubledExecutor(on_cancel=True)
+    runner = make_runner(executors={"troubled": executor})
+    attempt = runner.start(request(b""), "troubled")
+    async with asyncio.timeout(10):
+        await executor.started.wait()
+    assert runner.cancel("task-1", reason="no longer wanted")
+    outcome = await finished(attempt)
+    assert (outcome.status, outcome.error) == (ExecStatus.CANCELLED, "no longer wanted")

@@ -284,11 +284,8 @@ class Client:
                 call.cancel()
         if job_id is None:
             raise DistExecError("the master ended the call without accepting the job")
-        async for item in self._stream(job_id, True, True, offsets, attempt):
+        async for item in self._watch(job_id, offsets, attempt):
             yield item
-            if isinstance(item, Job):
-                return
-        yield await self.get(job_id)
 
     async def run_many(
         self, specs: Sequence[TaskSpec], with_output: bool = True
@@ -321,7 +318,13 @@ class Client:
     async def watch(self, job_id: str) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
         """Like ``stream_output`` (following), then the ended Job itself (without its output,
         which was streamed) as the last item."""
-        async for item in self._stream(job_id, follow=True, include_result=True):
+        async for item in self._watch(job_id):
+            yield item
+
+    async def _watch(
+        self, job_id: str, offsets: dict[Stream, int] | None = None, attempt: int = 0
+    ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
+        async for item in self._stream(job_id, True, True, offsets, attempt):
             yield item
             if isinstance(item, Job):
                 return

@@ -211,11 +211,11 @@ class CommandExecutor:
             env = dict(os.environ)
         else:
             env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
-            if self.containment.run_as is not None:
-                # The worker's PATH may name directories the command's user cannot search
-                # (root's own): a missing command would then look like a permission problem.
+            # Another user gets the standard PATH: the worker's may name directories that user
+            # cannot search (root's own), and a missing command would look like a permission
+            # problem.
+            if self.containment.run_as is not None or "PATH" not in env:
                 env["PATH"] = DEFAULT_PATH
-            env.setdefault("PATH", DEFAULT_PATH)
         env.update(spec.env)
         # Which job and attempt this is: for the command, and to find its processes that left
         # its process group when it must be stopped.

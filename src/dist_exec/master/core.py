@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -524,22 +524,40 @@ class Master:
         for job_id in unique:
             if job_id not in self._active:
                 await self.get(job_id, with_output=False)  # NOT_FOUND before anything streams
+        inner = (
+            self._followed(unique[0], with_output)  # nothing to interleave: a hop less
+            if len(unique) == 1
+            else self._interleaved(unique, with_output)
+        )
+        async with contextlib.aclosing(inner) as events:  # a closed watch stops following now
+            async for event in events:
+                yield event
+
+    async def _followed(
+        self, job_id: JobId, with_output: bool
+    ) -> AsyncGenerator[tuple[JobId, tuple[int, OutputChunk] | Job], None]:
+        async for item in self.stream_output(job_id, {}, follow=True, include_result=True):
+            if with_output or isinstance(item, Job):
+                yield job_id, item
+
+    async def _interleaved(
+        self, job_ids: Sequence[JobId], with_output: bool
+    ) -> AsyncGenerator[tuple[JobId, tuple[int, OutputChunk] | Job], None]:
         events: asyncio.Queue[tuple[JobId, tuple[int, OutputChunk] | Job] | BaseException] = (
             asyncio.Queue(256)
         )
 
         async def pump(job_id: JobId) -> None:
             try:
-                async for item in self.stream_output(job_id, {}, follow=True, include_result=True):
-                    if with_output or isinstance(item, Job):
-                        await events.put((job_id, item))
+                async for event in self._followed(job_id, with_output):
+                    await events.put(event)
             except Exception as exc:
                 await events.put(exc)
 
-        pumps = [asyncio.create_task(pump(job_id)) for job_id in unique]
+        pumps = [asyncio.create_task(pump(job_id)) for job_id in job_ids]
         try:
             ended = 0
-            while ended < len(unique):
+            while ended < len(job_ids):
                 event = await events.get()
                 if isinstance(event, BaseException):
                     raise event

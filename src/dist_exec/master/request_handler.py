@@ -8,7 +8,7 @@ the request: a job's owner, the worker id a worker registers as, and the audit r
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -98,14 +98,6 @@ def _event_pb(job_id: JobId, item: tuple[int, OutputChunk] | Job) -> master_pb2.
     if isinstance(item, Job):
         return master_pb2.JobEvent(job_id=job_id, result=wire.job_to_status_pb(item))
     return master_pb2.JobEvent(job_id=job_id, output=_chunk_pb(*item))
-
-
-async def _one_job(
-    master: Master, job_id: JobId, with_output: bool
-) -> AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]:
-    async for item in master.stream_output(job_id, {}, follow=True, include_result=True):
-        if with_output or isinstance(item, Job):
-            yield job_id, item
 
 
 def _chunk_pb(attempt: int, chunk: OutputChunk) -> master_pb2.OutputChunk:
@@ -229,12 +221,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
                 await self._owned(job_id, "watch")
         for job_id in job_ids:
             yield master_pb2.JobEvent(job_id=job_id, accepted=True)
-        events: AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]
-        if len(set(job_ids)) == 1:  # (one pump less than watch() needs)
-            events = _one_job(self.master, job_ids[0], with_output=not request.no_output)
-        else:
-            events = self.master.watch(job_ids, with_output=not request.no_output)
-        async for job_id, item in events:
+        async for job_id, item in self.master.watch(job_ids, with_output=not request.no_output):
             yield _event_pb(job_id, item)
 
     @grpc_errors

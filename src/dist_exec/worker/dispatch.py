@@ -114,17 +114,14 @@ class DispatchSession:
 
     async def _follow(self, attempt: Attempt) -> None:
         try:
-            await self._send_events(attempt)
+            async with contextlib.aclosing(progress(attempt, {}, tagged=True)) as events:
+                async for event in events:
+                    while event.type == worker_pb2.PROGRESS_OUTPUT and self._bytes >= OUTBOX_BYTES:
+                        self._room.clear()
+                        await self._room.wait()
+                    self._push(event)
         except Exception:
             log.exception("cannot send the events of %s attempt %d", *attempt.key)
-
-    async def _send_events(self, attempt: Attempt) -> None:
-        async with contextlib.aclosing(progress(attempt, {}, tagged=True)) as events:
-            async for event in events:
-                while event.type == worker_pb2.PROGRESS_OUTPUT and self._bytes >= OUTBOX_BYTES:
-                    self._room.clear()
-                    await self._room.wait()
-                self._push(event)
 
     def _push(self, event: Progress) -> None:
         self._events.append(event)

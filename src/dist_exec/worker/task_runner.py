@@ -337,27 +337,26 @@ class TaskRunner:
                 raise asyncio.CancelledError
             async with limit:
                 outcome = await executor.execute(request, attempt.output)
-        except TimeoutError:
-            if not limit.expired():
-                outcome = _failed(executor, request, TimeoutError("timed out"))
-            else:
+        except TimeoutError as exc:
+            if limit.expired():
                 outcome = ExecOutcome(
                     ExecStatus.TIMEOUT,
                     error=f"timed out after {format_duration(request.timeout_s)}",
                 )
+            else:  # the executor's own
+                outcome = _failed(executor, request, exc)
         except asyncio.CancelledError:
             if not attempt.cancel.is_set():
                 raise  # the worker is stopping (close): _finish still runs below
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 task.uncancel()
-            outcome = ExecOutcome(
-                ExecStatus.FAILURE if attempt.retryable_on_cancel else ExecStatus.CANCELLED,
-                error=attempt.cancel_reason,
-                retryable=attempt.retryable_on_cancel,
-            )
+            outcome = _cancelled(attempt)
         except Exception as exc:
-            outcome = _failed(executor, request, exc)
+            # An executor that fails while stopping for a cancel was still cancelled.
+            outcome = (
+                _cancelled(attempt) if attempt.cancel.is_set() else _failed(executor, request, exc)
+            )
         finally:
             self._finish(attempt, outcome or ExecOutcome(ExecStatus.FAILURE, error="stopped"))
 
@@ -381,6 +380,14 @@ class TaskRunner:
         attempt.done.set()
         if self.active_count == 0:
             self._idle.set()
+
+
+def _cancelled(attempt: Attempt) -> ExecOutcome:
+    return ExecOutcome(
+        ExecStatus.FAILURE if attempt.retryable_on_cancel else ExecStatus.CANCELLED,
+        error=attempt.cancel_reason,
+        retryable=attempt.retryable_on_cancel,
+    )
 
 
 def _failed(executor: Executor, request: ExecRequest, exc: Exception) -> ExecOutcome:
