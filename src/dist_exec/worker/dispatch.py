@@ -20,6 +20,7 @@ from typing import Any
 from dist_exec import wire
 from dist_exec.errors import DistExecError, TaskNotFound
 from dist_exec.models import Stream
+from dist_exec.outbox import Outbox
 from dist_exec.rpc.v1 import worker_pb2
 from dist_exec.worker.task_runner import Attempt, TaskRunner
 
@@ -42,13 +43,7 @@ class DispatchSession:
     ) -> None:
         self.runner = runner
         self.start = start
-        self._events: list[Progress] = []
-        self._bytes = 0
-        self._ready = asyncio.Event()  # events wait, or the stream ended
-        self._urgent = asyncio.Event()  # a result or refusal waits, or output enough to send
-        self._room = asyncio.Event()  # the outbox is below OUTBOX_BYTES
-        self._room.set()
-        self._ended = False
+        self._outbox: Outbox[Progress] = Outbox(OUTBOX_BYTES, MESSAGE_BYTES, LINGER_BYTES)
         self._error: BaseException | None = None  # what ended the request stream, if not EOF
         self._followers: set[asyncio.Task[None]] = set()
 
@@ -58,16 +53,17 @@ class DispatchSession:
         """The messages to send, until the master closes its side (or the call ends)."""
         reader = asyncio.create_task(self._read(requests))
         try:
+            outbox = self._outbox
             while True:
-                await self._ready.wait()
-                if self._events and not self._urgent.is_set():
+                await outbox.ready.wait()
+                if outbox and not outbox.urgent.is_set():
                     # Output only: a short command's result follows its output closely, and
                     # then both go in one message (the output often left out, see _coalesce).
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(LINGER_S):
-                            await self._urgent.wait()
-                if self._events:
-                    yield worker_pb2.DispatchEvents(events=self._take())
+                            await outbox.urgent.wait()
+                if outbox:
+                    yield worker_pb2.DispatchEvents(events=_coalesce(outbox.take()))
                     continue
                 if self._error is not None:
                     raise self._error
@@ -89,8 +85,7 @@ class DispatchSession:
         except Exception as exc:  # a malformed request, a broken call, or a bug: end the stream
             self._error = exc
         finally:
-            self._ended = True
-            self._ready.set()
+            self._outbox.close()
 
     def _start(self, request: worker_pb2.ExecuteRequest) -> None:
         try:
@@ -116,36 +111,14 @@ class DispatchSession:
         try:
             async with contextlib.aclosing(progress(attempt, {}, tagged=True)) as events:
                 async for event in events:
-                    while event.type == worker_pb2.PROGRESS_OUTPUT and self._bytes >= OUTBOX_BYTES:
-                        self._room.clear()
-                        await self._room.wait()
+                    if event.type == worker_pb2.PROGRESS_OUTPUT:
+                        await self._outbox.room()
                     self._push(event)
         except Exception:
             log.exception("cannot send the events of %s attempt %d", *attempt.key)
 
     def _push(self, event: Progress) -> None:
-        self._events.append(event)
-        self._bytes += len(event.data)
-        self._ready.set()
-        if event.type != worker_pb2.PROGRESS_OUTPUT or self._bytes >= LINGER_BYTES:
-            self._urgent.set()
-
-    def _take(self) -> list[Progress]:
-        """The next message's events (all that wait, up to MESSAGE_BYTES), coalesced."""
-        size, count = 0, 0
-        for event in self._events:
-            if count and size + len(event.data) > MESSAGE_BYTES:
-                break
-            size += len(event.data)
-            count += 1
-        batch, self._events = self._events[:count], self._events[count:]
-        self._bytes -= size
-        if not self._events and not self._ended:
-            self._ready.clear()
-            self._urgent.clear()
-        if self._bytes < OUTBOX_BYTES:
-            self._room.set()
-        return _coalesce(batch)
+        self._outbox.push(event, len(event.data), urgent=event.type != worker_pb2.PROGRESS_OUTPUT)
 
 
 async def progress(
