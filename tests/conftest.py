@@ -47,6 +47,20 @@ def wait_for(
         time.sleep(poll)
 
 
+async def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll a sync or async predicate until it is truthy, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 def _read_ready_line(proc: subprocess.Popen[bytes], log: Path, what: str) -> str:
     """Wait (with a deadline) for the 'listening on ADDRESS' line on the child's stdout."""
     assert proc.stdout is not None

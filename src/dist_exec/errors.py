@@ -175,7 +175,7 @@ def shorten(value: str, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[0]} ({len(value)} chars)"
 
 
-def _cap(message: str) -> str:
+def cap_message(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
 
 
@@ -216,7 +216,7 @@ def grpc_errors(
         except Exception as exc:
             log.exception("internal error in %s", fn.__name__)
             await _context(args).abort(
-                grpc.StatusCode.INTERNAL, _cap(_internal_message(fn, exc, args))
+                grpc.StatusCode.INTERNAL, cap_message(_internal_message(fn, exc, args))
             )
             raise
 
@@ -240,7 +240,7 @@ def grpc_stream_errors(
         except Exception as exc:
             log.exception("internal error in %s", fn.__name__)
             await _context(args).abort(
-                grpc.StatusCode.INTERNAL, _cap(_internal_message(fn, exc, args))
+                grpc.StatusCode.INTERNAL, cap_message(_internal_message(fn, exc, args))
             )
 
     return wrapper
@@ -249,7 +249,7 @@ def grpc_stream_errors(
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: DistExecError) -> None:
     if exc.trailing_metadata:
         context.set_trailing_metadata(exc.trailing_metadata)
-    await context.abort(exc.code, _cap(exc.message))
+    await context.abort(exc.code, cap_message(exc.message))
 
 
 def _context(args: tuple[Any, ...]) -> grpc.aio.ServicerContext[Any, Any]:

@@ -27,7 +27,7 @@ from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.models import AttemptOutcome, JobId, JobStatus, NodeStatus, TaskSpec
 from dist_exec.rpc.v1 import master_pb2_grpc
 from dist_exec.security.tls import INSECURE_FLAG
-from tests.conftest import ClusterFactory, Proc
+from tests.conftest import ClusterFactory, Proc, wait_until
 from tests.faults.netns import NetnsPartition, netns_unavailable
 from tests.faults.proxy import CuttableProxy
 from tests.faults.workload import (
@@ -67,20 +67,6 @@ def workload(tmp_path: Path, workloads: list[Workload]) -> Workload:
 def gate_body(gate: Path) -> str:
     """Runs until the test creates ``gate``; a background child keeps the group busy too."""
     return f"sleep 300 & while [ ! -e {gate} ]; do sleep 0.05; done; kill $!"
-
-
-async def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll a sync or async predicate until it is truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def on_worker(client: Client, ids: list[JobId], worker_id: str) -> list[JobId]:

@@ -182,6 +182,7 @@ async def test_every_rpc_survives_hostile_messages(cluster: ClusterFactory) -> N
         assert codes["Submit [timeout: duration negative]"] == invalid
         assert codes["Dispatch [not protobuf]"] == invalid
         assert codes["RunJobs [not protobuf]"] == invalid
+        assert codes["RunSession [not protobuf]"] == invalid
         assert len(codes) > 200
         assert master.alive()
         assert worker.alive()

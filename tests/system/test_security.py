@@ -12,9 +12,10 @@ import grpc
 import grpc.aio
 import pytest
 
+from dist_exec import wire
 from dist_exec.client import AccessDenied, Client, Credentials, Unauthenticated, command_spec
 from dist_exec.models import JobStatus, NodeStatus
-from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
+from dist_exec.rpc.v1 import master_pb2, worker_pb2, worker_pb2_grpc
 from dist_exec.security.certs import init_ca, issue
 from dist_exec.security.identity import Role
 from dist_exec.security.tls import INSECURE_FLAG
@@ -85,9 +86,13 @@ async def test_roles_and_owners(cluster: ClusterFactory) -> None:
         assert (await reader.get(job)).spec.owner == "alice"
         with pytest.raises(AccessDenied, match="reader has the role read; Submit needs"):
             await reader.submit(command_spec(["true"]))
-        with pytest.raises(AccessDenied, match="reader has the role read; RunJobs needs"):
+        with pytest.raises(AccessDenied, match="reader has the role read; RunSession needs"):
             async for _ in reader.run(command_spec(["true"])):
                 pass
+        request = master_pb2.RunJobsRequest(jobs=[wire.submit_request(command_spec(["true"]))])
+        with pytest.raises(grpc.aio.AioRpcError, match="RunJobs needs") as refused:
+            await reader.stub.RunJobs(request).read()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(AccessDenied):
             await reader.cancel(job)
         # Another submitter can neither see nor cancel it, nor list it.

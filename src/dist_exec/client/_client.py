@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ import grpc
 import grpc.aio
 
 from dist_exec import wire
+from dist_exec.client._session import RunSession, rpc_error
 from dist_exec.config import dial_address
 from dist_exec.errors import DistExecError, Unauthenticated, from_rpc_error
 from dist_exec.executors.command import CommandSpec
@@ -84,6 +86,8 @@ class Client:
         self.credentials = credentials or Credentials()
         self._channel: grpc.aio.Channel | None = None
         self._stub: MasterServiceAsyncStub | None = None
+        self._session: RunSession | None = None
+        self._use_session = True  # until the master says it has no RunSession
 
     async def __aenter__(self) -> Client:
         self._channel = self.credentials.channel(self.address, CHANNEL_OPTIONS)
@@ -93,6 +97,8 @@ class Client:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._session is not None:
+            await self._session.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -246,19 +252,20 @@ class Client:
             if not isinstance(item, Job):
                 yield item
 
-    async def run(self, spec: TaskSpec) -> AsyncIterator[JobId | tuple[int, OutputChunk] | Job]:
-        """Submit a job and follow it in one call: first its id, once the job is accepted
-        (durable), then what ``watch`` yields. A stream that breaks after the id resumes with
-        StreamOutput from where it was."""
-        call = self.stub.RunJobs(master_pb2.RunJobsRequest(jobs=[wire.submit_request(spec)]))
+    async def run(
+        self, spec: TaskSpec
+    ) -> AsyncGenerator[JobId | tuple[int, OutputChunk] | Job, None]:
+        """Submit a job and follow it: first its id, once the job is accepted (durable), then
+        what ``watch`` yields. A stream that breaks after the id resumes with StreamOutput from
+        where it was. Runs share one stream to the master (RunSession)."""
+        events = self._run_events(master_pb2.RunJobsRequest(jobs=[wire.submit_request(spec)]))
         job_id: JobId | None = None
         offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
         attempt = 0
         try:
             async with asyncio.timeout(self.timeout_s):  # to be accepted, as for Submit
-                event = await call.read()
-            while event is not grpc.aio.EOF:
-                assert isinstance(event, master_pb2.JobEvent)
+                event = await anext(events, None)
+            while event is not None:
                 if event.accepted:
                     job_id = JobId(event.job_id)
                     yield job_id
@@ -266,12 +273,10 @@ class Client:
                     yield wire.job_from_status_pb(event.result)
                     return
                 else:
-                    out = event.output
-                    attempt, chunk = _track(offsets, attempt, out)
+                    attempt, chunk = _track(offsets, attempt, event.output)
                     yield attempt, chunk
-                event = await call.read()
+                event = await anext(events, None)
         except TimeoutError:
-            call.cancel()
             raise self._error(_deadline_error(self.timeout_s)) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED and job_id is None:  # an older master
@@ -280,8 +285,7 @@ class Client:
             elif job_id is None or exc.code() not in _RESUMABLE:
                 raise self._error(exc) from None
         finally:
-            if not call.done():
-                call.cancel()
+            await events.aclose()
         if job_id is None:
             raise DistExecError("the master ended the call without accepting the job")
         async for item in self._watch(job_id, offsets, attempt):
@@ -289,28 +293,54 @@ class Client:
 
     async def run_many(
         self, specs: Sequence[TaskSpec], with_output: bool = True
-    ) -> AsyncIterator[list[JobId] | tuple[JobId, tuple[int, OutputChunk] | Job]]:
-        """Submit several jobs (all are accepted, or none) and follow them in one call: first
-        their ids, in order, then what ``watch_many`` yields, until all have ended."""
+    ) -> AsyncGenerator[list[JobId] | tuple[JobId, tuple[int, OutputChunk] | Job], None]:
+        """Submit several jobs (all are accepted, or none) and follow them: first their ids, in
+        order, then what ``watch_many`` yields, until all have ended."""
         request = master_pb2.RunJobsRequest(
             jobs=[wire.submit_request(s) for s in specs], no_output=not with_output
         )
-        call = self.stub.RunJobs(request)
+        events = self._run_events(request)
         accepted: list[JobId] = []
         try:
             async with asyncio.timeout(self.timeout_s):  # to be accepted, as for SubmitBatch
                 for _ in specs:
-                    event = await call.read()
-                    if not isinstance(event, master_pb2.JobEvent) or not event.accepted:
+                    event = await anext(events, None)
+                    if event is None or not event.accepted:
                         raise DistExecError("the master ended the call without accepting the jobs")
                     accepted.append(JobId(event.job_id))
             yield accepted
-            while isinstance(event := await call.read(), master_pb2.JobEvent):
+            async for event in events:
                 yield JobId(event.job_id), _event(event)
         except TimeoutError:
             raise self._error(_deadline_error(self.timeout_s)) from None
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
+        finally:
+            await events.aclose()
+
+    async def _run_events(
+        self, request: master_pb2.RunJobsRequest
+    ) -> AsyncGenerator[master_pb2.JobEvent, None]:
+        """What RunJobs sends for ``request``: on the shared RunSession stream when the master
+        serves it, else on a RunJobs call of its own. Errors come as AioRpcError."""
+        if self._use_session:
+            session = self._session
+            if session is None or session.error is not None:
+                session = self._session = RunSession(self.stub)
+            try:
+                async with contextlib.aclosing(session.run(request)) as events:
+                    async for event in events:
+                        yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                # An older master: nothing was sent on the stream (see RunSession._write).
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED or exc is not session.error:
+                    raise
+                self._use_session = False
+        call = self.stub.RunJobs(request)
+        try:
+            async for event in call:
+                yield event
         finally:
             if not call.done():
                 call.cancel()
@@ -392,9 +422,4 @@ def _track(
 
 
 def _deadline_error(timeout_s: float) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        f"no answer within {timeout_s:g}s",
-    )
+    return rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s")

@@ -7,8 +7,9 @@ the request: a job's owner, the worker id a worker registers as, and the audit r
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import describe_task
 from dist_exec.master.core import HeldAttempt, Master
+from dist_exec.master.run_session import RunSession
 from dist_exec.models import (
     Job,
     JobId,
@@ -214,6 +216,24 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     async def RunJobs(
         self, request: master_pb2.RunJobsRequest, context: Context
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
+        async with contextlib.aclosing(self._run_jobs(request, context)) as events:
+            async for event in events:
+                yield event
+
+    @grpc_stream_errors
+    async def RunSession(
+        self, request_iterator: AsyncIterator[master_pb2.RunSessionRequests], context: Context
+    ) -> AsyncGenerator[master_pb2.RunSessionEvents, None]:
+        # The client writes nothing before this arrives (an older master answers UNIMPLEMENTED).
+        await context.send_initial_metadata(())
+        session = RunSession(lambda request: self._run_jobs(request, context))
+        async for message in session.serve(request_iterator):
+            yield message
+
+    async def _run_jobs(
+        self, request: master_pb2.RunJobsRequest, context: Context
+    ) -> AsyncGenerator[master_pb2.JobEvent, None]:
+        """What one RunJobs call sends; a DistExecError ends it."""
         action = "submit" if len(request.jobs) == 1 else "submit_batch"
         job_ids = await self._submit(action, request.jobs, context)
         if not current_identity().sees_all_jobs and any(j.idempotency_key for j in request.jobs):

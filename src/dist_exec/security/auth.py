@@ -46,6 +46,7 @@ MASTER_RULES: dict[str, frozenset[Role]] = {
     _M + "SubmitBatch": SUBMITTERS,
     _M + "SubmitBroadcast": SUBMITTERS,
     _M + "RunJobs": SUBMITTERS,
+    _M + "RunSession": SUBMITTERS,
     _M + "Cancel": SUBMITTERS,  # a submitter only its own jobs (checked by the servicer)
     _M + "GetStatus": ANY_CLIENT,  # likewise
     _M + "StreamOutput": ANY_CLIENT,

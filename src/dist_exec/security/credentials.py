@@ -69,7 +69,11 @@ class Credentials:
         return cls(read(ca, "CA"), read(cert, "certificate"), read(key, "key"), token)
 
     def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        interceptors = [_TokenUnary(self.token), _TokenStream(self.token)] if self.token else None
+        interceptors = (
+            [_TokenUnary(self.token), _TokenStream(self.token), _TokenBidi(self.token)]
+            if self.token
+            else None
+        )
         if self.ca is None:
             return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         creds = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
@@ -108,6 +112,19 @@ class _TokenStream(grpc.aio.UnaryStreamClientInterceptor):
         request: Any,
     ) -> Any:
         return await continuation(_with_token(client_call_details, self.token), request)
+
+
+class _TokenBidi(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await continuation(_with_token(client_call_details, self.token), request_iterator)
 
 
 # ---- local clusters ---------------------------------------------------------------------------

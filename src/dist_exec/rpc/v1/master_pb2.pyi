@@ -326,6 +326,49 @@ class RunJobsRequest(_message.Message):
     no_output: bool
     def __init__(self, jobs: _Optional[_Iterable[_Union[SubmitRequest, _Mapping]]] = ..., no_output: _Optional[bool] = ...) -> None: ...
 
+class RunSessionRequests(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RunSessionRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RunSessionRequest, _Mapping]]] = ...) -> None: ...
+
+class RunSessionRequest(_message.Message):
+    __slots__ = ("tag", "run", "stop")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    run: RunJobsRequest
+    stop: bool
+    def __init__(self, tag: _Optional[int] = ..., run: _Optional[_Union[RunJobsRequest, _Mapping]] = ..., stop: _Optional[bool] = ...) -> None: ...
+
+class RunSessionEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[RunSessionEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[RunSessionEvent, _Mapping]]] = ...) -> None: ...
+
+class RunSessionEvent(_message.Message):
+    __slots__ = ("tag", "event", "error_code", "error", "error_metadata")
+    class ErrorMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_METADATA_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    event: JobEvent
+    error_code: int
+    error: str
+    error_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, tag: _Optional[int] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., error_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class ListNodesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

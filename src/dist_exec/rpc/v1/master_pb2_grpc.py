@@ -94,6 +94,11 @@ class MasterServiceStub:
                 request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunJobsRequest.SerializeToString,
                 response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.RunSession = channel.stream_stream(
+                '/distexec.v1.MasterService/RunSession',
+                request_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunSessionRequests.SerializeToString,
+                response_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunSessionEvents.FromString,
+                _registered_method=True)
 
 
 class MasterServiceServicer:
@@ -182,6 +187,19 @@ class MasterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunSession(self, request_iterator, context):
+        """Addition: RunJobs again and again over one long-lived stream, for a client that runs job
+        after job (a message costs far less than a new call). Each request names its run with a
+        tag of the client's choosing. A run's events carry its tag: first its accepted events, or
+        one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
+        for its jobs, interleaved with other runs' events, several to a message. An error event
+        after the accepted ones ends that run only (its follower fell behind, say): resume it with
+        StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +262,11 @@ def add_MasterServiceServicer_to_server(servicer, server):
                     servicer.RunJobs,
                     request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunJobsRequest.FromString,
                     response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.SerializeToString,
+            ),
+            'RunSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunSession,
+                    request_deserializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunSessionRequests.FromString,
+                    response_serializer=dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunSessionEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +593,33 @@ class MasterService:
             '/distexec.v1.MasterService/RunJobs',
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunJobsRequest.SerializeToString,
             dist__exec_dot_rpc_dot_v1_dot_master__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distexec.v1.MasterService/RunSession',
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunSessionRequests.SerializeToString,
+            dist__exec_dot_rpc_dot_v1_dot_master__pb2.RunSessionEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,15 @@ class MasterServiceStub:
     SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
     accepted events resumes with StreamOutput or WatchJobs.
     """
+    RunSession: _grpc.StreamStreamMultiCallable[_master_pb2.RunSessionRequests, _master_pb2.RunSessionEvents]
+    """Addition: RunJobs again and again over one long-lived stream, for a client that runs job
+    after job (a message costs far less than a new call). Each request names its run with a
+    tag of the client's choosing. A run's events carry its tag: first its accepted events, or
+    one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
+    for its jobs, interleaved with other runs' events, several to a message. An error event
+    after the accepted ones ends that run only (its follower fell behind, say): resume it with
+    StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
+    """
 
 @_typing.type_check_only
 class MasterServiceAsyncStub(MasterServiceStub):
@@ -86,6 +95,15 @@ class MasterServiceAsyncStub(MasterServiceStub):
     job, in request order, with `accepted` set, sent once the jobs are durable (what
     SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
     accepted events resumes with StreamOutput or WatchJobs.
+    """
+    RunSession: _aio.StreamStreamMultiCallable[_master_pb2.RunSessionRequests, _master_pb2.RunSessionEvents]  # type: ignore[assignment]
+    """Addition: RunJobs again and again over one long-lived stream, for a client that runs job
+    after job (a message costs far less than a new call). Each request names its run with a
+    tag of the client's choosing. A run's events carry its tag: first its accepted events, or
+    one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
+    for its jobs, interleaved with other runs' events, several to a message. An error event
+    after the accepted ones ends that run only (its follower fell behind, say): resume it with
+    StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
     """
 
 class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -184,6 +202,21 @@ class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
         job, in request order, with `accepted` set, sent once the jobs are durable (what
         SubmitBatch returns); then what WatchJobs sends. A client that loses the stream after the
         accepted events resumes with StreamOutput or WatchJobs.
+        """
+
+    @_abc_1.abstractmethod
+    def RunSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_master_pb2.RunSessionRequests],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_master_pb2.RunSessionEvents], _abc.AsyncIterator[_master_pb2.RunSessionEvents]]:
+        """Addition: RunJobs again and again over one long-lived stream, for a client that runs job
+        after job (a message costs far less than a new call). Each request names its run with a
+        tag of the client's choosing. A run's events carry its tag: first its accepted events, or
+        one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
+        for its jobs, interleaved with other runs' events, several to a message. An error event
+        after the accepted ones ends that run only (its follower fell behind, say): resume it with
+        StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
         """
 
 def add_MasterServiceServicer_to_server(servicer: MasterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

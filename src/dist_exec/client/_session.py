@@ -1,0 +1,151 @@
+"""The client's end of RunSession: one long-lived stream that carries run after run.
+
+Each run gets a tag and a route; the reader hands every event to its run's route at once, so
+a caller that is slow to iterate one run never holds up another. A route that falls too far
+behind is cut off, and its run resumes from its offsets as after a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+
+from dist_exec.rpc.v1 import master_pb2
+
+if TYPE_CHECKING:
+    from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
+
+ROUTE_BYTES = 8 * 1024 * 1024  # output waiting in one run's route before it is cut off
+STATUS_WAIT_S = 5.0  # for the status of a call a write failed on (else: UNAVAILABLE)
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def rpc_error(
+    code: grpc.StatusCode, details: str, trailing: grpc.aio.Metadata | None = None
+) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing or grpc.aio.Metadata(), details)
+
+
+class _Route:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[master_pb2.RunSessionEvent | grpc.aio.AioRpcError] = (
+            asyncio.Queue()
+        )
+        self.bytes = 0
+
+
+class RunSession:
+    """One RunSession call. ``run`` yields one run's events; ``error`` is set once the stream is
+    broken (a new run then needs a new session)."""
+
+    def __init__(self, stub: MasterServiceAsyncStub) -> None:
+        self.call = stub.RunSession()
+        self.error: grpc.aio.AioRpcError | None = None
+        self._routes: dict[int, _Route] = {}
+        self._tags = itertools.count(1)
+        self._requests: list[master_pb2.RunSessionRequest] = []
+        self._pending = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+        self._writer = asyncio.create_task(self._write())
+
+    async def run(
+        self, request: master_pb2.RunJobsRequest
+    ) -> AsyncGenerator[master_pb2.JobEvent, None]:
+        """The events RunJobs would send for ``request``; its error status as an AioRpcError.
+        Ends after the final state of every job (closing it earlier stops following them)."""
+        tag = next(self._tags)
+        route = self._routes[tag] = _Route()
+        self._send(master_pb2.RunSessionRequest(tag=tag, run=request))
+        jobs: set[str] = set()
+        ended = 0
+        over = False  # the master is done with this run
+        try:
+            while not jobs or ended < len(jobs):
+                item = await route.queue.get()
+                if isinstance(item, grpc.aio.AioRpcError):
+                    raise item
+                if item.error_code:
+                    over = True
+                    raise rpc_error(
+                        _CODES.get(item.error_code, grpc.StatusCode.UNKNOWN),
+                        item.error,
+                        grpc.aio.Metadata(*item.error_metadata.items()),
+                    )
+                event = item.event
+                route.bytes -= len(event.output.data)
+                if event.accepted:
+                    jobs.add(event.job_id)
+                elif event.HasField("result"):
+                    ended += 1
+                yield event
+            over = True
+        finally:
+            if self._routes.pop(tag, None) is not None and self.error is None and not over:
+                self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
+
+    def _send(self, request: master_pb2.RunSessionRequest) -> None:
+        self._requests.append(request)
+        self._pending.set()
+
+    async def _write(self) -> None:
+        try:
+            # Nothing is written before the master shows it serves this method: an older
+            # master answers UNIMPLEMENTED, and the runs then safely go as RunJobs calls.
+            await self.call.initial_metadata()
+            while True:
+                await self._pending.wait()
+                self._pending.clear()
+                message = master_pb2.RunSessionRequests(requests=self._requests)
+                self._requests = []
+                await self.call.write(message)
+        except Exception as exc:  # the call is over: the reader gets its status and metadata
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STATUS_WAIT_S):
+                    await asyncio.shield(self._reader)
+            self._fail(rpc_error(grpc.StatusCode.UNAVAILABLE, f"RunSession stream: {exc}"))
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                for item in message.events:
+                    self._route(item)
+            self._fail(rpc_error(grpc.StatusCode.UNAVAILABLE, "the master ended the stream"))
+        except grpc.aio.AioRpcError as exc:
+            self._fail(exc)
+
+    def _route(self, item: master_pb2.RunSessionEvent) -> None:
+        route = self._routes.get(item.tag)
+        if route is None:
+            return  # a run nobody follows any more
+        route.bytes += len(item.event.output.data)
+        if route.bytes <= ROUTE_BYTES:
+            route.queue.put_nowait(item)
+            return
+        del self._routes[item.tag]
+        self._send(master_pb2.RunSessionRequest(tag=item.tag, stop=True))
+        route.queue.put_nowait(
+            rpc_error(grpc.StatusCode.ABORTED, "this run's events were not read fast enough")
+        )
+
+    def _fail(self, error: grpc.aio.AioRpcError) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        for route in self._routes.values():
+            route.queue.put_nowait(error)
+        self._routes.clear()
+        self.call.cancel()
+        for task in (self._reader, self._writer):
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def close(self) -> None:
+        self._fail(rpc_error(grpc.StatusCode.CANCELLED, "the client was closed"))
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)

@@ -1,0 +1,140 @@
+"""The master's end of RunSession: RunJobs again and again over one long-lived stream.
+
+A client that runs job after job (the SDK's ``Client.run``) keeps one open: each run is a
+message instead of a call. Runs are independent: each has its own task, an error ends only its
+run (as it would have ended its RunJobs call), and their events share the outgoing messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+from dist_exec.errors import DistExecError, InvalidTaskSpec, ResourceExhausted, cap_message
+from dist_exec.outbox import Outbox
+from dist_exec.rpc.v1 import master_pb2
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES = 1024 * 1024  # events per message up to about this much
+OUTBOX_BYTES = 4 * 1024 * 1024  # output waiting to be sent; beyond it, runs wait for the client
+MAX_RUNS = 1024  # runs followed at once on one stream
+
+RunJobs = Callable[[master_pb2.RunJobsRequest], AsyncGenerator[master_pb2.JobEvent, None]]
+
+
+class RunSession:
+    """Serves one RunSession stream. ``run_jobs`` is what one RunJobs call sends: its
+    DistExecError becomes the run's error event."""
+
+    def __init__(self, run_jobs: RunJobs) -> None:
+        self.run_jobs = run_jobs
+        self._outbox: Outbox[master_pb2.RunSessionEvent] = Outbox(OUTBOX_BYTES, MESSAGE_BYTES)
+        self._runs: dict[int, asyncio.Task[None]] = {}
+        self._reading = True
+        self._error: BaseException | None = None  # what ended the request stream, if not EOF
+
+    async def serve(
+        self, requests: AsyncIterator[master_pb2.RunSessionRequests]
+    ) -> AsyncIterator[master_pb2.RunSessionEvents]:
+        """The messages to send, until the client closed its side and every run has ended."""
+        reader = asyncio.create_task(self._read(requests))
+        outbox = self._outbox
+        try:
+            while True:
+                await outbox.ready.wait()
+                if outbox:
+                    yield master_pb2.RunSessionEvents(events=outbox.take())
+                    continue
+                if self._error is not None:
+                    raise self._error
+                return
+        finally:
+            reader.cancel()
+            runs = [reader, *self._runs.values()]
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[master_pb2.RunSessionRequests]) -> None:
+        try:
+            async for message in requests:
+                for request in message.requests:
+                    self._request(request)
+        except Exception as exc:  # a malformed message or a broken call: end the stream
+            self._error = exc
+            self._outbox.close()
+        finally:
+            self._reading = False
+            self._end_if_idle()
+
+    def _request(self, request: master_pb2.RunSessionRequest) -> None:
+        tag = request.tag
+        if request.stop:
+            task = self._runs.get(tag)
+            if task is not None:
+                task.cancel()
+            return
+        if tag in self._runs:
+            self._refuse(
+                tag,
+                InvalidTaskSpec(
+                    f"run {tag} is still going on this stream; give each run its own tag"
+                ),
+            )
+        elif len(self._runs) >= MAX_RUNS:
+            self._refuse(
+                tag,
+                ResourceExhausted(
+                    f"{MAX_RUNS} runs are followed on this stream already; wait for one to end "
+                    "or open another stream"
+                ),
+            )
+        else:
+            task = asyncio.create_task(self._run(tag, request.run))
+            self._runs[tag] = task
+            task.add_done_callback(lambda done: self._ended(tag, done))
+
+    async def _run(self, tag: int, request: master_pb2.RunJobsRequest) -> None:
+        outbox = self._outbox
+        try:
+            async with contextlib.aclosing(self.run_jobs(request)) as events:
+                async for event in events:
+                    size = len(event.output.data) if event.HasField("output") else 0
+                    if size:
+                        await outbox.room()
+                    outbox.push(master_pb2.RunSessionEvent(tag=tag, event=event), size + 64)
+        except DistExecError as exc:
+            self._refuse(tag, exc)
+        except Exception as exc:  # a bug must end this run only, and say so
+            log.exception("internal error in run %d of a RunSession", tag)
+            self._refuse(
+                tag,
+                DistExecError(
+                    f"internal error in RunSession: {type(exc).__name__}: {exc} "
+                    "(see the server log)"
+                ),
+            )
+
+    def _refuse(self, tag: int, exc: DistExecError) -> None:
+        message = cap_message(exc.message)
+        self._outbox.push(
+            master_pb2.RunSessionEvent(
+                tag=tag,
+                error_code=exc.code.value[0],
+                error=message,
+                error_metadata=dict(exc.trailing_metadata),
+            ),
+            len(message) + 64,
+        )
+
+    def _ended(self, tag: int, task: asyncio.Task[None]) -> None:
+        if self._runs.get(tag) is task:
+            del self._runs[tag]
+        self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        if not self._reading and not self._runs:
+            self._outbox.close()
