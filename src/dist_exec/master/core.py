@@ -415,10 +415,12 @@ class Master:
         for active in actives:
             active.accepted = accepted
         try:
-            # Let the runners of the jobs placed now wait for the commit first: once it is
-            # done, their dispatch goes out before this reply (a command takes longer).
+            # Let the runners of the jobs placed now wait for the commit first, and once it is
+            # done yield again: their starts are handed to the Dispatch streams' writers, which
+            # then write before this reply goes out (a command takes longer than the reply).
             await asyncio.sleep(0)
             await asyncio.shield(accepted)
+            await asyncio.sleep(0)
         except Exception:
             for job in jobs:
                 self._withdraw(job.id)
