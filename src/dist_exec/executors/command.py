@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import shlex
@@ -27,13 +28,13 @@ from dataclasses import dataclass, field
 from dist_exec import procfs
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
+from dist_exec.executors.child import Child, read_pipe, write_pipe
 from dist_exec.executors.containment import POLL_S, Containment, Jail
 from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged
 from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 
 SHELL = "/bin/sh"
-READ_CHUNK = 64 * 1024
 JOB_ENV, ATTEMPT_ENV = "DIST_EXEC_JOB_ID", "DIST_EXEC_ATTEMPT"  # set for every command
 PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to reach EOF
 # What a command sees of the worker's environment unless the worker passes all of it.
@@ -241,20 +242,15 @@ class CommandExecutor:
 
     async def _spawn(
         self, spec: CommandSpec, request: ExecRequest, jail: Jail
-    ) -> tuple[asyncio.subprocess.Process, _ExitWatchingProtocol] | ExecOutcome:
+    ) -> Child | ExecOutcome:
         """The started process, or why it could not start."""
-        loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await loop.subprocess_exec(
-                lambda: _ExitWatchingProtocol(loop),
-                *spec.argv,
-                stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            child = Child.spawn(
+                spec.argv,
+                stdin=bool(spec.stdin),
                 cwd=spec.working_dir or None,
                 env=jail.environment(self._environment(spec, request)),
-                start_new_session=True,
-                **jail.spawn_options(),  # type: ignore[arg-type]
+                **jail.spawn_options(),
             )
         except FileNotFoundError:
             if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
@@ -271,33 +267,29 @@ class CommandExecutor:
             return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
         except subprocess.SubprocessError as exc:  # the pre-exec step (cgroup, rlimits, user)
             return ExecOutcome(ExecStatus.FAILURE, error=f"cannot apply the task's limits: {exc}")
-        proc = asyncio.subprocess.Process(transport, protocol, loop)
         if self.guard is not None:
-            self.guard.watch(proc.pid)  # its own session: the group id is its pid
-        return proc, protocol
+            self.guard.watch(child.pid)  # its own session: the group id is its pid
+        return child
 
     async def _run(
         self, spec: CommandSpec, request: ExecRequest, jail: Jail, sink: OutputSink
     ) -> ExecOutcome:
         started = time.monotonic()
-        spawned = await self._spawn(spec, request, jail)
-        if isinstance(spawned, ExecOutcome):
-            return spawned
-        proc, protocol = spawned
+        proc = await self._spawn(spec, request, jail)
+        if isinstance(proc, ExecOutcome):
+            return proc
         tail = _StderrTail(sink)
         pumps = asyncio.gather(
-            _pump(proc.stdout, Stream.STDOUT, sink),
-            _pump(proc.stderr, Stream.STDERR, tail),
-            _feed(proc.stdin, spec.stdin.encode()),
+            read_pipe(proc.stdout, functools.partial(sink.write, Stream.STDOUT)),
+            read_pipe(proc.stderr, functools.partial(tail.write, Stream.STDERR)),
+            write_pipe(proc.stdin, spec.stdin.encode()),
         )
         watch = asyncio.create_task(_watch(jail, proc.pid, tail)) if jail.watched else None
-        exited = asyncio.create_task(protocol.exited.wait()) if watch is not None else None
+        exited = asyncio.create_task(proc.wait()) if watch is not None else None
         exceeded: Exceeded | None = None
         try:
-            # Not proc.wait(): it also waits for the pipes to close, which a background child
-            # holding them open can put off forever (CPython gh-119710).
             if watch is None:
-                await protocol.exited.wait()
+                await proc.wait()
             else:
                 assert exited is not None
                 await asyncio.wait({exited, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -305,7 +297,7 @@ class CommandExecutor:
                 exceeded = watch.result()
                 _signal_group(proc.pid, signal.SIGKILL)
                 jail.kill_all()
-                await protocol.exited.wait()
+                await proc.wait()
         except asyncio.CancelledError:
             # Stopped (cancel, timeout, drain): leftovers outside the group go too.
             await asyncio.shield(self._stop(proc, pumps, request))
@@ -333,7 +325,7 @@ class CommandExecutor:
 
     async def _stop(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: Child,
         pumps: asyncio.Future[tuple[None, None, None]],
         stopped: ExecRequest | None = None,
     ) -> None:
@@ -391,19 +383,7 @@ class _StderrTail:
         await self.sink.write(stream, data)
 
 
-class _ExitWatchingProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """The stream protocol asyncio uses, plus an event set as soon as the process exits."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
-        self.exited = asyncio.Event()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        self.exited.set()
-
-
-async def terminate_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+async def terminate_group(proc: Child, grace_s: float) -> None:
     pgid = proc.pid
     if not _signal_group(pgid, signal.SIGTERM):
         await proc.wait()
@@ -448,20 +428,3 @@ def _exit_message(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"command was killed by {name}"
     return f"command exited with status {returncode}"
-
-
-async def _pump(reader: asyncio.StreamReader | None, stream: Stream, sink: OutputSink) -> None:
-    if reader is None:
-        return
-    while data := await reader.read(READ_CHUNK):
-        await sink.write(stream, data)
-
-
-async def _feed(writer: asyncio.StreamWriter | None, data: bytes) -> None:
-    if writer is None:
-        return
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        writer.write(data)
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
