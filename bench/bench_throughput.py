@@ -331,7 +331,8 @@ class DistRunner:
             return f"{type(exc).__name__}: {exc}"
 
     async def by_run(self, i: int) -> str | None:
-        """One RunJobs call: the job id once it is accepted, then output and the final state."""
+        """One run (Client.run(), a request on the client's RunSession stream): the job id once
+        it is accepted, then output and the final state."""
         t0 = time.perf_counter()
         return await self._follow(i, t0, self.client.run(command_spec(["echo", str(i)])))
 
@@ -400,8 +401,8 @@ class DistRunner:
 
 class BatchingRunner:
     """Runs ``echo I`` through dist-exec as a script with many jobs would: it keeps up to
-    ``concurrency`` jobs in flight and refills in batches, one RunJobs call (submit and
-    follow) per batch, whenever at least ``batch`` slots are free."""
+    ``concurrency`` jobs in flight and refills in batches, one run_many() (submit and follow)
+    per batch, whenever at least ``batch`` slots are free."""
 
     def __init__(self, client: Client, job_timeout_s: float, batch: int) -> None:
         self.client = client
@@ -803,20 +804,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--wait",
         choices=("run", "stream", "stream-get", "poll"),
         default="run",
-        help="how a job is run: Client.run() (one RunJobs call submits the job and streams its "
-        "output and final state), Submit then Client.watch() (the output stream, ended by the "
-        "job's final state), Submit then stream_output() then GetStatus, or Submit then "
-        "polling GetStatus",
+        help="how a job is run: Client.run() (one request on the client's RunSession stream "
+        "submits the job and streams its output and final state), Submit then Client.watch() "
+        "(the output stream, ended by the job's final state), Submit then stream_output() then "
+        "GetStatus, or Submit then polling GetStatus",
     )
     p.add_argument(
         "--no-batch",
         dest="batch",
         action="store_false",
         help="throughput with one job per call only (--wait says how; default: measure the "
-        "batched client, one RunJobs call per batch, and also this, for comparison)",
+        "batched client, one run_many() per batch, and also this, for comparison)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=4, help="jobs per RunJobs call in the batched client"
+        "--batch-size", type=int, default=4, help="jobs per run_many() in the batched client"
     )
     p.add_argument(
         "--poll-interval", type=float, default=0.001, help="seconds between polls (--wait poll)"

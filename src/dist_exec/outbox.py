@@ -8,6 +8,7 @@ reader that does not keep up slows them rather than growing the sender's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -29,9 +30,6 @@ class Outbox(Generic[T]):
         self._room.set()
         self.closed = False
 
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
     def push(self, item: T, size: int, urgent: bool = True) -> None:
         self._items.append((item, size))
         self._bytes += size
@@ -44,6 +42,16 @@ class Outbox(Generic[T]):
         while self._bytes >= self.limit_bytes:
             self._room.clear()
             await self._room.wait()
+
+    async def next(self, linger_s: float = 0.0) -> list[T]:
+        """The next message's items, once there are some; empty once closed and sent. Items
+        that are not urgent wait up to ``linger_s`` for company."""
+        await self.ready.wait()
+        if self._items and not self.urgent.is_set() and linger_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(linger_s):
+                    await self.urgent.wait()
+        return self.take() if self._items else []
 
     def take(self) -> list[T]:
         """The next message's items: all that wait, up to ``message_bytes`` (at least one)."""

@@ -41,16 +41,11 @@ class RunSession:
     ) -> AsyncIterator[master_pb2.RunSessionEvents]:
         """The messages to send, until the client closed its side and every run has ended."""
         reader = asyncio.create_task(self._read(requests))
-        outbox = self._outbox
         try:
-            while True:
-                await outbox.ready.wait()
-                if outbox:
-                    yield master_pb2.RunSessionEvents(events=outbox.take())
-                    continue
-                if self._error is not None:
-                    raise self._error
-                return
+            while batch := await self._outbox.next():
+                yield master_pb2.RunSessionEvents(events=batch)
+            if self._error is not None:
+                raise self._error
         finally:
             reader.cancel()
             runs = [reader, *self._runs.values()]

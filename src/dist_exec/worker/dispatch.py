@@ -53,21 +53,12 @@ class DispatchSession:
         """The messages to send, until the master closes its side (or the call ends)."""
         reader = asyncio.create_task(self._read(requests))
         try:
-            outbox = self._outbox
-            while True:
-                await outbox.ready.wait()
-                if outbox and not outbox.urgent.is_set():
-                    # Output only: a short command's result follows its output closely, and
-                    # then both go in one message (the output often left out, see _coalesce).
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(LINGER_S):
-                            await outbox.urgent.wait()
-                if outbox:
-                    yield worker_pb2.DispatchEvents(events=_coalesce(outbox.take()))
-                    continue
-                if self._error is not None:
-                    raise self._error
-                return
+            while batch := await self._outbox.next(LINGER_S):
+                # Output alone lingers: a short command's result follows its output closely,
+                # and then both go in one message (the output often left out, see _coalesce).
+                yield worker_pb2.DispatchEvents(events=_coalesce(batch))
+            if self._error is not None:
+                raise self._error
         finally:
             reader.cancel()
             for task in self._followers:
