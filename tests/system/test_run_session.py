@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 
 from dist_exec.client import Client, command_spec
+from dist_exec.client import _session as session_module
 from dist_exec.client._session import RunSession
 from dist_exec.errors import InvalidTaskSpec, MasterUnavailable
 from dist_exec.models import Job, JobStatus, Stream
-from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc
+from dist_exec.rpc.v1 import common_pb2, master_pb2
 from tests.conftest import ClusterFactory, wait_until
 
 
@@ -47,6 +49,14 @@ async def test_runs_one_after_another_and_at_once_share_one_stream(
         out, _, final = await _run(client, "echo first")
         assert (out, final.status) == (b"first\n", JobStatus.COMPLETED)
         session = _session(client)
+        sent: list[master_pb2.RunSessionRequest] = []
+        send = session._send
+
+        def spy(request: master_pb2.RunSessionRequest) -> None:
+            sent.append(request)
+            send(request)
+
+        session._send = spy  # type: ignore[method-assign]
         results = await asyncio.gather(
             *(_run(client, f"echo out-{i}; echo err-{i} >&2; exit {i % 3}") for i in range(24))
         )
@@ -58,6 +68,8 @@ async def test_runs_one_after_another_and_at_once_share_one_stream(
             await _run_spec(client, command_spec(["true"], timeout_s=-1))
         assert (await _run(client, "echo last"))[0] == b"last\n"
         assert _session(client) is session
+        assert len(sent) == 26
+        assert not any(r.stop for r in sent)  # a run that ended needs no stop
 
 
 async def _run_spec(client: Client, spec: object) -> None:
@@ -115,43 +127,89 @@ async def _registered(client: Client) -> bool:
         return False
 
 
-class _OlderMaster(master_pb2_grpc.MasterServiceServicer):
-    """A master from before RunSession: RunJobs only (everything else is UNIMPLEMENTED)."""
+async def test_a_master_without_run_session_gets_one_run_jobs_call_per_run() -> None:
+    """A server that knows RunJobs only (RunSession is UNIMPLEMENTED, answered by gRPC)."""
+    calls = 0
 
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def RunJobs(
-        self, request: master_pb2.RunJobsRequest, context: grpc.aio.ServicerContext[object, object]
+    async def run_jobs(
+        request: master_pb2.RunJobsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
-        self.calls += 1
-        job_id = f"00000000-0000-4000-8000-{self.calls:012d}"
+        nonlocal calls
+        calls += 1
+        job_id = f"00000000-0000-4000-8000-{calls:012d}"
         yield master_pb2.JobEvent(job_id=job_id, accepted=True)
         yield master_pb2.JobEvent(
             job_id=job_id, output=master_pb2.OutputChunk(data=b"old\n", attempt=1)
         )
-        yield master_pb2.JobEvent(
-            job_id=job_id,
-            result=master_pb2.GetStatusResponse(
-                job_id=job_id, status=common_pb2.JOB_STATUS_COMPLETED, exit_code=0
-            ),
+        status = master_pb2.GetStatusResponse(
+            job_id=job_id, status=common_pb2.JOB_STATUS_COMPLETED, exit_code=0
         )
+        yield master_pb2.JobEvent(job_id=job_id, result=status)
 
-
-async def test_a_master_without_run_session_gets_one_run_jobs_call_per_run() -> None:
-    older = _OlderMaster()  # type: ignore[abstract]  # (the other RPCs: UNIMPLEMENTED)
+    handler = grpc.unary_stream_rpc_method_handler(
+        run_jobs,
+        request_deserializer=master_pb2.RunJobsRequest.FromString,
+        response_serializer=master_pb2.JobEvent.SerializeToString,
+    )
     server = grpc.aio.server()
-    master_pb2_grpc.add_MasterServiceServicer_to_server(older, server)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("distexec.v1.MasterService", {"RunJobs": handler}),)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with Client(f"127.0.0.1:{port}") as client, asyncio.timeout(30):
             for i in range(1, 4):
-                items = await _items(client.run(command_spec(["echo", "old"])))
-                assert [type(item) for item in items] == [str, tuple, Job]
-                assert older.calls == i  # the first run was not sent twice
+                runs = [client.run(command_spec(["echo", "old"])) for _ in range(i)]
+                for items in await asyncio.gather(*(_items(r) for r in runs)):
+                    assert [type(item) for item in items] == [str, tuple, Job]
+            assert calls == 1 + 2 + 3  # no run was sent twice, also those at once
     finally:
         await server.stop(None)
+
+
+async def test_a_run_not_read_for_long_is_cut_off_and_resumes_from_its_offsets(
+    cluster: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client keeps up to ROUTE_BYTES of a run's events for its caller; past that the run
+    is cut off (the other runs go on) and resumes with StreamOutput from what it had."""
+    monkeypatch.setattr(session_module, "ROUTE_BYTES", 10_000)
+    resumed: list[str] = []
+    watch = Client._watch
+
+    def spy(self: Client, job_id: str, *args: Any) -> AsyncIterator[object]:
+        resumed.append(job_id)
+        return watch(self, job_id, *args)
+
+    monkeypatch.setattr(Client, "_watch", spy)
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    expected = b"".join(b"line-%05d\n" % i for i in range(5000))  # 55 kB
+    async with Client(master.address) as client, asyncio.timeout(60):
+        items = client.run(
+            command_spec("i=0; while [ $i -lt 5000 ]; do printf 'line-%05d\\n' $i; "
+                         "i=$((i+1)); done", shell=True)
+        )  # fmt: skip
+        job_id = await anext(items)
+        assert isinstance(job_id, str)
+        await wait_until(lambda: _ended(client, job_id), 30, "the job to end, unread")
+        assert (await _run(client, "echo other"))[0] == b"other\n"  # the stream goes on
+        received = bytearray()
+        final: Job | None = None
+        async for item in items:
+            if isinstance(item, Job):
+                final = item
+            elif isinstance(item, tuple):
+                assert item[1].offset == len(received), "a gap or a repeat"
+                received += item[1].data
+        assert bytes(received) == expected
+        assert resumed == [job_id]  # it was cut off, and went on with StreamOutput
+        assert final is not None
+        assert final.status == JobStatus.COMPLETED
+
+
+async def _ended(client: Client, job_id: str) -> bool:
+    return (await client.get(job_id)).status.terminal
 
 
 async def _items(stream: AsyncIterator[object]) -> list[object]:

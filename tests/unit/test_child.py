@@ -87,3 +87,11 @@ async def test_a_pipe_is_not_watched_while_its_sink_waits() -> None:
         await read_pipe(child.stderr, slow)
         assert await child.wait() == 0
     assert len(got) == 1_000_000
+
+
+async def test_a_process_reaped_elsewhere_reports_255(caplog: pytest.LogCaptureFixture) -> None:
+    child = Child.spawn(["/bin/sh", "-c", "exit 3"], stdin=False, cwd=None, env={})
+    os.waitpid(child.pid, 0)  # noqa: ASYNC222  (taken before the loop could: its status is lost)
+    async with asyncio.timeout(10):
+        assert await _run(child) == (255, b"", b"")
+    assert "already taken" in caplog.text

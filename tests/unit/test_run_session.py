@@ -23,6 +23,7 @@ class Runs:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.waiting = asyncio.Event()  # a "wait" run is accepted and waits for ``release``
         self.closed: list[str] = []
 
     async def __call__(
@@ -39,6 +40,7 @@ class Runs:
                 raise KeyError("oops")
             yield master_pb2.JobEvent(job_id=job, accepted=True)
             if kind == "wait":
+                self.waiting.set()
                 await self.release.wait()
             yield master_pb2.JobEvent(job_id=job, output=master_pb2.OutputChunk(data=b"out"))
             yield master_pb2.JobEvent(job_id=job, result=master_pb2.GetStatusResponse(job_id=job))
@@ -111,24 +113,60 @@ async def test_runs_are_tagged_and_one_refusal_ends_only_its_run() -> None:
     assert "see the server log" in bug.error
 
 
-async def test_a_tag_in_use_is_refused_and_stop_ends_a_run() -> None:
+async def test_stop_ends_a_run() -> None:
     runs, requests = Runs(), Requests()
     stream = RunSession(runs).serve(aiter(requests))
     requests.send(run(7, "wait"))
     async with asyncio.timeout(10):
         first = await anext(stream)
         assert kinds(list(first.events), 7) == ["accepted"]
-        requests.send(run(7, "ok"))  # the same tag while run 7 goes on
-        refused = (await anext(stream)).events
-        assert [(e.tag, e.error_code) for e in refused] == [
-            (7, grpc.StatusCode.INVALID_ARGUMENT.value[0])
-        ]
-        assert "still going" in refused[0].error
         requests.send(master_pb2.RunSessionRequest(tag=7, stop=True))
         requests.end()
         rest = await collect(stream)
     assert rest == []  # stopped: nothing more of it, and the stream ended with its runs
     assert runs.closed == ["wait"]  # its RunJobs was closed (it stops following the job)
+
+
+async def test_a_tag_in_use_ends_the_stream() -> None:
+    """The client could not tell the two runs' events apart: a protocol error."""
+    runs, requests = Runs(), Requests()
+    stream = RunSession(runs).serve(aiter(requests))
+    requests.send(run(7, "wait"))
+    async with asyncio.timeout(10):
+        assert kinds(list((await anext(stream)).events), 7) == ["accepted"]
+        requests.send(run(7, "ok"))
+        with pytest.raises(InvalidTaskSpec, match="run 7 is still going"):
+            await collect(stream)
+    assert runs.closed == ["wait"]  # the runs are stopped with it
+
+
+async def test_a_message_of_too_many_requests_ends_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run_session, "MAX_RUNS", 3)
+    runs, requests = Runs(), Requests()
+    requests.send(*(run(tag, "ok") for tag in range(1, 5)))
+    with pytest.raises(InvalidTaskSpec, match="at most 3 requests, got 4"):
+        async with asyncio.timeout(10):
+            await collect(RunSession(runs).serve(aiter(requests)))
+    assert runs.closed == []  # none of them was started
+
+
+async def test_large_events_are_counted_by_their_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A final state carries the job's spec: a message holds a few of them, not thousands."""
+    monkeypatch.setattr(run_session, "MESSAGE_BYTES", 250_000)
+
+    async def big(request: master_pb2.RunJobsRequest) -> AsyncGenerator[master_pb2.JobEvent, None]:
+        status = master_pb2.GetStatusResponse(job_id="j", payload=b"x" * 100_000)
+        yield master_pb2.JobEvent(job_id="j", result=status)
+
+    requests = Requests()
+    requests.send(*(run(tag, "ok") for tag in range(1, 7)))
+    requests.end()
+    async with asyncio.timeout(10):
+        messages = [m async for m in RunSession(big).serve(aiter(requests))]
+    assert sum(len(m.events) for m in messages) == 6
+    assert max(m.ByteSize() for m in messages) < 250_000
 
 
 async def test_the_stream_ends_only_when_the_client_closed_its_side_and_every_run_ended() -> None:
@@ -146,7 +184,8 @@ async def test_too_many_runs_at_once_are_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(run_session, "MAX_RUNS", 2)
     runs, requests = Runs(), Requests()
     stream = RunSession(runs).serve(aiter(requests))
-    requests.send(run(1, "wait"), run(2, "wait"), run(3, "ok"))
+    requests.send(run(1, "wait"), run(2, "wait"))
+    requests.send(run(3, "ok"))
     async with asyncio.timeout(10):
         events = list((await anext(stream)).events)
         while not any(e.tag == 3 for e in events):
@@ -160,11 +199,13 @@ async def test_too_many_runs_at_once_are_refused(monkeypatch: pytest.MonkeyPatch
 
 
 async def test_a_broken_request_stream_ends_the_session_with_its_error() -> None:
+    runs = Runs()
+
     async def broken() -> AsyncIterator[master_pb2.RunSessionRequests]:
         yield master_pb2.RunSessionRequests(requests=[run(1, "wait")])
+        await runs.waiting.wait()
         raise InvalidTaskSpec("malformed message")
 
-    runs = Runs()
     with pytest.raises(InvalidTaskSpec, match="malformed"):
         async with asyncio.timeout(10):
             await collect(RunSession(runs).serve(broken()))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
+from dist_exec.config import RUNS_PER_SESSION
 from dist_exec.rpc.v1 import master_pb2
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class RunSession:
         self._tags = itertools.count(1)
         self._requests: list[master_pb2.RunSessionRequest] = []
         self._pending = asyncio.Event()
+        self._slots = asyncio.Semaphore(RUNS_PER_SESSION)  # the master refuses more at once
         self._reader = asyncio.create_task(self._read())
         self._writer = asyncio.create_task(self._write())
 
@@ -60,35 +62,36 @@ class RunSession:
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
         """The events RunJobs would send for ``request``; its error status as an AioRpcError.
         Ends after the final state of every job (closing it earlier stops following them)."""
-        tag = next(self._tags)
-        route = self._routes[tag] = _Route()
-        self._send(master_pb2.RunSessionRequest(tag=tag, run=request))
-        jobs: set[str] = set()
-        ended = 0
-        over = False  # the master is done with this run
-        try:
-            while not jobs or ended < len(jobs):
-                item = await route.queue.get()
-                if isinstance(item, grpc.aio.AioRpcError):
-                    raise item
-                if item.error_code:
-                    over = True
-                    raise rpc_error(
-                        _CODES.get(item.error_code, grpc.StatusCode.UNKNOWN),
-                        item.error,
-                        grpc.aio.Metadata(*item.error_metadata.items()),
-                    )
-                event = item.event
-                route.bytes -= len(event.output.data)
-                if event.accepted:
-                    jobs.add(event.job_id)
-                elif event.HasField("result"):
-                    ended += 1
-                yield event
-            over = True
-        finally:
-            if self._routes.pop(tag, None) is not None and self.error is None and not over:
-                self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
+        async with self._slots:
+            tag = next(self._tags)
+            route = self._routes[tag] = _Route()
+            self._send(master_pb2.RunSessionRequest(tag=tag, run=request))
+            jobs: set[str] = set()
+            ended = 0
+            over = False  # the master is done with this run
+            try:
+                while not over:
+                    item = await route.queue.get()
+                    if isinstance(item, grpc.aio.AioRpcError):
+                        raise item
+                    if item.error_code:
+                        over = True
+                        raise rpc_error(
+                            _CODES.get(item.error_code, grpc.StatusCode.UNKNOWN),
+                            item.error,
+                            grpc.aio.Metadata(*item.error_metadata.items()),
+                        )
+                    event = item.event
+                    route.bytes -= len(event.output.data)
+                    if event.accepted:
+                        jobs.add(event.job_id)
+                    elif event.HasField("result"):
+                        ended += 1
+                        over = ended == len(jobs)  # (a caller may stop at the last result)
+                    yield event
+            finally:
+                if self._routes.pop(tag, None) is not None and self.error is None and not over:
+                    self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
 
     def _send(self, request: master_pb2.RunSessionRequest) -> None:
         self._requests.append(request)
@@ -119,6 +122,8 @@ class RunSession:
             self._fail(rpc_error(grpc.StatusCode.UNAVAILABLE, "the master ended the stream"))
         except grpc.aio.AioRpcError as exc:
             self._fail(exc)
+        except Exception as exc:  # a bug: fail the runs rather than leave them waiting
+            self._fail(rpc_error(grpc.StatusCode.INTERNAL, f"RunSession stream: {exc!r}"))
 
     def _route(self, item: master_pb2.RunSessionEvent) -> None:
         route = self._routes.get(item.tag)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import IO, Any
 
 READ_CHUNK = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 class Child:
@@ -34,10 +37,11 @@ class Child:
         self._loop = asyncio.get_running_loop()
         try:
             self._pidfd: int | None = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):  # not Linux 5.3+: a thread waits for it instead
+        except (AttributeError, OSError):  # not Linux 5.3+: a thread of its own waits for it
             self._pidfd = None
-            waiter = self._loop.run_in_executor(None, os.waitpid, popen.pid, 0)
-            waiter.add_done_callback(lambda done: self._exit(done.result()[1]))
+            threading.Thread(
+                target=self._wait_in_thread, name=f"wait-{popen.pid}", daemon=True
+            ).start()
         else:
             self._loop.add_reader(self._pidfd, self._reap)
 
@@ -71,10 +75,20 @@ class Child:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
-        self._exit(os.waitpid(self.pid, 0)[1])
+        self._exit(_status(self.pid))  # a pidfd is readable once the process has exited
 
-    def _exit(self, status: int) -> None:
-        self.returncode = self._popen.returncode = os.waitstatus_to_exitcode(status)
+    def _wait_in_thread(self) -> None:
+        status = _status(self.pid)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._exit, status)
+
+    def _exit(self, status: int | None) -> None:
+        if status is None:  # reaped elsewhere: the exit status is lost
+            log.warning("exit status of process %d was already taken; reporting 255", self.pid)
+            code = 255
+        else:
+            code = os.waitstatus_to_exitcode(status)
+        self.returncode = self._popen.returncode = code
         self._exited.set()
 
     async def wait(self) -> int:
@@ -83,6 +97,14 @@ class Child:
         await self._exited.wait()
         assert self.returncode is not None
         return self.returncode
+
+
+def _status(pid: int) -> int | None:
+    """The exit status of ``pid``, once it has exited; None if it was reaped elsewhere."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
 
 
 async def read_pipe(pipe: IO[bytes] | None, write: Callable[[bytes], Awaitable[None]]) -> None:

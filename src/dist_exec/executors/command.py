@@ -12,7 +12,6 @@ be empty; otherwise "command" is the program and "args" its arguments (no shell 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import functools
 import json
@@ -279,11 +278,15 @@ class CommandExecutor:
         if isinstance(proc, ExecOutcome):
             return proc
         tail = _StderrTail(sink)
-        pumps = asyncio.gather(
-            read_pipe(proc.stdout, functools.partial(sink.write, Stream.STDOUT)),
-            read_pipe(proc.stderr, functools.partial(tail.write, Stream.STDERR)),
-            write_pipe(proc.stdin, spec.stdin.encode()),
-        )
+        pumps = [
+            asyncio.create_task(
+                read_pipe(proc.stdout, functools.partial(sink.write, Stream.STDOUT))
+            ),
+            asyncio.create_task(
+                read_pipe(proc.stderr, functools.partial(tail.write, Stream.STDERR))
+            ),
+            asyncio.create_task(write_pipe(proc.stdin, spec.stdin.encode())),
+        ]
         watch = asyncio.create_task(_watch(jail, proc.pid, tail)) if jail.watched else None
         exited = asyncio.create_task(proc.wait()) if watch is not None else None
         exceeded: Exceeded | None = None
@@ -326,7 +329,7 @@ class CommandExecutor:
     async def _stop(
         self,
         proc: Child,
-        pumps: asyncio.Future[tuple[None, None, None]],
+        pumps: list[asyncio.Task[None]],
         stopped: ExecRequest | None = None,
     ) -> None:
         """TERM the whole group, KILL it after the grace period, reap, then drain the pipes.
@@ -340,14 +343,13 @@ class CommandExecutor:
             self.guard.unwatch(proc.pid)
         try:
             async with asyncio.timeout(PIPE_DRAIN_S):
-                await pumps
-        except TimeoutError:
-            # A process that left the group (setsid) still holds a pipe; stop reading it.
-            pumps.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pumps
+                await asyncio.gather(*pumps)
         except Exception:
-            pumps.cancel()
+            # Timed out: a process that left the group (setsid) still holds a pipe. Or a sink
+            # failed. Either way, stop them all (a failed gather leaves the others running).
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
 
 def _limit_outcome(exceeded: Exceeded, exit_code: int | None, duration_s: float) -> ExecOutcome:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+from dist_exec.config import RUNS_PER_SESSION
 from dist_exec.errors import DistExecError, InvalidTaskSpec, ResourceExhausted, cap_message
 from dist_exec.outbox import Outbox
 from dist_exec.rpc.v1 import master_pb2
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = 1024 * 1024  # events per message up to about this much
 OUTBOX_BYTES = 4 * 1024 * 1024  # output waiting to be sent; beyond it, runs wait for the client
-MAX_RUNS = 1024  # runs followed at once on one stream
+MAX_RUNS = RUNS_PER_SESSION
 
 RunJobs = Callable[[master_pb2.RunJobsRequest], AsyncGenerator[master_pb2.JobEvent, None]]
 
@@ -56,10 +57,17 @@ class RunSession:
     async def _read(self, requests: AsyncIterator[master_pb2.RunSessionRequests]) -> None:
         try:
             async for message in requests:
+                if len(message.requests) > MAX_RUNS:
+                    raise InvalidTaskSpec(
+                        f"a message holds at most {MAX_RUNS} requests, got {len(message.requests)}"
+                    )
                 for request in message.requests:
                     self._request(request)
-        except Exception as exc:  # a malformed message or a broken call: end the stream
+                await self._outbox.room()  # refusals wait for the client to read, as runs do
+        except Exception as exc:  # malformed, a tag in use, a broken call: end the stream
             self._error = exc
+            for task in self._runs.values():
+                task.cancel()
             self._outbox.close()
         finally:
             self._reading = False
@@ -72,14 +80,9 @@ class RunSession:
             if task is not None:
                 task.cancel()
             return
-        if tag in self._runs:
-            self._refuse(
-                tag,
-                InvalidTaskSpec(
-                    f"run {tag} is still going on this stream; give each run its own tag"
-                ),
-            )
-        elif len(self._runs) >= MAX_RUNS:
+        if tag in self._runs:  # the client could no longer tell the two runs' events apart
+            raise InvalidTaskSpec(f"run {tag} is still going on this stream; give each its own tag")
+        if len(self._runs) >= MAX_RUNS:
             self._refuse(
                 tag,
                 ResourceExhausted(
@@ -97,10 +100,9 @@ class RunSession:
         try:
             async with contextlib.aclosing(self.run_jobs(request)) as events:
                 async for event in events:
-                    size = len(event.output.data) if event.HasField("output") else 0
-                    if size:
-                        await outbox.room()
-                    outbox.push(master_pb2.RunSessionEvent(tag=tag, event=event), size + 64)
+                    await outbox.room()
+                    size = len(event.output.data) if event.HasField("output") else event.ByteSize()
+                    outbox.push(master_pb2.RunSessionEvent(tag=tag, event=event), size + 16)
         except DistExecError as exc:
             self._refuse(tag, exc)
         except Exception as exc:  # a bug must end this run only, and say so

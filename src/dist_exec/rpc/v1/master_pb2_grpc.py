@@ -194,7 +194,8 @@ class MasterServiceServicer:
         one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
         for its jobs, interleaved with other runs' events, several to a message. An error event
         after the accepted ones ends that run only (its follower fell behind, say): resume it with
-        StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
+        StreamOutput or WatchJobs. At most 1024 runs are followed at once on a stream (more are
+        refused: RESOURCE_EXHAUSTED). Closing the request side ends the stream once every run ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,7 +65,8 @@ class MasterServiceStub:
     one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
     for its jobs, interleaved with other runs' events, several to a message. An error event
     after the accepted ones ends that run only (its follower fell behind, say): resume it with
-    StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
+    StreamOutput or WatchJobs. At most 1024 runs are followed at once on a stream (more are
+    refused: RESOURCE_EXHAUSTED). Closing the request side ends the stream once every run ended.
     """
 
 @_typing.type_check_only
@@ -103,7 +104,8 @@ class MasterServiceAsyncStub(MasterServiceStub):
     one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
     for its jobs, interleaved with other runs' events, several to a message. An error event
     after the accepted ones ends that run only (its follower fell behind, say): resume it with
-    StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
+    StreamOutput or WatchJobs. At most 1024 runs are followed at once on a stream (more are
+    refused: RESOURCE_EXHAUSTED). Closing the request side ends the stream once every run ended.
     """
 
 class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -216,7 +218,8 @@ class MasterServiceServicer(metaclass=_abc_1.ABCMeta):
         one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
         for its jobs, interleaved with other runs' events, several to a message. An error event
         after the accepted ones ends that run only (its follower fell behind, say): resume it with
-        StreamOutput or WatchJobs. Closing the request side ends the stream once every run ended.
+        StreamOutput or WatchJobs. At most 1024 runs are followed at once on a stream (more are
+        refused: RESOURCE_EXHAUSTED). Closing the request side ends the stream once every run ended.
         """
 
 def add_MasterServiceServicer_to_server(servicer: MasterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
