@@ -143,7 +143,7 @@ async def test_a_tag_in_use_ends_the_stream() -> None:
 async def test_a_message_of_too_many_requests_ends_the_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(run_session, "MAX_RUNS", 3)
+    monkeypatch.setattr(run_session, "RUNS_PER_SESSION", 3)
     runs, requests = Runs(), Requests()
     requests.send(*(run(tag, "ok") for tag in range(1, 5)))
     with pytest.raises(InvalidTaskSpec, match="at most 3 requests, got 4"):
@@ -181,7 +181,7 @@ async def test_the_stream_ends_only_when_the_client_closed_its_side_and_every_ru
 
 
 async def test_too_many_runs_at_once_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(run_session, "MAX_RUNS", 2)
+    monkeypatch.setattr(run_session, "RUNS_PER_SESSION", 2)
     runs, requests = Runs(), Requests()
     stream = RunSession(runs).serve(aiter(requests))
     requests.send(run(1, "wait"), run(2, "wait"))

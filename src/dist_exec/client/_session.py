@@ -63,6 +63,8 @@ class RunSession:
         """The events RunJobs would send for ``request``; its error status as an AioRpcError.
         Ends after the final state of every job (closing it earlier stops following them)."""
         async with self._slots:
+            if self.error is not None:  # broken while this run waited for a slot
+                raise self.error
             tag = next(self._tags)
             route = self._routes[tag] = _Route()
             self._send(master_pb2.RunSessionRequest(tag=tag, run=request))

@@ -28,7 +28,6 @@ class Child:
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.pid = popen.pid
-        self.returncode: int | None = None
         self.stdin: IO[bytes] | None = popen.stdin
         self.stdout: IO[bytes] | None = popen.stdout
         self.stderr: IO[bytes] | None = popen.stderr
@@ -88,8 +87,12 @@ class Child:
             code = 255
         else:
             code = os.waitstatus_to_exitcode(status)
-        self.returncode = self._popen.returncode = code
+        self._popen.returncode = code
         self._exited.set()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
 
     async def wait(self) -> int:
         """Until the process has exited (not until its pipes close: a background child that
@@ -145,8 +148,7 @@ async def write_pipe(pipe: IO[bytes] | None, data: bytes) -> None:
             except (BrokenPipeError, ConnectionResetError):
                 return
     finally:
-        with contextlib.suppress(BrokenPipeError):
-            pipe.close()
+        pipe.close()  # unbuffered: closing writes nothing
 
 
 async def _ready(

@@ -227,8 +227,9 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         # The client writes nothing before this arrives (an older master answers UNIMPLEMENTED).
         await context.send_initial_metadata(())
         session = RunSession(lambda request: self._run_jobs(request, context))
-        async for message in session.serve(request_iterator):
-            yield message
+        async with contextlib.aclosing(session.serve(request_iterator)) as messages:
+            async for message in messages:
+                yield message
 
     async def _run_jobs(
         self, request: master_pb2.RunJobsRequest, context: Context

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = 1024 * 1024  # events per message up to about this much
 OUTBOX_BYTES = 4 * 1024 * 1024  # output waiting to be sent; beyond it, runs wait for the client
-MAX_RUNS = RUNS_PER_SESSION
 
 RunJobs = Callable[[master_pb2.RunJobsRequest], AsyncGenerator[master_pb2.JobEvent, None]]
 
@@ -39,7 +38,7 @@ class RunSession:
 
     async def serve(
         self, requests: AsyncIterator[master_pb2.RunSessionRequests]
-    ) -> AsyncIterator[master_pb2.RunSessionEvents]:
+    ) -> AsyncGenerator[master_pb2.RunSessionEvents, None]:
         """The messages to send, until the client closed its side and every run has ended."""
         reader = asyncio.create_task(self._read(requests))
         try:
@@ -57,9 +56,10 @@ class RunSession:
     async def _read(self, requests: AsyncIterator[master_pb2.RunSessionRequests]) -> None:
         try:
             async for message in requests:
-                if len(message.requests) > MAX_RUNS:
+                if len(message.requests) > RUNS_PER_SESSION:
                     raise InvalidTaskSpec(
-                        f"a message holds at most {MAX_RUNS} requests, got {len(message.requests)}"
+                        f"a message holds at most {RUNS_PER_SESSION} requests, got "
+                        f"{len(message.requests)}"
                     )
                 for request in message.requests:
                     self._request(request)
@@ -82,12 +82,12 @@ class RunSession:
             return
         if tag in self._runs:  # the client could no longer tell the two runs' events apart
             raise InvalidTaskSpec(f"run {tag} is still going on this stream; give each its own tag")
-        if len(self._runs) >= MAX_RUNS:
+        if len(self._runs) >= RUNS_PER_SESSION:
             self._refuse(
                 tag,
                 ResourceExhausted(
-                    f"{MAX_RUNS} runs are followed on this stream already; wait for one to end "
-                    "or open another stream"
+                    f"{RUNS_PER_SESSION} runs are followed on this stream already; wait for one to "
+                    "end or open another stream"
                 ),
             )
         else:
@@ -101,8 +101,10 @@ class RunSession:
             async with contextlib.aclosing(self.run_jobs(request)) as events:
                 async for event in events:
                     await outbox.room()
-                    size = len(event.output.data) if event.HasField("output") else event.ByteSize()
-                    outbox.push(master_pb2.RunSessionEvent(tag=tag, event=event), size + 16)
+                    item = master_pb2.RunSessionEvent(tag=tag, event=event)
+                    # Output counts by its data (no need to encode it twice to know).
+                    size = len(event.output.data) if event.HasField("output") else item.ByteSize()
+                    outbox.push(item, size)
         except DistExecError as exc:
             self._refuse(tag, exc)
         except Exception as exc:  # a bug must end this run only, and say so
@@ -116,16 +118,13 @@ class RunSession:
             )
 
     def _refuse(self, tag: int, exc: DistExecError) -> None:
-        message = cap_message(exc.message)
-        self._outbox.push(
-            master_pb2.RunSessionEvent(
-                tag=tag,
-                error_code=exc.code.value[0],
-                error=message,
-                error_metadata=dict(exc.trailing_metadata),
-            ),
-            len(message) + 64,
+        event = master_pb2.RunSessionEvent(
+            tag=tag,
+            error_code=exc.code.value[0],
+            error=cap_message(exc.message),
+            error_metadata=dict(exc.trailing_metadata),
         )
+        self._outbox.push(event, event.ByteSize())
 
     def _ended(self, tag: int, task: asyncio.Task[None]) -> None:
         if self._runs.get(tag) is task:
