@@ -36,6 +36,7 @@ from typing import Any
 
 from dist_exec.client import Client, command_spec
 from dist_exec.models import Job, JobStatus, OutputChunk, Stream
+from dist_exec.tuning import tune_grpc
 
 TARGET_RATIO = 0.5  # dist-exec throughput / local throughput
 TARGET_P50_MS = 4.0  # dist-exec single-command latency, median
@@ -531,6 +532,15 @@ async def measure_throughput(
     )
 
 
+def servers_grpc_experiments() -> str:
+    """What the master and workers run with: started as ``dist-exec``, they tune gRPC
+    (dist_exec.tuning) unless GRPC_EXPERIMENTS is set here already. This process, a library
+    user, keeps gRPC's defaults."""
+    env = dict(os.environ)
+    tune_grpc(env)
+    return env.get("GRPC_EXPERIMENTS") or "(gRPC's defaults)"
+
+
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
@@ -698,6 +708,7 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
             "rounds": args.rounds,
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
+            "servers_grpc_experiments": servers_grpc_experiments(),
         },
         dist_throughput=dist_tp,
         local_throughput=local_tp,
@@ -734,6 +745,7 @@ def print_summary(r: Results) -> None:
         f"concurrency {c['concurrency']}, wait={c['wait']}, {c['cpus']} CPUs, "
         f"commands run as {c['commands_run_as']}"
     )
+    print(f"master and workers' GRPC_EXPERIMENTS: {c['servers_grpc_experiments']}")
     print(f"{'':<26}{'dist-exec':>12}{'local':>12}")
     label = "throughput, batch (cmds/s)" if c["batch"] else "throughput (cmds/s)"
     print(f"{label:<26}{dt.per_second:>12.1f}{lt.per_second:>12.1f}")

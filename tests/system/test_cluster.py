@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from dist_exec.tuning import GRPC_EXPERIMENTS, tune_grpc
 from tests.conftest import ClusterFactory, pid_alive, run_cli, wait_for
 
 
@@ -113,6 +115,12 @@ def test_up_detached_runs_jobs_and_down_stops_everything(tmp_path: Path) -> None
     assert f"master at {address}, 2 workers" in up.stdout
     pid = int((data / "cluster.pid").read_text())
     try:
+        # The cluster runs with dist-exec's gRPC settings (dist_exec.tuning), where measured.
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        tuned = GRPC_EXPERIMENTS if tune_grpc({}) else None
+        expected = os.environ.get("GRPC_EXPERIMENTS", tuned)
+        found = [e for e in environ if e.startswith(b"GRPC_EXPERIMENTS=")]
+        assert found == ([] if expected is None else [f"GRPC_EXPERIMENTS={expected}".encode()])
         again = run_cli("up", "-d", "--listen", address, "--data-dir", str(data))
         assert again.code == 1
         assert "already running" in again.stderr

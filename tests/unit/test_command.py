@@ -24,6 +24,7 @@ from dist_exec.executors.command import (
     parse_payload,
 )
 from dist_exec.models import ExecOutcome, ExecStatus
+from dist_exec.tuning import GRPC_EXPERIMENTS
 from tests.conftest import RecordingSink
 
 # --- payload parsing -------------------------------------------------------------------------
@@ -375,6 +376,24 @@ async def test_inherit_env_passes_the_worker_environment(monkeypatch: pytest.Mon
         executor,
     )
     assert sink.stdout == b"s3cret task"
+
+
+async def test_inherit_env_leaves_out_dist_exec_own_grpc_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gRPC settings the worker made for itself are not the user's: a command (which may
+    be a gRPC program of its own) does not get them. One the user changed is passed on."""
+    monkeypatch.setenv("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "1")
+    executor = CommandExecutor({"inherit_env": True})
+    _, sink = await run(
+        CommandSpec(
+            'printf "%s %s" "${GRPC_EXPERIMENTS-unset}" "${GRPC_ENABLE_FORK_SUPPORT-unset}"',
+            shell=True,
+        ),
+        executor,
+    )
+    assert sink.stdout == b"unset 1"
 
 
 async def test_default_path_when_the_worker_has_none(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,6 +32,7 @@ from dist_exec.executors.containment import POLL_S, Containment, Jail
 from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged
 from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
+from dist_exec.tuning import without_own_settings
 
 SHELL = "/bin/sh"
 JOB_ENV, ATTEMPT_ENV = "DIST_EXEC_JOB_ID", "DIST_EXEC_ATTEMPT"  # set for every command
@@ -208,7 +209,7 @@ class CommandExecutor:
 
     def _environment(self, spec: CommandSpec, request: ExecRequest) -> dict[str, str]:
         if self.inherit_env:
-            env = dict(os.environ)
+            env = without_own_settings(dict(os.environ))
         else:
             env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
             # Another user gets the standard PATH: the worker's may name directories that user

@@ -1,0 +1,67 @@
+"""The gRPC settings dist-exec makes for its own processes (dist_exec.tuning)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_exec.tuning import (
+    GRPC_EXPERIMENTS,
+    OWN_SETTINGS,
+    TESTED_GRPC,
+    tune_grpc,
+    without_own_settings,
+)
+
+TESTED = "{}.{}.3".format(*TESTED_GRPC[0])
+
+
+def test_a_measured_grpc_version_gets_the_setting() -> None:
+    env: dict[str, str] = {}
+    assert tune_grpc(env, TESTED)
+    assert env == {"GRPC_EXPERIMENTS": GRPC_EXPERIMENTS}
+
+
+@pytest.mark.parametrize("value", ["", "-event_engine_dns", GRPC_EXPERIMENTS])
+def test_a_value_already_set_stands(value: str) -> None:
+    env = {"GRPC_EXPERIMENTS": value}
+    assert not tune_grpc(env, TESTED)
+    assert env == {"GRPC_EXPERIMENTS": value}
+
+
+@pytest.mark.parametrize("version", ["1.84.2", "1.86.0", "2.0.0", "1", "dev"])
+def test_other_grpc_versions_keep_their_defaults(version: str) -> None:
+    env: dict[str, str] = {}
+    assert not tune_grpc(env, version)
+    assert env == {}
+
+
+def test_the_installed_grpcio_is_looked_up() -> None:
+    installed = tuple(int(p) for p in importlib.metadata.version("grpcio").split(".")[:2])
+    env: dict[str, str] = {}
+    assert tune_grpc(env) == (installed in TESTED_GRPC)
+
+
+def test_importing_the_client_library_changes_nothing() -> None:
+    """Library users keep gRPC's defaults: only the dist-exec command tunes its process."""
+    code = "import os, dist_exec.client; print(os.environ.get('GRPC_EXPERIMENTS', 'unset'))"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert done.stdout == "unset\n"
+
+
+def test_commands_do_not_inherit_dist_exec_own_settings() -> None:
+    env = {
+        "PATH": "/bin",
+        "GRPC_EXPERIMENTS": GRPC_EXPERIMENTS,
+        "GRPC_ENABLE_FORK_SUPPORT": OWN_SETTINGS["GRPC_ENABLE_FORK_SUPPORT"],
+    }
+    assert without_own_settings(env) == {"PATH": "/bin"}
+    chosen = {"GRPC_EXPERIMENTS": "-event_engine_dns", "GRPC_ENABLE_FORK_SUPPORT": "1"}
+    assert without_own_settings(chosen) == chosen
