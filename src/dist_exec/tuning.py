@@ -8,9 +8,9 @@ The one setting so far turns off two of gRPC's EventEngine experiments, the clie
 listener. With them on (grpcio 1.85's default), each message that arrives is read by an
 EventEngine pool thread, handed to the completion queue's poller thread, and from there to the
 asyncio loop. With them off, the poller thread reads the socket itself: one thread hand-off less
-per message. Measured on 2 CPUs (bench/README.md): a bare bidi round trip 0.27 ms -> 0.12 ms,
-a job's p50 latency about 0.2 ms lower, and 5-15% less CPU in each process. The whole test suite
-passes either way.
+per message. Measured on 2 CPUs (README.md, Benchmark): a bare bidi round trip 0.27 ms ->
+0.12 ms, a job's p50 latency 0.15-0.2 ms lower, and 5-15% less CPU in each process. The whole
+test suite passes either way.
 
 Experiments come and go between gRPC releases, and gRPC logs an error for a name it does not
 know, so the setting applies only to the gRPC versions it was measured on.
