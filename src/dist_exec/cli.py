@@ -72,6 +72,7 @@ from dist_exec.security.credentials import (
     load_client_config,
 )
 from dist_exec.security.tls import INSECURE_FLAG, TlsConfigError, TlsFiles, is_loopback
+from dist_exec.tuning import tune_gc
 
 T = TypeVar("T")
 EXIT_ERROR = 1
@@ -417,6 +418,7 @@ def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, on_signal)
         await start(stop)
 
+    tune_gc()
     try:
         asyncio.run(body())
     except asyncio.CancelledError:

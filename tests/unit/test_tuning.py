@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from dist_exec.tuning import (
+    GC_THRESHOLDS,
     GRPC_EXPERIMENTS,
     OWN_SETTINGS,
     TESTED_GRPC,
@@ -65,3 +66,21 @@ def test_commands_do_not_inherit_dist_exec_own_settings() -> None:
     assert without_own_settings(env) == {"PATH": "/bin"}
     chosen = {"GRPC_EXPERIMENTS": "-event_engine_dns", "GRPC_ENABLE_FORK_SUPPORT": "1"}
     assert without_own_settings(chosen) == chosen
+
+
+def test_servers_tune_the_garbage_collector() -> None:
+    """The master and the worker run in ``serve``: by then the startup heap is frozen and the
+    collector's thresholds are raised (in a child process: this one keeps its own)."""
+    code = """
+import gc
+from dist_exec.cli import serve
+seen = []
+async def start(stop):
+    seen.append((gc.get_threshold(), gc.get_freeze_count() > 0))
+serve(start)
+print(*seen[0])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout == f"{GC_THRESHOLDS} True\n"
