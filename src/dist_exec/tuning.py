@@ -1,11 +1,12 @@
 """Process-wide settings for dist-exec's own processes: gRPC's, and the garbage collector's in
 the master and the workers.
 
-gRPC reads them from the environment once, when it is first imported, so they are made before
-anything imports grpc: the ``dist-exec`` command (``dist_exec.__main__``) calls ``tune_grpc()``
-first. Library users keep gRPC's defaults unless they call it themselves, just as early.
+gRPC reads its settings from the environment once, when it is first imported, so they are made
+before anything imports grpc: the ``dist-exec`` command (``dist_exec.__main__``) calls
+``tune_grpc()`` first. Library users keep gRPC's defaults unless they call it themselves, just
+as early.
 
-The one setting so far turns off two of gRPC's EventEngine experiments, the client and the
+The gRPC setting turns off two of its EventEngine experiments, the client and the
 listener. With them on (grpcio 1.85's default), each message that arrives is read by an
 EventEngine pool thread, handed to the completion queue's poller thread, and from there to the
 asyncio loop. With them off, the poller thread reads the socket itself: one thread hand-off less
@@ -25,8 +26,8 @@ import os
 from collections.abc import MutableMapping
 
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
-# Young objects are collected every 20,000 allocations (Python's default: 700), and the older
-# generations ten times less often than by default (see tune_gc).
+# Young objects are collected every 20,000 allocations (Python's default: 700); the middle and
+# oldest generations 5 and 10 times less often than by default, relative to that (see tune_gc).
 GC_THRESHOLDS = (20_000, 50, 100)
 TESTED_GRPC = ((1, 85),)  # grpcio (major, minor) versions the experiments were measured on
 
