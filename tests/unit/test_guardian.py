@@ -1,0 +1,93 @@
+"""The process guardian with real processes: what it kills when its worker's pipe closes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from dist_exec.executors import guardian
+from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard
+from tests.conftest import pid_alive, wait_for
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; whatever is left of them is killed and reaped at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def group(
+    spawned: list[subprocess.Popen[bytes]], script: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A process group of its own (as a command's), running ``script``."""
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", script], start_new_session=True, env=env or {}, stdout=subprocess.PIPE
+    )
+    spawned.append(proc)
+    return proc
+
+
+def dead(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is not None
+
+
+def test_a_group_in_the_table_dies_with_the_pipe_even_with_its_environment_cleared(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    guard = ProcessGuard()
+    # The leader starts a member with an empty environment (no guard token): only the table
+    # can find it.
+    leader = group(spawned, "env -i sleep 300 & echo $!; wait")
+    assert leader.stdout is not None
+    member = int(leader.stdout.readline())
+    ended = group(spawned, "sleep 300")
+    guard.watch(leader.pid)
+    guard.watch(ended.pid)
+    guard.unwatch(ended.pid)  # out of the table again: the guardian leaves it alone
+    guard.close()  # the pipe closes, as when the worker dies
+    wait_for(lambda: dead(leader), 10, "the leader to be killed")
+    wait_for(lambda: not pid_alive(member), 10, "the member without the token to be killed")
+    assert not dead(ended)
+
+
+def test_the_table_grows_and_keeps_every_group(
+    spawned: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guardian, "FIRST_SLOTS", 2)
+    guard = ProcessGuard()
+    procs = [group(spawned, "sleep 300") for _ in range(7)]
+    for proc in procs:
+        guard.watch(proc.pid)
+    guard.unwatch(procs[3].pid)
+    guard.watch(procs[3].pid)  # its slot is used again
+    guard.unwatch(procs[5].pid)
+    guard.close()
+    killed = procs[:5] + procs[6:]
+    wait_for(lambda: all(dead(proc) for proc in killed), 10, "the watched groups to be killed")
+    assert not dead(procs[5])
+
+
+def test_a_command_not_in_the_table_yet_dies_by_its_token(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    guard = ProcessGuard()
+    tagged = group(spawned, "sleep 300", env={GUARD_ENV: guard.token})
+    other = group(spawned, "sleep 300", env={GUARD_ENV: "another worker's token"})
+    guard.close()
+    wait_for(lambda: dead(tagged), 10, "the command with the token to be killed")
+    assert not dead(other)
+
+
+def test_the_guardian_exits_when_its_pipe_closes() -> None:
+    guard = ProcessGuard()
+    guard.unwatch(12345)  # a group it never watched: nothing to do
+    guard.close()
+    assert not pid_alive(guard.pid)
