@@ -14,6 +14,7 @@ import pytest
 
 from dist_exec import wire
 from dist_exec.client import command_spec
+from dist_exec.master import dispatcher
 from dist_exec.master.dispatcher import (
     AttemptGone,
     AttemptRejected,
@@ -134,6 +135,51 @@ async def test_events_reach_their_attempt_and_results_are_acknowledged() -> None
                 await _events(client, address, "c")
 
     await _with_worker(handler, body)
+
+
+def _recording(
+    messages: list[tuple[list[str], list[str]]],
+) -> Handler:
+    """A worker that records (started, acknowledged) task ids per message and finishes each
+    start at once."""
+
+    async def handler(requests: Any, context: Any) -> AsyncIterator[worker_pb2.DispatchEvents]:
+        async for request in requests:
+            messages.append(
+                ([s.task_id for s in request.start], [r.task_id for r in request.delivered])
+            )
+            for start in request.start:
+                yield worker_pb2.DispatchEvents(events=[_done(start.task_id)])
+
+    return handler
+
+
+async def test_an_acknowledgement_waits_to_ride_with_the_next_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dispatcher, "ACK_LINGER_S", 30.0)
+    messages: list[tuple[list[str], list[str]]] = []
+
+    async def body(client: GrpcWorkerClient, address: str) -> None:
+        await _events(client, address, "a")
+        await asyncio.sleep(0.05)  # time enough to send it alone, if it were sent at once
+        await _events(client, address, "b")
+        assert messages == [(["a"], []), (["b"], ["a"])]
+
+    await _with_worker(_recording(messages), body)
+
+
+async def test_an_acknowledgement_with_no_start_to_ride_with_goes_alone() -> None:
+    messages: list[tuple[list[str], list[str]]] = []
+
+    async def body(client: GrpcWorkerClient, address: str) -> None:
+        await _events(client, address, "a")
+        async with asyncio.timeout(10):
+            while len(messages) < 2:
+                await asyncio.sleep(0.01)
+        assert messages == [(["a"], []), ([], ["a"])]
+
+    await _with_worker(_recording(messages), body)
 
 
 @pytest.mark.parametrize(

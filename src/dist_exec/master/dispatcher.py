@@ -79,6 +79,10 @@ class WorkerClient(Protocol):
 
 
 ROUTE_EVENTS = 64  # events queued for one attempt before the stream waits (backpressure)
+# An acknowledgement waits this long for a start to ride with: the worker holds a result until
+# it is acknowledged, so a late one costs nothing, while a message of its own costs a write
+# here and a wake-up there, just as the next job needs both processes.
+ACK_LINGER_S = 0.05
 STATUS_WAIT_S = 5.0  # for the status of a Dispatch call a write failed on
 
 Route = asyncio.Queue[worker_pb2.ExecuteProgress | Exception]
@@ -90,8 +94,9 @@ class _NoDispatch(Exception):
 
 class _Session:
     """The Dispatch stream to one worker: starts and acknowledgements go out several to a
-    message; events come back and are routed to the attempt they are about. When the stream
-    breaks, every attempt on it gets ``WorkerUnreachable`` (and re-attaches)."""
+    message (acknowledgements wait up to ACK_LINGER_S for a start); events come back and are
+    routed to the attempt they are about. When the stream breaks, every attempt on it gets
+    ``WorkerUnreachable`` (and re-attaches)."""
 
     def __init__(self, stub: WorkerServiceAsyncStub, address: str) -> None:
         self.address = address
@@ -101,6 +106,7 @@ class _Session:
         self._starts: list[worker_pb2.ExecuteRequest] = []
         self._acks: list[worker_pb2.AttemptRef] = []
         self._pending = asyncio.Event()
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
 
     def start(self, request: worker_pb2.ExecuteRequest, route: Route) -> None:
@@ -110,13 +116,15 @@ class _Session:
 
     def ack(self, task_id: str, attempt: int) -> None:
         self._acks.append(worker_pb2.AttemptRef(task_id=task_id, attempt=attempt))
-        self._pending.set()
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_LINGER_S, self._pending.set)
 
     async def _write(self) -> None:
         try:
             while True:
                 await self._pending.wait()
                 self._pending.clear()
+                self._cancel_ack_timer()
                 request = worker_pb2.DispatchRequest(start=self._starts, delivered=self._acks)
                 self._starts, self._acks = [], []
                 await self.call.write(request)
@@ -165,6 +173,7 @@ class _Session:
             if isinstance(exc, AttemptGone | AttemptRejected):  # about the stream, not a task
                 exc = WorkerUnreachable(f"worker {self.address}: Dispatch stream: {exc}")
         self.error = exc
+        self._cancel_ack_timer()
         for route in self.routes.values():
             _deliver(route, exc)
         self.routes.clear()
@@ -172,6 +181,11 @@ class _Session:
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
+
+    def _cancel_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
 
     def close(self) -> None:
         self._fail(WorkerUnreachable(f"worker {self.address}: channel closed"))
