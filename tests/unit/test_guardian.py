@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 
@@ -73,6 +74,20 @@ def test_the_table_grows_and_keeps_every_group(
     killed = procs[:5] + procs[6:]
     wait_for(lambda: all(dead(proc) for proc in killed), 10, "the watched groups to be killed")
     assert not dead(procs[5])
+
+
+def test_without_memfd_the_table_is_an_unlinked_file(
+    spawned: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memfd(name: str, flags: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    guard = ProcessGuard()
+    proc = group(spawned, "sleep 300")
+    guard.watch(proc.pid)
+    guard.close()
+    wait_for(lambda: dead(proc), 10, "the watched group to be killed")
 
 
 def test_a_command_not_in_the_table_yet_dies_by_its_token(

@@ -26,6 +26,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 
 from dist_exec import procfs
@@ -68,7 +69,7 @@ class ProcessGuard:
 
     def __init__(self) -> None:
         self.token = secrets.token_hex(16)  # in every command's environment (GUARD_ENV)
-        self._table = os.memfd_create("dist-exec-guard", os.MFD_CLOEXEC)
+        self._table = _shared_file()
         self._slots: dict[int, int] = {}  # group id -> its slot
         self._free: list[int] = []  # free slots, the lowest last
         self._map: mmap.mmap | None = None
@@ -138,6 +139,17 @@ class ProcessGuard:
             self._proc.wait()
         self._release()
         os.close(self._table)
+
+
+def _shared_file() -> int:
+    """A file for the table that only this worker and its guardian reach: a memfd, or where
+    there is none, a temporary file unlinked at once."""
+    try:
+        return os.memfd_create("dist-exec-guard", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd, path = tempfile.mkstemp(prefix="dist-exec-guard-")
+        os.unlink(path)
+        return fd
 
 
 def groups(table: int) -> list[int]:
