@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -105,28 +105,40 @@ async def _echo(number: bytes) -> bytes:
     return bytes(output)
 
 
-async def worker() -> None:
-    async def dispatch(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        results: asyncio.Queue[bytes] = asyncio.Queue()
+Send = Callable[[bytes], None]
+
+
+def _each_in_a_task(
+    handle: Callable[[bytes, Send], Coroutine[Any, Any, None]],
+) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
+    """A stream handler that runs ``handle(request, send)`` in a task of its own for each
+    request and sends back what they send, as they send it."""
+
+    async def serve(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        out: asyncio.Queue[bytes] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
-        async def run(number: bytes) -> None:
-            results.put_nowait(number + b" " + await _echo(number))
-
         async def read() -> None:
-            async for number in requests:
-                task = asyncio.create_task(run(number))
+            async for request in requests:
+                task = asyncio.create_task(handle(request, out.put_nowait))
                 running.add(task)
                 task.add_done_callback(running.discard)
 
         reader = asyncio.create_task(read())
         try:
             while True:
-                yield await results.get()
+                yield await out.get()
         finally:
             reader.cancel()
 
-    await _serve(_handler("floor.Worker", "Dispatch", dispatch))
+    return serve
+
+
+async def worker() -> None:
+    async def run(number: bytes, send: Send) -> None:
+        send(number + b" " + await _echo(number))
+
+    await _serve(_handler("floor.Worker", "Dispatch", _each_in_a_task(run)))
 
 
 async def master(worker_port: int) -> None:
@@ -159,34 +171,17 @@ async def master(worker_port: int) -> None:
 
     collector = asyncio.create_task(results())
 
-    async def session(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        events: asyncio.Queue[bytes] = asyncio.Queue()
-        jobs: set[asyncio.Task[None]] = set()
-
-        async def job(number: bytes) -> None:
-            durable = loop.create_future()
-            writes.put(durable)
-            await durable
-            result = waiting[number] = loop.create_future()
-            await starts.write(number)
-            events.put_nowait(b"accepted " + number)
-            events.put_nowait(await result)
-
-        async def read() -> None:
-            async for number in requests:
-                task = asyncio.create_task(job(number))
-                jobs.add(task)
-                task.add_done_callback(jobs.discard)
-
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                yield await events.get()
-        finally:
-            reader.cancel()
+    async def job(number: bytes, send: Send) -> None:
+        durable = loop.create_future()
+        writes.put(durable)
+        await durable
+        result = waiting[number] = loop.create_future()
+        await starts.write(number)
+        send(b"accepted " + number)
+        send(await result)
 
     try:
-        await _serve(_handler("floor.Master", "Session", session))
+        await _serve(_handler("floor.Master", "Session", _each_in_a_task(job)))
     finally:
         collector.cancel()
 
