@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 
@@ -15,11 +17,13 @@ from tests.conftest import pid_alive, wait_for
 
 @pytest.fixture
 def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts; whatever is left of them is killed and reaped at the end."""
+    """Process groups a test starts; whatever is left of them is killed at the end (the whole
+    group: a shell's child outlives the shell)."""
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for proc in procs:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
