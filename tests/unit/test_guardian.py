@@ -105,8 +105,10 @@ def test_a_command_not_in_the_table_yet_dies_by_its_token(
     assert not dead(other)
 
 
-def test_the_guardian_exits_when_its_pipe_closes() -> None:
+def test_the_guardian_exits_by_itself_when_its_pipe_closes() -> None:
     guard = ProcessGuard()
     guard.unwatch(12345)  # a group it never watched: nothing to do
     guard.close()
+    # close() kills a guardian that is still there after 5 s: exit status 0 means it left alone.
+    assert guard._proc.returncode == 0
     assert not pid_alive(guard.pid)
