@@ -8,22 +8,25 @@ reader that does not keep up slows them rather than growing the sender's memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Outbox(Generic[T]):
-    """``push`` items; the sender waits for ``ready`` and sends ``take()``. An item pushed as
-    not urgent may wait for company (``urgent`` says whether anything should go now)."""
+    """``push`` items; the sender waits for ``next()``. An item pushed as not urgent may wait up
+    to ``linger_s`` for company (until ``urgent_bytes`` wait, or an urgent item comes): the
+    sender is not even woken for it before then."""
 
-    def __init__(self, limit_bytes: int, message_bytes: int, urgent_bytes: int = 0) -> None:
+    def __init__(
+        self, limit_bytes: int, message_bytes: int, urgent_bytes: int = 0, linger_s: float = 0.0
+    ) -> None:
         self.limit_bytes = limit_bytes
         self.message_bytes = message_bytes
         self.urgent_bytes = urgent_bytes  # this much waiting is urgent too
-        self.ready = asyncio.Event()  # items wait, or the outbox is closed
-        self.urgent = asyncio.Event()
+        self.linger_s = linger_s
+        self._ready = asyncio.Event()  # items should go now, or the outbox is closed
+        self._timer: asyncio.TimerHandle | None = None  # ends the linger of what waits
         self._items: list[tuple[T, int]] = []
         self._bytes = 0
         self._room = asyncio.Event()
@@ -33,9 +36,16 @@ class Outbox(Generic[T]):
     def push(self, item: T, size: int, urgent: bool = True) -> None:
         self._items.append((item, size))
         self._bytes += size
-        self.ready.set()
-        if urgent or self._bytes >= self.urgent_bytes:
-            self.urgent.set()
+        if urgent or self._bytes >= self.urgent_bytes or self.linger_s <= 0:
+            self._go()
+        elif self._timer is None and not self._ready.is_set():
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._go)
+
+    def _go(self) -> None:
+        self._ready.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def room(self) -> None:
         """Wait until the items waiting are below the limit."""
@@ -43,14 +53,9 @@ class Outbox(Generic[T]):
             self._room.clear()
             await self._room.wait()
 
-    async def next(self, linger_s: float = 0.0) -> list[T]:
-        """The next message's items, once there are some; empty once closed and sent. Items
-        that are not urgent wait up to ``linger_s`` for company."""
-        await self.ready.wait()
-        if self._items and not self.urgent.is_set() and linger_s > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(linger_s):
-                    await self.urgent.wait()
+    async def next(self) -> list[T]:
+        """The next message's items, once they should go; empty once closed and sent."""
+        await self._ready.wait()
         return self.take() if self._items else []
 
     def take(self) -> list[T]:
@@ -64,8 +69,7 @@ class Outbox(Generic[T]):
         batch, self._items = self._items[:count], self._items[count:]
         self._bytes -= size
         if not self._items and not self.closed:
-            self.ready.clear()
-            self.urgent.clear()
+            self._ready.clear()
         if self._bytes < self.limit_bytes:
             self._room.set()
         return [item for item, _ in batch]
@@ -73,5 +77,4 @@ class Outbox(Generic[T]):
     def close(self) -> None:
         """Nothing more will come: the sender sends what waits, then ends."""
         self.closed = True
-        self.ready.set()
-        self.urgent.set()
+        self._go()

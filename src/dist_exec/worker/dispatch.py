@@ -43,7 +43,7 @@ class DispatchSession:
     ) -> None:
         self.runner = runner
         self.start = start
-        self._outbox: Outbox[Progress] = Outbox(OUTBOX_BYTES, MESSAGE_BYTES, LINGER_BYTES)
+        self._outbox: Outbox[Progress] = Outbox(OUTBOX_BYTES, MESSAGE_BYTES, LINGER_BYTES, LINGER_S)
         self._error: BaseException | None = None  # what ended the request stream, if not EOF
         self._followers: set[asyncio.Task[None]] = set()
 
@@ -53,7 +53,7 @@ class DispatchSession:
         """The messages to send, until the master closes its side (or the call ends)."""
         reader = asyncio.create_task(self._read(requests))
         try:
-            while batch := await self._outbox.next(LINGER_S):
+            while batch := await self._outbox.next():
                 # Output alone lingers: a short command's result follows its output closely,
                 # and then both go in one message (the output often left out, see _coalesce).
                 yield worker_pb2.DispatchEvents(events=_coalesce(batch))
