@@ -127,6 +127,24 @@ async def test_stop_ends_a_run() -> None:
     assert runs.closed == ["wait"]  # its RunJobs was closed (it stops following the job)
 
 
+async def test_an_accepted_event_waits_to_share_a_message_with_what_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run_session, "ACCEPTED_LINGER_S", 30.0)
+    runs, requests = Runs(), Requests()
+    stream = RunSession(runs).serve(aiter(requests))
+    requests.send(run(7, "wait"))
+    first = asyncio.ensure_future(anext(stream))
+    async with asyncio.timeout(10):
+        await runs.waiting.wait()
+        await asyncio.sleep(0.05)  # a window for a message with the acceptance alone
+        assert not first.done()
+        runs.release.set()
+        assert kinds(list((await first).events), 7) == ["accepted", "output", "result"]
+        requests.end()
+        assert await collect(stream) == []
+
+
 async def test_a_tag_in_use_ends_the_stream() -> None:
     """The client could not tell the two runs' events apart: a protocol error."""
     runs, requests = Runs(), Requests()
