@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dist_exec.errors import InvalidTaskSpec
-from dist_exec.executors import ExecRequest, Executor
+from dist_exec.executors import ExecRequest, Executor, command
 from dist_exec.executors.command import (
     ATTEMPT_ENV,
     BASE_ENV_KEYS,
@@ -272,6 +272,27 @@ async def test_success() -> None:
     assert outcome.duration_s > 0
     assert sink.stdout == b"hello world\n"
     assert sink.stderr == b""
+
+
+async def test_the_payload_validated_last_is_not_parsed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    executor = CommandExecutor()
+    parsed: list[bytes] = []
+    real = command.parse_payload
+    monkeypatch.setattr(command, "parse_payload", lambda raw: parsed.append(raw) or real(raw))
+    validated = request(CommandSpec("echo", ["validated"]))
+    executor.validate(validated.payload)
+    outcome = await executor.execute(validated, RecordingSink())
+    assert outcome.status == ExecStatus.SUCCESS
+    assert parsed == [validated.payload]  # once, by validate
+    # A payload other than the one validated last is parsed for itself: never the wrong command.
+    executor.validate(payload(command="echo", args=["validated"]))
+    sink = RecordingSink()
+    other = request(CommandSpec("echo", ["other"]))
+    await executor.execute(other, sink)
+    assert sink.stdout == b"other\n"
+    assert parsed[-1] == other.payload
 
 
 async def test_stdout_and_stderr_are_kept_apart() -> None:

@@ -199,9 +199,20 @@ class CommandExecutor:
         self.guard = guard if isinstance(guard, ProcessGuard) else None
         containment = opts.get("containment")
         self.containment = containment if isinstance(containment, Containment) else Containment()
+        # The payload validated last and what it parsed to: the worker validates a task's
+        # payload just before it executes it, and need not parse it twice.
+        self._validated: tuple[bytes, CommandSpec] | None = None
 
     def validate(self, payload: bytes) -> None:
-        self.policy.check(parse_payload(payload))
+        spec = parse_payload(payload)
+        self.policy.check(spec)
+        self._validated = (payload, spec)
+
+    def _parsed(self, payload: bytes) -> CommandSpec:
+        validated, self._validated = self._validated, None
+        if validated is not None and validated[0] is payload:
+            return validated[1]
+        return parse_payload(payload)
 
     async def health_check(self) -> bool:
         proc = await asyncio.create_subprocess_exec("true")
@@ -226,7 +237,7 @@ class CommandExecutor:
         return env
 
     async def execute(self, request: ExecRequest, sink: OutputSink) -> ExecOutcome:
-        spec = parse_payload(request.payload)
+        spec = self._parsed(request.payload)
         self.policy.check(spec)  # here too: a forged request must not get past it
         limits = fit(request.limits, self.containment.limits)
         try:
@@ -286,8 +297,9 @@ class CommandExecutor:
             asyncio.create_task(
                 read_pipe(proc.stderr, functools.partial(tail.write, Stream.STDERR))
             ),
-            asyncio.create_task(write_pipe(proc.stdin, spec.stdin.encode())),
         ]
+        if proc.stdin is not None:
+            pumps.append(asyncio.create_task(write_pipe(proc.stdin, spec.stdin.encode())))
         watch = asyncio.create_task(_watch(jail, proc.pid, tail)) if jail.watched else None
         exited = asyncio.create_task(proc.wait()) if watch is not None else None
         exceeded: Exceeded | None = None
