@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import grpc.aio
@@ -37,6 +36,7 @@ from dist_exec.models import (
     OutputChunk,
     ScalerStatus,
     Stream,
+    TaskLimits,
     TaskSpec,
 )
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -45,6 +45,7 @@ from dist_exec.security.auth import current_identity
 from dist_exec.security.identity import Identity, Role
 
 Context = grpc.aio.ServicerContext[Any, Any]
+NO_LIMITS = TaskLimits()  # what a submission without limits asks for (immutable, so shared)
 
 
 def _job_id(raw: str) -> JobId:
@@ -76,7 +77,7 @@ def _check_owner(identity: Identity, job: Job) -> None:
         )
 
 
-def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
+def _spec(request: master_pb2.SubmitRequest, owner: str) -> TaskSpec:
     if request.timeout.seconds < 0 or request.timeout.nanos < 0:
         raise InvalidTaskSpec("timeout must not be negative")
     if request.queue_timeout.seconds < 0 or request.queue_timeout.nanos < 0:
@@ -92,7 +93,8 @@ def _spec(request: master_pb2.SubmitRequest) -> TaskSpec:
         idempotency_key=request.idempotency_key,
         retry_on_failure=request.retry_on_failure,
         queue_timeout_s=wire.from_duration(request.queue_timeout),
-        limits=wire.limits_from_pb(request.limits),
+        owner=owner,
+        limits=wire.limits_from_pb(request.limits) if request.HasField("limits") else NO_LIMITS,
     )
 
 
@@ -142,7 +144,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> list[JobId]:
         owner = current_identity().name
         try:
-            specs = [replace(_spec(r), owner=owner) for r in requests]
+            specs = [_spec(r, owner) for r in requests]
             job_ids = await self.master.submit_many(specs, _client(context))
         except DistExecError as exc:
             self._audit(action, "denied", exc.message, tasks=_summaries(requests))
@@ -184,7 +186,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> master_pb2.SubmitBroadcastResponse:
         summary = _summaries([request.job])
         try:
-            spec = replace(_spec(request.job), owner=current_identity().name)
+            spec = _spec(request.job, current_identity().name)
             broadcast_id, tasks = await self.master.submit_broadcast(spec, _client(context))
         except DistExecError as exc:
             self._audit("submit_broadcast", "denied", exc.message, tasks=summary)

@@ -157,6 +157,13 @@ class JobStore(Protocol):
     ) -> list[OutputChunk]: ...
 
 
+NO_LIMITS_JSON = json.dumps(asdict(TaskLimits()))
+
+
+def _json_map(value: Mapping[str, str]) -> str:
+    return json.dumps(value) if value else "{}"
+
+
 def request_hash(spec: TaskSpec) -> str:
     """What makes two submissions with one idempotency key the same request."""
     fields: list[object] = [
@@ -400,14 +407,14 @@ class SqliteJobStore:
                 job.spec.payload,
                 job.spec.timeout_s,
                 job.spec.priority,
-                json.dumps(job.spec.metadata),
+                _json_map(job.spec.metadata),
                 job.spec.max_retries,
                 job.status.value,
                 _ts(job.created_at),
                 _ts(job.started_at),
                 job.worker_id,
                 job.attempt,
-                json.dumps(job.spec.selector),
+                _json_map(job.spec.selector),
                 job.spec.node_id,
                 job.spec.broadcast_id,
                 job.spec.idempotency_key,
@@ -415,7 +422,7 @@ class SqliteJobStore:
                 int(job.spec.retry_on_failure),
                 job.spec.queue_timeout_s,
                 job.spec.owner,
-                json.dumps(asdict(job.spec.limits)),
+                json.dumps(asdict(job.spec.limits)) if job.spec.limits.any else NO_LIMITS_JSON,
             )
             for job in jobs
         ]
@@ -484,7 +491,7 @@ class SqliteJobStore:
         values = (
             job.status.value, job.worker_id, _ts(job.started_at), _ts(job.completed_at),
             job.exit_code, job.error, job.stdout_bytes, job.stderr_bytes, int(job.truncated),
-            job.retries, json.dumps(job.result_metadata), job.id,
+            job.retries, _json_map(job.result_metadata), job.id,
         )  # fmt: skip
         guard = "" if expect_attempt is None else f" AND attempt = {int(expect_attempt)}"
 
