@@ -192,7 +192,8 @@ class MasterServiceServicer:
         after job (a message costs far less than a new call). Each request names its run with a
         tag of the client's choosing. A run's events carry its tag: first its accepted events, or
         one error event if it is refused (then nothing of it was accepted); then what RunJobs sends
-        for its jobs, interleaved with other runs' events, several to a message. An error event
+        for its jobs, interleaved with other runs' events, several to a message (accepted events
+        wait up to 5 ms to share one with what follows them). An error event
         after the accepted ones ends that run only (its follower fell behind, say): resume it with
         StreamOutput or WatchJobs. At most 1024 runs are followed at once on a stream (more are
         refused: RESOURCE_EXHAUSTED). Closing the request side ends the stream once every run ended.
