@@ -280,7 +280,12 @@ async def test_the_payload_validated_last_is_not_parsed_again(
     executor = CommandExecutor()
     parsed: list[bytes] = []
     real = command.parse_payload
-    monkeypatch.setattr(command, "parse_payload", lambda raw: parsed.append(raw) or real(raw))
+
+    def counting(raw: bytes) -> CommandSpec:
+        parsed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(command, "parse_payload", counting)
     validated = request(CommandSpec("echo", ["validated"]))
     executor.validate(validated.payload)
     outcome = await executor.execute(validated, RecordingSink())
