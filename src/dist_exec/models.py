@@ -89,6 +89,9 @@ class TaskLimits:
         return all(not most or asked <= most for asked, most in pairs)
 
 
+NO_LIMITS = TaskLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
     """What a client asked to run."""

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from dist_exec.models import (
+    NO_LIMITS,
     AttemptOutcome,
     AttemptRecord,
     ExecOutcome,
@@ -94,6 +95,8 @@ def limits_to_pb(limits: TaskLimits) -> common_pb2.Limits | None:
 
 def limits_from_pb(msg: common_pb2.Limits) -> TaskLimits:
     """Limits as sent; a negative CPU time stays negative for validation to refuse."""
+    if not msg.ByteSize():  # none asked (most tasks): one shared, immutable value
+        return NO_LIMITS
     return TaskLimits(
         memory_bytes=msg.memory_bytes,
         cpu_time_s=from_duration(msg.cpu_time),

@@ -36,7 +36,6 @@ from dist_exec.models import (
     OutputChunk,
     ScalerStatus,
     Stream,
-    TaskLimits,
     TaskSpec,
 )
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -45,7 +44,6 @@ from dist_exec.security.auth import current_identity
 from dist_exec.security.identity import Identity, Role
 
 Context = grpc.aio.ServicerContext[Any, Any]
-NO_LIMITS = TaskLimits()  # what a submission without limits asks for (immutable, so shared)
 
 
 def _job_id(raw: str) -> JobId:
@@ -94,7 +92,7 @@ def _spec(request: master_pb2.SubmitRequest, owner: str) -> TaskSpec:
         retry_on_failure=request.retry_on_failure,
         queue_timeout_s=wire.from_duration(request.queue_timeout),
         owner=owner,
-        limits=wire.limits_from_pb(request.limits) if request.HasField("limits") else NO_LIMITS,
+        limits=wire.limits_from_pb(request.limits),
     )
 
 

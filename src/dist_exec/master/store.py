@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from dist_exec.models import (
+    NO_LIMITS,
     AttemptOutcome,
     AttemptRecord,
     Job,
@@ -157,7 +158,7 @@ class JobStore(Protocol):
     ) -> list[OutputChunk]: ...
 
 
-NO_LIMITS_JSON = json.dumps(asdict(TaskLimits()))
+NO_LIMITS_JSON = json.dumps(asdict(NO_LIMITS))
 
 
 def _json_map(value: Mapping[str, str]) -> str:
