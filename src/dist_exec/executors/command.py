@@ -42,7 +42,6 @@ BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMP
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FIELDS = {"command", "args", "shell", "env", "working_dir", "stdin"}
 STDERR_TAIL = 4096  # kept to tell an allocation or fork failure under rlimits
-PARSED_KEEP, PARSED_KEEP_BYTES = 64, 64 * 1024  # validated payloads kept parsed for execute
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,20 +199,17 @@ class CommandExecutor:
         self.guard = guard if isinstance(guard, ProcessGuard) else None
         containment = opts.get("containment")
         self.containment = containment if isinstance(containment, Containment) else Containment()
-        # Payloads validated lately and what they parsed to (by identity): the worker validates
-        # a task's payload just before it executes it, and need not parse it twice.
-        self._validated: dict[int, tuple[bytes, CommandSpec]] = {}
+        # The payload validated last and what it parsed to: the worker validates a task's
+        # payload just before it executes it, and need not parse it twice.
+        self._validated: tuple[bytes, CommandSpec] | None = None
 
     def validate(self, payload: bytes) -> None:
         spec = parse_payload(payload)
         self.policy.check(spec)
-        if len(payload) <= PARSED_KEEP_BYTES:
-            if len(self._validated) >= PARSED_KEEP:  # (the master validates and never executes)
-                del self._validated[next(iter(self._validated))]
-            self._validated[id(payload)] = (payload, spec)
+        self._validated = (payload, spec)
 
     def _parsed(self, payload: bytes) -> CommandSpec:
-        validated = self._validated.pop(id(payload), None)
+        validated, self._validated = self._validated, None
         if validated is not None and validated[0] is payload:
             return validated[1]
         return parse_payload(payload)
