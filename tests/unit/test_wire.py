@@ -293,6 +293,7 @@ def test_limits_travel_in_submit_execute_and_node_messages() -> None:
     submitted = master_pb2.SubmitRequest.FromString(wire.submit_request(spec).SerializeToString())
     assert wire.limits_from_pb(submitted.limits) == limits
     assert not wire.submit_request(TaskSpec("command", b"{}", 30.0)).HasField("limits")
+    assert wire.limits_from_pb(common_pb2.Limits()) == TaskLimits()  # none asked: none set
     node = replace(make_node(), task_limits=TaskLimits(max_file_size_bytes=1 << 20))
     assert wire.node_from_pb(wire.node_to_pb(node)).task_limits == node.task_limits
     # A negative CPU time stays negative, for validation to refuse.
