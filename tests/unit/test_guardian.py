@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -44,6 +45,18 @@ def dead(proc: subprocess.Popen[bytes]) -> bool:
     return proc.poll() is not None
 
 
+def worker_dies(guard: ProcessGuard) -> None:
+    """The pipe closes with no word first, as when the worker is killed (the kernel closes it)."""
+    assert guard._proc.stdin is not None
+    guard._proc.stdin.close()
+
+
+def guardian_exits(guard: ProcessGuard) -> None:
+    """The guardian leaves by itself (after its settle time when the worker died)."""
+    wait_for(lambda: guard._proc.poll() is not None, 10, "the guardian to exit")
+    assert guard._proc.returncode == 0
+
+
 def test_a_group_in_the_table_dies_with_the_pipe_even_with_its_environment_cleared(
     spawned: list[subprocess.Popen[bytes]],
 ) -> None:
@@ -57,9 +70,10 @@ def test_a_group_in_the_table_dies_with_the_pipe_even_with_its_environment_clear
     guard.watch(leader.pid)
     guard.watch(ended.pid)
     guard.unwatch(ended.pid)  # out of the table again: the guardian leaves it alone
-    guard.close()  # the pipe closes, as when the worker dies
+    worker_dies(guard)
     wait_for(lambda: dead(leader), 10, "the leader to be killed")
     wait_for(lambda: not pid_alive(member), 10, "the member without the token to be killed")
+    guardian_exits(guard)
     assert not dead(ended)
 
 
@@ -74,9 +88,10 @@ def test_the_table_grows_and_keeps_every_group(
     guard.unwatch(procs[3].pid)
     guard.watch(procs[3].pid)  # its slot is used again
     guard.unwatch(procs[5].pid)
-    guard.close()
+    worker_dies(guard)
     killed = procs[:5] + procs[6:]
     wait_for(lambda: all(dead(proc) for proc in killed), 10, "the watched groups to be killed")
+    guardian_exits(guard)
     assert not dead(procs[5])
 
 
@@ -100,9 +115,38 @@ def test_a_command_not_in_the_table_yet_dies_by_its_token(
     guard = ProcessGuard()
     tagged = group(spawned, "sleep 300", env={GUARD_ENV: guard.token})
     other = group(spawned, "sleep 300", env={GUARD_ENV: "another worker's token"})
-    guard.close()
+    worker_dies(guard)
     wait_for(lambda: dead(tagged), 10, "the command with the token to be killed")
+    guardian_exits(guard)
     assert not dead(other)
+
+
+def test_a_command_that_execs_only_after_its_worker_died_dies_by_its_token(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    guard = ProcessGuard()
+    worker_dies(guard)
+    # A command the worker was still spawning: it takes the token only when it execs, after
+    # the guardian's first look (the delay is the scenario, not a wait).
+    late = subprocess.Popen(
+        ["/bin/sh", "-c", "sleep 300"],
+        start_new_session=True,
+        env={GUARD_ENV: guard.token},
+        preexec_fn=lambda: time.sleep(0.3),
+    )
+    spawned.append(late)
+    wait_for(lambda: dead(late), 10, "the command that exec'd late to be killed")
+    guardian_exits(guard)
+
+
+def test_after_a_normal_end_a_tagged_command_left_behind_still_dies(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    guard = ProcessGuard()
+    tagged = group(spawned, "sleep 300", env={GUARD_ENV: guard.token})
+    guard.close()  # the worker ends normally: the guardian makes its pass and exits
+    assert guard._proc.returncode == 0
+    wait_for(lambda: dead(tagged), 10, "the command with the token to be killed")
 
 
 def test_the_guardian_exits_by_itself_when_its_pipe_closes() -> None:

@@ -14,6 +14,12 @@ guard token in its environment (GUARD_ENV), which its descendants inherit: the g
 those too, so neither a command started just before the worker died (not in the table yet) nor
 one that left its group (setsid) survives it. The table covers what the token cannot: a
 process that stayed in its group but cleared its environment.
+
+A command that the worker was still spawning when it died takes the token only when it execs,
+and that can come after the pipe closed (the child closes its copy of the pipe first). So after
+a death the guardian keeps looking for the token until SETTLE_S pass without finding any. A
+worker that ends normally writes to the pipe before closing it: its commands are already
+stopped, and the guardian makes one pass and exits.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 
 from dist_exec import procfs
@@ -36,6 +43,10 @@ GUARD_ENV = "DIST_EXEC_WORKER_GUARD"
 SCAN_ROUNDS = 5  # a process killed mid-fork may leave a child the previous scan missed
 SLOT = 4  # bytes per group id in the table (a pid_t, written with one aligned store)
 FIRST_SLOTS = 256  # the table doubles when full
+# After the worker died: tagged processes are looked for until none was found for SETTLE_S.
+SETTLE_S = 1.0
+SETTLE_POLL_S = 0.02
+ENDED = b"ended"  # what a worker that ends normally writes before it closes the pipe
 
 
 def tagged(tags: Mapping[str, str]) -> list[int]:
@@ -129,9 +140,13 @@ class ProcessGuard:
 
     def close(self) -> None:
         """The worker ends normally, its commands already stopped: let the guardian go."""
-        assert self._proc.stdin is not None
+        stdin = self._proc.stdin
+        assert stdin is not None
+        with contextlib.suppress(OSError):  # the guardian may be gone (it is logged)
+            stdin.write(ENDED)
+            stdin.flush()
         with contextlib.suppress(OSError):
-            self._proc.stdin.close()
+            stdin.close()
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -169,12 +184,21 @@ def main() -> None:
     token, table = sys.argv[1], int(sys.argv[2])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only the end of its pipe ends it
+    ended = False  # the worker wrote before closing: it ends normally
     while os.read(sys.stdin.fileno(), 4096):
-        pass  # nothing is sent on it: its end is the worker's
+        ended = True
     for pgid in groups(table):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-    kill_tagged({GUARD_ENV: token})
+    tags = {GUARD_ENV: token}
+    kill_tagged(tags)
+    if ended:
+        return
+    quiet_until = time.monotonic() + SETTLE_S
+    while time.monotonic() < quiet_until:
+        time.sleep(SETTLE_POLL_S)
+        if kill_tagged(tags):
+            quiet_until = time.monotonic() + SETTLE_S
 
 
 if __name__ == "__main__":
