@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -341,7 +342,9 @@ async def test_limits_are_kept_and_a_file_without_the_column_gets_it(db_path: Pa
         await store.insert(limited)
         await store.insert(make_job("b"))
         assert await get(store, "a") == limited
-    with sqlite3.connect(db_path) as conn:  # as a file from before limits existed
+    # As a file from before limits existed. (A connection used as a context manager commits
+    # but stays open: closing() closes it.)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
         conn.execute("ALTER TABLE jobs DROP COLUMN limits")
     async with SqliteJobStore(db_path) as store:
         assert (await get(store, "a")).spec.limits == TaskLimits()
