@@ -18,9 +18,13 @@ t0=$(ms)
 # --- PKI: CA, serving cert (127.0.0.1/localhost), service-account key, admin + limited tokens
 PKI="$RUN/pki"; mkdir -p "$PKI"
 if [ ! -f "$PKI/ca.crt" ]; then
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=test-ca" -keyout "$PKI/ca.key" -out "$PKI/ca.crt" 2>/dev/null
+  # Extensions as Python 3.13's strict verification (VERIFY_X509_STRICT) wants them: a CA with
+  # key usage, a serving certificate that names its issuer's key.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=test-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$PKI/ca.key" -out "$PKI/ca.crt" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$PKI/apiserver.key" -out "$PKI/apiserver.csr" 2>/dev/null
-  printf "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.0.1\nextendedKeyUsage=serverAuth\n" > "$PKI/ext.cnf"
+  printf "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nauthorityKeyIdentifier=keyid\n" > "$PKI/ext.cnf"
   openssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -days 3650 -extfile "$PKI/ext.cnf" -out "$PKI/apiserver.crt" 2>/dev/null
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
