@@ -156,3 +156,21 @@ def test_the_guardian_exits_by_itself_when_its_pipe_closes() -> None:
     # close() kills a guardian that is still there after 5 s: exit status 0 means it left alone.
     assert guard._proc.returncode == 0
     assert not pid_alive(guard.pid)
+
+
+def test_settling_ends_though_a_killed_process_lingers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that SIGKILL does not end at once (stuck in the kernel) is found again and
+    again: only a new one extends the guardian's watch, so it still ends."""
+    rounds = iter(range(1000))
+    found = [{7}, {7}, {7, 8}]  # 8 is new once; after that only the lingering ones
+
+    def kill_tagged(tags: object) -> set[int]:
+        i = next(rounds)
+        return found[i] if i < len(found) else {7, 8}
+
+    monkeypatch.setattr(guardian, "kill_tagged", kill_tagged)
+    monkeypatch.setattr(guardian, "SETTLE_S", 0.05)
+    monkeypatch.setattr(guardian, "SETTLE_POLL_S", 0.001)
+    seen = {7}
+    guardian.settle({GUARD_ENV: "t"}, seen)
+    assert seen == {7, 8}

@@ -43,7 +43,7 @@ GUARD_ENV = "DIST_EXEC_WORKER_GUARD"
 SCAN_ROUNDS = 5  # a process killed mid-fork may leave a child the previous scan missed
 SLOT = 4  # bytes per group id in the table (a pid_t, written with one aligned store)
 FIRST_SLOTS = 256  # the table doubles when full
-# After the worker died: tagged processes are looked for until none was found for SETTLE_S.
+# After the worker died: tagged processes are looked for until no new one was found for SETTLE_S.
 SETTLE_S = 1.0
 SETTLE_POLL_S = 0.02
 ENDED = b"ended"  # what a worker that ends normally writes before it closes the pipe
@@ -61,9 +61,9 @@ def tagged(tags: Mapping[str, str]) -> list[int]:
     return found
 
 
-def kill_tagged(tags: Mapping[str, str]) -> int:
-    """SIGKILL every process with these environment ``tags``; returns how many were found."""
-    killed = 0
+def kill_tagged(tags: Mapping[str, str]) -> set[int]:
+    """SIGKILL every process with these environment ``tags``; returns the pids found."""
+    killed: set[int] = set()
     for _ in range(SCAN_ROUNDS):
         pids = [pid for pid in tagged(tags) if pid != os.getpid()]
         if not pids:
@@ -71,8 +71,20 @@ def kill_tagged(tags: Mapping[str, str]) -> int:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        killed += len(pids)
+        killed.update(pids)
     return killed
+
+
+def settle(tags: Mapping[str, str], seen: set[int]) -> None:
+    """After the worker died: kill tagged processes until SETTLE_S pass without a new one (one
+    that SIGKILL does not end at once, stuck in the kernel, say, does not keep this going)."""
+    quiet_until = time.monotonic() + SETTLE_S
+    while time.monotonic() < quiet_until:
+        time.sleep(SETTLE_POLL_S)
+        new = kill_tagged(tags) - seen
+        if new:
+            seen |= new
+            quiet_until = time.monotonic() + SETTLE_S
 
 
 class ProcessGuard:
@@ -191,14 +203,9 @@ def main() -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
     tags = {GUARD_ENV: token}
-    kill_tagged(tags)
-    if ended:
-        return
-    quiet_until = time.monotonic() + SETTLE_S
-    while time.monotonic() < quiet_until:
-        time.sleep(SETTLE_POLL_S)
-        if kill_tagged(tags):
-            quiet_until = time.monotonic() + SETTLE_S
+    seen = kill_tagged(tags)
+    if not ended:
+        settle(tags, seen)
 
 
 if __name__ == "__main__":
