@@ -4,7 +4,7 @@ Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error
 stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
 and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
 own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
-run it, and 3 or 4 as above.
+run it, and 3 or 4 as above. Any command that Ctrl-C ends exits 130.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ from dist_exec.config import (
     parse_size,
     split_address,
 )
+from dist_exec.ctrl_c import CtrlC, Interrupted
 from dist_exec.errors import (
     AccessDenied,
     DistExecError,
     InvalidTaskSpec,
+    JobAlreadyFinished,
     JobNotFound,
     Unauthenticated,
 )
@@ -392,7 +394,18 @@ def setup_logging(level: str) -> None:
 # ---- the group ------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Ctrl-C ends any command with one line and the shell's code for it (130), not with
+    click's "Aborted!" and 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_CANCELLED)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dist-exec")
 def main() -> None:
     """dist-exec: run commands across a fleet of workers."""
@@ -1054,53 +1067,73 @@ class _Prefixer:
 
 
 async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> int:
-    async with connect(address) as client:
-        broadcast_id, tasks = await client.submit_broadcast(spec)
-        if detach:
-            click.echo(broadcast_id)
-            return 0
-        node_of: dict[str, str] = dict(tasks)
-        prefixer = _Prefixer(max(len(n) for n in node_of.values()))
-        finals: dict[str, Job] = {}
-        loop = asyncio.get_running_loop()
-        watch = asyncio.ensure_future(
-            _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
+    with CtrlC() as ctrl_c:
+        async with connect(address) as client:
+            try:
+                broadcast_id, tasks = await ctrl_c.step(
+                    client.submit_broadcast(spec), 2, _hold_message
+                )
+            except Interrupted:
+                return _gave_up("stopped waiting for the master: if it accepted the jobs, they run")
+            if detach and not ctrl_c.presses:
+                click.echo(broadcast_id)
+                return 0
+            node_of: dict[str, str] = dict(tasks)
+            finals: dict[str, Job] = {}
+            if not ctrl_c.presses:
+                prefixer = _Prefixer(max(len(n) for n in node_of.values()))
+                watch = _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
+                with contextlib.suppress(Interrupted):
+                    await ctrl_c.step(watch)
+            if ctrl_c.presses:  # stop the commands that still run
+                try:
+                    await ctrl_c.step(_cancel_all(client, node_of, finals), 2)
+                except Interrupted:
+                    return _gave_up(f"stopped before broadcast {broadcast_id} was cancelled")
+            failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
+            if ctrl_c.presses:
+                return EXIT_CANCELLED
+            return EXIT_ERROR if failed else 0
+
+
+async def _cancel_all(client: Client, node_of: dict[str, str], finals: dict[str, Job]) -> None:
+    """Cancel the jobs of a broadcast that have not ended; fills ``finals`` with every job."""
+    for job_id in node_of:
+        if job_id not in finals:
+            finals[job_id] = await _cancel(client, job_id)
+
+
+async def _report_broadcast(
+    client: Client,
+    broadcast_id: str,
+    node_of: dict[str, str],
+    finals: dict[str, Job],
+    as_json: bool,
+) -> list[str]:
+    """Print how each node's job ended; returns the ids of those that did not complete."""
+    failed = [j for j in node_of if finals[j].status != JobStatus.COMPLETED]
+    if as_json:
+        jobs = [await client.get(j) for j in node_of]
+        print_json(
+            {
+                "broadcast_id": broadcast_id,
+                "nodes": len(jobs),
+                "succeeded": len(jobs) - len(failed),
+                "results": [{"node_id": node_of[j.id]} | job_json(j) for j in jobs],
+            }
         )
-        loop.add_signal_handler(signal.SIGINT, watch.cancel)
-        try:
-            await watch
-        except asyncio.CancelledError:
-            for job_id in node_of:
-                if job_id not in finals:
-                    with contextlib.suppress(DistExecError):
-                        await client.cancel(job_id)
-            for job_id in node_of:
-                finals[job_id] = await client.get(job_id)
-        finally:
-            loop.remove_signal_handler(signal.SIGINT)
-        failed = [j for j in node_of if finals[j].status != JobStatus.COMPLETED]
-        if as_json:
-            jobs = [await client.get(j) for j in node_of]
-            print_json(
-                {
-                    "broadcast_id": broadcast_id,
-                    "nodes": len(jobs),
-                    "succeeded": len(jobs) - len(failed),
-                    "results": [{"node_id": node_of[j.id]} | job_json(j) for j in jobs],
-                }
-            )
-        else:
-            click.echo(
-                f"dist-exec: broadcast {broadcast_id} on {len(node_of)} node(s): "
-                f"{len(node_of) - len(failed)} succeeded, {len(failed)} failed",
-                err=True,
-            )
-            for job_id, node in sorted(node_of.items(), key=lambda item: item[1]):
-                job = finals[job_id]
-                code = "-" if job.exit_code is None else str(job.exit_code)
-                detail = f"  {job.error}" if job.status != JobStatus.COMPLETED and job.error else ""
-                click.echo(f"  {node:<20} {job.status.value:<9} exit {code}{detail}", err=True)
-        return 0 if not failed else EXIT_ERROR
+    else:
+        click.echo(
+            f"dist-exec: broadcast {broadcast_id} on {len(node_of)} node(s): "
+            f"{len(node_of) - len(failed)} succeeded, {len(failed)} failed",
+            err=True,
+        )
+        for job_id, node in sorted(node_of.items(), key=lambda item: item[1]):
+            job = finals[job_id]
+            code = "-" if job.exit_code is None else str(job.exit_code)
+            detail = f"  {job.error}" if job.status != JobStatus.COMPLETED and job.error else ""
+            click.echo(f"  {node:<20} {job.status.value:<9} exit {code}{detail}", err=True)
+    return failed
 
 
 async def _watch_broadcast(
@@ -1120,28 +1153,55 @@ async def _watch_broadcast(
 
 
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
-    async with connect(address) as client:
-        if detach:
-            click.echo(await client.submit(spec))
-            return 0
-        # One call submits and follows; its first item is the job id, once it is accepted.
-        events = client.run(spec)
-        job_id = await anext(events)
-        assert isinstance(job_id, str)
-        loop = asyncio.get_running_loop()
-        follow = asyncio.ensure_future(_stream(events, job_id, quiet=as_json))
-        loop.add_signal_handler(signal.SIGINT, follow.cancel)
-        try:
-            job = await follow
-        except asyncio.CancelledError:
-            # Ctrl-C: stop the command, as it would stop a local one.
-            await client.cancel(job_id)
-            job = await client.get(job_id)
-        finally:
-            loop.remove_signal_handler(signal.SIGINT)
-        if as_json:
-            print_json(job_json(await client.get(job_id)))
-        return _exit_code(job, quiet=as_json)
+    with CtrlC() as ctrl_c:
+        async with connect(address) as client:
+            # A press before the job's id is known waits for it: the job must not run unseen.
+            try:
+                if detach:
+                    job_id = await ctrl_c.step(client.submit(spec), 2, _hold_message)
+                    if not ctrl_c.presses:
+                        click.echo(job_id)
+                        return 0
+                else:
+                    # One call submits and follows; its first item is the job id, once accepted.
+                    events = client.run(spec)
+                    accepted = await ctrl_c.step(anext(events), 2, _hold_message)
+                    assert isinstance(accepted, str)
+                    job_id = accepted
+            except Interrupted:
+                return _gave_up("stopped waiting for the master: if it accepted the job, it runs")
+            job: Job | None = None
+            if not ctrl_c.presses:
+                with contextlib.suppress(Interrupted):
+                    job = await ctrl_c.step(_stream(events, job_id, quiet=as_json))
+            if job is None:  # Ctrl-C: stop the command, as it would stop a local one
+                try:
+                    job = await ctrl_c.step(_cancel(client, job_id), 2)
+                except Interrupted:
+                    return _gave_up(f"stopped before job {job_id} was cancelled: it may still run")
+            if as_json:
+                print_json(job_json(await client.get(job_id)))
+            return _exit_code(job, quiet=as_json)
+
+
+def _hold_message() -> None:
+    click.echo(
+        "dist-exec: the job is cancelled as soon as the master has accepted it "
+        "(Ctrl-C again to stop waiting)",
+        err=True,
+    )
+
+
+def _gave_up(message: str) -> int:
+    click.echo(f"dist-exec: {message}; see 'dist-exec list'", err=True)
+    return EXIT_CANCELLED
+
+
+async def _cancel(client: Client, job_id: str) -> Job:
+    """Cancel the job unless it has ended; returns it as it ended."""
+    with contextlib.suppress(JobAlreadyFinished):
+        await client.cancel(job_id)
+    return await client.get(job_id)
 
 
 async def _stream(

@@ -172,6 +172,54 @@ def test_ctrl_c_on_run_cancels_the_job(small_cluster: SmallCluster, tmp_path: Pa
     assert jobs[0]["status"] == "CANCELLED"
 
 
+def test_ctrl_c_on_run_all_cancels_every_node_job(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    addr = small_cluster.address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--all", "--master", addr,
+         f"echo $$ > {tmp_path}/pid.$$; exec sleep 300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("pid.*"))) == 2, 20, "both nodes' commands")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "2 node(s): 0 succeeded, 2 failed" in err
+        assert "Traceback" not in err
+    finally:
+        proc.kill()
+        proc.communicate()
+    jobs = json.loads(run_cli("list", "--json", "--limit", "2", master=addr).stdout)
+    assert [j["status"] for j in jobs] == ["CANCELLED", "CANCELLED"]
+    pids = [int(f.name.removeprefix("pid.")) for f in tmp_path.glob("pid.*")]
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the commands to be stopped")
+
+
+def test_ctrl_c_on_logs_follow_exits_130_with_one_line(small_cluster: SmallCluster) -> None:
+    addr = small_cluster.address
+    job_id = run_cli("run", "--detach", "echo started; sleep 300", master=addr).stdout.strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "logs", "--follow", "--master", addr, job_id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "started\n"  # following, past the modules' loading
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert (proc.returncode, err) == (130, "dist-exec: interrupted\n")
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert run_cli("cancel", job_id, master=addr).code == 0  # the job itself was left running
+
+
 def test_run_json_prints_one_object(small_cluster: SmallCluster) -> None:
     result = run_cli("run", "--json", "echo hi; exit 2", master=small_cluster.address)
     assert result.code == 2
