@@ -4,7 +4,8 @@ Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error
 stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
 and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
 own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
-run it, and 3 or 4 as above. Any command that Ctrl-C ends exits 130.
+run it, and 3 or 4 as above. Ctrl-C cancels the job of ``run``; it ends any other client
+command as it ends a local program (killed by SIGINT: the shell shows 130).
 """
 
 from __future__ import annotations
@@ -394,18 +395,7 @@ def setup_logging(level: str) -> None:
 # ---- the group ------------------------------------------------------------------------------
 
 
-class _Commands(click.Group):
-    """Ctrl-C ends any command with one line and the shell's code for it (130), not with
-    click's "Aborted!" and 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            fail("interrupted", EXIT_CANCELLED)
-
-
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dist-exec")
 def main() -> None:
     """dist-exec: run commands across a fleet of workers."""

@@ -26,6 +26,7 @@ class CtrlC:
 
     def __init__(self) -> None:
         self.presses = 0
+        self._previous = signal.getsignal(signal.SIGINT)  # given back at the end of the block
         self._step: asyncio.Future[Any] | None = None
         self._stop_at = 1
         self._on_hold: Callable[[], None] | None = None
@@ -35,7 +36,8 @@ class CtrlC:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)  # (sets Python's own)
+        signal.signal(signal.SIGINT, self._previous)
 
     async def step(
         self,

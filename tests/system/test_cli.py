@@ -199,7 +199,7 @@ def test_ctrl_c_on_run_all_cancels_every_node_job(
     wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the commands to be stopped")
 
 
-def test_ctrl_c_on_logs_follow_exits_130_with_one_line(small_cluster: SmallCluster) -> None:
+def test_ctrl_c_on_logs_follow_ends_it_as_a_local_program(small_cluster: SmallCluster) -> None:
     addr = small_cluster.address
     job_id = run_cli("run", "--detach", "echo started; sleep 300", master=addr).stdout.strip()
     proc = subprocess.Popen(
@@ -213,7 +213,7 @@ def test_ctrl_c_on_logs_follow_exits_130_with_one_line(small_cluster: SmallClust
         assert proc.stdout.readline() == "started\n"  # following, past the modules' loading
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        assert (proc.returncode, err) == (130, "dist-exec: interrupted\n")
+        assert (proc.returncode, err) == (-signal.SIGINT, "")  # the shell shows 130
     finally:
         proc.kill()
         proc.communicate()

@@ -86,10 +86,17 @@ async def test_a_press_between_steps_is_counted_for_the_next() -> None:
             await ctrl_c.step(asyncio.sleep(30))
 
 
-def test_leaving_the_block_gives_sigint_back_to_python() -> None:
+def test_leaving_the_block_gives_back_the_handler_it_found() -> None:
+    """The command line kills itself on SIGINT outside the block (SIG_DFL), not asyncio's
+    Python handler that removing a loop's handler leaves."""
+
     async def main() -> None:
         with CtrlC():
-            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            assert signal.getsignal(signal.SIGINT) is not signal.SIG_DFL
 
-    asyncio.run(main())
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
