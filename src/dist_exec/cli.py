@@ -4,8 +4,8 @@ Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error
 stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
 and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
 own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
-run it, and 3 or 4 as above. Ctrl-C cancels the job of ``run``; it ends any other client
-command as it ends a local program (killed by SIGINT: the shell shows 130).
+run it, and 3 or 4 as above. Ctrl-C (SIGTERM, SIGHUP) cancels the job of ``run``; Ctrl-C ends
+any other client command as it ends a local program (killed by SIGINT: the shell shows 130).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from dist_exec.config import (
     parse_size,
     split_address,
 )
-from dist_exec.ctrl_c import CtrlC, Interrupted
 from dist_exec.errors import (
     AccessDenied,
     DistExecError,
@@ -54,6 +53,7 @@ from dist_exec.executors.http import HttpSpec
 from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
 from dist_exec.executors.limits import check as check_limits
 from dist_exec.executors.limits import summary as limits_summary
+from dist_exec.interrupts import Interrupted, Interrupts
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
 from dist_exec.models import (
     Job,
@@ -1057,31 +1057,31 @@ class _Prefixer:
 
 
 async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> int:
-    with CtrlC() as ctrl_c:
+    with Interrupts() as interrupts:
         async with connect(address) as client:
             try:
-                broadcast_id, tasks = await ctrl_c.step(
+                broadcast_id, tasks = await interrupts.step(
                     client.submit_broadcast(spec), 2, _hold_message
                 )
             except Interrupted:
                 return _gave_up("stopped waiting for the master: if it accepted the jobs, they run")
-            if detach and not ctrl_c.presses:
+            if detach and not interrupts.received:
                 click.echo(broadcast_id)
                 return 0
             node_of: dict[str, str] = dict(tasks)
             finals: dict[str, Job] = {}
-            if not ctrl_c.presses:
+            if not interrupts.received:
                 prefixer = _Prefixer(max(len(n) for n in node_of.values()))
                 watch = _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
                 with contextlib.suppress(Interrupted):
-                    await ctrl_c.step(watch)
-            if ctrl_c.presses:  # stop the commands that still run
+                    await interrupts.step(watch)
+            if interrupts.received:  # stop the commands that still run
                 try:
-                    await ctrl_c.step(_cancel_all(client, node_of, finals), 2)
+                    await interrupts.step(_cancel_all(client, node_of, finals), 2)
                 except Interrupted:
                     return _gave_up(f"stopped before broadcast {broadcast_id} was cancelled")
             failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
-            if ctrl_c.presses:
+            if interrupts.received:
                 return EXIT_CANCELLED
             return EXIT_ERROR if failed else 0
 
@@ -1143,30 +1143,30 @@ async def _watch_broadcast(
 
 
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
-    with CtrlC() as ctrl_c:
+    with Interrupts() as interrupts:
         async with connect(address) as client:
             # A press before the job's id is known waits for it: the job must not run unseen.
             try:
                 if detach:
-                    job_id = await ctrl_c.step(client.submit(spec), 2, _hold_message)
-                    if not ctrl_c.presses:
+                    job_id = await interrupts.step(client.submit(spec), 2, _hold_message)
+                    if not interrupts.received:
                         click.echo(job_id)
                         return 0
                 else:
                     # One call submits and follows; its first item is the job id, once accepted.
                     events = client.run(spec)
-                    accepted = await ctrl_c.step(anext(events), 2, _hold_message)
+                    accepted = await interrupts.step(anext(events), 2, _hold_message)
                     assert isinstance(accepted, str)
                     job_id = accepted
             except Interrupted:
                 return _gave_up("stopped waiting for the master: if it accepted the job, it runs")
             job: Job | None = None
-            if not ctrl_c.presses:
+            if not interrupts.received:
                 with contextlib.suppress(Interrupted):
-                    job = await ctrl_c.step(_stream(events, job_id, quiet=as_json))
+                    job = await interrupts.step(_stream(events, job_id, quiet=as_json))
             if job is None:  # Ctrl-C: stop the command, as it would stop a local one
                 try:
-                    job = await ctrl_c.step(_cancel(client, job_id), 2)
+                    job = await interrupts.step(_cancel(client, job_id), 2)
                 except Interrupted:
                     return _gave_up(f"stopped before job {job_id} was cancelled: it may still run")
             if as_json:

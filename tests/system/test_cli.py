@@ -150,7 +150,12 @@ def test_cancel_running_job_kills_the_whole_group(
     assert "already ended (CANCELLED)" in again.stderr
 
 
-def test_ctrl_c_on_run_cancels_the_job(small_cluster: SmallCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=str)
+def test_ctrl_c_sigterm_or_sighup_on_run_cancels_the_job(
+    small_cluster: SmallCluster, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """As they would stop a local command in the foreground (the user, a CI runner's timeout,
+    a closed terminal)."""
     addr = small_cluster.address
     marker = tmp_path / "started"
     proc = subprocess.Popen(
@@ -161,7 +166,7 @@ def test_ctrl_c_on_run_cancels_the_job(small_cluster: SmallCluster, tmp_path: Pa
     )
     try:
         wait_for(marker.exists, 20, "the command to start")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130
         assert "cancelled" in err
@@ -170,6 +175,42 @@ def test_ctrl_c_on_run_cancels_the_job(small_cluster: SmallCluster, tmp_path: Pa
         proc.communicate()
     jobs = json.loads(run_cli("list", "--json", "--limit", "1", master=addr).stdout)
     assert jobs[0]["status"] == "CANCELLED"
+
+
+def signal_set(pid: int, field: str) -> set[signal.Signals]:
+    """The signals in a mask of /proc/PID/status (SigIgn, SigCgt, ...)."""
+    line = next(
+        x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field)
+    )
+    mask = int(line.split()[1], 16)
+    return {signal.Signals(n) for n in range(1, 32) if mask >> (n - 1) & 1}
+
+
+def test_run_keeps_a_signal_it_was_started_ignoring_ignored(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    """A shell's background job ignores SIGINT (nohup: SIGHUP); so does its run and its job."""
+    addr = small_cluster.address
+    marker = tmp_path / "started"
+    run = [sys.executable, "-m", "dist_exec", "run", "--master", addr, f"touch {marker}; sleep 300"]
+    proc = subprocess.Popen(
+        ["sh", "-c", 'trap "" INT HUP; exec "$@"', "sh", *run],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(marker.exists, 20, "the command to start")
+        # What the kernel does with each signal, read once run follows the job: ignored or not.
+        ignored, caught = (signal_set(proc.pid, field) for field in ("SigIgn", "SigCgt"))
+        assert {signal.SIGINT, signal.SIGHUP} <= ignored
+        assert signal.SIGTERM in caught
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_ctrl_c_on_run_all_cancels_every_node_job(

@@ -1,7 +1,7 @@
-"""Ctrl-C on the real ``dist-exec`` process at the moments a real master cannot be held at:
-while the master is still accepting the job. The master here is scripted (real gRPC on
-127.0.0.1) so that the test decides when the job is accepted. Ctrl-C during a running job, on a
-real cluster, is in test_cli.py."""
+"""Ctrl-C (and SIGTERM, SIGHUP) on the real ``dist-exec`` process at the moments a real master
+cannot be held at: while the master is still accepting the job. The master here is scripted
+(real gRPC on 127.0.0.1) so that the test decides when the job is accepted. Signals during a
+running job, on a real cluster, are in test_cli.py."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ async def test_ctrl_c_before_the_job_is_accepted_cancels_it_once_it_is(
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-async def test_a_second_ctrl_c_stops_waiting_for_the_master(
+async def test_a_second_signal_stops_waiting_for_the_master(
     held: tuple[HeldMaster, str], cli_processes: list[asyncio.subprocess.Process], command: str
 ) -> None:
     master, address = held
@@ -164,7 +164,7 @@ async def test_a_second_ctrl_c_stops_waiting_for_the_master(
         await master.received.wait()
     proc.send_signal(signal.SIGINT)
     assert HOLD_LINE in await read_line(proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     code, _, err = await finish(proc)
     assert code == 130
     assert err.strip().splitlines() == [
