@@ -638,14 +638,19 @@ class Master:
             status = job.status if job is not None else stored.status
             raise JobAlreadyFinished(f"job {job_id} has already ended ({status.value})")
         job.cancel_requested = True
+        # The work runs apart from this call: a caller that goes away (a short deadline, a
+        # client that exits) must not leave it half done, the job running or out of the queue
+        # but not ended.
         if job.status == JobStatus.PENDING:
             self.scheduler.remove(job.id)
             self._cancel_backoff(job)
-            await self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
+            ending = self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
+            await asyncio.shield(self._spawn(ending))
             return "cancelled before it started"
+        stopping = self._spawn(self._cancel_running(job))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
-                await self._cancel_running(job)
+                await asyncio.shield(stopping)
         if not job.ended.is_set():
             return "cancel requested; the worker has not confirmed yet"
         return "cancelled"
