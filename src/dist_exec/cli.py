@@ -4,14 +4,16 @@ Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error
 stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
 and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
 own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
-run it, and 3 or 4 as above. Ctrl-C (SIGTERM, SIGHUP) cancels the job of ``run``; Ctrl-C ends
-any other client command as it ends a local program (killed by SIGINT: the shell shows 130).
+run it, and 3 or 4 as above. Ctrl-C (SIGTERM, SIGHUP) cancels the job of ``run``, which then
+dies of the signal (see interrupts.py); Ctrl-C ends any other client command as it ends a local
+program (killed by SIGINT: the shell shows 130).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,7 +55,7 @@ from dist_exec.executors.http import HttpSpec
 from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
 from dist_exec.executors.limits import check as check_limits
 from dist_exec.executors.limits import summary as limits_summary
-from dist_exec.interrupts import Interrupted, Interrupts
+from dist_exec.interrupts import Interrupted, Interrupts, die_of
 from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
 from dist_exec.models import (
     Job,
@@ -304,6 +306,8 @@ def run_client(coro: Coroutine[Any, Any, T], exit_code: int = EXIT_ERROR) -> T:
     """Run a client coroutine; a DistExecError becomes one line on stderr and an exit code."""
     try:
         return asyncio.run(coro)
+    except KeyboardInterrupt:  # Python's own SIGINT handler, which asyncio puts back at times
+        die_of(signal.SIGINT)
     except Unauthenticated as exc:
         fail(f"not authenticated: {exc.message}", EXIT_UNAUTHENTICATED)
     except AccessDenied as exc:
@@ -1025,10 +1029,12 @@ def run(
         limits=TaskLimits(memory, cpu_time, max_procs, max_file_size),
     )
     if broadcast:
-        code = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+        ending = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
     else:
-        code = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
-    sys.exit(code)
+        ending = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+    if isinstance(ending, signal.Signals):  # it stopped the job: end as a local command would
+        die_of(ending)
+    sys.exit(ending)
 
 
 class _Prefixer:
@@ -1056,41 +1062,96 @@ class _Prefixer:
                 self.write(node, stream, rest + b"\n")
 
 
-async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> int:
-    with Interrupts() as interrupts:
-        async with connect(address) as client:
+Ending = int | signal.Signals  # an exit code, or the signal to die of (it stopped the job)
+
+
+async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> Ending:
+    async with connect(address) as client:
+        with Interrupts() as interrupts:
             try:
                 broadcast_id, tasks = await interrupts.step(
-                    client.submit_broadcast(spec), 2, _hold_message
+                    client.submit_broadcast(spec), patient=True, on_hold=_hold_message
                 )
             except Interrupted:
-                return _gave_up("stopped waiting for the master: if it accepted the jobs, they run")
+                return _gave_up(interrupts, "if it accepted the jobs, they run")
             if detach and not interrupts.received:
                 click.echo(broadcast_id)
                 return 0
             node_of: dict[str, str] = dict(tasks)
             finals: dict[str, Job] = {}
-            if not interrupts.received:
+            stop: Ending | None = interrupts.received[0] if interrupts.received else None
+            if stop is None:
                 prefixer = _Prefixer(max(len(n) for n in node_of.values()))
                 watch = _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
-                with contextlib.suppress(Interrupted):
-                    await interrupts.step(watch)
-            if interrupts.received:  # stop the commands that still run
-                try:
-                    await interrupts.step(_cancel_all(client, node_of, finals), 2)
-                except Interrupted:
-                    return _gave_up(f"stopped before broadcast {broadcast_id} was cancelled")
-            failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
-            if interrupts.received:
-                return EXIT_CANCELLED
-            return EXIT_ERROR if failed else 0
+                _, stop = await _follow(interrupts, watch)
+            if stop is not None and len(finals) < len(node_of):
+                stopped = await _stop(client, [j for j in node_of if j not in finals], interrupts)
+                if stopped is None:
+                    return _gave_up(interrupts, "the master goes on cancelling the jobs")
+                finals |= stopped
+            else:
+                stop = None  # every job had ended by itself
+        failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
+        if stop is not None:
+            return stop
+        return EXIT_ERROR if failed else 0
 
 
-async def _cancel_all(client: Client, node_of: dict[str, str], finals: dict[str, Job]) -> None:
-    """Cancel the jobs of a broadcast that have not ended; fills ``finals`` with every job."""
-    for job_id in node_of:
-        if job_id not in finals:
-            finals[job_id] = await _cancel(client, job_id)
+async def _follow(
+    interrupts: Interrupts, following: Awaitable[T]
+) -> tuple[T, None] | tuple[None, Ending]:
+    """Await ``following`` (which prints jobs' output): its result, or, when it had to stop,
+    what to end with: the signal received, or what a lost stdout or stderr means (its reader
+    exited, its terminal closed)."""
+    try:
+        return await interrupts.step(following), None
+    except Interrupted:
+        return None, interrupts.received[0]
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            return None, signal.SIGPIPE
+        if exc.errno == errno.EIO:
+            return None, signal.SIGHUP
+        _tell(f"cannot write the output ({exc.strerror}): stopping the job")
+        return None, EXIT_ERROR
+
+
+async def _stop(
+    client: Client, job_ids: list[str], interrupts: Interrupts
+) -> dict[str, Job] | None:
+    """Cancel the jobs, all at once; each as it ended, or None when a further Ctrl-C stopped
+    waiting for the master's confirmation (the master carries a cancel out all the same)."""
+    cancels = asyncio.gather(*(_cancel(client, j) for j in job_ids), return_exceptions=True)
+    try:
+        ended = await interrupts.step(cancels, patient=True)
+    except Interrupted:
+        return None
+    for outcome in ended:  # each cancel was tried before one's error is told
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return dict(zip(job_ids, ended, strict=True))  # type: ignore[arg-type]
+
+
+async def _cancel(client: Client, job_id: str) -> Job:
+    """Cancel the job unless it has ended; returns it as it ended."""
+    with contextlib.suppress(JobAlreadyFinished):
+        await client.cancel(job_id)
+    return await client.get(job_id)
+
+
+def _hold_message() -> None:
+    _tell("the job is cancelled once the master has accepted it (Ctrl-C again to stop waiting)")
+
+
+def _gave_up(interrupts: Interrupts, what_goes_on: str) -> signal.Signals:
+    _tell(f"stopped waiting for the master: {what_goes_on}; see 'dist-exec list'")
+    return interrupts.received[0]
+
+
+def _tell(message: str) -> None:
+    """One line on stderr, when there still is one (a closed terminal's is not)."""
+    with contextlib.suppress(OSError):
+        click.echo(f"dist-exec: {message}", err=True)
 
 
 async def _report_broadcast(
@@ -1142,56 +1203,52 @@ async def _watch_broadcast(
             prefixer.write(node_of[job_id], item[1].stream, item[1].data)
 
 
-async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> int:
-    with Interrupts() as interrupts:
-        async with connect(address) as client:
-            # A press before the job's id is known waits for it: the job must not run unseen.
-            try:
-                if detach:
-                    job_id = await interrupts.step(client.submit(spec), 2, _hold_message)
-                    if not interrupts.received:
-                        click.echo(job_id)
-                        return 0
-                else:
-                    # One call submits and follows; its first item is the job id, once accepted.
-                    events = client.run(spec)
-                    accepted = await interrupts.step(anext(events), 2, _hold_message)
-                    assert isinstance(accepted, str)
-                    job_id = accepted
-            except Interrupted:
-                return _gave_up("stopped waiting for the master: if it accepted the job, it runs")
-            job: Job | None = None
-            if not interrupts.received:
-                with contextlib.suppress(Interrupted):
-                    job = await interrupts.step(_stream(events, job_id, quiet=as_json))
-            if job is None:  # Ctrl-C: stop the command, as it would stop a local one
+async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
+    async with connect(address) as client:
+        if detach:
+            return await _submit_detached(client, spec)
+        async with contextlib.aclosing(client.run(spec)) as events:
+            with Interrupts() as interrupts:
                 try:
-                    job = await interrupts.step(_cancel(client, job_id), 2)
+                    # One call submits and follows; its first item is the job id, once accepted.
+                    # A signal before then waits for it: the job must not run unseen.
+                    accepted = await interrupts.step(
+                        anext(events), patient=True, on_hold=_hold_message
+                    )
                 except Interrupted:
-                    return _gave_up(f"stopped before job {job_id} was cancelled: it may still run")
-            if as_json:
-                print_json(job_json(await client.get(job_id)))
-            return _exit_code(job, quiet=as_json)
+                    return _gave_up(interrupts, "if it accepted the job, it runs")
+                assert isinstance(accepted, str)
+                job_id = accepted
+                job: Job | None = None
+                stop: Ending | None = interrupts.received[0] if interrupts.received else None
+                if stop is None:
+                    job, stop = await _follow(interrupts, _stream(events, job_id, quiet=as_json))
+                if stop is not None:
+                    stopped = await _stop(client, [job_id], interrupts)
+                    if stopped is None:
+                        return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+                    job = stopped[job_id]
+        assert job is not None
+        if as_json:
+            print_json(job_json(await client.get(job_id)))
+        code = _exit_code(job, quiet=as_json)
+        return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 
 
-def _hold_message() -> None:
-    click.echo(
-        "dist-exec: the job is cancelled as soon as the master has accepted it "
-        "(Ctrl-C again to stop waiting)",
-        err=True,
-    )
-
-
-def _gave_up(message: str) -> int:
-    click.echo(f"dist-exec: {message}; see 'dist-exec list'", err=True)
-    return EXIT_CANCELLED
-
-
-async def _cancel(client: Client, job_id: str) -> Job:
-    """Cancel the job unless it has ended; returns it as it ended."""
-    with contextlib.suppress(JobAlreadyFinished):
-        await client.cancel(job_id)
-    return await client.get(job_id)
+async def _submit_detached(client: Client, spec: TaskSpec) -> Ending:
+    with Interrupts() as interrupts:
+        try:
+            job_id = await interrupts.step(client.submit(spec), patient=True, on_hold=_hold_message)
+        except Interrupted:
+            return _gave_up(interrupts, "if it accepted the job, it runs")
+        if not interrupts.received:
+            click.echo(job_id)
+            return 0
+        # A signal while it was submitted: the job is not wanted after all.
+        if await _stop(client, [job_id], interrupts) is None:
+            return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+    _tell(f"job {job_id} was cancelled")
+    return interrupts.received[0]
 
 
 async def _stream(
@@ -1241,7 +1298,7 @@ class _OutputPrinter:
 def _exit_code(job: Job, quiet: bool) -> int:
     def say(message: str) -> None:
         if not quiet:
-            click.echo(f"dist-exec: {message}", err=True)
+            _tell(message)
 
     if job.truncated:
         say(f"job {job.id} printed more than the master keeps; stored output is truncated")

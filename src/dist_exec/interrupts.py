@@ -1,18 +1,22 @@
 """Ctrl-C, SIGTERM and SIGHUP in the client commands that start jobs (``run``, ``run --all``).
 
 Each means "stop it", as it would for a local command run in the foreground (the user's Ctrl-C,
-a supervisor's or CI runner's SIGTERM, a closed terminal's SIGHUP), so the job is cancelled.
-That needs the job's id, and a signal can come while the master is still accepting the job:
-giving up then would leave a job running that nobody sees. So a step like that waits on after
-the first signal (the master's answer takes milliseconds) and only a second one gives up.
+a supervisor's or CI runner's SIGTERM, a closed terminal's SIGHUP), so the job is cancelled and
+the command then dies of the signal, as the local one would (a shell loop around it stops too).
+Cancelling needs the job's id, and a signal can come while the master is still accepting the
+job: giving up then would leave a job running that nobody sees. So such a step waits on (the
+master's answer takes milliseconds), and only a further Ctrl-C gives up waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -24,26 +28,28 @@ class Interrupted(Exception):
 
 
 class Interrupts:
-    """Counts the stop signals received while the ``with`` block runs on the event loop;
-    ``step`` awaits one step that a given number of them ends."""
+    """Collects the stop signals received while the ``with`` block runs on the event loop;
+    ``step`` awaits one step that they end."""
 
     def __init__(self) -> None:
-        self.received = 0
+        self.received: list[signal.Signals] = []
         # Given back at the end of the block (asyncio would leave Python's own for SIGINT). One
-        # the process ignores (nohup, a shell's background job) stays ignored.
+        # the process ignores (nohup, a shell's background job) stays ignored, and one handled
+        # outside Python is left to that handler.
         self._previous = {
             sig: handler
             for sig in STOP_SIGNALS
-            if (handler := signal.getsignal(sig)) is not signal.SIG_IGN
+            if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)
         }
         self._step: asyncio.Future[Any] | None = None
-        self._stop_at = 1
+        self._patient = False
         self._on_hold: Callable[[], None] | None = None
+        self._stopped = False
 
     def __enter__(self) -> Interrupts:
         loop = asyncio.get_running_loop()
         for sig in self._previous:
-            loop.add_signal_handler(sig, self._receive)
+            loop.add_signal_handler(sig, self._receive, sig)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -55,31 +61,49 @@ class Interrupts:
     async def step(
         self,
         awaitable: Awaitable[T],
-        stop_at: int = 1,
+        patient: bool = False,
         on_hold: Callable[[], None] | None = None,
     ) -> T:
-        """Await ``awaitable``; raises Interrupted once the block has received ``stop_at``
-        signals (at once when it has already). ``on_hold`` is called on one that does not
-        stop it."""
+        """Await ``awaitable``; raises Interrupted when a signal ends it. A step ends at the first
+        signal, even one received before it began. A patient one (waiting for the master: the
+        job's id, the cancel's confirmation) ends only at a Ctrl-C received while it runs that
+        is not the first signal: a burst that came before it (a closed terminal's SIGHUP and
+        SIGTERM, a Ctrl-C that a wrapper passes on as well) does not end it. ``on_hold`` is
+        called for a signal that does not end it."""
         step: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-        self._step, self._stop_at, self._on_hold = step, stop_at, on_hold
-        if self.received >= stop_at:
-            step.cancel()
+        self._step, self._patient, self._on_hold, self._stopped = step, patient, on_hold, False
+        if self.received and not patient:
+            self._stop()
         try:
             return await step
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():  # the caller itself is cancelled
+            if not self._stopped:  # not by a signal: the caller itself is cancelled
                 raise
             raise Interrupted from None
         finally:
             self._step = self._on_hold = None
 
-    def _receive(self) -> None:
-        self.received += 1
+    def _receive(self, sig: signal.Signals) -> None:
+        self.received.append(sig)
         if self._step is None:
             return
-        if self.received >= self._stop_at:
-            self._step.cancel()
+        if not self._patient or (sig == signal.SIGINT and len(self.received) > 1):
+            self._stop()
         elif self._on_hold is not None:
             self._on_hold()
+
+    def _stop(self) -> None:
+        assert self._step is not None
+        self._stopped = self._step.cancel()
+
+
+def die_of(sig: signal.Signals) -> NoReturn:
+    """End the process as the signal ends a program that does not handle it, so that its
+    parent sees it (a shell stops a loop, and shows 128 + the signal's number)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # its reader is gone
+            stream.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
+    sys.exit(128 + sig)  # (for the moment the kernel may take to end a process with threads)

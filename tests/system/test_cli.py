@@ -168,7 +168,7 @@ def test_ctrl_c_sigterm_or_sighup_on_run_cancels_the_job(
         wait_for(marker.exists, 20, "the command to start")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130
+        assert proc.returncode == -sig  # then it dies of it, as the local command would
         assert "cancelled" in err
     finally:
         proc.kill()
@@ -189,7 +189,7 @@ def signal_set(pid: int, field: str) -> set[signal.Signals]:
 def test_run_keeps_a_signal_it_was_started_ignoring_ignored(
     small_cluster: SmallCluster, tmp_path: Path
 ) -> None:
-    """A shell's background job ignores SIGINT (nohup: SIGHUP); so does its run and its job."""
+    """A shell's background job ignores SIGINT (nohup: SIGHUP); so does run, and its job goes on."""
     addr = small_cluster.address
     marker = tmp_path / "started"
     run = [sys.executable, "-m", "dist_exec", "run", "--master", addr, f"touch {marker}; sleep 300"]
@@ -207,10 +207,41 @@ def test_run_keeps_a_signal_it_was_started_ignoring_ignored(
         assert signal.SIGTERM in caught
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130, err
+        assert proc.returncode == -signal.SIGTERM, err
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_run_whose_reader_exits_stops_the_job(small_cluster: SmallCluster, tmp_path: Path) -> None:
+    """'dist-exec run CMD | head -1': as the local command would die of SIGPIPE, the job is
+    cancelled and run dies of SIGPIPE, with no traceback."""
+    addr = small_cluster.address
+    pid_file = tmp_path / "pid"
+    command = f"echo $$ > {pid_file}; while :; do echo line; sleep 0.05; done"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", addr, command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "line\n"
+        proc.stdout.close()  # the reader exits
+        assert proc.stderr is not None
+        err = proc.stderr.read()  # to its end: run has exited
+        assert proc.wait(timeout=30) == -signal.SIGPIPE, err
+        assert "Traceback" not in err
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    jobs = json.loads(run_cli("list", "--json", "--limit", "1", master=addr).stdout)
+    assert jobs[0]["status"] == "CANCELLED"
+    pid = int(pid_file.read_text())
+    wait_for(lambda: not pid_alive(pid), 10, "the command to be stopped")
 
 
 def test_ctrl_c_on_run_all_cancels_every_node_job(
@@ -228,7 +259,7 @@ def test_ctrl_c_on_run_all_cancels_every_node_job(
         wait_for(lambda: len(list(tmp_path.glob("pid.*"))) == 2, 20, "both nodes' commands")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130, err
+        assert proc.returncode == -signal.SIGINT, err
         assert "2 node(s): 0 succeeded, 2 failed" in err
         assert "Traceback" not in err
     finally:

@@ -17,7 +17,7 @@ import pytest
 from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc
 
 DEADLINE_S = 20.0
-HOLD_LINE = "the job is cancelled as soon as the master has accepted it"
+HOLD_LINE = "the job is cancelled once the master has accepted it"
 
 
 class HeldMaster(master_pb2_grpc.MasterServiceServicer):
@@ -147,7 +147,7 @@ async def test_ctrl_c_before_the_job_is_accepted_cancels_it_once_it_is(
     assert HOLD_LINE in await read_line(proc)
     master.release.set()
     code, out, err = await finish(proc)
-    assert code == 130, err
+    assert code == -signal.SIGINT, err  # then it dies of it, as a local command would
     expected = ["j1", "j2"] if command == "run --all" else ["j1"]
     assert master.cancelled == expected
     assert out == ""  # a detached run prints no id for a job it cancelled
@@ -155,7 +155,7 @@ async def test_ctrl_c_before_the_job_is_accepted_cancels_it_once_it_is(
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-async def test_a_second_signal_stops_waiting_for_the_master(
+async def test_a_second_ctrl_c_stops_waiting_for_the_master(
     held: tuple[HeldMaster, str], cli_processes: list[asyncio.subprocess.Process], command: str
 ) -> None:
     master, address = held
@@ -164,15 +164,31 @@ async def test_a_second_signal_stops_waiting_for_the_master(
         await master.received.wait()
     proc.send_signal(signal.SIGINT)
     assert HOLD_LINE in await read_line(proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     code, _, err = await finish(proc)
-    assert code == 130
+    assert code == -signal.SIGINT
     assert err.strip().splitlines() == [
         f"dist-exec: stopped waiting for the master: if it accepted the "
         f"{'jobs, they run' if command == 'run --all' else 'job, it runs'}; "
         "see 'dist-exec list'"
     ]
     assert master.cancelled == []
+
+
+async def test_sigterm_and_sighup_keep_waiting_for_the_job_to_cancel(
+    held: tuple[HeldMaster, str], cli_processes: list[asyncio.subprocess.Process]
+) -> None:
+    """A supervisor's or a closed terminal's signals mean "stop the job", never "leave it"."""
+    master, address = held
+    proc = await start_cli(cli_processes, "run", "sleep 300", "--master", address)
+    async with asyncio.timeout(DEADLINE_S):
+        await master.received.wait()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM):
+        proc.send_signal(sig)
+        assert HOLD_LINE in await read_line(proc)  # taken, and waited on
+    master.release.set()
+    code, _, err = await finish(proc)
+    assert (code, master.cancelled) == (-signal.SIGTERM, ["j1"]), err
 
 
 async def test_ctrl_c_while_the_modules_load_ends_the_command_as_a_local_one(

@@ -11,62 +11,96 @@ import pytest
 
 from dist_exec.interrupts import STOP_SIGNALS, Interrupted, Interrupts
 
+INT, TERM, HUP = signal.SIGINT, signal.SIGTERM, signal.SIGHUP
 
-def send(sig: signal.Signals = signal.SIGINT) -> None:
-    os.kill(os.getpid(), sig)
+
+@pytest.fixture(autouse=True)
+def handlers() -> Iterator[None]:
+    """Each stop signal at its default while a test runs (whatever this process was started
+    with: nohup, a background job), and put back after it."""
+    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def send(*signals: signal.Signals) -> None:
+    for sig in signals:
+        os.kill(os.getpid(), sig)
 
 
 async def until_received(interrupts: Interrupts, count: int = 1) -> None:
-    """Until the loop has run the handler of the signals sent to this process."""
+    """Until the loop has run the handlers of the signals sent to this process."""
     async with asyncio.timeout(5):
-        while interrupts.received < count:
+        while len(interrupts.received) < count:
             await asyncio.sleep(0.001)
 
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: s.name)
-async def test_each_stop_signal_stops_a_step(sig: signal.Signals) -> None:
+async def test_each_stop_signal_ends_a_step(sig: signal.Signals) -> None:
     with Interrupts() as interrupts:
         asyncio.get_running_loop().call_soon(send, sig)
         with pytest.raises(Interrupted):
             await interrupts.step(asyncio.sleep(30))
-    assert interrupts.received == 1
+    assert interrupts.received == [sig]
 
 
-async def test_a_patient_step_goes_on_after_one_signal_and_stops_at_the_second() -> None:
-    held: list[int] = []
-    release = asyncio.Event()
-
-    async def accept() -> str:
-        send()
-        await release.wait()
-        return "j1"
-
-    with Interrupts() as interrupts:
-
-        def on_hold() -> None:
-            held.append(interrupts.received)
-            release.set()
-
-        assert await interrupts.step(accept(), 2, on_hold) == "j1"
-        assert held == [1]
-        asyncio.get_running_loop().call_soon(send, signal.SIGTERM)
-        with pytest.raises(Interrupted):
-            await interrupts.step(asyncio.sleep(30), 2)
-    assert interrupts.received == 2
-
-
-async def test_a_step_begun_after_enough_signals_is_stopped_at_once() -> None:
+async def test_a_step_begun_after_a_signal_is_ended_at_once() -> None:
     ran: list[str] = []
 
     async def never() -> None:
         ran.append("ran")
 
     with Interrupts() as interrupts:
-        send()
+        send(HUP)
         await until_received(interrupts)
         with pytest.raises(Interrupted):
             await interrupts.step(never())
     assert ran == []
+
+
+async def test_a_patient_step_goes_on_after_a_first_signal_and_ends_at_a_further_ctrl_c() -> None:
+    held: list[list[signal.Signals]] = []
+    release = asyncio.Event()
+
+    async def accept() -> str:
+        send(INT)
+        await release.wait()
+        return "j1"
+
+    with Interrupts() as interrupts:
+
+        def on_hold() -> None:
+            held.append(list(interrupts.received))
+            release.set()
+
+        assert await interrupts.step(accept(), patient=True, on_hold=on_hold) == "j1"
+        assert held == [[INT]]
+        asyncio.get_running_loop().call_soon(send, INT)
+        with pytest.raises(Interrupted):
+            await interrupts.step(asyncio.sleep(30), patient=True)
+    assert interrupts.received == [INT, INT]
+
+
+async def test_sigterm_and_sighup_never_end_a_patient_step() -> None:
+    """Whoever sends them wants the job stopped, and SIGKILL is there to stop waiting."""
+    with Interrupts() as interrupts:
+
+        async def accept() -> str:
+            send(INT, TERM, HUP, TERM)
+            await until_received(interrupts, 4)
+            return "j1"
+
+        assert await interrupts.step(accept(), patient=True) == "j1"
+
+
+async def test_a_burst_received_before_a_patient_step_does_not_end_it() -> None:
+    """Ctrl-C twice at once (a wrapper passes it on as well): the first stops the output, the
+    second must not stop the cancel before it is sent."""
+    with Interrupts() as interrupts:
+        send(INT, INT)
+        await until_received(interrupts, 2)
+        assert await interrupts.step(asyncio.sleep(0, "cancelled"), patient=True) == "cancelled"
 
 
 async def test_cancelling_the_caller_is_not_taken_for_a_signal() -> None:
@@ -76,28 +110,17 @@ async def test_cancelling_the_caller_is_not_taken_for_a_signal() -> None:
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
-    assert interrupts.received == 0
+    assert interrupts.received == []
 
 
-async def test_a_signal_between_steps_is_counted_for_the_next() -> None:
+async def test_a_step_cancelled_by_something_else_is_not_taken_for_a_signal() -> None:
     with Interrupts() as interrupts:
-        assert await interrupts.step(asyncio.sleep(0, "done")) == "done"
-        send(signal.SIGHUP)
-        await until_received(interrupts)
-        with pytest.raises(Interrupted):
-            await interrupts.step(asyncio.sleep(30))
+        inner = asyncio.ensure_future(asyncio.sleep(30))
+        asyncio.get_running_loop().call_soon(inner.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await interrupts.step(inner)
 
 
-@pytest.fixture
-def handlers() -> Iterator[None]:
-    """Puts back this process's handlers of the stop signals after the test."""
-    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-@pytest.mark.usefixtures("handlers")
 def test_leaving_the_block_gives_back_the_handlers_it_found() -> None:
     """The command line dies of SIGINT outside the block (SIG_DFL), not of the Python handler
     that asyncio leaves when a loop's handler is removed."""
@@ -109,26 +132,23 @@ def test_leaving_the_block_gives_back_the_handlers_it_found() -> None:
         with Interrupts():
             assert all(signal.getsignal(s) not in (signal.SIG_DFL, mine) for s in STOP_SIGNALS)
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, mine)
+    signal.signal(TERM, mine)
     asyncio.run(main())
-    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
-    assert signal.getsignal(signal.SIGTERM) is mine
+    assert signal.getsignal(INT) is signal.SIG_DFL
+    assert signal.getsignal(TERM) is mine
 
 
-@pytest.mark.usefixtures("handlers")
 def test_an_ignored_signal_stays_ignored() -> None:
     """nohup ignores SIGHUP: the job must survive the terminal closing."""
 
-    async def main() -> int:
+    async def main() -> list[signal.Signals]:
         with Interrupts() as interrupts:
-            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(HUP) is signal.SIG_IGN
             # Were SIGHUP taken, it would reach the loop with SIGINT (in the same wake-up):
-            send(signal.SIGHUP)
-            send(signal.SIGINT)
+            send(HUP, INT)
             await until_received(interrupts)
             return interrupts.received
 
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    assert asyncio.run(main()) == 1
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    signal.signal(HUP, signal.SIG_IGN)
+    assert asyncio.run(main()) == [INT]
+    assert signal.getsignal(HUP) is signal.SIG_IGN
