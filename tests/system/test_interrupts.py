@@ -127,6 +127,22 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+async def signalled_while_accepted(
+    started: list[asyncio.subprocess.Process],
+    master: HeldMaster,
+    address: str,
+    args: list[str],
+    sig: signal.Signals = signal.SIGINT,
+) -> asyncio.subprocess.Process:
+    """A CLI signalled while the master holds its submission, once it said it waits."""
+    proc = await start_cli(started, *args, "--master", address)
+    async with asyncio.timeout(DEADLINE_S):
+        await master.received.wait()
+    proc.send_signal(sig)
+    assert HOLD_LINE in await read_line(proc)
+    return proc
+
+
 COMMANDS = {
     "run": ["run", "sleep 300"],
     "run --detach": ["run", "--detach", "sleep 300"],
@@ -140,11 +156,7 @@ async def test_ctrl_c_before_the_job_is_accepted_cancels_it_once_it_is(
 ) -> None:
     """Giving up at the press would leave the job the master is accepting running unseen."""
     master, address = held
-    proc = await start_cli(cli_processes, *COMMANDS[command], "--master", address)
-    async with asyncio.timeout(DEADLINE_S):
-        await master.received.wait()
-    proc.send_signal(signal.SIGINT)
-    assert HOLD_LINE in await read_line(proc)
+    proc = await signalled_while_accepted(cli_processes, master, address, COMMANDS[command])
     master.release.set()
     code, out, err = await finish(proc)
     assert code == -signal.SIGINT, err  # then it dies of it, as a local command would
@@ -159,11 +171,7 @@ async def test_a_second_ctrl_c_stops_waiting_for_the_master(
     held: tuple[HeldMaster, str], cli_processes: list[asyncio.subprocess.Process], command: str
 ) -> None:
     master, address = held
-    proc = await start_cli(cli_processes, *COMMANDS[command], "--master", address)
-    async with asyncio.timeout(DEADLINE_S):
-        await master.received.wait()
-    proc.send_signal(signal.SIGINT)
-    assert HOLD_LINE in await read_line(proc)
+    proc = await signalled_while_accepted(cli_processes, master, address, COMMANDS[command])
     proc.send_signal(signal.SIGINT)
     code, _, err = await finish(proc)
     assert code == -signal.SIGINT
@@ -180,10 +188,10 @@ async def test_sigterm_and_sighup_keep_waiting_for_the_job_to_cancel(
 ) -> None:
     """A supervisor's or a closed terminal's signals mean "stop the job", never "leave it"."""
     master, address = held
-    proc = await start_cli(cli_processes, "run", "sleep 300", "--master", address)
-    async with asyncio.timeout(DEADLINE_S):
-        await master.received.wait()
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM):
+    proc = await signalled_while_accepted(
+        cli_processes, master, address, COMMANDS["run"], signal.SIGTERM
+    )
+    for sig in (signal.SIGHUP, signal.SIGTERM):
         proc.send_signal(sig)
         assert HOLD_LINE in await read_line(proc)  # taken, and waited on
     master.release.set()
