@@ -1089,7 +1089,7 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
                 if stopped is None:
                     return _gave_up(interrupts, "the master goes on cancelling the jobs")
                 finals |= stopped
-            else:
+            if not any(finals[j].status == JobStatus.CANCELLED for j in finals):
                 stop = None  # every job had ended by itself
         failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
         if stop is not None:
@@ -1110,10 +1110,13 @@ async def _follow(
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             return None, signal.SIGPIPE
-        if exc.errno == errno.EIO:
+        if exc.errno == errno.EIO and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
             return None, signal.SIGHUP
-        _tell(f"cannot write the output ({exc.strerror}): stopping the job")
-        return None, EXIT_ERROR
+        # A full disk, or a terminal gone under a run that ignores SIGHUP (nohup): the job is
+        # not the command's to stop.
+        raise DistExecError(
+            f"cannot write the output ({exc.strerror}); the job goes on: see 'dist-exec list'"
+        ) from None
 
 
 async def _stop(
@@ -1245,8 +1248,12 @@ async def _submit_detached(client: Client, spec: TaskSpec) -> Ending:
             click.echo(job_id)
             return 0
         # A signal while it was submitted: the job is not wanted after all.
-        if await _stop(client, [job_id], interrupts) is None:
+        stopped = await _stop(client, [job_id], interrupts)
+        if stopped is None:
             return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+    if stopped[job_id].status != JobStatus.CANCELLED:  # it had ended by itself
+        click.echo(job_id)
+        return 0
     _tell(f"job {job_id} was cancelled")
     return interrupts.received[0]
 

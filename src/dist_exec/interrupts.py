@@ -15,12 +15,16 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Signals closer together than this are one burst (the terminal's Ctrl-C and a wrapper's copy
+# of it); a person's second Ctrl-C comes later.
+BURST_S = 0.3
 
 
 class Interrupted(Exception):
@@ -45,6 +49,7 @@ class Interrupts:
         self._patient = False
         self._on_hold: Callable[[], None] | None = None
         self._stopped = False
+        self._last = 0.0  # when the last signal was received (monotonic)
 
     def __enter__(self) -> Interrupts:
         loop = asyncio.get_running_loop()
@@ -66,10 +71,10 @@ class Interrupts:
     ) -> T:
         """Await ``awaitable``; raises Interrupted when a signal ends it. A step ends at the first
         signal, even one received before it began. A patient one (waiting for the master: the
-        job's id, the cancel's confirmation) ends only at a Ctrl-C received while it runs that
-        is not the first signal: a burst that came before it (a closed terminal's SIGHUP and
-        SIGTERM, a Ctrl-C that a wrapper passes on as well) does not end it. ``on_hold`` is
-        called for a signal that does not end it."""
+        job's id, the cancel's confirmation) ends only at a further Ctrl-C, received while it
+        runs and at least BURST_S after the signal before it: one burst (a closed terminal's
+        SIGHUP and SIGTERM, a Ctrl-C that a wrapper passes on as well) does not end it.
+        ``on_hold`` is called for a signal that does not end it."""
         step: asyncio.Future[T] = asyncio.ensure_future(awaitable)
         self._step, self._patient, self._on_hold, self._stopped = step, patient, on_hold, False
         if self.received and not patient:
@@ -84,17 +89,21 @@ class Interrupts:
             self._step = self._on_hold = None
 
     def _receive(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        further = bool(self.received) and now - self._last >= BURST_S
         self.received.append(sig)
+        self._last = now
         if self._step is None:
             return
-        if not self._patient or (sig == signal.SIGINT and len(self.received) > 1):
+        if not self._patient or (sig == signal.SIGINT and further):
             self._stop()
         elif self._on_hold is not None:
             self._on_hold()
 
     def _stop(self) -> None:
         assert self._step is not None
-        self._stopped = self._step.cancel()
+        if self._step.cancel():  # (a later signal finds it done: it stays stopped)
+            self._stopped = True
 
 
 def die_of(sig: signal.Signals) -> NoReturn:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dist_exec import interrupts as interrupts_module
 from dist_exec.interrupts import STOP_SIGNALS, Interrupted, Interrupts
 
 INT, TERM, HUP = signal.SIGINT, signal.SIGTERM, signal.SIGHUP
@@ -59,7 +60,10 @@ async def test_a_step_begun_after_a_signal_is_ended_at_once() -> None:
     assert ran == []
 
 
-async def test_a_patient_step_goes_on_after_a_first_signal_and_ends_at_a_further_ctrl_c() -> None:
+async def test_a_patient_step_goes_on_after_a_first_signal_and_ends_at_a_further_ctrl_c(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(interrupts_module, "BURST_S", 0.0)
     held: list[list[signal.Signals]] = []
     release = asyncio.Event()
 
@@ -101,6 +105,39 @@ async def test_a_burst_received_before_a_patient_step_does_not_end_it() -> None:
         send(INT, INT)
         await until_received(interrupts, 2)
         assert await interrupts.step(asyncio.sleep(0, "cancelled"), patient=True) == "cancelled"
+
+
+async def test_a_ctrl_c_in_the_same_burst_does_not_end_a_patient_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wrapper's copy of a Ctrl-C lands while the cancel is being sent."""
+    monkeypatch.setattr(interrupts_module, "BURST_S", 30.0)
+    with Interrupts() as interrupts:
+
+        async def cancel() -> str:
+            send(INT)
+            await until_received(interrupts, 2)
+            return "cancelled"
+
+        send(INT)
+        await until_received(interrupts)
+        assert await interrupts.step(cancel(), patient=True) == "cancelled"
+
+
+async def test_a_step_stays_stopped_when_a_later_signal_finds_it_done() -> None:
+    """The first signal cancels the step; one more arrives before the caller resumes."""
+    with Interrupts() as interrupts:
+
+        async def slow() -> None:
+            await asyncio.sleep(30)
+
+        caller = asyncio.ensure_future(interrupts.step(slow()))
+        await asyncio.sleep(0)
+        interrupts._receive(INT)  # as the loop calls it: the step ends in the next iteration,
+        # and this one comes after that but before the caller resumes
+        asyncio.get_running_loop().call_soon(interrupts._receive, INT)
+        with pytest.raises(Interrupted):
+            await caller
 
 
 async def test_cancelling_the_caller_is_not_taken_for_a_signal() -> None:

@@ -106,6 +106,7 @@ class ActiveJob:
     runner: asyncio.Task[None] | None = None
     seen: dict[Stream, int] = field(default_factory=lambda: {s: 0 for s in Stream})
     cancel_requested: bool = False
+    stopping: asyncio.Task[None] | None = None  # the cancel at work (one, however many calls)
     orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
     accepted: asyncio.Future[list[int]] | None = None  # the store's commit of the job
     recorded_attempt: int = 0  # the attempt whose start the store already has
@@ -637,20 +638,24 @@ class Master:
                 raise JobNotFound(f"job {job_id} not found")
             status = job.status if job is not None else stored.status
             raise JobAlreadyFinished(f"job {job_id} has already ended ({status.value})")
-        job.cancel_requested = True
         # The work runs apart from this call: a caller that goes away (a short deadline, a
         # client that exits) must not leave it half done, the job running or out of the queue
-        # but not ended.
+        # but not ended. (Spawned first: a master that is stopping changes nothing.)
         if job.status == JobStatus.PENDING:
+            ending = self._spawn(
+                self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
+            )
+            job.cancel_requested = True
             self.scheduler.remove(job.id)
             self._cancel_backoff(job)
-            ending = self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
-            await asyncio.shield(self._spawn(ending))
+            await asyncio.shield(ending)
             return "cancelled before it started"
-        stopping = self._spawn(self._cancel_running(job))
+        if job.stopping is None:
+            job.stopping = self._spawn(self._cancel_running(job))
+            job.cancel_requested = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
-                await asyncio.shield(stopping)
+                await asyncio.shield(job.stopping)
         if not job.ended.is_set():
             return "cancel requested; the worker has not confirmed yet"
         return "cancelled"
