@@ -1129,10 +1129,12 @@ async def _stop(
         ended = await interrupts.step(cancels, patient=True)
     except Interrupted:
         return None
-    for outcome in ended:  # each cancel was tried before one's error is told
+    jobs: dict[str, Job] = {}
+    for job_id, outcome in zip(job_ids, ended, strict=True):  # (every cancel was tried)
         if isinstance(outcome, BaseException):
             raise outcome
-    return dict(zip(job_ids, ended, strict=True))  # type: ignore[arg-type]
+        jobs[job_id] = outcome
+    return jobs
 
 
 async def _cancel(client: Client, job_id: str) -> Job:

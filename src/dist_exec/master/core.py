@@ -641,16 +641,17 @@ class Master:
         # The work runs apart from this call: a caller that goes away (a short deadline, a
         # client that exits) must not leave it half done, the job running or out of the queue
         # but not ended. (Spawned first: a master that is stopping changes nothing.)
-        if job.status == JobStatus.PENDING:
-            ending = self._spawn(
-                self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
-            )
-            job.cancel_requested = True
-            self.scheduler.remove(job.id)
-            self._cancel_backoff(job)
-            await asyncio.shield(ending)
-            return "cancelled before it started"
+        # A second call while one is at work waits for the same work.
         if job.stopping is None:
+            if job.status == JobStatus.PENDING:
+                job.stopping = self._spawn(
+                    self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
+                )
+                job.cancel_requested = True
+                self.scheduler.remove(job.id)
+                self._cancel_backoff(job)
+                await asyncio.shield(job.stopping)
+                return "cancelled before it started"
             job.stopping = self._spawn(self._cancel_running(job))
             job.cancel_requested = True
         with contextlib.suppress(TimeoutError):
