@@ -77,7 +77,7 @@ from dist_exec.security.credentials import (
     load_client_config,
 )
 from dist_exec.security.tls import INSECURE_FLAG, TlsConfigError, TlsFiles, is_loopback
-from dist_exec.tuning import tune_gc
+from dist_exec.tuning import run_server, tune_gc
 
 T = TypeVar("T")
 EXIT_ERROR = 1
@@ -427,7 +427,7 @@ def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     tune_gc()
     try:
-        asyncio.run(body())
+        run_server(body())
     except asyncio.CancelledError:
         pass
     except RuntimeError as exc:

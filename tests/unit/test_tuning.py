@@ -68,19 +68,30 @@ def test_commands_do_not_inherit_dist_exec_own_settings() -> None:
     assert without_own_settings(chosen) == chosen
 
 
-def test_servers_tune_the_garbage_collector() -> None:
-    """The master and the worker run in ``serve``: by then the startup heap is frozen and the
-    collector's thresholds are raised (in a child process: this one keeps its own)."""
+def test_servers_tune_the_garbage_collector_and_run_on_uvloop() -> None:
+    """The master and the worker run in ``serve``: by then the startup heap is frozen, the
+    collector's thresholds are raised, and the event loop is uvloop's (in a child process: this
+    one keeps its own)."""
     code = """
-import gc
+import asyncio, gc
 from dist_exec.cli import serve
 seen = []
 async def start(stop):
-    seen.append((gc.get_threshold(), gc.get_freeze_count() > 0))
+    loop = type(asyncio.get_running_loop())
+    seen.append((gc.get_threshold(), gc.get_freeze_count() > 0, loop.__module__))
 serve(start)
 print(*seen[0])
 """
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
-    assert done.stdout == f"{GC_THRESHOLDS} True\n"
+    assert done.stdout == f"{GC_THRESHOLDS} True uvloop\n"
+
+
+def test_client_commands_do_not_import_uvloop() -> None:
+    """Only the servers need it: a client command does not pay for loading it."""
+    code = "import sys, dist_exec.cli; print('uvloop' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout == "False\n"
