@@ -83,9 +83,12 @@ class HeldStore(SqliteJobStore):
 
 
 async def start_master(
-    tmp_path: Path, worker: ScriptedWorker, config: MasterConfig | None = None
+    tmp_path: Path,
+    worker: ScriptedWorker,
+    config: MasterConfig | None = None,
+    store: HeldStore | None = None,
 ) -> tuple[Master, HeldStore]:
-    store = HeldStore(tmp_path / "master.db")
+    store = store or HeldStore(tmp_path / "master.db")
     await store.__aenter__()
     clock = SystemClock()
     master = Master(

@@ -7,6 +7,7 @@ the request: a job's owner, the worker id a worker registers as, and the audit r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -132,6 +133,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         self.audit = audit
         self.drains = drains or Drains()
         self.scaler_status = scaler_status
+        self._cancels: set[asyncio.Future[str]] = set()  # cancels at work (see Cancel)
 
     def _audit(self, action: str, decision: str, reason: str = "", **details: Any) -> None:
         if self.audit is not None:
@@ -260,6 +262,16 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         remaining = context.time_remaining()
         wait_s = 15.0 if remaining is None else max(0.0, min(15.0, remaining - 0.5))
         job_id = _job_id(request.job_id)
+        # A cancel that arrived is carried out whole, even when its caller goes away while the
+        # job's owner is looked up (a client giving up at once, a Ctrl-C burst): the work is a
+        # task of its own, which this call only waits for.
+        work = asyncio.ensure_future(self._cancel(job_id, wait_s))
+        self._cancels.add(work)
+        work.add_done_callback(self._cancel_done)
+        message = await asyncio.shield(work)
+        return master_pb2.CancelResponse(cancelled=True, message=message)
+
+    async def _cancel(self, job_id: JobId, wait_s: float) -> str:
         try:
             await self._owned(job_id, "cancel")
         except JobNotFound as exc:
@@ -267,7 +279,12 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             raise
         message = await self.master.cancel(job_id, wait_s)
         self._audit("cancel", "allowed", message, jobs=[job_id])
-        return master_pb2.CancelResponse(cancelled=True, message=message)
+        return message
+
+    def _cancel_done(self, work: asyncio.Future[str]) -> None:
+        self._cancels.discard(work)
+        if not work.cancelled():
+            work.exception()  # the caller's to see; if it went away, it is in the audit log
 
     @grpc_errors
     async def ListJobs(
