@@ -399,7 +399,32 @@ def setup_logging(level: str) -> None:
 # ---- the group ------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """dist-exec's commands. One whose output is gone ends as a local program would: killed by
+    SIGPIPE when its reader exited (``dist-exec list | head -1``), by SIGHUP when its terminal
+    closed; never with click's silent exit status 1 or a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            ending = _lost_output(exc)
+            if ending is None:
+                raise
+            die_of(ending)
+
+
+def _lost_output(exc: OSError) -> signal.Signals | None:
+    """The signal that a write's ``exc`` stands for: its reader exited (EPIPE), or its terminal
+    closed under a command that does not ignore SIGHUP (EIO); None for any other error."""
+    if exc.errno == errno.EPIPE:
+        return signal.SIGPIPE
+    if exc.errno == errno.EIO and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        return signal.SIGHUP
+    return None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dist-exec")
 def main() -> None:
     """dist-exec: run commands across a fleet of workers."""
@@ -1091,7 +1116,12 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
                 finals |= stopped
             if not any(finals[j].status == JobStatus.CANCELLED for j in finals):
                 stop = None  # every job had ended by itself
-        failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
+        try:
+            failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
+        except OSError:
+            if stop is None:
+                raise
+            return stop  # (the signal that stopped the jobs may have closed the output too)
         if stop is not None:
             return stop
         return EXIT_ERROR if failed else 0
@@ -1108,10 +1138,9 @@ async def _follow(
     except Interrupted:
         return None, interrupts.received[0]
     except OSError as exc:
-        if exc.errno == errno.EPIPE:
-            return None, signal.SIGPIPE
-        if exc.errno == errno.EIO and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            return None, signal.SIGHUP
+        lost = _lost_output(exc)
+        if lost is not None:
+            return None, lost
         # A full disk, or a terminal gone under a run that ignores SIGHUP (nohup): the job is
         # not the command's to stop.
         raise DistExecError(
@@ -1235,7 +1264,13 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                     job = stopped[job_id]
         assert job is not None
         if as_json:
-            print_json(job_json(await client.get(job_id)))
+            report = job_json(await client.get(job_id))
+            try:
+                print_json(report)
+            except OSError:
+                if stop is None:
+                    raise
+                # (the signal that stopped the job may have closed the output too)
         code = _exit_code(job, quiet=as_json)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -242,6 +243,53 @@ def test_run_whose_reader_exits_stops_the_job(small_cluster: SmallCluster, tmp_p
     assert jobs[0]["status"] == "CANCELLED"
     pid = int(pid_file.read_text())
     wait_for(lambda: not pid_alive(pid), 10, "the command to be stopped")
+
+
+def _with_stdout_closed(
+    addr: str, *args: str, stderr_too: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the command with a stdout whose reader has already exited (and, with
+    ``stderr_too``, stderr on the same pipe: ``2>&1 | head -0``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "dist_exec", *args],
+            env={**os.environ, "DIST_EXEC_MASTER": addr},
+            stdout=write_end,
+            stderr=write_end if stderr_too else subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list", "--limit", "5"],
+        ["list", "--json", "--limit", "5"],
+        ["nodes"],
+        ["run", "--json", "echo hi"],
+    ],
+    ids=["list", "list-json", "nodes", "run-json"],
+)
+def test_a_command_whose_reader_is_gone_dies_of_sigpipe(
+    small_cluster: SmallCluster, args: list[str]
+) -> None:
+    """'dist-exec list | head -0' ends as 'ls | head -0' does (click used to exit 1 in
+    silence)."""
+    run_cli("run", "echo something to list", master=small_cluster.address)
+    done = _with_stdout_closed(small_cluster.address, *args)
+    assert (done.returncode, done.stderr) == (-signal.SIGPIPE, "")
+
+
+def test_run_all_whose_reader_is_gone_dies_of_sigpipe(small_cluster: SmallCluster) -> None:
+    """'dist-exec run --all CMD 2>&1 | head -1': the report at the end has nowhere to go
+    either; run used to exit 1 through click."""
+    done = _with_stdout_closed(small_cluster.address, "run", "--all", "echo hi", stderr_too=True)
+    assert done.returncode == -signal.SIGPIPE
 
 
 def test_ctrl_c_on_run_all_cancels_every_node_job(
