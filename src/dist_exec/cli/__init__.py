@@ -1,0 +1,65 @@
+"""The dist-exec command line: servers (master, worker, up, down) and client commands.
+
+Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error (one line on
+stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
+and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
+own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
+run it, and 3 or 4 as above. Ctrl-C (SIGTERM, SIGHUP) cancels the job of ``run``, which then
+dies of the signal (see interrupts.py); Ctrl-C ends any other client command as it ends a local
+program (killed by SIGINT: the shell shows 130).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from dist_exec import __version__
+from dist_exec.cli import jobs, run, servers
+from dist_exec.cli.common import lost_output
+from dist_exec.cli.servers import serve
+from dist_exec.interrupts import die_of
+from dist_exec.security.commands import certs_group, tokens_group
+
+__all__ = ["main", "serve"]
+
+
+class _Commands(click.Group):
+    """dist-exec's commands. One whose output is gone ends as a local program would: killed by
+    SIGPIPE when its reader exited (``dist-exec list | head -1``), by SIGHUP when its terminal
+    closed; never with click's silent exit status 1 or a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            ending = lost_output(exc)
+            if ending is None:
+                raise
+            die_of(ending)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dist-exec")
+def main() -> None:
+    """dist-exec: run commands across a fleet of workers."""
+
+
+for command in (
+    servers.master,
+    servers.worker,
+    servers.up,
+    servers.down,
+    run.run,
+    jobs.status,
+    jobs.list_jobs,
+    jobs.logs,
+    jobs.cancel,
+    jobs.nodes,
+    jobs.drain,
+    jobs.whoami,
+    certs_group,
+    tokens_group,
+):
+    main.add_command(command)

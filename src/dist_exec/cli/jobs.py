@@ -1,0 +1,283 @@
+"""The client commands about jobs and nodes: status, list, logs, cancel, nodes, drain, whoami."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dist_exec.cli.common import (
+    as_text,
+    connect,
+    iso_time,
+    job_json,
+    json_option,
+    master_option,
+    node_json,
+    print_json,
+    run_client,
+)
+from dist_exec.cli.run import OutputPrinter
+from dist_exec.errors import (
+    JobNotFound,
+)
+from dist_exec.executors.limits import summary as limits_summary
+from dist_exec.models import (
+    Job,
+    JobStatus,
+    NodeInfo,
+    ScalerStatus,
+)
+
+
+def _describe_job(job: Job) -> None:
+    data = job_json(job)
+    rows = [
+        ("job", job.id),
+        ("status", job.status.value),
+        ("command", data.get("command", job.spec.task_type)),
+        ("exit code", "-" if job.exit_code is None else str(job.exit_code)),
+        ("worker", job.worker_id or "-"),
+        ("priority", str(job.spec.priority)),
+        ("retries", str(job.retries)),
+        ("created", data["created_at"] or "-"),
+        ("started", data["started_at"] or "-"),
+        ("completed", data["completed_at"] or "-"),
+    ]
+    if job.pending_reason:
+        rows.append(("pending", job.pending_reason))
+    if job.spec.selector:
+        rows.append(("selector", ",".join(f"{k}={v}" for k, v in job.spec.selector.items())))
+    if job.spec.limits.any:
+        rows.append(("limits", limits_summary(job.spec.limits)))
+    if job.error:
+        rows.append(("error", job.error))
+    if job.truncated:
+        rows.append(
+            (
+                "output",
+                f"truncated ({job.stdout_bytes} bytes stdout, "
+                f"{job.stderr_bytes} bytes stderr in all)",
+            )
+        )
+    for key, value in rows:
+        click.echo(f"{key + ':':<11}{value}")
+    if len(job.attempts) > 1 or any(a.detail for a in job.attempts):
+        click.echo("attempts:")
+        for a in job.attempts:
+            started = a.started_at.strftime("%H:%M:%S") if a.started_at else "-"
+            ended = a.ended_at.strftime("%H:%M:%S") if a.ended_at else "running"
+            line = f"  #{a.attempt} {a.node_id or '-'} {started}-{ended} "
+            line += a.outcome.value if a.outcome else "RUNNING"
+            click.echo(line + (f": {a.detail}" if a.detail else ""))
+
+
+@click.command()
+@click.argument("job_id")
+@master_option
+@json_option
+def status(job_id: str, master_address: str, as_json: bool) -> None:
+    """Show one job, or the per-node jobs of a broadcast."""
+
+    async def body() -> Job | list[Job]:
+        async with connect(master_address) as client:
+            try:
+                return await client.get(job_id)
+            except JobNotFound:
+                members, _ = await client.list_jobs(1000, broadcast_id=job_id)
+                if not members:
+                    raise
+                return [await client.get(j.id) for j, _ in members]
+
+    found = run_client(body())
+    if isinstance(found, Job):
+        if as_json:
+            print_json(job_json(found))
+        else:
+            _describe_job(found)
+        return
+    if as_json:
+        print_json({"broadcast_id": job_id, "jobs": [job_json(j) for j in found]})
+        return
+    done = sum(1 for j in found if j.status == JobStatus.COMPLETED)
+    click.echo(f"broadcast {job_id}: {len(found)} node(s), {done} completed")
+    for job in sorted(found, key=lambda j: j.spec.node_id):
+        code = "-" if job.exit_code is None else str(job.exit_code)
+        click.echo(f"  {job.spec.node_id:<20} {job.status.value:<9} exit {code:<4} job {job.id}")
+
+
+def _status_choice(value: str | None) -> JobStatus | None:
+    return JobStatus(value.upper()) if value else None
+
+
+@click.command(name="list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option(
+    "--status",
+    "status_filter",
+    type=click.Choice([s.value for s in JobStatus], case_sensitive=False),
+    default=None,
+    help="Only jobs in this state.",
+)
+@click.option("--broadcast", default=None, help="Only the per-node jobs of this broadcast.")
+@master_option
+@json_option
+def list_jobs(
+    limit: int,
+    offset: int,
+    status_filter: str | None,
+    broadcast: str | None,
+    master_address: str,
+    as_json: bool,
+) -> None:
+    """List recent jobs, newest first."""
+
+    async def body() -> tuple[list[tuple[Job, str]], list[Job], int]:
+        async with connect(master_address) as client:
+            jobs, total = await client.list_jobs(
+                limit, offset, _status_choice(status_filter), broadcast or ""
+            )
+            full = [await client.get(j.id) for j, _ in jobs] if as_json else []
+            return jobs, full, total
+
+    jobs, full, total = run_client(body())
+    if as_json:
+        print_json([job_json(j) for j in full])
+        return
+    click.echo(f"{'JOB':<36}  {'STATUS':<9}  {'EXIT':>4}  {'WORKER':<20}  {'CREATED':<20}  COMMAND")
+    for job, summary in jobs:
+        created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        exit_code = "-" if job.exit_code is None else str(job.exit_code)
+        worker_id = (job.worker_id or "-")[:20]
+        click.echo(
+            f"{job.id:<36}  {job.status.value:<9}  {exit_code:>4}  {worker_id:<20}"
+            f"  {created:<20}  {summary}"
+            + (f"  [broadcast {job.spec.broadcast_id[:8]}]" if job.spec.broadcast_id else "")
+        )
+    click.echo(f"({len(jobs)} of {total} jobs)", err=True)
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@master_option
+@json_option
+def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
+    """Print a job's output: stdout to stdout, stderr to stderr."""
+
+    async def body() -> None:
+        printer, last_attempt = OutputPrinter(), 0
+        async with connect(master_address) as client:
+            async for attempt, chunk in client.stream_output(job_id, follow=follow):
+                if attempt != last_attempt:
+                    printer, last_attempt = OutputPrinter(), attempt
+                if as_json:
+                    click.echo(
+                        json.dumps(
+                            {
+                                "stream": chunk.stream.name.lower(),
+                                "offset": chunk.offset,
+                                "data": as_text(chunk.data),
+                            }
+                        )
+                    )
+                    continue
+                printer.write(chunk)
+
+    run_client(body())
+
+
+@click.command()
+@click.argument("job_id")
+@master_option
+@json_option
+def cancel(job_id: str, master_address: str, as_json: bool) -> None:
+    """Cancel a queued or running job (its whole process group is killed)."""
+
+    async def body() -> tuple[str, Job]:
+        async with connect(master_address) as client:
+            message = await client.cancel(job_id)
+            return message, await client.get(job_id)
+
+    message, job = run_client(body())
+    if as_json:
+        print_json(
+            {"id": job.id, "cancelled": True, "message": message, "status": job.status.value}
+        )
+    else:
+        click.echo(f"job {job.id}: {message}")
+
+
+@click.command()
+@master_option
+@json_option
+def nodes(master_address: str, as_json: bool) -> None:
+    """List the workers registered with the master."""
+
+    async def body() -> tuple[list[NodeInfo], ScalerStatus | None]:
+        async with connect(master_address) as client:
+            return await client.nodes(), await client.scaler_status()
+
+    found, scaler = run_client(body())
+    if as_json:
+        print_json([node_json(n) for n in found])
+        return
+    click.echo(f"{'NODE':<24}  {'ADDRESS':<22}  {'STATUS':<9}  {'TASKS':>7}  {'TYPES':<12}  LABELS")
+    for n in found:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"
+        tasks = f"{n.active_tasks}/{n.max_tasks}"
+        types = ",".join(sorted(n.capabilities))
+        click.echo(
+            f"{n.id:<24}  {n.address:<22}  {n.status.value:<9}  {tasks:>7}  {types:<12}  {labels}"
+        )
+    if not found:
+        click.echo("(no workers registered)", err=True)
+    if scaler is not None:
+        _describe_scaler(scaler)
+
+
+def _describe_scaler(scaler: ScalerStatus) -> None:
+    floor = f", HPA floor {scaler.floor}" if scaler.floor else ""
+    click.echo(
+        f"autoscaler: {scaler.backend}: {scaler.desired} desired, {scaler.ready} ready "
+        f"(min {scaler.min_replicas}, max {scaler.max_replicas}{floor})"
+    )
+    if scaler.last_event:
+        click.echo(f"  last event: {scaler.last_event} ({iso_time(scaler.last_event_at)})")
+    if scaler.last_decision:
+        click.echo(f"  now: {scaler.last_decision}")
+    if scaler.draining:
+        click.echo(f"  draining: {', '.join(scaler.draining)}")
+    if scaler.error:
+        click.echo(f"  error: {scaler.error}")
+
+
+@click.command()
+@click.argument("node_id")
+@master_option
+def drain(node_id: str, master_address: str) -> None:
+    """(admin) Stop giving NODE_ID new tasks; the ones it runs finish."""
+
+    async def body() -> str:
+        async with connect(master_address) as client:
+            return await client.drain(node_id)
+
+    click.echo(run_client(body()))
+
+
+@click.command()
+@master_option
+@json_option
+def whoami(master_address: str, as_json: bool) -> None:
+    """The identity and role the master sees for these credentials."""
+
+    async def body() -> tuple[str, str, str]:
+        async with connect(master_address) as client:
+            return await client.whoami()
+
+    name, role, auth = run_client(body())
+    if as_json:
+        print_json({"name": name, "role": role, "auth": auth})
+    else:
+        click.echo(f"{name} ({role}, authenticated by {auth})")

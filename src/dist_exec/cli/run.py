@@ -1,0 +1,526 @@
+"""``dist-exec run``: submit a job (or one per node), stream its output, and end as the command
+did; signals and a lost output stop the job first (see interrupts.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from dist_exec.cli.common import (
+    DURATION,
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_HTTP_ERROR,
+    EXIT_NOT_RUN,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    KEY_VALUE,
+    SIZE,
+    T,
+    connect,
+    fail,
+    job_json,
+    json_option,
+    lost_output,
+    master_option,
+    print_json,
+    run_client,
+)
+from dist_exec.client import Client, command_spec
+from dist_exec.errors import (
+    DistExecError,
+    JobAlreadyFinished,
+)
+from dist_exec.executors.http import HttpSpec
+from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
+from dist_exec.interrupts import Interrupted, Interrupts, die_of
+from dist_exec.models import (
+    Job,
+    JobId,
+    JobStatus,
+    OutputChunk,
+    Stream,
+    TaskLimits,
+    TaskSpec,
+)
+
+
+class RunCommand(click.Command):
+    """Remembers whether the command came after '--' (argv, no shell) or not (a shell string)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv_mode"] = "--" in args
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
+@click.argument("command", nargs=-1)
+@master_option
+@click.option(
+    "--type",
+    "task_type",
+    type=click.Choice(["command", "http"]),
+    default="command",
+    show_default=True,
+    help="command: run COMMAND; http: request --url.",
+)
+@click.option("--url", default=None, help="(--type http) The URL to request.")
+@click.option("--method", default="GET", show_default=True, help="(--type http)")
+@click.option("--header", "headers", type=KEY_VALUE, multiple=True, help="(--type http) NAME=VALUE")
+@click.option("--data", default="", help="(--type http) Request body.")
+@click.option(
+    "--selector",
+    type=KEY_VALUE,
+    multiple=True,
+    help="Run only on nodes with this label, repeatable: --selector zone=a.",
+)
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default=None,
+    help="Kill the command after this long: 500ms, 30s, 5m, 1h (default: the master's).",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 10),
+    default=0,
+    show_default=True,
+    help="0-10, higher runs first.",
+)
+@click.option("--env", "env", type=KEY_VALUE, multiple=True, help="KEY=VALUE for the command.")
+@click.option("--cwd", default="", help="Absolute working directory on the worker.")
+@click.option(
+    "--stdin",
+    "stdin_file",
+    type=click.File("r"),
+    default=None,
+    help="Feed this file ('-' for standard input) to the command.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=None,
+    help="Retries after a lost worker or a failed dispatch, and with --retry-on-failure after "
+    "a failed command (default: the master's).",
+)
+@click.option(
+    "--retry-on-failure",
+    is_flag=True,
+    help="Retry (up to --max-retries) when the command fails or times out, not only when its "
+    "worker is lost.",
+)
+@click.option(
+    "--queue-timeout",
+    type=DURATION,
+    default=None,
+    help="Fail the job if it waits longer than this in the queue to start.",
+)
+@click.option(
+    "--idempotency-key",
+    default="",
+    help="Submitting again with this key (within 24h) gives the same job instead of a new one.",
+)
+@click.option(
+    "--all",
+    "broadcast",
+    is_flag=True,
+    help="Run once on every healthy node that can (with --selector: every matching one); "
+    "output lines are prefixed with the node id; exits 0 only if every node succeeded.",
+)
+@click.option("--memory", type=SIZE, default="0", help="Memory limit of the command: 512M, 2G.")
+@click.option("--cpu-time", type=DURATION, default="0", help="CPU time limit: 30s, 5m.")
+@click.option(
+    "--max-procs", type=click.IntRange(0, MAX_PROCS), default=0, help="Process limit, e.g. 64."
+)
+@click.option("--max-file-size", type=SIZE, default="0", help="Largest file it may write: 100M.")
+@click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@json_option
+@click.pass_context
+def run(
+    ctx: click.Context,
+    command: tuple[str, ...],
+    master_address: str,
+    task_type: str,
+    url: str | None,
+    method: str,
+    headers: tuple[tuple[str, str], ...],
+    data: str,
+    selector: tuple[tuple[str, str], ...],
+    timeout: float | None,
+    priority: int,
+    env: tuple[tuple[str, str], ...],
+    cwd: str,
+    stdin_file: Any,
+    max_retries: int | None,
+    retry_on_failure: bool,
+    queue_timeout: float | None,
+    idempotency_key: str,
+    broadcast: bool,
+    memory: int,
+    cpu_time: float,
+    max_procs: int,
+    max_file_size: int,
+    detach: bool,
+    as_json: bool,
+) -> None:
+    """Run a command on a worker, stream its output and exit with its exit code.
+
+    \b
+      dist-exec run "ls -la /tmp | wc -l" --timeout 30s   # a shell string (/bin/sh -c)
+      dist-exec run -- ls -la /tmp                        # argv, no shell
+      dist-exec run --selector zone=a "uptime"            # only on nodes labelled zone=a
+      dist-exec run --type http --url http://svc:8080/health
+
+    An HTTP job prints the response body and exits 0 for a 2xx or 3xx status, else 22 (as
+    curl --fail does); the status and headers are in `status --json` under "metadata".
+    """
+    if timeout is not None and timeout <= 0:
+        fail("--timeout must be longer than 0", EXIT_USAGE)
+    if task_type == "http":
+        if not url or command:
+            fail("--type http takes --url URL and no command", EXIT_USAGE)
+        body = HttpSpec(url, method, dict(headers), data).to_payload()
+        spec = TaskSpec("http", body, timeout or 0.0, priority, max_retries=max_retries)
+    else:
+        if not command:
+            fail("Missing argument 'COMMAND...': what to run", EXIT_USAGE)
+        if url or headers or data:
+            fail("--url, --header and --data go with --type http", EXIT_USAGE)
+        argv_mode = bool(ctx.meta.get("argv_mode"))
+        spec = command_spec(
+            list(command) if argv_mode else " ".join(command),
+            shell=not argv_mode,
+            timeout_s=timeout or 0.0,
+            priority=priority,
+            env=dict(env),
+            working_dir=cwd,
+            stdin=stdin_file.read() if stdin_file is not None else "",
+            max_retries=max_retries,
+        )
+    if queue_timeout is not None and queue_timeout <= 0:
+        fail("--queue-timeout must be longer than 0", EXIT_USAGE)
+    spec = replace(
+        spec,
+        selector=dict(selector),
+        idempotency_key=idempotency_key,
+        retry_on_failure=retry_on_failure,
+        queue_timeout_s=queue_timeout or 0.0,
+        limits=TaskLimits(memory, cpu_time, max_procs, max_file_size),
+    )
+    if broadcast:
+        ending = run_client(_broadcast(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+    else:
+        ending = run_client(_run(master_address, spec, detach, as_json), EXIT_NOT_RUN)
+    if isinstance(ending, signal.Signals):  # it stopped the job: end as a local command would
+        die_of(ending)
+    sys.exit(ending)
+
+
+class _Prefixer:
+    """Writes each node's output line by line, each line prefixed with the node id."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.partial: dict[tuple[str, Stream], bytes] = {}
+
+    def write(self, node: str, stream: Stream, data: bytes) -> None:
+        text = self.partial.pop((node, stream), b"") + data
+        *lines, rest = text.split(b"\n")
+        if rest:
+            self.partial[(node, stream)] = rest
+        out = sys.stdout.buffer if stream == Stream.STDOUT else sys.stderr.buffer
+        prefix = f"[{node:<{self.width}}] ".encode()
+        for line in lines:
+            out.write(prefix + line + b"\n")
+        out.flush()
+
+    def flush(self, node: str) -> None:
+        for stream in Stream:
+            rest = self.partial.pop((node, stream), b"")
+            if rest:
+                self.write(node, stream, rest + b"\n")
+
+
+Ending = int | signal.Signals  # an exit code, or the signal to die of (it stopped the job)
+
+
+async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) -> Ending:
+    async with connect(address) as client:
+        with Interrupts() as interrupts:
+            try:
+                broadcast_id, tasks = await interrupts.step(
+                    client.submit_broadcast(spec), patient=True, on_hold=_hold_message
+                )
+            except Interrupted:
+                return _gave_up(interrupts, "if it accepted the jobs, they run")
+            if detach and not interrupts.received:
+                click.echo(broadcast_id)
+                return 0
+            node_of: dict[str, str] = dict(tasks)
+            finals: dict[str, Job] = {}
+            stop: Ending | None = interrupts.received[0] if interrupts.received else None
+            if stop is None:
+                prefixer = _Prefixer(max(len(n) for n in node_of.values()))
+                watch = _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
+                _, stop = await _follow(interrupts, watch)
+            if stop is not None and len(finals) < len(node_of):
+                stopped = await _stop(client, [j for j in node_of if j not in finals], interrupts)
+                if stopped is None:
+                    return _gave_up(interrupts, "the master goes on cancelling the jobs")
+                finals |= stopped
+            if not any(finals[j].status == JobStatus.CANCELLED for j in finals):
+                stop = None  # every job had ended by itself
+        try:
+            failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
+        except OSError:
+            if stop is None:
+                raise
+            return stop  # (the signal that stopped the jobs may have closed the output too)
+        if stop is not None:
+            return stop
+        return EXIT_ERROR if failed else 0
+
+
+async def _follow(
+    interrupts: Interrupts, following: Awaitable[T]
+) -> tuple[T, None] | tuple[None, Ending]:
+    """Await ``following`` (which prints jobs' output): its result, or, when it had to stop,
+    what to end with: the signal received, or what a lost stdout or stderr means (its reader
+    exited, its terminal closed)."""
+    try:
+        return await interrupts.step(following), None
+    except Interrupted:
+        return None, interrupts.received[0]
+    except OSError as exc:
+        lost = lost_output(exc)
+        if lost is not None:
+            return None, lost
+        # A full disk, or a terminal gone under a run that ignores SIGHUP (nohup): the job is
+        # not the command's to stop.
+        raise DistExecError(
+            f"cannot write the output ({exc.strerror}); the job goes on: see 'dist-exec list'"
+        ) from None
+
+
+async def _stop(
+    client: Client, job_ids: list[str], interrupts: Interrupts
+) -> dict[str, Job] | None:
+    """Cancel the jobs, all at once; each as it ended, or None when a further Ctrl-C stopped
+    waiting for the master's confirmation (the master carries a cancel out all the same)."""
+    cancels = asyncio.gather(*(_cancel(client, j) for j in job_ids), return_exceptions=True)
+    try:
+        ended = await interrupts.step(cancels, patient=True)
+    except Interrupted:
+        return None
+    jobs: dict[str, Job] = {}
+    for job_id, outcome in zip(job_ids, ended, strict=True):  # (every cancel was tried)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        jobs[job_id] = outcome
+    return jobs
+
+
+async def _cancel(client: Client, job_id: str) -> Job:
+    """Cancel the job unless it has ended; returns it as it ended."""
+    with contextlib.suppress(JobAlreadyFinished):
+        await client.cancel(job_id)
+    return await client.get(job_id)
+
+
+def _hold_message() -> None:
+    _tell("the job is cancelled once the master has accepted it (Ctrl-C again to stop waiting)")
+
+
+def _gave_up(interrupts: Interrupts, what_goes_on: str) -> signal.Signals:
+    _tell(f"stopped waiting for the master: {what_goes_on}; see 'dist-exec list'")
+    return interrupts.received[0]
+
+
+def _tell(message: str) -> None:
+    """One line on stderr, when there still is one (a closed terminal's is not)."""
+    with contextlib.suppress(OSError):
+        click.echo(f"dist-exec: {message}", err=True)
+
+
+async def _report_broadcast(
+    client: Client,
+    broadcast_id: str,
+    node_of: dict[str, str],
+    finals: dict[str, Job],
+    as_json: bool,
+) -> list[str]:
+    """Print how each node's job ended; returns the ids of those that did not complete."""
+    failed = [j for j in node_of if finals[j].status != JobStatus.COMPLETED]
+    if as_json:
+        jobs = [await client.get(j) for j in node_of]
+        print_json(
+            {
+                "broadcast_id": broadcast_id,
+                "nodes": len(jobs),
+                "succeeded": len(jobs) - len(failed),
+                "results": [{"node_id": node_of[j.id]} | job_json(j) for j in jobs],
+            }
+        )
+    else:
+        click.echo(
+            f"dist-exec: broadcast {broadcast_id} on {len(node_of)} node(s): "
+            f"{len(node_of) - len(failed)} succeeded, {len(failed)} failed",
+            err=True,
+        )
+        for job_id, node in sorted(node_of.items(), key=lambda item: item[1]):
+            job = finals[job_id]
+            code = "-" if job.exit_code is None else str(job.exit_code)
+            detail = f"  {job.error}" if job.status != JobStatus.COMPLETED and job.error else ""
+            click.echo(f"  {node:<20} {job.status.value:<9} exit {code}{detail}", err=True)
+    return failed
+
+
+async def _watch_broadcast(
+    client: Client,
+    job_ids: list[str],
+    node_of: dict[str, str],
+    prefixer: _Prefixer,
+    finals: dict[str, Job],
+    quiet: bool,
+) -> None:
+    async for job_id, item in client.watch_many(job_ids, with_output=not quiet):
+        if isinstance(item, Job):
+            finals[job_id] = item
+            prefixer.flush(node_of[job_id])
+        else:
+            prefixer.write(node_of[job_id], item[1].stream, item[1].data)
+
+
+async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
+    async with connect(address) as client:
+        if detach:
+            return await _submit_detached(client, spec)
+        async with contextlib.aclosing(client.run(spec)) as events:
+            with Interrupts() as interrupts:
+                try:
+                    # One call submits and follows; its first item is the job id, once accepted.
+                    # A signal before then waits for it: the job must not run unseen.
+                    accepted = await interrupts.step(
+                        anext(events), patient=True, on_hold=_hold_message
+                    )
+                except Interrupted:
+                    return _gave_up(interrupts, "if it accepted the job, it runs")
+                assert isinstance(accepted, str)
+                job_id = accepted
+                job: Job | None = None
+                stop: Ending | None = interrupts.received[0] if interrupts.received else None
+                if stop is None:
+                    job, stop = await _follow(interrupts, _stream(events, job_id, quiet=as_json))
+                if stop is not None:
+                    stopped = await _stop(client, [job_id], interrupts)
+                    if stopped is None:
+                        return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+                    job = stopped[job_id]
+        assert job is not None
+        if as_json:
+            report = job_json(await client.get(job_id))
+            try:
+                print_json(report)
+            except OSError:
+                if stop is None:
+                    raise
+                # (the signal that stopped the job may have closed the output too)
+        code = _exit_code(job, quiet=as_json)
+        return stop if stop is not None and job.status == JobStatus.CANCELLED else code
+
+
+async def _submit_detached(client: Client, spec: TaskSpec) -> Ending:
+    with Interrupts() as interrupts:
+        try:
+            job_id = await interrupts.step(client.submit(spec), patient=True, on_hold=_hold_message)
+        except Interrupted:
+            return _gave_up(interrupts, "if it accepted the job, it runs")
+        if not interrupts.received:
+            click.echo(job_id)
+            return 0
+        # A signal while it was submitted: the job is not wanted after all.
+        stopped = await _stop(client, [job_id], interrupts)
+        if stopped is None:
+            return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+    if stopped[job_id].status != JobStatus.CANCELLED:  # it had ended by itself
+        click.echo(job_id)
+        return 0
+    _tell(f"job {job_id} was cancelled")
+    return interrupts.received[0]
+
+
+async def _stream(
+    events: AsyncIterator[JobId | tuple[int, OutputChunk] | Job], job_id: str, quiet: bool
+) -> Job:
+    """Print the job's output as it comes; returns the ended job."""
+    last_attempt = 0
+    printer = OutputPrinter()
+    async for item in events:
+        if isinstance(item, str):
+            continue
+        if isinstance(item, Job):
+            return item
+        attempt, chunk = item
+        if last_attempt and attempt != last_attempt:
+            printer = OutputPrinter()
+            if not quiet:
+                click.echo(
+                    f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True
+                )
+        last_attempt = attempt
+        if not quiet:
+            printer.write(chunk)
+    raise AssertionError("watch() always ends with the job")
+
+
+class OutputPrinter:
+    """Writes a job's output to stdout and stderr, saying where bytes were not kept (the
+    middle of a stream longer than the master keeps)."""
+
+    def __init__(self) -> None:
+        self.ends = dict.fromkeys(Stream, 0)
+
+    def write(self, chunk: OutputChunk) -> None:
+        out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
+        gap = chunk.offset - self.ends[chunk.stream]
+        if gap > 0:
+            out.flush()
+            click.echo(
+                f"dist-exec: [{gap} bytes of {chunk.stream.name.lower()} not kept]", err=True
+            )
+        self.ends[chunk.stream] = chunk.offset + len(chunk.data)
+        out.write(chunk.data)
+        out.flush()
+
+
+def _exit_code(job: Job, quiet: bool) -> int:
+    def say(message: str) -> None:
+        if not quiet:
+            _tell(message)
+
+    if job.truncated:
+        say(f"job {job.id} printed more than the master keeps; stored output is truncated")
+    if job.status == JobStatus.TIMEOUT:
+        say(f"job {job.id} timed out: {job.error}")
+        return EXIT_TIMEOUT
+    if job.status == JobStatus.CANCELLED:
+        say(f"job {job.id} was cancelled")
+        return EXIT_CANCELLED
+    if job.exit_code is None:
+        say(f"job {job.id} failed: {job.error or job.status.value}")
+        return EXIT_NOT_RUN
+    if job.spec.task_type == "http":
+        if job.status == JobStatus.COMPLETED:
+            return 0
+        say(job.error or f"HTTP {job.exit_code}")
+        return EXIT_HTTP_ERROR
+    if job.error and (job.exit_code >= 126 or LIMIT_METADATA_KEY in job.result_metadata):
+        say(job.error)
+    return job.exit_code

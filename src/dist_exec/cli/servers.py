@@ -1,0 +1,591 @@
+"""The servers: ``dist-exec master``, ``dist-exec worker``, and the embedded local cluster
+(``up``, ``down``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import click
+
+from dist_exec.autoscaler.options import autoscaler_config, scaler_options
+from dist_exec.cli.common import (
+    ADDRESS,
+    DURATION,
+    EXIT_USAGE,
+    KEY_VALUE,
+    SIZE,
+    fail,
+    policy_options,
+    server_tls,
+    setup_logging,
+    tls_server_options,
+)
+from dist_exec.config import (
+    DEFAULT_MASTER_ADDRESS,
+    MasterConfig,
+    WorkerConfig,
+    check_bindable,
+    default_data_dir,
+    default_worker_id,
+)
+from dist_exec.errors import (
+    InvalidTaskSpec,
+)
+from dist_exec.executors.containment import Mode
+from dist_exec.executors.limits import MAX_PROCS
+from dist_exec.executors.limits import check as check_limits
+from dist_exec.master.balancer import BALANCERS, DEFAULT_BALANCER
+from dist_exec.models import (
+    TaskLimits,
+)
+from dist_exec.security.credentials import (
+    TOKEN_ENV,
+)
+from dist_exec.tuning import run_server, tune_gc
+
+
+def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a server until SIGTERM or SIGINT; a second signal stops it at once."""
+
+    async def body() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+
+        def on_signal() -> None:
+            if stop.is_set() and main_task is not None:
+                main_task.cancel()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await start(stop)
+
+    tune_gc()
+    try:
+        run_server(body())
+    except asyncio.CancelledError:
+        pass
+    except RuntimeError as exc:
+        if "Failed to bind" in str(exc) or "bind" in str(exc).lower():
+            reason = str(exc).split(";", 1)[0]  # drop gRPC's GRPC_VERBOSITY hint
+            fail(f"cannot listen: {reason} (in use by another process, or not an address here?)")
+        raise
+
+
+def check_listen(address: str) -> None:
+    try:
+        check_bindable(address)
+    except OSError as exc:
+        fail(f"cannot listen on {address}: {exc.strerror or exc}")
+
+
+def ready_line(what: str) -> Callable[[str], None]:
+    def announce(address: str) -> None:
+        click.echo(f"dist-exec {what} listening on {address}")
+        sys.stdout.flush()
+
+    return announce
+
+
+@click.command()
+@click.option(
+    "--listen",
+    type=ADDRESS,
+    envvar="MASTER_ADDRESS",
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help="Address to listen on; port 0 picks one (env MASTER_ADDRESS).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="DIST_EXEC_DATA_DIR",
+    default=None,
+    help="Where the job database lives (default: the user data directory).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=DURATION,
+    envvar="HEARTBEAT_INTERVAL_SECONDS",
+    default="5s",
+    show_default=True,
+    help="Interval workers are told to heartbeat at.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=DURATION,
+    envvar="HEARTBEAT_TIMEOUT_SECONDS",
+    default="15s",
+    show_default=True,
+    help="Silence after which a worker is UNHEALTHY and its tasks are retried; "
+    "it is forgotten after twice this.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=3,
+    show_default=True,
+    help="Default retries of a job after infrastructure failures.",
+)
+@click.option(
+    "--retry-backoff",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    help="Wait before a job's first retry; it doubles with each retry (with jitter).",
+)
+@click.option(
+    "--retry-backoff-max",
+    type=DURATION,
+    default="1m",
+    show_default=True,
+    help="Longest wait before a retry.",
+)
+@click.option(
+    "--poison-after",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Fail a job instead of retrying it once its worker was lost this many times in a row "
+    "(a task that kills workers).",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0),
+    envvar="RATE_LIMIT",
+    default=1000.0,
+    show_default=True,
+    help="Jobs per second each client may submit (0: no limit).",
+)
+@click.option(
+    "--rate-burst",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Jobs a client may submit at once above the rate.",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Jobs that may wait in the queue; more are refused (nothing accepted is dropped).",
+)
+@click.option(
+    "--priority-aging",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="A waiting job gains one priority level this often, so none starves (0: off).",
+)
+@policy_options
+@click.option(
+    "--balancer",
+    type=click.Choice(sorted(BALANCERS)),
+    envvar="BALANCER",
+    default=DEFAULT_BALANCER,
+    show_default=True,
+    help="How a node is picked among those that can take a task: round-robin cycles, "
+    "weighted gives each node a share by its --weight, least-connections picks the least "
+    "loaded relative to its capacity, random picks uniformly.",
+)
+@click.option(
+    "--max-output",
+    type=SIZE,
+    default="4M",
+    show_default=True,
+    help="Output kept from the start of each stream of a job; beyond it only --output-tail "
+    "is kept, the rest is counted.",
+)
+@click.option(
+    "--output-tail",
+    type=SIZE,
+    default="1M",
+    show_default=True,
+    help="Output kept from the end of each stream longer than --max-output.",
+)
+@tls_server_options
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="DIST_EXEC_TOKENS_FILE",
+    default=None,
+    help="Bearer tokens ('dist-exec tokens add'); default DATA_DIR/tokens.json. When it "
+    "exists, or with TLS, every caller must authenticate.",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append-only audit log (JSON lines); default DATA_DIR/audit.log.",
+)
+@scaler_options
+@click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+@click.pass_context
+def master(
+    ctx: click.Context,
+    listen: str,
+    data_dir: Path | None,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    max_retries: int,
+    retry_backoff: float,
+    retry_backoff_max: float,
+    poison_after: int,
+    rate_limit: float,
+    rate_burst: int,
+    max_queued: int,
+    priority_aging: float,
+    allowed_commands: tuple[str, ...],
+    blocked_commands: tuple[str, ...],
+    balancer: str,
+    max_output: int,
+    output_tail: int,
+    tokens_file: Path | None,
+    audit_log: Path | None,
+    log_level: str,
+) -> None:
+    """Run the master: accepts jobs, tracks workers, dispatches."""
+    from dist_exec.master.app import run_master
+
+    setup_logging(log_level)
+    tls = server_tls(listen, "master")
+    if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
+        fail("--heartbeat-timeout must be longer than --heartbeat-interval (> 0)", EXIT_USAGE)
+    data_dir = data_dir or default_data_dir()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"cannot use --data-dir {data_dir}: {exc.strerror or exc}", EXIT_USAGE)
+    try:
+        autoscaler = autoscaler_config(ctx)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    config = MasterConfig(
+        listen=listen,
+        data_dir=data_dir,
+        heartbeat_interval_s=heartbeat_interval,
+        heartbeat_timeout_s=heartbeat_timeout,
+        node_removal_s=2 * heartbeat_timeout,
+        default_max_retries=max_retries,
+        retry_backoff_s=retry_backoff,
+        retry_backoff_max_s=max(retry_backoff, retry_backoff_max),
+        poison_threshold=poison_after,
+        rate_limit_per_s=rate_limit,
+        rate_burst=rate_burst,
+        max_queued=max_queued,
+        priority_aging_s=priority_aging,
+        allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
+        blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
+        balancer=balancer,
+        max_output_bytes=max_output,
+        output_tail_bytes=output_tail,
+        tls=tls,
+        tokens_file=tokens_file,
+        audit_log=audit_log,
+        autoscaler=autoscaler,
+    )
+    check_listen(listen)
+    serve(lambda stop: run_master(config, stop, ready_line("master")))
+
+
+def _rules(given: tuple[str, ...], env: str) -> tuple[str, ...]:
+    """Command rules from the flags, else from a comma-separated environment variable."""
+    if given:
+        return given
+    return tuple(r.strip() for r in os.environ.get(env, "").split(",") if r.strip())
+
+
+def _labels_from_env() -> list[tuple[str, str]]:
+    raw = os.environ.get("WORKER_LABELS", "")
+    return [KEY_VALUE.convert(item.strip(), None, None) for item in raw.split(",") if item.strip()]
+
+
+@click.command()
+@click.option(
+    "--master",
+    "master_address",
+    type=ADDRESS,
+    envvar="MASTER_ADDRESS",
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help="Master to register with (env MASTER_ADDRESS).",
+)
+@click.option(
+    "--listen",
+    type=ADDRESS,
+    envvar="WORKER_ADDRESS",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="Address to listen on; port 0 picks one (env WORKER_ADDRESS).",
+)
+@click.option(
+    "--advertise",
+    type=ADDRESS,
+    default=None,
+    help="Address the master should dial (default: the listen host and bound port).",
+)
+@click.option(
+    "--worker-id",
+    envvar="WORKER_ID",
+    default=None,
+    help="Node id (env WORKER_ID; default: hostname-pid).",
+)
+@click.option(
+    "--max-concurrent-tasks",
+    type=click.IntRange(1, 10_000),
+    envvar="MAX_CONCURRENT_TASKS",
+    default=10,
+    show_default=True,
+)
+@policy_options
+@click.option(
+    "--weight",
+    type=click.IntRange(0, 1_000_000),
+    envvar="WORKER_WEIGHT",
+    default=0,
+    help="Share of tasks under --balancer weighted (default: --max-concurrent-tasks).",
+)
+@click.option(
+    "--label",
+    "labels",
+    type=KEY_VALUE,
+    multiple=True,
+    help="Node label, repeatable: --label zone=a (env WORKER_LABELS=zone=a,arch=x86).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=DURATION,
+    envvar="HEARTBEAT_INTERVAL_SECONDS",
+    default="5s",
+    show_default=True,
+    help="Used until the master sends its own.",
+)
+@click.option(
+    "--drain-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="On SIGTERM, how long running tasks may finish before they are handed back.",
+)
+@click.option(
+    "--inherit-env",
+    is_flag=True,
+    help="Pass this worker's whole environment to commands (default: PATH, HOME, "
+    "LANG and a few more, plus what the job sets).",
+)
+@click.option(
+    "--max-output",
+    type=SIZE,
+    default="4M",
+    show_default=True,
+    help="Output held in memory per task and stream; the rest is streamed, not kept.",
+)
+@tls_server_options
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    default="",
+    help="A worker-role token, for a master that authenticates by tokens without TLS "
+    f"(env {TOKEN_ENV}).",
+)
+@click.option(
+    "--task-memory-limit",
+    type=SIZE,
+    default="0",
+    help="Memory of each task (all its processes): the default and the most a job may ask "
+    "for (0: none).",
+)
+@click.option(
+    "--task-cpu-time-limit",
+    type=DURATION,
+    default="0",
+    help="CPU time of each task (all its processes), default and ceiling (0: none).",
+)
+@click.option(
+    "--task-max-procs",
+    type=click.IntRange(0, MAX_PROCS),
+    default=0,
+    help="Processes (and threads) of each task at once, default and ceiling (0: none).",
+)
+@click.option(
+    "--task-max-file-size",
+    type=SIZE,
+    default="0",
+    help="Largest file a task may write, default and ceiling (0: none).",
+)
+@click.option(
+    "--containment",
+    type=click.Choice([m.value for m in Mode]),
+    default=Mode.AUTO.value,
+    show_default=True,
+    help="How task limits are enforced: cgroups (v1 or v2, found at start-up), rlimits, or "
+    "auto: cgroups when this host allows, else rlimits.",
+)
+@click.option(
+    "--run-as",
+    default=None,
+    help="User that commands run as (needs root). Default: 'nobody' when the worker runs as "
+    "root, else the worker's own user; '--run-as root' keeps root.",
+)
+@click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+def worker(
+    master_address: str,
+    listen: str,
+    advertise: str | None,
+    worker_id: str | None,
+    max_concurrent_tasks: int,
+    allowed_commands: tuple[str, ...],
+    blocked_commands: tuple[str, ...],
+    weight: int,
+    labels: tuple[tuple[str, str], ...],
+    heartbeat_interval: float,
+    drain_timeout: float,
+    inherit_env: bool,
+    max_output: int,
+    token: str,
+    task_memory_limit: int,
+    task_cpu_time_limit: float,
+    task_max_procs: int,
+    task_max_file_size: int,
+    containment: str,
+    run_as: str | None,
+    log_level: str,
+) -> None:
+    """Run a worker: registers with the master and runs the tasks it is sent."""
+    from dist_exec.executors.containment import ContainmentError
+    from dist_exec.worker.app import run_worker
+
+    setup_logging(log_level)
+    tls = server_tls(listen, "worker")
+    try:
+        all_labels = dict(_labels_from_env()) | dict(labels)
+    except click.BadParameter as exc:
+        fail(f"invalid WORKER_LABELS: {exc.message}", EXIT_USAGE)
+    config = WorkerConfig(
+        master=master_address,
+        listen=listen,
+        advertise=advertise or "",
+        worker_id=worker_id or default_worker_id(),
+        max_concurrent_tasks=max_concurrent_tasks,
+        allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
+        blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
+        weight=weight,
+        labels=all_labels,
+        heartbeat_interval_s=heartbeat_interval,
+        drain_timeout_s=drain_timeout,
+        inherit_env=inherit_env,
+        max_output_bytes=max_output,
+        tls=tls,
+        token=token,
+        task_limits=TaskLimits(
+            task_memory_limit, task_cpu_time_limit, task_max_procs, task_max_file_size
+        ),
+        containment=containment,
+        run_as=run_as,
+    )
+    try:
+        check_limits(config.task_limits)
+    except InvalidTaskSpec as exc:
+        fail(f"worker task limits: {exc.message}", EXIT_USAGE)
+    check_listen(listen)
+    try:
+        serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
+    except ContainmentError as exc:
+        fail(str(exc))
+
+
+# ---- embedded local cluster -----------------------------------------------------------------
+
+
+@click.command()
+@click.option("--workers", "worker_count", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--listen",
+    type=ADDRESS,
+    default=DEFAULT_MASTER_ADDRESS,
+    show_default=True,
+    help="Master address.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cluster state, logs and pid file (default: the user data directory).",
+)
+@click.option(
+    "--max-concurrent-tasks",
+    type=click.IntRange(1, 10_000),
+    default=10,
+    show_default=True,
+    help="Per worker.",
+)
+@click.option(
+    "--autoscale",
+    is_flag=True,
+    help="Let the master start and stop workers with the load (--min-workers..--max-workers) "
+    "instead of running --workers.",
+)
+@click.option("--min-workers", type=click.IntRange(0, 64), default=1, show_default=True)
+@click.option("--max-workers", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--detach", "-d", is_flag=True, help="Start in the background; stop with 'down'.")
+def up(
+    worker_count: int,
+    listen: str,
+    data_dir: Path | None,
+    max_concurrent_tasks: int,
+    autoscale: bool,
+    min_workers: int,
+    max_workers: int,
+    detach: bool,
+) -> None:
+    """Start a master and N workers on this machine (127.0.0.1 only by default)."""
+    from dist_exec import cluster
+
+    if autoscale and min_workers > max_workers:
+        fail(f"--min-workers ({min_workers}) is above --max-workers ({max_workers})", EXIT_USAGE)
+    directory = data_dir or default_data_dir()
+    options = cluster.ClusterOptions(
+        directory,
+        listen,
+        worker_count,
+        max_concurrent_tasks,
+        (min_workers, max_workers) if autoscale else None,
+    )
+    workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)
+    try:
+        if detach:
+            address = cluster.start_background(options)
+            click.echo(f"dist-exec cluster up: master at {address}, {workers} workers")
+            click.echo(f"stop it with: dist-exec down --data-dir {directory}")
+            return
+        cluster.run_foreground(
+            options,
+            on_ready=lambda address: click.echo(
+                f"dist-exec cluster up: master at {address}, {workers} workers (Ctrl-C stops it)",
+            ),
+        )
+    except cluster.ClusterError as exc:
+        fail(str(exc))
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def down(data_dir: Path | None) -> None:
+    """Stop a cluster started with 'up -d'."""
+    from dist_exec import cluster
+
+    try:
+        stopped = cluster.stop_background(data_dir or default_data_dir())
+    except cluster.ClusterError as exc:
+        fail(str(exc))
+    click.echo("dist-exec cluster stopped" if stopped else "no cluster was running")
