@@ -51,16 +51,28 @@ class ClusterOptions:
     max_concurrent_tasks: int
     # Autoscale: the master starts and stops min..max workers itself (local scaler backend).
     autoscale: tuple[int, int] | None = None
+    # --allow-command/--block-command, for the master and the workers alike.
+    policy_args: tuple[str, ...] = ()
+    # How the workers run tasks (--label, --run-as, limits...): worker options, which `up` takes
+    # under the same names.
+    task_args: tuple[str, ...] = ()
 
     def master_args(self) -> list[str]:
         args = ["master", "--listen", self.listen, "--data-dir", str(self.data_dir)]
+        args += self.policy_args
         if self.autoscale is not None:
             low, high = self.autoscale
             args += [
                 "--scaler", "local", "--min-replicas", str(low), "--max-replicas", str(high),
                 "--tasks-per-worker", str(self.max_concurrent_tasks),
             ]  # fmt: skip
+            args += [f"--local-worker-arg={a}" for a in self.worker_args()]
         return args
+
+    def worker_args(self) -> list[str]:
+        """The options every worker of this cluster gets from ``up``: the command policy and
+        the task options (its address, name, slots and certificate come on their own)."""
+        return [*self.policy_args, *self.task_args]
 
     def up_args(self) -> list[str]:
         """``up`` arguments that start this cluster again (in the foreground)."""
@@ -72,7 +84,7 @@ class ClusterOptions:
         if self.autoscale is not None:
             args += ["--autoscale", "--min-workers", str(self.autoscale[0])]
             args += ["--max-workers", str(self.autoscale[1])]
-        return args
+        return [*args, *self.policy_args, *self.task_args]
 
 
 def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], IO[str]]:
@@ -178,7 +190,7 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
                     "worker", "--master", address, "--listen", "127.0.0.1:0",
                     "--worker-id", f"local-{i}",
                     "--max-concurrent-tasks", str(options.max_concurrent_tasks),
-                    *_tls_args(tls, f"local-{i}"),
+                    *options.worker_args(), *_tls_args(tls, f"local-{i}"),
                 ],
                 logs / f"worker-{i}.log",
             )  # fmt: skip

@@ -137,6 +137,44 @@ def test_up_detached_runs_jobs_and_down_stops_everything(tmp_path: Path) -> None
     assert "no cluster was running" in run_cli("down", "--data-dir", str(data)).stdout
 
 
+def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: Path) -> None:
+    """A local cluster is set up like a fleet: labels, the user and environment commands get,
+    the command policy, limits. As root, commands would run as 'nobody' without --run-as."""
+    data = tmp_path / "cluster"
+    address = f"127.0.0.1:{free_port()}"
+    user = "root" if os.geteuid() == 0 else str(os.geteuid())
+    up = run_cli(
+        "up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data),
+        "--label", "zone=lab", "--run-as", user, "--inherit-env", "--block-command", "rm*",
+        "--task-max-file-size", "1k",
+        env={"DIST_EXEC_TEST_MARK": "from-up"},
+    )  # fmt: skip
+    assert up.code == 0, up.stderr
+    try:
+        nodes = json.loads(run_cli("nodes", "--json", master=address).stdout)
+        assert [(n["id"], n["labels"]) for n in nodes] == [("local-1", {"zone": "lab"})]
+        result = run_cli("run", 'id -u; echo "$DIST_EXEC_TEST_MARK"', master=address)
+        assert (result.code, result.stdout) == (0, f"{os.geteuid()}\nfrom-up\n"), result.stderr
+        blocked = run_cli("run", "--", "rm", "-f", str(tmp_path / "x"), master=address)
+        assert blocked.code == 125
+        assert "blocked by rule 'rm*'" in blocked.stderr
+        big = run_cli("run", f"head -c 4096 /dev/zero > {tmp_path / 'big'}", master=address)
+        assert big.code != 0  # stopped at 1 KiB (SIGXFSZ)
+        assert (tmp_path / "big").stat().st_size == 1024
+    finally:
+        assert run_cli("down", "--data-dir", str(data)).code == 0
+
+
+def test_up_refuses_task_options_a_worker_would_refuse_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "cluster"
+    result = run_cli("up", "-d", "--data-dir", str(data), "--run-as", "no-such-user-here")
+    assert (result.code, result.stderr) == (
+        2,
+        "dist-exec: --run-as: no user 'no-such-user-here' on this host\n",
+    )
+    assert not (data / "cluster.pid").exists()
+
+
 def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,6 +33,7 @@ from dist_exec.config import (
     check_bindable,
     default_data_dir,
     default_worker_id,
+    parse_size,
 )
 from dist_exec.errors import (
     InvalidTaskSpec,
@@ -310,6 +312,117 @@ def _labels_from_env() -> list[tuple[str, str]]:
     return [KEY_VALUE.convert(item.strip(), None, None) for item in raw.split(",") if item.strip()]
 
 
+def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How a worker runs its tasks: labels, environment, output kept, limits, containment and
+    user. ``worker`` takes them, and ``up`` passes them on to its workers (task_args)."""
+    for option in reversed(_TASK_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+DEFAULT_MAX_OUTPUT = "4M"
+_TASK_OPTIONS = [
+    click.option(
+        "--label",
+        "labels",
+        type=KEY_VALUE,
+        multiple=True,
+        help="Node label, repeatable: --label zone=a (env WORKER_LABELS=zone=a,arch=x86).",
+    ),
+    click.option(
+        "--inherit-env",
+        is_flag=True,
+        help="Pass this worker's whole environment to commands (default: PATH, HOME, "
+        "LANG and a few more, plus what the job sets).",
+    ),
+    click.option(
+        "--max-output",
+        type=SIZE,
+        default=DEFAULT_MAX_OUTPUT,
+        show_default=True,
+        help="Output held in memory per task and stream; the rest is streamed, not kept.",
+    ),
+    click.option(
+        "--task-memory-limit",
+        type=SIZE,
+        default="0",
+        help="Memory of each task (all its processes): the default and the most a job may ask "
+        "for (0: none).",
+    ),
+    click.option(
+        "--task-cpu-time-limit",
+        type=DURATION,
+        default="0",
+        help="CPU time of each task (all its processes), default and ceiling (0: none).",
+    ),
+    click.option(
+        "--task-max-procs",
+        type=click.IntRange(0, MAX_PROCS),
+        default=0,
+        help="Processes (and threads) of each task at once, default and ceiling (0: none).",
+    ),
+    click.option(
+        "--task-max-file-size",
+        type=SIZE,
+        default="0",
+        help="Largest file a task may write, default and ceiling (0: none).",
+    ),
+    click.option(
+        "--containment",
+        type=click.Choice([m.value for m in Mode]),
+        default=Mode.AUTO.value,
+        show_default=True,
+        help="How task limits are enforced: cgroups (v1 or v2, found at start-up), rlimits, or "
+        "auto: cgroups when this host allows, else rlimits.",
+    ),
+    click.option(
+        "--run-as",
+        default=None,
+        help="User that commands run as (needs root). Default: 'nobody' when the worker runs as "
+        "root, else the worker's own user; '--run-as root' keeps root.",
+    ),
+]
+
+
+def task_args(
+    labels: tuple[tuple[str, str], ...],
+    inherit_env: bool,
+    max_output: int,
+    task_memory_limit: int,
+    task_cpu_time_limit: float,
+    task_max_procs: int,
+    task_max_file_size: int,
+    containment: str,
+    run_as: str | None,
+) -> list[str]:
+    """The task options as command-line arguments (those that differ from the defaults)."""
+    args = [a for key, value in labels for a in ("--label", f"{key}={value}")]
+    if inherit_env:
+        args.append("--inherit-env")
+    if max_output != parse_size(DEFAULT_MAX_OUTPUT):
+        args += ["--max-output", str(max_output)]
+    for flag, limit in (
+        ("--task-memory-limit", task_memory_limit),
+        ("--task-cpu-time-limit", task_cpu_time_limit),
+        ("--task-max-procs", task_max_procs),
+        ("--task-max-file-size", task_max_file_size),
+    ):
+        if limit:
+            args += [flag, str(limit)]
+    if containment != Mode.AUTO.value:
+        args += ["--containment", containment]
+    if run_as is not None:
+        args += ["--run-as", run_as]
+    return args
+
+
+def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, ...]) -> list[str]:
+    """--allow-command and --block-command as command-line arguments."""
+    return [a for rule in allowed_commands for a in ("--allow-command", rule)] + [
+        a for rule in blocked_commands for a in ("--block-command", rule)
+    ]
+
+
 @click.command()
 @click.option(
     "--master",
@@ -356,13 +469,6 @@ def _labels_from_env() -> list[tuple[str, str]]:
     help="Share of tasks under --balancer weighted (default: --max-concurrent-tasks).",
 )
 @click.option(
-    "--label",
-    "labels",
-    type=KEY_VALUE,
-    multiple=True,
-    help="Node label, repeatable: --label zone=a (env WORKER_LABELS=zone=a,arch=x86).",
-)
-@click.option(
     "--heartbeat-interval",
     type=DURATION,
     envvar="HEARTBEAT_INTERVAL_SECONDS",
@@ -377,19 +483,6 @@ def _labels_from_env() -> list[tuple[str, str]]:
     show_default=True,
     help="On SIGTERM, how long running tasks may finish before they are handed back.",
 )
-@click.option(
-    "--inherit-env",
-    is_flag=True,
-    help="Pass this worker's whole environment to commands (default: PATH, HOME, "
-    "LANG and a few more, plus what the job sets).",
-)
-@click.option(
-    "--max-output",
-    type=SIZE,
-    default="4M",
-    show_default=True,
-    help="Output held in memory per task and stream; the rest is streamed, not kept.",
-)
 @tls_server_options
 @click.option(
     "--token",
@@ -398,45 +491,7 @@ def _labels_from_env() -> list[tuple[str, str]]:
     help="A worker-role token, for a master that authenticates by tokens without TLS "
     f"(env {TOKEN_ENV}).",
 )
-@click.option(
-    "--task-memory-limit",
-    type=SIZE,
-    default="0",
-    help="Memory of each task (all its processes): the default and the most a job may ask "
-    "for (0: none).",
-)
-@click.option(
-    "--task-cpu-time-limit",
-    type=DURATION,
-    default="0",
-    help="CPU time of each task (all its processes), default and ceiling (0: none).",
-)
-@click.option(
-    "--task-max-procs",
-    type=click.IntRange(0, MAX_PROCS),
-    default=0,
-    help="Processes (and threads) of each task at once, default and ceiling (0: none).",
-)
-@click.option(
-    "--task-max-file-size",
-    type=SIZE,
-    default="0",
-    help="Largest file a task may write, default and ceiling (0: none).",
-)
-@click.option(
-    "--containment",
-    type=click.Choice([m.value for m in Mode]),
-    default=Mode.AUTO.value,
-    show_default=True,
-    help="How task limits are enforced: cgroups (v1 or v2, found at start-up), rlimits, or "
-    "auto: cgroups when this host allows, else rlimits.",
-)
-@click.option(
-    "--run-as",
-    default=None,
-    help="User that commands run as (needs root). Default: 'nobody' when the worker runs as "
-    "root, else the worker's own user; '--run-as root' keeps root.",
-)
+@task_options
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def worker(
     master_address: str,
@@ -538,6 +593,8 @@ def worker(
 @click.option("--min-workers", type=click.IntRange(0, 64), default=1, show_default=True)
 @click.option("--max-workers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--detach", "-d", is_flag=True, help="Start in the background; stop with 'down'.")
+@policy_options
+@task_options
 def up(
     worker_count: int,
     listen: str,
@@ -547,12 +604,31 @@ def up(
     min_workers: int,
     max_workers: int,
     detach: bool,
+    allowed_commands: tuple[str, ...],
+    blocked_commands: tuple[str, ...],
+    **task: Any,
 ) -> None:
-    """Start a master and N workers on this machine (127.0.0.1 only by default)."""
+    """Start a master and N workers on this machine (127.0.0.1 only by default). The command
+    policy goes to the master and the workers, the task options to every worker."""
     from dist_exec import cluster
+    from dist_exec.executors.containment import ContainmentError, resolve_run_as
 
     if autoscale and min_workers > max_workers:
         fail(f"--min-workers ({min_workers}) is above --max-workers ({max_workers})", EXIT_USAGE)
+    try:  # what a worker would refuse at start-up, refused here in one line
+        check_limits(
+            TaskLimits(
+                task["task_memory_limit"],
+                task["task_cpu_time_limit"],
+                task["task_max_procs"],
+                task["task_max_file_size"],
+            )
+        )
+        resolve_run_as(task["run_as"])
+    except InvalidTaskSpec as exc:
+        fail(f"worker task limits: {exc.message}", EXIT_USAGE)
+    except ContainmentError as exc:
+        fail(str(exc), EXIT_USAGE)
     directory = data_dir or default_data_dir()
     options = cluster.ClusterOptions(
         directory,
@@ -560,6 +636,8 @@ def up(
         worker_count,
         max_concurrent_tasks,
         (min_workers, max_workers) if autoscale else None,
+        tuple(policy_args(allowed_commands, blocked_commands)),
+        tuple(task_args(**task)),
     )
     workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)
     try:

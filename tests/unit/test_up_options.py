@@ -1,0 +1,64 @@
+"""`up` hands its command policy and task options to its workers: the arguments it builds mean
+to `worker` (and to `up` itself, when it restarts in the background) what they meant to `up`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from dist_exec.cli.servers import policy_args, task_args, up, worker
+from dist_exec.cluster import ClusterOptions
+
+TASK_KEYS = (
+    "labels", "inherit_env", "max_output", "task_memory_limit", "task_cpu_time_limit",
+    "task_max_procs", "task_max_file_size", "containment", "run_as",
+)  # fmt: skip
+
+
+def parsed(command: click.Command, args: list[str]) -> dict[str, Any]:
+    with command.make_context(command.name or "", args) as ctx:
+        return dict(ctx.params)
+
+
+def test_default_task_options_give_no_arguments() -> None:
+    defaults = {k: v for k, v in parsed(worker, []).items() if k in TASK_KEYS}
+    assert task_args(**defaults) == []
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--label", "zone=a", "--label", "arch=x86", "--inherit-env"],
+        ["--max-output", "1M", "--run-as", "nobody", "--containment", "rlimit"],
+        ["--task-memory-limit", "256M", "--task-cpu-time-limit", "1.5s"],
+        ["--task-max-procs", "7", "--task-max-file-size", "1k"],
+    ],
+)
+def test_task_options_mean_the_same_to_a_worker(given: list[str]) -> None:
+    values = {k: v for k, v in parsed(up, given).items() if k in TASK_KEYS}
+    on_worker = parsed(worker, task_args(**values))
+    assert {k: on_worker[k] for k in TASK_KEYS} == values
+
+
+def test_the_policy_goes_to_the_master_and_every_worker_and_survives_a_restart() -> None:
+    rules = policy_args(("echo", "ls*"), ("rm*",))
+    tasks = task_args(**{k: v for k, v in parsed(up, ["--label", "a=b"]).items() if k in TASK_KEYS})
+    options = ClusterOptions(Path("/data"), "127.0.0.1:5", 2, 3, None, tuple(rules), tuple(tasks))
+    master = options.master_args()
+    assert master[master.index("--allow-command") :] == rules
+    assert parsed(worker, options.worker_args())["blocked_commands"] == ("rm*",)
+    again = parsed(up, options.up_args()[1:])  # (without the command's own name)
+    assert again["allowed_commands"] == ("echo", "ls*")
+    assert again["labels"] == (("a", "b"),)
+    assert (again["worker_count"], again["max_concurrent_tasks"]) == (2, 3)
+
+
+def test_autoscaled_workers_get_them_through_the_master() -> None:
+    options = ClusterOptions(
+        Path("/data"), "127.0.0.1:5", 1, 4, (1, 3), ("--block-command", "rm*"), ("--inherit-env",)
+    )
+    local = [a.removeprefix("--local-worker-arg=") for a in options.master_args() if "=" in a]
+    assert local == ["--block-command", "rm*", "--inherit-env"]
