@@ -624,7 +624,7 @@ def up(
                 task["task_max_file_size"],
             )
         )
-        resolve_run_as(task["run_as"])
+        run_as = resolve_run_as(task["run_as"])
     except InvalidTaskSpec as exc:
         fail(f"worker task limits: {exc.message}", EXIT_USAGE)
     except ContainmentError as exc:
@@ -640,16 +640,19 @@ def up(
         tuple(task_args(**task)),
     )
     workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)
+    workers += " workers"
+    if run_as is not None and task["run_as"] is None:  # a root 'up' runs commands as nobody
+        workers += f" (commands run as {run_as.name}; --run-as USER to change)"
     try:
         if detach:
             address = cluster.start_background(options)
-            click.echo(f"dist-exec cluster up: master at {address}, {workers} workers")
+            click.echo(f"dist-exec cluster up: master at {address}, {workers}")
             click.echo(f"stop it with: dist-exec down --data-dir {directory}")
             return
         cluster.run_foreground(
             options,
             on_ready=lambda address: click.echo(
-                f"dist-exec cluster up: master at {address}, {workers} workers (Ctrl-C stops it)",
+                f"dist-exec cluster up: master at {address}, {workers}; Ctrl-C stops it",
             ),
         )
     except cluster.ClusterError as exc:
