@@ -20,10 +20,11 @@ know, so the setting applies only to the gRPC versions it was measured on.
 The servers run on uvloop (``run_server``): each job costs the master about 20 turns of the
 event loop and 36 callbacks, the worker about 14 and 21, and asyncio's own loop spends several
 microseconds of Python on each. Measured on 2 CPUs (README.md, Benchmark): CPU per job in the
-master and the workers down by 5-8 % each. The commands a worker runs are spawned by
-``subprocess.Popen`` and watched through pidfds, not by the loop's subprocess support, so the
-loop does not change how a command is started. Client commands keep asyncio's loop: a run's
-own work is small next to its start-up.
+master and the workers 5-12 % lower. A job's command is spawned by ``subprocess.Popen`` and
+watched through a pidfd, not through the loop, so the loop does not change how a command
+starts; the few processes started through the loop (the executor's health check, the local
+scaler's workers) go through uvloop's subprocess support. Client commands keep asyncio's loop:
+a run's own work is small next to its start-up.
 """
 
 from __future__ import annotations

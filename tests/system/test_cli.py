@@ -272,8 +272,10 @@ def _with_stdout_closed(
         ["list", "--json", "--limit", "5"],
         ["nodes"],
         ["run", "--json", "echo hi"],
+        ["--version"],
+        ["list", "--help"],
     ],
-    ids=["list", "list-json", "nodes", "run-json"],
+    ids=["list", "list-json", "nodes", "run-json", "version", "help"],
 )
 def test_a_command_whose_reader_is_gone_dies_of_sigpipe(
     small_cluster: SmallCluster, args: list[str]

@@ -11,13 +11,13 @@ program (killed by SIGINT: the shell shows 130).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from dist_exec import __version__
 from dist_exec.cli import jobs, run, servers
-from dist_exec.cli.common import lost_output
+from dist_exec.cli.common import fail, lost_output
 from dist_exec.cli.servers import serve
 from dist_exec.interrupts import die_of
 from dist_exec.security.commands import certs_group, tokens_group
@@ -28,16 +28,33 @@ __all__ = ["main", "serve"]
 class _Commands(click.Group):
     """dist-exec's commands. One whose output is gone ends as a local program would: killed by
     SIGPIPE when its reader exited (``dist-exec list | head -1``), by SIGHUP when its terminal
-    closed; never with click's silent exit status 1 or a traceback."""
+    closed; never with click's silent exit status 1 or a traceback. Any other OSError that
+    reaches here is one line and exit status 1."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:  # (--help and --version of the group itself write here)
+            return super().make_context(info_name, args, parent, **extra)
+        except OSError as exc:
+            _end_for(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except OSError as exc:
-            ending = lost_output(exc)
-            if ending is None:
-                raise
-            die_of(ending)
+            _end_for(exc)
+
+
+def _end_for(exc: OSError) -> NoReturn:
+    ending = lost_output(exc)
+    if ending is not None:
+        die_of(ending)
+    fail(str(exc))
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import logging
+import select
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -362,10 +363,25 @@ def setup_logging(level: str) -> None:
 
 
 def lost_output(exc: OSError) -> signal.Signals | None:
-    """The signal that a write's ``exc`` stands for: its reader exited (EPIPE), or its terminal
-    closed under a command that does not ignore SIGHUP (EIO); None for any other error."""
+    """The signal that ``exc`` stands for when stdout or stderr is gone: its reader exited
+    (EPIPE), or its terminal closed under a command that does not ignore SIGHUP (EIO). None for
+    any other error, and for the same errors elsewhere (a socket, a failing disk)."""
+    if exc.errno not in (errno.EPIPE, errno.EIO) or exc.filename is not None:
+        return None
+    if not any(_broken(fd) for fd in (1, 2)):
+        return None
     if exc.errno == errno.EPIPE:
         return signal.SIGPIPE
-    if exc.errno == errno.EIO and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         return signal.SIGHUP
     return None
+
+
+def _broken(fd: int) -> bool:
+    """Whether ``fd`` is a pipe without a reader or a terminal that hung up."""
+    poller = select.poll()
+    try:
+        poller.register(fd, select.POLLOUT)
+    except (OSError, ValueError):  # closed
+        return False
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))

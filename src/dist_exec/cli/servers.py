@@ -33,7 +33,6 @@ from dist_exec.config import (
     check_bindable,
     default_data_dir,
     default_worker_id,
-    parse_size,
 )
 from dist_exec.errors import (
     InvalidTaskSpec,
@@ -313,14 +312,13 @@ def _labels_from_env() -> list[tuple[str, str]]:
 
 
 def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """How a worker runs its tasks: labels, environment, output kept, limits, containment and
-    user. ``worker`` takes them, and ``up`` passes them on to its workers (task_args)."""
+    """How a worker runs its tasks: labels, environment, limits, containment and user.
+    ``worker`` takes them, and ``up`` passes them on to its workers (task_args)."""
     for option in reversed(_TASK_OPTIONS):
         fn = option(fn)
     return fn
 
 
-DEFAULT_MAX_OUTPUT = "4M"
 _TASK_OPTIONS = [
     click.option(
         "--label",
@@ -334,13 +332,6 @@ _TASK_OPTIONS = [
         is_flag=True,
         help="Pass this worker's whole environment to commands (default: PATH, HOME, "
         "LANG and a few more, plus what the job sets).",
-    ),
-    click.option(
-        "--max-output",
-        type=SIZE,
-        default=DEFAULT_MAX_OUTPUT,
-        show_default=True,
-        help="Output held in memory per task and stream; the rest is streamed, not kept.",
     ),
     click.option(
         "--task-memory-limit",
@@ -387,7 +378,6 @@ _TASK_OPTIONS = [
 def task_args(
     labels: tuple[tuple[str, str], ...],
     inherit_env: bool,
-    max_output: int,
     task_memory_limit: int,
     task_cpu_time_limit: float,
     task_max_procs: int,
@@ -399,8 +389,6 @@ def task_args(
     args = [a for key, value in labels for a in ("--label", f"{key}={value}")]
     if inherit_env:
         args.append("--inherit-env")
-    if max_output != parse_size(DEFAULT_MAX_OUTPUT):
-        args += ["--max-output", str(max_output)]
     for flag, limit in (
         ("--task-memory-limit", task_memory_limit),
         ("--task-cpu-time-limit", task_cpu_time_limit),
@@ -408,7 +396,7 @@ def task_args(
         ("--task-max-file-size", task_max_file_size),
     ):
         if limit:
-            args += [flag, str(limit)]
+            args += [flag, f"{limit:.9f}".rstrip("0").rstrip(".")]  # (no exponent)
     if containment != Mode.AUTO.value:
         args += ["--containment", containment]
     if run_as is not None:
@@ -490,6 +478,13 @@ def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, 
     default="",
     help="A worker-role token, for a master that authenticates by tokens without TLS "
     f"(env {TOKEN_ENV}).",
+)
+@click.option(
+    "--max-output",
+    type=SIZE,
+    default="4M",
+    show_default=True,
+    help="Output held in memory per task and stream; the rest is streamed, not kept.",
 )
 @task_options
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from dist_exec.security.audit import AuditLog, task_summary
 from dist_exec.security.auth import current_identity
 from dist_exec.security.identity import Identity, Role
 
+log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -52,6 +54,16 @@ def _job_id(raw: str) -> JobId:
         return JobId(str(uuid.UUID(raw)))
     except ValueError:
         raise InvalidTaskSpec(f"invalid job id {shorten(raw)}: expected a UUID") from None
+
+
+def _log_unheard_failure(work: asyncio.Future[str]) -> None:
+    """A cancel whose caller went away failed: an answer (the job had ended, say) is in the
+    audit log or needs nobody; anything else is a fault to log."""
+    if work.cancelled():
+        return
+    exc = work.exception()
+    if exc is not None and not isinstance(exc, DistExecError):
+        log.error("a cancel whose caller had gone away failed", exc_info=exc)
 
 
 def _client(context: Context) -> str:
@@ -268,7 +280,11 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         work = asyncio.ensure_future(self._cancel(job_id, wait_s))
         self._cancels.add(work)
         work.add_done_callback(self._cancel_done)
-        message = await asyncio.shield(work)
+        try:
+            message = await asyncio.shield(work)
+        except asyncio.CancelledError:  # the caller went away: nobody else hears how it ends
+            work.add_done_callback(_log_unheard_failure)
+            raise
         return master_pb2.CancelResponse(cancelled=True, message=message)
 
     async def _cancel(self, job_id: JobId, wait_s: float) -> str:
@@ -284,7 +300,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     def _cancel_done(self, work: asyncio.Future[str]) -> None:
         self._cancels.discard(work)
         if not work.cancelled():
-            work.exception()  # the caller's to see; if it went away, it is in the audit log
+            work.exception()  # the caller's to see (see Cancel when it went away)
 
     @grpc_errors
     async def ListJobs(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -158,16 +156,6 @@ class Registrar:
             )
 
 
-def _watch_children_with_pidfd() -> None:
-    """Python 3.11's default child watcher starts a thread per child process; a pidfd watcher
-    needs none (3.12 uses pidfds by itself and deprecates the watcher API)."""
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    asyncio.set_child_watcher(watcher)
-
-
 async def run_worker(
     config: WorkerConfig,
     stop: asyncio.Event,
@@ -175,7 +163,6 @@ async def run_worker(
     executors: dict[str, Executor] | None = None,
 ) -> None:
     """Serve until ``stop`` is set, then drain: no new tasks, finish (or hand back), deregister."""
-    _watch_children_with_pidfd()
     containment = Containment.start(Mode(config.containment), config.task_limits, config.run_as)
     log.info(
         "task limits through %s; commands run as %s",
