@@ -112,11 +112,11 @@ def test_up_detached_runs_jobs_and_down_stops_everything(tmp_path: Path) -> None
     address = f"127.0.0.1:{free_port()}"
     up = run_cli("up", "-d", "--workers", "2", "--listen", address, "--data-dir", str(data))
     assert up.code == 0, up.stderr
-    assert f"master at {address}, 2 workers" in up.stdout
-    note = "(commands run as nobody; --run-as USER to change)"  # said when it is so
-    assert (note in up.stdout) == (os.geteuid() == 0)
     pid = int((data / "cluster.pid").read_text())
-    try:
+    try:  # (everything that may fail from here on stops the cluster first)
+        assert f"master at {address}, 2 workers" in up.stdout
+        note = "(commands run as nobody; --run-as USER to change)"  # said when it is so
+        assert (note in up.stdout) == (os.geteuid() == 0)
         # The cluster runs with dist-exec's gRPC settings (dist_exec.tuning), where measured.
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         tuned = GRPC_EXPERIMENTS if tune_grpc({}) else None
@@ -152,8 +152,8 @@ def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: 
         env={"DIST_EXEC_TEST_MARK": "from-up"},
     )  # fmt: skip
     assert up.code == 0, up.stderr
-    assert f"master at {address}, 1 workers\n" in up.stdout  # (no note on the user)
     try:
+        assert f"master at {address}, 1 workers\n" in up.stdout  # (no note on the user)
         nodes = json.loads(run_cli("nodes", "--json", master=address).stdout)
         assert [(n["id"], n["labels"]) for n in nodes] == [("local-1", {"zone": "lab"})]
         result = run_cli("run", 'id -u; echo "$DIST_EXEC_TEST_MARK"', master=address)
