@@ -84,7 +84,7 @@ class ClusterOptions:
         if self.autoscale is not None:
             args += ["--autoscale", "--min-workers", str(self.autoscale[0])]
             args += ["--max-workers", str(self.autoscale[1])]
-        return [*args, *self.policy_args, *self.task_args]
+        return [*args, *self.worker_args()]  # (`up` takes them under the same names)
 
 
 def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], IO[str]]:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dist_exec.tuning import GRPC_EXPERIMENTS, tune_grpc
 from tests.conftest import ClusterFactory, pid_alive, run_cli, wait_for
 
@@ -168,13 +170,23 @@ def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: 
         assert run_cli("down", "--data-dir", str(data)).code == 0
 
 
-def test_up_refuses_task_options_a_worker_would_refuse_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--run-as", "no-such-user-here"], "--run-as: no user 'no-such-user-here' on this host"),
+        (
+            ["--task-cpu-time-limit", "100000d"],
+            "worker task limits: CPU time limit is too large; at most 8784h",
+        ),
+    ],
+    ids=["run-as", "limit"],
+)
+def test_up_refuses_task_options_a_worker_would_refuse_in_one_line(
+    tmp_path: Path, option: list[str], error: str
+) -> None:
     data = tmp_path / "cluster"
-    result = run_cli("up", "-d", "--data-dir", str(data), "--run-as", "no-such-user-here")
-    assert (result.code, result.stderr) == (
-        2,
-        "dist-exec: --run-as: no user 'no-such-user-here' on this host\n",
-    )
+    result = run_cli("up", "-d", "--data-dir", str(data), *option)
+    assert (result.code, result.stderr) == (2, f"dist-exec: {error}\n")
     assert not (data / "cluster.pid").exists()
 
 

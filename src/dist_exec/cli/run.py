@@ -279,8 +279,10 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
                 stop = None  # every job had ended by itself
         try:
             failed = await _report_broadcast(client, broadcast_id, node_of, finals, as_json)
-        except OSError as exc:
-            return stop or _report_lost(exc)  # (a signal that stopped jobs ends it all the same)
+        except OSError:
+            if stop is None:
+                raise  # (the command group ends by the lost output's signal, or says what)
+            return stop  # (the signal that stopped the jobs may have closed the output too)
         if stop is not None:
             return stop
         return EXIT_ERROR if failed else 0
@@ -330,15 +332,6 @@ async def _cancel(client: Client, job_id: str) -> Job:
     with contextlib.suppress(JobAlreadyFinished):
         await client.cancel(job_id)
     return await client.get(job_id)
-
-
-def _report_lost(exc: OSError) -> signal.Signals:
-    """The signal to end with when the final report cannot be written: its reader or terminal
-    is gone. Any other error (a full disk) is one line."""
-    lost = lost_output(exc)
-    if lost is None:
-        raise DistExecError(f"cannot write the report ({exc.strerror})") from None
-    return lost
 
 
 def _hold_message() -> None:
@@ -435,10 +428,10 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
             report = job_json(await client.get(job_id))
             try:
                 print_json(report)
-            except OSError as exc:
-                if stop is not None and job.status == JobStatus.CANCELLED:
-                    return stop  # (the signal that stopped the job may have closed its output)
-                return _report_lost(exc)
+            except OSError:
+                if stop is None or job.status != JobStatus.CANCELLED:
+                    raise  # (the command group ends by the lost output's signal, or says what)
+                return stop  # (the signal that stopped the job may have closed its output)
         code = _exit_code(job, quiet=as_json)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 

@@ -404,6 +404,16 @@ def task_args(
     return args
 
 
+def task_limits(memory: int, cpu_time: float, max_procs: int, max_file_size: int) -> TaskLimits:
+    """The --task-* limits, as a worker takes them; bad ones end the command in one line."""
+    limits = TaskLimits(memory, cpu_time, max_procs, max_file_size)
+    try:
+        check_limits(limits)
+    except InvalidTaskSpec as exc:
+        fail(f"worker task limits: {exc.message}", EXIT_USAGE)
+    return limits
+
+
 def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, ...]) -> list[str]:
     """--allow-command and --block-command as command-line arguments."""
     return [a for rule in allowed_commands for a in ("--allow-command", rule)] + [
@@ -537,16 +547,12 @@ def worker(
         max_output_bytes=max_output,
         tls=tls,
         token=token,
-        task_limits=TaskLimits(
+        task_limits=task_limits(
             task_memory_limit, task_cpu_time_limit, task_max_procs, task_max_file_size
         ),
         containment=containment,
         run_as=run_as,
     )
-    try:
-        check_limits(config.task_limits)
-    except InvalidTaskSpec as exc:
-        fail(f"worker task limits: {exc.message}", EXIT_USAGE)
     check_listen(listen)
     try:
         serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
@@ -610,18 +616,15 @@ def up(
 
     if autoscale and min_workers > max_workers:
         fail(f"--min-workers ({min_workers}) is above --max-workers ({max_workers})", EXIT_USAGE)
-    try:  # what a worker would refuse at start-up, refused here in one line
-        check_limits(
-            TaskLimits(
-                task["task_memory_limit"],
-                task["task_cpu_time_limit"],
-                task["task_max_procs"],
-                task["task_max_file_size"],
-            )
-        )
+    # What a worker would refuse at start-up, refused here in one line.
+    task_limits(
+        task["task_memory_limit"],
+        task["task_cpu_time_limit"],
+        task["task_max_procs"],
+        task["task_max_file_size"],
+    )
+    try:
         run_as = resolve_run_as(task["run_as"])
-    except InvalidTaskSpec as exc:
-        fail(f"worker task limits: {exc.message}", EXIT_USAGE)
     except ContainmentError as exc:
         fail(str(exc), EXIT_USAGE)
     directory = data_dir or default_data_dir()

@@ -277,9 +277,9 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         # A cancel that arrived is carried out whole, even when its caller goes away while the
         # job's owner is looked up (a client giving up at once, a Ctrl-C burst): the work is a
         # task of its own, which this call only waits for.
-        work = asyncio.ensure_future(self._cancel(job_id, wait_s))
+        work = asyncio.create_task(self._cancel(job_id, wait_s))
         self._cancels.add(work)
-        work.add_done_callback(self._cancel_done)
+        work.add_done_callback(self._cancels.discard)
         try:
             message = await asyncio.shield(work)
         except asyncio.CancelledError:  # the caller went away: nobody else hears how it ends
@@ -296,11 +296,6 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         message = await self.master.cancel(job_id, wait_s)
         self._audit("cancel", "allowed", message, jobs=[job_id])
         return message
-
-    def _cancel_done(self, work: asyncio.Future[str]) -> None:
-        self._cancels.discard(work)
-        if not work.cancelled():
-            work.exception()  # the caller's to see (see Cancel when it went away)
 
     @grpc_errors
     async def ListJobs(
