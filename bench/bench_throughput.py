@@ -193,12 +193,36 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
-    """CPU seconds used so far by each server, the commands the workers ran, this client, the
-    commands it ran itself ("local commands"), and the whole machine ("machine")."""
+def helpers(pid: int) -> list[int]:
+    """The helper processes a server started (``python -m dist_exec.executors.X``: a worker's
+    command spawner and process guardian), found among its children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) != pid:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"-m" in argv and any(a.startswith(b"dist_exec.executors.") for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_snapshot(cluster: Cluster, helper_pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each server (with its helper processes), the commands the
+    workers ran (reaped by a worker or its spawner), this client, the commands it ran itself
+    ("local commands"), and the whole machine ("machine")."""
     snap: dict[str, float] = {"commands": 0.0}
     for server in cluster.servers:
         own, children = process_cpu_s(server.pid)
+        for pid in helper_pids.get(server.name, []):
+            helper_own, helper_children = process_cpu_s(pid)
+            own += helper_own
+            children += helper_children
         snap[server.name] = own
         if server.name != "master":
             snap["commands"] += children
@@ -640,6 +664,7 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
             f"throughput: {args.jobs} x echo each way, concurrency {concurrency}, "
             f"{args.rounds} interleaved round(s)"
         )
+        helper_pids = {server.name: helpers(server.pid) for server in cluster.servers}
         empty = Throughput(0, concurrency, 0.0, 0.0, 0, [])
         dist_tp = local_tp = single_tp = empty
         dist_use, local_use, single_use = CpuUse(), CpuUse(), CpuUse()
@@ -651,9 +676,9 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
             runs.append(("dist-exec single", single, single_use))
         for start, end in _rounds(args.jobs, args.rounds):
             for name, runner, use in runs:
-                before = cpu_snapshot(cluster)
+                before = cpu_snapshot(cluster, helper_pids)
                 result = await measure_throughput(runner, range(start, end), concurrency)
-                use.add(before, cpu_snapshot(cluster), result.seconds)
+                use.add(before, cpu_snapshot(cluster, helper_pids), result.seconds)
                 log(f"  {name}: {end - start} in {result.seconds:.2f}s, {result.per_second:.0f}/s")
                 if name == "local":
                     local_tp += result
@@ -677,9 +702,9 @@ async def run_benchmark(cluster: Cluster, args: argparse.Namespace) -> Results:
         segments: Segments = []
         timed = DistRunner(client, args.wait, args.job_timeout, args.poll_interval, segments)
         for name, runner in (("dist-exec", timed), ("local", local)):
-            before, use = cpu_snapshot(cluster), CpuUse()
+            before, use = cpu_snapshot(cluster, helper_pids), CpuUse()
             latency = await measure_latency(runner, lat_ids)
-            use.add(before, cpu_snapshot(cluster), latency.seconds)
+            use.add(before, cpu_snapshot(cluster, helper_pids), latency.seconds)
             others[f"{name} latency"] = use.others_share()
             if name == "local":
                 local_lat = latency

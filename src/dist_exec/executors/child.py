@@ -24,25 +24,18 @@ log = logging.getLogger(__name__)
 
 
 class Child:
-    """A started process (in its own session: its pid is its process group's id)."""
+    """A started process (in its own session: its pid is its process group's id). Its exit is
+    reported to ``exited`` by whoever reaps it: this worker (``spawn``) or its spawner."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.pid = popen.pid
-        self.stdin: IO[bytes] | None = popen.stdin
-        self.stdout: IO[bytes] | None = popen.stdout
-        self.stderr: IO[bytes] | None = popen.stderr
-        self._popen = popen
+    def __init__(
+        self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None
+    ) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode: int | None = None
         self._exited = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        try:
-            self._pidfd: int | None = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):  # not Linux 5.3+: a thread of its own waits for it
-            self._pidfd = None
-            threading.Thread(
-                target=self._wait_in_thread, name=f"wait-{popen.pid}", daemon=True
-            ).start()
-        else:
-            self._loop.add_reader(self._pidfd, self._reap)
 
     @classmethod
     def spawn(
@@ -67,32 +60,19 @@ class Child:
             start_new_session=True,
             **options,
         )
-        return cls(popen)
+        child = cls(popen.pid, popen.stdin, popen.stdout, popen.stderr)
+        _Reaper(child, popen)
+        return child
 
-    def _reap(self) -> None:
-        assert self._pidfd is not None
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = None
-        self._exit(_status(self.pid))  # a pidfd is readable once the process has exited
-
-    def _wait_in_thread(self) -> None:
-        status = _status(self.pid)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._exit, status)
-
-    def _exit(self, status: int | None) -> None:
-        if status is None:  # reaped elsewhere: the exit status is lost
-            log.warning("exit status of process %d was already taken; reporting 255", self.pid)
+    def exited(self, status: int | None) -> None:
+        """Its wait status; None if it is lost (reaped elsewhere)."""
+        if status is None:
+            log.warning("exit status of process %d was lost; reporting 255", self.pid)
             code = 255
         else:
             code = os.waitstatus_to_exitcode(status)
-        self._popen.returncode = code
+        self.returncode = code
         self._exited.set()
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.returncode
 
     async def wait(self) -> int:
         """Until the process has exited (not until its pipes close: a background child that
@@ -100,6 +80,40 @@ class Child:
         await self._exited.wait()
         assert self.returncode is not None
         return self.returncode
+
+
+class _Reaper:
+    """Reaps a child of this process once it has exited, told by a pidfd in the event loop."""
+
+    def __init__(self, child: Child, popen: subprocess.Popen[bytes]) -> None:
+        self._child = child
+        self._popen = popen
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._pidfd: int | None = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: a thread of its own waits for it
+            self._pidfd = None
+            threading.Thread(
+                target=self._wait_in_thread, name=f"wait-{popen.pid}", daemon=True
+            ).start()
+        else:
+            self._loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        assert self._pidfd is not None
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        self._exit(_status(self._popen.pid))  # a pidfd is readable once the process has exited
+
+    def _wait_in_thread(self) -> None:
+        status = _status(self._popen.pid)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._exit, status)
+
+    def _exit(self, status: int | None) -> None:
+        self._child.exited(status)
+        self._popen.returncode = self._child.returncode  # reaped: Popen must not wait for it
 
 
 def _status(pid: int) -> int | None:

@@ -31,6 +31,7 @@ from dist_exec.executors.child import Child, read_pipe, write_pipe
 from dist_exec.executors.containment import POLL_S, Containment, Jail
 from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged
 from dist_exec.executors.limits import Exceeded, fit
+from dist_exec.executors.spawner import SpawnerGone
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 from dist_exec.tuning import without_own_settings
 
@@ -255,21 +256,32 @@ class CommandExecutor:
         self, spec: CommandSpec, request: ExecRequest, jail: Jail
     ) -> Child | ExecOutcome:
         """The started process, or why it could not start."""
+        env = jail.environment(self._environment(spec, request))
+        cwd = spec.working_dir or None
         try:
-            child = Child.spawn(
-                spec.argv,
-                stdin=bool(spec.stdin),
-                cwd=spec.working_dir or None,
-                env=jail.environment(self._environment(spec, request)),
-                **jail.spawn_options(),
-            )
+            spawner = jail.spawner
+            if spawner is not None:
+                child = await spawner.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env)
+            else:
+                child = Child.spawn(
+                    spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, **jail.spawn_options()
+                )
+        except SpawnerGone as exc:
+            # It may have started the command: nothing of this attempt may run on unseen.
+            await asyncio.to_thread(kill_tagged, _tags(request))
+            return ExecOutcome(ExecStatus.FAILURE, error=f"cannot run {spec.argv[0]}: {exc}")
         except FileNotFoundError:
             if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
                 return ExecOutcome(
                     ExecStatus.FAILURE, error=f"working directory {spec.working_dir} does not exist"
                 )
             return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {spec.argv[0]}")
-        except PermissionError:
+        except PermissionError as exc:
+            if cwd is not None and exc.filename == cwd:
+                return ExecOutcome(
+                    ExecStatus.FAILURE,
+                    error=f"cannot enter working directory {cwd}: permission denied",
+                )
             return ExecOutcome(ExecStatus.FAILURE, 126, f"permission denied: {spec.argv[0]}")
         except OSError as exc:
             exceeded = jail.spawn_failure(exc)
@@ -350,8 +362,7 @@ class CommandExecutor:
         group (setsid) are found by their environment and killed too."""
         await terminate_group(proc, self.kill_grace_s)
         if stopped is not None:
-            tags = {JOB_ENV: stopped.task_id, ATTEMPT_ENV: str(stopped.attempt)}
-            await asyncio.to_thread(kill_tagged, tags)
+            await asyncio.to_thread(kill_tagged, _tags(stopped))
         if self.guard is not None:
             self.guard.unwatch(proc.pid)
         try:
@@ -363,6 +374,11 @@ class CommandExecutor:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def _tags(request: ExecRequest) -> dict[str, str]:
+    """What every process of this attempt has in its environment."""
+    return {JOB_ENV: request.task_id, ATTEMPT_ENV: str(request.attempt)}
 
 
 def _limit_outcome(exceeded: Exceeded, exit_code: int | None, duration_s: float) -> ExecOutcome:

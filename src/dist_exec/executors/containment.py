@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dist_exec import procfs
 from dist_exec.executors.limits import Exceeded, LimitKind
+from dist_exec.executors.spawner import Spawner, SpawnerError
 from dist_exec.models import TaskLimits
 
 log = logging.getLogger(__name__)
@@ -333,11 +334,27 @@ def _rlimits(limits: TaskLimits, cgroup: bool) -> list[tuple[int, int, int]]:
 class Jail:
     """What one task runs under: its cgroup (if any), rlimits and user. Cleaned by ``close``."""
 
-    def __init__(self, limits: TaskLimits, cgroup: TaskCgroup | None, run_as: RunAs | None) -> None:
+    def __init__(
+        self,
+        limits: TaskLimits,
+        cgroup: TaskCgroup | None,
+        run_as: RunAs | None,
+        spawner: Spawner | None = None,
+    ) -> None:
         self.limits = limits
         self.cgroup = cgroup
         self.run_as = run_as
         self._rlimits = _rlimits(limits, cgroup is not None)
+        self._spawner = spawner
+
+    @property
+    def spawner(self) -> Spawner | None:
+        """The process that starts this task as its user without a fork of the worker, when
+        one runs and the task needs no step between fork and exec (limits)."""
+        spawner = self._spawner
+        if spawner is None or not spawner.alive or self._rlimits or self.cgroup is not None:
+            return None
+        return spawner
 
     @property
     def watched(self) -> bool:
@@ -478,10 +495,12 @@ class Containment:
         limits: TaskLimits | None = None,
         cgroups: Cgroups | None = None,
         run_as: RunAs | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
         self.limits = limits or TaskLimits()  # the worker's: default and ceiling
         self.cgroups = cgroups
         self.run_as = run_as
+        self.spawner = spawner  # starts commands as ``run_as`` (see spawner.py)
 
     @classmethod
     def start(
@@ -500,7 +519,13 @@ class Containment:
                 if mode == Mode.CGROUP:
                     raise
                 log.info("no cgroups for task limits (%s); using rlimits", exc)
-        return cls(limits, cgroups, user)
+        spawner = None
+        if user is not None:
+            try:
+                spawner = Spawner(user.uid, user.gid)
+            except SpawnerError as exc:
+                log.warning("%s; the worker forks to start each command as %s", exc, user.name)
+        return cls(limits, cgroups, user, spawner)
 
     @property
     def mode(self) -> str:
@@ -512,8 +537,10 @@ class Containment:
         wants_cgroup = limits.memory_bytes or limits.max_procs or limits.cpu_time_s
         if self.cgroups is not None and wants_cgroup:
             cgroup = self.cgroups.task(name, limits)
-        return Jail(limits, cgroup, self.run_as)
+        return Jail(limits, cgroup, self.run_as, self.spawner)
 
     def close(self) -> None:
+        if self.spawner is not None:
+            self.spawner.close()
         if self.cgroups is not None:
             self.cgroups.close()

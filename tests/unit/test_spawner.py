@@ -1,0 +1,280 @@
+"""The command spawner: a real spawner process starting real commands as nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import pwd
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dist_exec.executors import ExecRequest
+from dist_exec.executors.child import Child, read_pipe, write_pipe
+from dist_exec.executors.command import CommandExecutor, CommandSpec
+from dist_exec.executors.containment import Containment, Mode
+from dist_exec.executors.guardian import tagged
+from dist_exec.executors.spawner import Spawner, SpawnerError, SpawnerGone
+from dist_exec.models import ExecStatus, TaskLimits
+from tests.conftest import RecordingSink, pid_alive, wait_for, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs commands as nobody: needs root")
+NOBODY = pwd.getpwnam("nobody")
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture
+async def spawner() -> AsyncIterator[Spawner]:
+    found = Spawner(NOBODY.pw_uid, NOBODY.pw_gid)
+    try:
+        yield found
+    finally:
+        found.close()
+    assert not pid_alive(found.pid)
+
+
+async def run(child: Child, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    out, err = bytearray(), bytearray()
+
+    async def into(buffer: bytearray, data: bytes) -> None:
+        buffer.extend(data)
+
+    async with asyncio.timeout(10):
+        await asyncio.gather(
+            read_pipe(child.stdout, lambda data: into(out, data)),
+            read_pipe(child.stderr, lambda data: into(err, data)),
+            write_pipe(child.stdin, stdin),
+        )
+        code = await child.wait()
+    return code, bytes(out), bytes(err)
+
+
+async def test_commands_run_as_the_user_with_exactly_their_environment(spawner: Spawner) -> None:
+    child = await spawner.spawn(
+        ["/bin/sh", "-c", 'id -u; id -g; id -G; pwd; echo "$ONLY"; env | wc -l; cat; exit 3'],
+        stdin=True,
+        cwd="/tmp",
+        env={**ENV, "ONLY": "this"},
+    )
+    assert os.getsid(child.pid) == child.pid  # its own session
+    code, out, err = await run(child, b"from stdin\n")
+    uid, gid = str(NOBODY.pw_uid), str(NOBODY.pw_gid)
+    # sh sets PWD; env also counts PATH and ONLY
+    assert out.decode().split("\n") == [uid, gid, gid, "/tmp", "this", "3", "from stdin", ""]
+    assert (code, err) == (3, b"")
+
+
+async def test_stdout_and_stderr_apart_and_a_signal_death(spawner: Spawner) -> None:
+    child = await spawner.spawn(
+        ["/bin/sh", "-c", "echo out; echo err >&2; kill -TERM $$"], stdin=False, cwd=None, env=ENV
+    )
+    assert await run(child) == (-signal.SIGTERM, b"out\n", b"err\n")
+
+
+async def test_what_cannot_start_raises_what_popen_raises(
+    spawner: Spawner, shared_dir: Path
+) -> None:
+    with pytest.raises(FileNotFoundError) as missing:
+        await spawner.spawn(["no-such-command-here"], stdin=False, cwd=None, env=ENV)
+    assert missing.value.filename == "no-such-command-here"
+    with pytest.raises(FileNotFoundError) as no_dir:
+        await spawner.spawn(["true"], stdin=False, cwd=str(shared_dir / "gone"), env=ENV)
+    assert no_dir.value.filename == str(shared_dir / "gone")
+    private = shared_dir / "private"
+    private.mkdir(mode=0o700)  # root's: nobody may not enter it
+    with pytest.raises(PermissionError) as denied:
+        await spawner.spawn(["true"], stdin=False, cwd=str(private), env=ENV)
+    assert denied.value.filename == str(private)
+    # and it goes on serving
+    assert await run(await spawner.spawn(["echo", "ok"], stdin=False, cwd=None, env=ENV)) == (
+        0,
+        b"ok\n",
+        b"",
+    )
+
+
+async def test_many_at_once_each_gets_its_own_output_and_exit(spawner: Spawner) -> None:
+    async def one(i: int) -> tuple[int, bytes, bytes]:
+        argv = ["/bin/sh", "-c", f"echo {i}; exit {i % 7}"]
+        return await run(await spawner.spawn(argv, stdin=False, cwd=None, env=ENV))
+
+    results = await asyncio.gather(*(one(i) for i in range(60)))
+    assert results == [(i % 7, f"{i}\n".encode(), b"") for i in range(60)]
+
+
+async def test_a_large_environment_goes_through_whole(spawner: Spawner) -> None:
+    # 800 KB, many socket buffers' worth: the frame is sent in parts (a single variable may
+    # hold at most 128 KiB, the whole environment about 2 MB)
+    big = {f"BIG{i}": str(i) * 100_000 for i in range(8)}
+    child = await spawner.spawn(
+        ["/bin/sh", "-c", "env | grep ^BIG | sort | md5sum"],
+        stdin=False,
+        cwd=None,
+        env={**ENV, **big},
+    )
+    expected = "".join(sorted(f"{k}={v}\n" for k, v in big.items())).encode()
+    assert await run(child) == (0, hashlib.md5(expected).hexdigest().encode() + b"  -\n", b"")
+
+
+async def test_commands_cannot_reach_into_the_spawner(spawner: Spawner) -> None:
+    """It runs as the commands' user, but is not dumpable: they cannot trace it or read it."""
+    child = await spawner.spawn(
+        ["/bin/sh", "-c", f"cat /proc/{spawner.pid}/environ; head -c 1 /proc/{spawner.pid}/mem"],
+        stdin=False,
+        cwd=None,
+        env=ENV,
+    )
+    code, out, err = await run(child)
+    assert code != 0
+    assert out == b""
+    assert err.count(b"Permission denied") == 2, err
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{spawner.pid}/status").read_text().splitlines()
+    )
+    assert status["Uid"].split() == [str(NOBODY.pw_uid)] * 4
+    assert status["Gid"].split() == [str(NOBODY.pw_gid)] * 4
+    assert status["Groups"].split() == []
+
+
+async def test_a_caller_that_goes_away_leaves_no_command_running(spawner: Spawner) -> None:
+    os.kill(spawner.pid, signal.SIGSTOP)  # the request is sent; its answer waits
+    try:
+        spawning = asyncio.create_task(
+            spawner.spawn(
+                ["sleep", "60"], stdin=False, cwd=None, env={**ENV, "DIST_EXEC_T": "gone-caller"}
+            )
+        )
+        await wait_until(lambda: spawner._waiting, 10, "the request sent")
+        spawning.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await spawning
+    finally:
+        os.kill(spawner.pid, signal.SIGCONT)
+    # the answer comes and the command is killed at once
+    await wait_until(lambda: not spawner._waiting, 10, "the answer")
+    await wait_until(lambda: not tagged({"DIST_EXEC_T": "gone-caller"}), 10, "no sleep left")
+
+
+async def test_when_the_spawner_dies_waiters_fail_and_running_exits_are_lost(
+    spawner: Spawner, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await spawner.spawn(["sleep", "60"], stdin=False, cwd=None, env=ENV)
+    os.kill(spawner.pid, signal.SIGSTOP)
+    waiting = asyncio.create_task(spawner.spawn(["true"], stdin=False, cwd=None, env=ENV))
+    await wait_until(lambda: len(spawner._waiting) == 1, 10, "the request sent")
+    os.kill(spawner.pid, signal.SIGKILL)
+    with pytest.raises(SpawnerGone):
+        await waiting
+    async with asyncio.timeout(10):
+        assert await running.wait() == 255  # its exit status went with the spawner
+    assert f"command spawner {spawner.pid} ended (" in caplog.text
+    assert not spawner.alive
+    with pytest.raises(SpawnerGone):
+        await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV)
+    os.killpg(running.pid, signal.SIGKILL)  # an orphan now: the worker's own stop would do this
+    assert await run(running) == (255, b"", b"")  # and its pipes end
+
+
+def test_the_spawner_ends_with_its_worker() -> None:
+    """A worker killed outright: its end of the socket closes, and the spawner ends."""
+    code = (
+        "import os, pwd, sys, time\n"
+        "from dist_exec.executors.spawner import Spawner\n"
+        "s = Spawner(65534, 65534)\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert worker.stdout is not None
+        spawner_pid = int(worker.stdout.readline())
+        assert pid_alive(spawner_pid)
+    finally:
+        worker.kill()
+        worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
+    wait_for(lambda: not pid_alive(spawner_pid), 10, "the spawner gone")
+
+
+def test_a_spawner_that_cannot_start_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/no/such/python")
+    with pytest.raises(SpawnerError, match="cannot start the command spawner"):
+        Spawner(NOBODY.pw_uid, NOBODY.pw_gid)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(SpawnerError, match="did not start: it exited with status 1"):
+        Spawner(NOBODY.pw_uid, NOBODY.pw_gid)
+
+
+# ---- through the command executor -------------------------------------------------------------
+
+
+def _request(spec: CommandSpec, task_id: str = "t1") -> ExecRequest:
+    return ExecRequest(task_id, 1, spec.to_payload(), 10.0)
+
+
+async def test_the_executor_starts_unlimited_commands_through_the_spawner() -> None:
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        assert containment.spawner is not None
+        executor = CommandExecutor({"containment": containment})
+        sink = RecordingSink()
+        spec = CommandSpec("/bin/sh", ["-c", "echo $PPID; id -u"])
+        outcome = await executor.execute(_request(spec), sink)
+        assert outcome.status == ExecStatus.SUCCESS
+        parent, uid = sink.stdout.decode().split()
+        assert (int(parent), uid) == (containment.spawner.pid, str(NOBODY.pw_uid))
+        # under a limit the worker starts it itself (a step between fork and exec), still nobody
+        limited = await executor.execute(
+            ExecRequest("t2", 1, spec.to_payload(), 10.0, limits=TaskLimits(cpu_time_s=5)),
+            sink := RecordingSink(),
+        )
+        assert limited.status == ExecStatus.SUCCESS
+        parent, uid = sink.stdout.decode().split()
+        assert (int(parent), uid) == (os.getpid(), str(NOBODY.pw_uid))
+    finally:
+        containment.close()
+
+
+async def test_the_executor_forks_itself_once_the_spawner_is_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        spawner = containment.spawner
+        assert spawner is not None
+        executor = CommandExecutor({"containment": containment})
+        os.kill(spawner.pid, signal.SIGSTOP)
+        spec = CommandSpec("/bin/sh", ["-c", "id -u"])
+        starting = asyncio.create_task(executor.execute(_request(spec), RecordingSink()))
+        await wait_until(lambda: spawner._waiting, 10, "the request sent")
+        os.kill(spawner.pid, signal.SIGKILL)
+        lost = await starting
+        assert lost.status == ExecStatus.FAILURE
+        assert lost.error == "cannot run /bin/sh: the command spawner ended while starting it"
+        sink = RecordingSink()
+        outcome = await executor.execute(_request(spec, "t2"), sink)
+        assert outcome.status == ExecStatus.SUCCESS
+        assert sink.stdout == f"{NOBODY.pw_uid}\n".encode()
+    finally:
+        containment.close()
+
+
+async def test_a_working_directory_nobody_may_not_enter_is_said_so(tmp_path: Path) -> None:
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        executor = CommandExecutor({"containment": containment})
+        outcome = await executor.execute(
+            _request(CommandSpec("true", working_dir=str(private))), RecordingSink()
+        )
+        assert outcome.status == ExecStatus.FAILURE
+        assert outcome.error == f"cannot enter working directory {private}: permission denied"
+    finally:
+        containment.close()
