@@ -278,3 +278,29 @@ async def test_a_working_directory_nobody_may_not_enter_is_said_so(tmp_path: Pat
         assert outcome.error == f"cannot enter working directory {private}: permission denied"
     finally:
         containment.close()
+
+
+async def test_a_command_whose_spawner_dies_fails_saying_so_and_is_stopped() -> None:
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        spawner = containment.spawner
+        assert spawner is not None
+        executor = CommandExecutor({"containment": containment, "kill_grace_s": 1.0})
+        sink = RecordingSink()
+        spec = CommandSpec("/bin/sh", ["-c", "echo $$; exec sleep 60"])
+        running = asyncio.create_task(executor.execute(_request(spec), sink))
+        async with asyncio.timeout(10):
+            await sink.first_stdout.wait()
+        pid = int(sink.stdout)
+        os.kill(spawner.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            outcome = await running
+        assert outcome.status == ExecStatus.FAILURE
+        assert outcome.exit_code is None
+        assert outcome.error == (
+            "its exit status was lost (the worker's command spawner ended while it ran); what "
+            "was left of it was stopped"
+        )
+        await wait_until(lambda: not pid_alive(pid), 10, "the command stopped")
+    finally:
+        containment.close()

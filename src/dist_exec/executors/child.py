@@ -35,6 +35,7 @@ class Child:
         self.stdout = stdout
         self.stderr = stderr
         self.returncode: int | None = None
+        self.status_lost = False  # it was reaped elsewhere: its real exit status is unknown
         self._exited = asyncio.Event()
 
     @classmethod
@@ -68,6 +69,7 @@ class Child:
         """Its wait status; None if it is lost (reaped elsewhere)."""
         if status is None:
             log.warning("exit status of process %d was lost; reporting 255", self.pid)
+            self.status_lost = True
             code = 255
         else:
             code = os.waitstatus_to_exitcode(status)

@@ -338,6 +338,13 @@ class CommandExecutor:
         await self._stop(proc, pumps)
         returncode = proc.returncode
         assert returncode is not None
+        if proc.status_lost:
+            return ExecOutcome(
+                ExecStatus.FAILURE,
+                error="its exit status was lost (the worker's command spawner ended while it "
+                "ran); what was left of it was stopped",
+                duration_s=time.monotonic() - started,
+            )
         exit_code = returncode if returncode >= 0 else 128 - returncode
         duration_s = time.monotonic() - started
         if exceeded is None:  # also on success: a limit reached ends the task as failed

@@ -62,9 +62,7 @@ class SpawnerGone(OSError):
 def _own_environment() -> dict[str, str]:
     """What the spawner needs of the worker's environment to start: not the worker's secrets
     (each command gets the environment the worker gives it)."""
-    return {
-        k: v for k, v in os.environ.items() if k.startswith("PYTHON") or k in ("PATH", "LANG")
-    }
+    return {k: v for k, v in os.environ.items() if k.startswith("PYTHON") or k in ("PATH", "LANG")}
 
 
 def _frame(message: Mapping[str, Any]) -> bytes:
