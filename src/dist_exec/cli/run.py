@@ -328,10 +328,19 @@ async def _stop(
 
 
 async def _cancel(client: Client, job_id: str) -> Job:
-    """Cancel the job unless it has ended; returns it as it ended."""
+    """Cancel the job unless it has ended; returns it as it ended. The master answers once the
+    worker confirmed the end, or after a while without that (a stuck worker): then this waits
+    for the end the master goes on working towards."""
     with contextlib.suppress(JobAlreadyFinished):
         await client.cancel(job_id)
-    return await client.get(job_id)
+    job = await client.get(job_id)
+    if not job.status.terminal:
+        _tell(
+            f"job {job_id} is still {job.status.value}: its worker has not confirmed the cancel "
+            "yet; waiting for its end (Ctrl-C again to stop waiting)"
+        )
+        job = await client.wait(job_id)
+    return job
 
 
 def _hold_message() -> None:
