@@ -12,9 +12,9 @@ import pytest
 from dist_exec.cli.run import _cancel
 from dist_exec.client import Client
 from dist_exec.errors import JobAlreadyFinished
-from dist_exec.models import Job, JobStatus, TaskSpec
+from dist_exec.models import Job, JobId, JobStatus, TaskSpec
 
-RUNNING = Job("j1", TaskSpec("command", b"{}", 10.0), JobStatus.RUNNING, datetime.now(UTC))
+RUNNING = Job(JobId("j1"), TaskSpec("command", b"{}", 10.0), JobStatus.RUNNING, datetime.now(UTC))
 
 
 class StuckWorkerClient:
