@@ -155,6 +155,9 @@ class Pki:
         )
 
 
+FACTORY_RUN_AS = "<the factory's run_as>"
+
+
 class ClusterFactory:
     """Starts masters and workers as real processes; stops whatever is left at teardown.
 
@@ -163,6 +166,9 @@ class ClusterFactory:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
+        # Tests run as root and many write into pytest's private tmp_path, so workers run
+        # commands as root unless a test asks for the default (None: 'nobody').
+        self.run_as: str | None = "root"
         self.procs: list[Proc] = []
         self._count = 0
         self._pki: Pki | None = None
@@ -237,12 +243,14 @@ class ClusterFactory:
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
         secure: bool = False,
-        run_as: str | None = "root",
+        run_as: str | None = FACTORY_RUN_AS,
         listen: str = "127.0.0.1:0",
         prefix: list[str] | None = None,
     ) -> Proc:
-        """``run_as``: the user commands run as. Tests run as root and many write into pytest's
-        private tmp_path, so root unless a test asks for the default (None: 'nobody')."""
+        """``run_as``: the user commands run as (``--run-as``; None: the worker's default),
+        by default the factory's ``run_as``."""
+        if run_as == FACTORY_RUN_AS:
+            run_as = self.run_as
         address = master if isinstance(master, str) else master.address
         worker_id = worker_id or f"w{self._count + 1}"
         args = [

@@ -1,9 +1,11 @@
 """A fault-injection workload: many short shell jobs that leave a trace of every real execution.
 
-Each job runs ``sh -c`` with a script that appends ``TOKEN start PID PPID`` to a ledger file,
-sleeps, appends ``TOKEN end PID PPID`` and prints its PID. So, per job:
+Each job runs ``sh -c`` with a script that appends ``TOKEN start PID WORKER`` to a ledger file,
+sleeps, appends ``TOKEN end PID WORKER`` and prints its PID. So, per job:
 
-- an *execution* is one process that wrote a ``start`` line (PPID is the worker that spawned it);
+- an *execution* is one process that wrote a ``start`` line (WORKER is the pid of the worker
+  that started it: its parent, or its parent's parent when the worker's command spawner is the
+  parent);
 - a *completed execution* is one that also wrote its ``end`` line (it did its whole side effect);
 - the *accepted outcome* is the job's terminal record in the master's store; for a COMPLETED job
   its stdout names the execution whose result was accepted.
@@ -44,6 +46,7 @@ from pathlib import Path
 
 from dist_exec.client import Client, command_spec
 from dist_exec.errors import DistExecError
+from dist_exec.executors.spawner import COMM as SPAWNER_COMM
 from dist_exec.models import AttemptOutcome, Job, JobId, JobStatus, TaskSpec
 
 MARK_ENV = "DIST_EXEC_FAULT_MARK"
@@ -112,6 +115,21 @@ class Report:
         )
 
 
+def spawners() -> dict[int, int]:
+    """Pid -> parent pid (the worker) of every live command spawner."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.find("(") + 1 : stat.rfind(")")] == SPAWNER_COMM:
+            found[int(entry.name)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+    return found
+
+
 def marked_processes(mark: str) -> list[MarkedProcess]:
     """Live (non-zombie) processes whose environment carries ``MARK_ENV=mark``."""
     needle = f"{MARK_ENV}={mark}".encode()
@@ -140,6 +158,7 @@ class Workload:
     def __init__(self, tmp: Path, name: str = "load") -> None:
         self.ledger = tmp / f"{name}.ledger"
         self.ledger.touch()
+        self.ledger.chmod(0o666)  # for commands that run as another user
         self.mark = f"{name}-{uuid.uuid4().hex[:12]}"
         self.tokens: dict[JobId, str] = {}
         self.expected: dict[JobId, frozenset[JobStatus]] = {}
@@ -154,11 +173,15 @@ class Workload:
         return f"t{self._count}"
 
     def script(self, token: str, body: str) -> str:
+        """Each execution writes its pid and its worker's to the ledger: the shell's parent,
+        or the parent of that when it is the worker's command spawner (shell builtins only)."""
         ledger = shlex.quote(str(self.ledger))
         return (
             f": {self.mark}; "  # the mark in argv too, for a person reading ps
-            f"echo {token} start $$ $PPID >> {ledger}; {body}; "
-            f"echo {token} end $$ $PPID >> {ledger}; echo $$"
+            f"read -r _ parent _ grandparent _ < /proc/$PPID/stat; worker=$PPID; "
+            f'case "$parent" in "({SPAWNER_COMM})") worker=$grandparent;; esac; '
+            f"echo {token} start $$ $worker >> {ledger}; {body}; "
+            f"echo {token} end $$ $worker >> {ledger}; echo $$"
         )
 
     def spec(

@@ -38,6 +38,7 @@ from tests.faults.workload import (
     Workload,
     kill_marked,
     marked_processes,
+    spawners,
 )
 
 pytestmark = pytest.mark.system
@@ -46,6 +47,20 @@ BEAT = "0.2s"  # heartbeat interval of every scenario
 TERMINAL_STATES = [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT]
 SHORT_JOB = "sleep 0.1"
 LOAD = 200  # short jobs per scenario
+
+
+@pytest.fixture
+def tmp_path(shared_dir: Path) -> Path:
+    """Every scenario's files (master data, ledgers, gates) where the user its commands run as
+    may reach them."""
+    return shared_dir
+
+
+@pytest.fixture(autouse=True)
+def _default_workers(cluster: ClusterFactory) -> None:
+    """Workers run commands as they do by default: as nobody when they run as root (through
+    their command spawner), so the faults hit the mode users run."""
+    cluster.run_as = None
 
 
 @pytest.fixture
@@ -89,7 +104,8 @@ def worker_pids(cluster: ClusterFactory) -> dict[str, set[int]]:
 
 
 def descendants_of(wl: Workload, worker: Proc) -> list[MarkedProcess]:
-    """The workload's processes that ``worker`` started, and their children."""
+    """The workload's processes that ``worker`` started (itself or through its command
+    spawner), and their children."""
     marked = {p.pid: p for p in marked_processes(wl.mark)}
 
     def root(p: MarkedProcess) -> int:
@@ -97,7 +113,8 @@ def descendants_of(wl: Workload, worker: Proc) -> list[MarkedProcess]:
             p = marked[p.ppid]
         return p.ppid
 
-    return [p for p in marked.values() if root(p) == worker.pid]
+    workers = spawners()
+    return [p for p in marked.values() if workers.get(root(p), root(p)) == worker.pid]
 
 
 async def all_gone(pids: set[int], timeout: float, what: str) -> None:
@@ -160,7 +177,8 @@ async def test_a_command_started_as_its_worker_dies_dies_with_it(
     cluster: ClusterFactory, workloads: list[Workload], tmp_path: Path
 ) -> None:
     master = cluster.master(heartbeat_interval=BEAT, heartbeat_timeout="1s")
-    worker = cluster.worker(master, worker_id="w1", max_tasks=8)
+    # Commands that kill their worker: only as root can they (as nobody, not a root worker).
+    worker = cluster.worker(master, worker_id="w1", max_tasks=8, run_as="root")
     busy, poison = Workload(tmp_path, "busy"), Workload(tmp_path, "poison")
     workloads += [busy, poison]
     async with Client(master.address) as client:
@@ -656,7 +674,10 @@ async def test_a_task_that_kills_its_workers_is_failed_as_poison_and_the_rest_su
     master = cluster.master(
         heartbeat_interval=BEAT, heartbeat_timeout="1s", extra=["--poison-after", "2"]
     )
-    workers = [cluster.worker(master, worker_id=f"w{i}", max_tasks=6) for i in (1, 2, 3)]
+    # (as root: a command running as nobody cannot kill a root worker)
+    workers = [
+        cluster.worker(master, worker_id=f"w{i}", max_tasks=6, run_as="root") for i in (1, 2, 3)
+    ]
 
     async def death(worker: Proc) -> Fault:
         """When ``worker`` dies: the ledger mark once its commands are gone too."""

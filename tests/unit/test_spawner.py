@@ -121,24 +121,39 @@ async def test_a_large_environment_goes_through_whole(spawner: Spawner) -> None:
     assert await run(child) == (0, hashlib.md5(expected).hexdigest().encode() + b"  -\n", b"")
 
 
-async def test_commands_cannot_reach_into_the_spawner(spawner: Spawner) -> None:
-    """It runs as the commands' user, but is not dumpable: they cannot trace it or read it."""
-    child = await spawner.spawn(
-        ["/bin/sh", "-c", f"cat /proc/{spawner.pid}/environ; head -c 1 /proc/{spawner.pid}/mem"],
-        stdin=False,
-        cwd=None,
-        env=ENV,
+async def test_commands_get_only_the_users_ids_and_cannot_reach_the_spawner(
+    spawner: Spawner,
+) -> None:
+    """The spawner stays root: the commands, all of the same user, can neither signal it nor
+    read it; they run with the user's real, effective and saved ids and no capabilities."""
+    me = spawner.pid
+    script = (
+        "grep -E '^(Uid|Gid|Groups|CapPrm|CapEff):' /proc/self/status; "
+        f"kill -0 {me} || echo no-signal; "
+        f"cat /proc/{me}/environ || echo no-environ; head -c 1 /proc/{me}/mem || echo no-mem"
     )
-    code, out, err = await run(child)
-    assert code != 0
-    assert out == b""
-    assert err.count(b"Permission denied") == 2, err
+    code, out, _ = await run(
+        await spawner.spawn(["/bin/sh", "-c", script], stdin=False, cwd=None, env=ENV)
+    )
+    uid, gid = NOBODY.pw_uid, NOBODY.pw_gid
+    assert code == 0
+    assert out.decode().split("\n") == [
+        f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}",
+        f"Gid:\t{gid}\t{gid}\t{gid}\t{gid}",
+        "Groups:\t ",
+        "CapPrm:\t0000000000000000",
+        "CapEff:\t0000000000000000",
+        "no-signal",
+        "no-environ",
+        "no-mem",
+        "",
+    ]
     status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{spawner.pid}/status").read_text().splitlines()
+        line.split(":", 1) for line in Path(f"/proc/{me}/status").read_text().splitlines()
     )
-    assert status["Uid"].split() == [str(NOBODY.pw_uid)] * 4
-    assert status["Gid"].split() == [str(NOBODY.pw_gid)] * 4
+    assert status["Uid"].split() == ["0"] * 4  # root again after the start
     assert status["Groups"].split() == []
+    assert status["Name"].strip() == "dist-exec-spawn"
 
 
 async def test_a_caller_that_goes_away_leaves_no_command_running(spawner: Spawner) -> None:
@@ -302,5 +317,48 @@ async def test_a_command_whose_spawner_dies_fails_saying_so_and_is_stopped() -> 
             "was left of it was stopped"
         )
         await wait_until(lambda: not pid_alive(pid), 10, "the command stopped")
+    finally:
+        containment.close()
+
+
+async def test_a_stopped_spawner_is_killed_when_an_answer_is_overdue(
+    spawner: Spawner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("dist_exec.executors.spawner.ANSWER_TIMEOUT_S", 0.5)
+    first = await run(await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV))
+    assert first == (0, b"", b"")
+    os.kill(spawner.pid, signal.SIGSTOP)  # as a command of the same user might, at the wrong time
+    with pytest.raises(SpawnerGone):
+        async with asyncio.timeout(10):
+            await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV)
+    assert f"command spawner {spawner.pid} has not answered for 0 s; killing it" in caplog.text
+    assert not spawner.alive
+
+
+async def test_a_spawner_that_ended_is_replaced_and_the_worker_forks_meanwhile() -> None:
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        first = containment.spawner
+        assert first is not None
+        executor = CommandExecutor({"containment": containment})
+        spec = CommandSpec("/bin/sh", ["-c", "echo $PPID"])
+
+        async def parent() -> int:
+            sink = RecordingSink()
+            outcome = await executor.execute(_request(spec), sink)
+            assert outcome.status == ExecStatus.SUCCESS, outcome
+            return int(sink.stdout)
+
+        assert await parent() == first.pid
+        os.kill(first.pid, signal.SIGKILL)
+        await wait_until(lambda: not first.alive, 10, "the spawner's end noticed")
+        assert await parent() == os.getpid()  # forked by the worker while a new one starts
+        await wait_until(
+            lambda: containment.spawner is not first and containment.spawner, 30, "a new spawner"
+        )
+        second = containment.spawner
+        assert second is not None
+        assert await parent() == second.pid
+        assert not pid_alive(first.pid)  # reaped
     finally:
         containment.close()

@@ -13,6 +13,7 @@ When a limit is reached the task is killed and the limit named (see ``limits.Exc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import errno
@@ -21,6 +22,7 @@ import os
 import pwd
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 POLL_S = 0.05  # how often a running task's usage is read
 EMPTY_WAIT_S = 5.0  # how long to wait for a task's cgroup to empty after killing it
+SPAWNER_RESTART_S = 10.0  # a command spawner that ended is replaced at most this often
 
 
 class Mode(enum.StrEnum):
@@ -501,6 +504,9 @@ class Containment:
         self.cgroups = cgroups
         self.run_as = run_as
         self.spawner = spawner  # starts commands as ``run_as`` (see spawner.py)
+        self._starting: _SpawnerStart | None = None  # a new spawner being started
+        self._next_start = 0.0  # monotonic time before which no spawner is started again
+        self._closed = False
 
     @classmethod
     def start(
@@ -537,10 +543,70 @@ class Containment:
         wants_cgroup = limits.memory_bytes or limits.max_procs or limits.cpu_time_s
         if self.cgroups is not None and wants_cgroup:
             cgroup = self.cgroups.task(name, limits)
-        return Jail(limits, cgroup, self.run_as, self.spawner)
+        return Jail(limits, cgroup, self.run_as, self._live_spawner())
+
+    def _live_spawner(self) -> Spawner | None:
+        """The spawner, if it runs. One that ended is replaced in the background (at most once
+        per SPAWNER_RESTART_S); meanwhile the worker forks commands itself."""
+        spawner = self.spawner
+        if spawner is None or spawner.alive or self.run_as is None:
+            return spawner
+        now = time.monotonic()
+        if self._starting is None and now >= self._next_start and not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+            self._next_start = now + SPAWNER_RESTART_S
+            self._starting = _SpawnerStart(
+                self.run_as, lambda: loop.call_soon_threadsafe(self._started)
+            )
+            self._starting.start()
+        return None
+
+    def _started(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is None:  # (closed meanwhile)
+            return
+        new = starting.result
+        if isinstance(new, SpawnerError):
+            log.error("%s; the worker goes on forking commands", new)
+            return
+        assert new is not None
+        if self._closed:
+            new.close()
+            return
+        old, self.spawner = self.spawner, new
+        if old is not None:
+            old.close()  # (it ended: only reaped)
+        log.info("command spawner %d started", new.pid)
 
     def close(self) -> None:
+        self._closed = True
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.join()
+            if isinstance(starting.result, Spawner):
+                starting.result.close()
         if self.spawner is not None:
             self.spawner.close()
         if self.cgroups is not None:
             self.cgroups.close()
+
+
+class _SpawnerStart(threading.Thread):
+    """Starts a command spawner without holding up the event loop (a Python start-up)."""
+
+    def __init__(self, run_as: RunAs, done: Callable[[], object]) -> None:
+        super().__init__(name="spawner-start", daemon=True)
+        self.run_as = run_as
+        self.result: Spawner | SpawnerError | None = None
+        self._done = done
+
+    def run(self) -> None:
+        try:
+            self.result = Spawner(self.run_as.uid, self.run_as.gid)
+        except SpawnerError as exc:
+            self.result = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: close() takes it
+            self._done()

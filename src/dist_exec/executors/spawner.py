@@ -4,15 +4,18 @@ A worker running as root runs commands as another user (``--run-as``, ``nobody``
 Python's subprocess can only switch user in a full fork of the worker (vfork is not used with a
 user switch), and forking a worker of ~80 MB cost ~1.6 ms of its CPU and ~1.3 ms of the child's
 per command: a third of a short job's latency, and half the throughput (measured on 2 CPUs, see
-the benchmark notes in README.md). The spawner is a small process of the worker's that has
-already become that user: it starts each command with vfork, as a worker that runs commands as
-itself does.
+the benchmark notes in README.md). The spawner is a small, single-threaded process of the
+worker's that starts each command with vfork, as a worker that runs commands as itself does.
 
-It starts as root (the worker's Python may be one the user cannot run) and drops to the user
-(uid, gid, no supplementary groups) before it reads a request. Changing its uid makes the kernel
-mark it not dumpable, so the commands, which run as the same user, can neither trace it nor
-read its memory. It lets SIGINT, SIGTERM and SIGHUP pass (its own session) and ends when the
-worker closes its end of the socket, however the worker ended.
+It stays root, so the commands cannot signal, trace or read it. For each start it takes the
+user's ids as its real and effective ids, keeping root only as its saved ids (so its effective
+capabilities are gone), vforks the command, and takes root back: the command execs with the
+user's real, effective and saved ids, no supplementary groups and no capabilities, exactly as
+after a setuid in a forked child. Only during those few syscalls could a command of the same
+user signal it; if one stops or kills it, the worker notices (an answer overdue, or the socket
+closed), kills it, forks commands itself meanwhile and starts a new one. It lets SIGINT,
+SIGTERM and SIGHUP pass (its own session) and ends when the worker closes its end of the
+socket, however the worker ended.
 
 Protocol, over a Unix stream socket pair: frames of a 4-byte big-endian length and a JSON
 object. The worker sends ``{"argv", "cwd", "env", "stdin"}`` with the command's stdout and
@@ -40,6 +43,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from dist_exec.executors.child import Child
@@ -49,6 +53,8 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 START_TIMEOUT_S = 30.0  # for the spawner's "ready" (a Python start-up, slow on a busy host)
 STOP_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 10.0  # a start unanswered this long: the spawner is stopped or stuck
+COMM = "dist-exec-spawn"  # the process's name (at most 15 bytes)
 
 
 class SpawnerError(Exception):
@@ -105,6 +111,7 @@ class Spawner:
         self._sending = asyncio.Lock()
         # Requests sent and not answered yet, in order: (answer, the worker's pipe ends).
         self._waiting: deque[tuple[asyncio.Future[Child], list[int]]] = deque()
+        self._overdue: asyncio.TimerHandle | None = None  # for the oldest request
         self._children: dict[int, Child] = {}
         self.alive = True
 
@@ -181,6 +188,8 @@ class Spawner:
                         os.close(fd)
                     raise SpawnerGone("the command spawner has ended")
                 self._waiting.append((answer, mine))
+                if self._overdue is None:
+                    self._watch_oldest()
                 await self._send(request, theirs)
         finally:
             for fd in theirs:
@@ -221,6 +230,28 @@ class Spawner:
         except (ValueError, KeyError, TypeError) as exc:
             self._gone(f"it sent a bad message: {exc}")
 
+    def _watch_oldest(self) -> None:
+        """Kill the spawner if the oldest request waiting is not answered in time: a command of
+        the same user stopped it (see the module's doc), or it is stuck. The worker then
+        forks commands itself until a new spawner runs."""
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+        if self._waiting and self._loop is not None:
+            self._overdue = self._loop.call_later(ANSWER_TIMEOUT_S, self._kill_stuck)
+
+    def _kill_stuck(self) -> None:
+        self._overdue = None
+        if not self.alive:
+            return
+        log.error(
+            "command spawner %d has not answered for %.0f s; killing it",
+            self._proc.pid,
+            ANSWER_TIMEOUT_S,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()  # its socket closes: _gone follows
+
     def _handle(self, message: dict[str, Any]) -> None:
         if "exit" in message:
             child = self._children.pop(int(message["exit"]), None)
@@ -228,6 +259,7 @@ class Spawner:
                 child.exited(int(message["status"]))
             return
         answer, mine = self._waiting.popleft()
+        self._watch_oldest()
         if "error" in message:
             number, text, filename = message["error"]
             for fd in mine:
@@ -261,10 +293,13 @@ class Spawner:
         self.alive = False
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         status = self._proc.poll()
         log.error(
             "command spawner %d ended (%s; exit status %s): the worker starts commands itself "
-            "from now on, which costs it a fork per command",
+            "(a fork each) until a new one runs",
             self._proc.pid,
             reason,
             status,
@@ -283,6 +318,9 @@ class Spawner:
         """Let the spawner end (its commands are stopped already), and reap it."""
         if self.alive and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._sock.fileno())
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         self.alive = False
         self._sock.close()
         try:
@@ -347,17 +385,30 @@ def _read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | Non
     return json.loads(body), fds
 
 
-def _spawn(request: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes]:
+def _spawn(
+    request: dict[str, Any], fds: list[int], user: tuple[int, int] | None
+) -> subprocess.Popen[bytes]:
+    """Start the command (vfork, as a process that runs commands as itself does). ``user``:
+    (uid, gid) to become just for the start; the command gets them as real, effective and
+    saved ids, and no capabilities; this process keeps root as its saved ids, and returns."""
     stdout, stderr, *rest = fds
-    return subprocess.Popen(
-        request["argv"],
-        stdin=rest[0] if request["stdin"] else subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        cwd=request["cwd"],
-        env=request["env"],
-        start_new_session=True,
-    )
+    if user is not None:
+        os.setresgid(user[1], user[1], 0)
+        os.setresuid(user[0], user[0], 0)
+    try:
+        return subprocess.Popen(
+            request["argv"],
+            stdin=rest[0] if request["stdin"] else subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=request["cwd"],
+            env=request["env"],
+            start_new_session=True,
+        )
+    finally:
+        if user is not None:
+            os.setresuid(0, 0, 0)
+            os.setresgid(0, 0, 0)
 
 
 def main() -> None:
@@ -372,10 +423,12 @@ def main() -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, _ignore)  # the wake-up fd says a child ended
-    if os.getuid() != uid or os.getgid() != gid:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
+    with contextlib.suppress(OSError):  # its name in ps and top (not "python3")
+        Path("/proc/self/comm").write_text(COMM)
+    user = None
+    if (uid, gid) != (os.getuid(), os.getgid()):
+        os.setgroups([])  # the commands' supplementary groups: none
+        user = (uid, gid)
     os.chdir("/")
     running: dict[int, subprocess.Popen[bytes]] = {}
     sock.sendall(_frame({"ready": os.getpid()}))
@@ -390,7 +443,7 @@ def main() -> None:
                     return
                 request, fds = got
                 try:
-                    proc = _spawn(request, fds)
+                    proc = _spawn(request, fds, user)
                 except OSError as exc:
                     sock.sendall(_frame({"error": [exc.errno or 0, exc.strerror or str(exc),
                                                    exc.filename]}))  # fmt: skip
