@@ -418,11 +418,6 @@ def main() -> None:
         # ignored in the commands it starts (a caught one is reset when they exec).
         signal.signal(sig, _ignore)
     sock = socket.socket(fileno=sock_fd)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, _ignore)  # the wake-up fd says a child ended
     with contextlib.suppress(OSError):  # its name in ps and top (not "python3")
         Path("/proc/self/comm").write_text(COMM)
     user = None
@@ -430,11 +425,10 @@ def main() -> None:
         os.setgroups([])  # the commands' supplementary groups: none
         user = (uid, gid)
     os.chdir("/")
-    running: dict[int, subprocess.Popen[bytes]] = {}
+    os.close(os.pidfd_open(os.getpid()))  # no pidfds (Linux < 5.3): fail now, the worker forks
     sock.sendall(_frame({"ready": os.getpid()}))
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
@@ -450,35 +444,23 @@ def main() -> None:
                 except Exception as exc:  # a malformed request: refused, not fatal
                     sock.sendall(_frame({"error": [0, f"{type(exc).__name__}: {exc}", None]}))
                 else:
-                    running[proc.pid] = proc
+                    # Its end is seen by a pidfd (no SIGCHLD handler, no wake-up pipe).
+                    selector.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, proc)
                     sock.sendall(_frame({"pid": proc.pid}))
                 finally:
                     for fd in fds:
                         os.close(fd)
             else:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wake_r, 4096):
-                        pass
-                _reap(sock, running)
+                selector.unregister(key.fd)
+                os.close(key.fd)
+                proc = key.data
+                _, status = os.waitpid(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                sock.sendall(_frame({"exit": proc.pid, "status": status}))
 
 
 def _ignore(signum: int, frame: object) -> None:
     pass
-
-
-def _reap(sock: socket.socket, running: dict[int, subprocess.Popen[bytes]]) -> None:
-    """Report every command that has ended."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        proc = running.pop(pid, None)
-        if proc is not None:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            sock.sendall(_frame({"exit": pid, "status": status}))
 
 
 if __name__ == "__main__":
