@@ -52,6 +52,7 @@ def test_a_killed_workers_command_dies_even_with_its_environment_cleared(
     master = cluster.master()
     worker = cluster.worker(master, worker_id="w1", run_as=run_as)
     spawners = _helpers(worker.proc.pid, b"spawner")
+    assert len(spawners) == (1 if run_as is None else 0)
     mark = f"3000.{uuid.uuid4().int % 10**9}"  # a sleep only this test starts
     result = run_cli("run", "--detach", f"env -i sleep {mark} & wait", master=master.address)
     assert result.code == 0, result.stderr

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import pwd
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -360,5 +364,142 @@ async def test_a_spawner_that_ended_is_replaced_and_the_worker_forks_meanwhile()
         assert second is not None
         assert await parent() == second.pid
         assert not pid_alive(first.pid)  # reaped
+    finally:
+        containment.close()
+
+
+async def test_a_caller_cancelled_as_its_answer_arrives_leaves_no_command(
+    spawner: Spawner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is in, but the caller is cancelled before it resumes (a timeout firing in the
+    same turn of the loop): the command is killed, not left running unseen."""
+    spawning: asyncio.Task[Child] | None = None
+    handle = spawner._handle
+
+    def then_cancel(message: dict[str, object]) -> None:
+        handle(message)
+        if "pid" in message and spawning is not None:
+            spawning.cancel()
+
+    monkeypatch.setattr(spawner, "_handle", then_cancel)
+    env = {**ENV, "DIST_EXEC_T": "cancelled-late"}
+    spawning = asyncio.create_task(spawner.spawn(["sleep", "60"], stdin=False, cwd=None, env=env))
+    with pytest.raises(asyncio.CancelledError):
+        await spawning
+    await wait_until(lambda: not tagged({"DIST_EXEC_T": "cancelled-late"}), 10, "no sleep left")
+
+
+def test_the_spawner_process_refuses_a_malformed_request_and_goes_on(shared_dir: Path) -> None:
+    """The process's side of the protocol, driven by hand: a request that is not JSON gets an
+    error answer; the next one is served."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "-m",
+            "dist_exec.executors.spawner",
+            str(theirs.fileno()),
+            str(NOBODY.pw_uid),
+            str(NOBODY.pw_gid),
+        ],
+        pass_fds=(theirs.fileno(),),
+        cwd="/",
+    )
+    theirs.close()
+    ours.settimeout(10)
+    reader = ours.makefile("rb")
+    try:
+
+        def answer() -> dict[str, object]:
+            (size,) = struct.unpack(">I", reader.read(4))
+            message = json.loads(reader.read(size))
+            assert isinstance(message, dict)
+            return message
+
+        def send(body: bytes) -> None:
+            r, w = os.pipe()
+            try:
+                ours.sendmsg(
+                    [struct.pack(">I", len(body)) + body],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", w, w))],
+                )
+            finally:
+                os.close(r)
+                os.close(w)
+
+        assert answer() == {"ready": proc.pid}
+        send(b"{not json")
+        refused = answer()
+        assert list(refused) == ["error"]
+        assert "JSONDecodeError" in str(refused["error"])
+        request = {"argv": ["true"], "cwd": None, "env": ENV, "stdin": False}
+        send(json.dumps(request).encode())
+        started = answer()
+        assert list(started) == ["pid"]
+        assert answer() == {"exit": started["pid"], "status": 0}
+    finally:
+        reader.close()
+        ours.close()
+        assert proc.wait(timeout=10) == 0  # the end of its socket ends it
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_ambient_capabilities_of_the_worker_do_not_reach_commands() -> None:
+    """A worker started with an ambient capability: its spawner (saved uid root) must not pass
+    it on, as a plain setuid would not."""
+    code = (
+        "import asyncio\n"
+        "from dist_exec.executors.spawner import Spawner\n"
+        "from dist_exec.executors.child import read_pipe\n"
+        "async def main():\n"
+        "    s = Spawner(65534, 65534)\n"
+        "    c = await s.spawn(['grep', '^Cap', '/proc/self/status'], stdin=False, cwd=None,"
+        " env={'PATH': '/usr/bin:/bin'})\n"
+        "    out = bytearray()\n"
+        "    async def keep(d): out.extend(d)\n"
+        "    async def drop(d): pass\n"
+        "    await asyncio.gather(read_pipe(c.stdout, keep), read_pipe(c.stderr, drop))\n"
+        "    await c.wait()\n"
+        "    s.close()\n"
+        "    print(out.decode(), end='')\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--inh-caps",
+            "+dac_override",
+            "--ambient-caps",
+            "+dac_override",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    caps = dict(line.split(":\t") for line in done.stdout.decode().splitlines())
+    assert caps["CapAmb"] == caps["CapPrm"] == caps["CapEff"] == "0000000000000000", caps
+
+
+async def test_commands_of_another_user_start_in_its_home_whichever_way_they_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Through the spawner, and forked by the worker (under a limit), from a worker whose own
+    directory is somewhere else."""
+    monkeypatch.chdir(tmp_path)
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        assert containment.run_as is not None
+        executor = CommandExecutor({"containment": containment})
+        spec = CommandSpec("pwd")
+        for limits in (TaskLimits(), TaskLimits(cpu_time_s=5)):
+            sink = RecordingSink()
+            request = ExecRequest("t1", 1, spec.to_payload(), 10.0, limits=limits)
+            outcome = await executor.execute(request, sink)
+            assert outcome.status == ExecStatus.SUCCESS, outcome
+            assert sink.stdout == f"{containment.run_as.home}\n".encode()
     finally:
         containment.close()

@@ -257,7 +257,9 @@ class CommandExecutor:
     ) -> Child | ExecOutcome:
         """The started process, or why it could not start."""
         env = jail.environment(self._environment(spec, request))
-        cwd = spec.working_dir or None
+        # Another user starts in its home (as HOME says), whichever way it is started; the
+        # worker's own directory may be one that user cannot enter, or can write.
+        cwd = spec.working_dir or (jail.run_as.home if jail.run_as is not None else None)
         try:
             spawner = jail.spawner
             if spawner is not None:
@@ -277,7 +279,7 @@ class CommandExecutor:
                 )
             return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {spec.argv[0]}")
         except PermissionError as exc:
-            if cwd is not None and exc.filename == cwd:
+            if spec.working_dir and exc.filename == cwd:
                 return ExecOutcome(
                     ExecStatus.FAILURE,
                     error=f"cannot enter working directory {cwd}: permission denied",

@@ -99,9 +99,11 @@ class ProcessGuard:
         self._view: memoryview | None = None
         self._grow(FIRST_SLOTS)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dist_exec.executors.guardian", self.token, str(self._table)],
+            # Isolated and in /: a directory the commands may write must not give it a module.
+            [sys.executable, "-I", "-m", __name__, self.token, str(self._table)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
+            cwd="/",
             start_new_session=True,
             pass_fds=(self._table,),
         )

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -55,6 +57,7 @@ START_TIMEOUT_S = 30.0  # for the spawner's "ready" (a Python start-up, slow on 
 STOP_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 10.0  # a start unanswered this long: the spawner is stopped or stuck
 COMM = "dist-exec-spawn"  # the process's name (at most 15 bytes)
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4  # prctl(2)
 
 
 class SpawnerError(Exception):
@@ -68,7 +71,7 @@ class SpawnerGone(OSError):
 def _own_environment() -> dict[str, str]:
     """What the spawner needs of the worker's environment to start: not the worker's secrets
     (each command gets the environment the worker gives it)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("PYTHON") or k in ("PATH", "LANG")}
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
 
 
 def _frame(message: Mapping[str, Any]) -> bytes:
@@ -84,9 +87,13 @@ class Spawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno()), str(uid), str(gid)],
+                # Isolated (-I: no current directory, user site or PYTHON* variables on its
+                # import path) and started in /: it runs as root, and a directory the commands
+                # may write must not give it a module.
+                [sys.executable, "-I", "-m", __name__, str(theirs.fileno()), str(uid), str(gid)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                cwd="/",
                 start_new_session=True,
                 pass_fds=(theirs.fileno(),),
                 env=_own_environment(),
@@ -157,35 +164,36 @@ class Spawner:
         if self._loop is None:
             self._loop = loop
             loop.add_reader(self._sock.fileno(), self._read)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        in_r, in_w = os.pipe() if stdin else (-1, -1)
-        theirs = [out_w, err_w, *([in_r] if stdin else [])]
-        mine = [out_r, err_r, *([in_w] if stdin else [])]
         request = _frame({"argv": list(argv), "cwd": cwd, "env": dict(env), "stdin": stdin})
+        mine, theirs = _pipes(3 if stdin else 2)  # (out, err[, in]): the reading ends, then
         answer: asyncio.Future[Child] = loop.create_future()
         # Sending goes on if this caller goes away: a frame cut short would garble the stream.
         sending = asyncio.ensure_future(self._request(request, theirs, answer, mine))
         sending.add_done_callback(_retrieve)
         try:
             await asyncio.shield(sending)
+            return await answer
         except asyncio.CancelledError:
-            answer.cancel()  # the answer, when it comes, stops the command
+            if not answer.done():
+                answer.cancel()  # the answer, when it comes, stops the command
+            elif not answer.cancelled() and answer.exception() is None:
+                _abandon(answer.result())  # answered, but this caller has gone meanwhile
             raise
         except BaseException:
             if answer.done() and not answer.cancelled():
                 answer.exception()  # said by the exception raised here
             raise
-        return await answer
 
     async def _request(
         self, request: bytes, theirs: list[int], answer: asyncio.Future[Child], mine: list[int]
     ) -> None:
         try:
             async with self._sending:
-                if not self.alive:
+                if not self.alive or answer.cancelled():  # (a caller gone: nothing to start)
                     for fd in mine:
                         os.close(fd)
+                    if answer.cancelled():
+                        return
                     raise SpawnerGone("the command spawner has ended")
                 self._waiting.append((answer, mine))
                 if self._overdue is None:
@@ -227,8 +235,8 @@ class Spawner:
         try:
             while (message := self._take_frame()) is not None:
                 self._handle(message)
-        except (ValueError, KeyError, TypeError) as exc:
-            self._gone(f"it sent a bad message: {exc}")
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            self._gone(f"it sent a bad message: {exc!r}")
 
     def _watch_oldest(self) -> None:
         """Kill the spawner if the oldest request waiting is not answered in time: a command of
@@ -258,16 +266,21 @@ class Spawner:
             if child is not None:
                 child.exited(int(message["status"]))
             return
+        if not self._waiting or not ("pid" in message or "error" in message):
+            raise ValueError(f"an answer to no request: {message!r}")
+        if "error" in message:
+            number, text, filename = message["error"]
+            error = OSError(int(number), str(text), filename)
+        else:
+            pid = int(message["pid"])
         answer, mine = self._waiting.popleft()
         self._watch_oldest()
         if "error" in message:
-            number, text, filename = message["error"]
             for fd in mine:
                 os.close(fd)
             if not answer.done():
-                answer.set_exception(OSError(int(number), str(text), filename))
+                answer.set_exception(error)
             return
-        pid = int(message["pid"])
         out_r, err_r, *rest = mine
         child = Child(
             pid,
@@ -277,11 +290,7 @@ class Spawner:
         )
         self._children[pid] = child
         if answer.done():  # its caller went away meanwhile: nobody will stop the command
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            for pipe in (child.stdin, child.stdout, child.stderr):
-                if pipe is not None:
-                    pipe.close()
+            _abandon(child)
             return
         answer.set_result(child)
 
@@ -296,7 +305,9 @@ class Spawner:
         if self._overdue is not None:
             self._overdue.cancel()
             self._overdue = None
-        status = self._proc.poll()
+        with contextlib.suppress(ProcessLookupError):  # (one that misbehaves must start nothing)
+            self._proc.kill()
+        status = self._proc.wait()
         log.error(
             "command spawner %d ended (%s; exit status %s): the worker starts commands itself "
             "(a fork each) until a new one runs",
@@ -335,6 +346,32 @@ class Spawner:
         self._proc.wait()
 
 
+def _pipes(count: int) -> tuple[list[int], list[int]]:
+    """``count`` pipes: the worker's ends (read, read, write), the command's (write, write,
+    read)."""
+    made: list[tuple[int, int]] = []
+    try:
+        for _ in range(count):
+            made.append(os.pipe())
+    except OSError:
+        for pair in made:
+            for fd in pair:
+                os.close(fd)
+        raise
+    mine = [made[0][0], made[1][0], *([made[2][1]] if count == 3 else [])]
+    theirs = [made[0][1], made[1][1], *([made[2][0]] if count == 3 else [])]
+    return mine, theirs
+
+
+def _abandon(child: Child) -> None:
+    """A command started for a caller that went away: kill it (its exit is still reported)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    for pipe in (child.stdin, child.stdout, child.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 def _retrieve(task: asyncio.Future[None]) -> None:
     """Its exception is raised to the caller, if the caller is still there."""
     if not task.cancelled():
@@ -358,8 +395,8 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
 # ---- the spawner process ------------------------------------------------------------------------
 
 
-def _read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """One request and its descriptors; None at the end of the socket."""
+def _read_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """One request's body and its descriptors; None at the end of the socket."""
     header = b""
     fds: list[int] = []
     while len(header) < HEADER.size:
@@ -371,31 +408,31 @@ def _read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | Non
                 count = len(payload) // struct.calcsize("i")
                 fds.extend(struct.unpack(f"{count}i", payload[: count * struct.calcsize("i")]))
         if not data:
-            for fd in fds:
-                os.close(fd)
-            return None
+            break
         header += data
-    (size,) = HEADER.unpack(header)
-    body = bytearray()
-    while len(body) < size:
-        data = sock.recv(size - len(body))
-        if not data:
-            return None
-        body += data
-    return json.loads(body), fds
+    else:
+        (size,) = HEADER.unpack(header)
+        if size <= MAX_FRAME:
+            body = bytearray()
+            while len(body) < size and (data := sock.recv(size - len(body))):
+                body += data
+            if len(body) == size:
+                return bytes(body), fds
+    for fd in fds:  # the end of the socket, or a stream no longer in step: the end
+        os.close(fd)
+    return None
 
 
-def _spawn(
-    request: dict[str, Any], fds: list[int], user: tuple[int, int] | None
-) -> subprocess.Popen[bytes]:
+def _spawn(body: bytes, fds: list[int], user: tuple[int, int] | None) -> subprocess.Popen[bytes]:
     """Start the command (vfork, as a process that runs commands as itself does). ``user``:
     (uid, gid) to become just for the start; the command gets them as real, effective and
     saved ids, and no capabilities; this process keeps root as its saved ids, and returns."""
+    request = json.loads(body)
     stdout, stderr, *rest = fds
-    if user is not None:
-        os.setresgid(user[1], user[1], 0)
-        os.setresuid(user[0], user[0], 0)
     try:
+        if user is not None:
+            os.setresgid(user[1], user[1], 0)
+            os.setresuid(user[0], user[0], 0)
         return subprocess.Popen(
             request["argv"],
             stdin=rest[0] if request["stdin"] else subprocess.DEVNULL,
@@ -407,8 +444,21 @@ def _spawn(
         )
     finally:
         if user is not None:
-            os.setresuid(0, 0, 0)
-            os.setresgid(0, 0, 0)
+            try:
+                os.setresuid(0, 0, 0)
+                os.setresgid(0, 0, 0)
+            except OSError:  # never go on serving with the user's ids
+                os._exit(70)
+
+
+def _clear_ambient_capabilities() -> None:
+    """Ambient capabilities survive this process's id changes (its saved uid stays root) and
+    would pass to the commands through exec: none."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        number = ctypes.get_errno()
+        if number != errno.EINVAL:  # EINVAL: a kernel without ambient capabilities
+            raise OSError(number, os.strerror(number))
 
 
 def main() -> None:
@@ -423,8 +473,8 @@ def main() -> None:
     user = None
     if (uid, gid) != (os.getuid(), os.getgid()):
         os.setgroups([])  # the commands' supplementary groups: none
+        _clear_ambient_capabilities()
         user = (uid, gid)
-    os.chdir("/")
     os.close(os.pidfd_open(os.getpid()))  # no pidfds (Linux < 5.3): fail now, the worker forks
     sock.sendall(_frame({"ready": os.getpid()}))
     selector = selectors.DefaultSelector()
@@ -435,9 +485,10 @@ def main() -> None:
                 got = _read_request(sock)
                 if got is None:
                     return
-                request, fds = got
+                body, fds = got
                 try:
-                    proc = _spawn(request, fds, user)
+                    proc = _spawn(body, fds, user)
+                    pidfd = _watch(proc)
                 except OSError as exc:
                     sock.sendall(_frame({"error": [exc.errno or 0, exc.strerror or str(exc),
                                                    exc.filename]}))  # fmt: skip
@@ -445,7 +496,7 @@ def main() -> None:
                     sock.sendall(_frame({"error": [0, f"{type(exc).__name__}: {exc}", None]}))
                 else:
                     # Its end is seen by a pidfd (no SIGCHLD handler, no wake-up pipe).
-                    selector.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, proc)
+                    selector.register(pidfd, selectors.EVENT_READ, proc)
                     sock.sendall(_frame({"pid": proc.pid}))
                 finally:
                     for fd in fds:
@@ -457,6 +508,18 @@ def main() -> None:
                 _, status = os.waitpid(proc.pid, 0)
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 sock.sendall(_frame({"exit": proc.pid, "status": status}))
+
+
+def _watch(proc: subprocess.Popen[bytes]) -> int:
+    """A pidfd for the started command; if there can be none (out of descriptors), the command
+    is killed and reaped, and the error raised."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except OSError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def _ignore(signum: int, frame: object) -> None:
