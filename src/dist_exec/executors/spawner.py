@@ -307,7 +307,9 @@ class Spawner:
             self._overdue = None
         with contextlib.suppress(ProcessLookupError):  # (one that misbehaves must start nothing)
             self._proc.kill()
-        status = self._proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # (close() reaps it otherwise)
+            self._proc.wait(timeout=1.0)
+        status = self._proc.returncode
         log.error(
             "command spawner %d ended (%s; exit status %s): the worker starts commands itself "
             "(a fork each) until a new one runs",
