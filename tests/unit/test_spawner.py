@@ -503,3 +503,20 @@ async def test_commands_of_another_user_start_in_its_home_whichever_way_they_sta
             assert sink.stdout == f"{containment.run_as.home}\n".encode()
     finally:
         containment.close()
+
+
+async def test_a_spawner_that_dies_idle_is_noticed_and_nothing_fails() -> None:
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        spawner = containment.spawner
+        assert spawner is not None
+        os.kill(spawner.pid, signal.SIGKILL)
+        await wait_until(lambda: not spawner.alive, 10, "its end noticed while idle")
+        sink = RecordingSink()
+        outcome = await CommandExecutor({"containment": containment}).execute(
+            _request(CommandSpec("/bin/sh", ["-c", "echo $PPID"])), sink
+        )
+        assert outcome.status == ExecStatus.SUCCESS, outcome
+        assert int(sink.stdout) == os.getpid()  # forked by the worker while a new one starts
+    finally:
+        containment.close()

@@ -531,6 +531,9 @@ class Containment:
                 spawner = Spawner(user.uid, user.gid)
             except SpawnerError as exc:
                 log.warning("%s; the worker forks to start each command as %s", exc, user.name)
+            else:
+                with contextlib.suppress(RuntimeError):  # (no event loop: at its first start)
+                    spawner.attach()
         return cls(limits, cgroups, user, spawner)
 
     @property
@@ -577,6 +580,7 @@ class Containment:
             new.close()
             return
         old, self.spawner = self.spawner, new
+        new.attach()
         if old is not None:
             old.close()  # (it ended: only reaped)
         log.info("command spawner %d started", new.pid)

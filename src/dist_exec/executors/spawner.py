@@ -126,6 +126,14 @@ class Spawner:
     def pid(self) -> int:
         return self._proc.pid
 
+    def attach(self) -> asyncio.AbstractEventLoop:
+        """Listen to the spawner in the running event loop (from the first start on, if not
+        called before): its end is then noticed even while no command is being started."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.fileno(), self._read)
+        return self._loop
+
     def _first_message(self) -> dict[str, Any]:
         self._sock.settimeout(START_TIMEOUT_S)
         while True:
@@ -160,10 +168,7 @@ class Spawner:
         only if ``stdin``). Raises the OSError that starting it raised, or SpawnerGone."""
         if not self.alive:
             raise SpawnerGone("the command spawner has ended")
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-            loop.add_reader(self._sock.fileno(), self._read)
+        loop = self.attach()
         request = _frame({"argv": list(argv), "cwd": cwd, "env": dict(env), "stdin": stdin})
         mine, theirs = _pipes(3 if stdin else 2)  # (out, err[, in]): the reading ends, then
         answer: asyncio.Future[Child] = loop.create_future()
