@@ -11,7 +11,8 @@ from dist_exec.executors.child import Child, read_pipe, write_pipe
 from tests.conftest import pid_alive
 
 
-async def _run(child: Child, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+async def run_child(child: Child, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Feed ``stdin``, collect stdout and stderr, wait for the exit (10 s at most)."""
     out, err = bytearray(), bytearray()
 
     async def into(buffer: bytearray, data: bytes) -> None:
@@ -31,7 +32,7 @@ async def test_output_exit_code_and_stdin() -> None:
     child = Child.spawn(
         ["/bin/sh", "-c", "cat; echo err >&2; exit 3"], stdin=True, cwd=None, env={}
     )
-    assert await _run(child, b"in\n" * 100_000) == (3, b"in\n" * 100_000, b"err\n")
+    assert await run_child(child, b"in\n" * 100_000) == (3, b"in\n" * 100_000, b"err\n")
     assert not pid_alive(child.pid)  # reaped, not a zombie
 
 
@@ -54,13 +55,13 @@ async def test_without_pidfd_a_thread_waits(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
     child = Child.spawn(["/bin/sh", "-c", "echo hi; exit 5"], stdin=False, cwd=None, env={})
-    assert await _run(child) == (5, b"hi\n", b"")
+    assert await run_child(child) == (5, b"hi\n", b"")
     assert not pid_alive(child.pid)
 
 
 async def test_stdin_nobody_reads_is_dropped_quietly() -> None:
     child = Child.spawn(["/bin/true"], stdin=True, cwd=None, env={})
-    assert await _run(child, b"x" * (4 * 1024 * 1024)) == (0, b"", b"")
+    assert await run_child(child, b"x" * (4 * 1024 * 1024)) == (0, b"", b"")
 
 
 async def test_a_pipe_is_not_watched_while_its_sink_waits() -> None:
@@ -93,5 +94,5 @@ async def test_a_process_reaped_elsewhere_reports_255(caplog: pytest.LogCaptureF
     child = Child.spawn(["/bin/sh", "-c", "exit 3"], stdin=False, cwd=None, env={})
     os.waitpid(child.pid, 0)  # noqa: ASYNC222  (taken before the loop could: its status is lost)
     async with asyncio.timeout(10):
-        assert await _run(child) == (255, b"", b"")
+        assert await run_child(child) == (255, b"", b"")
     assert "was lost" in caplog.text

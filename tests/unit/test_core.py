@@ -9,8 +9,9 @@ from pathlib import Path
 from dist_exec.clock import SystemClock
 from dist_exec.config import MasterConfig
 from dist_exec.executors.command import CommandExecutor
+from dist_exec.master.active import HeldAttempt
 from dist_exec.master.balancer import RoundRobinBalancer
-from dist_exec.master.core import HeldAttempt, Master
+from dist_exec.master.core import Master
 from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore

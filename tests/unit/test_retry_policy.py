@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from dist_exec.config import MasterConfig
-from dist_exec.master.core import HeldAttempt, Master, backoff
+from dist_exec.master.active import HeldAttempt
+from dist_exec.master.attempts import backoff
+from dist_exec.master.core import Master
 from dist_exec.master.dispatcher import AttemptGone
 from dist_exec.models import (
     AttemptOutcome,

@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from dist_exec.executors import ExecRequest
-from dist_exec.executors.child import Child, read_pipe, write_pipe
+from dist_exec.executors.child import Child
 from dist_exec.executors.command import CommandExecutor, CommandSpec
 from dist_exec.executors.containment import Containment, Mode
 from dist_exec.executors.guardian import tagged
 from dist_exec.executors.spawner import Spawner, SpawnerError, SpawnerGone
 from dist_exec.models import ExecStatus, TaskLimits
 from tests.conftest import RecordingSink, pid_alive, wait_for, wait_until
+from tests.unit.test_child import run_child as run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs commands as nobody: needs root")
 NOBODY = pwd.getpwnam("nobody")
@@ -40,22 +41,6 @@ async def spawner() -> AsyncIterator[Spawner]:
     finally:
         found.close()
     assert not pid_alive(found.pid)
-
-
-async def run(child: Child, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-    out, err = bytearray(), bytearray()
-
-    async def into(buffer: bytearray, data: bytes) -> None:
-        buffer.extend(data)
-
-    async with asyncio.timeout(10):
-        await asyncio.gather(
-            read_pipe(child.stdout, lambda data: into(out, data)),
-            read_pipe(child.stderr, lambda data: into(err, data)),
-            write_pipe(child.stdin, stdin),
-        )
-        code = await child.wait()
-    return code, bytes(out), bytes(err)
 
 
 async def test_commands_run_as_the_user_with_exactly_their_environment(spawner: Spawner) -> None:

@@ -28,7 +28,8 @@ from dist_exec.errors import (
     shorten,
 )
 from dist_exec.executors import describe_task
-from dist_exec.master.core import HeldAttempt, Master
+from dist_exec.master.active import HeldAttempt
+from dist_exec.master.core import Master
 from dist_exec.master.run_session import RunSession
 from dist_exec.models import (
     Job,

@@ -1,0 +1,58 @@
+"""A job the master tracks in memory while it has not ended, and an attempt a worker holds."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from dist_exec.models import Job, JobId, JobStatus, NodeId, OutputChunk, Stream, TaskSpec
+from dist_exec.output_tail import OutputTail
+
+
+@dataclass(frozen=True, slots=True)
+class HeldAttempt:
+    task_id: str
+    attempt: int
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class ActiveJob:
+    """A job that has not ended, as the master tracks it in memory."""
+
+    record: Job  # as last persisted (spec, created_at, ...)
+    seq: int
+    status: JobStatus = JobStatus.PENDING
+    attempt: int = 0
+    retries: int = 0
+    node_id: NodeId | None = None
+    started_at: datetime | None = None
+    started_mono: float = 0.0
+    runner: asyncio.Task[None] | None = None
+    seen: dict[Stream, int] = field(default_factory=lambda: {s: 0 for s in Stream})
+    cancel_requested: bool = False
+    stopping: asyncio.Task[None] | None = None  # the cancel at work (one, however many calls)
+    orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
+    accepted: asyncio.Future[list[int]] | None = None  # the store's commit of the job
+    recorded_attempt: int = 0  # the attempt whose start the store already has
+    # The stored output of the current attempt, while it is small: followers read it from here
+    # instead of the store. ``kept_all`` turns False once it outgrows the cache.
+    kept: list[OutputChunk] = field(default_factory=list)
+    kept_bytes: int = 0
+    kept_all: bool = True
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # The last bytes of each stream beyond the stored head, kept until the job ends.
+    tails: dict[Stream, OutputTail] = field(default_factory=dict)
+    queued_mono: float = 0.0  # when it last entered the queue (for its queue timeout)
+    retry_at: float | None = None  # waiting out its retry backoff until then
+    retry_handle: asyncio.TimerHandle | None = None
+    worker_losses: int = 0  # attempts in a row whose worker was lost (poison detection)
+
+    @property
+    def id(self) -> JobId:
+        return self.record.id
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.record.spec
