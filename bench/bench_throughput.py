@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_exec import procfs
 from dist_exec.client import Client, command_spec
 from dist_exec.models import Job, JobStatus, OutputChunk, Stream
 from dist_exec.tuning import tune_grpc
@@ -194,21 +195,19 @@ def machine_busy_s() -> float:
 
 
 def helpers(pid: int) -> list[int]:
-    """The helper processes a server started (``python -m dist_exec.executors.X``: a worker's
-    command spawner and process guardian), found among its children."""
+    """The helper processes a server started (``python -I -m dist_exec.executors.X``: a
+    worker's command spawner and process guardian), found among its children."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    for child in procfs.pids():
+        fields = procfs.stat(child)
+        if fields is None or int(fields[1]) != pid:
             continue
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat[stat.rfind(")") + 2 :].split()[1]) != pid:
-                continue
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
             continue
-        if b"-m" in argv and any(a.startswith(b"dist_exec.executors.") for a in argv):
-            found.append(int(entry.name))
+        if any(a.startswith(b"dist_exec.executors.") for a in argv):
+            found.append(child)
     return found
 
 

@@ -44,6 +44,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dist_exec import procfs
 from dist_exec.client import Client, command_spec
 from dist_exec.errors import DistExecError
 from dist_exec.executors.spawner import COMM as SPAWNER_COMM
@@ -118,15 +119,12 @@ class Report:
 def spawners() -> dict[int, int]:
     """Pid -> parent pid (the worker) of every live command spawner."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.find("(") + 1 : stat.rfind(")")] == SPAWNER_COMM:
-            found[int(entry.name)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+    for pid in procfs.pids():
+        with contextlib.suppress(OSError):
+            if (Path(f"/proc/{pid}/comm").read_text().strip() == SPAWNER_COMM) and (
+                fields := procfs.stat(pid)
+            ):
+                found[pid] = int(fields[1])
     return found
 
 

@@ -95,7 +95,12 @@ class RunCommand(click.Command):
     help="0-10, higher runs first.",
 )
 @click.option("--env", "env", type=KEY_VALUE, multiple=True, help="KEY=VALUE for the command.")
-@click.option("--cwd", default="", help="Absolute working directory on the worker.")
+@click.option(
+    "--cwd",
+    default="",
+    help="Absolute working directory on the worker (default: the home of the user commands run "
+    "as, or the worker's own directory when it runs them as itself).",
+)
 @click.option(
     "--stdin",
     "stdin_file",

@@ -68,9 +68,9 @@ class Child:
     def exited(self, status: int | None) -> None:
         """Its wait status; None if it is lost (reaped elsewhere)."""
         if status is None:
-            log.warning("exit status of process %d was lost; reporting 255", self.pid)
+            log.warning("exit status of process %d was lost", self.pid)
             self.status_lost = True
-            code = 255
+            code = 255  # (not reported as its exit code: see status_lost)
         else:
             code = os.waitstatus_to_exitcode(status)
         self.returncode = code

@@ -83,7 +83,8 @@ class Spawner:
     """The worker's side: one spawner process, used from the worker's event loop."""
 
     def __init__(self, uid: int, gid: int) -> None:
-        """Start the spawner and wait until it runs as ``uid``/``gid``; SpawnerError if not."""
+        """Start the spawner and wait until it is ready to start commands as ``uid``/``gid``;
+        SpawnerError if it is not."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
@@ -271,21 +272,25 @@ class Spawner:
             if child is not None:
                 child.exited(int(message["status"]))
             return
-        if not self._waiting or not ("pid" in message or "error" in message):
-            raise ValueError(f"an answer to no request: {message!r}")
-        if "error" in message:
+        started: int | OSError
+        if "pid" in message:
+            started = int(message["pid"])
+        elif "error" in message:
             number, text, filename = message["error"]
-            error = OSError(int(number), str(text), filename)
+            started = OSError(int(number), str(text), filename)
         else:
-            pid = int(message["pid"])
+            raise ValueError(f"not a message of the protocol: {message!r}")
+        if not self._waiting:
+            raise ValueError(f"an answer to no request: {message!r}")
         answer, mine = self._waiting.popleft()
         self._watch_oldest()
-        if "error" in message:
+        if isinstance(started, OSError):
             for fd in mine:
                 os.close(fd)
             if not answer.done():
-                answer.set_exception(error)
+                answer.set_exception(started)
             return
+        pid = started
         out_r, err_r, *rest = mine
         child = Child(
             pid,
@@ -300,16 +305,12 @@ class Spawner:
         answer.set_result(child)
 
     def _gone(self, reason: str) -> None:
-        """The spawner ended: what waits on it learns so (a started command's exit status is
-        lost: its task then ends as failed), and the worker forks commands itself from now."""
+        """The spawner ended, or is given up on (killed): what waits on it learns so (a started
+        command's exit status is lost: its task then ends as failed). The worker forks commands
+        itself until a new spawner runs (``Containment``)."""
         if not self.alive:
             return
-        self.alive = False
-        if self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-        if self._overdue is not None:
-            self._overdue.cancel()
-            self._overdue = None
+        self._detach()
         with contextlib.suppress(ProcessLookupError):  # (one that misbehaves must start nothing)
             self._proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):  # (close() reaps it otherwise)
@@ -334,17 +335,22 @@ class Spawner:
 
     def close(self) -> None:
         """Let the spawner end (its commands are stopped already), and reap it."""
-        if self.alive and self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._sock.fileno())
-        if self._overdue is not None:
-            self._overdue.cancel()
-            self._overdue = None
-        self.alive = False
+        if self.alive:
+            self._detach()
         self._sock.close()
         try:
             self._proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self._stop_now()
+
+    def _detach(self) -> None:
+        """No longer alive: stop listening to it and watching for overdue answers."""
+        self.alive = False
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
 
     def _stop_now(self) -> None:
         self._sock.close()
