@@ -172,14 +172,16 @@ async def test_when_the_spawner_dies_waiters_fail_and_running_exits_are_lost(
     waiting = asyncio.create_task(spawner.spawn(["true"], stdin=False, cwd=None, env=ENV))
     await wait_until(lambda: len(spawner._waiting) == 1, 10, "the request sent")
     os.kill(spawner.pid, signal.SIGKILL)
-    with pytest.raises(SpawnerGone):
+    with pytest.raises(SpawnerGone) as sent:
         await waiting
+    assert sent.value.sent  # it had the request: whether it started the command is unknown
     async with asyncio.timeout(10):
         assert await running.wait() == 255  # its exit status went with the spawner
     assert f"command spawner {spawner.pid} ended (" in caplog.text
     assert not spawner.alive
-    with pytest.raises(SpawnerGone):
+    with pytest.raises(SpawnerGone) as unsent:
         await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV)
+    assert not unsent.value.sent  # nothing started: the worker may start it itself
     os.killpg(running.pid, signal.SIGKILL)  # an orphan now: the worker's own stop would do this
     assert await run(running) == (255, b"", b"")  # and its pipes end
 
@@ -265,6 +267,35 @@ async def test_the_executor_forks_itself_once_the_spawner_is_gone(
         outcome = await executor.execute(_request(spec, "t2"), sink)
         assert outcome.status == ExecStatus.SUCCESS
         assert sink.stdout == f"{NOBODY.pw_uid}\n".encode()
+    finally:
+        containment.close()
+
+
+async def test_a_start_the_spawner_never_got_is_forked_by_the_worker() -> None:
+    """A start still waiting for its turn to send when the spawner ends was never seen by it:
+    the worker starts that command itself instead of failing it."""
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    try:
+        spawner = containment.spawner
+        assert spawner is not None
+        executor = CommandExecutor({"containment": containment})
+        os.kill(spawner.pid, signal.SIGSTOP)
+        # A request larger than the socket's buffer: its send waits, holding the socket.
+        big = CommandSpec("/bin/sh", ["-c", "true"], env={"BIG": "x" * (4 << 20)})
+        first = asyncio.create_task(executor.execute(_request(big), RecordingSink()))
+        await wait_until(lambda: spawner._waiting, 10, "the big request being sent")
+        sink = RecordingSink()
+        spec = CommandSpec("/bin/sh", ["-c", "echo $PPID; id -u"])
+        second = asyncio.create_task(executor.execute(_request(spec, "t2"), sink))
+        await wait_until(lambda: spawner._sending._waiters, 10, "the second start waiting")
+        os.kill(spawner.pid, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            lost, outcome = await asyncio.gather(first, second)
+        assert lost.status == ExecStatus.FAILURE  # partly sent: whether it started is unknown
+        assert lost.error.startswith("cannot run /bin/sh: the command spawner ")
+        assert outcome.status == ExecStatus.SUCCESS, outcome
+        parent, uid = sink.stdout.decode().split()
+        assert (int(parent), uid) == (os.getpid(), str(NOBODY.pw_uid))
     finally:
         containment.close()
 

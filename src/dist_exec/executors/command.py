@@ -29,7 +29,7 @@ from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.executors.child import Child, read_pipe, write_pipe
 from dist_exec.executors.containment import POLL_S, Containment, Jail
-from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged
+from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged, settle
 from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.executors.spawner import SpawnerGone
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
@@ -261,16 +261,11 @@ class CommandExecutor:
         # worker's own directory may be one that user cannot enter, or can write.
         cwd = spec.working_dir or (jail.run_as.home if jail.run_as is not None else None)
         try:
-            spawner = jail.spawner
-            if spawner is not None:
-                child = await spawner.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env)
-            else:
-                child = Child.spawn(
-                    spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, **jail.spawn_options()
-                )
+            child = await _start(spec, jail, cwd, env)
         except SpawnerGone as exc:
-            # It may have started the command: nothing of this attempt may run on unseen.
-            await asyncio.to_thread(kill_tagged, _tags(request))
+            # It may have started the command: nothing of this attempt may run on unseen (a
+            # command still in its exec has no tags yet: looked for until none shows up).
+            await asyncio.to_thread(_kill_all_tagged, _tags(request))
             return ExecOutcome(ExecStatus.FAILURE, error=f"cannot run {spec.argv[0]}: {exc}")
         except FileNotFoundError:
             if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
@@ -383,6 +378,23 @@ class CommandExecutor:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _start(spec: CommandSpec, jail: Jail, cwd: str | None, env: dict[str, str]) -> Child:
+    """Through the jail's spawner if it has one, else (or if the spawner turns out to have
+    ended before it was asked) by the worker itself."""
+    spawner = jail.spawner
+    if spawner is not None:
+        try:
+            return await spawner.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env)
+        except SpawnerGone as exc:
+            if exc.sent:
+                raise  # (its end was logged: the worker forks commands until a new one runs)
+    return Child.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, **jail.spawn_options())
+
+
+def _kill_all_tagged(tags: dict[str, str]) -> None:
+    settle(tags, kill_tagged(tags))
 
 
 def _tags(request: ExecRequest) -> dict[str, str]:

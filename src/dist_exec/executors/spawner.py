@@ -65,7 +65,12 @@ class SpawnerError(Exception):
 
 
 class SpawnerGone(OSError):
-    """The spawner ended while a command was being started: whether it started is unknown."""
+    """The spawner has ended. ``sent``: the request had (at least partly) gone to it, so whether
+    the command started is unknown; else nothing was started and the worker may start it."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def _own_environment() -> dict[str, str]:
@@ -168,7 +173,7 @@ class Spawner:
         """Start ``argv`` in a new session as the spawner's user, stdout and stderr piped (stdin
         only if ``stdin``). Raises the OSError that starting it raised, or SpawnerGone."""
         if not self.alive:
-            raise SpawnerGone("the command spawner has ended")
+            raise SpawnerGone("the command spawner has ended", sent=False)
         loop = self.attach()
         request = _frame({"argv": list(argv), "cwd": cwd, "env": dict(env), "stdin": stdin})
         mine, theirs = _pipes(3 if stdin else 2)  # (out, err[, in]): the reading ends, then
@@ -200,7 +205,7 @@ class Spawner:
                         os.close(fd)
                     if answer.cancelled():
                         return
-                    raise SpawnerGone("the command spawner has ended")
+                    raise SpawnerGone("the command spawner has ended", sent=False)
                 self._waiting.append((answer, mine))
                 if self._overdue is None:
                     self._watch_oldest()
@@ -214,17 +219,18 @@ class Spawner:
         assert self._loop is not None
         view = memoryview(data)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        sent = False
         try:
             while view:
                 try:
-                    sent = self._sock.sendmsg([view], ancillary)
+                    count = self._sock.sendmsg([view], ancillary)
                 except BlockingIOError:
                     await _writable(self._loop, self._sock.fileno())
                     continue
-                view, ancillary = view[sent:], []
+                view, ancillary, sent = view[count:], [], True
         except OSError as exc:
             self._gone(f"cannot reach it: {exc}")
-            raise SpawnerGone(f"the command spawner has ended ({exc})") from exc
+            raise SpawnerGone(f"the command spawner has ended ({exc})", sent) from exc
 
     def _read(self) -> None:
         try:
@@ -328,7 +334,9 @@ class Spawner:
             for fd in mine:
                 os.close(fd)
             if not answer.done():
-                answer.set_exception(SpawnerGone("the command spawner ended while starting it"))
+                answer.set_exception(
+                    SpawnerGone("the command spawner ended while starting it", sent=True)
+                )
         for child in self._children.values():
             child.exited(None)
         self._children.clear()
