@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -382,6 +383,40 @@ async def test_a_spawner_that_ended_is_replaced_and_the_worker_forks_meanwhile()
         assert not pid_alive(first.pid)  # reaped
     finally:
         containment.close()
+
+
+async def test_closing_does_not_wait_for_a_slow_replacement_spawner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker ends while a new spawner is still starting: close() returns at once, and the
+    spawner, once started, is closed too."""
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), "nobody")
+    release = threading.Event()
+    made: list[Spawner] = []
+
+    class SlowSpawner(Spawner):
+        def __init__(self, uid: int, gid: int) -> None:
+            release.wait(30)
+            super().__init__(uid, gid)
+            made.append(self)
+
+    try:
+        first = containment.spawner
+        assert first is not None
+        monkeypatch.setattr("dist_exec.executors.containment.Spawner", SlowSpawner)
+        os.kill(first.pid, signal.SIGKILL)
+        await wait_until(lambda: not first.alive, 10, "the spawner's end noticed")
+        containment.jail("t", TaskLimits()).close()  # asks for a new one, in the background
+        starting = containment._starting
+        assert starting is not None
+    finally:
+        async with asyncio.timeout(5):  # (the start would take up to 30 s)
+            await asyncio.to_thread(containment.close)
+    release.set()
+    await asyncio.to_thread(starting.join, 30)
+    assert len(made) == 1
+    await wait_until(lambda: not pid_alive(made[0].pid), 10, "the late spawner closed")
+    assert containment.spawner is first
 
 
 async def test_a_caller_cancelled_as_its_answer_arrives_leaves_no_command(

@@ -569,16 +569,13 @@ class Containment:
 
     def _started(self) -> None:
         starting, self._starting = self._starting, None
-        if starting is None:  # (closed meanwhile)
+        if starting is None:  # closed meanwhile (the new spawner with it)
             return
         new = starting.result
         if isinstance(new, SpawnerError):
             log.error("%s; the worker goes on forking commands", new)
             return
         assert new is not None
-        if self._closed:
-            new.close()
-            return
         old, self.spawner = self.spawner, new
         new.attach()
         if old is not None:
@@ -589,9 +586,7 @@ class Containment:
         self._closed = True
         starting, self._starting = self._starting, None
         if starting is not None:
-            starting.join()
-            if isinstance(starting.result, Spawner):
-                starting.result.close()
+            starting.abandon()  # not waited for: a slow start must not hold up the worker's end
         if self.spawner is not None:
             self.spawner.close()
         if self.cgroups is not None:
@@ -606,11 +601,29 @@ class _SpawnerStart(threading.Thread):
         self.run_as = run_as
         self.result: Spawner | SpawnerError | None = None
         self._done = done
+        self._lock = threading.Lock()
+        self._abandoned = False
 
     def run(self) -> None:
         try:
-            self.result = Spawner(self.run_as.uid, self.run_as.gid)
+            result: Spawner | SpawnerError = Spawner(self.run_as.uid, self.run_as.gid)
         except SpawnerError as exc:
-            self.result = exc
-        with contextlib.suppress(RuntimeError):  # the loop is closed: close() takes it
+            result = exc
+        with self._lock:
+            abandoned = self._abandoned
+            self.result = result
+        if abandoned:
+            if isinstance(result, Spawner):
+                result.close()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed
             self._done()
+
+    def abandon(self) -> None:
+        """Nobody wants the new spawner any more: it is closed, now or once it has started.
+        (If the worker exits first, the spawner ends with it: its socket closes.)"""
+        with self._lock:
+            self._abandoned = True
+            result = self.result
+        if isinstance(result, Spawner):
+            result.close()
