@@ -374,6 +374,31 @@ def test_tokens_added_or_revoked_take_effect_without_a_restart(cluster: ClusterF
     wait_for(lambda: not whoami(), 10, "the revoked token to be refused")
 
 
+def test_a_tokens_file_locks_a_running_master_and_keeps_it_locked(
+    cluster: ClusterFactory,
+) -> None:
+    """A master started without tokens is open on loopback; a tokens file locks it within a
+    second or so, before anyone sends a token, and removing the file does not open it again."""
+    data = cluster.tmp / "late-lock"
+    master = cluster.master(data_dir=data)
+
+    def anonymous() -> int:
+        return run_cli("whoami", master=master.address).code
+
+    assert anonymous() == 0  # the local admin
+    token = run_cli("tokens", "add", "a1", "--role", "admin", "--data-dir", str(data)).stdout
+    wait_for(lambda: anonymous() == 3, 10, "the tokens file to lock the master")
+    assert run_cli("whoami", "--token", token.strip(), master=master.address).code == 0
+    (data / "tokens.json").rename(data / "tokens.json.bak")
+    wait_for(
+        lambda: run_cli("whoami", "--token", token.strip(), master=master.address).code == 3,
+        10,
+        "the token to go with its file",
+    )
+    assert anonymous() == 3  # still locked
+    assert f"tokens file {data / 'tokens.json'} is gone" in master.log_text()
+
+
 def test_servers_refuse_plain_non_loopback_listeners(tmp_path: Path) -> None:
     for args in (
         ["master", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path / "m")],

@@ -3,7 +3,9 @@
 A token is 32 random bytes (``dxt_`` + URL-safe base64), so one SHA-256 is enough to make the
 file useless to whoever reads it: nobody can find a token from its hash. ``dist-exec tokens add``
 prints a new token once; the master re-reads the file when it changes (at most once a second),
-so adding or revoking a token needs no restart.
+so adding or revoking a token needs no restart. The file locks the master once it is there: a
+master started without one is open (loopback only) until one appears, and from then on stays
+locked, even if the file goes away (then no token is accepted until it is back).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from dist_exec.security.identity import CLIENT_ROLES, WORKER_ROLES, Role
 
+log = logging.getLogger(__name__)
 TOKEN_PREFIX = "dxt_"
 RELOAD_EVERY_S = 1.0
 
@@ -105,30 +109,42 @@ class TokenStore:
         self.path = path
         self._by_hash: dict[str, TokenEntry] = {}
         self._stamp: tuple[int, int] | None = None
-        self._checked = -RELOAD_EVERY_S
+        self._locked = False
+        self._checked = time.monotonic()
         self.reload()
 
     @property
     def configured(self) -> bool:
-        """A tokens file exists: every caller must then authenticate."""
-        return self._stamp is not None
+        """A tokens file is there, or was: every caller must then authenticate."""
+        self._refresh()
+        return self._locked
 
     def reload(self) -> None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
+            if self._stamp is not None:
+                log.error(
+                    "tokens file %s is gone: no token is accepted until it is back (the master "
+                    "stays locked; restart it to run without tokens)",
+                    self.path,
+                )
             self._by_hash, self._stamp = {}, None
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._by_hash = {e.sha256: e for e in read_tokens(self.path)}
             self._stamp = stamp
+            self._locked = True
 
     def lookup(self, token: str) -> TokenEntry | None:
+        self._refresh()
+        return self._by_hash.get(hash_token(token))
+
+    def _refresh(self) -> None:
         now = time.monotonic()
         if now - self._checked >= RELOAD_EVERY_S:
             self._checked = now
             # A broken file keeps the tokens last read (an editor may be rewriting it).
             with contextlib.suppress(TokenFileError):
                 self.reload()
-        return self._by_hash.get(hash_token(token))
