@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -26,6 +27,42 @@ def test_command_policy_on_the_master(cluster: ClusterFactory) -> None:
     shell = run_cli("run", "echo via a shell", master=master.address)
     assert shell.code == 125
     assert "'sh' is not in the allowed commands (echo, rm)" in shell.stderr
+
+
+def test_an_allow_list_is_not_bypassed_by_path_or_environment(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """The bypasses a review found: a planted program of an allowed name, a PATH leading to
+    it, an exported shell function run by an allowed shell script; and a blocked program
+    started by a shell string."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "ls").write_text("#!/bin/sh\necho planted\n")
+    (evil / "ls").chmod(0o755)
+    master = cluster.master(extra=["--allow-command", "ls", "--allow-command", "ldd",
+                                   "--block-command", "rm"])  # fmt: skip
+    cluster.worker(master)
+    allowed = run_cli("run", "--", "ls", "-d", "/", master=master.address)
+    assert (allowed.code, allowed.stdout) == (0, "/\n")
+    for args, message in [
+        (["--", str(evil / "ls")], "is not in the allowed commands (ls, ldd)"),
+        (["--env", f"PATH={evil}", "--", "ls"], "environment variable 'PATH' may not be set"),
+        (
+            ["--env", "BASH_FUNC_printf%%=() { id; }", "--", "ldd", "--version"],
+            "environment variable 'BASH_FUNC_printf%%' may not be set",
+        ),
+    ]:
+        refused = run_cli("run", *args, master=master.address)
+        assert refused.code == 125, refused
+        assert message in refused.stderr
+        assert "planted" not in refused.stdout
+    blocked = cluster.master(extra=["--block-command", "rm"])
+    cluster.worker(blocked)
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    shell = run_cli("run", f"rm {victim}", master=blocked.address)
+    assert (shell.code, shell.stderr) == (125, "dist-exec: command 'rm' is blocked by rule 'rm'\n")
+    assert victim.exists()
 
 
 async def test_policy_is_enforced_on_the_worker_too(cluster: ClusterFactory) -> None:

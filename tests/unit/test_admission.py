@@ -80,6 +80,46 @@ def test_limiter_rejects_nonsense_settings() -> None:
             CommandSpec("ls /tmp", shell=True),
             "'sh' is not in the allowed commands",
         ),
+        # A shell string names the programs it starts: each is checked against the block list.
+        (CommandPolicy(blocked=("rm",)), CommandSpec("rm /x", shell=True), "'rm' is blocked"),
+        (
+            CommandPolicy(blocked=("curl",)),
+            CommandSpec('echo "a;b"; if true; then /usr/bin/curl x; fi', shell=True),
+            "'curl' is blocked by rule 'curl'",
+        ),
+        # An allowed name is not any program of that name: not one in another directory, nor
+        # one found through a PATH the job sets, nor one relative to the working directory.
+        (
+            CommandPolicy(allowed=("ls",)),
+            CommandSpec("/tmp/evil/ls"),
+            "'/tmp/evil/ls' is not in the allowed commands (ls)",
+        ),
+        (
+            CommandPolicy(allowed=("ls",)),
+            CommandSpec("/usr/bin/../../tmp/ls"),
+            "is not in the allowed commands",
+        ),
+        (CommandPolicy(allowed=("ls",)), CommandSpec("./ls"), "is not in the allowed commands"),
+        (
+            CommandPolicy(allowed=("/opt/tools/*",)),
+            CommandSpec("ls"),
+            "'ls' is not in the allowed commands",
+        ),
+        (
+            CommandPolicy(allowed=("ls",)),
+            CommandSpec("ls", env={"PATH": "/tmp/evil"}),
+            "environment variable 'PATH' may not be set under an allow-list",
+        ),
+        (
+            CommandPolicy(allowed=("ldd",)),
+            CommandSpec("ldd", env={"BASH_FUNC_printf%%": "() { id; }"}),
+            "environment variable 'BASH_FUNC_printf%%' may not be set",
+        ),
+        (
+            CommandPolicy(allowed=("ls",)),
+            CommandSpec("ls", env={"LD_PRELOAD": "/tmp/evil.so"}),
+            "'LD_PRELOAD' may not be set",
+        ),
     ],
 )
 def test_policy_refuses_with_the_rule(
@@ -93,6 +133,10 @@ def test_policy_allows_what_no_rule_refuses() -> None:
     CommandPolicy(allowed=("ls", "ec*"), blocked=("rm",)).check(CommandSpec("/bin/echo", ["x"]))
     CommandPolicy(allowed=("sh",)).check(CommandSpec("echo hi", shell=True))
     CommandPolicy().check(CommandSpec("anything"))
+    CommandPolicy(allowed=("/opt/tools/*",)).check(CommandSpec("/opt/tools/build"))
+    CommandPolicy(allowed=("ls",)).check(CommandSpec("ls", env={"COLUMNS": "80", "LANG": "C"}))
+    CommandPolicy(blocked=("rm",)).check(CommandSpec("echo rm; ls > rm", shell=True))
+    CommandPolicy(blocked=("rm",)).check(CommandSpec("ls", env={"PATH": "/opt/bin"}))
 
 
 def test_executor_validation_applies_its_policy() -> None:

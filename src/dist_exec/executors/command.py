@@ -139,10 +139,19 @@ def _string(body: Mapping[str, object], key: str, default: str | None = None) ->
 class CommandPolicy:
     """Which commands may run (the spec's allowed_commands / blocked_commands).
 
-    Rules are shell-style globs. ``blocked`` is matched against the program's name and against
-    the whole command line; ``allowed``, when not empty, against the program's name only. A
-    shell string's program is ``sh``: allowing ``sh`` allows anything, so an allow-list without
-    it admits only argv commands, which cannot hide another program.
+    Rules are shell-style globs. ``allowed``, when not empty, is matched against the program: a
+    rule without a slash against a program named without one (found on PATH, which a job may
+    not set then) or given by its path in a system directory (``/usr/bin/ls`` for ``ls``); a
+    rule with a slash against the program's normalized absolute path. A shell string's program
+    is ``sh``: allowing ``sh`` allows anything, so an allow-list without it admits only argv
+    commands, which cannot hide another program. Nor may a job set, under an allow-list, the
+    environment variables that make a program load or run other code (LD_PRELOAD, BASH_ENV,
+    exported shell functions, ...). Still, an allowed program that runs others (env, xargs,
+    find, an interpreter) allows them all.
+
+    ``blocked`` is matched against the program's name, against each program a shell string
+    starts by name, and against the whole command line. It stops mistakes, not a determined
+    user: a copy of the program under another name, or a program that runs it, gets past it.
     """
 
     allowed: tuple[str, ...] = ()
@@ -153,14 +162,88 @@ class CommandPolicy:
             return
         program = "sh" if spec.shell else os.path.basename(spec.command)
         line = spec.command if spec.shell else shlex.join([spec.command, *spec.args])
+        names = [program, *sorted(_started_programs(spec.command) if spec.shell else ())]
         for rule in self.blocked:
-            if fnmatch.fnmatchcase(program, rule) or fnmatch.fnmatchcase(line, rule):
-                raise PolicyDenied(f"command {shorten(program)} is blocked by rule {rule!r}")
-        if self.allowed and not any(fnmatch.fnmatchcase(program, r) for r in self.allowed):
+            hit = next((n for n in names if fnmatch.fnmatchcase(n, rule)), None)
+            if hit is not None or fnmatch.fnmatchcase(line, rule):
+                raise PolicyDenied(f"command {shorten(hit or program)} is blocked by rule {rule!r}")
+        if not self.allowed:
+            return
+        if not any(_allows(rule, spec) for rule in self.allowed):
+            named = program if spec.shell or "/" not in spec.command else spec.command
             raise PolicyDenied(
-                f"command {shorten(program)} is not in the allowed commands "
+                f"command {shorten(named)} is not in the allowed commands "
                 f"({', '.join(self.allowed)})"
             )
+        for name in spec.env:
+            if _runs_code(name):
+                raise PolicyDenied(
+                    f"environment variable {shorten(name)} may not be set under an allow-list "
+                    "of commands: it can make an allowed program load or run other code"
+                )
+
+
+SYSTEM_DIRS = frozenset(DEFAULT_PATH.split(":"))
+SHELL_KEYWORDS = frozenset({"if", "then", "else", "elif", "while", "until", "do", "!", "{", "time"})
+# Environment variables that make a program (the dynamic loader, a shell, an interpreter) load
+# or run code the job names: glibc's list of those it ignores for setuid programs, the shells'
+# and the common interpreters'. Exported bash functions are BASH_FUNC_name%%.
+CODE_ENV = frozenset(
+    {
+        *("PATH", "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH"),
+        *("MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR"),
+        *("TZDIR", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH"),
+        *("PERL5LIB", "PERL5OPT", "PERLLIB", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH"),
+        *("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS"),
+    }
+)
+CODE_ENV_PREFIXES = ("LD_", "BASH_FUNC_", "PYTHON", "GIT_")
+
+
+def _runs_code(name: str) -> bool:
+    return name in CODE_ENV or name.startswith(CODE_ENV_PREFIXES) or "%" in name
+
+
+def _allows(rule: str, spec: CommandSpec) -> bool:
+    if spec.shell:
+        return fnmatch.fnmatchcase("sh", rule)
+    command = spec.command
+    if "/" not in command:
+        return "/" not in rule and fnmatch.fnmatchcase(command, rule)
+    if not command.startswith("/"):
+        return False  # relative to a working directory: any program at all
+    path = os.path.normpath(command)
+    if "/" in rule:
+        return fnmatch.fnmatchcase(path, rule)
+    return os.path.dirname(path) in SYSTEM_DIRS and fnmatch.fnmatchcase(
+        os.path.basename(path), rule
+    )
+
+
+def _assignment(word: str) -> bool:
+    name, equals, _ = word.partition("=")
+    return bool(equals) and name.isidentifier()
+
+
+def _started_programs(line: str) -> set[str]:
+    """The names of the programs a shell string starts plainly (each simple command's first
+    word, by its base name); best effort: the shell's expansions can hide others."""
+    try:
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes: the shell refuses it too
+        return set()
+    found = set()
+    at_start = True
+    for word in words:
+        if word and all(c in "();<>|&" for c in word):
+            at_start = word not in ("<", ">", ">>", "<<", ">&", "<&")
+        elif at_start and word in SHELL_KEYWORDS:
+            continue  # a command follows
+        elif at_start and word not in ("fi", "done", "esac", "}") and not _assignment(word):
+            found.add(os.path.basename(word))
+            at_start = False
+    return found
 
 
 def _rules(value: object) -> tuple[str, ...]:
