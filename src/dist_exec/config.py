@@ -224,4 +224,5 @@ class WorkerConfig:
     token: str = ""  # sent to the master when it authenticates by tokens (no TLS)
     task_limits: TaskLimits = field(default_factory=TaskLimits)  # default and ceiling per task
     containment: str = "auto"  # auto | cgroup | rlimit: how task limits are enforced
+    task_types: tuple[str, ...] = ()  # executors this worker runs (empty: every installed one)
     run_as: str | None = None  # None: "nobody" when the worker runs as root, else its own user

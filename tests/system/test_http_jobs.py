@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from tests.conftest import SmallCluster, run_cli
+from dist_exec.client import Client
+from dist_exec.executors.http import HttpSpec
+from dist_exec.models import JobStatus, TaskSpec
+from tests.conftest import ClusterFactory, SmallCluster, run_cli
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -77,3 +80,25 @@ def test_bad_http_jobs_are_refused_at_submit(small_cluster: SmallCluster) -> Non
     assert "--type http takes --url URL" in usage.stderr
     mixed = run_cli("run", "--url", "http://127.0.0.1:1/", "true", master=addr)
     assert mixed.code == 2
+
+
+async def test_a_worker_runs_only_its_task_types(cluster: ClusterFactory, http_server: str) -> None:
+    """A worker left without http (say, one under a command allow-list, which HTTP jobs are not
+    subject to) never gets an HTTP job: it waits, saying why."""
+    master = cluster.master()
+    worker = cluster.worker(master, extra=["--task-type", "command"])
+    async with Client(master.address) as client:
+        assert (await client.nodes())[0].capabilities == {"command"}
+        spec = TaskSpec("http", HttpSpec(f"{http_server}/hello").to_payload(), 30.0)
+        job_id = await client.submit(spec)
+        job = await client.get(job_id)
+        assert job.status == JobStatus.PENDING
+        assert "no matching node" in (await asyncio.to_thread(
+            run_cli, "status", job_id, master=master.address)).stdout  # fmt: skip
+        assert await client.cancel(job_id)
+    assert worker.alive()
+    bad = await asyncio.to_thread(run_cli, "worker", "--task-type", "ftp", "--master", "x:1")
+    assert (bad.code, bad.stderr) == (
+        2,
+        "dist-exec: unknown task type 'ftp'; installed: command, http\n",
+    )

@@ -13,8 +13,8 @@ from dist_exec.cli.servers import policy_args, task_args, up, worker
 from dist_exec.cluster import ClusterOptions
 
 TASK_KEYS = (
-    "labels", "inherit_env", "task_memory_limit", "task_cpu_time_limit", "task_max_procs",
-    "task_max_file_size", "containment", "run_as",
+    "task_types", "labels", "inherit_env", "task_memory_limit", "task_cpu_time_limit",
+    "task_max_procs", "task_max_file_size", "containment", "run_as",
 )  # fmt: skip
 
 
@@ -32,6 +32,7 @@ def test_default_task_options_give_no_arguments() -> None:
     "given",
     [
         ["--label", "zone=a", "--label", "arch=x86", "--inherit-env"],
+        ["--task-type", "command", "--task-type", "http"],
         ["--label", "k=a=b,c", "--label", "empty="],
         ["--run-as", "nobody", "--containment", "rlimit"],
         ["--task-memory-limit", "256M", "--task-cpu-time-limit", "1.5s"],

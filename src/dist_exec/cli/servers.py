@@ -306,6 +306,22 @@ def _rules(given: tuple[str, ...], env: str) -> tuple[str, ...]:
     return tuple(r.strip() for r in os.environ.get(env, "").split(",") if r.strip())
 
 
+def worker_task_types(given: tuple[str, ...]) -> tuple[str, ...]:
+    """--task-type, else WORKER_TASK_TYPES; each an installed executor (else one line, exit 2).
+    Empty: every installed one."""
+    from dist_exec.executors import installed_executors
+
+    names = _rules(given, "WORKER_TASK_TYPES")
+    installed = installed_executors()
+    unknown = [n for n in names if n not in installed]
+    if unknown:
+        fail(
+            f"unknown task type {unknown[0]!r}; installed: {', '.join(sorted(installed))}",
+            EXIT_USAGE,
+        )
+    return tuple(dict.fromkeys(names))
+
+
 def _labels_from_env() -> list[tuple[str, str]]:
     raw = os.environ.get("WORKER_LABELS", "")
     return [KEY_VALUE.convert(item.strip(), None, None) for item in raw.split(",") if item.strip()]
@@ -320,6 +336,14 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _TASK_OPTIONS = [
+    click.option(
+        "--task-type",
+        "task_types",
+        multiple=True,
+        help="Task types this worker runs, repeatable: --task-type command (env "
+        "WORKER_TASK_TYPES=command,http; default: every installed executor). Leave out http to "
+        "refuse HTTP jobs, which the command policy does not cover.",
+    ),
     click.option(
         "--label",
         "labels",
@@ -376,6 +400,7 @@ _TASK_OPTIONS = [
 
 
 def task_args(
+    task_types: tuple[str, ...],
     labels: tuple[tuple[str, str], ...],
     inherit_env: bool,
     task_memory_limit: int,
@@ -386,7 +411,8 @@ def task_args(
     run_as: str | None,
 ) -> list[str]:
     """The task options as command-line arguments (those that differ from the defaults)."""
-    args = [a for key, value in labels for a in ("--label", f"{key}={value}")]
+    args = [a for name in task_types for a in ("--task-type", name)]
+    args += [a for key, value in labels for a in ("--label", f"{key}={value}")]
     if inherit_env:
         args.append("--inherit-env")
     for flag, limit in (
@@ -507,6 +533,7 @@ def worker(
     allowed_commands: tuple[str, ...],
     blocked_commands: tuple[str, ...],
     weight: int,
+    task_types: tuple[str, ...],
     labels: tuple[tuple[str, str], ...],
     heartbeat_interval: float,
     drain_timeout: float,
@@ -540,6 +567,7 @@ def worker(
         allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
         weight=weight,
+        task_types=worker_task_types(task_types),
         labels=all_labels,
         heartbeat_interval_s=heartbeat_interval,
         drain_timeout_s=drain_timeout,
@@ -623,6 +651,7 @@ def up(
         task["task_max_procs"],
         task["task_max_file_size"],
     )
+    worker_task_types(task["task_types"])  # an unknown one refused here, in one line
     try:
         run_as = resolve_run_as(task["run_as"])
     except ContainmentError as exc:

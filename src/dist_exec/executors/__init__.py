@@ -74,6 +74,11 @@ def describe_task(task_type: str, payload: bytes) -> str:
     return task_type
 
 
+def installed_executors() -> set[str]:
+    """The names of the installed executors (entry points), without loading them."""
+    return {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def load_executors(
     enabled: Iterable[str] | None = None,
     options: Mapping[str, Mapping[str, object]] | None = None,

@@ -174,6 +174,7 @@ async def run_worker(
         executors
         if executors is not None
         else load_executors(
+            config.task_types or None,
             options={
                 "command": {
                     "kill_grace_s": config.kill_grace_s,
@@ -183,7 +184,7 @@ async def run_worker(
                     "process_guard": guard,
                     "containment": containment,
                 }
-            }
+            },
         )
     )
     runner = TaskRunner(
