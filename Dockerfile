@@ -1,6 +1,7 @@
 # One image for master and worker: `dist-exec master` or `dist-exec worker` (the default).
 #   docker build -t dist-exec:latest .
-# deploy/kubernetes/ runs it as user 10001 with the args of each role.
+# deploy/kubernetes/ runs the master as user 10001, the worker as root (with only the
+# capabilities it needs) so that its commands run as nobody.
 FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
