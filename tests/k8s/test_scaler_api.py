@@ -307,11 +307,14 @@ def test_every_manifest_is_accepted_by_the_api_server(kube: Kube) -> None:
         worker_args = pod.containers[0].args or []
         assert worker_args[worker_args.index("--run-as") + 1] == "nobody"
         context = pod.containers[0].securityContext
-        assert context is not None and context.runAsUser == 0
+        assert context is not None
+        assert context.runAsUser == 0
         assert context.allowPrivilegeEscalation is False
-        assert context.capabilities is not None and context.capabilities.drop == ["ALL"]
+        assert context.capabilities is not None
+        assert context.capabilities.drop == ["ALL"]
         key = next(v for v in pod.volumes or [] if v.name == "tls")
-        assert key.secret is not None and key.secret.defaultMode == 0o400
+        assert key.secret is not None
+        assert key.secret.defaultMode == 0o400
         assert pod.securityContext is None or pod.securityContext.fsGroup is None
     finally:
         client.delete(Namespace, "dist-exec")
