@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+import grpc.aio
 import pytest
 
 from dist_exec.models import Stream
@@ -156,6 +158,44 @@ class Pki:
 
 
 FACTORY_RUN_AS = "<the factory's run_as>"
+# The workers a test starts without TLS take calls from whoever sends this (--call-token), so
+# that a test can call one directly, as only its master may otherwise.
+CALL_TOKEN = "test-call-token"
+
+
+class _CallToken:
+    """Adds the workers' CALL_TOKEN to every call (one interceptor per kind of call: grpc.aio
+    files each interceptor under one kind only)."""
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("authorization", f"Bearer {CALL_TOKEN}")
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials,
+            details.wait_for_ready,
+        )  # fmt: skip
+
+
+class _UnaryUnaryToken(_CallToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _UnaryStreamToken(_CallToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _StreamStreamToken(_CallToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
+def worker_channel(address: str) -> grpc.aio.Channel:
+    """A channel to a test's worker (no TLS) that calls it as its master may."""
+    return grpc.aio.insecure_channel(
+        address, interceptors=[_UnaryUnaryToken(), _UnaryStreamToken(), _StreamStreamToken()]
+    )
 
 
 class ClusterFactory:
@@ -246,9 +286,11 @@ class ClusterFactory:
         run_as: str | None = FACTORY_RUN_AS,
         listen: str = "127.0.0.1:0",
         prefix: list[str] | None = None,
+        call_token: str | None = CALL_TOKEN,
     ) -> Proc:
         """``run_as``: the user commands run as (``--run-as``; None: the worker's default),
-        by default the factory's ``run_as``."""
+        by default the factory's ``run_as``. ``call_token``: the worker's ``--call-token``
+        without TLS (None: its own random one)."""
         if run_as == FACTORY_RUN_AS:
             run_as = self.run_as
         address = master if isinstance(master, str) else master.address
@@ -258,6 +300,7 @@ class ClusterFactory:
             "--max-concurrent-tasks", str(max_tasks),
             *[f"--label={k}={v}" for k, v in (labels or {}).items()],
             *(self.pki.tls_args(worker_id, "worker") if secure else []),
+            *(["--call-token", call_token] if call_token and not secure else []),
             *(["--run-as", run_as] if run_as is not None else []),
             *(extra or []),
         ]  # fmt: skip

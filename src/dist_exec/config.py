@@ -222,6 +222,9 @@ class WorkerConfig:
     rpc_timeout_s: float = 10.0
     tls: TlsFiles | None = None  # serve mutual TLS (only the master's certificate may call)
     token: str = ""  # sent to the master when it authenticates by tokens (no TLS)
+    # What a caller of this worker must send (given to the master at registration); empty: a
+    # new random one at each start.
+    call_token: str = ""
     task_limits: TaskLimits = field(default_factory=TaskLimits)  # default and ceiling per task
     containment: str = "auto"  # auto | cgroup | rlimit: how task limits are enforced
     task_types: tuple[str, ...] = ()  # executors this worker runs (empty: every installed one)

@@ -12,7 +12,7 @@ import pytest
 from dist_exec.client import Client, ResourceExhausted, command_spec
 from dist_exec.errors import PolicyDenied
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory, run_cli
+from tests.conftest import ClusterFactory, run_cli, worker_channel
 
 
 def test_command_policy_on_the_master(cluster: ClusterFactory) -> None:
@@ -74,7 +74,7 @@ async def test_policy_is_enforced_on_the_worker_too(cluster: ClusterFactory) -> 
     assert job.status.value == "FAILED"
     assert job.error == "command 'touch' is blocked by rule 'touch'"
     # A forged request straight to the worker is refused as well.
-    async with grpc.aio.insecure_channel(worker.address) as channel:
+    async with worker_channel(worker.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Execute(

@@ -21,7 +21,7 @@ from dist_exec import wire
 from dist_exec.client import Client, TaskLimits, command_spec
 from dist_exec.models import JobStatus
 from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory, run_cli
+from tests.conftest import ClusterFactory, run_cli, worker_channel
 from tests.unit.test_containment import FORK_BOMB, HOG, SPIN, world_python
 
 pytestmark = [
@@ -119,7 +119,7 @@ async def test_more_than_the_worker_allows_waits_for_a_worker_that_allows_it(
     assert (done.status, done.stdout) == (JobStatus.COMPLETED, b"big\n")
     assert done.worker_id != small.extra["id"]
     # Sent straight to the small worker, the same request is refused there.
-    async with grpc.aio.insecure_channel(small.address) as channel:
+    async with worker_channel(small.address) as channel:
         reply = await worker_pb2_grpc.WorkerServiceStub(channel).Execute(
             worker_pb2.ExecuteRequest(
                 task_id="forged",
@@ -177,7 +177,7 @@ async def test_forged_request_to_a_worker_gets_the_worker_limits(
     master = cluster.master()
     worker = cluster.worker(master, extra=["--task-max-file-size", "1M"])
     fill = shared_dir / "forged"
-    async with grpc.aio.insecure_channel(worker.address) as channel:
+    async with worker_channel(worker.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         reply = await stub.Execute(
             worker_pb2.ExecuteRequest(

@@ -6,13 +6,11 @@ import asyncio
 import signal
 from pathlib import Path
 
-import grpc.aio
-
 from dist_exec.client import Client, JobStatus, command_spec
 from dist_exec.config import split_address
 from dist_exec.models import Job
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory
+from tests.conftest import ClusterFactory, worker_channel
 
 TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT}
 
@@ -175,7 +173,7 @@ async def test_a_worker_keeps_a_delivered_result_for_a_master_that_died_before_c
         job = await client.wait(job_id)
     assert job.status == JobStatus.COMPLETED
     # What a restarted master does for a job it never committed: attach to the attempt again.
-    async with grpc.aio.insecure_channel(worker.address) as channel:
+    async with worker_channel(worker.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         replies = [
             reply

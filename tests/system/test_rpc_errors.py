@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import SmallCluster
+from tests.conftest import SmallCluster, worker_channel
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
@@ -30,7 +30,7 @@ UNKNOWN_JOB = str(uuid.uuid4())
 @pytest.fixture
 async def channels(small_cluster: SmallCluster) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
     master = grpc.aio.insecure_channel(small_cluster.address)
-    worker = grpc.aio.insecure_channel(small_cluster.workers[0].address)
+    worker = worker_channel(small_cluster.workers[0].address)
     yield {"master": master, "worker": worker}
     await master.close()
     await worker.close()

@@ -229,6 +229,39 @@ async def test_a_worker_accepts_calls_only_from_the_master(cluster: ClusterFacto
     assert worker.alive()
 
 
+async def test_a_worker_without_tls_serves_only_its_master(cluster: ClusterFactory) -> None:
+    """A plain worker takes calls only with the token it gave its master when it registered
+    (a new random one at each start): a stranger on the same host cannot run a command on it,
+    watch another job's output or cancel it, whatever the master requires of its callers."""
+    master, tokens = _token_master(cluster)
+    worker = cluster.worker(master, call_token=None, env={"DIST_EXEC_TOKEN": tokens["w1"]},
+                            worker_id="w1")  # fmt: skip
+    alice = Credentials(token=tokens["alice"])
+    async with Client(master.address, credentials=alice) as client:
+        job = await client.wait(await client.submit(command_spec(["echo", "through the master"])))
+        assert (job.status, job.stdout) == (JobStatus.COMPLETED, b"through the master\n")
+    forged = worker_pb2.ExecuteRequest(
+        task_id="forged", task_type="command", payload=b'{"command": "true"}'
+    )
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        for metadata in [(), (("authorization", f"Bearer {tokens['root']}"),),
+                         (("authorization", "Bearer not-the-token"),)]:  # fmt: skip
+            for call in (
+                stub.Execute(forged, metadata=metadata, timeout=10),
+                stub.GetWorkerStatus(
+                    worker_pb2.GetWorkerStatusRequest(), metadata=metadata, timeout=10
+                ),
+                stub.CancelTask(
+                    worker_pb2.CancelTaskRequest(task_id="forged"), metadata=metadata, timeout=10
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "a worker serves its master only" in (info.value.details() or "")
+
+
 async def test_workers_register_only_as_their_certificate_says(cluster: ClusterFactory) -> None:
     master = cluster.master(secure=True)
     pki = cluster.pki

@@ -21,7 +21,7 @@ from dist_exec import wire
 from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory
+from tests.conftest import ClusterFactory, worker_channel
 
 
 def _start(task_id: str, marker: Path, start_by: float) -> worker_pb2.ExecuteRequest:
@@ -37,7 +37,7 @@ def _start(task_id: str, marker: Path, start_by: float) -> worker_pb2.ExecuteReq
 
 
 async def _dispatch(address: str, request: worker_pb2.ExecuteRequest) -> worker_pb2.ExecuteProgress:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with worker_channel(address) as channel:
         call: Any = worker_pb2_grpc.WorkerServiceStub(channel).Dispatch()
         await call.write(worker_pb2.DispatchRequest(start=[request]))
         async with asyncio.timeout(15):
@@ -69,7 +69,7 @@ async def test_a_start_that_arrives_too_late_is_refused(
     assert fresh.exists()
     assert not late.exists(), "the late start ran"
     # ExecuteStream refuses it the same way.
-    async with grpc.aio.insecure_channel(worker.address) as channel:
+    async with worker_channel(worker.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in stub.ExecuteStream(_start("t-late-2", late, time.monotonic() - 5)):

@@ -516,6 +516,14 @@ def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, 
     f"(env {TOKEN_ENV}).",
 )
 @click.option(
+    "--call-token",
+    envvar="DIST_EXEC_CALL_TOKEN",
+    default="",
+    help="What a caller of this worker must send as its bearer token when the worker has no "
+    "TLS; the worker gives it to the master when it registers (default: a new random one at "
+    "each start). Only for calling a worker directly (env DIST_EXEC_CALL_TOKEN).",
+)
+@click.option(
     "--max-output",
     type=SIZE,
     default="4M",
@@ -540,6 +548,7 @@ def worker(
     inherit_env: bool,
     max_output: int,
     token: str,
+    call_token: str,
     task_memory_limit: int,
     task_cpu_time_limit: float,
     task_max_procs: int,
@@ -575,6 +584,7 @@ def worker(
         max_output_bytes=max_output,
         tls=tls,
         token=token,
+        call_token=call_token,
         task_limits=task_limits(
             task_memory_limit, task_cpu_time_limit, task_max_procs, task_max_file_size
         ),

@@ -85,12 +85,12 @@ async def run_master(
     audit = AuditLog(config.audit_log or config.data_dir / AUDIT_FILE)
     closing: set[asyncio.Task[None]] = set()
 
-    def on_register(address: str, server_name: str, dispatch: bool) -> None:
+    def on_register(address: str, server_name: str, dispatch: bool, call_token: str) -> None:
         if dialer.expect(address, server_name):  # another worker now serves this address
             task = asyncio.get_running_loop().create_task(workers.forget(address))
             closing.add(task)
             task.add_done_callback(closing.discard)
-        workers.dispatch_to(address, dispatch)
+        workers.dispatch_to(address, dispatch, call_token)
 
     async with SqliteJobStore(config.data_dir / DB_FILE) as store:
         master = Master(

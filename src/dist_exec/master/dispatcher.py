@@ -39,6 +39,9 @@ CHANNEL_OPTIONS = [
 ]
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 class AttemptRejected(Exception):
     """The worker refused to start the attempt. ``fatal``: no worker would run it."""
 
@@ -98,9 +101,9 @@ class _Session:
     routed to the attempt they are about. When the stream breaks, every attempt on it gets
     ``WorkerUnreachable`` (and re-attaches)."""
 
-    def __init__(self, stub: WorkerServiceAsyncStub, address: str) -> None:
+    def __init__(self, stub: WorkerServiceAsyncStub, address: str, metadata: Metadata) -> None:
         self.address = address
-        self.call = stub.Dispatch()
+        self.call = stub.Dispatch(metadata=metadata)
         self.routes: dict[tuple[str, int], Route] = {}
         self.error: Exception | None = None
         self._starts: list[worker_pb2.ExecuteRequest] = []
@@ -222,6 +225,7 @@ class GrpcWorkerClient:
         self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
         self._sessions: dict[str, _Session] = {}
         self._dispatch: set[str] = set()  # workers that serve the Dispatch stream
+        self._call_tokens: dict[str, str] = {}  # what each worker wants its caller to send
 
     def _stub(self, address: str) -> WorkerServiceAsyncStub:
         known = self._channels.get(address)
@@ -253,13 +257,22 @@ class GrpcWorkerClient:
         ):
             yield event
 
-    def dispatch_to(self, address: str, supported: bool) -> None:
+    def dispatch_to(self, address: str, supported: bool, call_token: str = "") -> None:
         """Whether the worker at ``address`` serves the Dispatch stream (it says so when it
-        registers); else each attempt is an ExecuteStream call."""
+        registers; else each attempt is an ExecuteStream call), and the token it wants from
+        its callers (a worker without TLS serves only the master it gave it to)."""
         if supported:
             self._dispatch.add(address)
         else:
             self._dispatch.discard(address)
+        if call_token:
+            self._call_tokens[address] = call_token
+        else:
+            self._call_tokens.pop(address, None)
+
+    def _metadata(self, address: str) -> Metadata:
+        token = self._call_tokens.get(address)
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     async def _on_stream(
         self, address: str, task_id: str, attempt: int, spec: TaskSpec, deadline_s: float
@@ -267,7 +280,9 @@ class GrpcWorkerClient:
         """One attempt on the worker's Dispatch stream (opened on first use)."""
         session = self._sessions.get(address)
         if session is None or session.error is not None:
-            session = self._sessions[address] = _Session(self._stub(address), address)
+            session = self._sessions[address] = _Session(
+                self._stub(address), address, self._metadata(address)
+            )
         route: Route = asyncio.Queue(ROUTE_EVENTS)
         session.start(self._request(task_id, attempt, spec, False, {}), route)
         timer = asyncio.get_running_loop().call_later(
@@ -317,7 +332,9 @@ class GrpcWorkerClient:
         """One attempt through its own ExecuteStream call: to attach to it again, or on a
         worker without the Dispatch stream."""
         request = self._request(task_id, attempt, spec, attach, offsets)
-        call = self._stub(address).ExecuteStream(request, timeout=max(deadline_s, 0.001))
+        call = self._stub(address).ExecuteStream(
+            request, timeout=max(deadline_s, 0.001), metadata=self._metadata(address)
+        )
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
         try:
             async for msg in call:
@@ -376,6 +393,7 @@ class GrpcWorkerClient:
             reply = await self._stub(address).CancelTask(
                 worker_pb2.CancelTaskRequest(task_id=task_id, attempt=attempt),
                 timeout=self.rpc_timeout_s,
+                metadata=self._metadata(address),
             )
         except grpc.aio.AioRpcError as exc:
             raise _classify(exc, address) from None

@@ -404,14 +404,14 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         config: MasterConfig,
         audit: AuditLog | None = None,
         drains: Drains | None = None,
-        on_register: Callable[[str, str, bool], None] = lambda address, name, dispatch: None,
+        on_register: Callable[[str, str, bool, str], None] = lambda *registered: None,
     ) -> None:
         self.master = master
         self.config = config
         self.audit = audit
         self.drains = drains or Drains()
         # A worker registered this address (with TLS its certificate must name server_name),
-        # and says whether it serves the Dispatch stream.
+        # says whether it serves the Dispatch stream, and what its callers must send.
         self.on_register = on_register
 
     @grpc_errors
@@ -429,6 +429,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             request.address,
             identity.name if identity.via == "cert" else request.worker_id,
             request.dispatch_stream,
+            request.call_token,
         )
         self.drains.requested.discard(NodeId(request.worker_id))
         self.master.register(

@@ -18,6 +18,7 @@ Refusals are written to the audit log when there is one.
 from __future__ import annotations
 
 import contextvars
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -68,6 +69,12 @@ WORKER_RULES: dict[str, frozenset[Role]] = {
 }
 
 
+WORKER_CALLERS = (
+    "a worker serves its master only (the master's certificate, or the token the worker gave "
+    "it when it registered)"
+)
+
+
 def current_identity() -> Identity:
     """The caller of the RPC being served (the local admin outside an intercepted call)."""
     return _CURRENT.get(LOCAL)
@@ -83,13 +90,22 @@ def peer_address(context: Context) -> str:
 class Authenticator:
     """Turns a call's credentials into an Identity."""
 
-    def __init__(self, tokens: TokenStore | None, tls: bool) -> None:
+    def __init__(
+        self, tokens: TokenStore | None, tls: bool, caller_token: str | None = None
+    ) -> None:
+        """``caller_token``: a worker's, which identifies the master (it gave it the token when
+        it registered)."""
         self.tokens = tokens
         self.tls = tls
+        self.caller_token = caller_token
 
     @property
     def required(self) -> bool:
-        return self.tls or (self.tokens is not None and self.tokens.configured)
+        return (
+            self.tls
+            or self.caller_token is not None
+            or (self.tokens is not None and self.tokens.configured)
+        )
 
     def identify(self, context: Context) -> Identity:
         peer = peer_address(context)
@@ -102,6 +118,12 @@ class Authenticator:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("malformed authorization header: expected 'Bearer TOKEN'")
+            if self.caller_token is not None and hmac.compare_digest(
+                token.strip().encode(), self.caller_token.encode()
+            ):
+                return Identity("master", Role.MASTER, "token", peer)
+            if self.tokens is None and self.caller_token is not None:
+                raise Unauthenticated(WORKER_CALLERS + ": this token is not the one it gave")
             entry = self.tokens.lookup(token.strip()) if self.tokens is not None else None
             if entry is None:
                 raise Unauthenticated("invalid token: it is not (or no longer) known to the master")
@@ -119,6 +141,8 @@ class Authenticator:
                     "DIST_EXEC_TOKEN)"
                 )
             return Identity(name, parsed, "cert", peer)
+        if self.tokens is None and self.caller_token is not None:
+            raise Unauthenticated(WORKER_CALLERS)
         if self.required:
             raise Unauthenticated(
                 "no credentials: pass a token (--token or DIST_EXEC_TOKEN) or a client "

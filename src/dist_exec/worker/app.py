@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -51,8 +52,10 @@ class Registrar:
         channel: grpc.aio.Channel,
         on_drain: Callable[[], Awaitable[None]],
         master_clock: MasterClock,
+        call_token: str,
     ) -> None:
         self.config = config
+        self.call_token = call_token  # what the master must send when it calls this worker
         self.master_clock = master_clock
         self.runner = runner
         self.address = address
@@ -104,6 +107,7 @@ class Registrar:
             task_limits=wire.limits_to_pb(self.config.task_limits),
             drain_requested=self.drain_requested,
             dispatch_stream=True,
+            call_token=self.call_token,
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None
@@ -190,11 +194,12 @@ async def run_worker(
     runner = TaskRunner(
         executors, config.max_concurrent_tasks, config.max_output_bytes, config.result_retention_s
     )
+    # Only the master may call: it shows the certificate of the master role (TLS), or the
+    # token this worker gave it when it registered (sent over the authenticated Register).
+    call_token = config.call_token or secrets.token_urlsafe(32)
+    authenticator = Authenticator(None, tls=config.tls is not None, caller_token=call_token)
     server = grpc.aio.server(
-        options=SERVER_OPTIONS,
-        interceptors=[
-            SecurityInterceptor(Authenticator(None, tls=config.tls is not None), WORKER_RULES)
-        ],
+        options=SERVER_OPTIONS, interceptors=[SecurityInterceptor(authenticator, WORKER_RULES)]
     )
     master_clock = MasterClock()
     servicer = WorkerServicer(runner, config.worker_id, master_clock)
@@ -234,7 +239,9 @@ async def run_worker(
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await registrar.heartbeat()  # confirm now, not at the next beat
 
-    registrar = Registrar(config, runner, address, channel, drain_when_asked, master_clock)
+    registrar = Registrar(
+        config, runner, address, channel, drain_when_asked, master_clock, call_token
+    )
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())
