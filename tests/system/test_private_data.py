@@ -11,11 +11,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus
 from tests.conftest import ClusterFactory, run_cli
+from tests.system.test_cluster import free_port
 
 pytestmark = [
     pytest.mark.system,
@@ -100,3 +102,29 @@ def test_an_open_data_dir_is_made_private_or_refused(cluster: ClusterFactory) ->
         "(chmod go-rwx) or use another path\n",
     )
     assert mode(foreign) == 0o755
+
+
+def test_the_local_cluster_keeps_its_files_private(tmp_path: Path) -> None:
+    data = tmp_path / "cluster"
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    pointer = (
+        Path(platformdirs.user_config_dir("dist-exec")) / "clusters" / f"127.0.0.1_{port}.json"
+    )
+    with umask(0o000):
+        up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
+    assert up.code == 0, up.stderr
+    try:
+        assert run_cli("run", "true", master=address).code == 0
+        found = {p.relative_to(data).as_posix(): mode(p) for p in [data, *data.rglob("*")]}
+        assert mode(pointer) == 0o600  # the CLI's way to the cluster's credentials
+    finally:
+        assert run_cli("down", "--data-dir", str(data)).code == 0
+    private = ["master.db", "logs/up.log", "logs/master.log", "logs/worker-1.log", "cluster.pid",
+               "cluster.json", "client.json", "admin.token", "tls/admin.key"]  # fmt: skip
+    for name in private:
+        assert found.get(name) == 0o600, name
+    assert (found["."], found["logs"]) == (0o700, 0o700)
+    # Certificates are public, but no one else may replace anything.
+    open_to_others = {name: oct(m) for name, m in found.items() if m & 0o077}
+    assert all(n.endswith(".crt") and m == "0o644" for n, m in open_to_others.items()), found
