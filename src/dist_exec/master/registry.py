@@ -44,8 +44,10 @@ class NodeRegistry:
         labels: Mapping[str, str],
         weight: int = 0,
         task_limits: TaskLimits | None = None,
+        tls_name: str = "",
     ) -> NodeInfo:
-        """Add a node, or replace one with the same id (a restarted worker)."""
+        """Add a node, or replace one with the same id (a restarted worker). ``tls_name``: the
+        name its certificate must carry when the master dials it."""
         node = NodeInfo(
             id=node_id,
             address=address,
@@ -56,6 +58,7 @@ class NodeRegistry:
             last_seen_wall=self.clock.now(),
             weight=weight,
             task_limits=task_limits or TaskLimits(),
+            tls_name=tls_name,
         )
         node.registered_at = node.last_seen
         node.idle_since = node.last_seen
