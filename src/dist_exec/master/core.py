@@ -495,6 +495,7 @@ class Master(Submission, Attempts):
         task_limits: TaskLimits | None = None,
         tls_name: str = "",
     ) -> NodeInfo:
+        """Raises AddressInUse when another live node holds ``address`` (see registry)."""
         if not node_id or not address or max_tasks <= 0 or weight < 0:
             raise InvalidTaskSpec(
                 "register needs worker_id, address, max_concurrent_tasks > 0 and weight >= 0"

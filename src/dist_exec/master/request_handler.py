@@ -20,6 +20,7 @@ from dist_exec import wire
 from dist_exec.config import MasterConfig
 from dist_exec.errors import (
     AccessDenied,
+    AddressInUse,
     DistExecError,
     InvalidTaskSpec,
     JobNotFound,
@@ -433,7 +434,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
                 # With TLS, the master dials it expecting the certificate it registered with.
                 identity.name if identity.via == "cert" else request.worker_id,
             )
-        except AccessDenied as exc:
+        except (AccessDenied, AddressInUse) as exc:
             if self.audit is not None:
                 self.audit.record("register", identity, "denied", exc.message)
             raise
