@@ -6,7 +6,8 @@ printed its "listening on" line. In the foreground it stops them all on Ctrl-C o
 
 It is zero-configuration but not open: on first use it makes a CA, certificates for the master,
 each worker and an ``admin`` client, and an admin token, under DATA_DIR/tls (mutual TLS on
-every link), and writes a client config that the CLI finds by the master's address.
+every link), and writes a client config that the CLI finds by the master's address. The data
+directory and everything written there are for the user who started it only (0700, 0600).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dist_exec.config import dial_address, split_address
 from dist_exec.security import certs
 from dist_exec.security.credentials import remove_client_config, write_client_config
 from dist_exec.security.identity import Role
+from dist_exec.security.private_files import open_private, private_dir, write_private
 from dist_exec.security.tokens import add_token, read_tokens, revoke_token
 
 READY_TIMEOUT_S = 30.0
@@ -88,7 +90,7 @@ class ClusterOptions:
 
 
 def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], IO[str]]:
-    log = log_path.open("a")
+    log = _open_log(log_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_exec", *args],
         stdout=subprocess.PIPE,
@@ -96,6 +98,12 @@ def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], IO[s
         text=True,
     )
     return proc, log
+
+
+def _open_log(path: Path) -> IO[str]:
+    """A log file of the cluster, for its owner only (jobs' errors and commands show up)."""
+    private_dir(path.parent)
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "a")
 
 
 def _wait_ready(proc: subprocess.Popen[str], what: str, log_path: Path) -> str:
@@ -154,18 +162,14 @@ def prepare_credentials(options: ClusterOptions) -> Path:
     token_file = options.data_dir / ADMIN_TOKEN_FILE
     if not token_file.exists() or all(e.name != ADMIN for e in read_tokens(tokens)):
         revoke_token(tokens, ADMIN)
-        token = add_token(tokens, ADMIN, Role.ADMIN)
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_private(token_file, add_token(tokens, ADMIN, Role.ADMIN) + "\n")
     return tls
 
 
 def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> None:
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(options.data_dir)
     tls = prepare_credentials(options)
     logs = options.data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[str]] = []
     files: list[IO[str]] = []
     stop_requested = False
@@ -202,8 +206,9 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
             options.data_dir, address, tls / certs.CA_CERT, tls / f"{ADMIN}.crt",
             tls / f"{ADMIN}.key", options.data_dir / ADMIN_TOKEN_FILE,
         )  # fmt: skip
-        (options.data_dir / STATE_FILE).write_text(
-            json.dumps({"master": address, "pid": os.getpid(), "workers": options.workers})
+        write_private(
+            options.data_dir / STATE_FILE,
+            json.dumps({"master": address, "pid": os.getpid(), "workers": options.workers}),
         )
         on_ready(address)
         while not stop_requested:
@@ -224,7 +229,7 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
 
 def start_background(options: ClusterOptions) -> str:
     """Run ``up`` (foreground) as a background session; return the master address once ready."""
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(options.data_dir)
     pid_path = options.data_dir / PID_FILE
     if _running_pid(pid_path) is not None:
         raise ClusterError(
@@ -234,13 +239,12 @@ def start_background(options: ClusterOptions) -> str:
     with contextlib.suppress(FileNotFoundError):
         state.unlink()
     log_path = options.data_dir / "logs" / "up.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as log:
+    with _open_log(log_path) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dist_exec", *options.up_args()],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
-    pid_path.write_text(str(proc.pid))
+    write_private(pid_path, str(proc.pid))
     deadline = time.monotonic() + READY_TIMEOUT_S * 2
     while time.monotonic() < deadline:
         if state.exists():

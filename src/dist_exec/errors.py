@@ -7,6 +7,7 @@
     ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, worker full
     │   └── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
     ├── AlreadyExists             ALREADY_EXISTS       idempotency key used for another request
+    ├── AddressInUse              ALREADY_EXISTS       a live node registered that address
     ├── PolicyDenied              PERMISSION_DENIED    command refused by the command policy
     ├── AccessDenied              PERMISSION_DENIED    the caller's role may not do this
     ├── Unauthenticated           UNAUTHENTICATED      missing or invalid credentials
@@ -90,6 +91,12 @@ class RateLimited(ResourceExhausted):
 
 class AlreadyExists(DistExecError):
     """The idempotency key was used for a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class AddressInUse(DistExecError):
+    """A worker registers an address another live node holds."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
 

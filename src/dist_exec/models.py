@@ -187,6 +187,17 @@ class Job:
     worker_losses: int = 0  # attempts in a row whose worker was lost while running it
 
 
+@dataclass(frozen=True, slots=True)
+class NodeEndpoint:
+    """How the master reaches one registration of a node: its address, and the name the
+    certificate there must carry (with TLS). The master keeps a channel per endpoint, so no
+    registration changes how another node is dialled."""
+
+    node_id: NodeId
+    address: str
+    tls_name: str = ""
+
+
 @dataclass(slots=True)
 class NodeInfo:
     """A registered worker as the master's registry tracks it (mutable bookkeeping)."""
@@ -205,6 +216,11 @@ class NodeInfo:
     registered_at: float = 0.0  # registry clock
     idle_since: float | None = None  # registry clock; None while a slot is reserved
     drain_requested: bool = False  # the auto scaler chose it for removal
+    tls_name: str = ""  # the name its certificate must carry when the master dials it
+
+    @property
+    def endpoint(self) -> NodeEndpoint:
+        return NodeEndpoint(self.id, self.address, self.tls_name)
 
     @property
     def effective_weight(self) -> int:

@@ -59,6 +59,7 @@ async def test_up_autoscale_scales_with_the_backlog(tmp_path: Path, shared_dir: 
     assert len(worker_logs) >= 2
     for log in worker_logs:
         assert "deregister" in log.read_text() or "draining" in log.read_text(), log
+        assert log.stat().st_mode & 0o077 == 0, log  # the master's user's only
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from dist_exec.models import (
     ExecStatus,
     Job,
     JobStatus,
+    NodeEndpoint,
     NodeId,
     OutputChunk,
     Stream,
@@ -40,7 +41,7 @@ class ScriptedWorker:
 
     async def execute(
         self,
-        address: str,
+        endpoint: NodeEndpoint,
         task_id: str,
         attempt: int,
         spec: TaskSpec,
@@ -53,10 +54,10 @@ class ScriptedWorker:
         yield ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"hi\n", stdout_bytes=3)
         self.delivered.append((task_id, attempt))
 
-    async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
+    async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool:
         return False
 
-    async def forget(self, address: str) -> None:
+    async def forget(self, endpoint: NodeEndpoint) -> None:
         return None
 
     async def close(self) -> None:
@@ -180,7 +181,7 @@ class BrokenOnceWorker(ScriptedWorker):
 
     async def execute(
         self,
-        address: str,
+        endpoint: NodeEndpoint,
         task_id: str,
         attempt: int,
         spec: TaskSpec,
@@ -191,7 +192,7 @@ class BrokenOnceWorker(ScriptedWorker):
         if attempt == 1:
             raise ValueError("7 is not a valid Stream")
         async for event in super().execute(
-            address, task_id, attempt, spec, attach, offsets, deadline_s
+            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
         ):
             yield event
 

@@ -21,7 +21,7 @@ from dist_exec.master.dispatcher import (
     GrpcWorkerClient,
     WorkerUnreachable,
 )
-from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
+from dist_exec.models import ExecOutcome, ExecStatus, NodeEndpoint, NodeId, OutputChunk, Stream
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 from dist_exec.worker.dispatch import _coalesce
 
@@ -73,24 +73,24 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
                        final_result=_done(request.task_id).final_result)  # fmt: skip
 
 
-async def _serve(servicer: FakeWorker) -> tuple[grpc.aio.Server, str]:
+async def _serve(servicer: FakeWorker) -> tuple[grpc.aio.Server, NodeEndpoint]:
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, NodeEndpoint(NodeId("w1"), f"127.0.0.1:{port}")
 
 
 async def _events(
     client: GrpcWorkerClient,
-    address: str,
+    endpoint: NodeEndpoint,
     task_id: str,
     deadline_s: float = 10.0,
     into: list[OutputChunk | ExecOutcome] | None = None,
 ) -> list[OutputChunk | ExecOutcome]:
     got = [] if into is None else into
     async with asyncio.timeout(10):
-        async for event in client.execute(address, task_id, 1, SPEC, False, {}, deadline_s):
+        async for event in client.execute(endpoint, task_id, 1, SPEC, False, {}, deadline_s):
             got.append(event)
     return got
 
@@ -100,11 +100,11 @@ async def _with_worker(
 ) -> FakeWorker:
     """``declared``: the worker said it serves Dispatch when it registered."""
     servicer = FakeWorker(handler)  # type: ignore[abstract]  # (the other RPCs: UNIMPLEMENTED)
-    server, address = await _serve(servicer)
+    server, endpoint = await _serve(servicer)
     client = GrpcWorkerClient(rpc_timeout_s=5)
-    client.dispatch_to(address, declared)
+    client.dispatch_to(endpoint, declared)
     try:
-        await body(client, address)
+        await body(client, endpoint)
     finally:
         await client.close()
         await server.stop(None)
@@ -124,15 +124,15 @@ async def test_events_reach_their_attempt_and_results_are_acknowledged() -> None
                     events=[e for t in reversed(ids) for e in (_output(t, t.encode()), _done(t))]
                 )
 
-    async def body(client: GrpcWorkerClient, address: str) -> None:
-        a, b = await asyncio.gather(_events(client, address, "a"), _events(client, address, "b"))
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
+        a, b = await asyncio.gather(_events(client, endpoint, "a"), _events(client, endpoint, "b"))
         for task_id, events in (("a", a), ("b", b)):
             assert events[0] == OutputChunk(Stream.STDOUT, 0, task_id.encode())
             assert isinstance(events[1], ExecOutcome)
             assert events[1].status == ExecStatus.SUCCESS
         async with asyncio.timeout(10):  # acknowledgements ride on the next message
             while sorted(acked) != [("a", 1), ("b", 1)]:
-                await _events(client, address, "c")
+                await _events(client, endpoint, "c")
 
     await _with_worker(handler, body)
 
@@ -160,10 +160,10 @@ async def test_an_acknowledgement_waits_to_ride_with_the_next_start(
     monkeypatch.setattr(dispatcher, "ACK_LINGER_S", 30.0)
     messages: list[tuple[list[str], list[str]]] = []
 
-    async def body(client: GrpcWorkerClient, address: str) -> None:
-        await _events(client, address, "a")
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
+        await _events(client, endpoint, "a")
         await asyncio.sleep(0.05)  # time enough to send it alone, if it were sent at once
-        await _events(client, address, "b")
+        await _events(client, endpoint, "b")
         assert messages == [(["a"], []), (["b"], ["a"])]
 
     await _with_worker(_recording(messages), body)
@@ -172,8 +172,8 @@ async def test_an_acknowledgement_waits_to_ride_with_the_next_start(
 async def test_an_acknowledgement_with_no_start_to_ride_with_goes_alone() -> None:
     messages: list[tuple[list[str], list[str]]] = []
 
-    async def body(client: GrpcWorkerClient, address: str) -> None:
-        await _events(client, address, "a")
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
+        await _events(client, endpoint, "a")
         async with asyncio.timeout(10):
             while len(messages) < 2:
                 await asyncio.sleep(0.01)
@@ -206,13 +206,13 @@ async def test_a_refusal_on_the_stream_is_what_the_same_status_would_be(
                 event = refusal if start.task_id == "a" else _done(start.task_id)
                 yield worker_pb2.DispatchEvents(events=[event])
 
-    async def body(client: GrpcWorkerClient, address: str) -> None:
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
         with pytest.raises(expected, match="no room") as info:
-            await _events(client, address, "a")
+            await _events(client, endpoint, "a")
         if fatal is not None:
             assert isinstance(info.value, AttemptRejected)
             assert info.value.fatal is fatal
-        events = await _events(client, address, "b")  # the stream still serves others
+        events = await _events(client, endpoint, "b")  # the stream still serves others
         assert isinstance(events[-1], ExecOutcome)
 
     await _with_worker(handler, body)
@@ -231,12 +231,12 @@ async def test_a_broken_stream_makes_its_attempts_unreachable_and_a_new_one_is_o
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "worker going away")
                 yield worker_pb2.DispatchEvents(events=[_done(start.task_id, b"ok")])
 
-    async def body(client: GrpcWorkerClient, address: str) -> None:
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
         got: list[OutputChunk | ExecOutcome] = []
         with pytest.raises(WorkerUnreachable, match="UNAVAILABLE"):
-            await _events(client, address, "a", into=got)
+            await _events(client, endpoint, "a", into=got)
         assert got == [OutputChunk(Stream.STDOUT, 0, b"par")]
-        events = await _events(client, address, "b")
+        events = await _events(client, endpoint, "b")
         assert isinstance(events[-1], ExecOutcome)
         assert events[-1].stdout == b"ok"
         assert streams == 2
@@ -250,9 +250,9 @@ async def test_no_result_by_the_deadline_is_unreachable() -> None:
             pass
         yield worker_pb2.DispatchEvents()
 
-    async def body(client: GrpcWorkerClient, address: str) -> None:
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
         with pytest.raises(WorkerUnreachable, match="DEADLINE_EXCEEDED"):
-            await _events(client, address, "a", deadline_s=0.2)
+            await _events(client, endpoint, "a", deadline_s=0.2)
 
     await _with_worker(handler, body)
 
@@ -261,9 +261,9 @@ async def test_no_result_by_the_deadline_is_unreachable() -> None:
     "declared", [False, True], ids=["registered-without-dispatch", "claims-dispatch-wrongly"]
 )
 async def test_a_worker_without_dispatch_gets_execute_stream_calls(declared: bool) -> None:
-    async def body(client: GrpcWorkerClient, address: str) -> None:
+    async def body(client: GrpcWorkerClient, endpoint: NodeEndpoint) -> None:
         for task_id in ("a", "b"):
-            events = await _events(client, address, task_id)
+            events = await _events(client, endpoint, task_id)
             assert events[0] == OutputChunk(Stream.STDOUT, 0, b"old\n")
             assert isinstance(events[1], ExecOutcome)
 
@@ -282,3 +282,26 @@ def test_coalesce_leaves_out_output_a_whole_result_carries() -> None:
         ("c", worker_pb2.PROGRESS_COMPLETED),
     ]
     assert _coalesce(batch[:2]) == batch[:2]
+
+
+async def test_channels_are_per_endpoint_so_no_node_changes_how_another_is_dialled() -> None:
+    """node-x registering local-1's address (or local-1's channel being dropped on its behalf)
+    must not touch the channel to local-1: its jobs keep running there."""
+    server, local_1 = await _serve(FakeWorker())  # type: ignore[abstract]
+    squatter = NodeEndpoint(NodeId("node-x"), local_1.address, "node-x")
+    dialled: list[NodeEndpoint] = []
+
+    def channel(endpoint: NodeEndpoint) -> grpc.aio.Channel:
+        dialled.append(endpoint)
+        return grpc.aio.insecure_channel(endpoint.address)
+
+    client = GrpcWorkerClient(rpc_timeout_s=5, channel_factory=channel)
+    try:
+        await _events(client, local_1, "a")
+        await _events(client, squatter, "b")
+        await client.forget(squatter)
+        assert isinstance((await _events(client, local_1, "c"))[-1], ExecOutcome)
+        assert dialled == [local_1, squatter]  # local-1's channel was neither replaced nor closed
+    finally:
+        await client.close()
+        await server.stop(None)

@@ -9,6 +9,7 @@ import pytest
 from dist_exec.errors import (
     ACCESS_DENIED_KEY,
     AccessDenied,
+    AddressInUse,
     AlreadyExists,
     DistExecError,
     FollowerTooSlow,
@@ -41,6 +42,7 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     TaskNotFound: Code.NOT_FOUND,
     FollowerTooSlow: Code.ABORTED,
     AlreadyExists: Code.ALREADY_EXISTS,
+    AddressInUse: Code.ALREADY_EXISTS,
     NoMatchingNode: Code.FAILED_PRECONDITION,
     RateLimited: Code.RESOURCE_EXHAUSTED,
     PolicyDenied: Code.PERMISSION_DENIED,

@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from dist_exec.errors import AddressInUse
 from dist_exec.master.registry import NodeRegistry
-from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskSpec
+from dist_exec.models import NodeEndpoint, NodeId, NodeInfo, NodeStatus, TaskSpec
 
 HEARTBEAT_TIMEOUT_S = 15.0
 REMOVAL_S = 30.0
@@ -50,8 +51,10 @@ def add(
     node_id: str,
     max_tasks: int = 2,
     capabilities: Iterable[str] = ("command",),
+    address: str = "",
 ) -> None:
-    registry.register(NodeId(node_id), f"{node_id}:7000", capabilities, max_tasks, {"zone": "a"})
+    address = address or f"{node_id}:7000"
+    registry.register(NodeId(node_id), address, capabilities, max_tasks, {"zone": "a"})
 
 
 def ids(nodes: Iterable[NodeInfo]) -> list[str]:
@@ -86,6 +89,53 @@ def test_register(registry: NodeRegistry, clock: FakeClock) -> None:
     assert node.last_seen == clock.monotonic()
     assert node.last_seen_wall == clock.now()
     assert registry.get(NodeId("w1")) is node
+
+
+def test_an_address_a_live_node_holds_is_refused_to_another(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    """Address squatting: a worker credential passing another node's address off as its own
+    would have the master dial that node under the wrong name (and its jobs fail)."""
+    registry.register(NodeId("local-1"), "127.0.0.1:7001", ["command"], 2, {}, tls_name="local-1")
+    for holder_status in ("HEALTHY", "SUSPECT", "DRAINING"):
+        if holder_status == "SUSPECT":
+            clock.advance(HEARTBEAT_TIMEOUT_S / 3)
+            registry.sweep()
+        elif holder_status == "DRAINING":
+            registry.request_drain(NodeId("local-1"))
+        assert status(registry, "local-1") == holder_status
+        with pytest.raises(AddressInUse) as info:
+            registry.register(NodeId("node-x"), "127.0.0.1:7001", ["command"], 2, {})
+        assert info.value.message == (
+            f"address 127.0.0.1:7001 is held by node local-1 ({holder_status}); another node "
+            "may take it once local-1 is UNHEALTHY or gone"
+        )
+        assert ids(registry.nodes()) == ["local-1"]
+    # The same node registering again (a restart) keeps its address, and says how to dial it.
+    node = registry.register(NodeId("local-1"), "127.0.0.1:7001", ["command"], 2, {}, tls_name="c")
+    assert node.endpoint == NodeEndpoint(NodeId("local-1"), "127.0.0.1:7001", "c")
+
+
+def test_an_address_passes_on_once_its_node_is_unhealthy_or_gone(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    where = "10.0.0.5:7000"
+    add(registry, "old", address=where)
+    clock.advance(HEARTBEAT_TIMEOUT_S)
+    assert swept(registry) == (["old"], [])
+    # A new worker started at the address of one that died: its tasks were retried already.
+    add(registry, "new", address=where)
+    assert status(registry, "new") == NodeStatus.HEALTHY
+    # The old one comes back (its heartbeat is refused: it registers again): the address is
+    # the new one's now.
+    with pytest.raises(AddressInUse, match="held by node new"):
+        add(registry, "old", address=where)
+    registry.deregister(NodeId("new"))
+    add(registry, "old", address=where)
+    assert status(registry, "old") == NodeStatus.HEALTHY
+    clock.advance(REMOVAL_S)
+    assert swept(registry) == (["old"], ["old"])
+    add(registry, "newer", address=where)  # forgotten: free
 
 
 def test_nodes_in_id_order(registry: NodeRegistry) -> None:

@@ -23,6 +23,7 @@ from dist_exec.models import (
     Job,
     JobId,
     JobStatus,
+    NodeEndpoint,
     NodeId,
     OutputChunk,
     Stream,
@@ -43,7 +44,7 @@ class OutcomeWorker(ScriptedWorker):
 
     async def execute(
         self,
-        address: str,
+        endpoint: NodeEndpoint,
         task_id: str,
         attempt: int,
         spec: TaskSpec,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -351,3 +352,26 @@ async def test_limits_are_kept_and_a_file_without_the_column_gets_it(db_path: Pa
         assert await get(store, "b") == make_job("b")
         await store.insert(replace(limited, id=JobId("c")))
         assert (await get(store, "c")).spec.limits == TaskLimits(1 << 20)
+
+
+async def test_the_database_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Jobs' payloads and output are in the database, its WAL and shared memory: 0600, in a
+    0700 directory, even under umask 0; files of an older version are tightened."""
+    data = tmp_path / "data"
+    db = data / "jobs.sqlite"
+    files = [db, data / "jobs.sqlite-wal", data / "jobs.sqlite-shm"]
+    previous = os.umask(0)
+    try:
+        async with SqliteJobStore(db) as store:
+            await store.insert(make_job("j"))
+            assert {p.name: oct(p.stat().st_mode & 0o777) for p in [data, *files]} == {
+                p.name: oct(0o700 if p == data else 0o600) for p in [data, *files]
+            }
+        data.chmod(0o755)
+        db.chmod(0o644)
+        async with SqliteJobStore(db) as store:
+            assert await store.get(JobId("j")) is not None
+            assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o600)}
+            assert data.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(previous)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dist_exec.autoscaler.backend import Scale, ScaleError
 from dist_exec.models import NodeId
+from dist_exec.security.private_files import open_private, private_dir
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 45.0  # a stopping worker drains running tasks first
@@ -57,11 +58,12 @@ class LocalBackend:
         return Scale(desired=len(self._procs), ready=len(self._procs))
 
     async def scale_up(self, replicas: int) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         while len(self._procs) < replicas:
             node_id = NodeId(f"{ID_PREFIX}{next(self._serial)}")
             # Its own session: Ctrl-C on `up` reaches only the master, which drains these.
-            with (self.log_dir / f"{node_id}.log").open("ab") as log_file:
+            log_path = self.log_dir / f"{node_id}.log"
+            with os.fdopen(open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 try:
                     proc = await asyncio.create_subprocess_exec(
                         sys.executable, "-m", "dist_exec.autoscaler.local_worker", str(os.getpid()),

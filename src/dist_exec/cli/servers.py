@@ -254,6 +254,7 @@ def master(
 ) -> None:
     """Run the master: accepts jobs, tracks workers, dispatches."""
     from dist_exec.master.app import run_master
+    from dist_exec.security.private_files import private_dir
 
     setup_logging(log_level)
     tls = server_tls(listen, "master")
@@ -261,7 +262,7 @@ def master(
         fail("--heartbeat-timeout must be longer than --heartbeat-interval (> 0)", EXIT_USAGE)
     data_dir = data_dir or default_data_dir()
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)  # the job database: payloads, environments, output
         probe = data_dir / ".write-test"
         probe.touch()
         probe.unlink()

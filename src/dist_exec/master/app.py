@@ -83,14 +83,6 @@ async def run_master(
             tokens.path,
         )
     audit = AuditLog(config.audit_log or config.data_dir / AUDIT_FILE)
-    closing: set[asyncio.Task[None]] = set()
-
-    def on_register(address: str, server_name: str, dispatch: bool, call_token: str) -> None:
-        if dialer.expect(address, server_name):  # another worker now serves this address
-            task = asyncio.get_running_loop().create_task(workers.forget(address))
-            closing.add(task)
-            task.add_done_callback(closing.discard)
-        workers.dispatch_to(address, dispatch, call_token)
 
     async with SqliteJobStore(config.data_dir / DB_FILE) as store:
         master = Master(
@@ -134,7 +126,7 @@ async def run_master(
             server,
         )
         worker_pb2_grpc.add_RegistrationServiceServicer_to_server(
-            RegistrationServicer(master, config, audit, drains, on_register), server
+            RegistrationServicer(master, config, audit, drains, workers.dispatch_to), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

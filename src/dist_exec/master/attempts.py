@@ -131,7 +131,7 @@ class Attempts:
                     )
                     return
                 events = self.workers.execute(
-                    node.address, job.id, attempt, job.spec, attach, job.seen, deadline
+                    node.endpoint, job.id, attempt, job.spec, attach, job.seen, deadline
                 )
                 try:
                     outcome = await self._follow_attempt(job, attempt, node, events)

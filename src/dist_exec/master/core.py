@@ -45,6 +45,7 @@ from dist_exec.models import (
     Job,
     JobId,
     JobStatus,
+    NodeEndpoint,
     NodeId,
     NodeInfo,
     NodeStatus,
@@ -218,7 +219,7 @@ class Master(Submission, Attempts):
                 log.info(
                     "forgetting node %s after %ss of silence", node.id, self.config.node_removal_s
                 )
-                self._spawn(self.workers.forget(node.address))
+                self._spawn(self._forget(node.endpoint))
             now = self.clock.monotonic()
             if self.scheduler.age(now):
                 self._wake.set()
@@ -394,7 +395,7 @@ class Master(Submission, Attempts):
                 await self._force_cancel(job, "cancelled")
                 return
             try:
-                await self.workers.cancel(node.address, job.id, job.attempt)
+                await self.workers.cancel(node.endpoint, job.id, job.attempt)
             except (WorkerUnreachable, AttemptGone, AttemptRejected) as exc:
                 log.warning("cannot reach worker %s to cancel %s: %s", node.id, job.id, exc)
                 attempt = job.attempt
@@ -492,17 +493,19 @@ class Master(Submission, Attempts):
         held: Sequence[HeldAttempt],
         weight: int = 0,
         task_limits: TaskLimits | None = None,
+        tls_name: str = "",
     ) -> NodeInfo:
+        """Raises AddressInUse when another live node holds ``address`` (see registry)."""
         if not node_id or not address or max_tasks <= 0 or weight < 0:
             raise InvalidTaskSpec(
                 "register needs worker_id, address, max_concurrent_tasks > 0 and weight >= 0"
             )
         previous = self.registry.get(node_id)
-        if previous is not None and previous.address != address:
-            self._spawn(self.workers.forget(previous.address))
         node = self.registry.register(
-            node_id, address, capabilities, max_tasks, labels, weight, task_limits
+            node_id, address, capabilities, max_tasks, labels, weight, task_limits, tls_name
         )
+        if previous is not None and previous.endpoint != node.endpoint:
+            self._spawn(self._forget(previous.endpoint))
         held_keys = {(h.task_id, h.attempt) for h in held}
         unfinished = {(h.task_id, h.attempt) for h in held if not h.finished}
         for job in list(self._active.values()):
@@ -575,8 +578,13 @@ class Master(Submission, Attempts):
         ]
         if runners:
             await asyncio.wait(runners, timeout=self.config.rpc_timeout_s)
-        if self.registry.get(node.id) is None:
-            await self.workers.forget(node.address)
+        await self._forget(node.endpoint)
+
+    async def _forget(self, endpoint: NodeEndpoint) -> None:
+        """Close the channel to ``endpoint`` unless its node registered there again meanwhile."""
+        node = self.registry.get(endpoint.node_id)
+        if node is None or node.endpoint != endpoint:
+            await self.workers.forget(endpoint)
 
     def _node_lost(self, node_id: NodeId, reason: str) -> None:
         for job in list(self._active.values()):
@@ -592,7 +600,7 @@ class Master(Submission, Attempts):
         delay = STOP_RETRY_MIN_S
         while (node := self.registry.get(node_id)) is not None:
             try:
-                await self.workers.cancel(node.address, task_id, attempt)
+                await self.workers.cancel(node.endpoint, task_id, attempt)
                 return
             except (AttemptGone, AttemptRejected):
                 return

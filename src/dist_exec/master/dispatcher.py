@@ -1,8 +1,10 @@
 """Dispatcher I/O: the WorkerClient seam and its gRPC implementation.
 
-One long-lived channel per worker address. Errors come back as three kinds the master acts on:
-``AttemptRejected`` (the worker would not start it), ``AttemptGone`` (the worker no longer holds
-it) and ``WorkerUnreachable`` (transport trouble: the attempt may still be running).
+One long-lived channel per node endpoint (node id, address, the name its TLS certificate must
+carry), so one node's registration never changes how another is dialled. Errors come back as
+three kinds the master acts on: ``AttemptRejected`` (the worker would not start it),
+``AttemptGone`` (the worker no longer holds it) and ``WorkerUnreachable`` (transport trouble:
+the attempt may still be running).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import grpc.aio
 
 from dist_exec import wire
 from dist_exec.config import MAX_MESSAGE_BYTES
-from dist_exec.models import ExecOutcome, OutputChunk, Stream, TaskSpec
+from dist_exec.models import ExecOutcome, NodeEndpoint, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -65,7 +67,7 @@ class WorkerClient(Protocol):
 
     def execute(
         self,
-        address: str,
+        endpoint: NodeEndpoint,
         task_id: str,
         attempt: int,
         spec: TaskSpec,
@@ -74,9 +76,9 @@ class WorkerClient(Protocol):
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]: ...
 
-    async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool: ...
+    async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool: ...
 
-    async def forget(self, address: str) -> None: ...
+    async def forget(self, endpoint: NodeEndpoint) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -201,17 +203,17 @@ def _deliver(route: Route, item: Exception) -> None:
     route.put_nowait(item)
 
 
-def _insecure(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def _insecure(endpoint: NodeEndpoint) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
 
 
 class GrpcWorkerClient:
-    """``channel_factory`` makes the channel to a worker address (TLS: ``security.tls``)."""
+    """``channel_factory`` makes the channel to a node endpoint (TLS: ``security.tls``)."""
 
     def __init__(
         self,
         rpc_timeout_s: float,
-        channel_factory: Callable[[str], grpc.aio.Channel] = _insecure,
+        channel_factory: Callable[[NodeEndpoint], grpc.aio.Channel] = _insecure,
         start_window_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -222,22 +224,22 @@ class GrpcWorkerClient:
         self.channel_factory = channel_factory
         self.start_window_s = start_window_s
         self.clock = clock
-        self._channels: dict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
-        self._sessions: dict[str, _Session] = {}
-        self._dispatch: set[str] = set()  # workers that serve the Dispatch stream
-        self._call_tokens: dict[str, str] = {}  # what each worker wants its caller to send
+        self._channels: dict[NodeEndpoint, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
+        self._sessions: dict[NodeEndpoint, _Session] = {}
+        self._dispatch: set[NodeEndpoint] = set()  # workers that serve the Dispatch stream
+        self._call_tokens: dict[NodeEndpoint, str] = {}  # what each worker wants callers to send
 
-    def _stub(self, address: str) -> WorkerServiceAsyncStub:
-        known = self._channels.get(address)
+    def _stub(self, endpoint: NodeEndpoint) -> WorkerServiceAsyncStub:
+        known = self._channels.get(endpoint)
         if known is None:
-            channel = self.channel_factory(address)
+            channel = self.channel_factory(endpoint)
             known = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
-            self._channels[address] = known
+            self._channels[endpoint] = known
         return known[1]
 
     async def execute(
         self,
-        address: str,
+        endpoint: NodeEndpoint,
         task_id: str,
         attempt: int,
         spec: TaskSpec,
@@ -245,43 +247,44 @@ class GrpcWorkerClient:
         offsets: Mapping[Stream, int],
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
-        if not attach and address in self._dispatch:
+        if not attach and endpoint in self._dispatch:
             try:
-                async for event in self._on_stream(address, task_id, attempt, spec, deadline_s):
+                async for event in self._on_stream(endpoint, task_id, attempt, spec, deadline_s):
                     yield event
                 return
             except _NoDispatch:
-                self._dispatch.discard(address)
+                self._dispatch.discard(endpoint)
         async for event in self._execute_call(
-            address, task_id, attempt, spec, attach, offsets, deadline_s
+            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
         ):
             yield event
 
-    def dispatch_to(self, address: str, supported: bool, call_token: str = "") -> None:
-        """Whether the worker at ``address`` serves the Dispatch stream (it says so when it
+    def dispatch_to(self, endpoint: NodeEndpoint, supported: bool, call_token: str = "") -> None:
+        """Whether the worker at ``endpoint`` serves the Dispatch stream (it says so when it
         registers; else each attempt is an ExecuteStream call), and the token it wants from
         its callers (a worker without TLS serves only the master it gave it to)."""
         if supported:
-            self._dispatch.add(address)
+            self._dispatch.add(endpoint)
         else:
-            self._dispatch.discard(address)
+            self._dispatch.discard(endpoint)
         if call_token:
-            self._call_tokens[address] = call_token
+            self._call_tokens[endpoint] = call_token
         else:
-            self._call_tokens.pop(address, None)
+            self._call_tokens.pop(endpoint, None)
 
-    def _metadata(self, address: str) -> Metadata:
-        token = self._call_tokens.get(address)
+    def _metadata(self, endpoint: NodeEndpoint) -> Metadata:
+        token = self._call_tokens.get(endpoint)
         return (("authorization", f"Bearer {token}"),) if token else ()
 
     async def _on_stream(
-        self, address: str, task_id: str, attempt: int, spec: TaskSpec, deadline_s: float
+        self, endpoint: NodeEndpoint, task_id: str, attempt: int, spec: TaskSpec, deadline_s: float
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
         """One attempt on the worker's Dispatch stream (opened on first use)."""
-        session = self._sessions.get(address)
+        address = endpoint.address
+        session = self._sessions.get(endpoint)
         if session is None or session.error is not None:
-            session = self._sessions[address] = _Session(
-                self._stub(address), address, self._metadata(address)
+            session = self._sessions[endpoint] = _Session(
+                self._stub(endpoint), address, self._metadata(endpoint)
             )
         route: Route = asyncio.Queue(ROUTE_EVENTS)
         session.start(self._request(task_id, attempt, spec, False, {}), route)
@@ -321,7 +324,7 @@ class GrpcWorkerClient:
 
     async def _execute_call(
         self,
-        address: str,
+        endpoint: NodeEndpoint,
         task_id: str,
         attempt: int,
         spec: TaskSpec,
@@ -331,9 +334,10 @@ class GrpcWorkerClient:
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
         """One attempt through its own ExecuteStream call: to attach to it again, or on a
         worker without the Dispatch stream."""
+        address = endpoint.address
         request = self._request(task_id, attempt, spec, attach, offsets)
-        call = self._stub(address).ExecuteStream(
-            request, timeout=max(deadline_s, 0.001), metadata=self._metadata(address)
+        call = self._stub(endpoint).ExecuteStream(
+            request, timeout=max(deadline_s, 0.001), metadata=self._metadata(endpoint)
         )
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
         try:
@@ -388,33 +392,35 @@ class GrpcWorkerClient:
             start_by=wire.duration(start_by) if start_by else None,
         )
 
-    async def cancel(self, address: str, task_id: str, attempt: int = 0) -> bool:
+    async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool:
         try:
-            reply = await self._stub(address).CancelTask(
+            reply = await self._stub(endpoint).CancelTask(
                 worker_pb2.CancelTaskRequest(task_id=task_id, attempt=attempt),
                 timeout=self.rpc_timeout_s,
-                metadata=self._metadata(address),
+                metadata=self._metadata(endpoint),
             )
         except grpc.aio.AioRpcError as exc:
-            raise _classify(exc, address) from None
+            raise _classify(exc, endpoint.address) from None
         except asyncio.CancelledError:
             if _being_cancelled():
                 raise
-            raise WorkerUnreachable(f"worker {address}: channel closed") from None
+            raise WorkerUnreachable(f"worker {endpoint.address}: channel closed") from None
         return reply.cancelled
 
-    async def forget(self, address: str) -> None:
-        session = self._sessions.pop(address, None)
+    async def forget(self, endpoint: NodeEndpoint) -> None:
+        self._dispatch.discard(endpoint)
+        self._call_tokens.pop(endpoint, None)
+        session = self._sessions.pop(endpoint, None)
         if session is not None:
             session.close()
-        known = self._channels.pop(address, None)
+        known = self._channels.pop(endpoint, None)
         if known is not None:
             await known[0].close()
 
     async def close(self) -> None:
-        for address in list(self._channels):
+        for endpoint in list(self._channels):
             with contextlib.suppress(Exception):
-                await self.forget(address)
+                await self.forget(endpoint)
 
 
 def _being_cancelled() -> bool:

@@ -1,6 +1,11 @@
 """NodeRegistry: which workers exist, whether they are alive, and their reserved slots.
 
 Pure bookkeeping (no I/O); time comes from an injected Clock.
+
+An address belongs to one live node at a time: a node registers again at its own address (a
+restart), or at an address whose node is UNHEALTHY (it missed heartbeats for the timeout: its
+tasks were retried) or gone (deregistered, forgotten). Else it is refused (AddressInUse), so a
+worker credential cannot pass another node's address off as its own.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from dist_exec.clock import Clock
+from dist_exec.errors import AddressInUse
 from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskLimits, TaskSpec
 
 
@@ -44,8 +50,23 @@ class NodeRegistry:
         labels: Mapping[str, str],
         weight: int = 0,
         task_limits: TaskLimits | None = None,
+        tls_name: str = "",
     ) -> NodeInfo:
-        """Add a node, or replace one with the same id (a restarted worker)."""
+        """Add a node, or replace one with the same id (a restarted worker). ``tls_name``: the
+        name its certificate must carry when the master dials it."""
+        holder = next(
+            (
+                n
+                for n in self._nodes.values()
+                if n.address == address and n.id != node_id and n.status != NodeStatus.UNHEALTHY
+            ),
+            None,
+        )
+        if holder is not None:
+            raise AddressInUse(
+                f"address {address} is held by node {holder.id} ({holder.status}); another "
+                f"node may take it once {holder.id} is UNHEALTHY or gone"
+            )
         node = NodeInfo(
             id=node_id,
             address=address,
@@ -56,6 +77,7 @@ class NodeRegistry:
             last_seen_wall=self.clock.now(),
             weight=weight,
             task_limits=task_limits or TaskLimits(),
+            tls_name=tls_name,
         )
         node.registered_at = node.last_seen
         node.idle_since = node.last_seen

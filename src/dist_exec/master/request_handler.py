@@ -20,6 +20,7 @@ from dist_exec import wire
 from dist_exec.config import MasterConfig
 from dist_exec.errors import (
     AccessDenied,
+    AddressInUse,
     DistExecError,
     InvalidTaskSpec,
     JobNotFound,
@@ -34,6 +35,7 @@ from dist_exec.master.run_session import RunSession
 from dist_exec.models import (
     Job,
     JobId,
+    NodeEndpoint,
     NodeId,
     NodeStatus,
     OutputChunk,
@@ -404,44 +406,41 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         config: MasterConfig,
         audit: AuditLog | None = None,
         drains: Drains | None = None,
-        on_register: Callable[[str, str, bool, str], None] = lambda *registered: None,
+        on_register: Callable[[NodeEndpoint, bool, str], None] = lambda *registered: None,
     ) -> None:
         self.master = master
         self.config = config
         self.audit = audit
         self.drains = drains or Drains()
-        # A worker registered this address (with TLS its certificate must name server_name),
-        # says whether it serves the Dispatch stream, and what its callers must send.
+        # A node registered at this endpoint, says whether it serves the Dispatch stream, and
+        # what its callers must send.
         self.on_register = on_register
 
     @grpc_errors
     async def Register(
         self, request: worker_pb2.RegisterRequest, context: Context
     ) -> worker_pb2.RegisterResponse:
+        identity = current_identity()
         try:
             _check_worker_id(request.worker_id)
-        except AccessDenied as exc:
+            node = self.master.register(
+                NodeId(request.worker_id),
+                request.address,
+                list(request.capabilities),
+                request.max_concurrent_tasks,
+                dict(request.labels),
+                [HeldAttempt(h.task_id, h.attempt, h.finished) for h in request.held_attempts],
+                request.weight,
+                wire.limits_from_pb(request.task_limits),
+                # With TLS, the master dials it expecting the certificate it registered with.
+                identity.name if identity.via == "cert" else request.worker_id,
+            )
+        except (AccessDenied, AddressInUse) as exc:
             if self.audit is not None:
-                self.audit.record("register", current_identity(), "denied", exc.message)
+                self.audit.record("register", identity, "denied", exc.message)
             raise
-        identity = current_identity()
-        self.on_register(
-            request.address,
-            identity.name if identity.via == "cert" else request.worker_id,
-            request.dispatch_stream,
-            request.call_token,
-        )
+        self.on_register(node.endpoint, request.dispatch_stream, request.call_token)
         self.drains.requested.discard(NodeId(request.worker_id))
-        self.master.register(
-            NodeId(request.worker_id),
-            request.address,
-            list(request.capabilities),
-            request.max_concurrent_tasks,
-            dict(request.labels),
-            [HeldAttempt(h.task_id, h.attempt, h.finished) for h in request.held_attempts],
-            request.weight,
-            wire.limits_from_pb(request.task_limits),
-        )
         if request.drain_requested:  # chosen for scale-in by this master before it restarted
             self.master.request_drain(NodeId(request.worker_id))
         return worker_pb2.RegisterResponse(

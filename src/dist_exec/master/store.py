@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -36,8 +37,10 @@ from dist_exec.models import (
     TaskLimits,
     TaskSpec,
 )
+from dist_exec.security.private_files import open_private, private_dir, private_file
 
 T = TypeVar("T")
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 SCHEMA_VERSION = 1
 MAX_BATCH = 2000
 OUTPUT_FLUSH_S = 0.02  # output waits at most this long for the next write to go out with
@@ -274,7 +277,11 @@ class SqliteJobStore:
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="store-read")
 
     async def __aenter__(self) -> SqliteJobStore:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # SQLite creates its -wal, -shm and -journal files with the database file's mode.
+        os.close(open_private(self.path, os.O_RDWR))
+        for suffix in SQLITE_SIDE_FILES:
+            private_file(self.path.with_name(self.path.name + suffix))
         self._loop = asyncio.get_running_loop()
         write_conn = self._connect(check_same_thread=False)  # used only by the writer thread
         write_conn.executescript(_SCHEMA)

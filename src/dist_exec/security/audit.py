@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_exec.security.identity import Identity
+from dist_exec.security.private_files import open_private
 
 SECRET_NAME = re.compile(
     r"TOKEN|SECRET|PASSW|PWD|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION|SIGNATURE", re.IGNORECASE
@@ -72,8 +73,8 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
         self._dirty = False
         self._syncer: asyncio.Task[None] | None = None
 

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dist_exec.security.private_files import open_private
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CERT_ROLES = ("master", "worker", "workers", "admin", "submit", "read", "client")
@@ -45,13 +47,14 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         f.write(data)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # At most 0644, even under umask 0: anyone may read a certificate, only its owner replace it.
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
 _CA_USAGE = x509.KeyUsage(
@@ -76,7 +79,7 @@ _CA_USAGE = x509.KeyUsage(
 
 def init_ca(directory: Path, name: str = "dist-exec CA", days: int = 3650) -> Issued:
     """Create ``ca.crt`` and ``ca.key`` in ``directory``; refuses to overwrite an existing CA."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     if cert_path.exists() or key_path.exists():
         raise CertError(f"a CA already exists in {directory}; remove it first to make a new one")
@@ -179,7 +182,7 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     issued = Issued(out_dir / f"{name}.crt", out_dir / f"{name}.key")
     _write_key(issued.key, key)
     _write_cert(issued.cert, cert)

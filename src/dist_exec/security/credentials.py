@@ -23,6 +23,7 @@ import grpc.aio
 import platformdirs
 
 from dist_exec.config import dial_address, split_address
+from dist_exec.security.private_files import private_dir, write_private
 
 CLIENT_CONFIG = "client.json"
 TOKEN_ENV = "DIST_EXEC_TOKEN"
@@ -152,11 +153,11 @@ def write_client_config(
         "pid": os.getpid(),
     }
     path = data_dir / CLIENT_CONFIG
-    path.write_text(json.dumps(body, indent=2))
+    write_private(path, json.dumps(body, indent=2))
     with contextlib.suppress(OSError):  # no writable config dir: flags or --client-config
         pointer = _pointer(master)
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        pointer.write_text(json.dumps(body, indent=2))
+        private_dir(pointer.parent)
+        write_private(pointer, json.dumps(body, indent=2))
     return path
 
 

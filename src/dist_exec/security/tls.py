@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 
 from dist_exec.config import split_address
+from dist_exec.models import NodeEndpoint
 
 INSECURE_FLAG = "--insecure-no-tls-i-know-this-exposes-remote-execution"
 
@@ -76,26 +77,18 @@ def peer_cert_pem(context: grpc.aio.ServicerContext[object, object]) -> bytes | 
 
 class WorkerDialer:
     """The master's channels to workers. With TLS, the master presents its own certificate and
-    expects the worker's to carry the name of the certificate that registered this address (a
+    expects the worker's to carry the name of the certificate that registered the endpoint (a
     DNS subject alternative name), so a worker cannot pass another's address off as its own."""
 
     def __init__(self, tls: TlsFiles | None, options: list[tuple[str, int]]) -> None:
         self.tls = tls
         self.options = options
-        self._names: dict[str, str] = {}
         self._credentials = tls.channel_credentials() if tls is not None else None
 
-    def expect(self, address: str, server_name: str) -> bool:
-        """Record who serves ``address``; True when that changed (drop an open channel)."""
-        previous = self._names.get(address)
-        self._names[address] = server_name
-        return previous is not None and previous != server_name
-
-    def channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, endpoint: NodeEndpoint) -> grpc.aio.Channel:
         if self._credentials is None:
-            return grpc.aio.insecure_channel(address, options=self.options)
-        name = self._names.get(address, "")
+            return grpc.aio.insecure_channel(endpoint.address, options=self.options)
         options: list[tuple[str, str | int]] = [*self.options]
-        if name:
-            options.append(("grpc.ssl_target_name_override", name))
-        return grpc.aio.secure_channel(address, self._credentials, options=options)
+        if endpoint.tls_name:
+            options.append(("grpc.ssl_target_name_override", endpoint.tls_name))
+        return grpc.aio.secure_channel(endpoint.address, self._credentials, options=options)

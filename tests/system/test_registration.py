@@ -1,0 +1,92 @@
+"""Who may register at which address, with real processes over mutual TLS: a worker credential
+cannot take a live node's address, and a worker that restarts, or replaces a dead one at its
+address, is dialled as itself."""
+
+from __future__ import annotations
+
+import signal
+
+import grpc
+import grpc.aio
+import pytest
+
+from dist_exec.client import Client, command_spec
+from dist_exec.models import JobStatus, NodeStatus
+from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
+from tests.conftest import ClusterFactory, wait_until
+from tests.system.test_cluster import free_port
+from tests.system.test_security import _audit
+
+pytestmark = pytest.mark.system
+
+
+async def test_a_worker_credential_cannot_take_a_live_nodes_address(
+    cluster: ClusterFactory,
+) -> None:
+    """node-x claiming local-1's address used to be accepted: the master then dialled local-1
+    expecting node-x's certificate, and local-1, still HEALTHY, lost every job it was given."""
+    master = cluster.master(secure=True)
+    local_1 = cluster.worker(master, worker_id="local-1", secure=True)
+    pki = cluster.pki
+    async with pki.credentials("node-x", "worker").channel(master.address) as channel:
+        stub = worker_pb2_grpc.RegistrationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Register(
+                worker_pb2.RegisterRequest(
+                    worker_id="node-x", address=local_1.address, capabilities=["command"],
+                    max_concurrent_tasks=4, dispatch_stream=True,
+                ),
+                timeout=10,
+            )  # fmt: skip
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert info.value.details() == (
+        f"address {local_1.address} is held by node local-1 (HEALTHY); another node may take "
+        "it once local-1 is UNHEALTHY or gone"
+    )
+    assert ("register", "node-x", "denied") in [
+        (e["action"], e["identity"], e["decision"]) for e in _audit(master)
+    ]
+    async with Client(master.address, credentials=pki.credentials("root", "admin")) as root:
+        assert [(n.id, n.status) for n in await root.nodes()] == [("local-1", NodeStatus.HEALTHY)]
+        done = await root.wait(await root.submit(command_spec(["echo", "still here"])))
+        assert (done.status, done.worker_id, done.stdout) == (
+            JobStatus.COMPLETED, "local-1", b"still here\n"
+        )  # fmt: skip
+        long = await root.submit(command_spec(["sleep", "60"]))
+
+        async def running() -> bool:
+            return (await root.get(long)).status == JobStatus.RUNNING
+
+        await wait_until(running, 20, "the job to run")
+        await root.cancel(long)
+        cancelled = await root.wait(long)
+        assert (cancelled.status, cancelled.worker_id) == (JobStatus.CANCELLED, "local-1")
+        assert "unreachable" not in cancelled.error
+
+
+async def test_an_address_passes_on_once_its_node_is_dead_and_a_restart_keeps_it(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master(secure=True)  # heartbeat timeout 2 s
+    listen = f"127.0.0.1:{free_port()}"
+    old = cluster.worker(master, worker_id="old", secure=True, listen=listen)
+    old.kill()
+    # A new worker on the dead one's address: refused while "old" may still be alive, then
+    # registered (the worker retries); the master dials it expecting its own certificate.
+    new = cluster.worker(master, worker_id="new", secure=True, listen=listen)
+    assert "is held by node old" in new.log_text()
+    pki = cluster.pki
+    async with Client(master.address, credentials=pki.credentials("root", "admin")) as root:
+        nodes = {n.id: n.status for n in await root.nodes()}
+        assert nodes == {"old": NodeStatus.UNHEALTHY, "new": NodeStatus.HEALTHY}
+        done = await root.wait(await root.submit(command_spec(["echo", "new"])))
+        assert (done.status, done.worker_id) == (JobStatus.COMPLETED, "new")
+        # The same node restarting at its address registers at once (it holds the address).
+        new.signal(signal.SIGKILL)
+        new.proc.wait(timeout=10)
+        again = cluster.worker(master, worker_id="new", secure=True, listen=listen)
+        assert "is held by" not in again.log_text()
+        done = await root.wait(await root.submit(command_spec(["echo", "again"])))
+        assert (done.status, done.worker_id, done.stdout) == (
+            JobStatus.COMPLETED, "new", b"again\n"
+        )  # fmt: skip

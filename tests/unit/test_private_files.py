@@ -1,0 +1,78 @@
+"""Private directories and files, on real files under a permissive umask."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dist_exec.security.private_files import NotPrivate, private_dir, private_file, write_private
+
+
+@pytest.fixture(autouse=True)
+def open_umask() -> Iterator[None]:
+    """umask 0: whatever is private is so because dist-exec asked for it."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_directory_and_file_are_private(tmp_path: Path) -> None:
+    private_dir(tmp_path / "a" / "data")
+    write_private(tmp_path / "a" / "data" / "f", "secret")
+    assert mode(tmp_path / "a" / "data") == 0o700
+    assert mode(tmp_path / "a" / "data" / "f") == 0o600
+    assert (tmp_path / "a" / "data" / "f").read_text() == "secret"
+
+
+def test_an_open_directory_and_file_of_ours_are_tightened_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "f").write_text("old")
+    (data / "f").chmod(0o664)
+    with caplog.at_level(logging.WARNING):
+        private_dir(data)
+        write_private(data / "f", "new")
+    assert (mode(data), mode(data / "f")) == (0o700, 0o600)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{data} was open to other users (mode 0755); changed it to 0700",
+        f"{data / 'f'} was open to other users (mode 0664); changed it to 0600",
+    ]
+    caplog.clear()
+    private_dir(data)  # already private: nothing to say
+    assert caplog.records == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_an_open_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(NotPrivate) as info:
+        private_dir(data)
+    assert str(info.value) == (
+        f"{data} is open to other users (mode 0755) and belongs to uid {nobody.pw_uid}, not to "
+        "this user (uid 0); make it private (chmod go-rwx) or use another path"
+    )
+    assert mode(data) == 0o755
+    data.chmod(0o700)  # private, though not ours: the owner's business
+    private_dir(data)
+
+
+def test_a_missing_file_is_left_alone(tmp_path: Path) -> None:
+    private_file(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
