@@ -373,6 +373,7 @@ def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
         (["run", "--priority", "11", "true"], 2, "11 is not in the range 0<=x<=10"),
         (["run", "--env", "NOEQUALS", "true"], 2, "expected KEY=VALUE"),
         (["run", "--cwd", "relative/dir", "true"], 125, "'working_dir' must be an absolute path"),
+        (["run", "--cwd", "/etc/passwd", "pwd"], 125, "working directory /etc/passwd is not a"),
         (["status", "not-a-uuid"], 1, "invalid job id 'not-a-uuid'"),
         (["status", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
         (["cancel", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),

@@ -365,6 +365,16 @@ async def test_missing_working_dir_is_an_error(tmp_path: Path) -> None:
     assert outcome.error == f"working directory {missing} does not exist"
 
 
+@pytest.mark.parametrize("under", ["", "/below"], ids=["a-file", "below-a-file"])
+async def test_working_dir_that_is_a_file_is_an_error(tmp_path: Path, under: str) -> None:
+    """Said as for a missing one, not as a command that cannot run (exit status 126)."""
+    (tmp_path / "file").touch()
+    where = f"{tmp_path}/file{under}"
+    outcome, _ = await run(CommandSpec("pwd", working_dir=where))
+    assert (outcome.status, outcome.exit_code) == (ExecStatus.FAILURE, None)
+    assert outcome.error == f"working directory {where} is not a directory"
+
+
 async def test_working_dir_is_used(tmp_path: Path) -> None:
     outcome, sink = await run(CommandSpec("pwd", working_dir=str(tmp_path)))
     assert outcome.exit_code == 0

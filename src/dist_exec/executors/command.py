@@ -273,6 +273,13 @@ class CommandExecutor:
                     ExecStatus.FAILURE, error=f"working directory {spec.working_dir} does not exist"
                 )
             return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {spec.argv[0]}")
+        except NotADirectoryError as exc:
+            if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
+                return ExecOutcome(
+                    ExecStatus.FAILURE,
+                    error=f"working directory {spec.working_dir} is not a directory",
+                )
+            return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
         except PermissionError as exc:
             if spec.working_dir and exc.filename == cwd:
                 return ExecOutcome(
