@@ -391,6 +391,39 @@ def test_bad_input_gets_one_clear_line(
     assert "Traceback" not in result.stderr
 
 
+NOT_UTF8 = os.fsdecode(b"\xff")  # what an argument that is not UTF-8 arrives as
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["list", "--offset", "2147483648"], {}, "'--offset': 2147483648 is not in the range"),
+        (["run", "--memory", "18446744073709551616", "true"], {}, "'--memory'"),
+        (["run", "--max-file-size", "99999999999999999999", "true"], {}, "'--max-file-size'"),
+        (["run", "--timeout", "9" * 30 + "h", "true"], {}, "longer than 10000 years"),
+        (["run", "--cpu-time", "9" * 400, "true"], {}, "longer than 10000 years"),
+        (["status", NOT_UTF8], {}, "'JOB_ID': not valid UTF-8"),
+        (["drain", NOT_UTF8], {}, "'NODE_ID': not valid UTF-8"),
+        (["list", "--broadcast", NOT_UTF8], {}, "'--broadcast': not valid UTF-8"),
+        (["run", "--selector", f"a={NOT_UTF8}", "true"], {}, "'--selector': not valid UTF-8"),
+        (["run", "--idempotency-key", NOT_UTF8, "true"], {}, "'--idempotency-key': not valid"),
+        (["run", "--", "echo", NOT_UTF8], {}, "'[COMMAND]...': not valid UTF-8"),
+        (["run", "--master", f"{NOT_UTF8}:1", "true"], {}, "'--master': not valid UTF-8"),
+        (["run", "--token", NOT_UTF8, "true"], {}, "'--token': a token is visible ASCII"),
+        (["run", "--token", "a\nb", "true"], {}, "'--token': a token is visible ASCII"),
+        (["run", "true"], {"DIST_EXEC_TOKEN": "a b"}, "'--token': a token is visible ASCII"),
+    ],
+)
+def test_values_the_wire_cannot_carry_are_usage_errors(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Integers out of their protobuf field's range, text that is not UTF-8, a token that is
+    no header value: refused by the command line, never a traceback from protobuf or gRPC."""
+    result = run_cli(*args, master="127.0.0.1:1", env=env)
+    assert (result.code, "Traceback" in result.stderr) == (2, False), result.stderr
+    assert message in result.stderr
+
+
 @pytest.mark.parametrize("args", [["run", "true"], ["status", str(uuid.uuid4())], ["nodes"]])
 def test_unreachable_master_is_one_line(args: list[str]) -> None:
     result = run_cli(*args, "--master", "127.0.0.1:1")

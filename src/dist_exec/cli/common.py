@@ -31,6 +31,7 @@ from dist_exec.errors import (
     Unauthenticated,
 )
 from dist_exec.executors import describe_task
+from dist_exec.executors.limits import MAX_BYTES, format_size
 from dist_exec.interrupts import die_of
 from dist_exec.models import (
     Job,
@@ -57,6 +58,38 @@ EXIT_HTTP_ERROR = 22  # an HTTP job answered with a 4xx or 5xx status (curl --fa
 
 
 # ---- parameter types ------------------------------------------------------------------------
+# Every value a client command sends is checked here, as a usage error: protobuf refuses an
+# integer out of its field's range and text that is not UTF-8 (an argument that is not arrives
+# with lone surrogates), and gRPC a header value that is not visible ASCII.
+
+MAX_INT32 = 2**31 - 1
+MAX_DURATION_S = 315_576_000_000.0  # the most a protobuf Duration holds (10000 years)
+
+
+def _text(value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    text = str(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise click.BadParameter("not valid UTF-8 text", ctx, param) from None
+    return text
+
+
+class TextType(click.ParamType):  # type: ignore[type-arg]
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return _text(value, param, ctx)
+
+
+class TokenType(click.ParamType):  # type: ignore[type-arg]
+    name = "token"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        token = str(value)
+        if not all("!" <= c <= "~" for c in token):  # it goes in a header
+            self.fail("a token is visible ASCII, without spaces or control characters", param, ctx)
+        return token
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
@@ -68,9 +101,12 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, float):
             return value
         try:
-            return parse_duration(str(value))
+            seconds = parse_duration(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if seconds > MAX_DURATION_S:
+            self.fail(f"{value!r} is longer than 10000 years", param, ctx)
+        return seconds
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]
@@ -80,20 +116,24 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, int):
             return value
         try:
-            return parse_size(str(value))
+            size = parse_size(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if size > MAX_BYTES:
+            self.fail(f"{value!r} is more than {format_size(MAX_BYTES)}", param, ctx)
+        return size
 
 
 class AddressType(click.ParamType):  # type: ignore[type-arg]
     name = "host:port"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        address = _text(value, param, ctx)
         try:
-            split_address(str(value))
+            split_address(address)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-        return str(value)
+        return address
 
 
 class KeyValueType(click.ParamType):  # type: ignore[type-arg]
@@ -104,12 +144,14 @@ class KeyValueType(click.ParamType):  # type: ignore[type-arg]
     ) -> tuple[str, str]:
         if isinstance(value, tuple):
             return value
-        key, sep, val = str(value).partition("=")
+        key, sep, val = _text(value, param, ctx).partition("=")
         if not sep or not key:
             self.fail(f"expected KEY=VALUE, got {value!r}", param, ctx)
         return key, val
 
 
+TEXT = TextType()
+TOKEN = TokenType()
 DURATION = DurationType()
 SIZE = SizeType()
 ADDRESS = AddressType()
@@ -127,7 +169,7 @@ def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     path = click.Path(dir_okay=False, path_type=Path)
     for name, kind, env, help_text in reversed(
         [
-            ("token", None, TOKEN_ENV, "Bearer token"),
+            ("token", TOKEN, TOKEN_ENV, "Bearer token"),
             ("ca", path, "DIST_EXEC_CA", "CA certificate that signed the master's (turns on TLS)"),
             ("cert", path, "DIST_EXEC_CERT", "Client certificate (with --key)"),
             ("key", path, "DIST_EXEC_KEY", "Key of the client certificate"),

@@ -23,6 +23,7 @@ from dist_exec.cli.common import (
     EXIT_USAGE,
     KEY_VALUE,
     SIZE,
+    TEXT,
     T,
     connect,
     fail,
@@ -61,7 +62,7 @@ class RunCommand(click.Command):
 
 
 @click.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
-@click.argument("command", nargs=-1)
+@click.argument("command", nargs=-1, type=TEXT)
 @master_option
 @click.option(
     "--type",
@@ -71,10 +72,10 @@ class RunCommand(click.Command):
     show_default=True,
     help="command: run COMMAND; http: request --url.",
 )
-@click.option("--url", default=None, help="(--type http) The URL to request.")
-@click.option("--method", default="GET", show_default=True, help="(--type http)")
+@click.option("--url", type=TEXT, default=None, help="(--type http) The URL to request.")
+@click.option("--method", type=TEXT, default="GET", show_default=True, help="(--type http)")
 @click.option("--header", "headers", type=KEY_VALUE, multiple=True, help="(--type http) NAME=VALUE")
-@click.option("--data", default="", help="(--type http) Request body.")
+@click.option("--data", type=TEXT, default="", help="(--type http) Request body.")
 @click.option(
     "--selector",
     type=KEY_VALUE,
@@ -97,6 +98,7 @@ class RunCommand(click.Command):
 @click.option("--env", "env", type=KEY_VALUE, multiple=True, help="KEY=VALUE for the command.")
 @click.option(
     "--cwd",
+    type=TEXT,
     default="",
     help="Absolute working directory on the worker (default: the home of the user commands run "
     "as, or the worker's own directory when it runs them as itself).",
@@ -129,6 +131,7 @@ class RunCommand(click.Command):
 )
 @click.option(
     "--idempotency-key",
+    type=TEXT,
     default="",
     help="Submitting again with this key (within 24h) gives the same job instead of a new one.",
 )
