@@ -369,7 +369,7 @@ def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
     [
         (["run"], 2, "Missing argument"),
         (["run", "--timeout", "abc", "true"], 2, "invalid duration 'abc'"),
-        (["run", "--timeout", "0s", "true"], 2, "--timeout must be longer than 0"),
+        (["run", "--timeout", "0s", "true"], 2, "'--timeout': '0s' is shorter than 1ms"),
         (["run", "--priority", "11", "true"], 2, "11 is not in the range 0<=x<=10"),
         (["run", "--env", "NOEQUALS", "true"], 2, "expected KEY=VALUE"),
         (["run", "--cwd", "relative/dir", "true"], 125, "'working_dir' must be an absolute path"),
@@ -422,6 +422,14 @@ def test_values_the_wire_cannot_carry_are_usage_errors(
     result = run_cli(*args, master="127.0.0.1:1", env=env)
     assert (result.code, "Traceback" in result.stderr) == (2, False), result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--timeout", "--queue-timeout"])
+def test_timeouts_under_1ms_are_usage_errors(option: str) -> None:
+    """The least a master accepts: refused before the job is sent, not run for 0ms."""
+    result = run_cli("run", option, "0.001ms", "true", master="127.0.0.1:1")
+    assert result.code == 2
+    assert f"'{option}': '0.001ms' is shorter than 1ms" in result.stderr
 
 
 @pytest.mark.parametrize("args", [["run", "true"], ["status", str(uuid.uuid4())], ["nodes"]])

@@ -21,6 +21,7 @@ from dist_exec.client import Client
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
     MASTER_ENV,
+    format_duration,
     parse_duration,
     parse_size,
     split_address,
@@ -95,6 +96,9 @@ class TokenType(click.ParamType):  # type: ignore[type-arg]
 class DurationType(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
 
+    def __init__(self, minimum_s: float = 0.0) -> None:
+        self.minimum_s = minimum_s
+
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> float:
@@ -104,6 +108,8 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
             seconds = parse_duration(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if seconds < self.minimum_s:
+            self.fail(f"{value!r} is shorter than {format_duration(self.minimum_s)}", param, ctx)
         if seconds > MAX_DURATION_S:
             self.fail(f"{value!r} is longer than 10000 years", param, ctx)
         return seconds
@@ -153,6 +159,7 @@ class KeyValueType(click.ParamType):  # type: ignore[type-arg]
 TEXT = TextType()
 TOKEN = TokenType()
 DURATION = DurationType()
+TIMEOUT = DurationType(minimum_s=0.001)  # the least a master accepts
 SIZE = SizeType()
 ADDRESS = AddressType()
 KEY_VALUE = KeyValueType()

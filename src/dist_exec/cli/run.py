@@ -24,6 +24,7 @@ from dist_exec.cli.common import (
     KEY_VALUE,
     SIZE,
     TEXT,
+    TIMEOUT,
     T,
     connect,
     fail,
@@ -84,7 +85,7 @@ class RunCommand(click.Command):
 )
 @click.option(
     "--timeout",
-    type=DURATION,
+    type=TIMEOUT,
     default=None,
     help="Kill the command after this long: 500ms, 30s, 5m, 1h (default: the master's).",
 )
@@ -125,7 +126,7 @@ class RunCommand(click.Command):
 )
 @click.option(
     "--queue-timeout",
-    type=DURATION,
+    type=TIMEOUT,
     default=None,
     help="Fail the job if it waits longer than this in the queue to start.",
 )
@@ -189,8 +190,6 @@ def run(
     An HTTP job prints the response body and exits 0 for a 2xx or 3xx status, else 22 (as
     curl --fail does); the status and headers are in `status --json` under "metadata".
     """
-    if timeout is not None and timeout <= 0:
-        fail("--timeout must be longer than 0", EXIT_USAGE)
     if task_type == "http":
         if not url or command:
             fail("--type http takes --url URL and no command", EXIT_USAGE)
@@ -212,8 +211,6 @@ def run(
             stdin=stdin_file.read() if stdin_file is not None else "",
             max_retries=max_retries,
         )
-    if queue_timeout is not None and queue_timeout <= 0:
-        fail("--queue-timeout must be longer than 0", EXIT_USAGE)
     spec = replace(
         spec,
         selector=dict(selector),
