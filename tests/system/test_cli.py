@@ -31,6 +31,15 @@ def test_argv_after_double_dash_runs_without_shell(small_cluster: SmallCluster) 
     assert result.stdout == "$HOME a  b\n"
 
 
+def test_double_dash_as_an_option_value_keeps_the_shell_string(
+    small_cluster: SmallCluster,
+) -> None:
+    result = run_cli(
+        "run", "--idempotency-key", "--", "echo hi; echo there", master=small_cluster.address
+    )
+    assert (result.code, result.stdout) == (0, "hi\nthere\n"), result.stderr
+
+
 def test_env_cwd_and_stdin(small_cluster: SmallCluster, tmp_path: Path) -> None:
     result = run_cli(
         "run", "--env", "GREETING=hi", "--cwd", str(tmp_path), "--stdin", "-",

@@ -23,3 +23,24 @@ def test_every_parameter_is_checked_against_the_wire(command: click.Command) -> 
         if isinstance(kind, click.types.IntParamType):
             assert isinstance(kind, click.IntRange), param.name
             assert kind.max is not None, param.name
+
+
+@pytest.mark.parametrize(
+    ("args", "argv_mode", "command"),
+    [
+        (["--", "ls", "-la"], True, ("ls", "-la")),
+        (["echo", "--", "x"], True, ("echo", "x")),
+        (["-d", "--", "echo", "--"], True, ("echo", "--")),
+        (["echo hi"], False, ("echo hi",)),
+        # A '--' that is an option's value does not end the options.
+        (["--idempotency-key", "--", "echo hi; echo there"], False, ("echo hi; echo there",)),
+        (["--cwd", "--", "--data", "--", "pwd"], False, ("pwd",)),
+        (["--data", "--", "--", "ls"], True, ("ls",)),
+        (["--idempotency-key=--", "pwd"], False, ("pwd",)),
+    ],
+)
+def test_run_takes_argv_only_after_a_double_dash_that_ends_the_options(
+    args: list[str], argv_mode: bool, command: tuple[str, ...]
+) -> None:
+    ctx = run.run.make_context("run", args)
+    assert (ctx.meta["argv_mode"], ctx.params["command"]) == (argv_mode, command)

@@ -53,13 +53,32 @@ from dist_exec.models import (
     TaskSpec,
 )
 
+_END = "\0--"  # '--' in a trial parse, told apart from the real one (no argument holds NUL)
+
 
 class RunCommand(click.Command):
-    """Remembers whether the command came after '--' (argv, no shell) or not (a shell string)."""
+    """Remembers whether the command came after '--' (argv, no shell) or not (a shell string).
+    Only a '--' that ends the options counts, not an option's value (--idempotency-key --)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["argv_mode"] = "--" in args
+        ctx.meta["argv_mode"] = self._ends_options(ctx, args)
         return super().parse_args(ctx, args)
+
+    def _ends_options(self, ctx: click.Context, args: list[str]) -> bool:
+        """Whether click's own parser takes one of the '--' in ``args`` as the end of the
+        options: parsed up to each in turn, it is one of COMMAND's words, not a value."""
+        marked = [_END if arg == "--" else arg for arg in args]
+        for end, arg in enumerate(args):
+            if arg != "--":
+                continue
+            try:
+                values, _, _ = self.make_parser(ctx).parse_args(marked[: end + 1])
+            except click.UsageError:
+                return False  # (the real parse says what is wrong)
+            command = values.get("command")  # (click's sentinel when there is none)
+            if isinstance(command, tuple | list) and _END in command:
+                return True
+        return False
 
 
 @click.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
