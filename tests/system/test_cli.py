@@ -296,6 +296,43 @@ def test_a_command_whose_reader_is_gone_dies_of_sigpipe(
     assert (done.returncode, done.stderr) == (-signal.SIGPIPE, "")
 
 
+BIG_OUTPUT = "head -c 3000000 /dev/zero | tr '\\0' a"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--json", "JOB"],
+        ["list", "--json", "--limit", "1"],
+        ["run", "--json", BIG_OUTPUT],
+    ],
+    ids=["status", "list", "run"],
+)
+def test_json_whose_reader_exits_early_dies_of_sigpipe(
+    small_cluster: SmallCluster, args: list[str]
+) -> None:
+    """'dist-exec status --json JOB | head -c 10': a JSON object larger than the pipe holds is
+    written in part, then the reader exits; that must not go unnoticed (exit status 0)."""
+    addr = small_cluster.address
+    job_id = run_cli("run", "--detach", BIG_OUTPUT, master=addr).stdout.strip()
+    run_cli("logs", "--follow", job_id, master=addr)  # (until it has ended)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", *[job_id if a == "JOB" else a for a in args]],
+        env={**os.environ, "DIST_EXEC_MASTER": addr},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert os.read(proc.stdout.fileno(), 10)
+        proc.stdout.close()  # the reader exits
+        _, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (-signal.SIGPIPE, b"")
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_run_all_whose_reader_is_gone_dies_of_sigpipe(small_cluster: SmallCluster) -> None:
     """'dist-exec run --all CMD 2>&1 | head -1': the report at the end has nowhere to go
     either; run used to exit 1 through click."""

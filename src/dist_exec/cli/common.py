@@ -56,6 +56,7 @@ EXIT_TIMEOUT = 124
 EXIT_NOT_RUN = 125
 EXIT_CANCELLED = 130
 EXIT_HTTP_ERROR = 22  # an HTTP job answered with a 4xx or 5xx status (curl --fail's code)
+JSON_PIECE = 65536  # characters of JSON output per write (a pipe's capacity)
 
 
 # ---- parameter types ------------------------------------------------------------------------
@@ -399,7 +400,11 @@ def node_json(node: NodeInfo) -> dict[str, Any]:
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2))
+    """In pieces: CPython 3.11 drops the rest of one large write once a part of it is written,
+    so a reader that exits early (| head -c 10) would go unnoticed; the next piece fails."""
+    text = json.dumps(value, indent=2) + "\n"
+    for start in range(0, len(text), JSON_PIECE):
+        click.echo(text[start : start + JSON_PIECE], nl=False)
 
 
 def setup_logging(level: str) -> None:
