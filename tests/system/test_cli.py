@@ -50,6 +50,20 @@ def test_env_cwd_and_stdin(small_cluster: SmallCluster, tmp_path: Path) -> None:
     assert result.stdout == f"hi\n{tmp_path}\nfrom stdin\n"
 
 
+def test_stdin_reaches_the_command_byte_for_byte(small_cluster: SmallCluster) -> None:
+    """Not decoded (bytes that are not UTF-8), not translated (CR, CRLF), and UTF-8 text counts
+    its own size against the job's limit (800 kB of 'é'), not that of its JSON escapes."""
+    for data in (b"\xff\x00\n", b"a\r\nb\rc\n", "\u00e9".encode() * 400_000):
+        done = subprocess.run(
+            [sys.executable, "-m", "dist_exec", "run", "--stdin", "-", "cat"],
+            env={**os.environ, "DIST_EXEC_MASTER": small_cluster.address},
+            input=data,
+            capture_output=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout == data) == (0, True), done.stderr
+
+
 def test_command_not_found_and_signals_map_like_a_shell(small_cluster: SmallCluster) -> None:
     missing = run_cli("run", "--", "no-such-command-xyz", master=small_cluster.address)
     assert missing.code == 127

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
@@ -126,9 +126,9 @@ class RunCommand(click.Command):
 @click.option(
     "--stdin",
     "stdin_file",
-    type=click.File("r"),
+    type=click.File("rb"),
     default=None,
-    help="Feed this file ('-' for standard input) to the command.",
+    help="Feed this file ('-' for standard input) to the command, byte for byte.",
 )
 @click.option(
     "--max-retries",
@@ -185,7 +185,7 @@ def run(
     priority: int,
     env: tuple[tuple[str, str], ...],
     cwd: str,
-    stdin_file: Any,
+    stdin_file: BinaryIO | None,
     max_retries: int | None,
     retry_on_failure: bool,
     queue_timeout: float | None,
@@ -227,7 +227,7 @@ def run(
             priority=priority,
             env=dict(env),
             working_dir=cwd,
-            stdin=stdin_file.read() if stdin_file is not None else "",
+            stdin=stdin_file.read() if stdin_file is not None else b"",
             max_retries=max_retries,
         )
     spec = replace(
