@@ -64,6 +64,29 @@ def test_stdin_reaches_the_command_byte_for_byte(small_cluster: SmallCluster) ->
         assert (done.returncode, done.stdout == data) == (0, True), done.stderr
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"x" * 70_000_000, "--stdin is more than 1 MiB, the most a master accepts for a whole"),
+        (b"\xff" * 900_000, "the job is 1200053 bytes as sent (its command, environment and"),
+    ],
+    ids=["70MB", "900kB-in-base64"],
+)
+def test_stdin_larger_than_a_job_can_be_is_refused_before_it_is_sent(
+    data: bytes, message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_exec", "run", "--stdin", "-", "cat"],
+        env={**os.environ, "DIST_EXEC_MASTER": "127.0.0.1:1"},  # (never reached)
+        input=data,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 125
+    assert done.stderr.decode().startswith(f"dist-exec: {message}")
+    assert len(done.stderr.splitlines()) == 1
+
+
 def test_command_not_found_and_signals_map_like_a_shell(small_cluster: SmallCluster) -> None:
     missing = run_cli("run", "--", "no-such-command-xyz", master=small_cluster.address)
     assert missing.code == 127

@@ -36,12 +36,13 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.client import Client, command_spec
+from dist_exec.config import MAX_PAYLOAD_BYTES
 from dist_exec.errors import (
     DistExecError,
     JobAlreadyFinished,
 )
 from dist_exec.executors.http import HttpSpec
-from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
+from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS, format_size
 from dist_exec.interrupts import Interrupted, Interrupts, die_of
 from dist_exec.models import (
     Job,
@@ -128,7 +129,8 @@ class RunCommand(click.Command):
     "stdin_file",
     type=click.File("rb"),
     default=None,
-    help="Feed this file ('-' for standard input) to the command, byte for byte.",
+    help=f"Feed this file ('-' for standard input) to the command, byte for byte (at most "
+    f"{format_size(MAX_PAYLOAD_BYTES)} with the rest of the job).",
 )
 @click.option(
     "--max-retries",
@@ -227,8 +229,15 @@ def run(
             priority=priority,
             env=dict(env),
             working_dir=cwd,
-            stdin=stdin_file.read() if stdin_file is not None else b"",
+            stdin=_read_stdin(stdin_file) if stdin_file is not None else b"",
             max_retries=max_retries,
+        )
+    if len(spec.payload) > MAX_PAYLOAD_BYTES:
+        fail(
+            f"the job is {len(spec.payload)} bytes as sent (its command, environment and input; "
+            "--stdin that is not UTF-8 in base64, 4/3 of its size), over the "
+            f"{format_size(MAX_PAYLOAD_BYTES)} a master accepts",
+            EXIT_NOT_RUN,
         )
     spec = replace(
         spec,
@@ -245,6 +254,19 @@ def run(
     if isinstance(ending, signal.Signals):  # it stopped the job: end as a local command would
         die_of(ending)
     sys.exit(ending)
+
+
+def _read_stdin(source: BinaryIO) -> bytes:
+    """What --stdin gives, refused before the job is sent (or all of it read) when larger
+    than a job can be."""
+    data = source.read(MAX_PAYLOAD_BYTES + 1)
+    if len(data) > MAX_PAYLOAD_BYTES:
+        fail(
+            f"--stdin is more than {format_size(MAX_PAYLOAD_BYTES)}, the most a master accepts "
+            "for a whole job (its command, environment and stdin)",
+            EXIT_NOT_RUN,
+        )
+    return data
 
 
 class _Prefixer:
