@@ -434,6 +434,23 @@ def test_run_json_prints_one_object(small_cluster: SmallCluster) -> None:
     assert body["output"] == "hi\n"
 
 
+def test_run_detach_json_prints_the_job_as_status_json_does(small_cluster: SmallCluster) -> None:
+    addr = small_cluster.address
+    result = run_cli("run", "--detach", "--json", "echo hi", master=addr)
+    assert result.code == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job.keys() >= JOB_KEYS
+    assert str(uuid.UUID(job["id"])) == job["id"]
+    assert job["status"] in {"PENDING", "RUNNING", "COMPLETED"}
+    broadcast = run_cli("run", "--all", "--detach", "--json", "true", master=addr)
+    assert broadcast.code == 0, broadcast.stderr
+    body = json.loads(broadcast.stdout)
+    assert len(body["jobs"]) == 2
+    assert all(j.keys() >= JOB_KEYS for j in body["jobs"])
+    status = json.loads(run_cli("status", "--json", body["broadcast_id"], master=addr).stdout)
+    assert sorted(j["id"] for j in status["jobs"]) == sorted(j["id"] for j in body["jobs"])
+
+
 def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
     result = run_cli("nodes", "--json", master=small_cluster.address)
     nodes = json.loads(result.stdout)

@@ -170,7 +170,12 @@ class RunCommand(click.Command):
     "--max-procs", type=click.IntRange(0, MAX_PROCS), default=0, help="Process limit, e.g. 64."
 )
 @click.option("--max-file-size", type=SIZE, default="0", help="Largest file it may write: 100M.")
-@click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Print the job id (with --json: the job, as 'status --json' does) and return at once.",
+)
 @json_option
 @click.pass_context
 def run(
@@ -307,7 +312,11 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
             except Interrupted:
                 return _gave_up(interrupts, "if it accepted the jobs, they run")
             if detach and not interrupts.received:
-                click.echo(broadcast_id)
+                if as_json:
+                    jobs = [job_json(await client.get(job_id)) for job_id, _ in tasks]
+                    print_json({"broadcast_id": broadcast_id, "jobs": jobs})
+                else:
+                    click.echo(broadcast_id)
                 return 0
             node_of: dict[str, str] = dict(tasks)
             finals: dict[str, Job] = {}
@@ -456,7 +465,7 @@ async def _watch_broadcast(
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
     async with connect(address) as client:
         if detach:
-            return await _submit_detached(client, spec)
+            return await _submit_detached(client, spec, as_json)
         async with contextlib.aclosing(client.run(spec)) as events:
             with Interrupts() as interrupts:
                 try:
@@ -491,24 +500,32 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 
 
-async def _submit_detached(client: Client, spec: TaskSpec) -> Ending:
+async def _submit_detached(client: Client, spec: TaskSpec, as_json: bool) -> Ending:
     with Interrupts() as interrupts:
         try:
             job_id = await interrupts.step(client.submit(spec), patient=True, on_hold=_hold_message)
         except Interrupted:
             return _gave_up(interrupts, "if it accepted the job, it runs")
         if not interrupts.received:
-            click.echo(job_id)
+            await _print_submitted(client, job_id, as_json)
             return 0
         # A signal while it was submitted: the job is not wanted after all.
         stopped = await _stop(client, [job_id], interrupts)
         if stopped is None:
             return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
     if stopped[job_id].status != JobStatus.CANCELLED:  # it had ended by itself
-        click.echo(job_id)
+        await _print_submitted(client, job_id, as_json)
         return 0
     _tell(f"job {job_id} was cancelled")
     return interrupts.received[0]
+
+
+async def _print_submitted(client: Client, job_id: str, as_json: bool) -> None:
+    """The job id, or with --json the job as 'status --json' shows it."""
+    if as_json:
+        print_json(job_json(await client.get(job_id)))
+    else:
+        click.echo(job_id)
 
 
 async def _stream(
