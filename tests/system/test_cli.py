@@ -87,6 +87,21 @@ def test_stdin_larger_than_a_job_can_be_is_refused_before_it_is_sent(
     assert len(done.stderr.splitlines()) == 1
 
 
+def test_dist_exec_notes_start_on_a_line_of_their_own(small_cluster: SmallCluster) -> None:
+    """Not glued to a command's stderr that does not end with a newline."""
+    addr = small_cluster.address
+    partial = run_cli("run", "printf partial >&2; exit 127", master=addr)
+    assert (partial.code, partial.stderr) == (
+        127,
+        "partial\ndist-exec: command exited with status 127\n",
+    )
+    whole = run_cli("run", "echo whole >&2; exit 127", master=addr)
+    assert whole.stderr == "whole\ndist-exec: command exited with status 127\n"
+    timed_out = run_cli("run", "--timeout", "1s", "printf partial >&2; sleep 60", master=addr)
+    assert timed_out.code == 124
+    assert timed_out.stderr.startswith("partial\ndist-exec: job ")
+
+
 def test_command_not_found_and_signals_map_like_a_shell(small_cluster: SmallCluster) -> None:
     missing = run_cli("run", "--", "no-such-command-xyz", master=small_cluster.address)
     assert missing.code == 127

@@ -175,7 +175,8 @@ def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
         async with connect(master_address) as client:
             async for attempt, chunk in client.stream_output(job_id, follow=follow):
                 if attempt != last_attempt:
-                    printer, last_attempt = OutputPrinter(), attempt
+                    printer.next_attempt()
+                    last_attempt = attempt
                 if as_json:
                     click.echo(
                         json.dumps(

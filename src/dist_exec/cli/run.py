@@ -479,9 +479,11 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 assert isinstance(accepted, str)
                 job_id = accepted
                 job: Job | None = None
+                printer = OutputPrinter()
                 stop: Ending | None = interrupts.received[0] if interrupts.received else None
                 if stop is None:
-                    job, stop = await _follow(interrupts, _stream(events, job_id, quiet=as_json))
+                    following = _stream(events, job_id, as_json, printer)
+                    job, stop = await _follow(interrupts, following)
                 if stop is not None:
                     stopped = await _stop(client, [job_id], interrupts)
                     if stopped is None:
@@ -496,7 +498,7 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 if stop is None or job.status != JobStatus.CANCELLED:
                     raise  # (the command group ends by the lost output's signal, or says what)
                 return stop  # (the signal that stopped the job may have closed its output)
-        code = _exit_code(job, quiet=as_json)
+        code = _exit_code(job, as_json, printer)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 
 
@@ -529,11 +531,13 @@ async def _print_submitted(client: Client, job_id: str, as_json: bool) -> None:
 
 
 async def _stream(
-    events: AsyncIterator[JobId | tuple[int, OutputChunk] | Job], job_id: str, quiet: bool
+    events: AsyncIterator[JobId | tuple[int, OutputChunk] | Job],
+    job_id: str,
+    quiet: bool,
+    printer: OutputPrinter,
 ) -> Job:
     """Print the job's output as it comes; returns the ended job."""
     last_attempt = 0
-    printer = OutputPrinter()
     async for item in events:
         if isinstance(item, str):
             continue
@@ -541,11 +545,9 @@ async def _stream(
             return item
         attempt, chunk = item
         if last_attempt and attempt != last_attempt:
-            printer = OutputPrinter()
+            printer.next_attempt()
             if not quiet:
-                click.echo(
-                    f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True
-                )
+                printer.note(f"job {job_id} is being retried (attempt {attempt})")
         last_attempt = attempt
         if not quiet:
             printer.write(chunk)
@@ -554,9 +556,15 @@ async def _stream(
 
 class OutputPrinter:
     """Writes a job's output to stdout and stderr, saying where bytes were not kept (the
-    middle of a stream longer than the master keeps)."""
+    middle of a stream longer than the master keeps). Its notes on stderr start on a line of
+    their own, also after a command's stderr that does not end with a newline."""
 
     def __init__(self) -> None:
+        self.ends = dict.fromkeys(Stream, 0)
+        self.mid_line = False  # the stderr printed last does not end with a newline
+
+    def next_attempt(self) -> None:
+        """The output of a retry follows: its offsets start again."""
         self.ends = dict.fromkeys(Stream, 0)
 
     def write(self, chunk: OutputChunk) -> None:
@@ -564,18 +572,25 @@ class OutputPrinter:
         gap = chunk.offset - self.ends[chunk.stream]
         if gap > 0:
             out.flush()
-            click.echo(
-                f"dist-exec: [{gap} bytes of {chunk.stream.name.lower()} not kept]", err=True
-            )
+            self.note(f"[{gap} bytes of {chunk.stream.name.lower()} not kept]")
         self.ends[chunk.stream] = chunk.offset + len(chunk.data)
         out.write(chunk.data)
         out.flush()
+        if chunk.stream == Stream.STDERR and chunk.data:
+            self.mid_line = not chunk.data.endswith(b"\n")
+
+    def note(self, message: str) -> None:
+        """One line of dist-exec's own on stderr."""
+        start = "\n" if self.mid_line else ""
+        click.echo(f"{start}dist-exec: {message}", err=True)
+        self.mid_line = False
 
 
-def _exit_code(job: Job, quiet: bool) -> int:
+def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
     def say(message: str) -> None:
         if not quiet:
-            _tell(message)
+            with contextlib.suppress(OSError):  # (as _tell)
+                printer.note(message)
 
     if job.truncated:
         say(f"job {job.id} printed more than the master keeps; stored output is truncated")
