@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MASTER_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 1024 * 1024  # of a job's payload (a command's: with its stdin)
 RUNS_PER_SESSION = 1024  # runs followed at once on one RunSession stream
 # gRPC server options of master and worker. No SO_REUSEPORT: a second server on a port already
 # in use must fail to start, not silently share the port (and the clients) with the first.
@@ -185,7 +186,7 @@ class MasterConfig:
     poison_threshold: int = 3  # a task whose workers died this many times in a row is failed
     max_output_bytes: int = 4 * 1024 * 1024  # head kept per stream per job
     output_tail_bytes: int = 1024 * 1024  # and the last bytes, when a stream is longer
-    max_payload_bytes: int = 1024 * 1024
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
     dispatch_grace_s: float = 30.0  # master RPC deadline = task timeout + this
     rpc_timeout_s: float = 10.0  # unary calls to workers
     balancer: str = "round-robin"

@@ -31,6 +31,15 @@ def test_argv_after_double_dash_runs_without_shell(small_cluster: SmallCluster) 
     assert result.stdout == "$HOME a  b\n"
 
 
+def test_double_dash_as_an_option_value_keeps_the_shell_string(
+    small_cluster: SmallCluster,
+) -> None:
+    result = run_cli(
+        "run", "--idempotency-key", "--", "echo hi; echo there", master=small_cluster.address
+    )
+    assert (result.code, result.stdout) == (0, "hi\nthere\n"), result.stderr
+
+
 def test_env_cwd_and_stdin(small_cluster: SmallCluster, tmp_path: Path) -> None:
     result = run_cli(
         "run", "--env", "GREETING=hi", "--cwd", str(tmp_path), "--stdin", "-",
@@ -39,6 +48,58 @@ def test_env_cwd_and_stdin(small_cluster: SmallCluster, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.code == 0, result.stderr
     assert result.stdout == f"hi\n{tmp_path}\nfrom stdin\n"
+
+
+def test_stdin_reaches_the_command_byte_for_byte(small_cluster: SmallCluster) -> None:
+    """Not decoded (bytes that are not UTF-8), not translated (CR, CRLF), and UTF-8 text counts
+    its own size against the job's limit (800 kB of 'é'), not that of its JSON escapes."""
+    for data in (b"\xff\x00\n", b"a\r\nb\rc\n", "\u00e9".encode() * 400_000):
+        done = subprocess.run(
+            [sys.executable, "-m", "dist_exec", "run", "--stdin", "-", "cat"],
+            env={**os.environ, "DIST_EXEC_MASTER": small_cluster.address},
+            input=data,
+            capture_output=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout == data) == (0, True), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"x" * 70_000_000, "--stdin is more than 1 MiB, the most a master accepts for a whole"),
+        (b"\xff" * 900_000, "the job is 1200053 bytes as sent (its command, environment and"),
+    ],
+    ids=["70MB", "900kB-in-base64"],
+)
+def test_stdin_larger_than_a_job_can_be_is_refused_before_it_is_sent(
+    data: bytes, message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_exec", "run", "--stdin", "-", "cat"],
+        env={**os.environ, "DIST_EXEC_MASTER": "127.0.0.1:1"},  # (never reached)
+        input=data,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 125
+    assert done.stderr.decode().startswith(f"dist-exec: {message}")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_dist_exec_notes_start_on_a_line_of_their_own(small_cluster: SmallCluster) -> None:
+    """Not glued to a command's stderr that does not end with a newline."""
+    addr = small_cluster.address
+    partial = run_cli("run", "printf partial >&2; exit 127", master=addr)
+    assert (partial.code, partial.stderr) == (
+        127,
+        "partial\ndist-exec: command exited with status 127\n",
+    )
+    whole = run_cli("run", "echo whole >&2; exit 127", master=addr)
+    assert whole.stderr == "whole\ndist-exec: command exited with status 127\n"
+    timed_out = run_cli("run", "--timeout", "1s", "printf partial >&2; sleep 60", master=addr)
+    assert timed_out.code == 124
+    assert timed_out.stderr.startswith("partial\ndist-exec: job ")
 
 
 def test_command_not_found_and_signals_map_like_a_shell(small_cluster: SmallCluster) -> None:
@@ -287,6 +348,43 @@ def test_a_command_whose_reader_is_gone_dies_of_sigpipe(
     assert (done.returncode, done.stderr) == (-signal.SIGPIPE, "")
 
 
+BIG_OUTPUT = "head -c 3000000 /dev/zero | tr '\\0' a"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--json", "JOB"],
+        ["list", "--json", "--limit", "1"],
+        ["run", "--json", BIG_OUTPUT],
+    ],
+    ids=["status", "list", "run"],
+)
+def test_json_whose_reader_exits_early_dies_of_sigpipe(
+    small_cluster: SmallCluster, args: list[str]
+) -> None:
+    """'dist-exec status --json JOB | head -c 10': a JSON object larger than the pipe holds is
+    written in part, then the reader exits; that must not go unnoticed (exit status 0)."""
+    addr = small_cluster.address
+    job_id = run_cli("run", "--detach", BIG_OUTPUT, master=addr).stdout.strip()
+    run_cli("logs", "--follow", job_id, master=addr)  # (until it has ended)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", *[job_id if a == "JOB" else a for a in args]],
+        env={**os.environ, "DIST_EXEC_MASTER": addr},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert os.read(proc.stdout.fileno(), 10)
+        proc.stdout.close()  # the reader exits
+        _, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (-signal.SIGPIPE, b"")
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_run_all_whose_reader_is_gone_dies_of_sigpipe(small_cluster: SmallCluster) -> None:
     """'dist-exec run --all CMD 2>&1 | head -1': the report at the end has nowhere to go
     either; run used to exit 1 through click."""
@@ -351,6 +449,23 @@ def test_run_json_prints_one_object(small_cluster: SmallCluster) -> None:
     assert body["output"] == "hi\n"
 
 
+def test_run_detach_json_prints_the_job_as_status_json_does(small_cluster: SmallCluster) -> None:
+    addr = small_cluster.address
+    result = run_cli("run", "--detach", "--json", "echo hi", master=addr)
+    assert result.code == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job.keys() >= JOB_KEYS
+    assert str(uuid.UUID(job["id"])) == job["id"]
+    assert job["status"] in {"PENDING", "RUNNING", "COMPLETED"}
+    broadcast = run_cli("run", "--all", "--detach", "--json", "true", master=addr)
+    assert broadcast.code == 0, broadcast.stderr
+    body = json.loads(broadcast.stdout)
+    assert len(body["jobs"]) == 2
+    assert all(j.keys() >= JOB_KEYS for j in body["jobs"])
+    status = json.loads(run_cli("status", "--json", body["broadcast_id"], master=addr).stdout)
+    assert sorted(j["id"] for j in status["jobs"]) == sorted(j["id"] for j in body["jobs"])
+
+
 def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
     result = run_cli("nodes", "--json", master=small_cluster.address)
     nodes = json.loads(result.stdout)
@@ -369,10 +484,11 @@ def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
     [
         (["run"], 2, "Missing argument"),
         (["run", "--timeout", "abc", "true"], 2, "invalid duration 'abc'"),
-        (["run", "--timeout", "0s", "true"], 2, "--timeout must be longer than 0"),
+        (["run", "--timeout", "0s", "true"], 2, "'--timeout': '0s' is shorter than 1ms"),
         (["run", "--priority", "11", "true"], 2, "11 is not in the range 0<=x<=10"),
         (["run", "--env", "NOEQUALS", "true"], 2, "expected KEY=VALUE"),
         (["run", "--cwd", "relative/dir", "true"], 125, "'working_dir' must be an absolute path"),
+        (["run", "--cwd", "/etc/passwd", "pwd"], 125, "working directory /etc/passwd is not a"),
         (["status", "not-a-uuid"], 1, "invalid job id 'not-a-uuid'"),
         (["status", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
         (["cancel", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
@@ -388,6 +504,47 @@ def test_bad_input_gets_one_clear_line(
     assert result.code == code
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+NOT_UTF8 = os.fsdecode(b"\xff")  # what an argument that is not UTF-8 arrives as
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["list", "--offset", "2147483648"], {}, "'--offset': 2147483648 is not in the range"),
+        (["run", "--memory", "18446744073709551616", "true"], {}, "'--memory'"),
+        (["run", "--max-file-size", "99999999999999999999", "true"], {}, "'--max-file-size'"),
+        (["run", "--timeout", "9" * 30 + "h", "true"], {}, "longer than 10000 years"),
+        (["run", "--cpu-time", "9" * 400, "true"], {}, "longer than 10000 years"),
+        (["status", NOT_UTF8], {}, "'JOB_ID': not valid UTF-8"),
+        (["drain", NOT_UTF8], {}, "'NODE_ID': not valid UTF-8"),
+        (["list", "--broadcast", NOT_UTF8], {}, "'--broadcast': not valid UTF-8"),
+        (["run", "--selector", f"a={NOT_UTF8}", "true"], {}, "'--selector': not valid UTF-8"),
+        (["run", "--idempotency-key", NOT_UTF8, "true"], {}, "'--idempotency-key': not valid"),
+        (["run", "--", "echo", NOT_UTF8], {}, "'[COMMAND]...': not valid UTF-8"),
+        (["run", "--master", f"{NOT_UTF8}:1", "true"], {}, "'--master': not valid UTF-8"),
+        (["run", "--token", NOT_UTF8, "true"], {}, "'--token': a token is visible ASCII"),
+        (["run", "--token", "a\nb", "true"], {}, "'--token': a token is visible ASCII"),
+        (["run", "true"], {"DIST_EXEC_TOKEN": "a b"}, "'--token': a token is visible ASCII"),
+    ],
+)
+def test_values_the_wire_cannot_carry_are_usage_errors(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Integers out of their protobuf field's range, text that is not UTF-8, a token that is
+    no header value: refused by the command line, never a traceback from protobuf or gRPC."""
+    result = run_cli(*args, master="127.0.0.1:1", env=env)
+    assert (result.code, "Traceback" in result.stderr) == (2, False), result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--timeout", "--queue-timeout"])
+def test_timeouts_under_1ms_are_usage_errors(option: str) -> None:
+    """The least a master accepts: refused before the job is sent, not run for 0ms."""
+    result = run_cli("run", option, "0.001ms", "true", master="127.0.0.1:1")
+    assert result.code == 2
+    assert f"'{option}': '0.001ms' is shorter than 1ms" in result.stderr
 
 
 @pytest.mark.parametrize("args", [["run", "true"], ["status", str(uuid.uuid4())], ["nodes"]])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_exec.client import command_spec
 from dist_exec.errors import InvalidTaskSpec
 from dist_exec.executors import ExecRequest, Executor, command
 from dist_exec.executors.command import (
@@ -49,9 +50,13 @@ def payload(**fields: object) -> bytes:
             CommandSpec("env", env={"A": "1", "B_2": ""}),
         ),
         (payload(command="ls", working_dir="/tmp"), CommandSpec("ls", working_dir="/tmp")),
-        (payload(command="cat", stdin="line\n"), CommandSpec("cat", stdin="line\n")),
+        (payload(command="cat", stdin="line\n"), CommandSpec("cat", stdin=b"line\n")),
         # stdin is data, not an argument: it may hold any character, NUL included.
-        (payload(command="cat", stdin="a\u0000b"), CommandSpec("cat", stdin="a\u0000b")),
+        (payload(command="cat", stdin="a\u0000b"), CommandSpec("cat", stdin=b"a\0b")),
+        (payload(command="cat", stdin="\u00e9\r\n"), CommandSpec("cat", stdin=b"\xc3\xa9\r\n")),
+        # ... and any bytes, UTF-8 or not, in base64.
+        (payload(command="cat", stdin_base64="/wAN"), CommandSpec("cat", stdin=b"\xff\0\r")),
+        (payload(command="cat", stdin_base64=""), CommandSpec("cat")),
         (
             payload(command="echo", args=["h\u00e9llo", "\u2603"]),
             CommandSpec("echo", ["h\u00e9llo", "\u2603"]),
@@ -110,6 +115,16 @@ def bad(case: str, match: str, **fields: object) -> object:
         bad("nul-arg", "cannot hold NUL", command="echo", args=["a\0"]),
         bad("nul-wd", "cannot hold NUL", command="x", working_dir="/tmp/\0"),
         bad("stdin-int", "'stdin' must be a string", command="cat", stdin=5),
+        bad("stdin-b64-int", "'stdin_base64' must be a string", command="cat", stdin_base64=5),
+        bad("stdin-b64-bad", "'stdin_base64' is not valid base64", command="c", stdin_base64="a"),
+        bad("stdin-b64-text", "'stdin_base64' is not valid base64", command="c", stdin_base64="é"),
+        bad(
+            "stdin-both",
+            "'stdin' or 'stdin_base64', not both",
+            command="c",
+            stdin="",
+            stdin_base64="",
+        ),
         pytest.param(b"[" * 100_000 + b"]" * 100_000, "not valid JSON", id="deep-array"),
         pytest.param(b'{"a": ' * 100_000 + b"1" + b"}" * 100_000, "not valid JSON", id="deep-obj"),
         pytest.param(_nested(100_000), "not valid JSON", id="deep-inside-valid-object"),
@@ -154,6 +169,35 @@ def test_parse_payload_rejects_lone_surrogates(raw: bytes) -> None:
         parse_payload(raw)
 
 
+@pytest.mark.parametrize(
+    ("stdin", "field"),
+    [
+        (b"plain\r\n", {"stdin": "plain\r\n"}),
+        ("\u00e9".encode() * 3, {"stdin": "\u00e9" * 3}),
+        (b"\xff\n", {"stdin_base64": "/wo="}),  # not UTF-8
+    ],
+)
+def test_stdin_goes_as_text_when_it_is_utf8_else_as_base64(
+    stdin: bytes, field: dict[str, str]
+) -> None:
+    raw = CommandSpec("cat", stdin=stdin).to_payload()
+    assert json.loads(raw) == {"command": "cat", **field}
+    assert parse_payload(raw).stdin == stdin
+
+
+@pytest.mark.parametrize(
+    ("given", "fed"), [("h\u00e9\n", b"h\xc3\xa9\n"), (b"\xff\r\n", b"\xff\r\n")]
+)
+def test_the_client_takes_stdin_as_text_or_bytes(given: str | bytes, fed: bytes) -> None:
+    assert parse_payload(command_spec(["cat"], stdin=given).payload).stdin == fed
+
+
+def test_payload_is_as_large_as_the_text_it_holds() -> None:
+    """Not escaped to ASCII: 800 kB of 'é' is an 800 kB payload, not a 2.4 MB one."""
+    stdin = "\u00e9".encode() * 400_000
+    assert len(CommandSpec("cat", stdin=stdin).to_payload()) < len(stdin) + 100
+
+
 def test_validate_is_parse_payload() -> None:
     executor = CommandExecutor()
     executor.validate(payload(command="echo"))
@@ -190,8 +234,9 @@ def test_describe(raw: bytes, line: str) -> None:
         CommandSpec("for i in 1 2; do echo $i; done", shell=True),
         CommandSpec("env", env={"A": "1", "EMPTY": ""}),
         CommandSpec("pwd", working_dir="/var/tmp"),
-        CommandSpec("cat", stdin="x\ny\n"),
-        CommandSpec("/bin/echo", ["\u2603"], False, {"K": "v"}, "/", "in"),
+        CommandSpec("cat", stdin=b"x\ny\n"),
+        CommandSpec("cat", stdin=b"\x80\xff"),
+        CommandSpec("/bin/echo", ["\u2603"], False, {"K": "v"}, "/", b"in"),
     ],
 )
 def test_to_payload_round_trip(spec: CommandSpec) -> None:
@@ -365,6 +410,16 @@ async def test_missing_working_dir_is_an_error(tmp_path: Path) -> None:
     assert outcome.error == f"working directory {missing} does not exist"
 
 
+@pytest.mark.parametrize("under", ["", "/below"], ids=["a-file", "below-a-file"])
+async def test_working_dir_that_is_a_file_is_an_error(tmp_path: Path, under: str) -> None:
+    """Said as for a missing one, not as a command that cannot run (exit status 126)."""
+    (tmp_path / "file").touch()
+    where = f"{tmp_path}/file{under}"
+    outcome, _ = await run(CommandSpec("pwd", working_dir=where))
+    assert (outcome.status, outcome.exit_code) == (ExecStatus.FAILURE, None)
+    assert outcome.error == f"working directory {where} is not a directory"
+
+
 async def test_working_dir_is_used(tmp_path: Path) -> None:
     outcome, sink = await run(CommandSpec("pwd", working_dir=str(tmp_path)))
     assert outcome.exit_code == 0
@@ -430,9 +485,9 @@ async def test_default_path_when_the_worker_has_none(monkeypatch: pytest.MonkeyP
 
 
 async def test_stdin_is_fed() -> None:
-    outcome, sink = await run(CommandSpec("cat", stdin="line 1\nline 2\n"))
+    outcome, sink = await run(CommandSpec("cat", stdin=b"line 1\r\nline 2\rend\xff\0"))
     assert outcome.exit_code == 0
-    assert sink.stdout == b"line 1\nline 2\n"
+    assert sink.stdout == b"line 1\r\nline 2\rend\xff\0"  # exactly the bytes
 
 
 async def test_no_stdin_reads_empty() -> None:
@@ -442,7 +497,7 @@ async def test_no_stdin_reads_empty() -> None:
 
 
 async def test_stdin_not_read_is_no_error() -> None:
-    outcome, _ = await run(CommandSpec("true", stdin="x" * 1_000_000))
+    outcome, _ = await run(CommandSpec("true", stdin=b"x" * 1_000_000))
     assert outcome.status == ExecStatus.SUCCESS
 
 

@@ -8,6 +8,7 @@ something live in tests/fuzz/corpus/ and run on every test run.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -50,6 +51,7 @@ command_objects = st.fixed_dictionaries(
         "env": st.dictionaries(st.text(), st.text(), max_size=4) | json_values,
         "working_dir": st.text() | st.just("/tmp"),
         "stdin": st.text(),
+        "stdin_base64": st.text() | st.binary().map(lambda b: base64.b64encode(b).decode()),
     },
 )
 http_objects = st.fixed_dictionaries(
@@ -106,7 +108,7 @@ def test_command_payloads_parse_or_say_why(payload: bytes) -> None:
             st.text().filter(lambda v: "\0" not in v),
             max_size=3,
         ),
-        stdin=st.text(),
+        stdin=st.binary(),
     )
 )
 def test_command_specs_round_trip(spec: command.CommandSpec) -> None:

@@ -21,6 +21,7 @@ from dist_exec.client import Client
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
     MASTER_ENV,
+    format_duration,
     parse_duration,
     parse_size,
     split_address,
@@ -31,6 +32,7 @@ from dist_exec.errors import (
     Unauthenticated,
 )
 from dist_exec.executors import describe_task
+from dist_exec.executors.limits import MAX_BYTES, format_size
 from dist_exec.interrupts import die_of
 from dist_exec.models import (
     Job,
@@ -54,13 +56,49 @@ EXIT_TIMEOUT = 124
 EXIT_NOT_RUN = 125
 EXIT_CANCELLED = 130
 EXIT_HTTP_ERROR = 22  # an HTTP job answered with a 4xx or 5xx status (curl --fail's code)
+JSON_PIECE = 65536  # characters of JSON output per write (a pipe's capacity)
 
 
 # ---- parameter types ------------------------------------------------------------------------
+# Every value a client command sends is checked here, as a usage error: protobuf refuses an
+# integer out of its field's range and text that is not UTF-8 (an argument that is not arrives
+# with lone surrogates), and gRPC a header value that is not visible ASCII.
+
+MAX_INT32 = 2**31 - 1
+MAX_DURATION_S = 315_576_000_000.0  # the most a protobuf Duration holds (10000 years)
+
+
+def _text(value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    text = str(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise click.BadParameter("not valid UTF-8 text", ctx, param) from None
+    return text
+
+
+class TextType(click.ParamType):  # type: ignore[type-arg]
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return _text(value, param, ctx)
+
+
+class TokenType(click.ParamType):  # type: ignore[type-arg]
+    name = "token"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        token = str(value)
+        if not all("!" <= c <= "~" for c in token):  # it goes in a header
+            self.fail("a token is visible ASCII, without spaces or control characters", param, ctx)
+        return token
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
+
+    def __init__(self, minimum_s: float = 0.0) -> None:
+        self.minimum_s = minimum_s
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
@@ -68,9 +106,14 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, float):
             return value
         try:
-            return parse_duration(str(value))
+            seconds = parse_duration(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if seconds < self.minimum_s:
+            self.fail(f"{value!r} is shorter than {format_duration(self.minimum_s)}", param, ctx)
+        if seconds > MAX_DURATION_S:
+            self.fail(f"{value!r} is longer than 10000 years", param, ctx)
+        return seconds
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]
@@ -80,20 +123,24 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, int):
             return value
         try:
-            return parse_size(str(value))
+            size = parse_size(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if size > MAX_BYTES:
+            self.fail(f"{value!r} is more than {format_size(MAX_BYTES)}", param, ctx)
+        return size
 
 
 class AddressType(click.ParamType):  # type: ignore[type-arg]
     name = "host:port"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        address = _text(value, param, ctx)
         try:
-            split_address(str(value))
+            split_address(address)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-        return str(value)
+        return address
 
 
 class KeyValueType(click.ParamType):  # type: ignore[type-arg]
@@ -104,13 +151,16 @@ class KeyValueType(click.ParamType):  # type: ignore[type-arg]
     ) -> tuple[str, str]:
         if isinstance(value, tuple):
             return value
-        key, sep, val = str(value).partition("=")
+        key, sep, val = _text(value, param, ctx).partition("=")
         if not sep or not key:
             self.fail(f"expected KEY=VALUE, got {value!r}", param, ctx)
         return key, val
 
 
+TEXT = TextType()
+TOKEN = TokenType()
 DURATION = DurationType()
+TIMEOUT = DurationType(minimum_s=0.001)  # the least a master accepts
 SIZE = SizeType()
 ADDRESS = AddressType()
 KEY_VALUE = KeyValueType()
@@ -127,7 +177,7 @@ def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     path = click.Path(dir_okay=False, path_type=Path)
     for name, kind, env, help_text in reversed(
         [
-            ("token", None, TOKEN_ENV, "Bearer token"),
+            ("token", TOKEN, TOKEN_ENV, "Bearer token"),
             ("ca", path, "DIST_EXEC_CA", "CA certificate that signed the master's (turns on TLS)"),
             ("cert", path, "DIST_EXEC_CERT", "Client certificate (with --key)"),
             ("key", path, "DIST_EXEC_KEY", "Key of the client certificate"),
@@ -350,7 +400,11 @@ def node_json(node: NodeInfo) -> dict[str, Any]:
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2))
+    """In pieces: CPython 3.11 drops the rest of one large write once a part of it is written,
+    so a reader that exits early (| head -c 10) would go unnoticed; the next piece fails."""
+    text = json.dumps(value, indent=2) + "\n"
+    for start in range(0, len(text), JSON_PIECE):
+        click.echo(text[start : start + JSON_PIECE], nl=False)
 
 
 def setup_logging(level: str) -> None:

@@ -7,6 +7,8 @@ import json
 import click
 
 from dist_exec.cli.common import (
+    MAX_INT32,
+    TEXT,
     as_text,
     connect,
     iso_time,
@@ -73,7 +75,7 @@ def _describe_job(job: Job) -> None:
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", type=TEXT)
 @master_option
 @json_option
 def status(job_id: str, master_address: str, as_json: bool) -> None:
@@ -112,7 +114,7 @@ def _status_choice(value: str | None) -> JobStatus | None:
 
 @click.command(name="list")
 @click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--offset", type=click.IntRange(0, MAX_INT32), default=0)
 @click.option(
     "--status",
     "status_filter",
@@ -120,7 +122,9 @@ def _status_choice(value: str | None) -> JobStatus | None:
     default=None,
     help="Only jobs in this state.",
 )
-@click.option("--broadcast", default=None, help="Only the per-node jobs of this broadcast.")
+@click.option(
+    "--broadcast", type=TEXT, default=None, help="Only the per-node jobs of this broadcast."
+)
 @master_option
 @json_option
 def list_jobs(
@@ -159,7 +163,7 @@ def list_jobs(
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", type=TEXT)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 @master_option
 @json_option
@@ -171,7 +175,8 @@ def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
         async with connect(master_address) as client:
             async for attempt, chunk in client.stream_output(job_id, follow=follow):
                 if attempt != last_attempt:
-                    printer, last_attempt = OutputPrinter(), attempt
+                    printer.next_attempt()
+                    last_attempt = attempt
                 if as_json:
                     click.echo(
                         json.dumps(
@@ -189,7 +194,7 @@ def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", type=TEXT)
 @master_option
 @json_option
 def cancel(job_id: str, master_address: str, as_json: bool) -> None:
@@ -254,7 +259,7 @@ def _describe_scaler(scaler: ScalerStatus) -> None:
 
 
 @click.command()
-@click.argument("node_id")
+@click.argument("node_id", type=TEXT)
 @master_option
 def drain(node_id: str, master_address: str) -> None:
     """(admin) Stop giving NODE_ID new tasks; the ones it runs finish."""

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
@@ -23,6 +23,8 @@ from dist_exec.cli.common import (
     EXIT_USAGE,
     KEY_VALUE,
     SIZE,
+    TEXT,
+    TIMEOUT,
     T,
     connect,
     fail,
@@ -34,12 +36,13 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.client import Client, command_spec
+from dist_exec.config import MAX_PAYLOAD_BYTES
 from dist_exec.errors import (
     DistExecError,
     JobAlreadyFinished,
 )
 from dist_exec.executors.http import HttpSpec
-from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS
+from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS, format_size
 from dist_exec.interrupts import Interrupted, Interrupts, die_of
 from dist_exec.models import (
     Job,
@@ -51,17 +54,36 @@ from dist_exec.models import (
     TaskSpec,
 )
 
+_END = "\0--"  # '--' in a trial parse, told apart from the real one (no argument holds NUL)
+
 
 class RunCommand(click.Command):
-    """Remembers whether the command came after '--' (argv, no shell) or not (a shell string)."""
+    """Remembers whether the command came after '--' (argv, no shell) or not (a shell string).
+    Only a '--' that ends the options counts, not an option's value (--idempotency-key --)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["argv_mode"] = "--" in args
+        ctx.meta["argv_mode"] = self._ends_options(ctx, args)
         return super().parse_args(ctx, args)
+
+    def _ends_options(self, ctx: click.Context, args: list[str]) -> bool:
+        """Whether click's own parser takes one of the '--' in ``args`` as the end of the
+        options: parsed up to each in turn, it is one of COMMAND's words, not a value."""
+        marked = [_END if arg == "--" else arg for arg in args]
+        for end, arg in enumerate(args):
+            if arg != "--":
+                continue
+            try:
+                values, _, _ = self.make_parser(ctx).parse_args(marked[: end + 1])
+            except click.UsageError:
+                return False  # (the real parse says what is wrong)
+            command = values.get("command")  # (click's sentinel when there is none)
+            if isinstance(command, tuple | list) and _END in command:
+                return True
+        return False
 
 
 @click.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
-@click.argument("command", nargs=-1)
+@click.argument("command", nargs=-1, type=TEXT)
 @master_option
 @click.option(
     "--type",
@@ -71,10 +93,10 @@ class RunCommand(click.Command):
     show_default=True,
     help="command: run COMMAND; http: request --url.",
 )
-@click.option("--url", default=None, help="(--type http) The URL to request.")
-@click.option("--method", default="GET", show_default=True, help="(--type http)")
+@click.option("--url", type=TEXT, default=None, help="(--type http) The URL to request.")
+@click.option("--method", type=TEXT, default="GET", show_default=True, help="(--type http)")
 @click.option("--header", "headers", type=KEY_VALUE, multiple=True, help="(--type http) NAME=VALUE")
-@click.option("--data", default="", help="(--type http) Request body.")
+@click.option("--data", type=TEXT, default="", help="(--type http) Request body.")
 @click.option(
     "--selector",
     type=KEY_VALUE,
@@ -83,7 +105,7 @@ class RunCommand(click.Command):
 )
 @click.option(
     "--timeout",
-    type=DURATION,
+    type=TIMEOUT,
     default=None,
     help="Kill the command after this long: 500ms, 30s, 5m, 1h (default: the master's).",
 )
@@ -97,6 +119,7 @@ class RunCommand(click.Command):
 @click.option("--env", "env", type=KEY_VALUE, multiple=True, help="KEY=VALUE for the command.")
 @click.option(
     "--cwd",
+    type=TEXT,
     default="",
     help="Absolute working directory on the worker (default: the home of the user commands run "
     "as, or the worker's own directory when it runs them as itself).",
@@ -104,9 +127,10 @@ class RunCommand(click.Command):
 @click.option(
     "--stdin",
     "stdin_file",
-    type=click.File("r"),
+    type=click.File("rb"),
     default=None,
-    help="Feed this file ('-' for standard input) to the command.",
+    help=f"Feed this file ('-' for standard input) to the command, byte for byte (at most "
+    f"{format_size(MAX_PAYLOAD_BYTES)} with the rest of the job).",
 )
 @click.option(
     "--max-retries",
@@ -123,12 +147,13 @@ class RunCommand(click.Command):
 )
 @click.option(
     "--queue-timeout",
-    type=DURATION,
+    type=TIMEOUT,
     default=None,
     help="Fail the job if it waits longer than this in the queue to start.",
 )
 @click.option(
     "--idempotency-key",
+    type=TEXT,
     default="",
     help="Submitting again with this key (within 24h) gives the same job instead of a new one.",
 )
@@ -145,7 +170,12 @@ class RunCommand(click.Command):
     "--max-procs", type=click.IntRange(0, MAX_PROCS), default=0, help="Process limit, e.g. 64."
 )
 @click.option("--max-file-size", type=SIZE, default="0", help="Largest file it may write: 100M.")
-@click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Print the job id (with --json: the job, as 'status --json' does) and return at once.",
+)
 @json_option
 @click.pass_context
 def run(
@@ -162,7 +192,7 @@ def run(
     priority: int,
     env: tuple[tuple[str, str], ...],
     cwd: str,
-    stdin_file: Any,
+    stdin_file: BinaryIO | None,
     max_retries: int | None,
     retry_on_failure: bool,
     queue_timeout: float | None,
@@ -186,8 +216,6 @@ def run(
     An HTTP job prints the response body and exits 0 for a 2xx or 3xx status, else 22 (as
     curl --fail does); the status and headers are in `status --json` under "metadata".
     """
-    if timeout is not None and timeout <= 0:
-        fail("--timeout must be longer than 0", EXIT_USAGE)
     if task_type == "http":
         if not url or command:
             fail("--type http takes --url URL and no command", EXIT_USAGE)
@@ -206,11 +234,16 @@ def run(
             priority=priority,
             env=dict(env),
             working_dir=cwd,
-            stdin=stdin_file.read() if stdin_file is not None else "",
+            stdin=_read_stdin(stdin_file) if stdin_file is not None else b"",
             max_retries=max_retries,
         )
-    if queue_timeout is not None and queue_timeout <= 0:
-        fail("--queue-timeout must be longer than 0", EXIT_USAGE)
+    if len(spec.payload) > MAX_PAYLOAD_BYTES:
+        fail(
+            f"the job is {len(spec.payload)} bytes as sent (its command, environment and input; "
+            "--stdin that is not UTF-8 in base64, 4/3 of its size), over the "
+            f"{format_size(MAX_PAYLOAD_BYTES)} a master accepts",
+            EXIT_NOT_RUN,
+        )
     spec = replace(
         spec,
         selector=dict(selector),
@@ -226,6 +259,19 @@ def run(
     if isinstance(ending, signal.Signals):  # it stopped the job: end as a local command would
         die_of(ending)
     sys.exit(ending)
+
+
+def _read_stdin(source: BinaryIO) -> bytes:
+    """What --stdin gives, refused before the job is sent (or all of it read) when larger
+    than a job can be."""
+    data = source.read(MAX_PAYLOAD_BYTES + 1)
+    if len(data) > MAX_PAYLOAD_BYTES:
+        fail(
+            f"--stdin is more than {format_size(MAX_PAYLOAD_BYTES)}, the most a master accepts "
+            "for a whole job (its command, environment and stdin)",
+            EXIT_NOT_RUN,
+        )
+    return data
 
 
 class _Prefixer:
@@ -266,7 +312,11 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
             except Interrupted:
                 return _gave_up(interrupts, "if it accepted the jobs, they run")
             if detach and not interrupts.received:
-                click.echo(broadcast_id)
+                if as_json:
+                    jobs = [job_json(await client.get(job_id)) for job_id, _ in tasks]
+                    print_json({"broadcast_id": broadcast_id, "jobs": jobs})
+                else:
+                    click.echo(broadcast_id)
                 return 0
             node_of: dict[str, str] = dict(tasks)
             finals: dict[str, Job] = {}
@@ -415,7 +465,7 @@ async def _watch_broadcast(
 async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
     async with connect(address) as client:
         if detach:
-            return await _submit_detached(client, spec)
+            return await _submit_detached(client, spec, as_json)
         async with contextlib.aclosing(client.run(spec)) as events:
             with Interrupts() as interrupts:
                 try:
@@ -429,9 +479,11 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 assert isinstance(accepted, str)
                 job_id = accepted
                 job: Job | None = None
+                printer = OutputPrinter()
                 stop: Ending | None = interrupts.received[0] if interrupts.received else None
                 if stop is None:
-                    job, stop = await _follow(interrupts, _stream(events, job_id, quiet=as_json))
+                    following = _stream(events, job_id, as_json, printer)
+                    job, stop = await _follow(interrupts, following)
                 if stop is not None:
                     stopped = await _stop(client, [job_id], interrupts)
                     if stopped is None:
@@ -446,36 +498,46 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 if stop is None or job.status != JobStatus.CANCELLED:
                     raise  # (the command group ends by the lost output's signal, or says what)
                 return stop  # (the signal that stopped the job may have closed its output)
-        code = _exit_code(job, quiet=as_json)
+        code = _exit_code(job, as_json, printer)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 
 
-async def _submit_detached(client: Client, spec: TaskSpec) -> Ending:
+async def _submit_detached(client: Client, spec: TaskSpec, as_json: bool) -> Ending:
     with Interrupts() as interrupts:
         try:
             job_id = await interrupts.step(client.submit(spec), patient=True, on_hold=_hold_message)
         except Interrupted:
             return _gave_up(interrupts, "if it accepted the job, it runs")
         if not interrupts.received:
-            click.echo(job_id)
+            await _print_submitted(client, job_id, as_json)
             return 0
         # A signal while it was submitted: the job is not wanted after all.
         stopped = await _stop(client, [job_id], interrupts)
         if stopped is None:
             return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
     if stopped[job_id].status != JobStatus.CANCELLED:  # it had ended by itself
-        click.echo(job_id)
+        await _print_submitted(client, job_id, as_json)
         return 0
     _tell(f"job {job_id} was cancelled")
     return interrupts.received[0]
 
 
+async def _print_submitted(client: Client, job_id: str, as_json: bool) -> None:
+    """The job id, or with --json the job as 'status --json' shows it."""
+    if as_json:
+        print_json(job_json(await client.get(job_id)))
+    else:
+        click.echo(job_id)
+
+
 async def _stream(
-    events: AsyncIterator[JobId | tuple[int, OutputChunk] | Job], job_id: str, quiet: bool
+    events: AsyncIterator[JobId | tuple[int, OutputChunk] | Job],
+    job_id: str,
+    quiet: bool,
+    printer: OutputPrinter,
 ) -> Job:
     """Print the job's output as it comes; returns the ended job."""
     last_attempt = 0
-    printer = OutputPrinter()
     async for item in events:
         if isinstance(item, str):
             continue
@@ -483,11 +545,9 @@ async def _stream(
             return item
         attempt, chunk = item
         if last_attempt and attempt != last_attempt:
-            printer = OutputPrinter()
+            printer.next_attempt()
             if not quiet:
-                click.echo(
-                    f"dist-exec: job {job_id} is being retried (attempt {attempt})", err=True
-                )
+                printer.note(f"job {job_id} is being retried (attempt {attempt})")
         last_attempt = attempt
         if not quiet:
             printer.write(chunk)
@@ -496,9 +556,15 @@ async def _stream(
 
 class OutputPrinter:
     """Writes a job's output to stdout and stderr, saying where bytes were not kept (the
-    middle of a stream longer than the master keeps)."""
+    middle of a stream longer than the master keeps). Its notes on stderr start on a line of
+    their own, also after a command's stderr that does not end with a newline."""
 
     def __init__(self) -> None:
+        self.ends = dict.fromkeys(Stream, 0)
+        self.mid_line = False  # the stderr printed last does not end with a newline
+
+    def next_attempt(self) -> None:
+        """The output of a retry follows: its offsets start again."""
         self.ends = dict.fromkeys(Stream, 0)
 
     def write(self, chunk: OutputChunk) -> None:
@@ -506,18 +572,25 @@ class OutputPrinter:
         gap = chunk.offset - self.ends[chunk.stream]
         if gap > 0:
             out.flush()
-            click.echo(
-                f"dist-exec: [{gap} bytes of {chunk.stream.name.lower()} not kept]", err=True
-            )
+            self.note(f"[{gap} bytes of {chunk.stream.name.lower()} not kept]")
         self.ends[chunk.stream] = chunk.offset + len(chunk.data)
         out.write(chunk.data)
         out.flush()
+        if chunk.stream == Stream.STDERR and chunk.data:
+            self.mid_line = not chunk.data.endswith(b"\n")
+
+    def note(self, message: str) -> None:
+        """One line of dist-exec's own on stderr."""
+        start = "\n" if self.mid_line else ""
+        click.echo(f"{start}dist-exec: {message}", err=True)
+        self.mid_line = False
 
 
-def _exit_code(job: Job, quiet: bool) -> int:
+def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
     def say(message: str) -> None:
         if not quiet:
-            _tell(message)
+            with contextlib.suppress(OSError):  # (as _tell)
+                printer.note(message)
 
     if job.truncated:
         say(f"job {job.id} printed more than the master keeps; stored output is truncated")

@@ -49,18 +49,18 @@ def command_spec(
     priority: int = 0,
     env: Mapping[str, str] | None = None,
     working_dir: str = "",
-    stdin: str = "",
+    stdin: str | bytes = b"",
     max_retries: int | None = None,
     metadata: Mapping[str, str] | None = None,
     limits: TaskLimits | None = None,
 ) -> TaskSpec:
-    """A TaskSpec for the command executor: a shell string, or argv when ``shell`` is False."""
+    """A TaskSpec for the command executor: a shell string, or argv when ``shell`` is False.
+    ``stdin``: the bytes the command reads (text: its UTF-8)."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
     if isinstance(command, str):
-        spec = CommandSpec(command, [], shell, dict(env or {}), working_dir, stdin)
+        spec = CommandSpec(command, [], shell, dict(env or {}), working_dir, data)
     else:
-        spec = CommandSpec(
-            command[0], list(command[1:]), False, dict(env or {}), working_dir, stdin
-        )
+        spec = CommandSpec(command[0], list(command[1:]), False, dict(env or {}), working_dir, data)
     return TaskSpec(
         "command",
         spec.to_payload(),

@@ -4,14 +4,17 @@ Every command runs in its own session and process group. When the command ends, 
 times out, whatever is left of its group gets SIGTERM and, after a grace period, SIGKILL, so no
 child or grandchild outlives its task.
 
-Payload (JSON): {"command": str, "args": [str], "shell": bool, "env": {str: str},
-"working_dir": str, "stdin": str}. With "shell": true, "command" is a shell string and "args" must
-be empty; otherwise "command" is the program and "args" its arguments (no shell involved).
+Payload (JSON, UTF-8): {"command": str, "args": [str], "shell": bool, "env": {str: str},
+"working_dir": str, "stdin": str, "stdin_base64": str}. With "shell": true, "command" is a shell
+string and "args" must be empty; otherwise "command" is the program and "args" its arguments (no
+shell involved). The command reads the bytes of "stdin" (UTF-8) or of "stdin_base64" (for data
+that is not UTF-8), at most one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
 import functools
 import json
@@ -41,7 +44,7 @@ PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to rea
 # What a command sees of the worker's environment unless the worker passes all of it.
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_FIELDS = {"command", "args", "shell", "env", "working_dir", "stdin"}
+_FIELDS = {"command", "args", "shell", "env", "working_dir", "stdin", "stdin_base64"}
 STDERR_TAIL = 4096  # kept to tell an allocation or fork failure under rlimits
 
 
@@ -52,7 +55,7 @@ class CommandSpec:
     shell: bool = False
     env: dict[str, str] = field(default_factory=dict)
     working_dir: str = ""
-    stdin: str = ""
+    stdin: bytes = b""
 
     @property
     def argv(self) -> list[str]:
@@ -69,8 +72,13 @@ class CommandSpec:
         if self.working_dir:
             body["working_dir"] = self.working_dir
         if self.stdin:
-            body["stdin"] = self.stdin
-        return json.dumps(body).encode()
+            try:
+                body["stdin"] = self.stdin.decode()
+            except UnicodeDecodeError:
+                body["stdin_base64"] = base64.b64encode(self.stdin).decode()
+        # Not escaped to ASCII: the payload is as large as what it holds (a limit applies). A
+        # lone surrogate passes as such, for parse_payload to refuse.
+        return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def parse_payload(payload: bytes) -> CommandSpec:
@@ -106,15 +114,27 @@ def parse_payload(payload: bytes) -> CommandSpec:
     if any("\0" in value for value in (command, *args, working_dir)):
         raise InvalidTaskSpec("command payload: command, args and working_dir cannot hold NUL")
     env = _environment_field(body.get("env", {}))
-    spec = CommandSpec(command, list(args), shell, env, working_dir, _string(body, "stdin", ""))
     try:
-        for text in (command, *args, working_dir, spec.stdin, *env, *env.values()):
+        for text in (command, *args, working_dir, *env, *env.values()):
             text.encode()
+        stdin = _stdin_field(body)
     except UnicodeEncodeError:
         raise InvalidTaskSpec(
             "command payload: strings must be valid Unicode (lone surrogate)"
         ) from None
-    return spec
+    return CommandSpec(command, list(args), shell, env, working_dir, stdin)
+
+
+def _stdin_field(body: Mapping[str, object]) -> bytes:
+    """Raises UnicodeEncodeError for a "stdin" with a lone surrogate."""
+    if "stdin" in body and "stdin_base64" in body:
+        raise InvalidTaskSpec("command payload: give 'stdin' or 'stdin_base64', not both")
+    if "stdin_base64" in body:
+        try:
+            return base64.b64decode(_string(body, "stdin_base64"), validate=True)
+        except ValueError:  # (binascii.Error too)
+            raise InvalidTaskSpec("command payload: 'stdin_base64' is not valid base64") from None
+    return _string(body, "stdin", "").encode()
 
 
 def _environment_field(env: object) -> dict[str, str]:
@@ -356,6 +376,13 @@ class CommandExecutor:
                     ExecStatus.FAILURE, error=f"working directory {spec.working_dir} does not exist"
                 )
             return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {spec.argv[0]}")
+        except NotADirectoryError as exc:
+            if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
+                return ExecOutcome(
+                    ExecStatus.FAILURE,
+                    error=f"working directory {spec.working_dir} is not a directory",
+                )
+            return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
         except PermissionError as exc:
             if spec.working_dir and exc.filename == cwd:
                 return ExecOutcome(
@@ -391,7 +418,7 @@ class CommandExecutor:
             ),
         ]
         if proc.stdin is not None:
-            pumps.append(asyncio.create_task(write_pipe(proc.stdin, spec.stdin.encode())))
+            pumps.append(asyncio.create_task(write_pipe(proc.stdin, spec.stdin)))
         watch = asyncio.create_task(_watch(jail, proc.pid, tail)) if jail.watched else None
         exited = asyncio.create_task(proc.wait()) if watch is not None else None
         exceeded: Exceeded | None = None

@@ -1,0 +1,46 @@
+"""What the client commands' parameters accept: only what the wire can carry."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from dist_exec.cli import jobs, run
+
+CLIENT_COMMANDS = [
+    run.run, jobs.status, jobs.list_jobs, jobs.logs, jobs.cancel, jobs.nodes, jobs.drain,
+    jobs.whoami,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS, ids=lambda c: c.name)
+def test_every_parameter_is_checked_against_the_wire(command: click.Command) -> None:
+    """A plain string (maybe not UTF-8) or an unbounded integer reaches protobuf unchecked,
+    which answers with a traceback: each parameter has a type that refuses those."""
+    for param in command.params:
+        kind = param.type
+        assert type(kind) is not click.types.StringParamType, param.name
+        if isinstance(kind, click.types.IntParamType):
+            assert isinstance(kind, click.IntRange), param.name
+            assert kind.max is not None, param.name
+
+
+@pytest.mark.parametrize(
+    ("args", "argv_mode", "command"),
+    [
+        (["--", "ls", "-la"], True, ("ls", "-la")),
+        (["echo", "--", "x"], True, ("echo", "x")),
+        (["-d", "--", "echo", "--"], True, ("echo", "--")),
+        (["echo hi"], False, ("echo hi",)),
+        # A '--' that is an option's value does not end the options.
+        (["--idempotency-key", "--", "echo hi; echo there"], False, ("echo hi; echo there",)),
+        (["--cwd", "--", "--data", "--", "pwd"], False, ("pwd",)),
+        (["--data", "--", "--", "ls"], True, ("ls",)),
+        (["--idempotency-key=--", "pwd"], False, ("pwd",)),
+    ],
+)
+def test_run_takes_argv_only_after_a_double_dash_that_ends_the_options(
+    args: list[str], argv_mode: bool, command: tuple[str, ...]
+) -> None:
+    ctx = run.run.make_context("run", args)
+    assert (ctx.meta["argv_mode"], ctx.params["command"]) == (argv_mode, command)
