@@ -191,11 +191,14 @@ class _StreamStreamToken(_CallToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._with_token(details), requests)
 
 
+def call_token_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """For a channel to a test's worker (no TLS): every call sends the workers' CALL_TOKEN."""
+    return [_UnaryUnaryToken(), _UnaryStreamToken(), _StreamStreamToken()]
+
+
 def worker_channel(address: str) -> grpc.aio.Channel:
     """A channel to a test's worker (no TLS) that calls it as its master may."""
-    return grpc.aio.insecure_channel(
-        address, interceptors=[_UnaryUnaryToken(), _UnaryStreamToken(), _StreamStreamToken()]
-    )
+    return grpc.aio.insecure_channel(address, interceptors=call_token_interceptors())
 
 
 class ClusterFactory:
