@@ -306,6 +306,38 @@ def test_run_whose_reader_exits_stops_the_job(small_cluster: SmallCluster, tmp_p
     wait_for(lambda: not pid_alive(pid), 10, "the command to be stopped")
 
 
+def test_run_that_could_not_print_all_the_output_does_not_exit_0(
+    small_cluster: SmallCluster,
+) -> None:
+    """Its reader slower than the command: the master holds only so much for a follower, and
+    keeps only the start and the end of a long output. run then says how much did not reach
+    it and exits 125, not 0 with part of the output."""
+    addr = small_cluster.address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", addr, "seq 1 3000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def ended() -> bool:
+            listed = run_cli("list", "--json", "--limit", "1", master=addr)
+            jobs = json.loads(listed.stdout) if listed.code == 0 else []
+            return bool(jobs) and jobs[0]["status"] == "COMPLETED"
+
+        wait_for(ended, 60, "the job to end, nothing of its output read yet")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 125, err
+    assert b"bytes of stdout not kept]" in err
+    assert b"'s output did not reach this terminal" in err
+    assert b"the command exited 0, run exits 125" in err
+    assert out.endswith(b"2999999\n3000000\n")  # the end is kept
+    assert len(out) < len(b"".join(b"%d\n" % i for i in range(1, 3000001)))
+
+
 def _with_stdout_closed(
     addr: str, *args: str, stderr_too: bool = False
 ) -> subprocess.CompletedProcess[str]:
