@@ -586,3 +586,22 @@ def test_unreachable_master_is_one_line(args: list[str]) -> None:
     assert "cannot reach the master at 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["worker", "--worker-id", "\udcff", "--master", "127.0.0.1:1"], "--worker-id"),
+        (["worker", "--run-as", "\udcff", "--master", "127.0.0.1:1"], "--run-as"),
+        (["worker", "--token", "a b", "--master", "127.0.0.1:1"], "--token"),
+        (["worker", "--call-token", "a\nb", "--master", "127.0.0.1:1"], "--call-token"),
+        (["master", "--block-command", "\udcff", "--listen", "127.0.0.1:1"], "--block-command"),
+    ],
+)
+def test_server_options_the_wire_cannot_carry_are_usage_errors(
+    args: list[str], option: str
+) -> None:
+    result = run_cli(*args)  # ("\udcff": the byte 0xff, as the shell would pass it)
+    assert result.code == 2, result.stderr
+    assert f"Invalid value for '{option}'" in result.stderr
+    assert "Traceback" not in result.stderr
