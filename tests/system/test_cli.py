@@ -306,6 +306,35 @@ def test_run_whose_reader_exits_stops_the_job(small_cluster: SmallCluster, tmp_p
     wait_for(lambda: not pid_alive(pid), 10, "the command to be stopped")
 
 
+def test_a_reader_slower_than_the_command_still_gets_every_byte(
+    small_cluster: SmallCluster,
+) -> None:
+    """'run seq 1 3000000 | slow': nothing of its 23 MB read until the job has ended (the
+    master keeps only the start and the end of such an output): run still prints all of it,
+    in order, and exits 0, as the command would locally."""
+    addr = small_cluster.address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", addr, "seq 1 3000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def ended() -> bool:
+            listed = run_cli("list", "--json", "--limit", "1", master=addr)
+            jobs = json.loads(listed.stdout) if listed.code == 0 else []
+            return bool(jobs) and jobs[0]["status"] == "COMPLETED"
+
+        wait_for(ended, 60, "the job to end, nothing of its output read yet")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert b"not kept" not in err  # (only that the master's stored copy is truncated)
+    assert out == b"".join(b"%d\n" % i for i in range(1, 3000001))
+
+
 def _with_stdout_closed(
     addr: str, *args: str, stderr_too: bool = False
 ) -> subprocess.CompletedProcess[str]:
@@ -554,3 +583,22 @@ def test_unreachable_master_is_one_line(args: list[str]) -> None:
     assert "cannot reach the master at 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["worker", "--worker-id", "\udcff", "--master", "127.0.0.1:1"], "--worker-id"),
+        (["worker", "--run-as", "\udcff", "--master", "127.0.0.1:1"], "--run-as"),
+        (["worker", "--token", "a b", "--master", "127.0.0.1:1"], "--token"),
+        (["worker", "--call-token", "a\nb", "--master", "127.0.0.1:1"], "--call-token"),
+        (["master", "--block-command", "\udcff", "--listen", "127.0.0.1:1"], "--block-command"),
+    ],
+)
+def test_server_options_the_wire_cannot_carry_are_usage_errors(
+    args: list[str], option: str
+) -> None:
+    result = run_cli(*args)  # ("\udcff": the byte 0xff, as the shell would pass it)
+    assert result.code == 2, result.stderr
+    assert f"Invalid value for '{option}'" in result.stderr
+    assert "Traceback" not in result.stderr

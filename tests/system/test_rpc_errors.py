@@ -72,6 +72,7 @@ async def expect(call: Any, code: grpc.StatusCode, fragment: str) -> None:
         ({"priority": -1}, "priority must be 0-10, got -1"),
         ({"timeout": duration_pb2.Duration(seconds=-5)}, "timeout must not be negative"),
         ({"timeout": duration_pb2.Duration(seconds=10**9)}, "timeout must be between"),
+        ({"timeout": duration_pb2.Duration(nanos=999_999)}, "timeout must be between 1ms and"),
         ({"max_retries": 101}, "max_retries must be 0-100"),
         ({"metadata": {"": "x"}}, "metadata keys must not be empty"),
     ],

@@ -117,7 +117,7 @@ async def test_unfollow_stops_delivery() -> None:
     async with reading(gone) as items:
         first = await anext(items)
     assert first.chunk.data == b"both"
-    assert gone._queue.empty()
+    assert not gone._memory
 
 
 async def test_unfollow_of_last_follower_forgets_the_job() -> None:
@@ -155,7 +155,7 @@ async def test_exactly_the_buffer_is_not_too_slow() -> None:
 
 
 async def test_follower_that_falls_behind_ends_with_follower_too_slow() -> None:
-    hub = OutputHub()
+    hub = OutputHub(spill_bytes=0)  # (memory only)
     slow, fresh = hub.follow(JOB), hub.follow(JOB)
     data = b"x" * MIB
     count = FOLLOWER_BUFFER_BYTES // MIB
@@ -186,7 +186,7 @@ async def test_follower_that_falls_behind_ends_with_follower_too_slow() -> None:
 
 
 async def test_lag_is_per_follower() -> None:
-    hub = OutputHub()
+    hub = OutputHub(spill_bytes=0)  # (memory only)
     slow, reader = hub.follow(JOB), hub.follow(JOB)
     data = b"x" * MIB
     count = FOLLOWER_BUFFER_BYTES // MIB + 1
@@ -196,3 +196,57 @@ async def test_lag_is_per_follower() -> None:
             assert (await anext(items)).chunk.offset == i * MIB
     assert slow.lagged
     assert not reader.lagged
+
+
+async def test_a_slow_follower_gets_every_byte_through_the_spill_file() -> None:
+    """Far more than the memory buffer, not read until the job ends: everything arrives, in
+    order, the overflow through a temporary file; then reading in step goes back to memory."""
+    hub = OutputHub(memory_bytes=3 * MIB)
+    follower = hub.follow(JOB)
+    data = [bytes([i]) * MIB for i in range(10)]
+    for i, d in enumerate(data):
+        hub.publish(JOB, 1, chunk(i * MIB, d, Stream(i % 2)))
+    assert follower._spill is not None  # 3 MiB in memory, the rest on disk
+    async with reading(follower) as items:
+        for i in range(4):  # part of it, then more output: it queues behind the spilled
+            assert (await anext(items)).chunk.data == data[i]
+        hub.publish(JOB, 2, chunk(0, b"late"))
+        got = [await anext(items) for _ in range(7)]
+        assert [g.chunk.data for g in got] == [*data[4:], b"late"]
+        assert [(g.attempt, g.chunk.stream) for g in got[:2]] == [(1, Stream(0)), (1, Stream(1))]
+        assert follower._spill_end == 0  # all read: new output goes to memory again
+        hub.publish(JOB, 2, chunk(4, b"more"))
+        assert not follower._spill_end
+        assert (await anext(items)).chunk.data == b"more"
+    assert not follower.lagged
+
+
+async def test_a_follower_behind_memory_and_spill_is_cut_off_with_a_prefix() -> None:
+    hub = OutputHub(memory_bytes=2 * MIB, spill_bytes=3 * MIB)
+    follower = hub.follow(JOB)
+    for i in range(10):
+        hub.publish(JOB, 1, chunk(i * MIB, b"x" * MIB))
+    assert follower.lagged
+    assert follower._spill is None  # dropped at once
+    hub.close(JOB, None)
+    received: list[LiveChunk] = []
+
+    async def read_all() -> None:
+        async with asyncio.timeout(5):
+            async for item in follower:
+                received.append(item)
+
+    with pytest.raises(FollowerTooSlow):
+        await read_all()
+    assert [item.chunk.offset for item in received] == [0, MIB]  # what was in memory
+
+
+async def test_unfollowing_drops_the_spill_file() -> None:
+    hub = OutputHub(memory_bytes=MIB)
+    follower = hub.follow(JOB)
+    for i in range(3):
+        hub.publish(JOB, 1, chunk(i * MIB, b"x" * MIB))
+    spill = follower._spill
+    assert spill is not None
+    hub.unfollow(JOB, follower)
+    assert spill.closed

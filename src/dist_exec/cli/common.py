@@ -237,6 +237,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--block-command",
         "blocked_commands",
+        type=TEXT,
         multiple=True,
         help="Refuse programs or command lines matching this glob (repeatable; env "
         "BLOCKED_COMMANDS).",
@@ -244,6 +245,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--allow-command",
         "allowed_commands",
+        type=TEXT,
         multiple=True,
         help="Only these programs may run (glob, repeatable; env ALLOWED_COMMANDS=ls,echo). "
         "Shell strings are the program 'sh'.",

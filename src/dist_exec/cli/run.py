@@ -562,16 +562,19 @@ class OutputPrinter:
     def __init__(self) -> None:
         self.ends = dict.fromkeys(Stream, 0)
         self.mid_line = False  # the stderr printed last does not end with a newline
+        self.lost = 0  # bytes of this attempt's output that were not printed
 
     def next_attempt(self) -> None:
         """The output of a retry follows: its offsets start again."""
         self.ends = dict.fromkeys(Stream, 0)
+        self.lost = 0
 
     def write(self, chunk: OutputChunk) -> None:
         out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
         gap = chunk.offset - self.ends[chunk.stream]
         if gap > 0:
             out.flush()
+            self.lost += gap
             self.note(f"[{gap} bytes of {chunk.stream.name.lower()} not kept]")
         self.ends[chunk.stream] = chunk.offset + len(chunk.data)
         out.write(chunk.data)
@@ -610,4 +613,16 @@ def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
         return EXIT_HTTP_ERROR
     if job.error and (job.exit_code >= 126 or LIMIT_METADATA_KEY in job.result_metadata):
         say(job.error)
+    lost = printer.lost + sum(
+        max(0, total - printer.ends[stream])
+        for stream, total in ((Stream.STDOUT, job.stdout_bytes), (Stream.STDERR, job.stderr_bytes))
+    )
+    if lost and job.exit_code == 0 and not quiet:
+        # Not as if run locally: a script must not take part of the output for all of it.
+        say(
+            f"{lost} bytes of job {job.id}'s output did not reach this terminal (they came "
+            "faster than they were read, and the master keeps only the start and the end); "
+            f"the command exited 0, run exits {EXIT_NOT_RUN}"
+        )
+        return EXIT_NOT_RUN
     return job.exit_code

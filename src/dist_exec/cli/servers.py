@@ -20,6 +20,8 @@ from dist_exec.cli.common import (
     EXIT_USAGE,
     KEY_VALUE,
     SIZE,
+    TEXT,
+    TOKEN,
     fail,
     policy_options,
     server_tls,
@@ -340,6 +342,7 @@ _TASK_OPTIONS = [
     click.option(
         "--task-type",
         "task_types",
+        type=TEXT,
         multiple=True,
         help="Task types this worker runs, repeatable: --task-type command (env "
         "WORKER_TASK_TYPES=command,http; default: every installed executor). Leave out http to "
@@ -393,6 +396,7 @@ _TASK_OPTIONS = [
     ),
     click.option(
         "--run-as",
+        type=TEXT,
         default=None,
         help="User that commands run as (needs root). Default: 'nobody' when the worker runs as "
         "root, else the worker's own user; '--run-as root' keeps root.",
@@ -474,6 +478,7 @@ def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, 
 )
 @click.option(
     "--worker-id",
+    type=TEXT,
     envvar="WORKER_ID",
     default=None,
     help="Node id (env WORKER_ID; default: hostname-pid).",
@@ -511,6 +516,7 @@ def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, 
 @tls_server_options
 @click.option(
     "--token",
+    type=TOKEN,
     envvar=TOKEN_ENV,
     default="",
     help="A worker-role token, for a master that authenticates by tokens without TLS "
@@ -518,6 +524,7 @@ def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, 
 )
 @click.option(
     "--call-token",
+    type=TOKEN,
     envvar="DIST_EXEC_CALL_TOKEN",
     default="",
     help="What a caller of this worker must send as its bearer token when the worker has no "

@@ -1,19 +1,29 @@
 """Live output of running jobs, fanned out to the clients that follow them.
 
-A follower that cannot keep up is cut off (its stream ends with an error telling it to resume
-from its offsets) rather than slowing the job or growing the master's memory.
+A follower that falls behind does not slow the job: what it has not read yet waits in memory
+up to FOLLOWER_BUFFER_BYTES, and beyond that in a temporary file (unlinked, private to the
+master) up to FOLLOWER_SPILL_BYTES, so a slow reader (``dist-exec run CMD | slow``) still gets
+every byte, in order. Only a follower further behind than both is cut off: its stream ends with
+an error telling it to resume from its offsets (from the stored output, which keeps the start
+and the end of a long output).
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+import tempfile
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import IO
 
 from dist_exec.errors import FollowerTooSlow
-from dist_exec.models import Job, JobId, OutputChunk
+from dist_exec.models import Job, JobId, OutputChunk, Stream
 
 FOLLOWER_BUFFER_BYTES = 8 * 1024 * 1024
+FOLLOWER_SPILL_BYTES = 1024 * 1024 * 1024
+_RECORD = struct.Struct(">iBqI")  # attempt, stream, offset, length; then the data
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,26 +33,86 @@ class LiveChunk:
 
 
 class Follower:
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[LiveChunk | None] = asyncio.Queue()
-        self._bytes = 0
+    """One client's view of a job's live output: what it has not read yet, in order."""
+
+    def __init__(
+        self, memory_bytes: int = FOLLOWER_BUFFER_BYTES, spill_bytes: int = FOLLOWER_SPILL_BYTES
+    ) -> None:
+        self.memory_bytes = memory_bytes
+        self.spill_bytes = spill_bytes
+        self._memory: deque[LiveChunk] = deque()
+        self._bytes = 0  # data waiting in memory
+        # Newer than everything in memory; while it holds unread records, new chunks go there.
+        self._spill: IO[bytes] | None = None
+        self._spill_read = self._spill_end = 0
+        self._ended = False
+        self._wake = asyncio.Event()
         self.lagged = False
         self.final: Job | None = None  # the job's terminal state, once it has ended
 
     def put(self, item: LiveChunk | None) -> None:
-        if self.lagged:
+        if self._ended:
             return
-        if item is not None:
+        if item is None:
+            self._ended = True
+        elif self._spill_read < self._spill_end or (
+            self._bytes + len(item.chunk.data) > self.memory_bytes
+        ):
+            self._to_spill(item)
+        else:
+            self._memory.append(item)
             self._bytes += len(item.chunk.data)
-            if self._bytes > FOLLOWER_BUFFER_BYTES:
-                self.lagged = True
-                item = None
-        self._queue.put_nowait(item)
+        self._wake.set()
+
+    def _to_spill(self, item: LiveChunk) -> None:
+        data = item.chunk.data
+        size = _RECORD.size + len(data)
+        if self._spill_end + size > self.spill_bytes:
+            self.lagged = self._ended = True  # cut off: it resumes from the stored output
+            self.close_spill()
+            return
+        if self._spill is None:
+            # Closed when the follower is done with (a context manager cannot span its life).
+            self._spill = tempfile.TemporaryFile(prefix="dist-exec-follower-")  # noqa: SIM115
+        self._spill.seek(self._spill_end)
+        chunk = item.chunk
+        self._spill.write(_RECORD.pack(item.attempt, chunk.stream.value, chunk.offset, len(data)))
+        self._spill.write(data)
+        self._spill_end += size
+
+    def _from_spill(self) -> LiveChunk:
+        assert self._spill is not None
+        self._spill.seek(self._spill_read)
+        attempt, stream, offset, length = _RECORD.unpack(self._spill.read(_RECORD.size))
+        data = self._spill.read(length)
+        self._spill_read += _RECORD.size + length
+        if self._spill_read == self._spill_end:  # all read: memory again, the file from 0
+            self._spill_read = self._spill_end = 0
+        return LiveChunk(attempt, OutputChunk(Stream(stream), offset, data))
+
+    def close_spill(self) -> None:
+        """Drop what waits on disk (the follower is done with, or cut off)."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self._spill_read = self._spill_end = 0
 
     async def __aiter__(self) -> AsyncIterator[LiveChunk]:
-        while (item := await self._queue.get()) is not None:
-            self._bytes -= len(item.chunk.data)
-            yield item
+        try:
+            while True:
+                if self._memory:
+                    item = self._memory.popleft()
+                    self._bytes -= len(item.chunk.data)
+                    yield item
+                elif self._spill_read < self._spill_end:
+                    yield self._from_spill()
+                elif self._ended:
+                    break
+                else:
+                    self._wake.clear()
+                    await self._wake.wait()
+        finally:
+            self.close_spill()
         if self.lagged:
             raise FollowerTooSlow(
                 "this output stream fell too far behind the job; resume from your offsets"
@@ -50,15 +120,20 @@ class Follower:
 
 
 class OutputHub:
-    def __init__(self) -> None:
+    def __init__(
+        self, memory_bytes: int = FOLLOWER_BUFFER_BYTES, spill_bytes: int = FOLLOWER_SPILL_BYTES
+    ) -> None:
         self._followers: dict[JobId, set[Follower]] = {}
+        self.memory_bytes = memory_bytes
+        self.spill_bytes = spill_bytes
 
     def follow(self, job_id: JobId) -> Follower:
-        follower = Follower()
+        follower = Follower(self.memory_bytes, self.spill_bytes)
         self._followers.setdefault(job_id, set()).add(follower)
         return follower
 
     def unfollow(self, job_id: JobId, follower: Follower) -> None:
+        follower.close_spill()
         followers = self._followers.get(job_id)
         if followers is not None:
             followers.discard(follower)

@@ -44,6 +44,7 @@ from dist_exec.models import (
 )
 
 MAX_RETRIES_LIMIT = 100
+MIN_TIMEOUT_S = 0.001
 MAX_BATCH_JOBS = 1000  # per SubmitBatch, and per WatchJobs
 MAX_KEY_CHARS = 256
 MAX_METADATA_BYTES = 64 * 1024
@@ -81,7 +82,7 @@ class Submission:
             )
         executor.validate(spec.payload)
         timeout_s = spec.timeout_s or self.config.default_timeout_s
-        if not 0 < timeout_s <= self.config.max_timeout_s:
+        if not MIN_TIMEOUT_S <= timeout_s <= self.config.max_timeout_s:
             raise InvalidTaskSpec(
                 f"timeout must be between 1ms and {format_duration(self.config.max_timeout_s)}"
             )
