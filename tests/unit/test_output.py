@@ -250,3 +250,40 @@ async def test_unfollowing_drops_the_spill_file() -> None:
     assert spill is not None
     hub.unfollow(JOB, follower)
     assert spill.closed
+
+
+async def test_a_reader_a_little_behind_is_never_cut_off_however_long_the_output() -> None:
+    """The spill limit is on what is unread, not on all that went through the file; the file
+    is compacted, so it stays small too."""
+    hub = OutputHub(memory_bytes=1000, spill_bytes=5000)
+    follower = hub.follow(JOB)
+    data = b"x" * 400
+    largest = 0
+    async with reading(follower) as items:
+        for i in range(5):  # 2000 bytes ahead: memory full, the rest spilled
+            hub.publish(JOB, 1, chunk(i * 400, data))
+        for i in range(5, 200):  # 80 kB through the file, always ~2 kB behind
+            hub.publish(JOB, 1, chunk(i * 400, data))
+            assert (await anext(items)).chunk.offset == (i - 5) * 400
+            assert follower._spill is not None
+            largest = max(largest, follower._spill.seek(0, 2))
+    assert not follower.lagged
+    assert largest < 4 * 5000
+
+
+async def test_a_disk_that_fails_cuts_off_the_follower_not_the_job(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("dist_exec.master.output.tempfile.TemporaryFile", no_room)
+    hub = OutputHub(memory_bytes=MIB)
+    follower = hub.follow(JOB)
+    for i in range(3):
+        hub.publish(JOB, 1, chunk(i * MIB, b"x" * MIB))  # no exception reaches the job
+    assert follower.lagged
+    assert "cannot keep a slow follower's output on disk" in caplog.text
+    hub.close(JOB, None)
+    with pytest.raises(FollowerTooSlow):
+        await collect(follower)

@@ -11,6 +11,7 @@ and the end of a long output).
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import tempfile
 from collections import deque
@@ -21,8 +22,10 @@ from typing import IO
 from dist_exec.errors import FollowerTooSlow
 from dist_exec.models import Job, JobId, OutputChunk, Stream
 
+log = logging.getLogger(__name__)
 FOLLOWER_BUFFER_BYTES = 8 * 1024 * 1024
 FOLLOWER_SPILL_BYTES = 1024 * 1024 * 1024
+COPY_BYTES = 1024 * 1024
 _RECORD = struct.Struct(">iBqI")  # attempt, stream, offset, length; then the data
 
 
@@ -67,18 +70,48 @@ class Follower:
     def _to_spill(self, item: LiveChunk) -> None:
         data = item.chunk.data
         size = _RECORD.size + len(data)
-        if self._spill_end + size > self.spill_bytes:
-            self.lagged = self._ended = True  # cut off: it resumes from the stored output
-            self.close_spill()
+        if self._spill_end - self._spill_read + size > self.spill_bytes:
+            self._cut_off()
             return
-        if self._spill is None:
-            # Closed when the follower is done with (a context manager cannot span its life).
-            self._spill = tempfile.TemporaryFile(prefix="dist-exec-follower-")  # noqa: SIM115
-        self._spill.seek(self._spill_end)
         chunk = item.chunk
-        self._spill.write(_RECORD.pack(item.attempt, chunk.stream.value, chunk.offset, len(data)))
-        self._spill.write(data)
+        try:
+            if self._spill is None:
+                # Closed when the follower is done with (no context manager spans its life).
+                self._spill = tempfile.TemporaryFile(prefix="dist-exec-follower-")  # noqa: SIM115
+            elif self._spill_read >= max(self.memory_bytes, self._spill_end - self._spill_read):
+                self._compact()  # (the file stays under twice what is unread)
+            self._spill.seek(self._spill_end)
+            self._spill.write(
+                _RECORD.pack(item.attempt, chunk.stream.value, chunk.offset, len(data))
+            )
+            self._spill.write(data)
+        except OSError as exc:  # a full disk must not fail the job: only this follower
+            log.warning("cannot keep a slow follower's output on disk (%s); it is cut off", exc)
+            self._cut_off()
+            return
         self._spill_end += size
+
+    def _compact(self) -> None:
+        """Move what is unread to the start of a new file."""
+        assert self._spill is not None
+        old, self._spill = self._spill, None
+        try:
+            new = tempfile.TemporaryFile(prefix="dist-exec-follower-")  # noqa: SIM115
+            old.seek(self._spill_read)
+            left = self._spill_end - self._spill_read
+            while left > 0:
+                block = old.read(min(left, COPY_BYTES))
+                new.write(block)
+                left -= len(block)
+        finally:
+            old.close()
+        self._spill = new
+        self._spill_read, self._spill_end = 0, self._spill_end - self._spill_read
+
+    def _cut_off(self) -> None:
+        """Too far behind (or no room on disk): it resumes from the stored output."""
+        self.lagged = self._ended = True
+        self.close_spill()
 
     def _from_spill(self) -> LiveChunk:
         assert self._spill is not None
