@@ -120,6 +120,16 @@ def test_limiter_rejects_nonsense_settings() -> None:
             CommandSpec("ls", env={"LD_PRELOAD": "/tmp/evil.so"}),
             "'LD_PRELOAD' may not be set",
         ),
+        (  # less runs LESSOPEN's command on the file it shows
+            CommandPolicy(allowed=("less",)),
+            CommandSpec("less", ["/etc/hostname"], env={"LESSOPEN": "|touch /tmp/x; cat %s"}),
+            "'LESSOPEN' may not be set",
+        ),
+        (
+            CommandPolicy(allowed=("git",)),
+            CommandSpec("git", ["status"], env={"XDG_CONFIG_HOME": "/tmp/evil"}),
+            "'XDG_CONFIG_HOME' may not be set",
+        ),
     ],
 )
 def test_policy_refuses_with_the_rule(

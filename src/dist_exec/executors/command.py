@@ -205,9 +205,11 @@ class CommandPolicy:
 
 SYSTEM_DIRS = frozenset(DEFAULT_PATH.split(":"))
 SHELL_KEYWORDS = frozenset({"if", "then", "else", "elif", "while", "until", "do", "!", "{", "time"})
-# Environment variables that make a program (the dynamic loader, a shell, an interpreter) load
-# or run code the job names: glibc's list of those it ignores for setuid programs, the shells'
-# and the common interpreters'. Exported bash functions are BASH_FUNC_name%%.
+# Environment variables that make a program (the dynamic loader, a shell, an interpreter, a
+# pager or editor it starts, a library it loads) load or run code the job names: glibc's list
+# of those it ignores for setuid programs, the shells', the common interpreters', pagers' and
+# editors', and the ones that move where a program reads its rc files (HOME, XDG_*). Exported
+# bash functions are BASH_FUNC_name%%. A denylist: an allowed program may know others.
 CODE_ENV = frozenset(
     {
         *("PATH", "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH"),
@@ -215,9 +217,12 @@ CODE_ENV = frozenset(
         *("TZDIR", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH"),
         *("PERL5LIB", "PERL5OPT", "PERLLIB", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH"),
         *("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS"),
+        *("LESSOPEN", "LESSCLOSE", "LESSKEY", "PAGER", "MANPAGER", "EDITOR", "VISUAL"),
+        *("OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES", "HOME", "ZDOTDIR", "INPUTRC"),
+        *("SSH_ASKPASS", "SUDO_ASKPASS", "BROWSER", "SHELL", "TERMINFO", "TERMINFO_DIRS"),
     }
 )
-CODE_ENV_PREFIXES = ("LD_", "BASH_FUNC_", "PYTHON", "GIT_")
+CODE_ENV_PREFIXES = ("LD_", "BASH_FUNC_", "PYTHON", "GIT_", "LUA_", "XDG_", "PERL", "RUBY")
 
 
 def _runs_code(name: str) -> bool:
