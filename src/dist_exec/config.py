@@ -196,6 +196,7 @@ class MasterConfig:
     idempotency_retention_s: float = 86400.0  # how long a submit's idempotency key is honoured
     priority_aging_s: float = 60.0  # a waiting job gains a priority level this often; 0: never
     allowed_commands: tuple[str, ...] = ()  # globs; empty: any command
+    allowed_env: tuple[str, ...] = ()  # globs: what a job may set under allowed_commands
     blocked_commands: tuple[str, ...] = ()
     tls: TlsFiles | None = None  # mutual TLS on every connection (clients and workers)
     tokens_file: Path | None = None  # None: DATA_DIR/tokens.json; auth is required if it exists
@@ -219,6 +220,7 @@ class WorkerConfig:
     kill_grace_s: float = 5.0  # TERM, then KILL after this long
     inherit_env: bool = False  # pass the worker's own environment to commands
     allowed_commands: tuple[str, ...] = ()  # checked again here: a forged request is refused
+    allowed_env: tuple[str, ...] = ()
     blocked_commands: tuple[str, ...] = ()
     rpc_timeout_s: float = 10.0
     tls: TlsFiles | None = None  # serve mutual TLS (only the master's certificate may call)

@@ -40,9 +40,9 @@ def test_an_allow_list_is_not_bypassed_by_path_or_environment(
     (evil / "ls").write_text("#!/bin/sh\necho planted\n")
     (evil / "ls").chmod(0o755)
     master = cluster.master(extra=["--allow-command", "ls", "--allow-command", "ldd",
-                                   "--block-command", "rm"])  # fmt: skip
+                                   "--block-command", "rm", "--allow-env", "BUILD_*"])  # fmt: skip
     cluster.worker(master)
-    allowed = run_cli("run", "--", "ls", "-d", "/", master=master.address)
+    allowed = run_cli("run", "--env", "BUILD_ID=7", "--", "ls", "-d", "/", master=master.address)
     assert (allowed.code, allowed.stdout) == (0, "/\n")
     for args, message in [
         (["--", str(evil / "ls")], "is not in the allowed commands (ls, ldd)"),
@@ -51,6 +51,11 @@ def test_an_allow_list_is_not_bypassed_by_path_or_environment(
             ["--env", "BASH_FUNC_printf%%=() { id; }", "--", "ldd", "--version"],
             "environment variable 'BASH_FUNC_printf%%' may not be set",
         ),
+        (
+            ["--env", "LESSOPEN=|id", "--", "ls"],
+            "environment variable 'LESSOPEN' may not be set",
+        ),
+        (["--env", "DEBUG=1", "--", "ls"], "'DEBUG' is not in the allowed environment"),
     ]:
         refused = run_cli("run", *args, master=master.address)
         assert refused.code == 125, refused

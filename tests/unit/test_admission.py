@@ -120,6 +120,17 @@ def test_limiter_rejects_nonsense_settings() -> None:
             CommandSpec("ls", env={"LD_PRELOAD": "/tmp/evil.so"}),
             "'LD_PRELOAD' may not be set",
         ),
+        (  # under an allow-list, only the environment it names (and a few harmless ones)
+            CommandPolicy(allowed=("make",), allowed_env=("BUILD_*",)),
+            CommandSpec("make", env={"BUILD_ID": "7", "MAKEFLAGS": "-j1 --eval=x"}),
+            "'MAKEFLAGS' is not in the allowed environment (LANG, LC_*, TZ, TERM, COLUMNS, "
+            "LINES, NO_COLOR, BUILD_*); the worker's --allow-env adds names",
+        ),
+        (  # --allow-env never admits what is known to run code
+            CommandPolicy(allowed=("ls",), allowed_env=("*",)),
+            CommandSpec("ls", env={"LD_PRELOAD": "/tmp/evil.so"}),
+            "'LD_PRELOAD' may not be set",
+        ),
         (  # less runs LESSOPEN's command on the file it shows
             CommandPolicy(allowed=("less",)),
             CommandSpec("less", ["/etc/hostname"], env={"LESSOPEN": "|touch /tmp/x; cat %s"}),
@@ -145,6 +156,9 @@ def test_policy_allows_what_no_rule_refuses() -> None:
     CommandPolicy().check(CommandSpec("anything"))
     CommandPolicy(allowed=("/opt/tools/*",)).check(CommandSpec("/opt/tools/build"))
     CommandPolicy(allowed=("ls",)).check(CommandSpec("ls", env={"COLUMNS": "80", "LANG": "C"}))
+    CommandPolicy(allowed=("make",), allowed_env=("BUILD_*",)).check(
+        CommandSpec("make", env={"BUILD_ID": "7", "LC_ALL": "C"})
+    )
     CommandPolicy(blocked=("rm",)).check(CommandSpec("echo rm; ls > rm", shell=True))
     CommandPolicy(blocked=("rm",)).check(CommandSpec("ls", env={"PATH": "/opt/bin"}))
 

@@ -47,7 +47,7 @@ def test_task_options_mean_the_same_to_a_worker(given: list[str]) -> None:
 
 
 def test_the_policy_goes_to_the_master_and_every_worker_and_survives_a_restart() -> None:
-    rules = policy_args(("echo", "ls*"), ("rm*",))
+    rules = policy_args(("echo", "ls*"), ("rm*",), ("BUILD_*",))
     tasks = task_args(**{k: v for k, v in parsed(up, ["--label", "a=b"]).items() if k in TASK_KEYS})
     options = ClusterOptions(Path("/data"), "127.0.0.1:5", 2, 3, None, tuple(rules), tuple(tasks))
     master = options.master_args()
@@ -55,6 +55,8 @@ def test_the_policy_goes_to_the_master_and_every_worker_and_survives_a_restart()
     assert parsed(worker, options.worker_args())["blocked_commands"] == ("rm*",)
     again = parsed(up, options.up_args()[1:])  # (without the command's own name)
     assert again["allowed_commands"] == ("echo", "ls*")
+    assert again["allowed_env"] == ("BUILD_*",)
+    assert parsed(worker, options.worker_args())["allowed_env"] == ("BUILD_*",)
     assert again["labels"] == (("a", "b"),)
     assert (again["worker_count"], again["max_concurrent_tasks"]) == (2, 3)
 

@@ -233,7 +233,17 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 
 def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--allow-command / --block-command, the same on master and worker (both enforce them)."""
+    """--allow-command / --block-command / --allow-env, the same on master and worker (both
+    enforce them)."""
+    fn = click.option(
+        "--allow-env",
+        "allowed_env",
+        type=TEXT,
+        multiple=True,
+        help="Under --allow-command, environment variables a job may set besides LANG, LC_*, "
+        "TZ, TERM, COLUMNS, LINES and NO_COLOR (glob, repeatable; env ALLOWED_ENV); never "
+        "those known to run code (LD_*, PATH, ...).",
+    )(fn)
     fn = click.option(
         "--block-command",
         "blocked_commands",

@@ -247,6 +247,7 @@ def master(
     priority_aging: float,
     allowed_commands: tuple[str, ...],
     blocked_commands: tuple[str, ...],
+    allowed_env: tuple[str, ...],
     balancer: str,
     max_output: int,
     output_tail: int,
@@ -290,6 +291,7 @@ def master(
         priority_aging_s=priority_aging,
         allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
+        allowed_env=_rules(allowed_env, "ALLOWED_ENV"),
         balancer=balancer,
         max_output_bytes=max_output,
         output_tail_bytes=output_tail,
@@ -445,10 +447,16 @@ def task_limits(memory: int, cpu_time: float, max_procs: int, max_file_size: int
     return limits
 
 
-def policy_args(allowed_commands: tuple[str, ...], blocked_commands: tuple[str, ...]) -> list[str]:
-    """--allow-command and --block-command as command-line arguments."""
-    return [a for rule in allowed_commands for a in ("--allow-command", rule)] + [
-        a for rule in blocked_commands for a in ("--block-command", rule)
+def policy_args(
+    allowed_commands: tuple[str, ...],
+    blocked_commands: tuple[str, ...],
+    allowed_env: tuple[str, ...] = (),
+) -> list[str]:
+    """--allow-command, --block-command and --allow-env as command-line arguments."""
+    return [
+        *(a for rule in allowed_commands for a in ("--allow-command", rule)),
+        *(a for rule in blocked_commands for a in ("--block-command", rule)),
+        *(a for rule in allowed_env for a in ("--allow-env", rule)),
     ]
 
 
@@ -548,6 +556,7 @@ def worker(
     max_concurrent_tasks: int,
     allowed_commands: tuple[str, ...],
     blocked_commands: tuple[str, ...],
+    allowed_env: tuple[str, ...],
     weight: int,
     task_types: tuple[str, ...],
     labels: tuple[tuple[str, str], ...],
@@ -583,6 +592,7 @@ def worker(
         max_concurrent_tasks=max_concurrent_tasks,
         allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
+        allowed_env=_rules(allowed_env, "ALLOWED_ENV"),
         weight=weight,
         task_types=worker_task_types(task_types),
         labels=all_labels,
@@ -653,6 +663,7 @@ def up(
     detach: bool,
     allowed_commands: tuple[str, ...],
     blocked_commands: tuple[str, ...],
+    allowed_env: tuple[str, ...],
     **task: Any,
 ) -> None:
     """Start a master and N workers on this machine (127.0.0.1 only by default). The command
@@ -681,7 +692,7 @@ def up(
         worker_count,
         max_concurrent_tasks,
         (min_workers, max_workers) if autoscale else None,
-        tuple(policy_args(allowed_commands, blocked_commands)),
+        tuple(policy_args(allowed_commands, blocked_commands, allowed_env)),
         tuple(task_args(**task)),
     )
     workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)

@@ -164,10 +164,11 @@ class CommandPolicy:
     not set then) or given by its path in a system directory (``/usr/bin/ls`` for ``ls``); a
     rule with a slash against the program's normalized absolute path. A shell string's program
     is ``sh``: allowing ``sh`` allows anything, so an allow-list without it admits only argv
-    commands, which cannot hide another program. Nor may a job set, under an allow-list, the
-    environment variables that make a program load or run other code (LD_PRELOAD, BASH_ENV,
-    exported shell functions, ...). Still, an allowed program that runs others (env, xargs,
-    find, an interpreter) allows them all.
+    commands, which cannot hide another program. Under an allow-list a job may set only the
+    environment variables named by ``allowed_env`` (globs) or SAFE_ENV, and never those known
+    to make a program load or run other code (LD_PRELOAD, BASH_ENV, exported shell functions,
+    ...). Still, an allowed program that runs others (env, xargs, find, an interpreter) allows
+    them all.
 
     ``blocked`` is matched against the program's name, against each program a shell string
     starts by name, and against the whole command line. It stops mistakes, not a determined
@@ -176,6 +177,7 @@ class CommandPolicy:
 
     allowed: tuple[str, ...] = ()
     blocked: tuple[str, ...] = ()
+    allowed_env: tuple[str, ...] = ()
 
     def check(self, spec: CommandSpec) -> None:
         if not self.allowed and not self.blocked:
@@ -201,9 +203,17 @@ class CommandPolicy:
                     f"environment variable {shorten(name)} may not be set under an allow-list "
                     "of commands: it can make an allowed program load or run other code"
                 )
+            if not any(fnmatch.fnmatchcase(name, rule) for rule in SAFE_ENV + self.allowed_env):
+                raise PolicyDenied(
+                    f"environment variable {shorten(name)} is not in the allowed environment "
+                    f"({', '.join(SAFE_ENV + self.allowed_env)}); the worker's --allow-env "
+                    "adds names"
+                )
 
 
 SYSTEM_DIRS = frozenset(DEFAULT_PATH.split(":"))
+# What a job may always set under an allow-list of commands (--allow-env adds to it).
+SAFE_ENV = ("LANG", "LC_*", "TZ", "TERM", "COLUMNS", "LINES", "NO_COLOR")
 SHELL_KEYWORDS = frozenset({"if", "then", "else", "elif", "while", "until", "do", "!", "{", "time"})
 # Environment variables that make a program (the dynamic loader, a shell, an interpreter, a
 # pager or editor it starts, a library it loads) load or run code the job names: glibc's list
@@ -302,7 +312,9 @@ class CommandExecutor:
         self.kill_grace_s = float(str(opts.get("kill_grace_s", 5.0)))
         self.inherit_env = bool(opts.get("inherit_env", False))
         self.policy = CommandPolicy(
-            _rules(opts.get("allowed_commands")), _rules(opts.get("blocked_commands"))
+            _rules(opts.get("allowed_commands")),
+            _rules(opts.get("blocked_commands")),
+            _rules(opts.get("allowed_env")),
         )
         guard = opts.get("process_guard")  # kills running groups if the worker dies
         self.guard = guard if isinstance(guard, ProcessGuard) else None

@@ -59,6 +59,7 @@ async def run_master(
                 "command": {
                     "allowed_commands": config.allowed_commands,
                     "blocked_commands": config.blocked_commands,
+                    "allowed_env": config.allowed_env,
                 }
             }
         )

@@ -184,6 +184,7 @@ async def run_worker(
                     "kill_grace_s": config.kill_grace_s,
                     "inherit_env": config.inherit_env,
                     "allowed_commands": config.allowed_commands,
+                    "allowed_env": config.allowed_env,
                     "blocked_commands": config.blocked_commands,
                     "process_guard": guard,
                     "containment": containment,
