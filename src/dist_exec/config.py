@@ -232,3 +232,4 @@ class WorkerConfig:
     containment: str = "auto"  # auto | cgroup | rlimit: how task limits are enforced
     task_types: tuple[str, ...] = ()  # executors this worker runs (empty: every installed one)
     run_as: str | None = None  # None: "nobody" when the worker runs as root, else its own user
+    run_as_pool: str = ""  # FIRST-LAST: each task runs as a uid of its own from this range

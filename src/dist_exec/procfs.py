@@ -35,3 +35,15 @@ def environment(pid: int) -> set[bytes] | None:
         return set((PROC / str(pid) / "environ").read_bytes().split(b"\0"))
     except OSError:
         return None
+
+
+def real_uid(pid: int) -> int | None:
+    """The real user id of a process; None once gone."""
+    try:
+        text = (PROC / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None

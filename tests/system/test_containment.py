@@ -21,7 +21,7 @@ from dist_exec import wire
 from dist_exec.client import Client, TaskLimits, command_spec
 from dist_exec.models import JobStatus
 from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory, run_cli, worker_channel
+from tests.conftest import ClusterFactory, run_cli, wait_for, worker_channel
 from tests.unit.test_containment import FORK_BOMB, HOG, SPIN, world_python
 
 pytestmark = [
@@ -245,3 +245,30 @@ def test_worker_refuses_an_unknown_run_as_user_in_one_line(cluster: ClusterFacto
         "dist-exec: --run-as: no user 'no-such-user-here' on this host"
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches users: needs root")
+def test_a_worker_with_a_uid_pool_runs_each_job_as_its_own_user(cluster: ClusterFactory) -> None:
+    master = cluster.master()
+    cluster.worker(master, run_as=None, extra=["--run-as-pool", "61000-61009"])
+    first = run_cli("run", "--env", "SECRET=one", "echo $$ $(id -u); sleep 30",
+                    "--detach", master=master.address)  # fmt: skip
+    assert first.code == 0, first.stderr
+    job_id = first.stdout.strip()
+
+    def started() -> str:
+        return run_cli("logs", job_id, master=master.address).stdout
+
+    pid, uid = wait_for(started, 20, "the first job's output").split()
+    second = run_cli("run", f"id -u; cat /proc/{pid}/environ", master=master.address)
+    assert second.code == 1
+    assert int(second.stdout) != int(uid)
+    assert {int(uid), int(second.stdout)} <= set(range(61000, 61010))
+    assert "Permission denied" in second.stderr
+    assert run_cli("cancel", job_id, master=master.address).code == 0
+    both = run_cli("worker", "--run-as", "nobody", "--run-as-pool", "61000-61009",
+                   "--master", master.address)  # fmt: skip
+    assert (both.code, both.stderr) == (
+        2,
+        "dist-exec: --run-as-pool replaces --run-as: give one of them\n",
+    )

@@ -14,7 +14,7 @@ from dist_exec.cluster import ClusterOptions
 
 TASK_KEYS = (
     "task_types", "labels", "inherit_env", "task_memory_limit", "task_cpu_time_limit",
-    "task_max_procs", "task_max_file_size", "containment", "run_as",
+    "task_max_procs", "task_max_file_size", "containment", "run_as", "run_as_pool",
 )  # fmt: skip
 
 
@@ -35,6 +35,7 @@ def test_default_task_options_give_no_arguments() -> None:
         ["--task-type", "command", "--task-type", "http"],
         ["--label", "k=a=b,c", "--label", "empty="],
         ["--run-as", "nobody", "--containment", "rlimit"],
+        ["--run-as-pool", "61000-61999"],
         ["--task-memory-limit", "256M", "--task-cpu-time-limit", "1.5s"],
         ["--task-cpu-time-limit", "0.00001s"],  # (not '1e-05', which a worker refuses)
         ["--task-max-procs", "7", "--task-max-file-size", "1k"],

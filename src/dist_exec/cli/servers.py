@@ -397,6 +397,14 @@ _TASK_OPTIONS = [
         "auto: cgroups when this host allows, else rlimits.",
     ),
     click.option(
+        "--run-as-pool",
+        type=TEXT,
+        default=None,
+        help="FIRST-LAST: run each task as a uid of its own from this range (root; uids no "
+        "user has), so that jobs cannot read or signal each other; a task's processes are "
+        "killed by uid when it ends. Instead of --run-as.",
+    ),
+    click.option(
         "--run-as",
         type=TEXT,
         default=None,
@@ -415,6 +423,7 @@ def task_args(
     task_max_procs: int,
     task_max_file_size: int,
     containment: str,
+    run_as_pool: str | None,
     run_as: str | None,
 ) -> list[str]:
     """The task options as command-line arguments (those that differ from the defaults)."""
@@ -434,6 +443,8 @@ def task_args(
         args += ["--containment", containment]
     if run_as is not None:
         args += ["--run-as", run_as]
+    if run_as_pool is not None:
+        args += ["--run-as-pool", run_as_pool]
     return args
 
 
@@ -571,6 +582,7 @@ def worker(
     task_max_procs: int,
     task_max_file_size: int,
     containment: str,
+    run_as_pool: str | None,
     run_as: str | None,
     log_level: str,
 ) -> None:
@@ -579,6 +591,8 @@ def worker(
     from dist_exec.worker.app import run_worker
 
     setup_logging(log_level)
+    if run_as_pool is not None and run_as is not None:
+        fail("--run-as-pool replaces --run-as: give one of them", EXIT_USAGE)
     tls = server_tls(listen, "worker")
     try:
         all_labels = dict(_labels_from_env()) | dict(labels)
@@ -608,6 +622,7 @@ def worker(
         ),
         containment=containment,
         run_as=run_as,
+        run_as_pool=run_as_pool or "",
     )
     check_listen(listen)
     try:
@@ -669,7 +684,7 @@ def up(
     """Start a master and N workers on this machine (127.0.0.1 only by default). The command
     policy goes to the master and the workers, the task options to every worker."""
     from dist_exec import cluster
-    from dist_exec.executors.containment import ContainmentError, resolve_run_as
+    from dist_exec.executors.containment import ContainmentError, parse_uid_pool, resolve_run_as
 
     if autoscale and min_workers > max_workers:
         fail(f"--min-workers ({min_workers}) is above --max-workers ({max_workers})", EXIT_USAGE)
@@ -682,6 +697,10 @@ def up(
     )
     worker_task_types(task["task_types"])  # an unknown one refused here, in one line
     try:
+        if task["run_as_pool"] is not None:
+            if task["run_as"] is not None:
+                fail("--run-as-pool replaces --run-as: give one of them", EXIT_USAGE)
+            parse_uid_pool(task["run_as_pool"])
         run_as = resolve_run_as(task["run_as"])
     except ContainmentError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -697,7 +716,9 @@ def up(
     )
     workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)
     workers += " workers"
-    if run_as is not None and task["run_as"] is None:  # a root 'up' runs commands as nobody
+    if task["run_as_pool"] is not None:
+        workers += f" (each task as a uid of its own, {task['run_as_pool']})"
+    elif run_as is not None and task["run_as"] is None:  # a root 'up' runs commands as nobody
         workers += f" (commands run as {run_as.name}; --run-as USER to change)"
     try:
         if detach:

@@ -347,7 +347,8 @@ class CommandExecutor:
             # Another user gets the standard PATH: the worker's may name directories that user
             # cannot search (root's own), and a missing command would look like a permission
             # problem.
-            if self.containment.run_as is not None or "PATH" not in env:
+            another_user = self.containment.run_as or self.containment.pool
+            if another_user is not None or "PATH" not in env:
                 env["PATH"] = DEFAULT_PATH
         env.update(spec.env)
         # Which job and attempt this is: for the command, and to find its processes that left
@@ -368,8 +369,9 @@ class CommandExecutor:
         try:
             return await self._run(spec, request, jail, sink)
         finally:
-            if jail.cgroup is not None:
-                # Also kills whatever of the task left its process group but not its cgroup.
+            if jail.needs_close:
+                # Also kills whatever of the task left its process group but not its cgroup,
+                # or its uid of the pool.
                 await asyncio.shield(asyncio.to_thread(jail.close))
 
     async def _spawn(
@@ -513,7 +515,8 @@ async def _start(spec: CommandSpec, jail: Jail, cwd: str | None, env: dict[str, 
     spawner = jail.spawner
     if spawner is not None:
         try:
-            return await spawner.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env)
+            uid = jail.run_as.uid if jail.pool is not None and jail.run_as is not None else None
+            return await spawner.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, uid=uid)
         except SpawnerGone as exc:
             if exc.sent:
                 raise  # (its end was logged: the worker forks commands until a new one runs)

@@ -24,6 +24,7 @@ import resource
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,67 @@ def resolve_run_as(name: str | None) -> RunAs | None:
         )
     home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
     return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, home)
+
+
+MIN_POOL_UID = 1000  # below: system users
+KILL_ROUNDS = 50  # a task's uid is given back once a scan finds none of its processes
+
+
+def parse_uid_pool(text: str) -> range:
+    """--run-as-pool FIRST-LAST: uids no user of this host has, and that no process runs as
+    (each task's processes are killed by uid when it ends). ContainmentError if not."""
+    first, dash, last = text.partition("-")
+    try:
+        pool = range(int(first), int(last) + 1)
+    except ValueError:
+        raise ContainmentError(
+            f"--run-as-pool {text!r}: expected FIRST-LAST, e.g. 61000-61999"
+        ) from None
+    if not dash or not MIN_POOL_UID <= pool.start < pool.stop <= 2**31 - 1:
+        raise ContainmentError(
+            f"--run-as-pool {text!r}: expected FIRST-LAST with {MIN_POOL_UID} <= FIRST <= LAST"
+        )
+    if os.geteuid() != 0:
+        raise ContainmentError("--run-as-pool: the worker must run as root")
+    taken = {entry.pw_uid for entry in pwd.getpwall()} & set(pool)
+    if taken:
+        uid = min(taken)
+        raise ContainmentError(
+            f"--run-as-pool {text}: uid {uid} belongs to user {pwd.getpwuid(uid).pw_name}"
+        )
+    owners = (procfs.real_uid(pid) for pid in procfs.pids())
+    running = {owner for owner in owners if owner is not None} & set(pool)
+    if running:
+        raise ContainmentError(f"--run-as-pool {text}: processes run as uid {min(running)}")
+    return pool
+
+
+class UidPool:
+    """A uid for each task; given back once every process of the task's uid is gone."""
+
+    def __init__(self, uids: range) -> None:
+        self.uids = uids
+        self._free = deque(uids)
+
+    def take(self) -> RunAs:
+        if not self._free:
+            raise OSError(errno.EAGAIN, "no free uid in --run-as-pool (processes left running)")
+        uid = self._free.popleft()
+        return RunAs(f"uid{uid}", uid, uid, "/")
+
+    def give_back(self, uid: int) -> None:
+        """Kill every process of ``uid`` (the task's, wherever they went), then free it; one
+        that cannot be killed keeps it out of the pool."""
+        for _ in range(KILL_ROUNDS):
+            left = [pid for pid in procfs.pids() if procfs.real_uid(pid) == uid]
+            if not left:
+                self._free.append(uid)
+                return
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(POLL_S)
+        log.error("processes of uid %d outlive SIGKILL; the uid is not used again", uid)
 
 
 # ---- cgroups ----------------------------------------------------------------------------------
@@ -343,12 +405,19 @@ class Jail:
         cgroup: TaskCgroup | None,
         run_as: RunAs | None,
         spawner: Spawner | None = None,
+        pool: UidPool | None = None,
     ) -> None:
+        """``pool``: ``run_as`` was taken from it for this task alone (given back by close)."""
         self.limits = limits
         self.cgroup = cgroup
         self.run_as = run_as
+        self.pool = pool
         self._rlimits = _rlimits(limits, cgroup is not None)
         self._spawner = spawner
+
+    @property
+    def needs_close(self) -> bool:
+        return self.cgroup is not None or self.pool is not None
 
     @property
     def spawner(self) -> Spawner | None:
@@ -458,8 +527,11 @@ class Jail:
             self.cgroup.kill_all()
 
     def close(self) -> None:
+        """Blocking: run it in a thread."""
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.pool is not None and self.run_as is not None:
+            self.pool.give_back(self.run_as.uid)  # (kills what is left of the task first)
 
 
 # What a program prints when an allocation or a fork fails: with rlimits the kernel refuses the
@@ -499,10 +571,12 @@ class Containment:
         cgroups: Cgroups | None = None,
         run_as: RunAs | None = None,
         spawner: Spawner | None = None,
+        pool: UidPool | None = None,
     ) -> None:
         self.limits = limits or TaskLimits()  # the worker's: default and ceiling
         self.cgroups = cgroups
         self.run_as = run_as
+        self.pool = pool  # a uid per task instead of ``run_as``
         self.spawner = spawner  # starts commands as ``run_as`` (see spawner.py)
         self._starting: _SpawnerStart | None = None  # a new spawner being started
         self._next_start = 0.0  # monotonic time before which no spawner is started again
@@ -515,8 +589,10 @@ class Containment:
         limits: TaskLimits,
         run_as: str | None,
         create_cgroups: Callable[[], Cgroups] = Cgroups.create,
+        uid_pool: range | None = None,
     ) -> Containment:
-        user = resolve_run_as(run_as)
+        """``uid_pool`` (parse_uid_pool): each task runs as a uid of its own from it."""
+        user = resolve_run_as(run_as) if uid_pool is None else None
         cgroups = None
         if mode != Mode.RLIMIT:
             try:
@@ -525,16 +601,18 @@ class Containment:
                 if mode == Mode.CGROUP:
                     raise
                 log.info("no cgroups for task limits (%s); using rlimits", exc)
+        pool = UidPool(uid_pool) if uid_pool is not None else None
         spawner = None
-        if user is not None:
+        ids = _spawner_ids(user, pool)
+        if ids is not None:
             try:
-                spawner = Spawner(user.uid, user.gid)
+                spawner = Spawner(*ids)
             except SpawnerError as exc:
-                log.warning("%s; the worker forks to start each command as %s", exc, user.name)
+                log.warning("%s; the worker forks to start each command", exc)
             else:
                 with contextlib.suppress(RuntimeError):  # (no event loop: at its first start)
                     spawner.attach()
-        return cls(limits, cgroups, user, spawner)
+        return cls(limits, cgroups, user, spawner, pool)
 
     @property
     def mode(self) -> str:
@@ -546,13 +624,22 @@ class Containment:
         wants_cgroup = limits.memory_bytes or limits.max_procs or limits.cpu_time_s
         if self.cgroups is not None and wants_cgroup:
             cgroup = self.cgroups.task(name, limits)
-        return Jail(limits, cgroup, self.run_as, self._live_spawner())
+        if self.pool is None:
+            return Jail(limits, cgroup, self.run_as, self._live_spawner())
+        try:
+            user = self.pool.take()
+        except OSError:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        return Jail(limits, cgroup, user, self._live_spawner(), self.pool)
 
     def _live_spawner(self) -> Spawner | None:
         """The spawner, if it runs. One that ended is replaced in the background (at most once
         per SPAWNER_RESTART_S); meanwhile the worker forks commands itself."""
         spawner = self.spawner
-        if spawner is None or spawner.alive or self.run_as is None:
+        ids = _spawner_ids(self.run_as, self.pool)
+        if spawner is None or spawner.alive or ids is None:
             return spawner
         now = time.monotonic()
         if self._starting is None and now >= self._next_start and not self._closed:
@@ -561,9 +648,7 @@ class Containment:
             except RuntimeError:
                 return None
             self._next_start = now + SPAWNER_RESTART_S
-            self._starting = _SpawnerStart(
-                self.run_as, lambda: loop.call_soon_threadsafe(self._started)
-            )
+            self._starting = _SpawnerStart(ids, lambda: loop.call_soon_threadsafe(self._started))
             self._starting.start()
         return None
 
@@ -596,9 +681,9 @@ class Containment:
 class _SpawnerStart(threading.Thread):
     """Starts a command spawner without holding up the event loop (a Python start-up)."""
 
-    def __init__(self, run_as: RunAs, done: Callable[[], object]) -> None:
+    def __init__(self, ids: tuple[int, int, int], done: Callable[[], object]) -> None:
         super().__init__(name="spawner-start", daemon=True)
-        self.run_as = run_as
+        self.ids = ids
         self.result: Spawner | SpawnerError | None = None
         self._done = done
         self._lock = threading.Lock()
@@ -606,7 +691,7 @@ class _SpawnerStart(threading.Thread):
 
     def run(self) -> None:
         try:
-            result: Spawner | SpawnerError = Spawner(self.run_as.uid, self.run_as.gid)
+            result: Spawner | SpawnerError = Spawner(*self.ids)
         except SpawnerError as exc:
             result = exc
         with self._lock:
@@ -627,3 +712,13 @@ class _SpawnerStart(threading.Thread):
             result = self.result
         if isinstance(result, Spawner):
             result.close()
+
+
+def _spawner_ids(user: RunAs | None, pool: UidPool | None) -> tuple[int, int, int] | None:
+    """What a spawner is started with: (uid, gid, last uid) of the users it starts commands
+    as; None when commands run as the worker's own user."""
+    if pool is not None:
+        return pool.uids.start, pool.uids.start, pool.uids.stop - 1
+    if user is not None:
+        return user.uid, user.gid, user.uid
+    return None

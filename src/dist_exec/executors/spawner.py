@@ -87,16 +87,27 @@ def _frame(message: Mapping[str, Any]) -> bytes:
 class Spawner:
     """The worker's side: one spawner process, used from the worker's event loop."""
 
-    def __init__(self, uid: int, gid: int) -> None:
-        """Start the spawner and wait until it is ready to start commands as ``uid``/``gid``;
-        SpawnerError if it is not."""
+    def __init__(self, uid: int, gid: int, last_uid: int | None = None) -> None:
+        """Start the spawner and wait until it is ready to start commands as ``uid``/``gid``,
+        or (with ``last_uid``) as any uid of ``uid``..``last_uid`` with the same number as its
+        gid, the one each request names (a uid per task); SpawnerError if it is not ready."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        last = uid if last_uid is None else last_uid
         try:
             self._proc = subprocess.Popen(
                 # Isolated (-I: no current directory, user site or PYTHON* variables on its
                 # import path) and started in /: it runs as root, and a directory the commands
                 # may write must not give it a module.
-                [sys.executable, "-I", "-m", __name__, str(theirs.fileno()), str(uid), str(gid)],
+                [
+                    sys.executable,
+                    "-I",
+                    "-m",
+                    __name__,
+                    str(theirs.fileno()),
+                    str(uid),
+                    str(gid),
+                    str(last),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 cwd="/",
@@ -168,14 +179,24 @@ class Spawner:
         return message
 
     async def spawn(
-        self, argv: Sequence[str], *, stdin: bool, cwd: str | None, env: Mapping[str, str]
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bool,
+        cwd: str | None,
+        env: Mapping[str, str],
+        uid: int | None = None,
     ) -> Child:
-        """Start ``argv`` in a new session as the spawner's user, stdout and stderr piped (stdin
-        only if ``stdin``). Raises the OSError that starting it raised, or SpawnerGone."""
+        """Start ``argv`` in a new session as the spawner's user (or as ``uid`` of its range),
+        stdout and stderr piped (stdin only if ``stdin``). Raises the OSError that starting it
+        raised, or SpawnerGone."""
         if not self.alive:
             raise SpawnerGone("the command spawner has ended", sent=False)
         loop = self.attach()
-        request = _frame({"argv": list(argv), "cwd": cwd, "env": dict(env), "stdin": stdin})
+        body: dict[str, object] = {"argv": list(argv), "cwd": cwd, "env": dict(env), "stdin": stdin}
+        if uid is not None:
+            body["uid"] = uid
+        request = _frame(body)
         mine, theirs = _pipes(3 if stdin else 2)  # (out, err[, in]): the reading ends, then
         answer: asyncio.Future[Child] = loop.create_future()
         # Sending goes on if this caller goes away: a frame cut short would garble the stream.
@@ -444,11 +465,19 @@ def _read_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     return None
 
 
-def _spawn(body: bytes, fds: list[int], user: tuple[int, int] | None) -> subprocess.Popen[bytes]:
+def _spawn(
+    body: bytes, fds: list[int], user: tuple[int, int] | None, last_uid: int
+) -> subprocess.Popen[bytes]:
     """Start the command (vfork, as a process that runs commands as itself does). ``user``:
     (uid, gid) to become just for the start; the command gets them as real, effective and
-    saved ids, and no capabilities; this process keeps root as its saved ids, and returns."""
+    saved ids, and no capabilities; this process keeps root as its saved ids, and returns. A
+    request may name another uid up to ``last_uid`` (its gid the same number)."""
     request = json.loads(body)
+    if "uid" in request and user is not None:
+        uid = request["uid"]
+        if not isinstance(uid, int) or not user[0] <= uid <= last_uid:
+            raise ValueError(f"uid {uid!r} is not one this spawner starts commands as")
+        user = (uid, uid)
     stdout, stderr, *rest = fds
     try:
         if user is not None:
@@ -483,7 +512,7 @@ def _clear_ambient_capabilities() -> None:
 
 
 def main() -> None:
-    sock_fd, uid, gid = (int(arg) for arg in sys.argv[1:4])
+    sock_fd, uid, gid, last_uid = (int(arg) for arg in sys.argv[1:5])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Only the end of the socket ends it. Caught, not ignored: an ignored signal would stay
         # ignored in the commands it starts (a caught one is reset when they exec).
@@ -508,7 +537,7 @@ def main() -> None:
                     return
                 body, fds = got
                 try:
-                    proc = _spawn(body, fds, user)
+                    proc = _spawn(body, fds, user, last_uid)
                     pidfd = _watch(proc)
                 except OSError as exc:
                     sock.sendall(_frame({"error": [exc.errno or 0, exc.strerror or str(exc),

@@ -24,7 +24,7 @@ from dist_exec.config import (
     listen_address,
 )
 from dist_exec.executors import Executor, load_executors
-from dist_exec.executors.containment import Containment, Mode
+from dist_exec.executors.containment import Containment, ContainmentError, Mode, parse_uid_pool
 from dist_exec.executors.guardian import ProcessGuard
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -167,12 +167,20 @@ async def run_worker(
     executors: dict[str, Executor] | None = None,
 ) -> None:
     """Serve until ``stop`` is set, then drain: no new tasks, finish (or hand back), deregister."""
-    containment = Containment.start(Mode(config.containment), config.task_limits, config.run_as)
-    log.info(
-        "task limits through %s; commands run as %s",
-        containment.mode,
-        containment.run_as.name if containment.run_as else "this worker's user",
+    pool = parse_uid_pool(config.run_as_pool) if config.run_as_pool else None
+    if pool is not None and len(pool) < config.max_concurrent_tasks:
+        raise ContainmentError(
+            f"--run-as-pool {config.run_as_pool}: {len(pool)} uids for "
+            f"--max-concurrent-tasks {config.max_concurrent_tasks}"
+        )
+    containment = Containment.start(
+        Mode(config.containment), config.task_limits, config.run_as, uid_pool=pool
     )
+    if pool is not None:
+        users = f"a uid of their own each ({config.run_as_pool})"
+    else:
+        users = containment.run_as.name if containment.run_as else "this worker's user"
+    log.info("task limits through %s; commands run as %s", containment.mode, users)
     guard = ProcessGuard()
     executors = (
         executors
