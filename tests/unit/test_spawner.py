@@ -395,9 +395,9 @@ async def test_closing_does_not_wait_for_a_slow_replacement_spawner(
     made: list[Spawner] = []
 
     class SlowSpawner(Spawner):
-        def __init__(self, uid: int, gid: int) -> None:
+        def __init__(self, uid: int, gid: int, last_uid: int | None = None) -> None:
             release.wait(30)
-            super().__init__(uid, gid)
+            super().__init__(uid, gid, last_uid)
             made.append(self)
 
     try:

@@ -18,7 +18,8 @@ SIGTERM and SIGHUP pass (its own session) and ends when the worker closes its en
 socket, however the worker ended.
 
 Protocol, over a Unix stream socket pair: frames of a 4-byte big-endian length and a JSON
-object. The worker sends ``{"argv", "cwd", "env", "stdin"}`` with the command's stdout and
+object. The worker sends ``{"argv", "cwd", "env", "stdin"}`` (and ``"uid"`` when each task runs
+as a uid of its own from the spawner's range) with the command's stdout and
 stderr pipe ends (and its stdin's, if ``stdin``) attached (SCM_RIGHTS); the spawner answers each
 request in order, ``{"pid": N}`` or ``{"error": [errno, strerror, filename]}``, and reports each
 command's end as ``{"exit": N, "status": wait_status}``, always after its ``pid`` answer. It
@@ -512,7 +513,9 @@ def _clear_ambient_capabilities() -> None:
 
 
 def main() -> None:
-    sock_fd, uid, gid, last_uid = (int(arg) for arg in sys.argv[1:5])
+    # FD UID GID [LAST_UID]: requests may name a uid of UID..LAST_UID (a uid per task).
+    sock_fd, uid, gid = (int(arg) for arg in sys.argv[1:4])
+    last_uid = int(sys.argv[4]) if len(sys.argv) > 4 else uid
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Only the end of the socket ends it. Caught, not ignored: an ignored signal would stay
         # ignored in the commands it starts (a caught one is reset when they exec).
