@@ -7,10 +7,12 @@ when the test ends, whatever happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -155,6 +157,20 @@ class Pki:
         return Credentials(
             self.ca.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes(), token
         )
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """This process's umask meanwhile (child processes started meanwhile inherit it)."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 FACTORY_RUN_AS = "<the factory's run_as>"

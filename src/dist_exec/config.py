@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 DEFAULT_MASTER_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024  # of a job's payload (a command's: with its stdin)
+MIN_TIMEOUT_S = 0.001  # the shortest timeout a job may have
 RUNS_PER_SESSION = 1024  # runs followed at once on one RunSession stream
 # gRPC server options of master and worker. No SO_REUSEPORT: a second server on a port already
 # in use must fail to start, not silently share the port (and the clients) with the first.

@@ -3,12 +3,9 @@ job database (payloads with their environment and stdin, output), logs, cluster 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
-import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
@@ -16,7 +13,7 @@ import pytest
 
 from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus
-from tests.conftest import ClusterFactory, run_cli
+from tests.conftest import ClusterFactory, file_mode, run_cli, umask
 from tests.system.test_cluster import free_port
 
 pytestmark = [
@@ -24,20 +21,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user"),
 ]
 DB_FILES = ("master.db", "master.db-wal", "master.db-shm")
-
-
-@contextlib.contextmanager
-def umask(mask: int) -> Iterator[None]:
-    """Child processes started meanwhile inherit ``mask``."""
-    previous = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def read_as_nobody(path: Path) -> subprocess.CompletedProcess[bytes]:
@@ -68,9 +51,9 @@ async def test_another_user_cannot_read_the_job_database(
         assert snoop.exit_code == 1
         assert b"Permission denied" in snoop.stderr
     assert any(secret.encode() in (data / name).read_bytes() for name in DB_FILES)
-    assert mode(data) == 0o700
+    assert file_mode(data) == 0o700
     for path in [*(data / name for name in DB_FILES), data / "audit.log"]:
-        assert mode(path) == 0o600, path
+        assert file_mode(path) == 0o600, path
     for name in DB_FILES:
         refused = read_as_nobody(data / name)
         assert refused.returncode != 0, name
@@ -85,7 +68,7 @@ def test_an_open_data_dir_is_made_private_or_refused(cluster: ClusterFactory) ->
     data.chmod(0o755)  # as an older version left it
     (data / "master.db").chmod(0o644)
     master = cluster.master(data_dir=data)
-    assert (mode(data), mode(data / "master.db")) == (0o700, 0o600)
+    assert (file_mode(data), file_mode(data / "master.db")) == (0o700, 0o600)
     assert f"{data} was open to other users (mode 0755); changed it to 0700" in master.log_text()
     assert "master.db was open to other users (mode 0644)" in master.log_text()
     master.stop()
@@ -101,7 +84,7 @@ def test_an_open_data_dir_is_made_private_or_refused(cluster: ClusterFactory) ->
         f"0755) and belongs to uid {nobody.pw_uid}, not to this user (uid 0); make it private "
         "(chmod go-rwx) or use another path\n",
     )
-    assert mode(foreign) == 0o755
+    assert file_mode(foreign) == 0o755
 
 
 def test_the_local_cluster_keeps_its_files_private(tmp_path: Path) -> None:
@@ -116,8 +99,8 @@ def test_the_local_cluster_keeps_its_files_private(tmp_path: Path) -> None:
     assert up.code == 0, up.stderr
     try:
         assert run_cli("run", "true", master=address).code == 0
-        found = {p.relative_to(data).as_posix(): mode(p) for p in [data, *data.rglob("*")]}
-        assert mode(pointer) == 0o600  # the CLI's way to the cluster's credentials
+        found = {p.relative_to(data).as_posix(): file_mode(p) for p in [data, *data.rglob("*")]}
+        assert file_mode(pointer) == 0o600  # the CLI's way to the cluster's credentials
     finally:
         assert run_cli("down", "--data-dir", str(data)).code == 0
     private = ["master.db", "logs/up.log", "logs/master.log", "logs/worker-1.log", "cluster.pid",

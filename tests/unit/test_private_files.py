@@ -5,34 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dist_exec.security.private_files import NotPrivate, private_dir, private_file, write_private
+from tests.conftest import file_mode, umask
 
 
 @pytest.fixture(autouse=True)
 def open_umask() -> Iterator[None]:
     """umask 0: whatever is private is so because dist-exec asked for it."""
-    previous = os.umask(0)
-    try:
+    with umask(0):
         yield
-    finally:
-        os.umask(previous)
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def test_a_new_directory_and_file_are_private(tmp_path: Path) -> None:
     private_dir(tmp_path / "a" / "data")
     write_private(tmp_path / "a" / "data" / "f", "secret")
-    assert mode(tmp_path / "a" / "data") == 0o700
-    assert mode(tmp_path / "a" / "data" / "f") == 0o600
+    assert file_mode(tmp_path / "a" / "data") == 0o700
+    assert file_mode(tmp_path / "a" / "data" / "f") == 0o600
     assert (tmp_path / "a" / "data" / "f").read_text() == "secret"
 
 
@@ -46,7 +39,7 @@ def test_an_open_directory_and_file_of_ours_are_tightened_with_a_warning(
     with caplog.at_level(logging.WARNING):
         private_dir(data)
         write_private(data / "f", "new")
-    assert (mode(data), mode(data / "f")) == (0o700, 0o600)
+    assert (file_mode(data), file_mode(data / "f")) == (0o700, 0o600)
     assert [r.getMessage() for r in caplog.records] == [
         f"{data} was open to other users (mode 0755); changed it to 0700",
         f"{data / 'f'} was open to other users (mode 0664); changed it to 0600",
@@ -68,7 +61,7 @@ def test_an_open_directory_of_another_user_is_refused(tmp_path: Path) -> None:
         f"{data} is open to other users (mode 0755) and belongs to uid {nobody.pw_uid}, not to "
         "this user (uid 0); make it private (chmod go-rwx) or use another path"
     )
-    assert mode(data) == 0o755
+    assert file_mode(data) == 0o755
     data.chmod(0o700)  # private, though not ours: the owner's business
     private_dir(data)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,6 +14,7 @@ import pytest
 
 from dist_exec.master.store import SqliteJobStore
 from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskLimits, TaskSpec
+from tests.conftest import umask
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 
@@ -360,8 +360,7 @@ async def test_the_database_is_private_whatever_the_umask(tmp_path: Path) -> Non
     data = tmp_path / "data"
     db = data / "jobs.sqlite"
     files = [db, data / "jobs.sqlite-wal", data / "jobs.sqlite-shm"]
-    previous = os.umask(0)
-    try:
+    with umask(0):
         async with SqliteJobStore(db) as store:
             await store.insert(make_job("j"))
             assert {p.name: oct(p.stat().st_mode & 0o777) for p in [data, *files]} == {
@@ -373,5 +372,3 @@ async def test_the_database_is_private_whatever_the_umask(tmp_path: Path) -> Non
             assert await store.get(JobId("j")) is not None
             assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o600)}
             assert data.stat().st_mode & 0o777 == 0o700
-    finally:
-        os.umask(previous)

@@ -21,6 +21,7 @@ from dist_exec.client import Client
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
     MASTER_ENV,
+    MIN_TIMEOUT_S,
     format_duration,
     parse_duration,
     parse_size,
@@ -160,7 +161,7 @@ class KeyValueType(click.ParamType):  # type: ignore[type-arg]
 TEXT = TextType()
 TOKEN = TokenType()
 DURATION = DurationType()
-TIMEOUT = DurationType(minimum_s=0.001)  # the least a master accepts
+TIMEOUT = DurationType(minimum_s=MIN_TIMEOUT_S)  # the least a master accepts
 SIZE = SizeType()
 ADDRESS = AddressType()
 KEY_VALUE = KeyValueType()

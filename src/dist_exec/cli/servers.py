@@ -311,6 +311,11 @@ def _rules(given: tuple[str, ...], env: str) -> tuple[str, ...]:
     return tuple(r.strip() for r in os.environ.get(env, "").split(",") if r.strip())
 
 
+def _one_user_option(run_as: str | None, run_as_pool: str | None) -> None:
+    if run_as_pool is not None and run_as is not None:
+        fail("--run-as-pool replaces --run-as: give one of them", EXIT_USAGE)
+
+
 def worker_task_types(given: tuple[str, ...]) -> tuple[str, ...]:
     """--task-type, else WORKER_TASK_TYPES; each an installed executor (else one line, exit 2).
     Empty: every installed one."""
@@ -591,8 +596,7 @@ def worker(
     from dist_exec.worker.app import run_worker
 
     setup_logging(log_level)
-    if run_as_pool is not None and run_as is not None:
-        fail("--run-as-pool replaces --run-as: give one of them", EXIT_USAGE)
+    _one_user_option(run_as, run_as_pool)
     tls = server_tls(listen, "worker")
     try:
         all_labels = dict(_labels_from_env()) | dict(labels)
@@ -697,9 +701,8 @@ def up(
     )
     worker_task_types(task["task_types"])  # an unknown one refused here, in one line
     try:
+        _one_user_option(task["run_as"], task["run_as_pool"])
         if task["run_as_pool"] is not None:
-            if task["run_as"] is not None:
-                fail("--run-as-pool replaces --run-as: give one of them", EXIT_USAGE)
             parse_uid_pool(task["run_as_pool"])
         run_as = resolve_run_as(task["run_as"])
     except ContainmentError as exc:

@@ -387,7 +387,7 @@ class CommandExecutor:
         except SpawnerGone as exc:
             # It may have started the command: nothing of this attempt may run on unseen (a
             # command still in its exec has no tags yet: looked for until none shows up).
-            await asyncio.to_thread(_kill_all_tagged, _tags(request))
+            await asyncio.to_thread(settle, _tags(request))
             return ExecOutcome(ExecStatus.FAILURE, error=f"cannot run {spec.argv[0]}: {exc}")
         except FileNotFoundError:
             if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
@@ -515,16 +515,13 @@ async def _start(spec: CommandSpec, jail: Jail, cwd: str | None, env: dict[str, 
     spawner = jail.spawner
     if spawner is not None:
         try:
+            # A uid of its own (--run-as-pool): the spawner starts it as that uid (and gid).
             uid = jail.run_as.uid if jail.pool is not None and jail.run_as is not None else None
             return await spawner.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, uid=uid)
         except SpawnerGone as exc:
             if exc.sent:
                 raise  # (its end was logged: the worker forks commands until a new one runs)
     return Child.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, **jail.spawn_options())
-
-
-def _kill_all_tagged(tags: dict[str, str]) -> None:
-    settle(tags, kill_tagged(tags))
 
 
 def _tags(request: ExecRequest) -> dict[str, str]:

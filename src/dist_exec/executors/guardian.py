@@ -75,9 +75,12 @@ def kill_tagged(tags: Mapping[str, str]) -> set[int]:
     return killed
 
 
-def settle(tags: Mapping[str, str], seen: set[int]) -> None:
-    """After the worker died: kill tagged processes until SETTLE_S pass without a new one (one
-    that SIGKILL does not end at once, stuck in the kernel, say, does not keep this going)."""
+def settle(tags: Mapping[str, str], seen: set[int] | None = None) -> None:
+    """Kill tagged processes until SETTLE_S pass without a new one (one that SIGKILL does not
+    end at once, stuck in the kernel, say, does not keep this going); ``seen``: those killed
+    already (else the first scan happens here)."""
+    if seen is None:
+        seen = kill_tagged(tags)
     quiet_until = time.monotonic() + SETTLE_S
     while time.monotonic() < quiet_until:
         time.sleep(SETTLE_POLL_S)
