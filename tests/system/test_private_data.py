@@ -87,6 +87,21 @@ def test_an_open_data_dir_is_made_private_or_refused(cluster: ClusterFactory) ->
     assert file_mode(foreign) == 0o755
 
 
+def test_a_link_in_place_of_the_job_database_is_refused(tmp_path: Path) -> None:
+    """Whoever could write the data dir must not get the master to keep its jobs elsewhere."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.db"
+    (data / "master.db").symlink_to(elsewhere)
+    result = run_cli("master", "--listen", "127.0.0.1:0", "--data-dir", str(data))
+    assert result.code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"dist-exec: {data / 'master.db'} is a symbolic link; dist-exec keeps its files "
+        "private and does not follow links to them: remove it, or use another path"
+    )
+    assert not elsewhere.exists()
+
+
 def test_the_local_cluster_keeps_its_files_private(tmp_path: Path) -> None:
     data = tmp_path / "cluster"
     port = free_port()

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from dist_exec.security.private_files import NotPrivate, private_dir, private_file, write_private
+from dist_exec.security.private_files import (
+    NotPrivate,
+    private_dir,
+    private_file,
+    write_private,
+)
 from tests.conftest import file_mode, umask
 
 
@@ -69,3 +74,45 @@ def test_an_open_directory_of_another_user_is_refused(tmp_path: Path) -> None:
 def test_a_missing_file_is_left_alone(tmp_path: Path) -> None:
     private_file(tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_link_in_place_of_a_private_file_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    """Whoever could write the directory must not get dist-exec to write, or open up, a file
+    elsewhere through a link."""
+    target = tmp_path / "elsewhere"
+    target.write_text("theirs")
+    target.chmod(0o644)
+    link = tmp_path / "data" / "f"
+    private_dir(link.parent)
+    link.symlink_to(target)
+    expected = (
+        f"{link} is a symbolic link; dist-exec keeps its files private and does not follow "
+        "links to them: remove it, or use another path"
+    )
+    with pytest.raises(NotPrivate) as info:
+        write_private(link, "ours")
+    assert str(info.value) == expected
+    with pytest.raises(NotPrivate) as info:
+        private_file(link)
+    assert str(info.value) == expected
+    assert (target.read_text(), file_mode(target)) == ("theirs", 0o644)
+
+
+def test_a_dangling_link_creates_nothing(tmp_path: Path) -> None:
+    link = tmp_path / "f"
+    link.symlink_to(tmp_path / "would-be-created")
+    with pytest.raises(NotPrivate):
+        write_private(link, "ours")
+    assert not (tmp_path / "would-be-created").exists()
+
+
+def test_a_linked_directory_is_followed_and_made_private(tmp_path: Path) -> None:
+    """A data directory moved to another disk and linked back is the user's choice."""
+    real = tmp_path / "disk" / "data"
+    real.mkdir(parents=True, mode=0o755)
+    (tmp_path / "data").symlink_to(real)
+    private_dir(tmp_path / "data")
+    write_private(tmp_path / "data" / "f", "ours")
+    assert (file_mode(real), file_mode(real / "f")) == (0o700, 0o600)
