@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_exec import procfs
 from dist_exec.executors import ExecRequest
 from dist_exec.executors.child import Child
 from dist_exec.executors.command import CommandExecutor, CommandSpec
@@ -342,13 +343,35 @@ async def test_a_command_whose_spawner_dies_fails_saying_so_and_is_stopped() -> 
         containment.close()
 
 
-async def test_a_stopped_spawner_is_killed_when_an_answer_is_overdue(
-    spawner: Spawner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_a_stopped_spawner_is_killed_as_soon_as_an_answer_is_late(
+    spawner: Spawner, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("dist_exec.executors.spawner.ANSWER_TIMEOUT_S", 0.5)
+    """Not after ANSWER_TIMEOUT_S (10 s): the starts waiting on it fail at once, and the
+    worker forks commands itself meanwhile (see the replacement test below)."""
     first = await run(await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV))
     assert first == (0, b"", b"")
     os.kill(spawner.pid, signal.SIGSTOP)  # as a command of the same user might, at the wrong time
+    with pytest.raises(SpawnerGone):
+        async with asyncio.timeout(2):
+            await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV)
+    assert (
+        f"command spawner {spawner.pid} was stopped by a signal (a command of its user can send "
+        "one while it starts another); killing it"
+    ) in caplog.text
+    assert not spawner.alive
+
+
+async def test_a_stuck_spawner_is_killed_when_an_answer_is_overdue(
+    spawner: Spawner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("dist_exec.executors.spawner.ANSWER_TIMEOUT_S", 0.5)
+    # Stuck, not stopped: what /proc says of a stopped process is hidden from the check.
+    real_stat = procfs.stat
+    monkeypatch.setattr(
+        "dist_exec.executors.spawner.procfs.stat",
+        lambda pid: ["S", *(real_stat(pid) or [])[1:]],
+    )
+    os.kill(spawner.pid, signal.SIGSTOP)
     with pytest.raises(SpawnerGone):
         async with asyncio.timeout(10):
             await spawner.spawn(["true"], stdin=False, cwd=None, env=ENV)

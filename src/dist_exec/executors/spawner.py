@@ -12,8 +12,9 @@ user's ids as its real and effective ids, keeping root only as its saved ids (so
 capabilities are gone), vforks the command, and takes root back: the command execs with the
 user's real, effective and saved ids, no supplementary groups and no capabilities, exactly as
 after a setuid in a forked child. Only during those few syscalls could a command of the same
-user signal it; if one stops or kills it, the worker notices (an answer overdue, or the socket
-closed), kills it, forks commands itself meanwhile and starts a new one. It lets SIGINT,
+user signal it; if one stops or kills it, the worker notices (an answer late and the spawner
+stopped, an answer overdue, or the socket closed), kills it, forks commands itself meanwhile
+and starts a new one. It lets SIGINT,
 SIGTERM and SIGHUP pass (its own session) and ends when the worker closes its end of the
 socket, however the worker ended.
 
@@ -49,6 +50,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dist_exec import procfs
 from dist_exec.executors.child import Child
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 START_TIMEOUT_S = 30.0  # for the spawner's "ready" (a Python start-up, slow on a busy host)
 STOP_TIMEOUT_S = 5.0
-ANSWER_TIMEOUT_S = 10.0  # a start unanswered this long: the spawner is stopped or stuck
+ANSWER_TIMEOUT_S = 10.0  # a start unanswered this long: the spawner is stuck
+STOPPED_CHECK_S = 0.05  # while a start is unanswered, whether the spawner is stopped, this often
 COMM = "dist-exec-spawn"  # the process's name (at most 15 bytes)
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4  # prctl(2)
 
@@ -274,23 +277,35 @@ class Spawner:
 
     def _watch_oldest(self) -> None:
         """Kill the spawner if the oldest request waiting is not answered in time: a command of
-        the same user stopped it (see the module's doc), or it is stuck. The worker then
-        forks commands itself until a new spawner runs."""
+        the same user stopped it (see the module's doc; seen within STOPPED_CHECK_S), or it is
+        stuck (ANSWER_TIMEOUT_S). The worker then forks commands itself until a new spawner
+        runs."""
         if self._overdue is not None:
             self._overdue.cancel()
             self._overdue = None
         if self._waiting and self._loop is not None:
-            self._overdue = self._loop.call_later(ANSWER_TIMEOUT_S, self._kill_stuck)
+            deadline = self._loop.time() + ANSWER_TIMEOUT_S
+            self._overdue = self._loop.call_later(STOPPED_CHECK_S, self._check_late, deadline)
 
-    def _kill_stuck(self) -> None:
+    def _check_late(self, deadline: float) -> None:
+        """An answer is late: the spawner is killed if it is stopped, or once ``deadline``
+        passes; else looked at again."""
+        assert self._loop is not None
         self._overdue = None
         if not self.alive:
             return
-        log.error(
-            "command spawner %d has not answered for %.0f s; killing it",
-            self._proc.pid,
-            ANSWER_TIMEOUT_S,
-        )
+        fields = procfs.stat(self._proc.pid)
+        if fields is not None and fields[0] in ("T", "t"):
+            reason = (
+                "was stopped by a signal (a command of its user can send one while it starts "
+                "another)"
+            )
+        elif self._loop.time() >= deadline:
+            reason = f"has not answered for {ANSWER_TIMEOUT_S:.0f} s"
+        else:
+            self._overdue = self._loop.call_later(STOPPED_CHECK_S, self._check_late, deadline)
+            return
+        log.error("command spawner %d %s; killing it", self._proc.pid, reason)
         with contextlib.suppress(ProcessLookupError):
             self._proc.kill()  # its socket closes: _gone follows
 
