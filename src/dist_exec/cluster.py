@@ -20,10 +20,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
+from dist_exec import procfs, supervised
 from dist_exec.config import dial_address, split_address
 from dist_exec.security import certs
 from dist_exec.security.credentials import remove_client_config, write_client_config
@@ -90,9 +91,10 @@ class ClusterOptions:
 
 
 def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], IO[str]]:
+    """A server of the cluster: it stops (SIGTERM) when this process dies, however it dies."""
     log = _open_log(log_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dist_exec", *args],
+        supervised.argv(args),
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -206,10 +208,14 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
             options.data_dir, address, tls / certs.CA_CERT, tls / f"{ADMIN}.crt",
             tls / f"{ADMIN}.key", options.data_dir / ADMIN_TOKEN_FILE,
         )  # fmt: skip
-        write_private(
-            options.data_dir / STATE_FILE,
-            json.dumps({"master": address, "pid": os.getpid(), "workers": options.workers}),
-        )
+        state = {
+            "master": address,
+            "pid": os.getpid(),
+            "workers": options.workers,
+            # So `down` can stop them should this process be gone: (pid, start time) each.
+            "servers": [[p.pid, _start_time(p.pid)] for p in procs],
+        }
+        write_private(options.data_dir / STATE_FILE, json.dumps(state))
         on_ready(address)
         while not stop_requested:
             if any(p.poll() is not None for p in procs):
@@ -229,9 +235,10 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
 
 def start_background(options: ClusterOptions) -> str:
     """Run ``up`` (foreground) as a background session; return the master address once ready."""
+    options = replace(options, data_dir=options.data_dir.resolve())  # (as `down` finds it)
     private_dir(options.data_dir)
     pid_path = options.data_dir / PID_FILE
-    if _running_pid(pid_path) is not None:
+    if _up_process(pid_path, options.data_dir) is not None or _recorded_servers(options.data_dir):
         raise ClusterError(
             f"a cluster is already running from {options.data_dir}; stop it with 'dist-exec down'"
         )
@@ -258,27 +265,99 @@ def start_background(options: ClusterOptions) -> str:
 
 
 def stop_background(data_dir: Path) -> bool:
+    """Stop the cluster that ``up -d`` runs from ``data_dir``: its ``up`` process, which stops
+    its servers; or, if that died without doing so, the servers it recorded. Whether anything
+    was running. Only processes that are this cluster's are ever signalled."""
     pid_path = data_dir / PID_FILE
-    pid = _running_pid(pid_path)
-    if pid is None:
-        pid_path.unlink(missing_ok=True)
+    up = _up_process(pid_path, data_dir)
+    servers = [] if up is not None else _recorded_servers(data_dir)
+    if up is None and not servers:
+        _forget(data_dir)
         return False
-    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S + 5
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            pid_path.unlink(missing_ok=True)
-            return True
+    if up is not None:
+        os.kill(up, signal.SIGTERM)
+        while _alive(up):
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"cluster process {up} did not stop within {STOP_TIMEOUT_S + 5:.0f}s"
+                )
+            time.sleep(0.05)
+    else:  # workers first (they drain), then the master
+        for group in (servers[1:], servers[:1]):
+            _stop_recorded(group, deadline)
+    _forget(data_dir)
+    return True
+
+
+def _stop_recorded(servers: list[tuple[int, int]], deadline: float) -> None:
+    """SIGTERM these processes (each still the one recorded), SIGKILL them after ``deadline``."""
+    for pid, started in servers:
+        if _is(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    while any(_is(pid, started) for pid, started in servers):
+        if time.monotonic() > deadline:
+            for pid, started in servers:
+                if _is(pid, started):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            return
         time.sleep(0.05)
-    raise ClusterError(f"cluster process {pid} did not stop within {STOP_TIMEOUT_S + 5:.0f}s")
 
 
-def _running_pid(pid_path: Path) -> int | None:
+def _up_process(pid_path: Path, data_dir: Path) -> int | None:
+    """The pid of this cluster's running ``up``, from its pid file: a process that is not
+    ``up`` for this data dir (a pid reused since, a file written by hand) is not it."""
     try:
-        pid = int(pid_path.read_text().strip())
-    except (FileNotFoundError, ValueError):
+        text = pid_path.read_text().strip()
+    except FileNotFoundError:
         return None
-    return pid if _alive(pid) else None
+    if not text.isdigit() or int(text) <= 1:
+        raise ClusterError(f"{pid_path} does not hold a process id ({text[:20]!r}); remove it")
+    pid = int(text)
+    if not _alive(pid):
+        return None
+    try:
+        args = (procfs.PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(procfs.PROC / str(pid) / "cwd"))
+    except OSError:
+        return None
+    if b"-m" not in args or b"dist_exec" not in args or b"up" not in args:
+        return None
+    given = args[args.index(b"--data-dir") + 1] if b"--data-dir" in args[:-1] else b""
+    return pid if given and (cwd / os.fsdecode(given)).resolve() == data_dir.resolve() else None
+
+
+def _recorded_servers(data_dir: Path) -> list[tuple[int, int]]:
+    """The servers a running cluster recorded (master first) that still run."""
+    try:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+        servers = [(int(pid), int(started)) for pid, started in state.get("servers", [])]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    return [(pid, started) for pid, started in servers if pid > 1 and _is(pid, started)]
+
+
+def _forget(data_dir: Path) -> None:
+    """What a stopped cluster leaves behind: its pid and state files, its client config."""
+    state = data_dir / STATE_FILE
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        remove_client_config(data_dir, str(json.loads(state.read_text())["master"]))
+    state.unlink(missing_ok=True)
+    (data_dir / PID_FILE).unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process."""
+    fields = procfs.stat(pid)
+    return int(fields[19]) if fields is not None else 0
+
+
+def _is(pid: int, started: int) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (not a zombie)."""
+    fields = procfs.live(pid)
+    return fields is not None and int(fields[19]) == started
 
 
 def _alive(pid: int) -> bool:

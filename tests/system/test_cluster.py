@@ -141,6 +141,57 @@ def test_up_detached_runs_jobs_and_down_stops_everything(tmp_path: Path) -> None
     assert "no cluster was running" in run_cli("down", "--data-dir", str(data)).stdout
 
 
+def test_down_signals_only_its_own_cluster(tmp_path: Path) -> None:
+    """A pid file that names another process (a pid reused since) or is not a pid at all
+    never gets a signal sent: not to that process, and never to -1 (every process)."""
+    data = tmp_path / "cluster"
+    data.mkdir()
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        (data / "cluster.pid").write_text(str(bystander.pid))
+        result = run_cli("down", "--data-dir", str(data))
+        assert (result.code, result.stdout) == (0, "no cluster was running\n")
+        assert bystander.poll() is None
+        assert not (data / "cluster.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+    for text in ("abc", "0", "1"):
+        (data / "cluster.pid").write_text(text)
+        result = run_cli("down", "--data-dir", str(data))
+        assert (result.code, result.stderr) == (
+            1,
+            f"dist-exec: {data / 'cluster.pid'} does not hold a process id ({text!r}); remove it\n",
+        )
+
+
+def test_a_detached_cluster_whose_up_was_killed_stops_and_can_start_again(
+    tmp_path: Path,
+) -> None:
+    """Its servers end with it (they drain), and down clears what it left; the same data dir
+    and port then start a new cluster."""
+    data = tmp_path / "cluster"
+    address = f"127.0.0.1:{free_port()}"
+    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
+    assert up.code == 0, up.stderr
+    servers = [pid for pid, _ in json.loads((data / "cluster.json").read_text())["servers"]]
+    try:
+        assert len(servers) == 2
+        os.kill(int((data / "cluster.pid").read_text()), signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(p) for p in servers), 60, "the servers to end")
+        down = run_cli("down", "--data-dir", str(data))
+        assert down.code == 0, down.stderr
+        assert not (data / "cluster.json").exists()
+        again = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
+        assert again.code == 0, again.stderr
+        assert run_cli("run", "echo again", master=address).stdout == "again\n"
+    finally:
+        for pid in servers:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        assert run_cli("down", "--data-dir", str(data)).code == 0
+
+
 def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: Path) -> None:
     """A local cluster is set up like a fleet: labels, the user and environment commands get,
     the command policy, limits. As root, commands would run as 'nobody' without --run-as."""

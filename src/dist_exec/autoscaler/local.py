@@ -3,7 +3,7 @@
 Like a ReplicaSet, a worker process that exits counts no more, so the policy starts another
 when the group falls below its minimum. Removed workers get SIGTERM: they drain (finish what
 runs, deliver results, deregister) and exit. ``close`` stops every worker this backend
-started, and ``local_worker`` stops them when the master dies without doing it.
+started, and ``dist_exec.supervised`` stops them when the master dies without doing it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import itertools
 import logging
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dist_exec import supervised
 from dist_exec.autoscaler.backend import Scale, ScaleError
 from dist_exec.models import NodeId
 from dist_exec.security.private_files import open_private, private_dir
@@ -66,7 +66,7 @@ class LocalBackend:
             with os.fdopen(open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log_file:
                 try:
                     proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "dist_exec.autoscaler.local_worker", str(os.getpid()),
+                        *supervised.argv(["worker"]),
                         "--master", self.master_address, "--listen", "127.0.0.1:0",
                         "--worker-id", node_id,
                         "--max-concurrent-tasks", str(self.max_concurrent_tasks),
