@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -122,6 +123,24 @@ def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
 
 
 def outcome_to_pb(outcome: ExecOutcome, task_id: str, attempt: int) -> worker_pb2.ExecuteResponse:
+    try:
+        return _outcome_pb(outcome, task_id, attempt)
+    except UnicodeEncodeError:
+        # Text no string field takes (lone surrogates, from an executor that kept bytes that
+        # are not UTF-8): shown escaped, so the result still reaches the master.
+        clean = replace(
+            outcome,
+            error=_escaped(outcome.error),
+            metadata={_escaped(k): _escaped(v) for k, v in outcome.metadata.items()},
+        )
+        return _outcome_pb(clean, task_id, attempt)
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+def _outcome_pb(outcome: ExecOutcome, task_id: str, attempt: int) -> worker_pb2.ExecuteResponse:
     return worker_pb2.ExecuteResponse(
         task_id=task_id,
         status=EXEC_STATUS_TO_PB[outcome.status],

@@ -25,6 +25,7 @@ from dist_exec.executors.http import (
     parse_payload,
 )
 from dist_exec.models import ExecOutcome, ExecStatus
+from dist_exec.wire import outcome_to_pb
 from dist_exec.worker.task_runner import TaskRunner
 from tests.conftest import RecordingSink
 
@@ -155,6 +156,17 @@ URL = "http://h/"
             b'{"url": "http://h/", "timeout_seconds": ' + b"9" * 4000 + b"}",
             "more than 0",
             id="timeout-4000-digits",
+        ),
+        bad("bad-punycode", "is not a valid URL", url="http://xn--a.invalid/"),
+        bad("label-too-long", "not a valid DNS name", url="http://" + "a" * 64 + ".example/"),
+        bad("name-too-long", "not a valid DNS name", url="http://" + "a." * 127 + "bc/"),
+        bad("empty-label", "not a valid DNS name", url="http://a..b/"),
+        bad("user-not-latin1", "must be Latin-1 text", url="http://us\u2603er:pw@h/"),
+        bad(
+            "url-and-header-credentials",
+            "cannot go together",
+            url="http://u:p@h/",
+            headers={"Authorization": "Bearer x"},
         ),
         pytest.param(b"[" * 100_000 + b"]" * 100_000, "not valid JSON", id="deep-array"),
         pytest.param(_nested(100_000), "not valid JSON", id="deep-inside-valid-object"),
@@ -774,6 +786,38 @@ async def test_credentials_stay_out_of_errors_and_metadata(server: EchoServer) -
     assert "s3cret" not in outcome.error
     assert "s3cret" not in json.dumps(outcome.metadata)
     assert outcome.error == f"cannot connect to http://127.0.0.1:{port}/x: Connection refused"
+
+
+@pytest.mark.parametrize(
+    ("reply", "key", "value"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Name: caf\xe9\r\n\r\nok",
+            "header.x-name",
+            "caf\u00e9",
+            id="header",
+        ),
+        pytest.param(
+            b"HTTP/1.1 500 Bad \xff\r\nContent-Length: 2\r\n\r\nok",
+            "http.reason",
+            "Bad \u00ff",
+            id="reason",
+        ),
+    ],
+)
+async def test_response_text_that_is_not_utf8_is_kept_as_latin1(
+    raw_server: Callable[[bytes], Awaitable[str]], reply: bytes, key: str, value: str
+) -> None:
+    """Else the result cannot be sent: the task would stay RUNNING, its slot taken."""
+    outcome, _ = await run(HttpSpec(await raw_server(reply)))
+    assert outcome.metadata[key] == value
+    sent = outcome_to_pb(outcome, "t-1", 1)
+    assert sent.metadata[key] == value
+    assert value in sent.error or outcome.status == ExecStatus.SUCCESS
+
+
+def test_describe_of_a_payload_with_an_invalid_host_does_not_raise() -> None:
+    assert describe(payload(url="http://xn--a.invalid/")) == "<invalid payload>"
 
 
 async def test_body_cut_short(raw_server: Callable[[bytes], Awaitable[str]]) -> None:

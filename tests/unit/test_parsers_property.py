@@ -179,3 +179,10 @@ def test_redaction_keeps_names_and_hides_secret_values(values: dict[str, str]) -
     redacted = redact(values | {"DB_PASSWORD": "x", "GITHUB_TOKEN": "y", "aws_secret_key": "z"})
     assert redacted["DB_PASSWORD"] == redacted["GITHUB_TOKEN"] == REDACTED
     assert redacted["aws_secret_key"] == REDACTED
+
+
+@given(st.text(alphabet=st.characters(categories=["L", "N"]), min_size=1))
+def test_audit_summaries_hide_a_password_in_a_url(password: str) -> None:
+    url = f"http://deploy:{password}@svc.internal:8080/hook?x=1"
+    summary = task_summary("http", json.dumps({"url": url}).encode())
+    assert summary["url"] == "http://deploy:***@svc.internal:8080/hook?x=1"

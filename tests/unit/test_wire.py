@@ -318,3 +318,15 @@ def test_scaler_status_round_trip(event_at: datetime | None) -> None:
     )
     msg = master_pb2.ScalerStatus.FromString(wire.scaler_status_to_pb(status).SerializeToString())
     assert wire.scaler_status_from_pb(msg) == status
+
+
+def test_a_result_with_text_no_string_field_takes_is_sent_escaped() -> None:
+    """An executor that kept bytes that are not UTF-8 as lone surrogates must not make its
+    result unsendable (the task would stay RUNNING, its worker slot taken)."""
+    outcome = ExecOutcome(
+        ExecStatus.FAILURE, 1, "bad \udce9", metadata={"header.x-\udcff": "caf\udce9"}
+    )
+    sent = wire.outcome_to_pb(outcome, "t-1", 2)
+    assert sent.error == "bad \\udce9"
+    assert dict(sent.metadata) == {"header.x-\\udcff": "caf\\udce9"}
+    assert (sent.task_id, sent.attempt, sent.exit_code) == ("t-1", 2, 1)

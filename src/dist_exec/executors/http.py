@@ -45,6 +45,7 @@ _FIELDS = {"method", "url", "headers", "body", "timeout_seconds"}
 _METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field name
 _HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls, except tab
+_IPV4 = re.compile(r"[0-9.]+")
 _URL_BAD = re.compile(r"[\x00-\x20\x7f]")  # controls and spaces: percent-encode them
 # aiohttp derives these from the body; a second, different value would corrupt the request.
 _FRAMING_HEADERS = {"content-length", "transfer-encoding"}
@@ -89,13 +90,19 @@ def parse_payload(payload: bytes, allowed_schemes: Iterable[str] = SCHEMES) -> H
     if "url" not in data:
         raise InvalidTaskSpec("http payload: 'url' is required")
     timeout = data.get("timeout_seconds")
-    return HttpSpec(
+    spec = HttpSpec(
         url=_url(_text(data, "url"), frozenset(allowed_schemes)),
         method=_method(_text(data, "method", "GET")),
         headers=_headers(data.get("headers", {})),
         body=_text(data, "body", ""),
         timeout_seconds=None if "timeout_seconds" not in data else _timeout(timeout),
     )
+    if URL(spec.url).user is not None and "authorization" in map(str.lower, spec.headers):
+        raise InvalidTaskSpec(
+            "http payload: credentials in the 'url' and an Authorization header cannot go "
+            "together; give one of them"
+        )
+    return spec
 
 
 def _text(data: Mapping[str, object], key: str, default: str | None = None) -> str:
@@ -144,7 +151,9 @@ def _url(url: str, allowed_schemes: frozenset[str]) -> str:
     try:
         parsed = URL(url)
         port = parsed.explicit_port
-    except ValueError as exc:
+        host = parsed.host
+        ascii_host = parsed.raw_host or ""
+    except ValueError as exc:  # (UnicodeError too: a host that is not valid IDNA)
         raise InvalidTaskSpec(
             f"http payload: 'url' {shorten(url)} is not a valid URL: {exc}"
         ) from None
@@ -152,14 +161,36 @@ def _url(url: str, allowed_schemes: frozenset[str]) -> str:
         raise InvalidTaskSpec(
             f"http payload: 'url' scheme {parsed.scheme!r} is not allowed; use {allowed}"
         )
-    if not parsed.scheme or not parsed.host:
+    if not parsed.scheme or not host:
         raise InvalidTaskSpec(
             f"http payload: 'url' must be an absolute {allowed} URL with a host, "
             f"e.g. https://example.com/path; got {shorten(url)}"
         )
     if port == 0:
         raise InvalidTaskSpec(f"http payload: 'url' port must be 1-65535; got {shorten(url)}")
+    _check_host(ascii_host, url)
+    for part, value in (("user", parsed.user), ("password", parsed.password)):
+        try:
+            (value or "").encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidTaskSpec(
+                f"http payload: the {part} in 'url' must be Latin-1 text (HTTP Basic); use "
+                "an Authorization header for anything else"
+            ) from None
     return url
+
+
+def _check_host(host: str, url: str) -> None:
+    """A DNS name a resolver takes: labels of 1-63 characters, 253 in all (an IP address, in
+    brackets or not, passes as it is)."""
+    if host.startswith("[") or _IPV4.fullmatch(host):
+        return
+    labels = host.rstrip(".").split(".")
+    if len(host.rstrip(".")) > 253 or not all(0 < len(label) <= 63 for label in labels):
+        raise InvalidTaskSpec(
+            f"http payload: 'url' host is not a valid DNS name (each dot-separated part 1-63 "
+            f"characters, 253 in all): {shorten(url)}"
+        )
 
 
 def _headers(headers: object) -> dict[str, str]:
@@ -252,9 +283,9 @@ class _Exchange:
             for name in self.response.headers:
                 key = f"header.{name.lower()}"
                 if key not in meta:  # repeated headers: one entry, values joined as RFC 9110 allows
-                    meta[key] = ", ".join(self.response.headers.getall(name))
+                    meta[_received(key)] = _received(", ".join(self.response.headers.getall(name)))
             meta["http.status"] = str(self.response.status)
-            meta["http.reason"] = self.response.reason or ""
+            meta["http.reason"] = _received(self.response.reason or "")
             meta["http.elapsed_ms"] = str(round(self.elapsed_s * 1000))
             meta["http.body_bytes"] = str(self.body_bytes)
         if self.truncated:
@@ -356,7 +387,7 @@ class HttpExecutor:
         errors = []
         ok = 200 <= response.status < 400
         if not ok:
-            errors.append(f"HTTP {response.status} {response.reason or ''}".rstrip())
+            errors.append(f"HTTP {response.status} {_received(response.reason or '')}".rstrip())
         if exchange.truncated:
             errors.append(
                 f"response body truncated at {self.max_body_bytes} bytes (max_body_bytes)"
@@ -368,6 +399,17 @@ class HttpExecutor:
             duration_s=exchange.duration_s(),
             metadata=exchange.metadata(self.max_body_bytes),
         )
+
+
+def _received(text: str) -> str:
+    """Text from a response as something the result can carry: aiohttp keeps bytes that are not
+    UTF-8 as lone surrogates (which no protobuf string takes); such text is taken as Latin-1,
+    the bytes HTTP/1.1 headers historically are."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("latin-1")
+    return text
 
 
 def _failure_message(exc: BaseException, hop: URL) -> str:

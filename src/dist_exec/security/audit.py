@@ -2,7 +2,8 @@
 
 Each record says when, who (identity, role, how authenticated), from where (peer address), what
 (action, jobs, task summary) and the decision (allowed or denied, and why). Values of
-environment variables and HTTP headers whose names look secret are replaced by "<redacted>".
+environment variables and HTTP headers whose names look secret, and passwords in URLs, are
+replaced by "<redacted>".
 
 Durability: the file is opened with O_APPEND and each record goes out in one write(2), so
 records never interleave and a crash of the master loses none already written; the file is
@@ -19,6 +20,8 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from yarl import URL
 
 from dist_exec.security.identity import Identity
 from dist_exec.security.private_files import open_private
@@ -50,6 +53,8 @@ def task_summary(task_type: str, payload: bytes) -> dict[str, Any]:
     for key in ("command", "args", "shell", "working_dir", "url", "method"):
         if key in body:
             summary[key] = _cap(body[key])
+    if isinstance(summary.get("url"), str):
+        summary["url"] = _without_password(summary["url"])
     for key in ("env", "headers"):
         value = body.get(key)
         if isinstance(value, dict):
@@ -58,6 +63,17 @@ def task_summary(task_type: str, payload: bytes) -> dict[str, Any]:
                 for k, v in redact({str(k): str(v) for k, v in value.items()}).items()
             }
     return summary
+
+
+def _without_password(url: str) -> str:
+    """A URL with the password it may carry replaced by *** (the user is kept: who, not how)."""
+    try:
+        parsed = URL(url)
+        if parsed.password is not None:
+            return str(parsed.with_password("***"))
+    except (ValueError, TypeError):  # (UnicodeError too) not a URL the executor would take
+        pass
+    return url
 
 
 def _cap(value: Any) -> Any:

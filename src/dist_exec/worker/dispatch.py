@@ -19,7 +19,7 @@ from typing import Any
 
 from dist_exec import wire
 from dist_exec.errors import DistExecError, TaskNotFound
-from dist_exec.models import Stream
+from dist_exec.models import ExecOutcome, ExecStatus, Stream
 from dist_exec.outbox import Outbox
 from dist_exec.rpc.v1 import worker_pb2
 from dist_exec.worker.task_runner import Attempt, TaskRunner
@@ -130,14 +130,24 @@ async def progress(
                 **ids,
             )
         await attempt.done.wait()
-        assert attempt.outcome is not None
-        yield Progress(
-            type=worker_pb2.PROGRESS_COMPLETED,
-            final_result=wire.outcome_to_pb(attempt.outcome, attempt.task_id, attempt.attempt),
-            **ids,
-        )
+        yield Progress(type=worker_pb2.PROGRESS_COMPLETED, final_result=_result(attempt), **ids)
     finally:
         output.unsubscribe(sub)
+
+
+def _result(attempt: Attempt) -> worker_pb2.ExecuteResponse:
+    """The attempt's result as sent; one that cannot be put in a message (a bug) is sent as a
+    failure that says so, never left unsent: the task would stay RUNNING, its slot taken."""
+    assert attempt.outcome is not None
+    try:
+        return wire.outcome_to_pb(attempt.outcome, attempt.task_id, attempt.attempt)
+    except Exception as exc:
+        log.exception("cannot encode the result of %s attempt %d", *attempt.key)
+        failed = ExecOutcome(
+            ExecStatus.FAILURE,
+            error=f"the worker could not send this attempt's result: {type(exc).__name__}",
+        )
+        return wire.outcome_to_pb(failed, attempt.task_id, attempt.attempt)
 
 
 def _coalesce(batch: list[Progress]) -> list[Progress]:
