@@ -3,6 +3,7 @@
 ``cut()`` stops moving bytes in both directions and holds new connections unanswered; what was
 sent waits in socket buffers, as packets a partition drops are retransmitted by TCP after it
 heals. ``heal()`` resumes. Nothing is reset or closed by a cut, as in a real partition.
+``delay_s`` holds back what it moves, each way: a peer far away.
 
 It runs its own event loop in a thread: the test's loop blocks while it starts processes (which
 must get through the proxy to become ready).
@@ -18,8 +19,9 @@ from dist_exec.config import join_address
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, delay_s: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.delay_s = delay_s  # each way, for everything it moves: a distant peer
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -99,6 +101,8 @@ class CuttableProxy:
             if not data:
                 break
             await self._open.wait()  # read just as the cut came: it waits for the heal too
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             writer.write(data)
             await writer.drain()
         with contextlib.suppress(OSError):

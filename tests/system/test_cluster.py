@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from dist_exec.config import split_address
 from dist_exec.tuning import GRPC_EXPERIMENTS, tune_grpc
 from tests.conftest import ClusterFactory, pid_alive, run_cli, wait_for
+from tests.faults.proxy import CuttableProxy
 
 
 def free_port() -> int:
@@ -189,6 +191,25 @@ def test_a_detached_cluster_whose_up_was_killed_stops_and_can_start_again(
         for pid in servers:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        assert run_cli("down", "--data-dir", str(data)).code == 0
+
+
+def test_a_master_a_few_slow_round_trips_away_is_reached(tmp_path: Path) -> None:
+    """TCP, TLS and HTTP/2 handshakes over a 300 ms round trip take about a second: a client
+    must wait for them (gRPC's connect timeout once was 200 ms here)."""
+    data = tmp_path / "cluster"
+    address = f"127.0.0.1:{free_port()}"
+    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
+    assert up.code == 0, up.stderr
+    proxy = CuttableProxy(*split_address(address), delay_s=0.15).start()
+    try:
+        far = run_cli(
+            "nodes", "--json", "--client-config", str(data / "client.json"), master=proxy.address
+        )
+        assert far.code == 0, far.stderr
+        assert [n["id"] for n in json.loads(far.stdout)] == ["local-1"]
+    finally:
+        proxy.close()
         assert run_cli("down", "--data-dir", str(data)).code == 0
 
 

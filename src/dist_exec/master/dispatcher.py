@@ -26,6 +26,7 @@ from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.worker_pb2_grpc import WorkerServiceAsyncStub
 
+CONNECT_TIMEOUT_MS = 5_000
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -36,8 +37,11 @@ CHANNEL_OPTIONS = [
     # Reconnect within a second after an outage (gRPC's default backoff grows to 120 s): a
     # worker must register again with a restarted master within its grace period.
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # gRPC takes this as the least time a connection attempt gets, too (TCP, TLS and HTTP/2
+    # handshakes): at 200 ms, a master or worker a few round trips of 70 ms away could not be
+    # reached at the first attempt, and one slower than a second not at all.
+    ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
 ]
 
 
