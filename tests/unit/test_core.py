@@ -216,3 +216,57 @@ async def test_an_unexpected_error_in_an_attempt_retries_instead_of_stopping_the
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.__aexit__(None, None, None)
+
+
+class RetriedWorker(ScriptedWorker):
+    """Attempt 1 prints 'first\\n' and hands the task back; attempt 2 prints 'two\\n'."""
+
+    async def execute(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        if attempt == 1:
+            yield OutputChunk(Stream.STDOUT, 0, b"first\n")
+            yield ExecOutcome(ExecStatus.FAILURE, error="worker shut down", retryable=True)
+        else:
+            yield OutputChunk(Stream.STDOUT, 0, b"two\n")
+            yield ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"two\n", stdout_bytes=4)
+        self.delivered.append((task_id, attempt))
+
+
+async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_over(
+    tmp_path: Path,
+) -> None:
+    """Offsets of attempt 1 mean nothing in attempt 2's output: a follower that lost its stream
+    during attempt 1 must get attempt 2 whole, not from byte 6 of it."""
+    master, store = await start_master(tmp_path, RetriedWorker())
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
+        job_id = await master.submit(SPEC)
+        async with asyncio.timeout(5):
+            while not (job := await master.get(job_id)).status.terminal:
+                await asyncio.sleep(0.01)
+        assert (job.status, job.attempt) == (JobStatus.COMPLETED, 2)
+
+        async def resumed(offset: int, of_attempt: int) -> list[object]:
+            offsets = {Stream.STDOUT: offset}
+            return [
+                item
+                async for item in master.stream_output(job_id, offsets, False, False, of_attempt)
+            ]
+
+        assert await resumed(6, 1) == [(2, OutputChunk(Stream.STDOUT, 0, b"two\n"))]
+        assert await resumed(2, 2) == [(2, OutputChunk(Stream.STDOUT, 2, b"o\n"))]
+        assert await resumed(2, 0) == [(2, OutputChunk(Stream.STDOUT, 2, b"o\n"))]  # (as before)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)

@@ -385,6 +385,7 @@ class Client:
                 stdout_offset=offsets[Stream.STDOUT],
                 stderr_offset=offsets[Stream.STDERR],
                 include_result=include_result,
+                attempt=attempt,  # (a retry since: its output comes from its start)
             )
             try:
                 async for msg in self.stub.StreamOutput(request):

@@ -416,10 +416,16 @@ class Master(Submission, Attempts):
         await self._complete(job, JobStatus.CANCELLED, error=reason)
 
     async def stream_output(
-        self, job_id: JobId, offsets: Mapping[Stream, int], follow: bool, include_result: bool
+        self,
+        job_id: JobId,
+        offsets: Mapping[Stream, int],
+        follow: bool,
+        include_result: bool,
+        of_attempt: int = 0,
     ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
-        """Stored output from ``offsets``, then (when following) live output until the end,
-        then (with ``include_result``, once the job has ended) the job itself, without output."""
+        """Stored output from ``offsets`` (of attempt ``of_attempt``, if not 0: another
+        attempt's output starts from 0), then (when following) live output until the end, then
+        (with ``include_result``, once the job has ended) the job itself, without output."""
         job = self._active.get(job_id)
         if job is not None and job.status.terminal:
             # Finishing: its followers were already told; read it as committed instead.
@@ -427,8 +433,9 @@ class Master(Submission, Attempts):
             job = None
         follower = self.hub.follow(job_id) if job is not None and follow else None
         try:
-            attempt, stored, final = await self._stored_output(job_id, job, offsets)
-            sent = {s: offsets.get(s, 0) for s in Stream}
+            attempt, stored, final, sent = await self._stored_output(
+                job_id, job, offsets, of_attempt
+            )
             for chunk in stored:
                 sent[chunk.stream] = chunk.offset + len(chunk.data)
                 yield attempt, chunk
@@ -443,23 +450,23 @@ class Master(Submission, Attempts):
             yield final
 
     async def _stored_output(
-        self, job_id: JobId, job: ActiveJob | None, offsets: Mapping[Stream, int]
-    ) -> tuple[int, list[OutputChunk], Job | None]:
-        """What a follower starts from: (attempt, stored output, the job if it has ended)."""
+        self, job_id: JobId, job: ActiveJob | None, offsets: Mapping[Stream, int], of_attempt: int
+    ) -> tuple[int, list[OutputChunk], Job | None, dict[Stream, int]]:
+        """What a follower starts from: (attempt, stored output, the job if it has ended, the
+        offsets it starts at)."""
         if job is None:
             final = await self.get(job_id, with_output=False)  # or NOT_FOUND
-            return final.attempt, await self.store.read_output(job_id, offsets), final
+            start = _start(offsets, of_attempt, final.attempt)
+            return final.attempt, await self.store.read_output(job_id, start), final, start
         attempt = job.attempt
+        start = _start(offsets, of_attempt, attempt)
         if job.kept_all:
             # Taken in the same step of the loop as the subscription: nothing falls between.
-            return (
-                attempt,
-                [c for c in (_tail(k, offsets.get(k.stream, 0)) for k in job.kept) if c],
-                None,
-            )
-        stored = await self.store.read_output(job_id, offsets)
+            kept = [c for c in (_tail(k, start[k.stream]) for k in job.kept) if c]
+            return attempt, kept, None, start
+        stored = await self.store.read_output(job_id, start)
         # A retry replaced the output meanwhile: follow the new attempt from its start.
-        return attempt, stored if job.attempt == attempt else [], None
+        return attempt, stored if job.attempt == attempt else [], None, start
 
     def nodes(self) -> list[NodeInfo]:
         return self.registry.nodes()
@@ -625,6 +632,12 @@ async def _live(
         if fresh is not None:
             sent[fresh.stream] = fresh.offset + len(fresh.data)
             yield attempt, fresh
+
+
+def _start(offsets: Mapping[Stream, int], of_attempt: int, attempt: int) -> dict[Stream, int]:
+    """Where a follower starts in ``attempt``'s output: at ``offsets`` if they are of it."""
+    same = not of_attempt or of_attempt == attempt
+    return {s: offsets.get(s, 0) if same else 0 for s in Stream}
 
 
 def _tail(chunk: OutputChunk, start: int) -> OutputChunk | None:

@@ -334,11 +334,17 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> AsyncGenerator[master_pb2.OutputChunk, None]:
         if request.stdout_offset < 0 or request.stderr_offset < 0:
             raise InvalidTaskSpec("output offsets must not be negative")
+        if request.attempt < 0:
+            raise InvalidTaskSpec("attempt must not be negative")
         if not current_identity().sees_all_jobs:
             await self._owned(_job_id(request.job_id), "output")
         offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
         async for item in self.master.stream_output(
-            _job_id(request.job_id), offsets, not request.no_follow, request.include_result
+            _job_id(request.job_id),
+            offsets,
+            not request.no_follow,
+            request.include_result,
+            request.attempt,
         ):
             if isinstance(item, Job):
                 yield master_pb2.OutputChunk(result=wire.job_to_status_pb(item))
