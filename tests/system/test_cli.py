@@ -165,6 +165,26 @@ def test_detach_then_status_list_and_logs(small_cluster: SmallCluster) -> None:
     assert (logs.code, logs.stdout, logs.stderr) == (0, "hello\n", "oops\n")
 
 
+
+def test_logs_json_keeps_characters_cut_between_pieces_whole(small_cluster: SmallCluster) -> None:
+    """Large output arrives in pieces cut anywhere, also inside a character: each JSON line's
+    text is whole characters, and the lines join into exactly what the command printed."""
+    addr = small_cluster.address
+    script = "import sys; sys.stdout.write('x' + 'é' * 300000); sys.stderr.buffer.write(b'bad\\xff')"
+    job = json.loads(run_cli("run", "--json", "--", "python3", "-c", script, master=addr).stdout)
+    assert job["status"] == "COMPLETED", job
+    result = run_cli("logs", "--json", job["id"], master=addr)
+    assert result.code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    out = [line for line in lines if line["stream"] == "stdout"]
+    assert len(out) > 1  # (in pieces)
+    assert "".join(line["data"] for line in out) == "x" + "é" * 300000
+    offsets = [line["offset"] for line in out]
+    sizes = [len(line["data"].encode()) for line in out]
+    assert offsets == [sum(sizes[:i]) for i in range(len(out))]
+    assert {line["attempt"] for line in lines} == {1}
+    assert "".join(line["data"] for line in lines if line["stream"] == "stderr") == "bad\ufffd"
+
 def test_logs_follow_streams_until_the_job_ends(
     small_cluster: SmallCluster, tmp_path: Path
 ) -> None:

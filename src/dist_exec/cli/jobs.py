@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import click
@@ -9,7 +10,6 @@ import click
 from dist_exec.cli.common import (
     MAX_INT32,
     TEXT,
-    as_text,
     connect,
     iso_time,
     job_json,
@@ -28,7 +28,9 @@ from dist_exec.models import (
     Job,
     JobStatus,
     NodeInfo,
+    OutputChunk,
     ScalerStatus,
+    Stream,
 )
 
 
@@ -168,29 +170,65 @@ def list_jobs(
 @master_option
 @json_option
 def logs(job_id: str, follow: bool, master_address: str, as_json: bool) -> None:
-    """Print a job's output: stdout to stdout, stderr to stderr."""
+    """Print a job's output: stdout to stdout, stderr to stderr. With --json, one object per
+    piece: stream, attempt, the byte offset its text starts at, and the text (a character cut
+    between two pieces goes whole into the second)."""
 
     async def body() -> None:
         printer, last_attempt = OutputPrinter(), 0
+        lines = _JsonLines()
         async with connect(master_address) as client:
             async for attempt, chunk in client.stream_output(job_id, follow=follow):
                 if attempt != last_attempt:
                     printer.next_attempt()
+                    lines.flush()
+                    if last_attempt and not as_json:
+                        printer.note(f"job {job_id} is being retried (attempt {attempt})")
                     last_attempt = attempt
                 if as_json:
-                    click.echo(
-                        json.dumps(
-                            {
-                                "stream": chunk.stream.name.lower(),
-                                "offset": chunk.offset,
-                                "data": as_text(chunk.data),
-                            }
-                        )
-                    )
-                    continue
-                printer.write(chunk)
+                    lines.add(attempt, chunk)
+                else:
+                    printer.write(chunk)
+        lines.flush()
 
     run_client(body())
+
+
+class _JsonLines:
+    """``logs --json``: each stream decoded as UTF-8 across its pieces (bytes that are not
+    UTF-8 become U+FFFD), one JSON line per piece."""
+
+    def __init__(self) -> None:
+        self._streams: dict[Stream, _Decoding] = {}
+
+    def add(self, attempt: int, chunk: OutputChunk) -> None:
+        decoding = self._streams.get(chunk.stream)
+        if decoding is None:
+            decoding = self._streams[chunk.stream] = _Decoding(attempt)
+        held = len(decoding.decoder.getstate()[0])
+        decoding.end = chunk.offset + len(chunk.data)
+        _emit(attempt, chunk.stream, chunk.offset - held, decoding.decoder.decode(chunk.data))
+
+    def flush(self) -> None:
+        """The end of an attempt's output: what a decoder still holds (a cut character)."""
+        for stream, decoding in self._streams.items():
+            held = len(decoding.decoder.getstate()[0])
+            text = decoding.decoder.decode(b"", final=True)
+            _emit(decoding.attempt, stream, decoding.end - held, text)
+        self._streams.clear()
+
+
+class _Decoding:
+    def __init__(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.end = 0  # where the bytes given so far end
+
+
+def _emit(attempt: int, stream: Stream, offset: int, text: str) -> None:
+    if text:
+        line = {"stream": stream.name.lower(), "attempt": attempt, "offset": offset}
+        click.echo(json.dumps({**line, "data": text}))
 
 
 @click.command()
