@@ -52,6 +52,11 @@ NODE_STATUS_TO_PB = {
 NODE_STATUS_FROM_PB = {v: k for k, v in NODE_STATUS_TO_PB.items()}
 
 
+# StreamOutput's initial metadata, sent before any output: the master took the stream and
+# follows the job (a client resumes a stream that breaks after it, and reports one that fails
+# before it at once).
+STREAM_OPEN = (("dist-exec-stream", "open"),)
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 

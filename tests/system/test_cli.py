@@ -165,12 +165,13 @@ def test_detach_then_status_list_and_logs(small_cluster: SmallCluster) -> None:
     assert (logs.code, logs.stdout, logs.stderr) == (0, "hello\n", "oops\n")
 
 
-
 def test_logs_json_keeps_characters_cut_between_pieces_whole(small_cluster: SmallCluster) -> None:
     """Large output arrives in pieces cut anywhere, also inside a character: each JSON line's
     text is whole characters, and the lines join into exactly what the command printed."""
     addr = small_cluster.address
-    script = "import sys; sys.stdout.write('x' + 'é' * 300000); sys.stderr.buffer.write(b'bad\\xff')"
+    script = (
+        "import sys; sys.stdout.write('x' + 'é' * 300000); sys.stderr.buffer.write(b'bad\\xff')"
+    )
     job = json.loads(run_cli("run", "--json", "--", "python3", "-c", script, master=addr).stdout)
     assert job["status"] == "COMPLETED", job
     result = run_cli("logs", "--json", job["id"], master=addr)
@@ -184,6 +185,7 @@ def test_logs_json_keeps_characters_cut_between_pieces_whole(small_cluster: Smal
     assert offsets == [sum(sizes[:i]) for i in range(len(out))]
     assert {line["attempt"] for line in lines} == {1}
     assert "".join(line["data"] for line in lines if line["stream"] == "stderr") == "bad\ufffd"
+
 
 def test_logs_follow_streams_until_the_job_ends(
     small_cluster: SmallCluster, tmp_path: Path
@@ -596,9 +598,19 @@ def test_timeouts_under_1ms_are_usage_errors(option: str) -> None:
     assert f"'{option}': '0.001ms' is shorter than 1ms" in result.stderr
 
 
-@pytest.mark.parametrize("args", [["run", "true"], ["status", str(uuid.uuid4())], ["nodes"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "true"],
+        ["status", str(uuid.uuid4())],
+        ["nodes"],
+        ["logs", str(uuid.uuid4())],
+        ["logs", "--follow", str(uuid.uuid4())],
+    ],
+)
 def test_unreachable_master_is_one_line(args: list[str]) -> None:
-    result = run_cli(*args, "--master", "127.0.0.1:1")
+    """At once: an output stream is resumed only once a master has taken it."""
+    result = run_cli(*args, "--master", "127.0.0.1:1", timeout=10)
     assert result.code in (1, 125)
     assert "cannot reach the master at 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc.aio
 import pytest
 
 from dist_exec.client import Client, command_spec
@@ -61,5 +63,40 @@ async def test_a_follower_resumes_after_dropped_connections_without_gaps_or_repe
         assert final is not None
         assert (final.id, final.status) == (job_id, JobStatus.COMPLETED)
         assert bytes(received) == expected  # every line, once, the last before the status
+    finally:
+        proxy.close()
+
+
+async def test_a_stream_that_carried_nothing_yet_is_resumed_once_a_master_took_it(
+    cluster: ClusterFactory,
+) -> None:
+    """Following a queued job: the stream breaks before any output. A master had taken it
+    (its initial metadata says so), so the client resumes rather than failing; a stream that
+    never reached a master fails at once (test_cli's unreachable master)."""
+    master = cluster.master()
+    proxy = CuttableProxy(*split_address(master.address)).start()
+    try:
+        async with Client(master.address) as direct:
+            job_id = await direct.submit(command_spec(["echo", "at-last"]))
+        async with Client(proxy.address) as client:
+            calls: list[grpc.aio.UnaryStreamCall[Any, Any]] = []
+            open_stream = client.stub.StreamOutput
+
+            def recorded(request: Any, **options: Any) -> Any:
+                calls.append(open_stream(request, **options))
+                return calls[-1]
+
+            client.stub.StreamOutput = recorded  # type: ignore[assignment]
+            follower = asyncio.create_task(client.wait(job_id))
+            async with asyncio.timeout(30):
+                while not calls:
+                    await asyncio.sleep(0.01)
+                await calls[0].initial_metadata()  # taken by the master, nothing sent yet
+                await asyncio.to_thread(proxy.drop)
+                while len(calls) < 2:  # resumed
+                    await asyncio.sleep(0.01)
+                cluster.worker(master, worker_id="w1")
+                job = await follower
+        assert (job.status, job.stdout) == (JobStatus.COMPLETED, b"at-last\n")
     finally:
         proxy.close()

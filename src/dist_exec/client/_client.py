@@ -378,6 +378,7 @@ class Client:
         broken stream; then the job when ``include_result``."""
         offsets = offsets or {Stream.STDOUT: 0, Stream.STDERR: 0}
         failures = 0
+        reached = False  # a master took one of these streams: a break after that is resumed
         while True:
             request = master_pb2.StreamOutputRequest(
                 job_id=job_id,
@@ -387,9 +388,10 @@ class Client:
                 include_result=include_result,
                 attempt=attempt,  # (a retry since: its output comes from its start)
             )
+            call = self.stub.StreamOutput(request)
             try:
-                async for msg in self.stub.StreamOutput(request):
-                    failures = 0
+                async for msg in call:
+                    failures, reached = 0, True
                     if msg.HasField("result"):
                         yield wire.job_from_status_pb(msg.result)
                         continue
@@ -398,7 +400,8 @@ class Client:
                 return
             except grpc.aio.AioRpcError as exc:
                 failures += 1
-                if exc.code() not in _RESUMABLE or failures > STREAM_RETRIES:
+                reached = reached or wire.STREAM_OPEN[0] in list(await call.initial_metadata())
+                if not reached or exc.code() not in _RESUMABLE or failures > STREAM_RETRIES:
                     raise self._error(exc) from None
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
 

@@ -339,6 +339,9 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         if not current_identity().sees_all_jobs:
             await self._owned(_job_id(request.job_id), "output")
         offsets = {Stream.STDOUT: request.stdout_offset, Stream.STDERR: request.stderr_offset}
+        # Before any output (there may be none for a while): the caller knows it reached a
+        # master that follows the job, so a break from now on is worth resuming.
+        await context.send_initial_metadata(wire.STREAM_OPEN)
         async for item in self.master.stream_output(
             _job_id(request.job_id),
             offsets,
