@@ -30,7 +30,6 @@ a run's own work is small next to its start-up.
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import os
 from collections.abc import Coroutine, MutableMapping
 from typing import Any
@@ -55,6 +54,8 @@ def tune_grpc(
     if "GRPC_EXPERIMENTS" in environ:
         return False
     if grpc_version is None:
+        import importlib.metadata  # (here: 50 ms that every dist-exec command would wait for)
+
         try:
             grpc_version = importlib.metadata.version("grpcio")
         except importlib.metadata.PackageNotFoundError:

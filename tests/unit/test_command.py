@@ -14,7 +14,7 @@ import pytest
 
 from dist_exec.client import command_spec
 from dist_exec.errors import InvalidTaskSpec
-from dist_exec.executors import ExecRequest, Executor, command
+from dist_exec.executors import ExecRequest, Executor, command, describe_task
 from dist_exec.executors.command import (
     ATTEMPT_ENV,
     BASE_ENV_KEYS,
@@ -575,3 +575,28 @@ async def test_cancel_kills_a_group_that_ignores_sigterm(process_groups: list[in
     # SIGKILL is delivered asynchronously: allow the kernel a moment to finish the job.
     await wait_until(lambda: not group_members(pgid), "the group to be killed")
     assert loop.time() - started < 5.0
+
+
+@pytest.mark.parametrize(
+    ("task_type", "payload", "line"),
+    [
+        (
+            "command",
+            CommandSpec("echo a\n#fake row", shell=True).to_payload(),
+            "echo a\\n#fake row",
+        ),
+        (
+            "command",
+            CommandSpec("printf", ["\x1b[31mRED\x9b"]).to_payload(),
+            "printf \\x1b[31mRED\\x9b",
+        ),
+        ("command", CommandSpec("ls", ["-la", "été"]).to_payload(), "ls -la été"),
+        ("http", b'{"url": "http://h/p"}', "GET http://h/p"),
+        ("other\r", b"", "other\\r"),
+    ],
+)
+def test_listings_show_control_characters_escaped(
+    task_type: str, payload: bytes, line: str
+) -> None:
+    """One line each, whoever's job it is: no forged rows, no escape sequences for a terminal."""
+    assert describe_task(task_type, payload) == line

@@ -95,3 +95,12 @@ def test_client_commands_do_not_import_uvloop() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout == "False\n"
+
+
+def test_the_command_takes_ctrl_c_over_before_anything_slow_is_imported() -> None:
+    """Until ``__main__.main`` runs, Ctrl-C ends ``dist-exec`` with a traceback: what it imports
+    before then must be quick (importlib.metadata alone took 50 ms)."""
+    slow = "{'importlib.metadata', 'grpc'}"
+    code = f"import sys, dist_exec.__main__; print(sorted({slow} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"
