@@ -234,3 +234,5 @@ class WorkerConfig:
     task_types: tuple[str, ...] = ()  # executors this worker runs (empty: every installed one)
     run_as: str | None = None  # None: "nobody" when the worker runs as root, else its own user
     run_as_pool: str = ""  # FIRST-LAST: each task runs as a uid of its own from this range
+    http_timeout_s: float = 30.0  # an HTTP job's limit unless its payload sets timeout_seconds
+    http_max_body_bytes: int = 4 * 1024 * 1024  # of an HTTP job's response body, kept

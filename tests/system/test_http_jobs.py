@@ -27,11 +27,22 @@ async def missing(request: web.Request) -> web.Response:
     return web.Response(status=404, text="no such thing")
 
 
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query["s"]))
+    return web.Response(text="late")
+
+
+async def big(request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * int(request.query["n"]))
+
+
 @pytest.fixture
 async def http_server() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route("*", "/hello", hello)
     app.router.add_get("/missing", missing)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/big", big)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -101,4 +112,37 @@ async def test_a_worker_runs_only_its_task_types(cluster: ClusterFactory, http_s
     assert (bad.code, bad.stderr) == (
         2,
         "dist-exec: unknown task type 'ftp'; installed: command, http\n",
+    )
+
+
+async def test_the_workers_http_limits_and_the_jobs_timeout(
+    cluster: ClusterFactory, http_server: str
+) -> None:
+    """--http-timeout and --http-max-body reach the executor; run's --timeout bounds the
+    request instead of the worker's default; a body cut at the limit is said, exit 63."""
+    master = cluster.master()
+    cluster.worker(master, extra=["--http-timeout", "1s", "--http-max-body", "1k"])
+
+    def run(*args: str) -> tuple[int, str, str]:
+        done = run_cli("run", "--type", "http", *args, master=master.address)
+        return done.code, done.stdout, done.stderr
+
+    code, _, err = await asyncio.to_thread(run, "--url", f"{http_server}/slow?s=2")
+    assert code == 124
+    assert "the http executor's timeout_s" in err
+    code, out, _ = await asyncio.to_thread(
+        run, "--timeout", "10s", "--url", f"{http_server}/slow?s=2"
+    )
+    assert (code, out) == (0, "late")
+    code, out, err = await asyncio.to_thread(run, "--url", f"{http_server}/big?n=5000")
+    assert (code, out) == (63, "x" * 1024)
+    assert "response body truncated at 1024 bytes" in err
+    code, _, err = await asyncio.to_thread(
+        run, "--header", "X-A=1", "--header", "x-a=2", "--url", f"{http_server}/hello"
+    )
+    assert (code, err) == (2, "dist-exec: --header x-a is given twice (header names ignore case)\n")
+    bad = await asyncio.to_thread(run_cli, "worker", "--master", "x:1", "--http-timeout", "0s")
+    assert (bad.code, bad.stderr) == (
+        2,
+        "dist-exec: --http-timeout must be more than 0 and at most 24h\n",
     )

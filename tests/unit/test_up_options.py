@@ -15,6 +15,7 @@ from dist_exec.cluster import ClusterOptions
 TASK_KEYS = (
     "task_types", "labels", "inherit_env", "task_memory_limit", "task_cpu_time_limit",
     "task_max_procs", "task_max_file_size", "containment", "run_as", "run_as_pool",
+    "http_timeout", "http_max_body",
 )  # fmt: skip
 
 
@@ -39,6 +40,8 @@ def test_default_task_options_give_no_arguments() -> None:
         ["--task-memory-limit", "256M", "--task-cpu-time-limit", "1.5s"],
         ["--task-cpu-time-limit", "0.00001s"],  # (not '1e-05', which a worker refuses)
         ["--task-max-procs", "7", "--task-max-file-size", "1k"],
+        ["--http-timeout", "1m30s", "--http-max-body", "64k"],
+        ["--http-timeout", "0.25s"],
     ],
 )
 def test_task_options_mean_the_same_to_a_worker(given: list[str]) -> None:

@@ -4,7 +4,8 @@ Exit codes: client commands exit 0 on success, 1 when dist-exec reports an error
 stderr), 2 on bad usage, 3 when the master does not accept the credentials (UNAUTHENTICATED)
 and 4 when the identity may not do that (PERMISSION_DENIED). ``run`` exits with the command's
 own exit code, 124 when it timed out, 130 when it was cancelled, 125 when dist-exec could not
-run it, and 3 or 4 as above. Ctrl-C (SIGTERM, SIGHUP) cancels the job of ``run``, which then
+run it, and 3 or 4 as above (an HTTP job: 0, 22 for a 4xx or 5xx status, 63 for a body cut).
+Ctrl-C (SIGTERM, SIGHUP) cancels the job of ``run``, which then
 dies of the signal (see interrupts.py); Ctrl-C ends any other client command as it ends a local
 program (killed by SIGINT: the shell shows 130).
 """

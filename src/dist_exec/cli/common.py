@@ -57,6 +57,7 @@ EXIT_TIMEOUT = 124
 EXIT_NOT_RUN = 125
 EXIT_CANCELLED = 130
 EXIT_HTTP_ERROR = 22  # an HTTP job answered with a 4xx or 5xx status (curl --fail's code)
+EXIT_HTTP_TRUNCATED = 63  # an HTTP job's response body was cut at the worker's limit (curl's)
 JSON_PIECE = 65536  # characters of JSON output per write (a pipe's capacity)
 
 

@@ -18,6 +18,7 @@ from dist_exec.cli.common import (
     EXIT_CANCELLED,
     EXIT_ERROR,
     EXIT_HTTP_ERROR,
+    EXIT_HTTP_TRUNCATED,
     EXIT_NOT_RUN,
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -41,6 +42,7 @@ from dist_exec.errors import (
     DistExecError,
     JobAlreadyFinished,
 )
+from dist_exec.executors.http import MAX_TIMEOUT_S as HTTP_MAX_TIMEOUT_S
 from dist_exec.executors.http import HttpSpec
 from dist_exec.executors.limits import LIMIT_METADATA_KEY, MAX_PROCS, format_size
 from dist_exec.interrupts import Interrupted, Interrupts, die_of
@@ -219,7 +221,13 @@ def run(
     if task_type == "http":
         if not url or command:
             fail("--type http takes --url URL and no command", EXIT_USAGE)
-        body = HttpSpec(url, method, dict(headers), data).to_payload()
+        names = [name.lower() for name, _ in headers]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            fail(f"--header {twice} is given twice (header names ignore case)", EXIT_USAGE)
+        # --timeout bounds the request itself too (else the worker's --http-timeout does).
+        request_s = None if timeout is None else min(timeout, HTTP_MAX_TIMEOUT_S)
+        body = HttpSpec(url, method, dict(headers), data, request_s).to_payload()
         spec = TaskSpec("http", body, timeout or 0.0, priority, max_retries=max_retries)
     else:
         if not command:
@@ -608,6 +616,9 @@ def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
         return EXIT_NOT_RUN
     if job.spec.task_type == "http":
         if job.status == JobStatus.COMPLETED:
+            if job.result_metadata.get("truncated") == "true":  # (not all of it was printed)
+                say(job.error)
+                return EXIT_HTTP_TRUNCATED
             return 0
         say(job.error or f"HTTP {job.exit_code}")
         return EXIT_HTTP_ERROR

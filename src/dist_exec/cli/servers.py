@@ -35,6 +35,9 @@ from dist_exec.config import (
     check_bindable,
     default_data_dir,
     default_worker_id,
+    format_duration,
+    parse_duration,
+    parse_size,
 )
 from dist_exec.errors import (
     InvalidTaskSpec,
@@ -345,6 +348,7 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+HTTP_TIMEOUT, HTTP_MAX_BODY = "30s", "4M"  # (the HTTP executor's defaults)
 _TASK_OPTIONS = [
     click.option(
         "--task-type",
@@ -416,6 +420,22 @@ _TASK_OPTIONS = [
         help="User that commands run as (needs root). Default: 'nobody' when the worker runs as "
         "root, else the worker's own user; '--run-as root' keeps root.",
     ),
+    click.option(
+        "--http-timeout",
+        type=DURATION,
+        default=HTTP_TIMEOUT,
+        show_default=True,
+        help="How long an HTTP job's request may take unless the job sets its own "
+        "(run --type http --timeout); the job's timeout applies too.",
+    ),
+    click.option(
+        "--http-max-body",
+        type=SIZE,
+        default=HTTP_MAX_BODY,
+        show_default=True,
+        help="Most of an HTTP job's response body read; a longer one is cut (the job's "
+        "error and metadata say so, and run exits 63).",
+    ),
 ]
 
 
@@ -430,6 +450,8 @@ def task_args(
     containment: str,
     run_as_pool: str | None,
     run_as: str | None,
+    http_timeout: float,
+    http_max_body: int,
 ) -> list[str]:
     """The task options as command-line arguments (those that differ from the defaults)."""
     args = [a for name in task_types for a in ("--task-type", name)]
@@ -450,7 +472,22 @@ def task_args(
         args += ["--run-as", run_as]
     if run_as_pool is not None:
         args += ["--run-as-pool", run_as_pool]
+    if http_timeout != parse_duration(HTTP_TIMEOUT):
+        args += ["--http-timeout", f"{http_timeout:.9f}".rstrip("0").rstrip(".") + "s"]
+    if http_max_body != parse_size(HTTP_MAX_BODY):
+        args += ["--http-max-body", str(http_max_body)]
     return args
+
+
+def check_http_options(timeout_s: float, max_body_bytes: int) -> None:
+    """--http-timeout and --http-max-body as the HTTP executor takes them, else one line."""
+    from dist_exec.executors.http import MAX_TIMEOUT_S
+
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        fail(f"--http-timeout must be more than 0 and at most {format_duration(MAX_TIMEOUT_S)}",
+             EXIT_USAGE)  # fmt: skip
+    if max_body_bytes <= 0:
+        fail("--http-max-body must be more than 0", EXIT_USAGE)
 
 
 def task_limits(memory: int, cpu_time: float, max_procs: int, max_file_size: int) -> TaskLimits:
@@ -589,6 +626,8 @@ def worker(
     containment: str,
     run_as_pool: str | None,
     run_as: str | None,
+    http_timeout: float,
+    http_max_body: int,
     log_level: str,
 ) -> None:
     """Run a worker: registers with the master and runs the tasks it is sent."""
@@ -597,6 +636,7 @@ def worker(
 
     setup_logging(log_level)
     _one_user_option(run_as, run_as_pool)
+    check_http_options(http_timeout, http_max_body)
     tls = server_tls(listen, "worker")
     try:
         all_labels = dict(_labels_from_env()) | dict(labels)
@@ -627,6 +667,8 @@ def worker(
         containment=containment,
         run_as=run_as,
         run_as_pool=run_as_pool or "",
+        http_timeout_s=http_timeout,
+        http_max_body_bytes=http_max_body,
     )
     check_listen(listen)
     try:
@@ -700,6 +742,7 @@ def up(
         task["task_max_file_size"],
     )
     worker_task_types(task["task_types"])  # an unknown one refused here, in one line
+    check_http_options(task["http_timeout"], task["http_max_body"])
     try:
         _one_user_option(task["run_as"], task["run_as_pool"])
         if task["run_as_pool"] is not None:

@@ -196,7 +196,11 @@ async def run_worker(
                     "blocked_commands": config.blocked_commands,
                     "process_guard": guard,
                     "containment": containment,
-                }
+                },
+                "http": {
+                    "timeout_s": config.http_timeout_s,
+                    "max_body_bytes": config.http_max_body_bytes,
+                },
             },
         )
     )
