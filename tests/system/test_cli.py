@@ -546,6 +546,7 @@ def test_nodes_lists_workers(small_cluster: SmallCluster) -> None:
         (["logs", "3f2c0d6e-0000-4000-8000-000000000000"], 1, "not found"),
         (["list", "--status", "BOGUS"], 2, "Invalid value for '--status'"),
         (["list", "--limit", "0"], 2, "Invalid value for '--limit'"),
+        (["list", "--broadcast", "nope"], 1, "invalid broadcast id 'nope'"),
     ],
 )
 def test_bad_input_gets_one_clear_line(
@@ -555,6 +556,24 @@ def test_bad_input_gets_one_clear_line(
     assert result.code == code
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_worker_or_a_broken_client_config_is_named_as_such(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    worker = small_cluster.workers[0].address
+    result = run_cli("status", str(uuid.uuid4()), master=worker)
+    assert (result.code, result.stderr) == (
+        1,
+        f"dist-exec: {worker} is not a dist-exec master (it does not serve the MasterService); "
+        "point to the master with --master or DIST_EXEC_MASTER\n",
+    )
+    for text, says in (("{}", "it has no 'master' field"), ("[]", "not a JSON object")):
+        config = tmp_path / "client.json"
+        config.write_text(text)
+        result = run_cli("nodes", "--client-config", str(config), master=small_cluster.address)
+        assert result.code != 0
+        assert result.stderr == f"dist-exec: cannot use client config {config}: {says}\n"
 
 
 NOT_UTF8 = os.fsdecode(b"\xff")  # what an argument that is not UTF-8 arrives as

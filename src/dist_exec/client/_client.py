@@ -125,6 +125,12 @@ class Client:
                 f"the master at {self.address} closed the connection: it requires TLS; pass "
                 "--ca and --cert/--key (a local cluster's are found for the user who started it)"
             )
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED and details == "method not found!":
+            # (gRPC's own answer for a service the server does not have: a worker, say)
+            return DistExecError(
+                f"{self.address} is not a dist-exec master (it does not serve the "
+                "MasterService); point to the master with --master or DIST_EXEC_MASTER"
+            )
         return from_rpc_error(exc, self.address)
 
     async def submit(self, spec: TaskSpec) -> JobId:

@@ -52,11 +52,11 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _job_id(raw: str) -> JobId:
+def _job_id(raw: str, what: str = "job id") -> JobId:
     try:
         return JobId(str(uuid.UUID(raw)))
     except ValueError:
-        raise InvalidTaskSpec(f"invalid job id {shorten(raw)}: expected a UUID") from None
+        raise InvalidTaskSpec(f"invalid {what} {shorten(raw)}: expected a UUID") from None
 
 
 def _log_unheard_failure(work: asyncio.Future[str]) -> None:
@@ -309,7 +309,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             status = wire.JOB_STATUS_FROM_PB.get(request.status_filter)
             if status is None:
                 raise InvalidTaskSpec(f"unknown status_filter value {request.status_filter}")
-        broadcast = _job_id(request.broadcast_id) if request.broadcast_id else ""
+        broadcast = _job_id(request.broadcast_id, "broadcast id") if request.broadcast_id else ""
         identity = current_identity()
         owner = request.owner or None
         if not identity.sees_all_jobs:

@@ -171,11 +171,15 @@ def load_client_config(path: Path) -> tuple[str, Credentials]:
     """(master address, credentials) from a ``client.json``."""
     try:
         body = json.loads(path.read_text())
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
         return str(body["master"]), Credentials.from_files(
             Path(body["ca"]), Path(body["cert"]), Path(body["key"]),
             token_file=Path(body["token_file"]),
         )  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except KeyError as exc:
+        raise CredentialsError(f"cannot use client config {path}: it has no {exc} field") from None
+    except (OSError, ValueError, TypeError) as exc:
         raise CredentialsError(f"cannot use client config {path}: {exc}") from None
 
 
