@@ -39,6 +39,10 @@ _NUMBER = re.compile(r"[0-9]*\.?[0-9]+", re.ASCII)
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+MAX_INT32 = 2**31 - 1  # the most an int32 field of the protocol holds
+MAX_LIST_JOBS = 1000  # jobs per ListJobs answer
+
+
 def parse_duration(text: str) -> float:
     """'500ms', '30s', '5m', '1h', '1h30m' or a bare number of seconds -> seconds."""
     s = text.strip().lower()

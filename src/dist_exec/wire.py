@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from dist_exec.errors import InvalidTaskSpec
 from dist_exec.models import (
     NO_LIMITS,
     AttemptOutcome,
@@ -112,6 +113,13 @@ def limits_from_pb(msg: common_pb2.Limits) -> TaskLimits:
 
 
 def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
+    try:
+        return _submit_request(spec)
+    except ValueError as exc:  # (a number its int32 field cannot hold, say)
+        raise InvalidTaskSpec(f"the job cannot be sent: {exc}") from None
+
+
+def _submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
     return master_pb2.SubmitRequest(
         task_type=spec.task_type,
         payload=spec.payload,

@@ -66,7 +66,6 @@ JSON_PIECE = 65536  # characters of JSON output per write (a pipe's capacity)
 # integer out of its field's range and text that is not UTF-8 (an argument that is not arrives
 # with lone surrogates), and gRPC a header value that is not visible ASCII.
 
-MAX_INT32 = 2**31 - 1
 MAX_DURATION_S = 315_576_000_000.0  # the most a protobuf Duration holds (10000 years)
 
 

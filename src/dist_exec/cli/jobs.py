@@ -8,7 +8,6 @@ import json
 import click
 
 from dist_exec.cli.common import (
-    MAX_INT32,
     TEXT,
     connect,
     iso_time,
@@ -20,6 +19,7 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.cli.run import OutputPrinter
+from dist_exec.config import MAX_INT32, MAX_LIST_JOBS
 from dist_exec.errors import (
     JobNotFound,
 )
@@ -88,7 +88,7 @@ def status(job_id: str, master_address: str, as_json: bool) -> None:
             try:
                 return await client.get(job_id)
             except JobNotFound:
-                members, _ = await client.list_jobs(1000, broadcast_id=job_id)
+                members, _ = await client.list_jobs(MAX_LIST_JOBS, broadcast_id=job_id)
                 if not members:
                     raise
                 return [await client.get(j.id) for j, _ in members]
@@ -115,7 +115,7 @@ def _status_choice(value: str | None) -> JobStatus | None:
 
 
 @click.command(name="list")
-@click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIST_JOBS), default=10, show_default=True)
 @click.option("--offset", type=click.IntRange(0, MAX_INT32), default=0)
 @click.option(
     "--status",

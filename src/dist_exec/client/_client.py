@@ -11,8 +11,8 @@ import grpc.aio
 
 from dist_exec import wire
 from dist_exec.client._session import RunSession, rpc_error
-from dist_exec.config import dial_address
-from dist_exec.errors import DistExecError, Unauthenticated, from_rpc_error
+from dist_exec.config import MAX_INT32, MAX_LIST_JOBS, dial_address
+from dist_exec.errors import DistExecError, InvalidTaskSpec, Unauthenticated, from_rpc_error
 from dist_exec.executors.command import CommandSpec
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.models import (
@@ -56,6 +56,10 @@ def command_spec(
 ) -> TaskSpec:
     """A TaskSpec for the command executor: a shell string, or argv when ``shell`` is False.
     ``stdin``: the bytes the command reads (text: its UTF-8)."""
+    if not isinstance(stdin, str | bytes):
+        raise InvalidTaskSpec(f"stdin must be str or bytes, not {type(stdin).__name__}")
+    if not command:
+        raise InvalidTaskSpec("the command is empty: give a shell string or argv")
     data = stdin.encode() if isinstance(stdin, str) else stdin
     if isinstance(command, str):
         spec = CommandSpec(command, [], shell, dict(env or {}), working_dir, data)
@@ -88,6 +92,7 @@ class Client:
         self._stub: MasterServiceAsyncStub | None = None
         self._session: RunSession | None = None
         self._use_session = True  # until the master says it has no RunSession
+        self._closed = False
 
     async def __aenter__(self) -> Client:
         self._channel = self.credentials.channel(self.address, CHANNEL_OPTIONS)
@@ -101,10 +106,13 @@ class Client:
             await self._session.close()
         if self._channel is not None:
             await self._channel.close()
+        self._stub, self._session, self._closed = None, None, True
 
     @property
     def stub(self) -> MasterServiceAsyncStub:
         if self._stub is None:
+            if self._closed:
+                raise RuntimeError("this Client is closed: its 'async with' block has ended")
             raise RuntimeError("use the Client as 'async with Client(...) as client'")
         return self._stub
 
@@ -197,6 +205,10 @@ class Client:
         broadcast_id: str = "",
         owner: str = "",
     ) -> tuple[list[tuple[Job, str]], int]:
+        if not 1 <= limit <= MAX_LIST_JOBS or not 0 <= offset <= MAX_INT32:
+            raise InvalidTaskSpec(
+                f"limit must be 1-{MAX_LIST_JOBS} and offset 0-{MAX_INT32}; got {limit}, {offset}"
+            )
         request = master_pb2.ListJobsRequest(
             limit=limit,
             offset=offset,

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 
 from dist_exec.clock import Clock
-from dist_exec.config import MasterConfig, format_duration
+from dist_exec.config import MAX_LIST_JOBS, MasterConfig, format_duration
 from dist_exec.errors import (
     InvalidTaskSpec,
     JobAlreadyFinished,
@@ -352,7 +352,7 @@ class Master(Submission, Attempts):
         if limit < 0 or offset < 0:
             raise InvalidTaskSpec("limit and offset must not be negative")
         return await self.store.list_jobs(
-            min(limit or 100, 1000), offset, status, broadcast_id, owner
+            min(limit or 100, MAX_LIST_JOBS), offset, status, broadcast_id, owner
         )
 
     async def cancel(self, job_id: JobId, wait_s: float) -> str:

@@ -1,0 +1,42 @@
+"""What a library user gets for bad arguments and for a closed client: a DistExecError (or a
+RuntimeError for misuse) that says what is wrong, never an IndexError or gRPC's UsageError."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_exec import wire
+from dist_exec.client import Client, InvalidTaskSpec, command_spec
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: command_spec([]), "the command is empty"),
+        (lambda: command_spec(""), "the command is empty"),
+        (lambda: command_spec("cat", stdin=5), "stdin must be str or bytes, not int"),  # type: ignore[arg-type]
+        (
+            lambda: wire.submit_request(command_spec("true", priority=2**40)),
+            "the job cannot be sent: Value out of range",
+        ),
+    ],
+)
+def test_a_job_that_cannot_be_built_is_an_invalid_task_spec(make: object, message: str) -> None:
+    with pytest.raises(InvalidTaskSpec, match=message):
+        make()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("limit", "offset"), [(0, 0), (1001, 0), (10, -1), (10, 2**31)])
+async def test_list_limits_are_checked_before_sending(limit: int, offset: int) -> None:
+    async with Client("127.0.0.1:1") as client:
+        with pytest.raises(InvalidTaskSpec, match="limit must be 1-1000 and offset 0-"):
+            await client.list_jobs(limit, offset)
+
+
+async def test_a_closed_client_says_so() -> None:
+    async with Client("127.0.0.1:1") as client:
+        pass
+    with pytest.raises(RuntimeError, match="this Client is closed"):
+        await client.get("3f2c0d6e-0000-4000-8000-000000000000")
+    with pytest.raises(RuntimeError, match="use the Client as 'async with"):
+        await Client("127.0.0.1:1").get("3f2c0d6e-0000-4000-8000-000000000000")
