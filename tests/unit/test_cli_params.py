@@ -1,11 +1,15 @@
-"""What the client commands' parameters accept: only what the wire can carry."""
+"""What the client commands' parameters accept: only what the wire can carry; and how they
+print JSON."""
 
 from __future__ import annotations
+
+import json
 
 import click
 import pytest
 
 from dist_exec.cli import jobs, run
+from dist_exec.cli.common import JsonArrayPrinter, print_json
 
 CLIENT_COMMANDS = [
     run.run, jobs.status, jobs.list_jobs, jobs.logs, jobs.cancel, jobs.nodes, jobs.drain,
@@ -44,3 +48,20 @@ def test_run_takes_argv_only_after_a_double_dash_that_ends_the_options(
 ) -> None:
     ctx = run.run.make_context("run", args)
     assert (ctx.meta["argv_mode"], ctx.params["command"]) == (argv_mode, command)
+
+
+@pytest.mark.parametrize(
+    "items", [[], [{"a": 1, "b": "x\ny"}], [{"a": 1}, {"b": [1, {"c": None}]}, "s"]]
+)
+def test_a_json_array_printed_an_element_at_a_time_is_the_same_text(
+    items: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """list --json prints each job as it gets it (never all of them in memory at once)."""
+    print_json(items)
+    whole = capsys.readouterr().out
+    printer = JsonArrayPrinter()
+    for item in items:
+        printer.add(item)
+    printer.end()
+    assert capsys.readouterr().out == whole
+    assert json.loads(whole) == items

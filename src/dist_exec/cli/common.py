@@ -10,6 +10,7 @@ import logging
 import select
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from pathlib import Path
@@ -413,9 +414,28 @@ def node_json(node: NodeInfo) -> dict[str, Any]:
 
 
 def print_json(value: Any) -> None:
-    """In pieces: CPython 3.11 drops the rest of one large write once a part of it is written,
-    so a reader that exits early (| head -c 10) would go unnoticed; the next piece fails."""
-    text = json.dumps(value, indent=2) + "\n"
+    _echo_in_pieces(json.dumps(value, indent=2) + "\n")
+
+
+class JsonArrayPrinter:
+    """Prints a JSON array an element at a time (as print_json prints the whole list): the
+    elements need not all be held at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, value: Any) -> None:
+        element = textwrap.indent(json.dumps(value, indent=2), "  ")
+        _echo_in_pieces(("[\n" if self.count == 0 else ",\n") + element)
+        self.count += 1
+
+    def end(self) -> None:
+        _echo_in_pieces("[]\n" if self.count == 0 else "\n]\n")
+
+
+def _echo_in_pieces(text: str) -> None:
+    """CPython 3.11 drops the rest of one large write once a part of it is written, so a
+    reader that exits early (| head -c 10) would go unnoticed; the next piece fails."""
     for start in range(0, len(text), JSON_PIECE):
         click.echo(text[start : start + JSON_PIECE], nl=False)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 
 import click
 
 from dist_exec.cli.common import (
     TEXT,
+    JsonArrayPrinter,
     connect,
     iso_time,
     job_json,
@@ -139,17 +141,21 @@ def list_jobs(
 ) -> None:
     """List recent jobs, newest first."""
 
-    async def body() -> tuple[list[tuple[Job, str]], list[Job], int]:
+    async def body() -> tuple[list[tuple[Job, str]], int]:
         async with connect(master_address) as client:
             jobs, total = await client.list_jobs(
                 limit, offset, _status_choice(status_filter), broadcast or ""
             )
-            full = [await client.get(j.id) for j, _ in jobs] if as_json else []
-            return jobs, full, total
+            if as_json:  # each job whole (output too), one at a time: never all in memory
+                printer = JsonArrayPrinter()
+                for listed, _ in jobs:
+                    with contextlib.suppress(JobNotFound):  # (removed since it was listed)
+                        printer.add(job_json(await client.get(listed.id)))
+                printer.end()
+            return jobs, total
 
-    jobs, full, total = run_client(body())
+    jobs, total = run_client(body())
     if as_json:
-        print_json([job_json(j) for j in full])
         return
     click.echo(f"{'JOB':<36}  {'STATUS':<9}  {'EXIT':>4}  {'WORKER':<20}  {'CREATED':<20}  COMMAND")
     for job, summary in jobs:
