@@ -29,6 +29,7 @@ class CuttableProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepted = 0  # connections accepted so far (each one a client's connect attempt)
+        self.refusing = False
 
     @property
     def address(self) -> str:
@@ -49,6 +50,11 @@ class CuttableProxy:
 
     def heal(self) -> None:
         self._loop.call_soon_threadsafe(self._open.set)
+        self.refusing = False
+
+    def refuse(self) -> None:
+        """Close every new connection at once, as a host whose server is down (until heal)."""
+        self.refusing = True
 
     def drop(self) -> None:
         """Close every connection open now (new ones go through): a dropped connection."""
@@ -80,6 +86,8 @@ class CuttableProxy:
         self._tasks.add(task)
         self.accepted += 1
         try:
+            if self.refusing:
+                return
             await self._open.wait()  # a connection made during a cut waits for the heal
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             try:

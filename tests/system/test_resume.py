@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc.aio
@@ -100,3 +101,41 @@ async def test_a_stream_that_carried_nothing_yet_is_resumed_once_a_master_took_i
         assert (job.status, job.stdout) == (JobStatus.COMPLETED, b"at-last\n")
     finally:
         proxy.close()
+
+
+async def test_a_run_resumes_when_the_master_is_still_away_at_first(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """The run's stream breaks and the master cannot be reached for a while (restarting): the
+    run keeps trying, since that master had accepted the job, and ends with it."""
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    proxy = CuttableProxy(*split_address(master.address)).start()
+    gate = tmp_path / "gate"
+    spec = command_spec(
+        f"echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after", shell=True
+    )
+    try:
+        async with Client(proxy.address) as client:
+            items = client.run(spec)
+            async with asyncio.timeout(60):
+                job_id = await anext(items)
+                assert await anext(items) == (1, OutputChunk(Stream.STDOUT, 0, b"before\n"))
+                rest = asyncio.create_task(_all(items))
+                proxy.refuse()
+                tried = proxy.accepted
+                await asyncio.to_thread(proxy.drop)
+                while proxy.accepted < tried + 2:  # turned away twice
+                    await asyncio.sleep(0.01)
+                gate.touch()
+                proxy.heal()
+                *chunks, final = await rest
+        assert isinstance(final, Job)
+        assert (final.id, final.status) == (job_id, JobStatus.COMPLETED)
+        assert chunks == [(1, OutputChunk(Stream.STDOUT, 7, b"after\n"))]  # from where it was
+    finally:
+        proxy.close()
+
+
+async def _all(items: AsyncIterator[object]) -> list[object]:
+    return [item async for item in items]

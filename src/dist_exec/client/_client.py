@@ -306,7 +306,7 @@ class Client:
             await events.aclose()
         if job_id is None:
             raise DistExecError("the master ended the call without accepting the job")
-        async for item in self._watch(job_id, offsets, attempt):
+        async for item in self._watch(job_id, offsets, attempt, reached=True):  # (it accepted)
             yield item
 
     async def run_many(
@@ -370,9 +370,13 @@ class Client:
             yield item
 
     async def _watch(
-        self, job_id: str, offsets: dict[Stream, int] | None = None, attempt: int = 0
+        self,
+        job_id: str,
+        offsets: dict[Stream, int] | None = None,
+        attempt: int = 0,
+        reached: bool = False,
     ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
-        async for item in self._stream(job_id, True, True, offsets, attempt):
+        async for item in self._stream(job_id, True, True, offsets, attempt, reached):
             yield item
             if isinstance(item, Job):
                 return
@@ -391,12 +395,13 @@ class Client:
         include_result: bool,
         offsets: dict[Stream, int] | None = None,
         attempt: int = 0,
+        reached: bool = False,
     ) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
         """Output from ``offsets`` of ``attempt`` on (the start: none), resuming after a
-        broken stream; then the job when ``include_result``."""
+        broken stream; then the job when ``include_result``. A stream is resumed once a master
+        took one (``reached``: one took the job before, as for a run)."""
         offsets = offsets or {Stream.STDOUT: 0, Stream.STDERR: 0}
         failures = 0
-        reached = False  # a master took one of these streams: a break after that is resumed
         while True:
             request = master_pb2.StreamOutputRequest(
                 job_id=job_id,
