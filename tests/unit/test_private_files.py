@@ -60,6 +60,12 @@ def test_an_open_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir(mode=0o755)
     os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    (data / "f").write_text("theirs")
+    (data / "f").chmod(0o666)
+    os.chown(data / "f", nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(NotPrivate):
+        write_private(data / "f", "ours")
+    assert (data / "f").read_text() == "theirs"  # refused before it was emptied
     with pytest.raises(NotPrivate) as info:
         private_dir(data)
     assert str(info.value) == (

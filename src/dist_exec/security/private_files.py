@@ -51,15 +51,18 @@ def private_file(path: Path) -> None:
 
 
 def open_private(path: Path, flags: int) -> int:
-    """``os.open`` that creates ``path`` with mode 0600 and makes an existing one private."""
+    """``os.open`` that creates ``path`` with mode 0600 and makes an existing one private. A
+    file that is refused is left as it was (O_TRUNC is applied once the file is taken)."""
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, flags & ~os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _link(path) from None
         raise
     try:
         _make_private(fd, path)
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
     except BaseException:
         os.close(fd)
         raise
