@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_exec.cli.common import printable
 from dist_exec.client import command_spec
 from dist_exec.errors import InvalidTaskSpec
 from dist_exec.executors import ExecRequest, Executor, command, describe_task
@@ -578,25 +579,28 @@ async def test_cancel_kills_a_group_that_ignores_sigterm(process_groups: list[in
 
 
 @pytest.mark.parametrize(
-    ("task_type", "payload", "line"),
+    ("task_type", "payload", "line", "shown"),
     [
         (
             "command",
             CommandSpec("echo a\n#fake row", shell=True).to_payload(),
+            "echo a\n#fake row",
             "echo a\\n#fake row",
         ),
         (
             "command",
             CommandSpec("printf", ["\x1b[31mRED\x9b"]).to_payload(),
+            "printf \x1b[31mRED\x9b",
             "printf \\x1b[31mRED\\x9b",
         ),
-        ("command", CommandSpec("ls", ["-la", "été"]).to_payload(), "ls -la été"),
-        ("http", b'{"url": "http://h/p"}', "GET http://h/p"),
-        ("other\r", b"", "other\\r"),
+        ("command", CommandSpec("ls", ["-la", "été"]).to_payload(), "ls -la été", "ls -la été"),
+        ("http", b'{"url": "http://h/p"}', "GET http://h/p", "GET http://h/p"),
     ],
 )
-def test_listings_show_control_characters_escaped(
-    task_type: str, payload: bytes, line: str
+def test_listings_keep_the_command_and_terminals_see_control_characters_escaped(
+    task_type: str, payload: bytes, line: str, shown: str
 ) -> None:
-    """One line each, whoever's job it is: no forged rows, no escape sequences for a terminal."""
+    """JSON keeps the command as typed (it escapes what it must itself); what a terminal is
+    shown is one line whoever's job it is: no forged rows, no escape sequences."""
     assert describe_task(task_type, payload) == line
+    assert printable(line) == shown

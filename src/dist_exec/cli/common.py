@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import logging
+import re
 import select
 import signal
 import sys
@@ -328,7 +329,7 @@ def server_tls(listen: str, what: str) -> TlsFiles | None:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    click.echo(f"dist-exec: {message}", err=True)
+    click.echo(f"dist-exec: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -411,6 +412,20 @@ def node_json(node: NodeInfo) -> dict[str, Any]:
         "last_seen": iso_time(node.last_seen_wall),
         "task_limits": asdict(node.task_limits) if node.task_limits.any else None,
     }
+
+
+def printable(text: str) -> str:
+    """Text for a terminal, control characters escaped: it may be another user's, and a
+    newline in it must not make a row of its own, nor an escape sequence reach the terminal.
+    (JSON output escapes them itself and keeps the text as it is.)"""
+    return _CONTROL.sub(_escape, text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode()
 
 
 def print_json(value: Any) -> None:

@@ -18,6 +18,7 @@ from dist_exec.cli.common import (
     master_option,
     node_json,
     print_json,
+    printable,
     run_client,
 )
 from dist_exec.cli.run import OutputPrinter
@@ -67,7 +68,7 @@ def _describe_job(job: Job) -> None:
             )
         )
     for key, value in rows:
-        click.echo(f"{key + ':':<11}{value}")
+        click.echo(f"{key + ':':<11}{printable(value)}")
     if len(job.attempts) > 1 or any(a.detail for a in job.attempts):
         click.echo("attempts:")
         for a in job.attempts:
@@ -75,7 +76,7 @@ def _describe_job(job: Job) -> None:
             ended = a.ended_at.strftime("%H:%M:%S") if a.ended_at else "running"
             line = f"  #{a.attempt} {a.node_id or '-'} {started}-{ended} "
             line += a.outcome.value if a.outcome else "RUNNING"
-            click.echo(line + (f": {a.detail}" if a.detail else ""))
+            click.echo(printable(line + (f": {a.detail}" if a.detail else "")))
 
 
 @click.command()
@@ -163,8 +164,8 @@ def list_jobs(
         exit_code = "-" if job.exit_code is None else str(job.exit_code)
         worker_id = (job.worker_id or "-")[:20]
         click.echo(
-            f"{job.id:<36}  {job.status.value:<9}  {exit_code:>4}  {worker_id:<20}"
-            f"  {created:<20}  {summary}"
+            f"{job.id:<36}  {job.status.value:<9}  {exit_code:>4}  {printable(worker_id):<20}"
+            f"  {created:<20}  {printable(summary)}"
             + (f"  [broadcast {job.spec.broadcast_id[:8]}]" if job.spec.broadcast_id else "")
         )
     click.echo(f"({len(jobs)} of {total} jobs)", err=True)

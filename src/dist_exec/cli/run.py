@@ -34,6 +34,7 @@ from dist_exec.cli.common import (
     lost_output,
     master_option,
     print_json,
+    printable,
     run_client,
 )
 from dist_exec.client import Client, command_spec
@@ -593,7 +594,7 @@ class OutputPrinter:
     def note(self, message: str) -> None:
         """One line of dist-exec's own on stderr."""
         start = "\n" if self.mid_line else ""
-        click.echo(f"{start}dist-exec: {message}", err=True)
+        click.echo(f"{start}dist-exec: {printable(message)}", err=True)
         self.mid_line = False
 
 

@@ -8,7 +8,6 @@ whose name is the task type and whose object is a factory ``factory(options) -> 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -63,25 +62,16 @@ class ExecutorFactory(Protocol):
 
 
 def describe_task(task_type: str, payload: bytes) -> str:
-    """One line for listings: the command as typed, or the request made. Control characters
-    are shown escaped: the text is another user's, and a terminal must not take a newline in
-    it for a row of its own, or an escape sequence for one of its own."""
+    """One line for listings: the command as typed, or the request made."""
     if task_type == "command":
         from dist_exec.executors.command import describe
 
-        return _CONTROL.sub(_escape, describe(payload))
+        return describe(payload)
     if task_type == "http":
         from dist_exec.executors.http import describe as describe_http
 
-        return _CONTROL.sub(_escape, describe_http(payload))
-    return _CONTROL.sub(_escape, task_type)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    return match.group().encode("unicode_escape").decode()
+        return describe_http(payload)
+    return task_type
 
 
 def installed_executors() -> set[str]:
