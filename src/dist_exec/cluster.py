@@ -35,6 +35,7 @@ from dist_exec.security.tokens import add_token, read_tokens, revoke_token
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 45.0
 PID_FILE = "cluster.pid"
+PID_MAX = 4_194_304  # the most a Linux pid can be
 STATE_FILE = "cluster.json"
 TLS_DIR = "tls"
 ADMIN = "admin"
@@ -238,7 +239,9 @@ def start_background(options: ClusterOptions) -> str:
     options = replace(options, data_dir=options.data_dir.resolve())  # (as `down` finds it)
     private_dir(options.data_dir)
     pid_path = options.data_dir / PID_FILE
-    if _up_process(pid_path, options.data_dir) is not None or _recorded_servers(options.data_dir):
+    if _up_process(pid_path, options.data_dir) is not None or any(
+        _is(pid, started) for pid, started in _recorded_servers(options.data_dir)
+    ):
         raise ClusterError(
             f"a cluster is already running from {options.data_dir}; stop it with 'dist-exec down'"
         )
@@ -271,7 +274,7 @@ def stop_background(data_dir: Path) -> bool:
     pid_path = data_dir / PID_FILE
     up = _up_process(pid_path, data_dir)
     servers = [] if up is not None else _recorded_servers(data_dir)
-    if up is None and not servers:
+    if up is None and not any(_is(pid, started) for pid, started in servers):
         _forget(data_dir)
         return False
     deadline = time.monotonic() + STOP_TIMEOUT_S + 5
@@ -307,36 +310,48 @@ def _stop_recorded(servers: list[tuple[int, int]], deadline: float) -> None:
 
 
 def _up_process(pid_path: Path, data_dir: Path) -> int | None:
-    """The pid of this cluster's running ``up``, from its pid file: a process that is not
-    ``up`` for this data dir (a pid reused since, a file written by hand) is not it."""
+    """The pid of this cluster's running ``up``: from the pid file of ``up -d``, else from the
+    state a foreground ``up`` records. A process that is not ``up`` for this data dir (a pid
+    reused since, a file written by hand) is not it."""
     try:
-        text = pid_path.read_text().strip()
+        raw = pid_path.read_bytes().strip()
     except FileNotFoundError:
-        return None
-    if not text.isdigit() or int(text) <= 1:
-        raise ClusterError(f"{pid_path} does not hold a process id ({text[:20]!r}); remove it")
-    pid = int(text)
+        try:
+            pid = int(json.loads((data_dir / STATE_FILE).read_text())["pid"])
+        except (OSError, ValueError, TypeError, KeyError, OverflowError):
+            return None
+        return pid if 1 < pid <= PID_MAX and _is_up(pid, data_dir) else None
+    if not raw.isdigit() or not 1 < int(raw) <= PID_MAX:  # (bytes: ASCII digits only)
+        shown = raw[:20].decode(errors="replace")
+        raise ClusterError(f"{pid_path} does not hold a process id ({shown!r}); remove it")
+    pid = int(raw)
+    return pid if _is_up(pid, data_dir) else None
+
+
+def _is_up(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` runs ``dist-exec up`` for ``data_dir``."""
     if not _alive(pid):
-        return None
+        return False
     try:
         args = (procfs.PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
         cwd = Path(os.readlink(procfs.PROC / str(pid) / "cwd"))
     except OSError:
-        return None
-    if b"-m" not in args or b"dist_exec" not in args or b"up" not in args:
-        return None
+        return False
+    dist_exec = any(a == b"dist_exec" or os.path.basename(a) == b"dist-exec" for a in args)
+    if not dist_exec or b"up" not in args:  # (python -m dist_exec, or the dist-exec script)
+        return False
     given = args[args.index(b"--data-dir") + 1] if b"--data-dir" in args[:-1] else b""
-    return pid if given and (cwd / os.fsdecode(given)).resolve() == data_dir.resolve() else None
+    return bool(given) and (cwd / os.fsdecode(given)).resolve() == data_dir.resolve()
 
 
 def _recorded_servers(data_dir: Path) -> list[tuple[int, int]]:
-    """The servers a running cluster recorded (master first) that still run."""
+    """The servers a running cluster recorded (master first): (pid, start time) each."""
     try:
         state = json.loads((data_dir / STATE_FILE).read_text())
         servers = [(int(pid), int(started)) for pid, started in state.get("servers", [])]
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError):
         return []
-    return [(pid, started) for pid, started in servers if pid > 1 and _is(pid, started)]
+    return [(p, started) for p, started in servers if 1 < p <= PID_MAX]
 
 
 def _forget(data_dir: Path) -> None:
@@ -361,15 +376,16 @@ def _is(pid: int, started: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (it has ended, its parent has not reaped it yet) does
+    not, and is reaped when it is a child of this process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child of ours still answers kill(0); reap it if it is one.
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    return procfs.live(pid) is not None

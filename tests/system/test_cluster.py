@@ -283,6 +283,27 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert run_cli("nodes", master=address).code == 1
 
 
+def test_down_stops_a_cluster_in_the_foreground_too(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    data = tmp_path / "fg"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "up", "--workers", "1", "--listen", address,
+         "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert f"master at {address}" in proc.stdout.readline()
+        down = run_cli("down", "--data-dir", str(data))
+        assert (down.code, down.stdout) == (0, "dist-exec cluster stopped\n"), down.stderr
+        assert proc.wait(timeout=60) == 0, proc.communicate()
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_a_second_server_on_a_used_port_refuses_to_start(cluster: ClusterFactory) -> None:
     master = cluster.master()
     data = ["--data-dir", str(master.extra["data_dir"]) + "-2"]

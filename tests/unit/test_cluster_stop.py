@@ -28,13 +28,16 @@ def start_time(pid: int) -> int:
     return int(fields[19])
 
 
-@pytest.mark.parametrize("text", ["-1", "0", "1", "-7", "12x", ""])
+@pytest.mark.parametrize(
+    "text",
+    [b"-1", b"0", b"1", b"-7", b"12x", b"", "\u00b2".encode(), b"9" * 30, b"4194305", b"\xff"],
+)
 def test_a_pid_file_that_holds_no_process_id_gets_no_signal_sent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: bytes
 ) -> None:
     sent: list[tuple[int, int]] = []
     monkeypatch.setattr("dist_exec.cluster.os.kill", lambda pid, sig: sent.append((pid, sig)))
-    (tmp_path / cluster.PID_FILE).write_text(text)
+    (tmp_path / cluster.PID_FILE).write_bytes(text)
     with pytest.raises(cluster.ClusterError, match="does not hold a process id"):
         cluster.stop_background(tmp_path)
     assert sent == []
@@ -43,7 +46,9 @@ def test_a_pid_file_that_holds_no_process_id_gets_no_signal_sent(
 def test_recorded_servers_still_running_are_stopped_when_their_up_is_gone(
     tmp_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
-    (tmp_path / cluster.PID_FILE).write_text("999999999")  # (no such process)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / cluster.PID_FILE).write_text(str(ended.pid))  # (no such process any more)
     state = {"master": "127.0.0.1:1", "servers": [[sleeper.pid, start_time(sleeper.pid)]]}
     (tmp_path / cluster.STATE_FILE).write_text(json.dumps(state))
     assert cluster.stop_background(tmp_path)
