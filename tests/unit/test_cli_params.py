@@ -10,6 +10,7 @@ import pytest
 
 from dist_exec.cli import jobs, run
 from dist_exec.cli.common import JsonArrayPrinter, print_json
+from dist_exec.models import OutputChunk, Stream
 
 CLIENT_COMMANDS = [
     run.run, jobs.status, jobs.list_jobs, jobs.logs, jobs.cancel, jobs.nodes, jobs.drain,
@@ -65,3 +66,20 @@ def test_a_json_array_printed_an_element_at_a_time_is_the_same_text(
     printer.end()
     assert capsys.readouterr().out == whole
     assert json.loads(whole) == items
+
+
+def test_logs_json_does_not_join_bytes_across_a_gap(capsys: pytest.CaptureFixture[str]) -> None:
+    """The master keeps a long output's head and tail: the bytes on either side of what it
+    did not keep are no character together."""
+    lines = jobs._JsonLines()
+    lines.add(1, OutputChunk(Stream.STDOUT, 0, b"head\xc3"))
+    lines.add(1, OutputChunk(Stream.STDOUT, 1000, b"\xa9tail\xc3"))
+    lines.add(1, OutputChunk(Stream.STDOUT, 1006, b"\xa9!"))
+    lines.flush()
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(p["offset"], p["data"]) for p in printed] == [
+        (0, "head"),
+        (4, "\ufffd"),
+        (1000, "\ufffdtail"),
+        (1005, "\u00e9!"),  # (a character cut between two pieces with no gap stays whole)
+    ]

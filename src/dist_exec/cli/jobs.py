@@ -210,6 +210,9 @@ class _JsonLines:
 
     def add(self, attempt: int, chunk: OutputChunk) -> None:
         decoding = self._streams.get(chunk.stream)
+        if decoding is not None and chunk.offset != decoding.end:  # bytes not kept between
+            decoding.flush(chunk.stream)
+            decoding = None
         if decoding is None:
             decoding = self._streams[chunk.stream] = _Decoding(attempt)
         held = len(decoding.decoder.getstate()[0])
@@ -219,9 +222,7 @@ class _JsonLines:
     def flush(self) -> None:
         """The end of an attempt's output: what a decoder still holds (a cut character)."""
         for stream, decoding in self._streams.items():
-            held = len(decoding.decoder.getstate()[0])
-            text = decoding.decoder.decode(b"", final=True)
-            _emit(decoding.attempt, stream, decoding.end - held, text)
+            decoding.flush(stream)
         self._streams.clear()
 
 
@@ -230,6 +231,10 @@ class _Decoding:
         self.attempt = attempt
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.end = 0  # where the bytes given so far end
+
+    def flush(self, stream: Stream) -> None:
+        held = len(self.decoder.getstate()[0])
+        _emit(self.attempt, stream, self.end - held, self.decoder.decode(b"", final=True))
 
 
 def _emit(attempt: int, stream: Stream, offset: int, text: str) -> None:
