@@ -565,8 +565,8 @@ def test_a_worker_or_a_broken_client_config_is_named_as_such(
     result = run_cli("status", str(uuid.uuid4()), master=worker)
     assert (result.code, result.stderr) == (
         1,
-        f"dist-exec: {worker} is not a dist-exec master (it does not serve the MasterService); "
-        "point to the master with --master or DIST_EXEC_MASTER\n",
+        f"dist-exec: {worker} does not serve this call: it is not a dist-exec master (point to "
+        "the master with --master or DIST_EXEC_MASTER), or an older one than this client\n",
     )
     for text, says in (("{}", "it has no 'master' field"), ("[]", "not a JSON object")):
         config = tmp_path / "client.json"

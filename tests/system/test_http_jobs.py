@@ -144,5 +144,5 @@ async def test_the_workers_http_limits_and_the_jobs_timeout(
     bad = await asyncio.to_thread(run_cli, "worker", "--master", "x:1", "--http-timeout", "0s")
     assert (bad.code, bad.stderr) == (
         2,
-        "dist-exec: --http-timeout must be more than 0 and at most 24h\n",
+        "dist-exec: --http-timeout must be at least 1ms and at most 24h\n",
     )

@@ -186,3 +186,9 @@ def test_audit_summaries_hide_a_password_in_a_url(password: str) -> None:
     url = f"http://deploy:{password}@svc.internal:8080/hook?x=1"
     summary = task_summary("http", json.dumps({"url": url}).encode())
     assert summary["url"] == "http://deploy:***@svc.internal:8080/hook?x=1"
+
+
+def test_audit_summaries_hide_a_password_in_a_url_that_does_not_parse() -> None:
+    """A refused job is logged too: its URL may be one the executor would not take."""
+    summary = task_summary("http", json.dumps({"url": "http://alice:s3cret@[bad/"}).encode())
+    assert summary["url"] == "http://alice:***@[bad/"

@@ -30,6 +30,7 @@ from dist_exec.cli.common import (
 )
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
+    MIN_TIMEOUT_S,
     MasterConfig,
     WorkerConfig,
     check_bindable,
@@ -483,8 +484,8 @@ def check_http_options(timeout_s: float, max_body_bytes: int) -> None:
     """--http-timeout and --http-max-body as the HTTP executor takes them, else one line."""
     from dist_exec.executors.http import MAX_TIMEOUT_S
 
-    if not 0 < timeout_s <= MAX_TIMEOUT_S:
-        fail(f"--http-timeout must be more than 0 and at most {format_duration(MAX_TIMEOUT_S)}",
+    if not MIN_TIMEOUT_S <= timeout_s <= MAX_TIMEOUT_S:
+        fail(f"--http-timeout must be at least 1ms and at most {format_duration(MAX_TIMEOUT_S)}",
              EXIT_USAGE)  # fmt: skip
     if max_body_bytes <= 0:
         fail("--http-max-body must be more than 0", EXIT_USAGE)

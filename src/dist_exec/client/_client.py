@@ -136,8 +136,9 @@ class Client:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED and details == "method not found!":
             # (gRPC's own answer for a service the server does not have: a worker, say)
             return DistExecError(
-                f"{self.address} is not a dist-exec master (it does not serve the "
-                "MasterService); point to the master with --master or DIST_EXEC_MASTER"
+                f"{self.address} does not serve this call: it is not a dist-exec master (point "
+                "to the master with --master or DIST_EXEC_MASTER), or an older one than this "
+                "client"
             )
         return from_rpc_error(exc, self.address)
 

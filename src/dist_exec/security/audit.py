@@ -66,14 +66,18 @@ def task_summary(task_type: str, payload: bytes) -> dict[str, Any]:
 
 
 def _without_password(url: str) -> str:
-    """A URL with the password it may carry replaced by *** (the user is kept: who, not how)."""
+    """A URL with the password it may carry replaced by *** (the user is kept: who, not how);
+    also one that does not parse (a refused job is logged too)."""
     try:
         parsed = URL(url)
         if parsed.password is not None:
             return str(parsed.with_password("***"))
     except (ValueError, TypeError):  # (UnicodeError too) not a URL the executor would take
-        pass
+        return _USERINFO_PASSWORD.sub(r"\1***@", url)
     return url
+
+
+_USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#@]*@")
 
 
 def _cap(value: Any) -> Any:
