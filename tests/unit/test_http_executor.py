@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -851,3 +853,30 @@ async def test_invalid_payload_raises_in_execute() -> None:
     raw = ExecRequest("t-1", 1, payload(url="ftp://h/"), 30.0)
     with pytest.raises(InvalidTaskSpec, match="scheme 'ftp' is not allowed"):
         await HttpExecutor().execute(raw, RecordingSink())
+
+
+async def test_hung_dns_lookups_keep_to_their_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookups that hang past their jobs' ends must not take the loop's default threads: the
+    worker stops commands (kills, scans of /proc) with those."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "hangs.invalid":
+            release.wait(30)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    executor = HttpExecutor()
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                run(HttpSpec("http://hangs.invalid/", timeout_seconds=0.2), executor)
+                for _ in range(12)
+            )
+        )
+        assert {o.status for o, _ in outcomes} == {ExecStatus.TIMEOUT}
+        async with asyncio.timeout(5):  # (all 12 lookups still hang)
+            assert await asyncio.to_thread(lambda: "free") == "free"
+    finally:
+        release.set()

@@ -14,13 +14,17 @@ is shared between tasks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import aiohttp
 from yarl import URL
@@ -35,6 +39,7 @@ READ_CHUNK = 64 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 24 * 3600.0  # the most a payload's timeout_seconds may ask for
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DNS_THREADS = 8  # lookups at once, per worker (more wait for one of these)
 MAX_REDIRECTS = 10  # aiohttp's default: the 10th redirect response is an error
 MAX_URL_CHARS = 8192
 MAX_METHOD_CHARS = 32
@@ -307,9 +312,18 @@ class HttpExecutor:
         self.timeout_s = _timeout_option(opts.get("timeout_s", DEFAULT_TIMEOUT_S))
         self.max_body_bytes = _size_option(opts.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES))
         self.allowed_schemes = _schemes_option(opts.get("allowed_schemes", SCHEMES))
+        self._dns_threads = ThreadPoolExecutor(DNS_THREADS, "http-dns")  # (started on demand)
 
     def validate(self, payload: bytes) -> None:
         parse_payload(payload, self.allowed_schemes)
+
+    def _resolver(self) -> aiohttp.abc.AbstractResolver:
+        """aiohttp's threaded resolver, its lookups in this executor's own threads: a lookup
+        can hang past its job's end (a resolver that does not answer), and must not take the
+        loop's default threads, which the worker's kills of stopped commands need."""
+        loop = asyncio.get_running_loop()
+        lookups = _LookupsIn(loop, self._dns_threads)
+        return aiohttp.ThreadedResolver(loop=cast(asyncio.AbstractEventLoop, lookups))
 
     async def health_check(self) -> bool:
         async with aiohttp.ClientSession():
@@ -355,6 +369,7 @@ class HttpExecutor:
     async def _exchange(self, spec: HttpSpec, exchange: _Exchange, sink: OutputSink) -> None:
         async with (
             aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=self._resolver()),
                 headers={"User-Agent": USER_AGENT},
                 timeout=aiohttp.ClientTimeout(),  # no aiohttp timeouts: execute() sets the deadline
                 middlewares=(exchange.check_hop,),
@@ -399,6 +414,22 @@ class HttpExecutor:
             duration_s=exchange.duration_s(),
             metadata=exchange.metadata(self.max_body_bytes),
         )
+
+
+class _LookupsIn:
+    """What aiohttp's ThreadedResolver uses of an event loop, with the blocking lookups run in
+    ``threads`` instead of the loop's default executor."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: ThreadPoolExecutor) -> None:
+        self._loop = loop
+        self._threads = threads
+
+    async def getaddrinfo(self, host: str, port: int, **hints: Any) -> list[Any]:
+        lookup = functools.partial(socket.getaddrinfo, host, port, **hints)
+        return await self._loop.run_in_executor(self._threads, lookup)
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int = 0) -> tuple[str, str]:
+        return await self._loop.run_in_executor(self._threads, socket.getnameinfo, sockaddr, flags)
 
 
 def _received(text: str) -> str:
