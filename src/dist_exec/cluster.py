@@ -286,9 +286,9 @@ def stop_background(data_dir: Path) -> bool:
                     f"cluster process {up} did not stop within {STOP_TIMEOUT_S + 5:.0f}s"
                 )
             time.sleep(0.05)
-    else:  # workers first (they drain), then the master
+    else:  # workers first (they drain), then the master, each with the time to stop
         for group in (servers[1:], servers[:1]):
-            _stop_recorded(group, deadline)
+            _stop_recorded(group, time.monotonic() + STOP_TIMEOUT_S)
     _forget(data_dir)
     return True
 
