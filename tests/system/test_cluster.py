@@ -262,28 +262,9 @@ def test_up_refuses_task_options_a_worker_would_refuse_in_one_line(
     assert not (data / "cluster.pid").exists()
 
 
-def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dist_exec", "up", "--workers", "1", "--listen", address,
-         "--data-dir", str(tmp_path / "fg")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert f"master at {address}" in proc.stdout.readline()
-        assert run_cli("run", "echo fg", master=address).stdout == "fg\n"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert run_cli("nodes", master=address).code == 1
-
-
-def test_down_stops_a_cluster_in_the_foreground_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "down"])
+def test_up_in_the_foreground_stops_cleanly(tmp_path: Path, stop: str) -> None:
+    """On Ctrl-C, or when `down` is given its data dir (it finds up by the pid up records)."""
     address = f"127.0.0.1:{free_port()}"
     data = tmp_path / "fg"
     proc = subprocess.Popen(
@@ -296,12 +277,17 @@ def test_down_stops_a_cluster_in_the_foreground_too(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         assert f"master at {address}" in proc.stdout.readline()
-        down = run_cli("down", "--data-dir", str(data))
-        assert (down.code, down.stdout) == (0, "dist-exec cluster stopped\n"), down.stderr
+        assert run_cli("run", "echo fg", master=address).stdout == "fg\n"
+        if stop == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            down = run_cli("down", "--data-dir", str(data))
+            assert (down.code, down.stdout) == (0, "dist-exec cluster stopped\n"), down.stderr
         assert proc.wait(timeout=60) == 0, proc.communicate()
     finally:
         proc.kill()
         proc.communicate()
+    assert run_cli("nodes", master=address).code == 1
 
 
 def test_a_second_server_on_a_used_port_refuses_to_start(cluster: ClusterFactory) -> None:
