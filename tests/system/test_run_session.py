@@ -177,9 +177,9 @@ async def test_a_run_not_read_for_long_is_cut_off_and_resumes_from_its_offsets(
     resumed: list[str] = []
     watch = Client._watch
 
-    def spy(self: Client, job_id: str, *args: Any) -> AsyncIterator[object]:
+    def spy(self: Client, job_id: str, *args: Any, **kwargs: Any) -> AsyncIterator[object]:
         resumed.append(job_id)
-        return watch(self, job_id, *args)
+        return watch(self, job_id, *args, **kwargs)
 
     monkeypatch.setattr(Client, "_watch", spy)
     master = cluster.master()
