@@ -69,6 +69,39 @@ async def test_master_sigkill_loses_no_job_and_runs_none_twice(
             assert done.stdout == f"q{i}\n".encode()
 
 
+async def test_output_stored_before_a_master_sigkill_is_kept_once(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """The worker replays a re-attached attempt's output from what the master has stored,
+    not from 0: a replay overlapping the stored rows was kept beside them (lines twice)."""
+    master = cluster.master()
+    _, port = split_address(master.address)
+    cluster.worker(master, worker_id="w1")
+    gate = tmp_path / "gate"
+    script = (
+        "for i in 1 2 3; do echo line$i; sleep 0.05; done; "
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; echo line4"
+    )
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec(script, shell=True))
+        async with asyncio.timeout(20):  # three lines stored, as rows of their own
+            while (await client.get(job_id)).stdout.count(b"\n") < 3:
+                await asyncio.sleep(0.02)
+        master.kill()
+        cluster.master(data_dir=master.extra["data_dir"], listen=f"127.0.0.1:{port}")
+        gate.touch()
+        job = await wait_job(client, job_id)
+        expected = b"line1\nline2\nline3\nline4\n"
+        assert (job.status, job.stdout, job.stdout_bytes) == (
+            JobStatus.COMPLETED,
+            expected,
+            len(expected),
+        )
+        assert (
+            b"".join(c.data for _, c in [i async for i in client.stream_output(job_id)]) == expected
+        )
+
+
 async def test_running_job_of_a_vanished_worker_is_retried_after_master_restart(
     cluster: ClusterFactory,
 ) -> None:

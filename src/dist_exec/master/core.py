@@ -150,6 +150,9 @@ class Master(Submission, Attempts):
                 active.started_mono = self.clock.monotonic()
                 active.orphan_deadline = self.clock.monotonic() + grace
                 active.kept_all = False  # its output so far is in the store only
+                # Re-attached, its worker replays from here: what is stored is not stored again
+                # (an overlapping replay would be kept beside the rows it overlaps).
+                active.seen = await self.store.output_ends(job.id)
             else:
                 self.scheduler.enqueue(job.id, seq, job.spec, self.clock.monotonic())
         if self._active:

@@ -159,6 +159,7 @@ class JobStore(Protocol):
     async def read_output(
         self, job_id: JobId, offsets: Mapping[Stream, int]
     ) -> list[OutputChunk]: ...
+    async def output_ends(self, job_id: JobId) -> dict[Stream, int]: ...
 
 
 NO_LIMITS_JSON = json.dumps(asdict(NO_LIMITS))
@@ -648,6 +649,21 @@ class SqliteJobStore:
                 " ORDER BY seq"
             ).fetchall()
             return [(r[0], _job_from_row(r)) for r in rows]
+
+        return await self._read(op)
+
+    async def output_ends(self, job_id: JobId) -> dict[Stream, int]:
+        """Where each stream's stored output ends (0: nothing stored)."""
+
+        def op(conn: sqlite3.Connection) -> dict[Stream, int]:
+            ends = dict.fromkeys(Stream, 0)
+            for stream, end in conn.execute(
+                "SELECT stream, MAX(offset + length(data)) FROM output WHERE job_id = ?"
+                " GROUP BY stream",
+                (job_id,),
+            ):
+                ends[Stream(stream)] = end
+            return ends
 
         return await self._read(op)
 
