@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -372,3 +374,32 @@ async def test_the_database_is_private_whatever_the_umask(tmp_path: Path) -> Non
             assert await store.get(JobId("j")) is not None
             assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o600)}
             assert data.stat().st_mode & 0o777 == 0o700
+
+
+async def test_a_batch_sqlite_rolled_back_is_failed_whole_and_commits_nothing(
+    store: SqliteJobStore, db_path: Path
+) -> None:
+    """A write that makes SQLite roll back the transaction (disk full here) takes the whole
+    batch with it: a job queued after it must not commit on its own while reported failed
+    (its submitter would submit it again, and it would run twice)."""
+    await store.insert(make_job("first"))
+    pages = sqlite3.connect(db_path).execute("PRAGMA page_count").fetchone()[0]
+    hold, held = threading.Event(), threading.Event()
+
+    def wait(conn: sqlite3.Connection) -> None:
+        held.set()
+        hold.wait(10)
+
+    holding = store._write(wait)  # the writer waits, so what follows goes in one batch
+    await asyncio.to_thread(held.wait, 10)
+    limited = store._write(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 3}"))
+    store.append_output(JobId("first"), out(0, os.urandom(200_000)))  # more than 3 pages
+    inserted = store.insert_many([make_job("second")])
+    hold.set()
+    await holding
+    for failed in (limited, inserted):
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            await failed
+    assert await store.get(JobId("second")) is None
+    assert await store.read_output(JobId("first"), {}) == []
+    assert (await get(store, "first")).status == JobStatus.PENDING  # the store goes on

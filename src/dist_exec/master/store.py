@@ -12,6 +12,7 @@ on the writer thread too; other reads use their own connection and see what is c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -360,12 +361,18 @@ class SqliteJobStore:
                 try:
                     results.append((fut, fn(conn), None))
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, an I/O error):
+                        # nothing of the batch holds, and what follows must not run outside it.
+                        raise _BatchLost() from exc
                     results.append((fut, None, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, _BatchLost) as exc:
+            failure: BaseException = exc.__cause__ or exc
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(fut, None, exc) for _, fut, _ in batch]
+                with contextlib.suppress(sqlite3.Error):  # (the writer must go on either way)
+                    conn.execute("ROLLBACK")
+            results = [(fut, None, failure) for _, fut, _ in batch]
         assert self._loop is not None
         for fut, value, error in results:
             if fut is not None:
@@ -684,6 +691,10 @@ class SqliteJobStore:
             return chunks
 
         return await self._write(op)
+
+
+class _BatchLost(Exception):
+    """A write of the batch failed and SQLite rolled back the batch's transaction with it."""
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
