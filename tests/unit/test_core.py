@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from dist_exec.clock import SystemClock
@@ -266,6 +267,36 @@ async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_o
         assert await resumed(6, 1) == [(2, OutputChunk(Stream.STDOUT, 0, b"two\n"))]
         assert await resumed(2, 2) == [(2, OutputChunk(Stream.STDOUT, 2, b"o\n"))]
         assert await resumed(2, 0) == [(2, OutputChunk(Stream.STDOUT, 2, b"o\n"))]  # (as before)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
+
+
+async def test_the_scalers_demand_counts_only_jobs_a_new_worker_could_run(
+    tmp_path: Path,
+) -> None:
+    """A job whose labels (or task type) no worker has would not run on a new worker of the
+    same kind either: counting it scaled the group up to its maximum, and never down again."""
+    worker = ScriptedWorker()
+    worker.release.clear()  # attempts hang: the node stays busy
+    master, store = await start_master(tmp_path, worker)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        assert master.scaling_demand() == 0
+        unplaceable = [
+            replace(SPEC, selector={"gpu": "true"}),
+            replace(SPEC, selector={"zone": "b"}),
+        ]
+        for spec in unplaceable:
+            await master.submit(spec)
+        assert master.scaling_demand() == 2  # no worker known yet: they may be for the first
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {"zone": "a"}, [])
+        assert master.scaling_demand() == 0
+        await master.submit(SPEC)  # runs on w1, which is then full
+        await master.submit(SPEC)  # waits for a slot: a new worker could take it
+        assert master.scaling_demand() == 1
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -475,10 +475,21 @@ class Master(Submission, Attempts):
         return self.registry.nodes()
 
     def scaling_demand(self) -> int:
-        """Queued jobs that a new worker could take (those pinned to one node cannot)."""
-        return sum(
-            1 for j in self._active.values() if j.status == JobStatus.PENDING and not j.spec.node_id
-        )
+        """Queued jobs that a new worker could take: not pinned to one node, not waiting out a
+        retry backoff, and of a kind the known workers run (a new one starts like them: a job
+        whose labels or task type none of them has would not run on it either). With no
+        worker known yet, every such job."""
+        nodes = self.registry.nodes()
+        runnable: dict[tuple[str, frozenset[tuple[str, str]], TaskLimits], bool] = {}
+        demand = 0
+        for job in self._active.values():
+            if job.status != JobStatus.PENDING or job.spec.node_id or job.retry_at is not None:
+                continue
+            kind = (job.spec.task_type, frozenset(job.spec.selector.items()), job.spec.limits)
+            if kind not in runnable:
+                runnable[kind] = not nodes or any(n.matches(job.spec) for n in nodes)
+            demand += runnable[kind]
+        return demand
 
     def request_drain(self, node_id: NodeId) -> bool:
         """Place nothing more on the node; its next heartbeat reply tells it to drain."""
