@@ -214,11 +214,10 @@ ROWS = [
         victims=("c",),
     ),
     Row(
-        "draining workers are not chosen again",
+        "draining workers are not chosen again, and leave no room above the minimum",
         obs(nodes=(node("a", draining=True), node("b"))),
-        Action.DOWN,
-        1,
-        victims=("b",),
+        Action.NONE,
+        2,
     ),
     Row(
         "never below the minimum",
@@ -421,3 +420,12 @@ def test_load_at_the_edge_of_capacity_does_not_flap() -> None:
     for _ in range(600):
         sim.step(2 * CONFIG.tasks_per_worker + int(sim.now) % 2)
     assert [(action, target) for _, action, target in sim.events] == [(Action.UP, 3)]
+
+
+def test_workers_already_draining_leave_no_room_above_the_minimum() -> None:
+    """One victim is still draining (desired has not come down yet) and two more are idle:
+    with a minimum of 1, at most one more may go, not both (which left none serving)."""
+    decision = decide(
+        obs(desired=3, nodes=(node("a", draining=True), node("b"), node("c"))), CONFIG
+    )
+    assert (decision.action, decision.target, decision.victims) == (Action.DOWN, 1, ("b",))

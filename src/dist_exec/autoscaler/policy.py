@@ -136,7 +136,9 @@ def _scale_down(obs: Observation, config: AutoscalerConfig) -> Decision:
     if not candidates:
         return _hold(obs, "no worker idle long enough to remove")
     floor = max(config.min_replicas, obs.floor)
-    room = obs.desired - floor
+    # Workers draining still count in ``desired`` until they are removed: they are going.
+    staying = obs.desired - sum(1 for n in obs.nodes if n.draining)
+    room = staying - floor
     if room <= 0:
         who = "the HPA's minReplicas" if obs.floor > config.min_replicas else "the minimum"
         return _hold(obs, f"at {who} of {floor}")
@@ -152,7 +154,7 @@ def _scale_down(obs: Observation, config: AutoscalerConfig) -> Decision:
     victims = tuple(n.id for n in candidates[:count])
     return Decision(
         Action.DOWN,
-        obs.desired - count,
+        staying - count,
         victims,
         f"{count} worker(s) idle for {format_duration(config.scale_down_delay_s)} or more",
     )
