@@ -66,6 +66,7 @@ class FakeBackend:
     def __init__(self, desired: int) -> None:
         self.desired = desired
         self.fail: ScaleError | None = None
+        self.fail_down: ScaleError | None = None  # scale_down only
         self.not_ready_yet: set[NodeId] = set()
         self.removed: list[NodeId] = []
 
@@ -85,6 +86,8 @@ class FakeBackend:
         self.desired = replicas
 
     async def scale_down(self, victims: Sequence[NodeId]) -> list[NodeId]:
+        if self.fail_down is not None:
+            raise self.fail_down
         ready = [v for v in victims if v not in self.not_ready_yet]
         self.not_ready_yet -= set(victims)
         self.removed += ready
@@ -246,3 +249,28 @@ async def test_workers_the_backend_does_not_own_are_left_alone(
     assert decision is not None
     assert decision.victims == ("w1",)
     assert registry.get(NodeId("static-1")).status == NodeStatus.HEALTHY  # type: ignore[union-attr]
+
+
+async def test_a_scale_in_that_fails_does_not_hold_up_a_scale_up(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    """A victim's removal refused (no rights on pods, the API down for it) is reported, and
+    the backlog that came meanwhile still scales the group up."""
+    add(registry, "w1", "w2")
+    auto, cluster, backend = scaler(registry, clock, 2)
+    clock.advance(11)
+    decision = await auto.step()
+    assert decision is not None
+    assert decision.victims == ("w1",)
+    backend.fail_down = ScaleForbidden("Kubernetes refused to delete pod ns/w1 (HTTP 403)")
+    registry.reserve(NodeId("w2"))
+    registry.reserve(NodeId("w2"))
+    cluster.pending = 6
+    clock.advance(11)
+    decision = await auto.step()
+    assert decision is not None
+    assert decision.action == Action.UP
+    assert backend.desired > 2
+    assert auto.status().error == (
+        "cannot remove drained workers: Kubernetes refused to delete pod ns/w1 (HTTP 403)"
+    )

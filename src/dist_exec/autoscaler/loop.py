@@ -105,15 +105,22 @@ class Autoscaler:
             now = self.clock.monotonic()
             nodes = {n.id: n for n in self.cluster.nodes() if self.backend.owns(n.id)}
             self._forget_gone(nodes, now)
-            if await self._remove_drained(nodes, now):
-                return None  # the scale changed; look again next time
+            removal_error = ""
+            try:
+                if await self._remove_drained(nodes, now):
+                    return None  # the scale changed; look again next time
+            except ScaleError as exc:  # (a scale-in refused must not hold up a scale-up)
+                removal_error = f"cannot remove drained workers: {exc}"
             decision = decide(self._observe(scale, nodes, now), self.config)
             self._state.decision = decision.reason
             await self._act(decision, now)
         except ScaleError as exc:
             self._failed(str(exc))
             return None
-        self._succeeded()
+        if removal_error:
+            self._failed(removal_error)
+        else:
+            self._succeeded()
         return decision
 
     def _forget_gone(self, nodes: dict[NodeId, NodeInfo], now: float) -> None:
