@@ -274,3 +274,20 @@ async def test_a_scale_in_that_fails_does_not_hold_up_a_scale_up(
     assert auto.status().error == (
         "cannot remove drained workers: Kubernetes refused to delete pod ns/w1 (HTTP 403)"
     )
+
+
+async def test_workers_gone_unhealthy_count_as_replaced_not_as_registered(
+    registry: NodeRegistry, clock: FakeClock
+) -> None:
+    """Their pods died and the Deployment starts replacements: those will take the backlog
+    (their rescheduled tasks), so no more are added than the backlog needs beyond them."""
+    add(registry, "w1", "w2", "w3")
+    auto, cluster, backend = scaler(registry, clock, 3)
+    clock.advance(16)  # no heartbeats: all three UNHEALTHY
+    registry.sweep()
+    assert {n.status for n in registry.nodes()} == {NodeStatus.UNHEALTHY}
+    cluster.pending = 5  # (2 slots each: the three replacements take them)
+    decision = await auto.step()
+    assert decision is not None
+    assert decision.action == Action.NONE, decision.reason
+    assert backend.desired == 3

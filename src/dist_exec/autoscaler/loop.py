@@ -165,7 +165,8 @@ class Autoscaler:
                     n.registered_at,
                 )
                 for n in nodes.values()
-                if n.id not in self._removing
+                # (an UNHEALTHY one is gone: its pod's replacement is starting, not it)
+                if n.id not in self._removing and n.status != NodeStatus.UNHEALTHY
             ],
             floor=scale.floor,
             last_scale_up=self._state.last_up,
