@@ -129,3 +129,42 @@ def test_local_workers_stop_when_their_master_is_killed(cluster: ClusterFactory)
     assert all(pid_alive(pid) for pid in started)
     master.kill()
     wait_for(lambda: not any(pid_alive(pid) for pid in started), 30, "the workers to stop")
+
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+current-context: {context}
+contexts: [{{name: c, context: {{cluster: k, user: u}}}}]
+clusters: [{{name: k, cluster: {{server: "https://127.0.0.1:1"{ca}}}}}]
+users: [{{name: u, user: {{token: abc}}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("context", "ca", "extra", "message"),
+    [
+        ("nope", "", [], "cannot use the Kubernetes credentials: Context 'nope' not found"),
+        (
+            "c",
+            ", certificate-authority: /nonexistent/ca.crt",
+            [],
+            "cannot use the Kubernetes credentials: /nonexistent/ca.crt (named by the "
+            "kubeconfig) not found",
+        ),
+        ("c", "", ["--worker-deployment", ""], "--worker-deployment '' is not a Kubernetes name"),
+        ("c", "", ["--k8s-namespace", "Prod_1"], "--k8s-namespace 'Prod_1' is not a"),
+    ],
+)
+def test_kubernetes_settings_that_cannot_work_are_one_line_errors(
+    tmp_path: Path, context: str, ca: str, extra: list[str], message: str
+) -> None:
+    """Refused at start, not a traceback then (or a traceback at every scaling interval)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(context=context, ca=ca))
+    result = run_cli(
+        "master", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+        "--scaler", "kubernetes", "--kubeconfig", str(kubeconfig), *extra,
+    )  # fmt: skip
+    assert (result.code, "Traceback" in result.stderr) == (2, False), result.stderr
+    assert result.stderr.startswith(f"dist-exec: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -55,6 +57,46 @@ def load_kube_config(path: str = "") -> KubeConfig:
         raise ScaleError(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
 
 
+def client_for(config: KubeConfig, namespace: str = "") -> AsyncClient:
+    """A client of ``config``'s current context; ScaleError (one line) when it cannot be
+    made: a context that is not there, a CA or key file missing."""
+    try:
+        return AsyncClient(
+            config, namespace=namespace or None, timeout=httpx2.Timeout(REQUEST_TIMEOUT_S)
+        )
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        missing = [f for f in _files(config) if not os.path.exists(f)]
+        detail = f"{', '.join(missing)} (named by the kubeconfig) not found" if missing else exc
+        raise ScaleError(f"cannot use the Kubernetes credentials: {detail}") from exc
+
+
+def _files(config: KubeConfig) -> list[str]:
+    """The files the current context names (CA, client certificate and key)."""
+    try:
+        current = config.get()
+    except ConfigError:
+        return []
+    if current is None:
+        return []
+    user = current.user
+    names = [current.cluster.certificate_auth]
+    if user is not None:
+        names += [user.client_cert, user.client_key]
+    return [str(name) for name in names if name]
+
+
+_DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def check_name(option: str, name: str) -> None:
+    """A Deployment's or namespace's name as Kubernetes takes it (DNS-1123 label)."""
+    if len(name) > 63 or not _DNS_1123.fullmatch(name):
+        raise ScaleError(
+            f"{option} {name!r} is not a Kubernetes name: lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63"
+        )
+
+
 class KubernetesBackend:
     def __init__(self, client: AsyncClient, deployment: str, namespace: str = "") -> None:
         self.client = client
@@ -67,11 +109,7 @@ class KubernetesBackend:
     def connect(
         cls, deployment: str, namespace: str = "", kubeconfig: str = ""
     ) -> KubernetesBackend:
-        config = load_kube_config(kubeconfig)
-        client = AsyncClient(
-            config, namespace=namespace or None, timeout=httpx2.Timeout(REQUEST_TIMEOUT_S)
-        )
-        return cls(client, deployment, namespace)
+        return cls(client_for(load_kube_config(kubeconfig), namespace), deployment, namespace)
 
     @property
     def description(self) -> str:

@@ -115,10 +115,13 @@ def autoscaler_config(ctx: click.Context) -> AutoscalerConfig:
     if config.interval_s <= 0:
         raise ValueError("--scale-interval must be longer than 0")
     if config.backend == "kubernetes":
-        from dist_exec.autoscaler.kubernetes import load_kube_config
+        from dist_exec.autoscaler.kubernetes import check_name, client_for, load_kube_config
 
         try:
-            load_kube_config(config.kubeconfig)
+            check_name("--worker-deployment", config.deployment)
+            if config.namespace:
+                check_name("--k8s-namespace", config.namespace)
+            client_for(load_kube_config(config.kubeconfig), config.namespace)
         except ScaleError as exc:
             raise ValueError(str(exc)) from None
     return config
