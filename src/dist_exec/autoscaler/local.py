@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from dist_exec.security.private_files import open_private, private_dir
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 45.0  # a stopping worker drains running tasks first
+EARLY_EXIT_S = 10.0  # a worker that exits this soon after it started could not start
+RESTART_BACKOFF_S = (1.0, 60.0)  # the first and the longest wait before starting again then
 ID_PREFIX = "auto-"
 
 
@@ -42,6 +45,10 @@ class LocalBackend:
         self._procs: dict[NodeId, asyncio.subprocess.Process] = {}
         self._stopping: dict[NodeId, asyncio.Task[None]] = {}
         self._serial = itertools.count(1)
+        self._started: dict[NodeId, float] = {}  # (monotonic)
+        self._backoff_s = 0.0  # after workers that could not start: doubles each time
+        self._retry_at = 0.0
+        self._failure = ""
 
     @property
     def description(self) -> str:
@@ -51,13 +58,29 @@ class LocalBackend:
         return node_id in self._procs or node_id in self._stopping
 
     async def current_scale(self) -> Scale:
+        now = time.monotonic()
         for node_id, proc in list(self._procs.items()):
+            lived = now - self._started.get(node_id, now)
             if proc.returncode is not None:
                 log.warning("local worker %s exited with %s", node_id, proc.returncode)
                 del self._procs[node_id]
+                self._started.pop(node_id, None)
+                if lived < EARLY_EXIT_S:  # it could not start: start others less and less often
+                    first, longest = RESTART_BACKOFF_S
+                    self._backoff_s = min(longest, max(first, 2 * self._backoff_s))
+                    self._retry_at = now + self._backoff_s
+                    self._failure = (
+                        f"local worker {node_id} exited with status {proc.returncode} "
+                        f"{lived:.1f}s after it started (see {self.log_dir / node_id}.log)"
+                    )
+            elif lived >= EARLY_EXIT_S:
+                self._backoff_s = 0.0  # one started fine
         return Scale(desired=len(self._procs), ready=len(self._procs))
 
     async def scale_up(self, replicas: int) -> None:
+        left = self._retry_at - time.monotonic()
+        if left > 0:
+            raise ScaleError(f"{self._failure}; the next start in {left:.0f}s")
         private_dir(self.log_dir)
         while len(self._procs) < replicas:
             node_id = NodeId(f"{ID_PREFIX}{next(self._serial)}")
@@ -78,6 +101,7 @@ class LocalBackend:
                     )  # fmt: skip
                 except OSError as exc:
                     raise ScaleError(f"cannot start a local worker: {exc}") from exc
+            self._started[node_id] = time.monotonic()
             self._procs[node_id] = proc
             log.info("started local worker %s (pid %d)", node_id, proc.pid)
 
@@ -85,6 +109,7 @@ class LocalBackend:
         removed = []
         for node_id in victims:
             proc = self._procs.pop(node_id, None)
+            self._started.pop(node_id, None)
             if proc is None:
                 continue
             self._stopping[node_id] = asyncio.create_task(self._stop(node_id, proc))
