@@ -20,9 +20,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeGuard
 
 from dist_exec import procfs, supervised
 from dist_exec.config import dial_address, split_address
@@ -236,7 +236,6 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
 
 def start_background(options: ClusterOptions) -> str:
     """Run ``up`` (foreground) as a background session; return the master address once ready."""
-    options = replace(options, data_dir=options.data_dir.resolve())  # (as `down` finds it)
     private_dir(options.data_dir)
     pid_path = options.data_dir / PID_FILE
     if _up_process(pid_path, options.data_dir) is not None or any(
@@ -316,12 +315,9 @@ def _up_process(pid_path: Path, data_dir: Path) -> int | None:
     try:
         raw = pid_path.read_bytes().strip()
     except FileNotFoundError:
-        try:
-            pid = int(json.loads((data_dir / STATE_FILE).read_text())["pid"])
-        except (OSError, ValueError, TypeError, KeyError, OverflowError):
-            return None
-        return pid if 1 < pid <= PID_MAX and _is_up(pid, data_dir) else None
-    if not raw.isdigit() or not 1 < int(raw) <= PID_MAX:  # (bytes: ASCII digits only)
+        pid = _state(data_dir).get("pid")
+        return pid if _is_pid(pid) and _is_up(pid, data_dir) else None
+    if not raw.isdigit() or not _is_pid(int(raw)):  # (bytes: ASCII digits only)
         shown = raw[:20].decode(errors="replace")
         raise ClusterError(f"{pid_path} does not hold a process id ({shown!r}); remove it")
     pid = int(raw)
@@ -346,20 +342,35 @@ def _is_up(pid: int, data_dir: Path) -> bool:
 
 def _recorded_servers(data_dir: Path) -> list[tuple[int, int]]:
     """The servers a running cluster recorded (master first): (pid, start time) each."""
+    servers = _state(data_dir).get("servers")
+    if not isinstance(servers, list):
+        return []
+    return [
+        (s[0], s[1])
+        for s in servers
+        if isinstance(s, list) and len(s) == 2 and _is_pid(s[0]) and isinstance(s[1], int)
+    ]
+
+
+def _state(data_dir: Path) -> dict[str, Any]:
+    """What a running ``up`` recorded in STATE_FILE ({} when nothing readable is there)."""
     try:
         state = json.loads((data_dir / STATE_FILE).read_text())
-        servers = [(int(pid), int(started)) for pid, started in state.get("servers", [])]
-    except (OSError, ValueError, TypeError, AttributeError, OverflowError):
-        return []
-    return [(p, started) for p, started in servers if 1 < p <= PID_MAX]
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _is_pid(value: object) -> TypeGuard[int]:
+    return type(value) is int and 1 < value <= PID_MAX
 
 
 def _forget(data_dir: Path) -> None:
     """What a stopped cluster leaves behind: its pid and state files, its client config."""
-    state = data_dir / STATE_FILE
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        remove_client_config(data_dir, str(json.loads(state.read_text())["master"]))
-    state.unlink(missing_ok=True)
+    master = _state(data_dir).get("master")
+    if isinstance(master, str):
+        remove_client_config(data_dir, master)
+    (data_dir / STATE_FILE).unlink(missing_ok=True)
     (data_dir / PID_FILE).unlink(missing_ok=True)
 
 
