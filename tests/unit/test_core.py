@@ -51,9 +51,15 @@ class ScriptedWorker:
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
         await self.release.wait()
-        yield OutputChunk(Stream.STDOUT, 0, b"hi\n")
-        yield ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"hi\n", stdout_bytes=3)
+        for event in self.events(attempt):
+            yield event
         self.delivered.append((task_id, attempt))
+
+    def events(self, attempt: int) -> list[OutputChunk | ExecOutcome]:
+        return [
+            OutputChunk(Stream.STDOUT, 0, b"hi\n"),
+            ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"hi\n", stdout_bytes=3),
+        ]
 
     async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool:
         return False
@@ -220,25 +226,18 @@ async def test_an_unexpected_error_in_an_attempt_retries_instead_of_stopping_the
 
 
 class RetriedWorker(ScriptedWorker):
-    """Attempt 1 prints 'first\\n' and hands the task back; attempt 2 prints 'two\\n'."""
+    """Attempt 1 prints 'first\n' and hands the task back; attempt 2 prints 'two\n'."""
 
-    async def execute(
-        self,
-        endpoint: NodeEndpoint,
-        task_id: str,
-        attempt: int,
-        spec: TaskSpec,
-        attach: bool,
-        offsets: Mapping[Stream, int],
-        deadline_s: float,
-    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+    def events(self, attempt: int) -> list[OutputChunk | ExecOutcome]:
         if attempt == 1:
-            yield OutputChunk(Stream.STDOUT, 0, b"first\n")
-            yield ExecOutcome(ExecStatus.FAILURE, error="worker shut down", retryable=True)
-        else:
-            yield OutputChunk(Stream.STDOUT, 0, b"two\n")
-            yield ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"two\n", stdout_bytes=4)
-        self.delivered.append((task_id, attempt))
+            return [
+                OutputChunk(Stream.STDOUT, 0, b"first\n"),
+                ExecOutcome(ExecStatus.FAILURE, error="worker shut down", retryable=True),
+            ]
+        return [
+            OutputChunk(Stream.STDOUT, 0, b"two\n"),
+            ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"two\n", stdout_bytes=4),
+        ]
 
 
 async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_over(
