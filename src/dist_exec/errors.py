@@ -5,7 +5,8 @@
     ├── JobNotFound               NOT_FOUND
     ├── JobAlreadyFinished        FAILED_PRECONDITION  cancel of a job that has ended
     ├── ResourceExhausted         RESOURCE_EXHAUSTED   queue full, worker full
-    │   └── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
+    │   ├── RateLimited           RESOURCE_EXHAUSTED   over a rate limit (retry-after-ms)
+    │   └── StoreFull             RESOURCE_EXHAUSTED   the master's disk is full
     ├── AlreadyExists             ALREADY_EXISTS       idempotency key used for another request
     ├── AddressInUse              ALREADY_EXISTS       a live node registered that address
     ├── PolicyDenied              PERMISSION_DENIED    command refused by the command policy
@@ -16,6 +17,7 @@
     ├── TaskNotFound              NOT_FOUND            worker does not hold that attempt
     ├── FollowerTooSlow           ABORTED              output stream fell behind; resume
     └── MasterUnavailable         UNAVAILABLE          client could not reach the master
+        └── StoreUnavailable      UNAVAILABLE          the master cannot write its database
 
 Servicers raise these; ``grpc_errors`` turns them into ``context.abort`` in one place, and the
 SDK turns an ``AioRpcError`` back into the matching class with ``from_rpc_error``.
@@ -89,6 +91,14 @@ class RateLimited(ResourceExhausted):
         return (("retry-after-ms", str(math.ceil(self.retry_after_s * 1000))),)
 
 
+class StoreFull(ResourceExhausted):
+    """The master's database cannot grow: its disk (or SQLite's size limit) is full."""
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((STORE_KEY, "full"),)
+
+
 class AlreadyExists(DistExecError):
     """The idempotency key was used for a different request."""
 
@@ -159,6 +169,15 @@ class MasterUnavailable(DistExecError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StoreUnavailable(MasterUnavailable):
+    """The master runs, but cannot write its database now (an I/O error, a lock held too
+    long, a read-only file system): what it accepted stays safe; try again later."""
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((STORE_KEY, "unavailable"),)
+
+
 _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidTaskSpec,
     grpc.StatusCode.NOT_FOUND: JobNotFound,
@@ -171,6 +190,7 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 ACCESS_DENIED_KEY = "dist-exec-denied"  # trailing metadata telling AccessDenied from PolicyDenied
+STORE_KEY = "dist-exec-store"  # trailing metadata: the master's database failed, not the call
 
 
 MAX_MESSAGE_CHARS = 1000  # a status message travels in a header: keep it well under 8 KiB
@@ -190,6 +210,13 @@ def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecErro
     """The client-side twin of ``grpc_errors``: one class per status code."""
     code = err.code()
     details = err.details() or code.name
+    trailers = dict(err.trailing_metadata() or ())
+    if STORE_KEY in trailers:  # the master answered: its message says what is wrong
+        store_error = (
+            StoreFull(details) if trailers[STORE_KEY] == "full" else StoreUnavailable(details)
+        )
+        store_error.code = code
+        return store_error
     if code == grpc.StatusCode.UNAVAILABLE and address:
         reason = details.rsplit(": ", 1)[-1]
         details = (
@@ -199,9 +226,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecErro
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"the master at {address or '?'} did not answer in time"
     cls = _BY_CODE.get(code, DistExecError)
-    if code == grpc.StatusCode.PERMISSION_DENIED and any(
-        key == ACCESS_DENIED_KEY for key, _ in (err.trailing_metadata() or ())
-    ):
+    if code == grpc.StatusCode.PERMISSION_DENIED and ACCESS_DENIED_KEY in trailers:
         cls = AccessDenied
     exc = cls(details)
     exc.code = code

@@ -8,6 +8,7 @@ import pytest
 
 from dist_exec.errors import (
     ACCESS_DENIED_KEY,
+    STORE_KEY,
     AccessDenied,
     AddressInUse,
     AlreadyExists,
@@ -22,6 +23,8 @@ from dist_exec.errors import (
     RateLimited,
     ResourceExhausted,
     StaleStart,
+    StoreFull,
+    StoreUnavailable,
     TaskNotFound,
     Unauthenticated,
     WorkerDraining,
@@ -47,6 +50,8 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     RateLimited: Code.RESOURCE_EXHAUSTED,
     PolicyDenied: Code.PERMISSION_DENIED,
     MasterUnavailable: Code.UNAVAILABLE,
+    StoreUnavailable: Code.UNAVAILABLE,
+    StoreFull: Code.RESOURCE_EXHAUSTED,
     AccessDenied: Code.PERMISSION_DENIED,
     Unauthenticated: Code.UNAUTHENTICATED,
 }
@@ -153,6 +158,21 @@ def test_unavailable_names_the_address() -> None:
     assert isinstance(exc, MasterUnavailable)
     assert "cannot reach the master at 10.1.2.3:50051" in exc.message
     assert "Connection refused" in exc.message
+
+
+@pytest.mark.parametrize("cls", [StoreUnavailable, StoreFull])
+def test_a_master_that_cannot_write_its_database_is_not_called_unreachable(
+    cls: type[DistExecError],
+) -> None:
+    """The master answered: its message says what is wrong with its database, where a
+    transport failure would get "cannot reach the master"."""
+    sent = cls("the master cannot write its database /d/master.db: disk I/O error")
+    assert sent.trailing_metadata[0][0] == STORE_KEY
+    exc = from_rpc_error(rpc_error(cls.code, sent.message, sent.trailing_metadata[0]), "h:1")
+    assert type(exc) is cls
+    assert exc.code is cls.code
+    assert exc.message == sent.message
+    assert isinstance(exc, MasterUnavailable if cls is StoreUnavailable else ResourceExhausted)
 
 
 def test_unavailable_without_address_keeps_details() -> None:

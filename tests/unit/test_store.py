@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from dist_exec.errors import StoreFull, StoreUnavailable
 from dist_exec.master.store import SqliteJobStore
 from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskLimits, TaskSpec
-from tests.conftest import umask
+from tests.conftest import umask, wait_until
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 
@@ -376,12 +377,13 @@ async def test_the_database_is_private_whatever_the_umask(tmp_path: Path) -> Non
             assert data.stat().st_mode & 0o777 == 0o700
 
 
-async def test_a_batch_sqlite_rolled_back_is_failed_whole_and_commits_nothing(
+async def test_a_full_database_accepts_nothing_and_keeps_state_changes_waiting(
     store: SqliteJobStore, db_path: Path
 ) -> None:
     """A write that makes SQLite roll back the transaction (disk full here) takes the whole
     batch with it: a job queued after it must not commit on its own while reported failed
-    (its submitter would submit it again, and it would run twice)."""
+    (its submitter would submit it again, and it would run twice). Accepting fails at once,
+    with an error that says so; a state change waits in memory (the master acted on it)."""
     await store.insert(make_job("first"))
     pages = sqlite3.connect(db_path).execute("PRAGMA page_count").fetchone()[0]
     hold, held = threading.Event(), threading.Event()
@@ -395,11 +397,55 @@ async def test_a_batch_sqlite_rolled_back_is_failed_whole_and_commits_nothing(
     limited = store._write(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 3}"))
     store.append_output(JobId("first"), out(0, os.urandom(200_000)))  # more than 3 pages
     inserted = store.insert_many([make_job("second")])
+    running = asyncio.ensure_future(store.mark_running(JobId("first"), "w1", 1, T0))
     hold.set()
     await holding
-    for failed in (limited, inserted):
-        with pytest.raises(sqlite3.OperationalError, match="full"):
-            await failed
+    with contextlib.suppress(StoreFull):
+        await limited  # (its batch failed, but a PRAGMA is not rolled back: the limit holds)
+    with pytest.raises(StoreFull, match=r"cannot write its database .*full; free space"):
+        await inserted
+    await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
+    assert "full" in (store.trouble or "")
     assert await store.get(JobId("second")) is None
-    assert await store.read_output(JobId("first"), {}) == []
-    assert (await get(store, "first")).status == JobStatus.PENDING  # the store goes on
+    assert (await get(store, "first")).status == JobStatus.PENDING
+    assert not running.done()  # waits until the database takes it
+    with pytest.raises(StoreFull):  # reads that must follow the waiting writes fail
+        await store.read_output(JobId("first"), {})
+    running.cancel()
+
+
+async def test_state_changes_land_in_order_once_the_database_takes_writes_again(
+    db_path: Path,
+) -> None:
+    """Another process holds the file's write lock past the busy timeout: accepting a job
+    fails with UNAVAILABLE's error, state changes and output wait and land in their order when
+    the lock is gone, and the store reports no trouble after that."""
+    async with SqliteJobStore(db_path, busy_timeout_s=0.05) as store:
+        await store.insert(make_job("j"))
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            running = asyncio.ensure_future(store.mark_running(JobId("j"), "w1", 1, T0))
+            store.append_output(JobId("j"), out(0, b"one "))
+            await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
+            assert "locked" in (store.trouble or "")
+            with pytest.raises(StoreUnavailable, match="cannot write its database .* later"):
+                await store.insert(make_job("refused"))
+            store.append_output(JobId("j"), out(4, b"two"))
+            ended = replace(
+                make_job("j"), status=JobStatus.COMPLETED, exit_code=0, completed_at=T0,
+                attempt=1, stdout_bytes=7, worker_id="w1",
+            )  # fmt: skip
+            finished = asyncio.ensure_future(store.finish(ended, expect_attempt=1))
+            assert not running.done() and not finished.done()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await asyncio.wait_for(running, 10)
+        assert await asyncio.wait_for(finished, 10) is True
+        assert store.trouble is None
+        job = await get(store, "j")
+        assert (job.status, job.worker_id, job.stdout) == (JobStatus.COMPLETED, "w1", b"one two")
+        assert await store.get(JobId("refused")) is None
+        await store.insert(make_job("later"))  # and it takes jobs again
+        assert (await get(store, "later")).status == JobStatus.PENDING

@@ -23,6 +23,7 @@ from dist_exec.errors import (
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
+    StoreUnavailable,
 )
 from dist_exec.executors import Executor
 from dist_exec.executors.limits import summary as limits_summary
@@ -59,6 +60,7 @@ CANCEL_CONFIRM_S = 1.0  # resend CancelTask this often until the worker confirms
 RESTART_GRACE_EXTRA_S = 2.0  # after a restart, beyond the heartbeat timeout, to hear from nodes
 STOP_RETRY_MIN_S = 0.5  # asking an unreachable node to stop an unwanted attempt: first wait
 STOP_RETRY_MAX_S = 10.0
+COMMIT_WAIT_S = 5.0  # a read of an ended job waits this long for its end to be written
 
 
 class Master(Submission, Attempts):
@@ -304,7 +306,7 @@ class Master(Submission, Attempts):
     async def get(self, job_id: JobId, with_output: bool = True) -> Job:
         finishing = self._active.get(job_id)
         if finishing is not None and finishing.status.terminal:
-            await finishing.ended.wait()  # read the job as committed, not as it was before
+            await self._committed(finishing)  # read the job as committed, not as it was before
         job = await self.store.get(job_id, with_output)
         if job is None:
             raise JobNotFound(f"job {job_id} not found")
@@ -312,6 +314,18 @@ class Master(Submission, Attempts):
         if job.status == JobStatus.PENDING and active is not None:
             return replace(job, pending_reason=self.pending_reason(active))
         return job
+
+    async def _committed(self, job: ActiveJob) -> None:
+        """Wait for an ended job's end to be written; while the database cannot take writes,
+        say so instead of waiting past the caller's deadline."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(COMMIT_WAIT_S):
+                await job.ended.wait()
+        if not job.ended.is_set():
+            raise StoreUnavailable(
+                f"job {job.id} has ended ({job.status.value}), but the master cannot record that "
+                f"yet: {self.store.trouble or 'its database is slow to write'}; ask again later"
+            )
 
     def pending_reason(self, job: ActiveJob) -> str:
         """Why a queued job has not started, in words a person can act on."""
@@ -359,7 +373,8 @@ class Master(Submission, Attempts):
         )
 
     async def cancel(self, job_id: JobId, wait_s: float) -> str:
-        """Cancel a job; waits up to ``wait_s`` for a running one to be confirmed dead."""
+        """Cancel a job; waits up to ``wait_s`` for a running one to be confirmed dead (and
+        for the end to be written)."""
         job = self._active.get(job_id)
         if job is None or job.status.terminal:
             stored = await self.store.get(job_id)
@@ -371,24 +386,29 @@ class Master(Submission, Attempts):
         # client that exits) must not leave it half done, the job running or out of the queue
         # but not ended. (Spawned first: a master that is stopping changes nothing.)
         # A second call while one is at work waits for the same work.
+        done = "cancelled"
         if job.stopping is None:
             if job.status == JobStatus.PENDING:
+                done = "cancelled before it started"
                 job.stopping = self._spawn(
                     self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
                 )
                 job.cancel_requested = True
                 self.scheduler.remove(job.id)
                 self._cancel_backoff(job)
-                await asyncio.shield(job.stopping)
-                return "cancelled before it started"
-            job.stopping = self._spawn(self._cancel_running(job))
-            job.cancel_requested = True
+            else:
+                job.stopping = self._spawn(self._cancel_running(job))
+                job.cancel_requested = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await asyncio.shield(job.stopping)
-        if not job.ended.is_set():
-            return "cancel requested; the worker has not confirmed yet"
-        return "cancelled"
+        if job.ended.is_set():
+            return done
+        decided = job.status  # (changed while this call waited: no narrowing from above)
+        if decided.terminal:  # decided, but not written yet
+            trouble = self.store.trouble
+            return f"{done}; the master cannot record it yet: {trouble}" if trouble else done
+        return "cancel requested; the worker has not confirmed yet"
 
     async def _cancel_running(self, job: ActiveJob) -> None:
         while not job.ended.is_set():

@@ -15,17 +15,20 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
+from dist_exec.errors import StoreFull, StoreUnavailable
 from dist_exec.models import (
     NO_LIMITS,
     AttemptOutcome,
@@ -41,9 +44,16 @@ from dist_exec.models import (
 from dist_exec.security.private_files import open_private, private_dir, private_file
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 SCHEMA_VERSION = 1
 MAX_BATCH = 2000
+RETRY_MIN_S = 0.05  # writes the database failed are tried again after this, doubling to
+RETRY_MAX_S = 1.0
+REPORT_EVERY_S = 60.0  # while writes fail, the log says so again this often
+# How long a write waits for a lock another process holds on the file (the master is its only
+# writer: someone's sqlite3 shell, say) before it counts as a failure of the database.
+BUSY_TIMEOUT_S = 5.0
 OUTPUT_FLUSH_S = 0.02  # output waits at most this long for the next write to go out with
 
 _SCHEMA = """
@@ -124,6 +134,8 @@ _ADDED_COLUMNS = {
 
 class JobStore(Protocol):
     """What the master needs from durable storage."""
+
+    trouble: str | None  # why writes fail now, while they do (then state changes wait)
 
     async def insert(self, job: Job) -> int: ...
     def insert_many(self, jobs: Sequence[Job]) -> asyncio.Future[list[int]]: ...
@@ -264,12 +276,13 @@ _END_ATTEMPT = (
 class SqliteJobStore:
     """The default JobStore. Use as ``async with SqliteJobStore(path) as store``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
         # (operation, future or None, must be fsynced before the future resolves)
-        self._queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None, bool] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # Why the database cannot be written now, while it cannot (set by the writer thread).
+        self.trouble: str | None = None
         self._synchronous = "FULL"
         self._output: list[tuple[str, int, int, bytes]] = []  # appended, not yet queued
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -320,71 +333,168 @@ class SqliteJobStore:
 
     def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=check_same_thread, timeout=30
+            self.path,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+            timeout=self.busy_timeout_s,
         )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
+        """Run queued writes in batches, one transaction each. While the database cannot be
+        written, the writes that mirror the master's state wait and are tried again, in
+        order, with what arrives meanwhile; the others fail (see ``_Op.keep``)."""
+        waiting: list[_Op] = []  # kept writes that failed, oldest first
+        delay = RETRY_MIN_S
+        since = reported = 0.0  # when writes began to fail; when that was last logged
         stopping = False
         while not stopping:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            self._run_batch(conn, batch)
+            batch, stopping = self._collect(waiting, delay)
+            if not batch:
+                break  # closing
+            failure = self._run_batch(conn, batch)
+            if failure is None:
+                if waiting:
+                    log.warning(
+                        "the database %s can be written again, after %.1fs; %d delayed writes "
+                        "are in it now",
+                        self.path,
+                        time.monotonic() - since,
+                        len(waiting),
+                    )
+                waiting, delay = [], RETRY_MIN_S
+                continue
+            self.trouble = _describe(failure)
+            kept = self._fail_others(batch, failure)
+            now = time.monotonic()
+            if not kept:
+                log.error("cannot write the database %s: %s", self.path, self.trouble)
+            elif not waiting:
+                since = reported = now
+                log.error(
+                    "cannot write the database %s: %s; the master's state changes wait in "
+                    "memory and are tried again until they can be written, and new jobs are "
+                    "refused meanwhile",
+                    self.path,
+                    self.trouble,
+                )
+            elif now - reported >= REPORT_EVERY_S:
+                reported = now
+                log.error(
+                    "still cannot write the database %s after %.0fs: %s; %d writes wait",
+                    self.path,
+                    now - since,
+                    self.trouble,
+                    len(kept),
+                )
+            waiting = kept
+            delay = min(delay * 2, RETRY_MAX_S) if waiting else RETRY_MIN_S
+        if waiting:
+            self._last_try(conn, waiting)
         conn.close()
 
-    def _run_batch(
-        self,
-        conn: sqlite3.Connection,
-        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None, bool]],
-    ) -> None:
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
-        synchronous = "FULL" if any(durable for _, _, durable in batch) else "NORMAL"
+    def _collect(self, waiting: list[_Op], delay: float) -> tuple[list[_Op], bool]:
+        """The next batch: what waits, then what is queued (the first write is waited for, up
+        to ``delay`` when some wait); and whether the store is closing."""
+        batch = list(waiting)
         try:
+            item = self._queue.get(timeout=delay if waiting else None)
+        except queue.Empty:
+            return batch, False
+        if item is None:
+            return [], True  # (what waits gets its last try)
+        batch.append(item)
+        while len(batch) < MAX_BATCH + len(waiting):
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _last_try(self, conn: sqlite3.Connection, waiting: list[_Op]) -> None:
+        """The master stops: write what waits once more, or say what is left out."""
+        failure = self._run_batch(conn, waiting)
+        if failure is None:
+            return
+        log.error(
+            "the master stops with %d state changes not written (%s); its next start "
+            "recovers their jobs from what was written",
+            len(waiting),
+            _describe(failure),
+        )
+        self._fail_others([op._replace(keep=False) for op in waiting], failure)
+
+    def _fail_others(self, batch: list[_Op], failure: BaseException) -> list[_Op]:
+        """Fail the batch's writes that are not kept; returns the kept ones."""
+        assert self._loop is not None
+        error = self._error(failure)
+        kept = []
+        for op in batch:
+            if op.keep:
+                kept.append(op)
+            elif op.fut is not None:
+                self._loop.call_soon_threadsafe(_resolve, op.fut, None, error)
+        return kept
+
+    def _error(self, failure: BaseException) -> BaseException:
+        """What a write that failed with the database tells its caller."""
+        if not isinstance(failure, sqlite3.Error) or not _transient(failure):
+            return failure
+        detail = f"the master cannot write its database {self.path}: {_describe(failure)}"
+        if _primary(failure) == SQLITE_FULL:
+            return StoreFull(f"{detail}; free space there, then try again")
+        return StoreUnavailable(f"{detail}; try again later")
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> BaseException | None:
+        """Run the batch in one transaction and resolve its futures; or, when the database
+        could not take it, roll all of it back and return why (nothing is resolved then).
+        A write that fails by itself (a constraint) fails alone; the rest commits."""
+        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
+        try:
+            if conn.in_transaction:  # a ROLLBACK that failed before
+                conn.execute("ROLLBACK")
             if synchronous != self._synchronous:
                 conn.execute(f"PRAGMA synchronous={synchronous}")
                 self._synchronous = synchronous
             conn.execute("BEGIN IMMEDIATE")
-            for fn, fut, _ in batch:
+            for op in batch:
                 try:
-                    results.append((fut, fn(conn), None))
+                    results.append((op.fut, op.fn(conn), None))
                 except Exception as exc:
-                    if not conn.in_transaction:
-                        # SQLite rolled the whole transaction back (disk full, an I/O error):
-                        # nothing of the batch holds, and what follows must not run outside it.
+                    if not conn.in_transaction or (
+                        isinstance(exc, sqlite3.Error) and _transient(exc)
+                    ):
+                        # The database failed (disk full, an I/O error), not this write: SQLite
+                        # may have rolled the transaction back already, and what follows must
+                        # not run outside it.
                         raise _BatchLost() from exc
-                    results.append((fut, None, exc))
+                    results.append((op.fut, None, exc))
             conn.execute("COMMIT")
         except (sqlite3.Error, _BatchLost) as exc:
-            failure: BaseException = exc.__cause__ or exc
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # (the writer must go on either way)
                     conn.execute("ROLLBACK")
-            results = [(fut, None, failure) for _, fut, _ in batch]
+            return exc.__cause__ or exc
+        self.trouble = None  # (before any caller hears of its write)
         assert self._loop is not None
         for fut, value, error in results:
             if fut is not None:
                 self._loop.call_soon_threadsafe(_resolve, fut, value, error)
+        return None
 
     def _write(
-        self, fn: Callable[[sqlite3.Connection], T], durable: bool = False
+        self, fn: Callable[[sqlite3.Connection], T], durable: bool = False, keep: bool = False
     ) -> asyncio.Future[T]:
         assert self._loop is not None
         self._flush_output()  # buffered output keeps its place before any later write
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut, durable))
+        self._queue.put(_Op(fn, fut, durable, keep))
         return fut
 
     def _flush_output(self) -> None:
@@ -395,12 +505,11 @@ class SqliteJobStore:
             return
         rows, self._output = self._output, []
         self._queue.put(
-            (
+            _Op(
                 lambda conn: conn.executemany(
                     "INSERT OR REPLACE INTO output VALUES (?, ?, ?, ?)", rows
                 ),
-                None,
-                False,
+                keep=True,
             )
         )
 
@@ -465,10 +574,11 @@ class SqliteJobStore:
                     seqs.append(cur.lastrowid)
                 conn.executemany(_START_ATTEMPT, started)
             except BaseException:
-                conn.execute("ROLLBACK TO insert_many")
+                if conn.in_transaction:  # (SQLite may have rolled all of it back itself)
+                    conn.execute("ROLLBACK TO insert_many")
+                    conn.execute("RELEASE insert_many")
                 raise
-            finally:
-                conn.execute("RELEASE insert_many")
+            conn.execute("RELEASE insert_many")
             return seqs
 
         return self._write(op, durable=True)
@@ -484,7 +594,7 @@ class SqliteJobStore:
             )
             conn.execute(_START_ATTEMPT, (job_id, attempt, worker_id, _ts(started_at)))
 
-        await self._write(op)
+        await self._write(op, keep=True)
 
     def append_output(self, job_id: JobId, chunk: OutputChunk) -> None:
         """Not awaited. Buffered until the next write (or OUTPUT_FLUSH_S), so a short job's
@@ -529,7 +639,7 @@ class SqliteJobStore:
                 )
             return cur.rowcount == 1
 
-        return await self._write(op)
+        return await self._write(op, keep=True)
 
     async def requeue(
         self,
@@ -554,14 +664,14 @@ class SqliteJobStore:
                     (_ts(ended.ended_at), ended.outcome.value, ended.detail, job_id, ended.attempt),
                 )
 
-        await self._write(op)
+        await self._write(op, keep=True)
 
     def note_attempt(self, job_id: JobId, attempt: int, detail: str) -> None:
         """Add to the history of a superseded attempt (one that is not the job's current
         one), once: a late result, a stale process. Not awaited."""
         self._flush_output()
         self._queue.put(
-            (
+            _Op(
                 lambda conn: conn.execute(
                     "UPDATE attempts SET detail ="
                     " CASE detail WHEN '' THEN ? ELSE detail || '; ' || ? END"
@@ -569,8 +679,7 @@ class SqliteJobStore:
                     " AND attempt < (SELECT attempt FROM jobs WHERE id = ?)",
                     (detail, detail, job_id, attempt, detail, job_id),
                 ),
-                None,
-                False,
+                keep=True,
             )
         )
 
@@ -693,8 +802,38 @@ class SqliteJobStore:
         return await self._write(op)
 
 
+class _Op(NamedTuple):
+    """A queued write: run by the writer thread inside a batch's transaction."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    fut: asyncio.Future[Any] | None = None  # its result, when someone waits for it
+    durable: bool = False  # fsynced (synchronous=FULL) before ``fut`` resolves
+    # Kept through database failures and tried again until written: the writes that mirror
+    # state the master has already acted on (a job started, retried or ended; output). The
+    # others (accepting jobs, reads) fail at once: their caller can answer and retry.
+    keep: bool = False
+
+
 class _BatchLost(Exception):
-    """A write of the batch failed and SQLite rolled back the batch's transaction with it."""
+    """The database failed a write of the batch, and the batch's transaction with it."""
+
+
+# Primary result codes of failures of the database rather than of one write: the disk, the
+# file system, locks, memory. (A constraint or a corrupt file is not cured by waiting.)
+SQLITE_FULL = 13
+_TRANSIENT = {5, 6, 7, 8, 10, 13, 14, 15}  # BUSY LOCKED NOMEM READONLY IOERR FULL CANTOPEN PROTOCOL
+
+
+def _primary(exc: sqlite3.Error) -> int:
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _transient(exc: sqlite3.Error) -> bool:
+    return _primary(exc) in _TRANSIENT
+
+
+def _describe(failure: BaseException) -> str:
+    return str(failure) or type(failure).__name__
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

@@ -1,0 +1,119 @@
+"""A master whose database cannot be written (a full or failing disk) keeps serving: it
+refuses new jobs with an error that says why, keeps the state of the jobs it runs in memory
+until the disk takes writes again, and loses none of them.
+
+The disk fails for real: the master's files may not grow past a size (RLIMIT_FSIZE, set on
+the running master), so SQLite's writes get EFBIG, as they would get ENOSPC from a full disk.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import pytest
+
+from dist_exec.client import Client, JobStatus, command_spec
+from dist_exec.errors import StoreUnavailable
+from tests.conftest import ClusterFactory, Proc, run_cli, wait_until
+from tests.system.test_recovery import wait_job
+
+OUTPUT_BYTES = 300_000  # written while the disk fails: more than it may grow
+GROWTH = 64 * 1024  # how much any of the master's files may still grow
+
+
+def fail_disk(master: Proc) -> None:
+    data: Path = master.extra["data_dir"]
+    biggest = max(f.stat().st_size for f in [*data.rglob("*"), master.log] if f.is_file())
+    resource.prlimit(master.pid, resource.RLIMIT_FSIZE, (biggest + GROWTH, resource.RLIM_INFINITY))
+
+
+def mend_disk(master: Proc) -> None:
+    resource.prlimit(
+        master.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    )
+
+
+async def test_a_master_whose_disk_fails_keeps_serving_and_loses_no_job(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    gate = tmp_path / "gate"
+    command = (
+        f"echo started; while [ ! -e {gate} ]; do sleep 0.05; done; "
+        f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' x; echo; echo done"
+    )
+    async with Client(master.address) as client:
+        running = await client.submit(command_spec(command, shell=True))
+        await wait_until(
+            lambda: _started(client, running),
+            what="the job to start and its first line to be stored",
+        )
+        fail_disk(master)
+        gate.touch()
+        await wait_until(
+            lambda: "cannot write the database" in master.log_text(),
+            what="the master to find its database cannot be written",
+        )
+
+        # New jobs are refused, with the reason, through the library and the command line.
+        with pytest.raises(StoreUnavailable, match=r"cannot write its database .*I/O error"):
+            await client.submit(command_spec(["echo", "refused"]))
+        refused = run_cli("run", "--", "echo", "refused", master=master.address)
+        assert refused.code == 125, refused
+        assert len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert "cannot write its database" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+        # The job has ended on its worker; its end waits in the master, which says so.
+        with pytest.raises(
+            StoreUnavailable, match=r"has ended \(COMPLETED\), but .* cannot record"
+        ):
+            await client.get(running)
+        listed = run_cli("list", master=master.address)  # reads still work
+        assert listed.code == 0, listed
+        assert "RUNNING" in listed.stdout  # (as written)
+        assert master.alive()
+
+        mend_disk(master)
+        job = await wait_job(client, running)
+        assert job.status == JobStatus.COMPLETED, job.error
+        assert job.stdout == b"started\n" + b"x" * OUTPUT_BYTES + b"\ndone\n"
+        later = await client.submit(command_spec(["echo", "later"]))
+        assert (await wait_job(client, later)).stdout == b"later\n"
+    assert "can be written again" in master.log_text()
+
+
+async def _started(client: Client, job_id: str) -> bool:
+    job = await client.get(job_id)
+    return job.status == JobStatus.RUNNING and job.stdout == b"started\n"
+
+
+async def test_a_master_killed_while_its_disk_fails_finishes_the_job_after_a_restart(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """What waited in memory is lost with the master, and recovered from the store and the
+    worker (which holds the result until the master has written it)."""
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    gate = tmp_path / "gate"
+    command = (
+        f"echo started; while [ ! -e {gate} ]; do sleep 0.05; done; "
+        f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' y"
+    )
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec(command, shell=True))
+        await wait_until(lambda: _started(client, job_id), what="the job to start")
+        fail_disk(master)
+        gate.touch()
+        await wait_until(
+            lambda: "cannot write the database" in master.log_text(),
+            what="the master to find its database cannot be written",
+        )
+        master.kill()
+        restarted = cluster.master(data_dir=master.extra["data_dir"], listen=master.address)
+        async with Client(restarted.address) as again:
+            job = await wait_job(again, job_id)
+    assert job.status == JobStatus.COMPLETED, job.error
+    assert job.stdout == b"started\n" + b"y" * OUTPUT_BYTES
