@@ -167,6 +167,33 @@ async def test_the_role_allows_every_scaler_call(
     assert names[0] not in {p.metadata.name for p in remaining if p.metadata}
 
 
+async def test_scale_in_waits_for_a_starting_pod_the_replicaset_would_delete_first(
+    kube: Kube, namespace: str, admin_backend: KubernetesBackend
+) -> None:
+    """The ReplicaSet deletes a pod that is still starting (Pending, not Ready) before a
+    drained victim, whatever the victim's deletion cost. Lowering the replicas then would
+    remove the new pod and leave the victim: scale-in waits until no other pod is starting."""
+    create_workers(kube, namespace, 2)
+    first = await wait_pods(kube, namespace, 2)
+    names = sorted(NodeId(p.metadata.name) for p in first if p.metadata and p.metadata.name)
+    for name in names:
+        set_ready(kube, namespace, name, True)
+    await admin_backend.scale_up(3)  # a scale-up is under way when a victim has drained
+    found = await wait_pods(kube, namespace, 3)
+    (starting,) = {p.metadata.name for p in found if p.metadata} - set(names)
+    victim = names[0]
+    set_ready(kube, namespace, victim, False)
+    assert await admin_backend.scale_down([victim]) == []
+    assert (await admin_backend.current_scale()).desired == 3
+    assert starting in admin_backend._waiting_for
+
+    set_ready(kube, namespace, starting, True)
+    assert await admin_backend.scale_down([victim]) == [victim]
+    assert (await admin_backend.current_scale()).desired == 2
+    remaining = await wait_pods(kube, namespace, 2)
+    assert {p.metadata.name for p in remaining if p.metadata} == {names[1], starting}
+
+
 def test_the_role_grants_nothing_else(kube: Kube, namespace: str) -> None:
     create_workers(kube, namespace, 1)
     grant_scaler_role(kube, namespace)
@@ -206,7 +233,7 @@ def check_denials(kube: Kube, namespace: str, scaler: Client) -> None:
         "delete the deployment": lambda: scaler.delete(Deployment, WORKERS),
         "list deployments": lambda: list(scaler.list(Deployment)),
         "delete a pod": lambda: scaler.delete(Pod, pod_name, namespace=namespace),
-        "list pods": lambda: list(scaler.list(Pod)),
+        "list pods of another namespace": lambda: list(scaler.list(Pod, namespace="default")),
         "create a pod": lambda: scaler.create(Pod(metadata=ObjectMeta(name="x"))),
         "read secrets": lambda: list(scaler.list(Secret)),
         "get another deployment": lambda: scaler.get(Deployment, "other"),
@@ -237,7 +264,7 @@ def test_the_role_holds_exactly_the_rules_the_scaler_documents() -> None:
     assert rules == {
         (("apps",), ("deployments",), ("get",)),
         (("apps",), ("deployments/scale",), ("patch",)),
-        (("",), ("pods",), ("get", "patch")),
+        (("",), ("pods",), ("get", "list", "patch")),
         (("autoscaling",), ("horizontalpodautoscalers",), ("list",)),
     }
 

@@ -9,6 +9,10 @@ Role in deploy/kubernetes/rbac.yaml grants exactly these):
 - reads victim pods (name = worker id) to see them NotReady   pods: get
 - marks victims with the pod-deletion-cost annotation         pods: patch
   (honoured by Kubernetes >= 1.22; earlier versions ignore it and delete NotReady pods first)
+- lists the Deployment's pods before lowering the replicas:   pods: list
+  the ReplicaSet deletes pods that are still starting (unscheduled, Pending, not Ready yet)
+  before any other, whatever their deletion cost, so the replicas are lowered only once no pod
+  but the victims is starting (or one has been starting for so long that it is stuck)
 - reads HPAs, to never go below the minReplicas of one that   horizontalpodautoscalers: list
   targets the same Deployment
 
@@ -24,10 +28,11 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx2
-from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
+from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig, operators
+from lightkube.models.meta_v1 import LabelSelector
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.autoscaling_v1 import HorizontalPodAutoscaler
 from lightkube.resources.core_v1 import Pod
@@ -37,6 +42,7 @@ from dist_exec.autoscaler.backend import Scale, ScaleError, ScaleForbidden, Scal
 from dist_exec.models import NodeId
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # The HTTP client logs every request at INFO: one line per scaler look. Errors are ours to log.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
@@ -45,6 +51,9 @@ RETRIES = 3
 RETRY_BACKOFF_S = 0.2
 TRANSIENT_CODES = {409, 429, 500, 502, 503, 504}
 HPA_CACHE_S = 15.0
+# A pod not Ready after this long is stuck (unschedulable, crash-looping): removing it rather
+# than a victim is no loss, so scale-in does not wait for it.
+START_WAIT_S = 300.0
 REQUEST_TIMEOUT_S = 5.0
 
 
@@ -104,6 +113,7 @@ class KubernetesBackend:
         self.namespace = namespace or client.namespace
         self._hpa_floor: tuple[float, int] | None = None  # (read at, minReplicas)
         self._marked: set[NodeId] = set()
+        self._waiting_for: frozenset[str] = frozenset()  # starting pods a scale-in waits for
 
     @classmethod
     def connect(
@@ -158,9 +168,42 @@ class KubernetesBackend:
         if ready_to_go:
             deployment = await self._deployment()
             assert deployment.spec is not None
-            await self.set_replicas(max(0, (deployment.spec.replicas or 0) - len(ready_to_go)))
+            if await self._starting(deployment, set(victims)):
+                ready_to_go = []  # lowering the replicas now would delete a starting pod
+            else:
+                replicas = deployment.spec.replicas or 0
+                await self.set_replicas(max(0, replicas - len(ready_to_go)))
         self._marked -= set(gone) | set(ready_to_go)
         return [*ready_to_go, *gone]
+
+    async def _starting(self, deployment: Deployment, victims: set[NodeId]) -> list[str]:
+        """The Deployment's pods, other than the victims, that are still starting: the
+        ReplicaSet would delete them before a victim (unscheduled < Pending < Running, not
+        Ready < Ready, and only then the deletion cost; before 1.22, newer first)."""
+        assert deployment.spec is not None
+        labels = _label_selector(deployment.spec.selector)
+        now = time.time()
+        starting = []
+
+        async def read() -> None:
+            async for pod in self.client.list(Pod, namespace=self.namespace, labels=labels):
+                meta = pod.metadata
+                if meta is None or meta.deletionTimestamp or meta.name in victims or _ready(pod):
+                    continue
+                created = meta.creationTimestamp
+                if created is None or now - created.timestamp() < START_WAIT_S:
+                    starting.append(meta.name or "?")
+
+        await self._call("list the pods of", read)
+        if frozenset(starting) != self._waiting_for and starting:
+            log.info(
+                "drained workers wait for pod(s) %s of %s to start: lowering the replicas "
+                "now would delete those instead",
+                ", ".join(sorted(starting)),
+                self.description,
+            )
+        self._waiting_for = frozenset(starting)
+        return starting
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -255,6 +298,25 @@ def _api_error(what: str, target: str, code: int, message: str) -> ScaleError:
             f"{target} not found (HTTP 404); check WORKER_DEPLOYMENT and K8S_NAMESPACE"
         )
     return ScaleError(f"Kubernetes failed to {what} {target} (HTTP {code}): {message}")
+
+
+def _label_selector(selector: LabelSelector) -> dict[str, Any]:
+    """A Deployment's pod selector as lightkube's ``labels`` argument."""
+    labels: dict[str, Any] = dict(selector.matchLabels or {})
+    for expression in selector.matchExpressions or []:
+        values = expression.values or []
+        match expression.operator:
+            case "In":
+                labels[expression.key] = operators.in_(values)
+            case "NotIn":
+                labels[expression.key] = operators.not_in(values)
+            case "Exists":
+                labels[expression.key] = operators.exists()
+            case "DoesNotExist":
+                labels[expression.key] = operators.not_exists()
+            case other:
+                raise ScaleError(f"the Deployment's selector has an unknown operator {other!r}")
+    return labels
 
 
 def _ready(pod: Pod) -> bool:
