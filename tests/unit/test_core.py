@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from dist_exec.clock import SystemClock
@@ -21,6 +22,7 @@ from dist_exec.models import (
     ExecOutcome,
     ExecStatus,
     Job,
+    JobId,
     JobStatus,
     NodeEndpoint,
     NodeId,
@@ -296,6 +298,95 @@ async def test_the_scalers_demand_counts_only_jobs_a_new_worker_could_run(
         await master.submit(SPEC)  # runs on w1, which is then full
         await master.submit(SPEC)  # waits for a slot: a new worker could take it
         assert master.scaling_demand() == 1
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
+
+
+class SlowKeyStore(HeldStore):
+    """The answer to the first store lookup of the key "slow" is held until the test lets
+    it go."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lookup_gate = asyncio.Event()
+        self.looking_up = asyncio.Event()
+
+    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None:
+        found = await super().find_by_key(key, since)
+        if key == "slow" and not self.looking_up.is_set():
+            self.looking_up.set()
+            await self.lookup_gate.wait()
+        return found
+
+
+async def test_a_key_whose_job_ends_during_a_batchs_lookups_still_gives_that_job(
+    tmp_path: Path,
+) -> None:
+    """A batch skips the store for keys of active jobs. One such job ending while the batch
+    looked up another key was neither active nor known at the batch's check: a second job
+    was created for its key, and the command ran twice."""
+    worker = ScriptedWorker()
+    worker.release.clear()
+    store = SlowKeyStore(tmp_path / "master.db")
+    master, _ = await start_master(tmp_path, worker, store=store)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
+        first = await master.submit(replace(SPEC, idempotency_key="a"))
+        batch = asyncio.create_task(
+            master.submit_many(
+                [replace(SPEC, idempotency_key="a"), replace(SPEC, idempotency_key="slow")]
+            )
+        )
+        async with asyncio.timeout(5):
+            await store.looking_up.wait()
+            worker.release.set()  # the first job ends while the batch looks up "slow"
+            while (await master.get(first)).status != JobStatus.COMPLETED:
+                await asyncio.sleep(0.01)
+            store.lookup_gate.set()
+            ids = await batch
+        assert ids[0] == first
+        _, total = await master.list_jobs(10, 0, None)
+        assert total == 2  # the first job and the batch's "slow" one
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
+
+
+async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(
+    tmp_path: Path,
+) -> None:
+    """A batch found no job for its key in the store and is slow to go on; meanwhile another
+    submit with that key must not create a job (which could even end before the batch goes
+    on, and the batch would create a second one)."""
+    worker = ScriptedWorker()
+    store = SlowKeyStore(tmp_path / "master.db")
+    master, _ = await start_master(tmp_path, worker, store=store)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
+        batch = asyncio.create_task(master.submit_many([replace(SPEC, idempotency_key="slow")]))
+        async with asyncio.timeout(5):
+            await store.looking_up.wait()  # it found nothing for "slow"
+            other = asyncio.create_task(master.submit(replace(SPEC, idempotency_key="slow")))
+            # It waits for the batch (queued on the lock), or else runs its job to the end.
+            while not (other.done() or getattr(master._key_lock, "_waiters", None)):
+                await asyncio.sleep(0.01)
+            if other.done():
+                while (await master.get(await other)).status != JobStatus.COMPLETED:
+                    await asyncio.sleep(0.01)
+            store.lookup_gate.set()
+            (created,) = await batch
+            assert await other == created
+            while (await master.get(created)).status != JobStatus.COMPLETED:
+                await asyncio.sleep(0.01)
+        _, total = await master.list_jobs(10, 0, None)
+        assert total == 1
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

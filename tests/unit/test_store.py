@@ -429,7 +429,7 @@ async def test_state_changes_land_in_order_once_the_database_takes_writes_again(
             store.append_output(JobId("j"), out(0, b"one "))
             await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
             assert "locked" in (store.trouble or "")
-            with pytest.raises(StoreUnavailable, match="cannot write its database .* later"):
+            with pytest.raises(StoreUnavailable, match=r"cannot write its database .* later"):
                 await store.insert(make_job("refused"))
             store.append_output(JobId("j"), out(4, b"two"))
             ended = replace(
@@ -437,7 +437,8 @@ async def test_state_changes_land_in_order_once_the_database_takes_writes_again(
                 attempt=1, stdout_bytes=7, worker_id="w1",
             )  # fmt: skip
             finished = asyncio.ensure_future(store.finish(ended, expect_attempt=1))
-            assert not running.done() and not finished.done()
+            assert not running.done()
+            assert not finished.done()
         finally:
             other.execute("ROLLBACK")
             other.close()

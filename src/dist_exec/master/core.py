@@ -92,6 +92,7 @@ class Master(Submission, Attempts):
         self._tg: asyncio.TaskGroup | None = None
         self._seq = itertools.count(1)  # submission order, for FIFO within a priority
         self._keys: dict[str, tuple[JobId, str]] = {}  # idempotency keys of active jobs
+        self._key_lock = asyncio.Lock()
         # Nodes running a job that one more lost worker would fail as poison. Two such jobs
         # never share a node: a task that kills its workers cannot take another one on its
         # last chance down with it, so only the task itself is failed as poison.

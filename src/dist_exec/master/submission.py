@@ -63,6 +63,7 @@ class Submission:
     _active: dict[JobId, ActiveJob]
     _seq: itertools.count[int]
     _keys: dict[str, tuple[JobId, str]]  # idempotency keys of active jobs
+    _key_lock: asyncio.Lock  # held by a keyed batch from its key lookups to taking its keys
     _place: Callable[[], list[ActiveJob]]  # queued jobs that fit now, placed (Master's)
     _forget_key: Callable[[ActiveJob], None]  # (Attempts')
 
@@ -122,24 +123,15 @@ class Submission:
         policy), idempotency keys (a known key with the same request gives its existing job),
         the client's rate limit, the bound on queued jobs."""
         checked = self._validate_batch(specs)
-        ids: list[JobId | None] = [None] * len(checked)
-        fresh = list(enumerate(checked))
         if any(spec.idempotency_key for spec in checked):
-            known = await self._known_keys(checked)
-            # From here on no await until the keys are taken: two submits with one key cannot
-            # both create a job.
-            fresh = []
-            for i, spec in enumerate(checked):
-                key = spec.idempotency_key
-                hit = self._keys.get(key) or known.get(key) if key else None
-                if hit is not None:
-                    ids[i] = _same_request(key, spec, hit)
-                else:
-                    fresh.append((i, spec))
-            if not fresh:
-                return [j for j in ids if j is not None]
-        self._admit(len(fresh), client)
-        jobs = self._take_keys(fresh, ids)
+            # One keyed batch at a time from its lookups until it has taken its keys: no other
+            # can create a job for a key between this one's lookup and its taking the key.
+            async with self._key_lock:
+                ids, jobs = self._claim(checked, client, await self._known_keys(checked))
+        else:
+            ids, jobs = self._claim(checked, client, {})
+        if not jobs:
+            return [j for j in ids if j is not None]
         now_mono = self.clock.monotonic()
         actives = [ActiveJob(job, next(self._seq)) for job in jobs]
         for active in actives:
@@ -180,6 +172,25 @@ class Submission:
             raise
         return [j for j in ids if j is not None]
 
+    def _claim(
+        self, checked: Sequence[TaskSpec], client: str, known: Mapping[str, tuple[JobId, str]]
+    ) -> tuple[list[JobId | None], list[Job]]:
+        """The batch's ids, and the new jobs to accept: a key of an active job or of a job
+        ``known`` from the store gives that job (if the request is the same); no await."""
+        ids: list[JobId | None] = [None] * len(checked)
+        fresh = []
+        for i, spec in enumerate(checked):
+            key = spec.idempotency_key
+            hit = self._keys.get(key) or known.get(key) if key else None
+            if hit is not None:
+                ids[i] = _same_request(key, spec, hit)
+            else:
+                fresh.append((i, spec))
+        if not fresh:
+            return ids, []
+        self._admit(len(fresh), client)
+        return ids, self._take_keys(fresh, ids)
+
     def _admit(self, count: int, client: str) -> None:
         """The client's rate limit and the bound on queued jobs."""
         if self.rate_limiter is not None:
@@ -209,17 +220,23 @@ class Submission:
         return jobs
 
     async def _known_keys(self, specs: Sequence[TaskSpec]) -> dict[str, tuple[JobId, str]]:
-        """Jobs already created for the batch's idempotency keys, from the store."""
+        """Jobs already created for the batch's idempotency keys, from the store (keys of
+        active jobs are answered by ``_keys``). A key whose job ends meanwhile is looked up
+        once its end is written: the job is in the store by then."""
         since = self.clock.now() - timedelta(seconds=self.config.idempotency_retention_s)
+        keys = {spec.idempotency_key for spec in specs if spec.idempotency_key}
+        if too_long := next((k for k in keys if len(k) > MAX_KEY_CHARS), None):
+            raise InvalidTaskSpec(
+                f"idempotency key longer than {MAX_KEY_CHARS} chars: {shorten(too_long)}"
+            )
         known = {}
-        for spec in specs:
-            key = spec.idempotency_key
-            if key and key not in self._keys and key not in known:
-                if len(key) > MAX_KEY_CHARS:
-                    raise InvalidTaskSpec(f"idempotency key longer than {MAX_KEY_CHARS} chars")
+        while keys:
+            active = {key for key in keys if key in self._keys}
+            for key in keys - active:
                 found = await self.store.find_by_key(key, since)
                 if found is not None:
                     known[key] = found
+            keys = {key for key in active if key not in self._keys}  # ended meanwhile
         return known
 
     async def submit_broadcast(
