@@ -450,3 +450,33 @@ async def test_state_changes_land_in_order_once_the_database_takes_writes_again(
         assert await store.get(JobId("refused")) is None
         await store.insert(make_job("later"))  # and it takes jobs again
         assert (await get(store, "later")).status == JobStatus.PENDING
+
+
+async def test_a_write_that_fails_halfway_leaves_nothing_and_the_batch_goes_on(
+    store: SqliteJobStore,
+) -> None:
+    """Each write of a batch holds whole or not at all: a finish or a requeue is several
+    statements, and one failing after the first must not leave the first in the database."""
+    await store.insert(make_job("a"))
+    await store.insert(make_job("b"))
+    hold, held = threading.Event(), threading.Event()
+
+    def wait(conn: sqlite3.Connection) -> None:
+        held.set()
+        hold.wait(10)
+
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE jobs SET priority = 9 WHERE id = 'a'")
+        conn.execute("INSERT INTO jobs (id) VALUES ('c')")  # NOT NULL constraints: fails
+
+    holding = store._write(wait)  # the writer waits, so what follows goes in one batch
+    await asyncio.to_thread(held.wait, 10)
+    failing = store._write(half)
+    running = store.mark_running(JobId("b"), "w1", 1, T0)
+    hold.set()
+    await holding
+    with pytest.raises(sqlite3.IntegrityError):
+        await failing
+    await running
+    assert (await get(store, "a")).spec.priority == 0
+    assert (await get(store, "b")).status == JobStatus.RUNNING

@@ -464,6 +464,7 @@ class SqliteJobStore:
                 self._synchronous = synchronous
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                conn.execute("SAVEPOINT op")  # each write holds whole or not at all
                 try:
                     results.append((op.fut, op.fn(conn), None))
                 except Exception as exc:
@@ -474,7 +475,9 @@ class SqliteJobStore:
                         # may have rolled the transaction back already, and what follows must
                         # not run outside it.
                         raise _BatchLost() from exc
+                    conn.execute("ROLLBACK TO op")
                     results.append((op.fut, None, exc))
+                conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except (sqlite3.Error, _BatchLost) as exc:
             if conn.in_transaction:
@@ -558,27 +561,19 @@ class SqliteJobStore:
         ]
 
         def op(conn: sqlite3.Connection) -> list[int]:
-            conn.execute("SAVEPOINT insert_many")
             seqs = []
-            try:
-                for row in rows:
-                    cur = conn.execute(
-                        "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
-                        " max_retries, status, created_at, started_at, worker_id, attempt,"
-                        " selector, node_pin, broadcast_id, idempotency_key, request_hash,"
-                        " retry_on_failure, queue_timeout_s, owner, limits)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
-                    assert cur.lastrowid is not None
-                    seqs.append(cur.lastrowid)
-                conn.executemany(_START_ATTEMPT, started)
-            except BaseException:
-                if conn.in_transaction:  # (SQLite may have rolled all of it back itself)
-                    conn.execute("ROLLBACK TO insert_many")
-                    conn.execute("RELEASE insert_many")
-                raise
-            conn.execute("RELEASE insert_many")
+            for row in rows:
+                cur = conn.execute(
+                    "INSERT INTO jobs (id, task_type, payload, timeout_s, priority, metadata,"
+                    " max_retries, status, created_at, started_at, worker_id, attempt,"
+                    " selector, node_pin, broadcast_id, idempotency_key, request_hash,"
+                    " retry_on_failure, queue_timeout_s, owner, limits)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                assert cur.lastrowid is not None
+                seqs.append(cur.lastrowid)
+            conn.executemany(_START_ATTEMPT, started)
             return seqs
 
         return self._write(op, durable=True)
