@@ -83,7 +83,9 @@ def format_duration(seconds: float) -> str:
         return f"{seconds:g}s"
     if seconds < 7200:
         return f"{seconds / 60:g}m"
-    return f"{seconds / 3600:g}h"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:g}h"
+    return f"{seconds / 86400:g}d"
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -199,6 +201,7 @@ class MasterConfig:
     rate_burst: int = 2000
     max_queued: int = 100_000  # jobs waiting; more are refused, nothing accepted is dropped
     idempotency_retention_s: float = 86400.0  # how long a submit's idempotency key is honoured
+    job_retention_s: float = 7 * 86400.0  # ended jobs are deleted this long after; 0: never
     priority_aging_s: float = 60.0  # a waiting job gains a priority level this often; 0: never
     allowed_commands: tuple[str, ...] = ()  # globs; empty: any command
     allowed_env: tuple[str, ...] = ()  # globs: what a job may set under allowed_commands

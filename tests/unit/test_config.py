@@ -85,6 +85,8 @@ def test_parse_duration_rejects(text: str, match: str) -> None:
         (5400.0, "90m"),
         (7200.0, "2h"),
         (86400.0, "24h"),
+        (7 * 86400.0, "7d"),
+        (2.5 * 86400.0, "2.5d"),
     ],
 )
 def test_format_duration(seconds: float, text: str) -> None:

@@ -480,3 +480,50 @@ async def test_a_write_that_fails_halfway_leaves_nothing_and_the_batch_goes_on(
     await running
     assert (await get(store, "a")).spec.priority == 0
     assert (await get(store, "b")).status == JobStatus.RUNNING
+
+
+async def test_prune_deletes_only_jobs_ended_before_the_cutoff_with_their_output(
+    store: SqliteJobStore, db_path: Path
+) -> None:
+    old, recent = T0 - timedelta(days=8), T0 - timedelta(hours=1)
+    for name, created in (("old", old), ("recent", recent), ("keyed", old), ("running", old)):
+        job = make_job(name, created=created)
+        if name == "keyed":
+            job = replace(job, spec=replace(job.spec, idempotency_key="k"))
+        await store.insert(job)
+        await store.mark_running(JobId(name), "w1", 1, created)
+        store.append_output(JobId(name), out(0, b"output"))
+        if name != "running":
+            done = replace(job, status=JobStatus.COMPLETED, completed_at=created, attempt=1)
+            assert await store.finish(done, expect_attempt=1)
+    cutoff = T0 - timedelta(days=7)
+    assert await store.prune(cutoff, keyed_before=cutoff - timedelta(days=30), limit=10) == 1
+    assert await store.get(JobId("old")) is None
+    for kept in ("recent", "keyed", "running"):  # (the key is honoured for 30 more days)
+        assert (await get(store, kept)).stdout == b"output"
+    assert await store.prune(cutoff, keyed_before=cutoff, limit=10) == 1
+    assert await store.get(JobId("keyed")) is None
+    assert await store.prune(cutoff, keyed_before=cutoff, limit=10) == 0
+    db = sqlite3.connect(db_path)
+    for table in ("output", "attempts"):
+        left = {r[0] for r in db.execute(f"SELECT DISTINCT job_id FROM {table}")}
+        assert left == {"recent", "running"}, table
+    plan = " ".join(
+        str(row[-1])
+        for row in db.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE completed_at < 1"
+            " AND (idempotency_key = '' OR created_at < 1) LIMIT 5"
+        )
+    )
+    assert "jobs_by_end" in plan  # not a scan of every job
+
+
+async def test_prune_takes_at_most_its_limit(store: SqliteJobStore) -> None:
+    for i in range(5):
+        job = make_job(f"j{i}")
+        await store.insert(job)
+        assert await store.finish(
+            replace(job, status=JobStatus.CANCELLED, completed_at=T0), expect_attempt=None
+        )
+    cutoff = T0 + timedelta(seconds=1)
+    assert [await store.prune(cutoff, cutoff, 2) for _ in range(4)] == [2, 2, 1, 0]

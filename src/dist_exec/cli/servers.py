@@ -217,6 +217,15 @@ def ready_line(what: str) -> Callable[[str], None]:
     show_default=True,
     help="Output kept from the end of each stream longer than --max-output.",
 )
+@click.option(
+    "--job-retention",
+    type=DURATION,
+    envvar="JOB_RETENTION",
+    default="7d",
+    show_default=True,
+    help="Ended jobs, with their output, are deleted this long after they end (0: never; a "
+    "job with an idempotency key is kept at least a day, while its key is honoured).",
+)
 @tls_server_options
 @click.option(
     "--tokens-file",
@@ -255,6 +264,7 @@ def master(
     balancer: str,
     max_output: int,
     output_tail: int,
+    job_retention: float,
     tokens_file: Path | None,
     audit_log: Path | None,
     log_level: str,
@@ -299,6 +309,7 @@ def master(
         balancer=balancer,
         max_output_bytes=max_output,
         output_tail_bytes=output_tail,
+        job_retention_s=job_retention,
         tls=tls,
         tokens_file=tokens_file,
         audit_log=audit_log,

@@ -16,10 +16,12 @@ import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import replace
+from datetime import timedelta
 
 from dist_exec.clock import Clock
 from dist_exec.config import MAX_LIST_JOBS, MasterConfig, format_duration
 from dist_exec.errors import (
+    DistExecError,
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
@@ -61,6 +63,9 @@ RESTART_GRACE_EXTRA_S = 2.0  # after a restart, beyond the heartbeat timeout, to
 STOP_RETRY_MIN_S = 0.5  # asking an unreachable node to stop an unwanted attempt: first wait
 STOP_RETRY_MAX_S = 10.0
 COMMIT_WAIT_S = 5.0  # a read of an ended job waits this long for its end to be written
+PRUNE_SLICE = 500  # jobs deleted per write, so that other writes are not held up for long
+PRUNE_MIN_EVERY_S = 0.25  # ended jobs past the retention are looked for this often, at most
+PRUNE_MAX_EVERY_S = 600.0  # and at least
 
 
 class Master(Submission, Attempts):
@@ -108,6 +113,8 @@ class Master(Submission, Attempts):
             await self._recover()
             tg.create_task(self._schedule_forever())
             tg.create_task(self._sweep_forever())
+            if self.config.job_retention_s > 0:
+                tg.create_task(self._prune_forever())
             self.ready.set()
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
@@ -247,6 +254,33 @@ class Master(Submission, Attempts):
                 ):
                     self._spawn(self._queue_timed_out(job))
 
+    async def _prune_forever(self) -> None:
+        """Delete jobs that ended longer than the retention ago, a slice per write (other
+        writes go between), at start and then a few times per retention period."""
+        retention = self.config.job_retention_s
+        period = max(PRUNE_MIN_EVERY_S, min(PRUNE_MAX_EVERY_S, retention / 4))
+        while True:
+            now = self.clock.now()
+            ended_before = now - timedelta(seconds=retention)
+            keyed_before = now - timedelta(
+                seconds=max(retention, self.config.idempotency_retention_s)
+            )
+            pruned = 0
+            try:
+                while (
+                    count := await self.store.prune(ended_before, keyed_before, PRUNE_SLICE)
+                ) > 0:
+                    pruned += count
+            except DistExecError as exc:  # the database cannot be written: next time
+                log.warning("cannot delete old jobs now: %s", exc.message)
+            if pruned:
+                log.info(
+                    "deleted %d jobs that ended more than %s ago",
+                    pruned,
+                    format_duration(retention),
+                )
+            await asyncio.sleep(period)
+
     # ---- client API -------------------------------------------------------------------------
 
     async def watch(
@@ -310,11 +344,17 @@ class Master(Submission, Attempts):
             await self._committed(finishing)  # read the job as committed, not as it was before
         job = await self.store.get(job_id, with_output)
         if job is None:
-            raise JobNotFound(f"job {job_id} not found")
+            raise JobNotFound(self._not_found(job_id))
         active = self._active.get(job_id)
         if job.status == JobStatus.PENDING and active is not None:
             return replace(job, pending_reason=self.pending_reason(active))
         return job
+
+    def _not_found(self, job_id: JobId) -> str:
+        retention = self.config.job_retention_s
+        if not retention:
+            return f"job {job_id} not found"
+        return f"job {job_id} not found (ended jobs are deleted after {format_duration(retention)})"
 
     async def _committed(self, job: ActiveJob) -> None:
         """Wait for an ended job's end to be written; while the database cannot take writes,
@@ -380,7 +420,7 @@ class Master(Submission, Attempts):
         if job is None or job.status.terminal:
             stored = await self.store.get(job_id)
             if stored is None:
-                raise JobNotFound(f"job {job_id} not found")
+                raise JobNotFound(self._not_found(job_id))
             status = job.status if job is not None else stored.status
             raise JobAlreadyFinished(f"job {job_id} has already ended ({status.value})")
         # The work runs apart from this call: a caller that goes away (a short deadline, a

@@ -168,6 +168,7 @@ class JobStore(Protocol):
         owner: str | None = None,
     ) -> tuple[list[Job], int]: ...
     async def unfinished(self) -> list[tuple[int, Job]]: ...
+    async def prune(self, ended_before: datetime, keyed_before: datetime, limit: int) -> int: ...
     async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None: ...
     async def read_output(
         self, job_id: JobId, offsets: Mapping[Stream, int]
@@ -311,6 +312,10 @@ class SqliteJobStore:
         write_conn.execute(
             "CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key, seq) "
             "WHERE idempotency_key != ''"
+        )
+        write_conn.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs (completed_at) "
+            "WHERE completed_at IS NOT NULL"
         )
         write_conn.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -762,6 +767,28 @@ class SqliteJobStore:
             return [(r[0], _job_from_row(r)) for r in rows]
 
         return await self._read(op)
+
+    async def prune(self, ended_before: datetime, keyed_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` jobs that ended before ``ended_before`` (a job with an
+        idempotency key only once it was also created before ``keyed_before``: its key is
+        honoured until then), with their output and history. Returns how many went."""
+        ended, keyed = _ts(ended_before), _ts(keyed_before)
+
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [
+                (row[0],)
+                for row in conn.execute(
+                    "SELECT id FROM jobs WHERE completed_at < ?"
+                    " AND (idempotency_key = '' OR created_at < ?) LIMIT ?",
+                    (ended, keyed, limit),
+                )
+            ]
+            conn.executemany("DELETE FROM output WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM attempts WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            return len(ids)
+
+        return await self._write(op)
 
     async def output_ends(self, job_id: JobId) -> dict[Stream, int]:
         """Where each stream's stored output ends (0: nothing stored)."""
