@@ -117,3 +117,18 @@ async def test_a_master_killed_while_its_disk_fails_finishes_the_job_after_a_res
             job = await wait_job(again, job_id)
     assert job.status == JobStatus.COMPLETED, job.error
     assert job.stdout == b"started\n" + b"y" * OUTPUT_BYTES
+
+
+def test_a_damaged_database_is_one_line_at_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "master.db").write_bytes(b"\x00not a database" * 1000)
+    started = run_cli("master", "--listen", "127.0.0.1:0", "--data-dir", str(data), timeout=30)
+    assert started.code == 1, started
+    last = started.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"dist-exec: cannot open the job database {data / 'master.db'}: file is not a database "
+        "(a damaged file: restore it from a backup, or move it and its -wal file away to start "
+        "empty)"
+    )
+    assert "Traceback" not in started.stderr

@@ -40,9 +40,7 @@ from dist_exec.config import (
     parse_duration,
     parse_size,
 )
-from dist_exec.errors import (
-    InvalidTaskSpec,
-)
+from dist_exec.errors import DistExecError, InvalidTaskSpec
 from dist_exec.executors.containment import Mode
 from dist_exec.executors.limits import MAX_PROCS
 from dist_exec.executors.limits import check as check_limits
@@ -78,6 +76,8 @@ def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         run_server(body())
     except asyncio.CancelledError:
         pass
+    except DistExecError as exc:  # it cannot start (its database, say): one line
+        fail(exc.message)
     except RuntimeError as exc:
         if "Failed to bind" in str(exc) or "bind" in str(exc).lower():
             reason = str(exc).split(";", 1)[0]  # drop gRPC's GRPC_VERBOSITY hint

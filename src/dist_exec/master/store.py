@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from dist_exec.errors import StoreFull, StoreUnavailable
+from dist_exec.errors import DistExecError, StoreFull, StoreUnavailable
 from dist_exec.models import (
     NO_LIMITS,
     AttemptOutcome,
@@ -299,6 +299,22 @@ class SqliteJobStore:
         for suffix in SQLITE_SIDE_FILES:
             private_file(self.path.with_name(self.path.name + suffix))
         self._loop = asyncio.get_running_loop()
+        try:
+            write_conn = self._open_for_writing()
+        except sqlite3.Error as exc:
+            raise DistExecError(
+                f"cannot open the job database {self.path}: {_describe(exc)} (a damaged file: "
+                "restore it from a backup, or move it and its -wal file away to start empty)"
+            ) from None
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(write_conn,), name="store-write", daemon=True
+        )
+        self._writer.start()
+        self._reader = self._connect(check_same_thread=False)
+        return self
+
+    def _open_for_writing(self) -> sqlite3.Connection:
+        """The writer thread's connection, with the schema in place."""
         write_conn = self._connect(check_same_thread=False)  # used only by the writer thread
         write_conn.executescript(_SCHEMA)
         have = {row[1] for row in write_conn.execute("PRAGMA table_info(jobs)")}
@@ -320,12 +336,7 @@ class SqliteJobStore:
         write_conn.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
-        self._writer = threading.Thread(
-            target=self._write_loop, args=(write_conn,), name="store-write", daemon=True
-        )
-        self._writer.start()
-        self._reader = self._connect(check_same_thread=False)
-        return self
+        return write_conn
 
     async def __aexit__(self, *exc: object) -> None:
         self._flush_output()
