@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from dist_exec.clock import SystemClock
@@ -387,6 +387,66 @@ async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(
                 await asyncio.sleep(0.01)
         _, total = await master.list_jobs(10, 0, None)
         assert total == 1
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
+
+
+class DeadlineWorker(ScriptedWorker):
+    """Records the deadline of each call; attempts hang until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.clear()
+        self.deadlines: list[float] = []
+
+    async def execute(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        self.deadlines.append(deadline_s)
+        async for event in super().execute(
+            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
+        ):
+            yield event
+
+
+async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path) -> None:
+    """After a master restart, a running job's deadline counts from its start, not from the
+    restart (a 1 h job 50 min in had another 1 h); its worker always gets the grace to report."""
+    store = HeldStore(tmp_path / "master.db")
+    await store.__aenter__()
+    now = SystemClock().now()
+    jobs = {"fresh": (600.0, 60.0), "late": (600.0, 3600.0)}  # timeout, ran for
+    for name, (timeout, ran) in jobs.items():
+        job = Job(
+            JobId(name), replace(SPEC, timeout_s=timeout, max_retries=3), JobStatus.PENDING, now
+        )
+        await store.insert(job)
+        await store.mark_running(JobId(name), "w1", 1, now - timedelta(seconds=ran))
+    await store.__aexit__(None, None, None)
+    worker = DeadlineWorker()
+    grace = 30.0
+    config = MasterConfig(data_dir=tmp_path, dispatch_grace_s=grace)
+    master, store = await start_master(tmp_path, worker, config, HeldStore(tmp_path / "master.db"))
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        held = [HeldAttempt(name, 1) for name in jobs]
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, held)
+        async with asyncio.timeout(5):
+            while len(worker.deadlines) < 2:
+                await asyncio.sleep(0.01)
+        fresh, late = sorted(worker.deadlines, reverse=True)
+        assert 600 - 60 + grace - 5 < fresh <= 600 - 60 + grace
+        assert grace - 5 < late <= grace
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -157,7 +157,12 @@ class Master(Submission, Attempts):
                 active.status = JobStatus.RUNNING
                 active.node_id = NodeId(job.worker_id)
                 active.started_at = job.started_at
-                active.started_mono = self.clock.monotonic()
+                # Its timeout runs from its start, not from this restart (by the wall clock);
+                # the grace is left in any case, for its worker to report a result it holds.
+                ran_s = (self.clock.now() - job.started_at).total_seconds() if job.started_at else 0
+                active.started_mono = self.clock.monotonic() - min(
+                    max(0.0, ran_s), job.spec.timeout_s
+                )
                 active.orphan_deadline = self.clock.monotonic() + grace
                 active.kept_all = False  # its output so far is in the store only
                 # Re-attached, its worker replays from here: what is stored is not stored again
