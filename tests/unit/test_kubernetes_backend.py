@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
+import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 
 from dist_exec.autoscaler.backend import ScaleError, ScaleForbidden, ScaleTargetMissing
-from dist_exec.autoscaler.kubernetes import KubernetesBackend
+from dist_exec.autoscaler.kubernetes import KubernetesBackend, load_kube_config
 
 
 def status(code: int, message: str) -> httpx2.Response:
@@ -109,3 +111,52 @@ async def test_permanent_answers_are_not_retried(
     assert text in str(raised.value)
     assert len(script.requests) == 1
     await scaler.close()
+
+
+def kubeconfig(path: Path, current: str, clusters: dict[str, dict[str, str]]) -> Path:
+    contexts = [{"name": f"ctx-{n}", "context": {"cluster": n, "user": "u"}} for n in clusters]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": current,
+                "clusters": [{"name": n, "cluster": c} for n, c in clusters.items()],
+                "contexts": contexts,
+                "users": [{"name": "u", "user": {"client-key": "key.pem"}}],
+            }
+        )
+    )
+    return path
+
+
+def test_a_kubeconfig_list_is_merged_as_kubectl_merges_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = kubeconfig(tmp_path / "a" / "config", "ctx-one", {"one": {"server": "https://a"}})
+    second = kubeconfig(
+        tmp_path / "b" / "config",
+        "ctx-two",
+        {
+            "one": {"server": "https://b"},
+            "two": {"server": "https://two", "certificate-authority": "ca.crt"},
+        },
+    )
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing'}:{first}::{second}")
+    config = load_kube_config()
+    assert config.current_context == "ctx-one"  # the first file that sets it
+    assert config.clusters["one"].server == "https://a"  # the first file that names it
+    assert config.clusters["two"].certificate_auth == str(tmp_path / "b" / "ca.crt")
+    assert config.users["u"].client_key == str(tmp_path / "a" / "key.pem")
+    assert config.get("ctx-two") is not None
+
+
+def test_a_kubeconfig_list_of_missing_files_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'x'}:{tmp_path / 'y'}")
+    with pytest.raises(
+        ScaleError, match=r"cannot load Kubernetes credentials .* none of the files"
+    ):
+        load_kube_config()
+    with pytest.raises(ScaleError, match="not found"):
+        load_kube_config(str(tmp_path / "x"))

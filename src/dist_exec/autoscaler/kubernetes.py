@@ -28,10 +28,13 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx2
+import yaml
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig, operators
+from lightkube.config.kubeconfig import DEFAULT_KUBECONFIG
 from lightkube.models.meta_v1 import LabelSelector
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.autoscaling_v1 import HorizontalPodAutoscaler
@@ -58,12 +61,58 @@ REQUEST_TIMEOUT_S = 5.0
 
 
 def load_kube_config(path: str = "") -> KubeConfig:
-    """``path``, else in-cluster service account, else $KUBECONFIG or ~/.kube/config."""
+    """``path``, else in-cluster service account, else $KUBECONFIG or ~/.kube/config. A
+    path may be a list (``a:b``), merged as kubectl does."""
     try:
-        return KubeConfig.from_file(path) if path else KubeConfig.from_env()
-    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        if path:
+            return _from_files(path)
+        try:
+            return KubeConfig.from_service_account()
+        except ConfigError:
+            return _from_files(os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG)
+    except (ConfigError, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         where = path or "the service account, $KUBECONFIG or ~/.kube/config"
         raise ScaleError(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
+
+
+def _from_files(paths: str) -> KubeConfig:
+    """One kubeconfig, or several separated by ':' merged as kubectl merges them: the first
+    file to name a cluster, context or user (or to set current-context) wins; missing files
+    are skipped; relative file names are relative to the file that holds them."""
+    names = [Path(p).expanduser() for p in paths.split(os.pathsep) if p]
+    if len(names) == 1:
+        return KubeConfig.from_file(names[0])
+    found = [name for name in names if name.is_file()]
+    if not found:
+        raise ConfigError(f"none of the files {paths} exists")
+    merged: dict[str, Any] = {"clusters": [], "contexts": [], "users": []}
+    for name in found:
+        conf = yaml.safe_load(name.read_text()) or {}
+        merged.setdefault("current-context", conf.get("current-context") or None)
+        if merged["current-context"] is None:
+            del merged["current-context"]
+        for section, item in (("clusters", "cluster"), ("contexts", "context"), ("users", "user")):
+            known = {entry["name"] for entry in merged[section]}
+            for entry in conf.get(section) or []:
+                if entry["name"] not in known:
+                    known.add(entry["name"])
+                    merged[section].append(_absolute(entry, item, name.parent))
+    return KubeConfig.from_dict(merged, fname=found[0])
+
+
+_FILE_FIELDS = {
+    "cluster": ("certificate-authority",),
+    "user": ("client-certificate", "client-key", "tokenFile"),
+}
+
+
+def _absolute(entry: dict[str, Any], item: str, base: Path) -> dict[str, Any]:
+    """A kubeconfig entry whose file names no longer depend on the file it came from."""
+    body = dict(entry.get(item) or {})
+    for field in _FILE_FIELDS.get(item, ()):
+        if body.get(field):
+            body[field] = str(base / Path(body[field]).expanduser())
+    return {**entry, item: body}
 
 
 def client_for(config: KubeConfig, namespace: str = "") -> AsyncClient:

@@ -68,7 +68,8 @@ _OPTIONS: list[tuple[str, str, str, Any, Any, str]] = [
     ("--worker-deployment", "deployment", "WORKER_DEPLOYMENT", str, _DEFAULTS.deployment,
      "The worker Deployment to scale."),
     ("--kubeconfig", "kubeconfig", "KUBECONFIG", str, "",
-     "Kubeconfig file (default: the in-cluster service account, else ~/.kube/config)."),
+     "Kubeconfig file, or files separated by ':' merged as kubectl merges them (default: "
+     "the in-cluster service account, else ~/.kube/config)."),
     ("--local-worker-arg", "local_worker_args", "", str, (),
      "Repeatable: one more argument for the local workers, e.g. "
      "--local-worker-arg=--tls-cert=FILE."),
