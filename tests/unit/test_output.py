@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 
 from dist_exec.errors import FollowerTooSlow
-from dist_exec.master.output import FOLLOWER_BUFFER_BYTES, Follower, LiveChunk, OutputHub
+from dist_exec.master.output import FOLLOWER_BUFFER_BYTES, Budget, Follower, LiveChunk, OutputHub
 from dist_exec.models import JobId, OutputChunk, Stream
 
 JOB = JobId("job-1")
@@ -113,11 +113,10 @@ async def test_unfollow_stops_delivery() -> None:
     hub.close(JOB, None)
 
     assert [item.chunk.data for item in await collect(staying)] == [b"both", b"one"]
-    # The one that left got what was published before, and neither later chunks nor the end.
-    async with reading(gone) as items:
-        first = await anext(items)
-    assert first.chunk.data == b"both"
+    # The one that left gets nothing more, and what it held is given back.
+    assert await collect(gone) == []
     assert not gone._memory
+    assert hub.budget.memory == 0
 
 
 async def test_unfollow_of_last_follower_forgets_the_job() -> None:
@@ -287,3 +286,49 @@ async def test_a_disk_that_fails_cuts_off_the_follower_not_the_job(
     hub.close(JOB, None)
     with pytest.raises(FollowerTooSlow):
         await collect(follower)
+
+
+async def test_followers_together_hold_no_more_than_the_budget() -> None:
+    """Many slow followers of a loud job could each hold their own allowance (8 MiB in memory,
+    1 GiB on disk): together they are bounded, and one that finds no room is cut off; one
+    that keeps up always has its fair share."""
+    budget = Budget(memory_limit=2 * MIB, spill_limit=0)
+    hub = OutputHub(budget=budget)
+    reader, slow = hub.follow(JOB), hub.follow(JOB)
+    data = b"x" * MIB
+    async with reading(reader) as items:
+        for i in range(5):
+            hub.publish(JOB, 1, chunk(i * MIB, data))
+            assert budget.memory <= 2 * budget.memory_limit
+            assert (await anext(items)).chunk.offset == i * MIB
+        assert slow.lagged
+        assert not reader.lagged
+        hub.close(JOB, None)
+        assert [item async for item in items] == []
+    received: list[int] = []
+
+    async def read_slow() -> None:
+        async for item in slow:
+            received.append(item.chunk.offset)
+
+    with pytest.raises(FollowerTooSlow):
+        await read_slow()
+    assert received == list(range(0, len(received) * MIB, MIB))  # a prefix, then the cut
+    assert (budget.memory, budget.spill, budget.followers) == (0, 0, 0)
+
+
+async def test_the_disk_budget_is_shared_and_given_back() -> None:
+    budget = Budget(memory_limit=MIB, spill_limit=3 * MIB)
+    hub = OutputHub(budget=budget)
+    first, second = hub.follow(JOB), hub.follow(JOB)
+    data = b"x" * MIB
+    hub.publish(JOB, 1, chunk(0, data))  # memory for one, the disk for the other
+    hub.publish(JOB, 1, chunk(MIB, data))  # the disk for both: 3 MiB and more is too much
+    assert budget.memory == MIB
+    assert budget.spill <= 3 * MIB
+    assert first.lagged != second.lagged  # one of them did not fit
+    kept = second if first.lagged else first
+    hub.unfollow(JOB, first if first.lagged else second)
+    hub.close(JOB, None)
+    assert [item.chunk.offset for item in await collect(kept)] == [0, MIB]
+    assert (budget.memory, budget.spill) == (0, 0)

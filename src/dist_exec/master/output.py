@@ -5,7 +5,11 @@ up to FOLLOWER_BUFFER_BYTES, and beyond that in a temporary file (unlinked, priv
 master) up to FOLLOWER_SPILL_BYTES, so a slow reader (``dist-exec run CMD | slow``) still gets
 every byte, in order. Only a follower further behind than both is cut off: its stream ends with
 an error telling it to resume from its offsets (from the stored output, which keeps the start
-and the end of a long output).
+and the end of a long output). All followers together hold at most TOTAL_SPILL_BYTES on disk
+and about TOTAL_MEMORY_BYTES in memory (at most twice: once it is taken, a follower may still
+hold its fair share of it, so the slow ones cannot crowd out one that keeps up): many slow
+followers cannot exhaust the master's memory or disk. One that finds no room is cut off the
+same way.
 """
 
 from __future__ import annotations
@@ -25,8 +29,27 @@ from dist_exec.models import Job, JobId, OutputChunk, Stream
 log = logging.getLogger(__name__)
 FOLLOWER_BUFFER_BYTES = 8 * 1024 * 1024
 FOLLOWER_SPILL_BYTES = 1024 * 1024 * 1024
+TOTAL_MEMORY_BYTES = 256 * 1024 * 1024  # of all followers together
+TOTAL_SPILL_BYTES = 8 * 1024 * 1024 * 1024
 COPY_BYTES = 1024 * 1024
 _RECORD = struct.Struct(">iBqI")  # attempt, stream, offset, length; then the data
+
+
+@dataclass(slots=True)
+class Budget:
+    """What all followers may hold together, and what they hold now."""
+
+    memory_limit: int = TOTAL_MEMORY_BYTES
+    spill_limit: int = TOTAL_SPILL_BYTES
+    memory: int = 0
+    spill: int = 0
+    followers: int = 0
+
+    def memory_for(self, held: int, more: int) -> bool:
+        """Whether a follower holding ``held`` bytes may hold ``more`` in memory."""
+        if self.memory + more <= self.memory_limit:
+            return True
+        return held + more <= self.memory_limit // max(1, self.followers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +62,16 @@ class Follower:
     """One client's view of a job's live output: what it has not read yet, in order."""
 
     def __init__(
-        self, memory_bytes: int = FOLLOWER_BUFFER_BYTES, spill_bytes: int = FOLLOWER_SPILL_BYTES
+        self,
+        memory_bytes: int = FOLLOWER_BUFFER_BYTES,
+        spill_bytes: int = FOLLOWER_SPILL_BYTES,
+        budget: Budget | None = None,
     ) -> None:
         self.memory_bytes = memory_bytes
         self.spill_bytes = spill_bytes
+        self.budget = budget or Budget()
+        self.budget.followers += 1
+        self._counted = True  # in budget.followers, until closed
         self._memory: deque[LiveChunk] = deque()
         self._bytes = 0  # data waiting in memory
         # Newer than everything in memory; while it holds unread records, new chunks go there.
@@ -58,19 +87,25 @@ class Follower:
             return
         if item is None:
             self._ended = True
-        elif self._spill_read < self._spill_end or (
-            self._bytes + len(item.chunk.data) > self.memory_bytes
+        elif (
+            self._spill_read < self._spill_end
+            or self._bytes + len(item.chunk.data) > self.memory_bytes
+            or not self.budget.memory_for(self._bytes, len(item.chunk.data))
         ):
             self._to_spill(item)
         else:
             self._memory.append(item)
             self._bytes += len(item.chunk.data)
+            self.budget.memory += len(item.chunk.data)
         self._wake.set()
 
     def _to_spill(self, item: LiveChunk) -> None:
         data = item.chunk.data
         size = _RECORD.size + len(data)
-        if self._spill_end - self._spill_read + size > self.spill_bytes:
+        if (
+            self._spill_end - self._spill_read + size > self.spill_bytes
+            or self.budget.spill + size > self.budget.spill_limit
+        ):
             self._cut_off()
             return
         chunk = item.chunk
@@ -90,6 +125,7 @@ class Follower:
             self._cut_off()
             return
         self._spill_end += size
+        self.budget.spill += size
 
     def _compact(self) -> None:
         """Move what is unread to the start of a new file."""
@@ -109,7 +145,8 @@ class Follower:
         self._spill_read, self._spill_end = 0, self._spill_end - self._spill_read
 
     def _cut_off(self) -> None:
-        """Too far behind (or no room on disk): it resumes from the stored output."""
+        """Too far behind (or no room): it gets what it holds in memory (a prefix without
+        gaps), then resumes from the stored output."""
         self.lagged = self._ended = True
         self.close_spill()
 
@@ -119,6 +156,7 @@ class Follower:
         attempt, stream, offset, length = _RECORD.unpack(self._spill.read(_RECORD.size))
         data = self._spill.read(length)
         self._spill_read += _RECORD.size + length
+        self.budget.spill -= _RECORD.size + length
         if self._spill_read == self._spill_end:  # all read: memory again, the file from 0
             self._spill_read = self._spill_end = 0
         return LiveChunk(attempt, OutputChunk(Stream(stream), offset, data))
@@ -128,7 +166,23 @@ class Follower:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+        self.budget.spill -= self._spill_end - self._spill_read
         self._spill_read = self._spill_end = 0
+
+    def _drop_memory(self) -> None:
+        self.budget.memory -= self._bytes
+        self._memory.clear()
+        self._bytes = 0
+
+    def close(self) -> None:
+        """The follower is done with: what it holds is given back, and it ends."""
+        self._ended = True
+        self.close_spill()
+        self._drop_memory()
+        if self._counted:
+            self._counted = False
+            self.budget.followers -= 1
+        self._wake.set()
 
     async def __aiter__(self) -> AsyncIterator[LiveChunk]:
         try:
@@ -136,6 +190,7 @@ class Follower:
                 if self._memory:
                     item = self._memory.popleft()
                     self._bytes -= len(item.chunk.data)
+                    self.budget.memory -= len(item.chunk.data)
                     yield item
                 elif self._spill_read < self._spill_end:
                     yield self._from_spill()
@@ -145,7 +200,7 @@ class Follower:
                     self._wake.clear()
                     await self._wake.wait()
         finally:
-            self.close_spill()
+            self.close()
         if self.lagged:
             raise FollowerTooSlow(
                 "this output stream fell too far behind the job; resume from your offsets"
@@ -154,19 +209,23 @@ class Follower:
 
 class OutputHub:
     def __init__(
-        self, memory_bytes: int = FOLLOWER_BUFFER_BYTES, spill_bytes: int = FOLLOWER_SPILL_BYTES
+        self,
+        memory_bytes: int = FOLLOWER_BUFFER_BYTES,
+        spill_bytes: int = FOLLOWER_SPILL_BYTES,
+        budget: Budget | None = None,
     ) -> None:
         self._followers: dict[JobId, set[Follower]] = {}
         self.memory_bytes = memory_bytes
         self.spill_bytes = spill_bytes
+        self.budget = budget or Budget()
 
     def follow(self, job_id: JobId) -> Follower:
-        follower = Follower(self.memory_bytes, self.spill_bytes)
+        follower = Follower(self.memory_bytes, self.spill_bytes, self.budget)
         self._followers.setdefault(job_id, set()).add(follower)
         return follower
 
     def unfollow(self, job_id: JobId, follower: Follower) -> None:
-        follower.close_spill()
+        follower.close()
         followers = self._followers.get(job_id)
         if followers is not None:
             followers.discard(follower)
