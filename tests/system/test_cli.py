@@ -653,3 +653,23 @@ def test_server_options_the_wire_cannot_carry_are_usage_errors(
     assert result.code == 2, result.stderr
     assert f"Invalid value for '{option}'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["status", "x"], ["run", "--", "true"], ["list"]])
+def test_a_client_command_with_stdout_closed_says_so_and_fails(
+    small_cluster: SmallCluster, args: list[str]
+) -> None:
+    """Python leaves sys.stdout None when fd 1 is closed, and click then writes nothing: the
+    command printed nothing and exited 0 (a run even ran its job, its output lost)."""
+    done = subprocess.run(
+        ["/bin/sh", "-c", '"$@" >&-', "sh", sys.executable, "-m", "dist_exec", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DIST_EXEC_MASTER": small_cluster.address},
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "dist-exec: standard output is closed: nothing could be written (redirect it to a file "
+        "or /dev/null)\n"
+    )

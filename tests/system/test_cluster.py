@@ -248,7 +248,7 @@ def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: 
         (["--run-as", "no-such-user-here"], "--run-as: no user 'no-such-user-here' on this host"),
         (
             ["--task-cpu-time-limit", "100000d"],
-            "worker task limits: CPU time limit is too large; at most 8784h",
+            "worker task limits: CPU time limit is too large; at most 366d",
         ),
     ],
     ids=["run-as", "limit"],

@@ -8,6 +8,7 @@ the running master), so SQLite's writes get EFBIG, as they would get ENOSPC from
 
 from __future__ import annotations
 
+import json
 import resource
 from pathlib import Path
 
@@ -74,6 +75,11 @@ async def test_a_master_whose_disk_fails_keeps_serving_and_loses_no_job(
         listed = run_cli("list", master=master.address)  # reads still work
         assert listed.code == 0, listed
         assert "RUNNING" in listed.stdout  # (as written)
+        # list --json fails on that job, and its output stays one JSON array.
+        as_json = run_cli("list", "--json", master=master.address)
+        assert as_json.code == 1, as_json
+        assert json.loads(as_json.stdout) == []
+        assert "cannot record that yet" in as_json.stderr
         assert master.alive()
 
         mend_disk(master)

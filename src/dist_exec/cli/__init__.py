@@ -12,6 +12,7 @@ program (killed by SIGINT: the shell shows 130).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NoReturn
 
 import click
@@ -60,8 +61,18 @@ def _end_for(exc: OSError) -> NoReturn:
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dist-exec")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """dist-exec: run commands across a fleet of workers."""
+    if sys.stdout is None and ctx.invoked_subcommand not in QUIET_WITHOUT_STDOUT:
+        # (Python leaves sys.stdout None when fd 1 is closed, and click then writes nothing:
+        # `dist-exec status ID >&-` printed nothing and exited 0.)
+        fail("standard output is closed: nothing could be written (redirect it to a file or "
+             "/dev/null)")  # fmt: skip
+
+
+# Servers write only their "listening on" line to stdout: they may run without it.
+QUIET_WITHOUT_STDOUT = {"master", "worker"}
 
 
 for command in (

@@ -23,9 +23,7 @@ from dist_exec.cli.common import (
 )
 from dist_exec.cli.run import OutputPrinter
 from dist_exec.config import MAX_INT32, MAX_LIST_JOBS
-from dist_exec.errors import (
-    JobNotFound,
-)
+from dist_exec.errors import DistExecError, JobNotFound
 from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.models import (
     Job,
@@ -149,9 +147,13 @@ def list_jobs(
             )
             if as_json:  # each job whole (output too), one at a time: never all in memory
                 printer = JsonArrayPrinter()
-                for listed, _ in jobs:
-                    with contextlib.suppress(JobNotFound):  # (removed since it was listed)
-                        printer.add(job_json(await client.get(listed.id)))
+                try:
+                    for listed, _ in jobs:
+                        with contextlib.suppress(JobNotFound):  # (deleted since it was listed)
+                            printer.add(job_json(await client.get(listed.id)))
+                except DistExecError:  # stdout stays one JSON array; the error says it is cut
+                    printer.end()
+                    raise
                 printer.end()
             return jobs, total
 
