@@ -17,10 +17,12 @@ Refusals are written to the audit log when there is one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -39,6 +41,8 @@ SUBMITTERS = frozenset({Role.ADMIN, Role.SUBMIT})
 ADMINS = frozenset({Role.ADMIN})
 WORKERS = frozenset({Role.WORKER, Role.WORKERS})
 MASTERS = frozenset({Role.MASTER})
+REFUSED_DRAIN_S = 0.25  # see _drain
+REFUSED_DRAIN_MESSAGES = 16
 _M = "/distexec.v1.MasterService/"
 _R = "/distexec.v1.RegistrationService/"
 _W = "/distexec.v1.WorkerService/"
@@ -171,6 +175,19 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read and drop what a refused client sends, until it half-closes: for at most
+    REFUSED_DRAIN_S and REFUSED_DRAIN_MESSAGES (one that keeps its stream open waits that
+    long for its refusal)."""
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+        async with asyncio.timeout(REFUSED_DRAIN_S):
+            count = 0
+            async for _ in requests:
+                count += 1
+                if count >= REFUSED_DRAIN_MESSAGES:
+                    break
+
+
 async def _parsed(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
     """The messages of a request stream; one that did not parse ends it with an error the
     servicer reports as INVALID_ARGUMENT."""
@@ -230,7 +247,13 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
 
             async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-                await self._enter(method, rule, None, context)
+                denied = self._check(method, rule, context)
+                if denied is not None:
+                    # A client that half-closes while the refusal is on its way may be told
+                    # INTERNAL ("Internal error from Core") instead: take what it sends
+                    # until it half-closes, for a moment, then refuse.
+                    await _drain(requests)
+                    await self._refuse(method, denied, context)
                 async for item in inner(_parsed(requests, method), context):
                     yield item
 
@@ -275,6 +298,15 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request)
             )
+        denied = self._check(method, rule, context)
+        if denied is not None:
+            await self._refuse(method, denied, context)
+
+    def _check(
+        self, method: str, rule: frozenset[Role] | None, context: Context
+    ) -> tuple[Identity | None, DistExecError] | None:
+        """None when the call may go on (its identity set for the servicer); else who called
+        (if known) and why it is refused."""
         identity: Identity | None = None
         try:
             identity = (
@@ -289,16 +321,20 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     f"{method.rsplit('/', 1)[-1]} needs {allowed}"
                 )
         except DistExecError as exc:
-            if self.audit is not None:
-                self.audit.record(
-                    method.rsplit("/", 1)[-1],
-                    identity,
-                    "denied",
-                    exc.message,
-                    peer=peer_address(context),
-                )
-            if exc.trailing_metadata:
-                context.set_trailing_metadata(exc.trailing_metadata)
-            await context.abort(exc.code, exc.message)
-        assert identity is not None
+            return identity, exc
         _CURRENT.set(identity)
+        return None
+
+    async def _refuse(
+        self, method: str, denied: tuple[Identity | None, DistExecError], context: Context
+    ) -> NoReturn:
+        identity, exc = denied
+        if self.audit is not None:
+            self.audit.record(
+                method.rsplit("/", 1)[-1], identity, "denied", exc.message,
+                peer=peer_address(context),
+            )  # fmt: skip
+        if exc.trailing_metadata:
+            context.set_trailing_metadata(exc.trailing_metadata)
+        await context.abort(exc.code, exc.message)
+        raise AssertionError("abort returned")  # (it raises)
