@@ -451,3 +451,54 @@ async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path)
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.__aexit__(None, None, None)
+
+
+class GatedKeysStore(HeldStore):
+    """Lookups of chosen keys are held after the store answered, until the test lets them go."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gates: dict[str, asyncio.Event] = {}
+        self.arrived: dict[str, asyncio.Event] = {}
+
+    def hold(self, *keys: str) -> None:
+        for key in keys:
+            self.gates[key], self.arrived[key] = asyncio.Event(), asyncio.Event()
+
+    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None:
+        found = await super().find_by_key(key, since)
+        if key in self.gates:
+            self.arrived[key].set()
+            await self.gates[key].wait()
+        return found
+
+
+async def test_a_key_that_ends_during_a_later_round_of_lookups_still_gives_its_job(
+    tmp_path: Path,
+) -> None:
+    """Key b is active through the batch's first round of lookups and ends during the second
+    (which looks up key a, ended during the first): b must be looked up too."""
+    store = GatedKeysStore(tmp_path / "master.db")
+    master, _ = await start_master(tmp_path, ScriptedWorker(), store=store)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()  # (no worker: the jobs wait, and a cancel ends them at once)
+        a = await master.submit(replace(SPEC, idempotency_key="a"))
+        b = await master.submit(replace(SPEC, idempotency_key="b"))
+        store.hold("slow", "a")
+        batch = asyncio.create_task(
+            master.submit_many([replace(SPEC, idempotency_key=k) for k in ("a", "b", "slow")])
+        )
+        async with asyncio.timeout(10):
+            await store.arrived["slow"].wait()
+            await master.cancel(a, 2.0)  # a ends during the first round
+            store.gates["slow"].set()
+            await store.arrived["a"].wait()
+            await master.cancel(b, 2.0)  # b ends during the second
+            store.gates["a"].set()
+            ids = await batch
+        assert ids[:2] == [a, b]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)

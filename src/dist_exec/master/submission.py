@@ -221,8 +221,7 @@ class Submission:
 
     async def _known_keys(self, specs: Sequence[TaskSpec]) -> dict[str, tuple[JobId, str]]:
         """Jobs already created for the batch's idempotency keys, from the store (keys of
-        active jobs are answered by ``_keys``). A key whose job ends meanwhile is looked up
-        once its end is written: the job is in the store by then."""
+        active jobs are answered by ``_keys``)."""
         since = self.clock.now() - timedelta(seconds=self.config.idempotency_retention_s)
         keys = {spec.idempotency_key for spec in specs if spec.idempotency_key}
         if too_long := next((k for k in keys if len(k) > MAX_KEY_CHARS), None):
@@ -230,13 +229,16 @@ class Submission:
                 f"idempotency key longer than {MAX_KEY_CHARS} chars: {shorten(too_long)}"
             )
         known = {}
-        while keys:
-            active = {key for key in keys if key in self._keys}
-            for key in keys - active:
+        looked: set[str] = set()
+        # Until every key is either active or was looked up: a key active before may have
+        # ended during any of the lookups (its job is in the store by then). Ends, since
+        # ``looked`` only grows; no other batch takes a key meanwhile (the caller's lock).
+        while todo := {key for key in keys if key not in self._keys and key not in looked}:
+            for key in todo:
                 found = await self.store.find_by_key(key, since)
                 if found is not None:
                     known[key] = found
-            keys = {key for key in active if key not in self._keys}  # ended meanwhile
+            looked |= todo
         return known
 
     async def submit_broadcast(
