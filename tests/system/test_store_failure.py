@@ -46,6 +46,8 @@ async def test_a_master_whose_disk_fails_keeps_serving_and_loses_no_job(
         f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' x; echo; echo done"
     )
     async with Client(master.address) as client:
+        old = await client.submit(command_spec(["echo", "old output"]))
+        await wait_job(client, old)
         running = await client.submit(command_spec(command, shell=True))
         await wait_until(
             lambda: _started(client, running),
@@ -72,13 +74,19 @@ async def test_a_master_whose_disk_fails_keeps_serving_and_loses_no_job(
             StoreUnavailable, match=r"has ended \(COMPLETED\), but .* cannot record"
         ):
             await client.get(running)
-        listed = run_cli("list", master=master.address)  # reads still work
+        # Reads go on: a job ended before, its output too; a job whose end waits says so.
+        logs = run_cli("logs", old, master=master.address)
+        assert (logs.code, logs.stdout) == (0, "old output\n"), logs
+        logs = run_cli("logs", running, master=master.address)
+        assert logs.code == 1, logs
+        assert "cannot record that yet" in logs.stderr
+        listed = run_cli("list", master=master.address)
         assert listed.code == 0, listed
         assert "RUNNING" in listed.stdout  # (as written)
         # list --json fails on that job, and its output stays one JSON array.
         as_json = run_cli("list", "--json", master=master.address)
         assert as_json.code == 1, as_json
-        assert json.loads(as_json.stdout) == []
+        assert json.loads(as_json.stdout) == []  # (the newest job first)
         assert "cannot record that yet" in as_json.stderr
         assert master.alive()
 

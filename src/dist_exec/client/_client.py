@@ -12,7 +12,13 @@ import grpc.aio
 from dist_exec import wire
 from dist_exec.client._session import RunSession, rpc_error
 from dist_exec.config import MAX_INT32, MAX_LIST_JOBS, dial_address
-from dist_exec.errors import DistExecError, InvalidTaskSpec, Unauthenticated, from_rpc_error
+from dist_exec.errors import (
+    STORE_KEY,
+    DistExecError,
+    InvalidTaskSpec,
+    Unauthenticated,
+    from_rpc_error,
+)
 from dist_exec.executors.command import CommandSpec
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.models import (
@@ -425,7 +431,15 @@ class Client:
             except grpc.aio.AioRpcError as exc:
                 failures += 1
                 reached = reached or wire.STREAM_OPEN[0] in list(await call.initial_metadata())
-                if not reached or exc.code() not in _RESUMABLE or failures > STREAM_RETRIES:
+                # (A master that cannot record the job's end yet: a follower waits for it, a
+                # one-time read is told so.)
+                unrecorded = STORE_KEY in dict(exc.trailing_metadata() or ())
+                if (
+                    not reached
+                    or exc.code() not in _RESUMABLE
+                    or failures > STREAM_RETRIES
+                    or (unrecorded and not follow)
+                ):
                     raise self._error(exc) from None
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
 

@@ -498,7 +498,7 @@ class Master(Submission, Attempts):
         job = self._active.get(job_id)
         if job is not None and job.status.terminal:
             # Finishing: its followers were already told; read it as committed instead.
-            await job.ended.wait()
+            await self._committed(job)
             job = None
         follower = self.hub.follow(job_id) if job is not None and follow else None
         try:
@@ -526,7 +526,8 @@ class Master(Submission, Attempts):
         if job is None:
             final = await self.get(job_id, with_output=False)  # or NOT_FOUND
             start = _start(offsets, of_attempt, final.attempt)
-            return final.attempt, await self.store.read_output(job_id, start), final, start
+            stored = await self.store.read_output(job_id, start, settled=True)
+            return final.attempt, stored, final, start
         attempt = job.attempt
         start = _start(offsets, of_attempt, attempt)
         if job.kept_all:

@@ -171,7 +171,7 @@ class JobStore(Protocol):
     async def prune(self, ended_before: datetime, keyed_before: datetime, limit: int) -> int: ...
     async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None: ...
     async def read_output(
-        self, job_id: JobId, offsets: Mapping[Stream, int]
+        self, job_id: JobId, offsets: Mapping[Stream, int], settled: bool = False
     ) -> list[OutputChunk]: ...
     async def output_ends(self, job_id: JobId) -> dict[Stream, int]: ...
 
@@ -816,8 +816,12 @@ class SqliteJobStore:
 
         return await self._read(op)
 
-    async def read_output(self, job_id: JobId, offsets: Mapping[Stream, int]) -> list[OutputChunk]:
-        """Stored output from ``offsets`` on, after every write queued before this call."""
+    async def read_output(
+        self, job_id: JobId, offsets: Mapping[Stream, int], settled: bool = False
+    ) -> list[OutputChunk]:
+        """Stored output from ``offsets`` on, after every write queued before this call; or,
+        when ``settled`` (a job whose end is committed: nothing of it is queued), as committed,
+        from the reader (which goes on while writes cannot be made)."""
 
         def op(conn: sqlite3.Connection) -> list[OutputChunk]:
             chunks = []
@@ -832,7 +836,7 @@ class SqliteJobStore:
                     chunks.append(OutputChunk(s, offset + cut, data[cut:]))
             return chunks
 
-        return await self._write(op)
+        return await (self._read(op) if settled else self._write(op))
 
 
 class _Op(NamedTuple):
