@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dist_exec.errors import StoreFull, StoreUnavailable
+from dist_exec.errors import DistExecError, StoreFull, StoreUnavailable
 from dist_exec.master.store import SqliteJobStore
 from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskLimits, TaskSpec
 from tests.conftest import umask, wait_until
@@ -472,7 +473,8 @@ async def test_a_write_that_fails_halfway_leaves_nothing_and_the_batch_goes_on(
     holding = store._write(wait)  # the writer waits, so what follows goes in one batch
     await asyncio.to_thread(held.wait, 10)
     failing = store._write(half)
-    running = store.mark_running(JobId("b"), "w1", 1, T0)
+    running = asyncio.ensure_future(store.mark_running(JobId("b"), "w1", 1, T0))
+    await asyncio.sleep(0)  # (queued now, in the same batch)
     hold.set()
     await holding
     with pytest.raises(sqlite3.IntegrityError):
@@ -527,3 +529,93 @@ async def test_prune_takes_at_most_its_limit(store: SqliteJobStore) -> None:
         )
     cutoff = T0 + timedelta(seconds=1)
     assert [await store.prune(cutoff, cutoff, 2) for _ in range(4)] == [2, 2, 1, 0]
+
+
+async def test_while_the_database_fails_it_is_tried_after_a_backoff_not_at_every_write(
+    db_path: Path,
+) -> None:
+    """Output arriving every few milliseconds must not make the writer try the database (and
+    redo everything that waits) at each arrival; a submit meanwhile fails at once."""
+    async with SqliteJobStore(db_path, busy_timeout_s=0.01) as store:
+        await store.insert(make_job("j"))
+        tries = 0
+        run_batch = store._run_batch
+
+        def counting(conn: sqlite3.Connection, batch: list[Any]) -> BaseException | None:
+            nonlocal tries
+            tries += 1
+            return run_batch(conn, batch)
+
+        store._run_batch = counting  # type: ignore[method-assign]
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            store.append_output(JobId("j"), out(0, b"x"))
+            await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
+            started, offset = tries, 1
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.0
+            while loop.time() < end:  # a write every 5 ms for a second
+                store.append_output(JobId("j"), out(offset, b"x"))
+                store._flush_output()
+                offset += 1
+                await asyncio.sleep(0.005)
+            assert tries - started <= 6  # 50 ms, 100, 200, 400 ... (not 200 tries)
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(store.insert(make_job("refused")), 0.5)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await wait_until(lambda: store.trouble is None, what="the backlog to be written")
+        await store.insert(make_job("later"))
+        assert (await get(store, "j")).stdout == b"x" * offset
+
+
+async def test_output_beyond_the_backlog_limit_is_dropped_and_leaves_a_marked_gap(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("dist_exec.master.store.BACKLOG_OUTPUT_BYTES", 100)
+    async with SqliteJobStore(db_path, busy_timeout_s=0.01) as store:
+        await store.insert(make_job("j"))
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            store.append_output(JobId("j"), out(0, b"a" * 60))
+            await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
+            for offset, data in ((60, b"b" * 60), (120, b"c" * 30)):  # b's do not fit
+                store.append_output(JobId("j"), out(offset, data))
+                store._flush_output()
+            finished = asyncio.ensure_future(
+                store.finish(
+                    replace(make_job("j"), status=JobStatus.COMPLETED, completed_at=T0),
+                    expect_attempt=None,
+                )
+            )
+            await asyncio.sleep(0)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert await asyncio.wait_for(finished, 10) is True  # state changes are never dropped
+        job = await get(store, "j")
+    assert job.stdout == b"a" * 60 + b"\n[... 60 bytes omitted ...]\n" + b"c" * 30
+    assert "further output of running jobs is not kept" in caplog.text
+    assert "60 bytes of output were not kept meanwhile" in caplog.text
+
+
+async def test_a_database_another_process_holds_is_not_called_damaged(db_path: Path) -> None:
+    """Moving the file away (the advice for a damaged one) would start without every job."""
+    async with SqliteJobStore(db_path) as store:
+        await store.insert(make_job("j"))
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(DistExecError) as info:
+            async with SqliteJobStore(db_path, busy_timeout_s=0.05):
+                pass
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert info.value.message == (
+        f"cannot open the job database {db_path}: database is locked (another process holding "
+        "it, a full or failing disk: mend that and start again)"
+    )

@@ -51,6 +51,7 @@ MAX_BATCH = 2000
 RETRY_MIN_S = 0.05  # writes the database failed are tried again after this, doubling to
 RETRY_MAX_S = 1.0
 REPORT_EVERY_S = 60.0  # while writes fail, the log says so again this often
+BACKLOG_OUTPUT_BYTES = 256 * 1024 * 1024  # output that may wait for the database (see _Backlog)
 # How long a write waits for a lock another process holds on the file (the master is its only
 # writer: someone's sqlite3 shell, say) before it counts as a failure of the database.
 BUSY_TIMEOUT_S = 5.0
@@ -299,23 +300,24 @@ class SqliteJobStore:
         for suffix in SQLITE_SIDE_FILES:
             private_file(self.path.with_name(self.path.name + suffix))
         self._loop = asyncio.get_running_loop()
+        write_conn: sqlite3.Connection | None = None
         try:
-            write_conn = self._open_for_writing()
+            write_conn = self._connect(check_same_thread=False)  # only the writer thread's
+            self._prepare(write_conn)
+            self._reader = self._connect(check_same_thread=False)
         except sqlite3.Error as exc:
-            raise DistExecError(
-                f"cannot open the job database {self.path}: {_describe(exc)} (a damaged file: "
-                "restore it from a backup, or move it and its -wal file away to start empty)"
-            ) from None
+            if write_conn is not None:
+                write_conn.close()
+            raise DistExecError(_open_error(self.path, exc)) from None
         self._writer = threading.Thread(
             target=self._write_loop, args=(write_conn,), name="store-write", daemon=True
         )
         self._writer.start()
-        self._reader = self._connect(check_same_thread=False)
         return self
 
-    def _open_for_writing(self) -> sqlite3.Connection:
-        """The writer thread's connection, with the schema in place."""
-        write_conn = self._connect(check_same_thread=False)  # used only by the writer thread
+    @staticmethod
+    def _prepare(write_conn: sqlite3.Connection) -> None:
+        """The schema in place, as this version has it."""
         write_conn.executescript(_SCHEMA)
         have = {row[1] for row in write_conn.execute("PRAGMA table_info(jobs)")}
         for column, definition in _ADDED_COLUMNS.items():
@@ -336,7 +338,6 @@ class SqliteJobStore:
         write_conn.execute(
             "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
-        return write_conn
 
     async def __aexit__(self, *exc: object) -> None:
         self._flush_output()
@@ -360,69 +361,40 @@ class SqliteJobStore:
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         """Run queued writes in batches, one transaction each. While the database cannot be
-        written, the writes that mirror the master's state wait and are tried again, in
-        order, with what arrives meanwhile; the others fail (see ``_Op.keep``)."""
-        waiting: list[_Op] = []  # kept writes that failed, oldest first
-        delay = RETRY_MIN_S
-        since = reported = 0.0  # when writes began to fail; when that was last logged
+        written, the writes that mirror the master's state wait (``_Backlog``) and are tried
+        again in order, a batch at a time, after a backoff; the others fail at once (see
+        ``_Op.keep``)."""
+        backlog = _Backlog(self.path)
         stopping = False
         while not stopping:
-            batch, stopping = self._collect(waiting, delay)
-            if not batch:
-                break  # closing
-            failure = self._run_batch(conn, batch)
-            if failure is None:
-                if waiting:
-                    log.warning(
-                        "the database %s can be written again, after %.1fs; %d delayed writes "
-                        "are in it now",
-                        self.path,
-                        time.monotonic() - since,
-                        len(waiting),
-                    )
-                waiting, delay = [], RETRY_MIN_S
+            if not backlog.ops:
+                batch, stopping = self._collect()
+                if not batch:
+                    break  # closing
+                failure = self._run_batch(conn, batch)
+                if failure is not None:
+                    self.trouble = _describe(failure)
+                    backlog.began(self._fail_others(batch, failure), failure)
                 continue
-            self.trouble = _describe(failure)
-            kept = self._fail_others(batch, failure)
-            now = time.monotonic()
-            if not kept:
-                log.error("cannot write the database %s: %s", self.path, self.trouble)
-            elif not waiting:
-                since = reported = now
-                log.error(
-                    "cannot write the database %s: %s; the master's state changes wait in "
-                    "memory and are tried again until they can be written, and new jobs are "
-                    "refused meanwhile",
-                    self.path,
-                    self.trouble,
-                )
-            elif now - reported >= REPORT_EVERY_S:
-                reported = now
-                log.error(
-                    "still cannot write the database %s after %.0fs: %s; %d writes wait",
-                    self.path,
-                    now - since,
-                    self.trouble,
-                    len(kept),
-                )
-            waiting = kept
-            delay = min(delay * 2, RETRY_MAX_S) if waiting else RETRY_MIN_S
-        if waiting:
-            self._last_try(conn, waiting)
+            stopping = self._gather(backlog)
+            while backlog.ops:  # in order, a batch at a time: each one that goes in stays in
+                failure = self._run_batch(conn, backlog.ops[:MAX_BATCH])
+                if failure is not None:
+                    self.trouble = _describe(failure)
+                    backlog.failed(failure)
+                    break
+                backlog.written(MAX_BATCH)
+        if backlog.ops:
+            self._last_try(conn, backlog.ops)
         conn.close()
 
-    def _collect(self, waiting: list[_Op], delay: float) -> tuple[list[_Op], bool]:
-        """The next batch: what waits, then what is queued (the first write is waited for, up
-        to ``delay`` when some wait); and whether the store is closing."""
-        batch = list(waiting)
-        try:
-            item = self._queue.get(timeout=delay if waiting else None)
-        except queue.Empty:
-            return batch, False
+    def _collect(self) -> tuple[list[_Op], bool]:
+        """The next batch (waits for its first write); and whether the store is closing."""
+        item = self._queue.get()
         if item is None:
-            return [], True  # (what waits gets its last try)
-        batch.append(item)
-        while len(batch) < MAX_BATCH + len(waiting):
+            return [], True
+        batch = [item]
+        while len(batch) < MAX_BATCH:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -431,6 +403,26 @@ class SqliteJobStore:
                 return batch, True
             batch.append(item)
         return batch, False
+
+    def _gather(self, backlog: _Backlog) -> bool:
+        """Until the backlog's next try: writes that must be kept join it, the others fail at
+        once (the database is not tried for them before then). Whether the store is closing."""
+        while (left := backlog.next_try - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is None:
+                return True
+            if item.keep:
+                backlog.add(item)
+            elif item.fut is not None:
+                assert self._loop is not None
+                assert backlog.failure is not None
+                self._loop.call_soon_threadsafe(
+                    _resolve, item.fut, None, self._error(backlog.failure)
+                )
+        return False
 
     def _last_try(self, conn: sqlite3.Connection, waiting: list[_Op]) -> None:
         """The master stops: write what waits once more, or say what is left out."""
@@ -529,6 +521,7 @@ class SqliteJobStore:
                     "INSERT OR REPLACE INTO output VALUES (?, ?, ?, ?)", rows
                 ),
                 keep=True,
+                output_bytes=sum(len(row[3]) for row in rows),
             )
         )
 
@@ -849,6 +842,83 @@ class _Op(NamedTuple):
     # state the master has already acted on (a job started, retried or ended; output). The
     # others (accepting jobs, reads) fail at once: their caller can answer and retry.
     keep: bool = False
+    output_bytes: int = 0  # (of a write of output: what it holds)
+
+
+class _Backlog:
+    """The kept writes that wait while the database cannot be written, oldest first, and
+    when to try them again. Output waits up to BACKLOG_OUTPUT_BYTES; more is dropped (the
+    stored output then has a gap, marked where it is read), so that an outage cannot take
+    the master's memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ops: list[_Op] = []
+        self.output_bytes = 0
+        self.dropped = 0  # output bytes dropped in this outage
+        self.failure: BaseException | None = None
+        self.delay = RETRY_MIN_S
+        self.next_try = self.since = self.reported = 0.0
+
+    def began(self, kept: list[_Op], failure: BaseException) -> None:
+        """A batch failed: its kept writes begin the backlog (if it has any)."""
+        now = time.monotonic()
+        if not kept:
+            log.error("cannot write the database %s: %s", self.path, _describe(failure))
+            return
+        log.error(
+            "cannot write the database %s: %s; the master's state changes wait in memory and "
+            "are tried again until they can be written, and new jobs are refused meanwhile",
+            self.path,
+            _describe(failure),
+        )
+        self.since = self.reported = now
+        self.delay, self.dropped = RETRY_MIN_S, 0
+        for op in kept:
+            self.add(op)
+        self.failed(failure)
+
+    def add(self, op: _Op) -> None:
+        if op.output_bytes and self.output_bytes + op.output_bytes > BACKLOG_OUTPUT_BYTES:
+            if not self.dropped:
+                log.error(
+                    "more than %d MiB of output waits for the database %s: further output "
+                    "of running jobs is not kept until it can be written",
+                    BACKLOG_OUTPUT_BYTES // 2**20,
+                    self.path,
+                )
+            self.dropped += op.output_bytes
+            return
+        self.ops.append(op)
+        self.output_bytes += op.output_bytes
+
+    def failed(self, failure: BaseException) -> None:
+        now = time.monotonic()
+        self.failure = failure
+        self.next_try = now + self.delay
+        self.delay = min(self.delay * 2, RETRY_MAX_S)
+        if now - self.reported >= REPORT_EVERY_S:
+            self.reported = now
+            log.error(
+                "still cannot write the database %s after %.0fs: %s; %d writes wait",
+                self.path,
+                now - self.since,
+                _describe(failure),
+                len(self.ops),
+            )
+
+    def written(self, count: int) -> None:
+        """The first ``count`` waiting writes are in the database."""
+        done, self.ops = self.ops[:count], self.ops[count:]
+        self.output_bytes -= sum(op.output_bytes for op in done)
+        if not self.ops:
+            log.warning(
+                "the database %s can be written again, after %.1fs%s",
+                self.path,
+                time.monotonic() - self.since,
+                f"; {self.dropped} bytes of output were not kept meanwhile" if self.dropped else "",
+            )
+            self.delay, self.failure = RETRY_MIN_S, None
 
 
 class _BatchLost(Exception):
@@ -859,6 +929,25 @@ class _BatchLost(Exception):
 # file system, locks, memory. (A constraint or a corrupt file is not cured by waiting.)
 SQLITE_FULL = 13
 _TRANSIENT = {5, 6, 7, 8, 10, 13, 14, 15}  # BUSY LOCKED NOMEM READONLY IOERR FULL CANTOPEN PROTOCOL
+
+
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> str:
+    """Why the job database cannot be opened, and what to do: only a damaged file is worth
+    moving away (that starts without every job it holds)."""
+    if _primary(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return (
+            f"cannot open the job database {path}: {_describe(exc)} (a damaged file: restore "
+            "it from a backup, or move it and its -wal file away to start empty)"
+        )
+    if _transient(exc):
+        return (
+            f"cannot open the job database {path}: {_describe(exc)} (another process holding "
+            "it, a full or failing disk: mend that and start again)"
+        )
+    return f"cannot open the job database {path}: {_describe(exc)}"
 
 
 def _primary(exc: sqlite3.Error) -> int:
