@@ -160,3 +160,13 @@ def test_a_kubeconfig_list_of_missing_files_is_one_error(
         load_kube_config()
     with pytest.raises(ScaleError, match="not found"):
         load_kube_config(str(tmp_path / "x"))
+
+
+def test_a_kubeconfig_in_a_list_that_is_not_a_mapping_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = kubeconfig(tmp_path / "a" / "config", "ctx-one", {"one": {"server": "https://a"}})
+    (tmp_path / "list.yaml").write_text("- just\n- a list\n")
+    monkeypatch.setenv("KUBECONFIG", f"{first}:{tmp_path / 'list.yaml'}")
+    with pytest.raises(ScaleError, match=r"list\.yaml is not a kubeconfig"):
+        load_kube_config()

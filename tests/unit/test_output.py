@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncGenerator
 from typing import cast
 
@@ -332,3 +333,26 @@ async def test_the_disk_budget_is_shared_and_given_back() -> None:
     hub.close(JOB, None)
     assert [item.chunk.offset for item in await collect(kept)] == [0, MIB]
     assert (budget.memory, budget.spill) == (0, 0)
+
+
+async def test_a_spill_file_read_to_its_end_is_emptied_and_its_bytes_given_back() -> None:
+    """The budget counts what the files hold, not what is unread: a follower that caught up
+    kept its file at its largest until it closed, which the budget did not count."""
+    budget = Budget(memory_limit=MIB, spill_limit=8 * MIB)
+    hub = OutputHub(memory_bytes=MIB, budget=budget)
+    follower = hub.follow(JOB)
+    data = b"x" * MIB
+    async with reading(follower) as items:
+        for i in range(3):  # one in memory, two in the file
+            hub.publish(JOB, 1, chunk(i * MIB, data))
+        assert follower._spill is not None
+        in_file = os.fstat(follower._spill.fileno()).st_size
+        assert budget.spill == in_file > 2 * MIB
+        assert (await anext(items)).chunk.offset == 0
+        assert (await anext(items)).chunk.offset == MIB
+        assert budget.spill == in_file  # (half read: the file is as big)
+        assert (await anext(items)).chunk.offset == 2 * MIB
+        assert budget.spill == 0
+        assert os.fstat(follower._spill.fileno()).st_size == 0
+        hub.close(JOB, None)
+    assert (budget.memory, budget.spill, budget.followers) == (0, 0, 0)

@@ -88,6 +88,8 @@ def _from_files(paths: str) -> KubeConfig:
     merged: dict[str, Any] = {"clusters": [], "contexts": [], "users": []}
     for name in found:
         conf = yaml.safe_load(name.read_text()) or {}
+        if not isinstance(conf, dict):
+            raise ConfigError(f"{name} is not a kubeconfig (a YAML mapping)")
         merged.setdefault("current-context", conf.get("current-context") or None)
         if merged["current-context"] is None:
             del merged["current-context"]

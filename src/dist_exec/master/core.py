@@ -158,10 +158,11 @@ class Master(Submission, Attempts):
                 active.node_id = NodeId(job.worker_id)
                 active.started_at = job.started_at
                 # Its timeout runs from its start, not from this restart (by the wall clock);
-                # the grace is left in any case, for its worker to report a result it holds.
+                # once its worker is back (within ``grace``) it has the dispatch grace in any
+                # case, to report a result it holds.
                 ran_s = (self.clock.now() - job.started_at).total_seconds() if job.started_at else 0
                 active.started_mono = self.clock.monotonic() - min(
-                    max(0.0, ran_s), job.spec.timeout_s
+                    max(0.0, ran_s), max(0.0, job.spec.timeout_s - grace)
                 )
                 active.orphan_deadline = self.clock.monotonic() + grace
                 active.kept_all = False  # its output so far is in the store only
@@ -278,6 +279,8 @@ class Master(Submission, Attempts):
                     pruned += count
             except DistExecError as exc:  # the database cannot be written: next time
                 log.warning("cannot delete old jobs now: %s", exc.message)
+            except Exception:  # (a damaged file, a bug: the master goes on without it)
+                log.exception("deleting old jobs failed; trying again later")
             if pruned:
                 log.info(
                     "deleted %d jobs that ended more than %s ago",

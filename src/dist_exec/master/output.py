@@ -42,8 +42,8 @@ class Budget:
     memory_limit: int = TOTAL_MEMORY_BYTES
     spill_limit: int = TOTAL_SPILL_BYTES
     memory: int = 0
-    spill: int = 0
-    followers: int = 0
+    spill: int = 0  # bytes in the followers' spill files (read or not: files only shrink
+    followers: int = 0  # when all is read, or compacted)
 
     def memory_for(self, held: int, more: int) -> bool:
         """Whether a follower holding ``held`` bytes may hold ``more`` in memory."""
@@ -139,9 +139,14 @@ class Follower:
                 block = old.read(min(left, COPY_BYTES))
                 new.write(block)
                 left -= len(block)
+        except OSError:
+            self.budget.spill -= self._spill_end  # (the old file is gone: none left)
+            self._spill_read = self._spill_end = 0
+            raise
         finally:
             old.close()
         self._spill = new
+        self.budget.spill -= self._spill_read
         self._spill_read, self._spill_end = 0, self._spill_end - self._spill_read
 
     def _cut_off(self) -> None:
@@ -156,8 +161,9 @@ class Follower:
         attempt, stream, offset, length = _RECORD.unpack(self._spill.read(_RECORD.size))
         data = self._spill.read(length)
         self._spill_read += _RECORD.size + length
-        self.budget.spill -= _RECORD.size + length
-        if self._spill_read == self._spill_end:  # all read: memory again, the file from 0
+        if self._spill_read == self._spill_end:  # all read: memory again, the file emptied
+            self._spill.truncate(0)
+            self.budget.spill -= self._spill_end
             self._spill_read = self._spill_end = 0
         return LiveChunk(attempt, OutputChunk(Stream(stream), offset, data))
 
@@ -166,7 +172,7 @@ class Follower:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
-        self.budget.spill -= self._spill_end - self._spill_read
+        self.budget.spill -= self._spill_end
         self._spill_read = self._spill_end = 0
 
     def _drop_memory(self) -> None:
