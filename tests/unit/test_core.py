@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -313,9 +313,11 @@ class SlowKeyStore(HeldStore):
         self.lookup_gate = asyncio.Event()
         self.looking_up = asyncio.Event()
 
-    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None:
-        found = await super().find_by_key(key, since)
-        if key == "slow" and not self.looking_up.is_set():
+    async def find_by_keys(
+        self, keys: Collection[str], since: datetime
+    ) -> dict[str, tuple[JobId, str]]:
+        found = await super().find_by_keys(keys, since)
+        if "slow" in keys and not self.looking_up.is_set():
             self.looking_up.set()
             await self.lookup_gate.wait()
         return found
@@ -468,9 +470,11 @@ class GatedKeysStore(HeldStore):
         for key in keys:
             self.gates[key], self.arrived[key] = asyncio.Event(), asyncio.Event()
 
-    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None:
-        found = await super().find_by_key(key, since)
-        if key in self.gates:
+    async def find_by_keys(
+        self, keys: Collection[str], since: datetime
+    ) -> dict[str, tuple[JobId, str]]:
+        found = await super().find_by_keys(keys, since)
+        for key in set(keys) & set(self.gates):
             self.arrived[key].set()
             await self.gates[key].wait()
         return found

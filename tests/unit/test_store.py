@@ -619,3 +619,24 @@ async def test_a_database_another_process_holds_is_not_called_damaged(db_path: P
         f"cannot open the job database {db_path}: database is locked (another process holding "
         "it, a full or failing disk: mend that and start again)"
     )
+
+
+async def test_find_by_keys_gives_the_newest_job_of_each_key_since_a_time(
+    store: SqliteJobStore,
+) -> None:
+    def keyed(job_id: str, key: str, created: datetime) -> Job:
+        job = make_job(job_id, created=created)
+        return replace(job, spec=replace(job.spec, idempotency_key=key))
+
+    await store.insert(keyed("old", "k1", T0 - timedelta(days=2)))
+    await store.insert(keyed("first", "k1", T0))
+    await store.insert(keyed("second", "k1", T0))
+    await store.insert(keyed("other", "k2", T0))
+    many = [f"m{i}" for i in range(1200)]  # more than one query's worth
+    await store.insert_many([keyed(f"job-{k}", k, T0) for k in many])
+    found = await store.find_by_keys(["k1", "k2", "k3", *many], T0 - timedelta(days=1))
+    assert {k: v[0] for k, v in found.items() if not k.startswith("m")} == {
+        "k1": "second",
+        "k2": "other",
+    }
+    assert {k: v[0] for k, v in found.items() if k.startswith("m")} == {k: f"job-{k}" for k in many}

@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 SCHEMA_VERSION = 1
 MAX_BATCH = 2000
+KEYS_PER_QUERY = 500  # (SQLite allows 32,766 parameters a statement)
 RETRY_MIN_S = 0.05  # writes the database failed are tried again after this, doubling to
 RETRY_MAX_S = 1.0
 REPORT_EVERY_S = 60.0  # while writes fail, the log says so again this often
@@ -170,7 +171,9 @@ class JobStore(Protocol):
     ) -> tuple[list[Job], int]: ...
     async def unfinished(self) -> list[tuple[int, Job]]: ...
     async def prune(self, ended_before: datetime, keyed_before: datetime, limit: int) -> int: ...
-    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None: ...
+    async def find_by_keys(
+        self, keys: Collection[str], since: datetime
+    ) -> dict[str, tuple[JobId, str]]: ...
     async def read_output(
         self, job_id: JobId, offsets: Mapping[Stream, int], settled: bool = False
     ) -> list[OutputChunk]: ...
@@ -749,16 +752,25 @@ class SqliteJobStore:
 
         return await self._read(op)
 
-    async def find_by_key(self, key: str, since: datetime) -> tuple[JobId, str] | None:
-        """The newest job created with this idempotency key since ``since``: (id, hash)."""
+    async def find_by_keys(
+        self, keys: Collection[str], since: datetime
+    ) -> dict[str, tuple[JobId, str]]:
+        """For each idempotency key, the newest job created with it since ``since``: (id,
+        hash); keys without one are left out. One query per KEYS_PER_QUERY keys."""
+        wanted = list(keys)
 
-        def op(conn: sqlite3.Connection) -> tuple[JobId, str] | None:
-            row = conn.execute(
-                "SELECT id, request_hash FROM jobs WHERE idempotency_key = ? AND created_at >= ?"
-                " ORDER BY seq DESC LIMIT 1",
-                (key, _ts(since)),
-            ).fetchone()
-            return None if row is None else (JobId(row[0]), row[1])
+        def op(conn: sqlite3.Connection) -> dict[str, tuple[JobId, str]]:
+            found: dict[str, tuple[JobId, str]] = {}
+            for start in range(0, len(wanted), KEYS_PER_QUERY):
+                part = wanted[start : start + KEYS_PER_QUERY]
+                marks = ", ".join("?" * len(part))
+                for key, job_id, digest in conn.execute(
+                    "SELECT idempotency_key, id, request_hash FROM jobs"
+                    f" WHERE idempotency_key IN ({marks}) AND created_at >= ? ORDER BY seq",
+                    (*part, _ts(since)),
+                ):
+                    found[key] = (JobId(job_id), digest)  # (the newest comes last)
+            return found
 
         return await self._read(op)
 

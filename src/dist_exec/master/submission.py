@@ -234,10 +234,7 @@ class Submission:
         # ended during any of the lookups (its job is in the store by then). Ends, since
         # ``looked`` only grows; no other batch takes a key meanwhile (the caller's lock).
         while todo := {key for key in keys if key not in self._keys and key not in looked}:
-            for key in todo:
-                found = await self.store.find_by_key(key, since)
-                if found is not None:
-                    known[key] = found
+            known.update(await self.store.find_by_keys(todo, since))
             looked |= todo
         return known
 
