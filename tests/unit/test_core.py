@@ -509,3 +509,41 @@ async def test_a_key_that_ends_during_a_later_round_of_lookups_still_gives_its_j
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.__aexit__(None, None, None)
+
+
+class HeldStartStore(HeldStore):
+    """Writes of an attempt's start wait until the test lets them through."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.start_gate = asyncio.Event()
+
+    async def mark_running(
+        self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
+    ) -> None:
+        await self.start_gate.wait()
+        await super().mark_running(job_id, worker_id, attempt, started_at)
+
+
+async def test_a_job_placed_whose_start_is_not_written_yet_says_so(tmp_path: Path) -> None:
+    """Its row still says PENDING; the reason was "waiting to be queued again after a failed
+    attempt", which it never had."""
+    store = HeldStartStore(tmp_path / "master.db")
+    master, _ = await start_master(tmp_path, ScriptedWorker(), store=store)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        job_id = await master.submit(SPEC)  # no node yet: queued
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
+        async with asyncio.timeout(5):
+            while master._active[job_id].status != JobStatus.RUNNING:
+                await asyncio.sleep(0.01)
+            job = await master.get(job_id)
+            assert (job.status, job.pending_reason) == (JobStatus.PENDING, "starting on w1")
+            store.start_gate.set()
+            while (await master.get(job_id)).status != JobStatus.COMPLETED:
+                await asyncio.sleep(0.01)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)

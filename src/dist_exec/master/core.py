@@ -379,6 +379,11 @@ class Master(Submission, Attempts):
     def pending_reason(self, job: ActiveJob) -> str:
         """Why a queued job has not started, in words a person can act on."""
         spec = job.spec
+        if job.status == JobStatus.RUNNING:  # placed, its start not written yet
+            trouble = self.store.trouble
+            return f"starting on {job.node_id}" + (
+                f"; the master cannot record that yet: {trouble}" if trouble else ""
+            )
         if job.retry_at is not None:
             wait = max(0.0, job.retry_at - self.clock.monotonic())
             return (
