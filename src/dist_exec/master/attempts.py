@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from dist_exec.clock import Clock
 from dist_exec.config import MasterConfig, format_duration
@@ -362,14 +363,22 @@ class Attempts:
         # Followers hear the end before the commit: a worker's result is only released once it is
         # committed (_run_attempt), and get() of a finishing job waits for the commit.
         self.hub.close(job.id, record)
+        writing = asyncio.ensure_future(
+            self.store.finish(record, expect_attempt=None, attempt_outcome=attempt_outcome)
+        )
+        # (Its error, if any, is this call's; a master stopping meanwhile does not report it.)
+        writing.add_done_callback(_retrieved)
         try:
-            await asyncio.shield(
-                self.store.finish(record, expect_attempt=None, attempt_outcome=attempt_outcome)
-            )
+            await asyncio.shield(writing)
         finally:
             self._active.pop(job.id, None)
             self._forget_key(job)
             job.ended.set()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def backoff(retry: int, first_s: float, max_s: float) -> float:

@@ -970,8 +970,21 @@ def _transient(exc: sqlite3.Error) -> bool:
     return _primary(exc) in _TRANSIENT
 
 
+SQLITE_IOERR, SQLITE_READONLY_DBMOVED = 10, 1032
+
+
 def _describe(failure: BaseException) -> str:
-    return str(failure) or type(failure).__name__
+    text = str(failure) or type(failure).__name__
+    if not isinstance(failure, sqlite3.Error):
+        return text
+    if getattr(failure, "sqlite_errorcode", 0) == SQLITE_READONLY_DBMOVED:
+        return (
+            f"{text} (its file was moved or deleted while the master ran: put it back, or "
+            "stop the master and start it again)"
+        )
+    if _primary(failure) == SQLITE_IOERR:  # (which step failed: a write, an fsync, ...)
+        return f"{text} ({getattr(failure, 'sqlite_errorname', 'SQLITE_IOERR')})"
+    return text
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
