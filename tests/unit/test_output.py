@@ -356,3 +356,22 @@ async def test_a_spill_file_read_to_its_end_is_emptied_and_its_bytes_given_back(
         assert os.fstat(follower._spill.fileno()).st_size == 0
         hub.close(JOB, None)
     assert (budget.memory, budget.spill, budget.followers) == (0, 0, 0)
+
+
+async def test_what_compaction_frees_counts_before_the_disk_limit() -> None:
+    """A follower that had mostly caught up was cut off on read bytes that compacting its file
+    (due at that very write) would have freed."""
+    budget = Budget(memory_limit=MIB, spill_limit=int(3.5 * MIB))
+    hub = OutputHub(memory_bytes=MIB, budget=budget)
+    follower = hub.follow(JOB)
+    data = b"x" * MIB
+    async with reading(follower) as items:
+        for i in range(4):  # one in memory, three in the file
+            hub.publish(JOB, 1, chunk(i * MIB, data))
+        for i in range(3):  # the one in memory and two from the file
+            assert (await anext(items)).chunk.offset == i * MIB
+        hub.publish(JOB, 1, chunk(4 * MIB, data))
+        assert not follower.lagged
+        hub.close(JOB, None)
+        assert [item.chunk.offset async for item in items] == [3 * MIB, 4 * MIB]
+    assert (budget.memory, budget.spill) == (0, 0)

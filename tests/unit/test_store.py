@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from dist_exec.errors import DistExecError, StoreFull, StoreUnavailable
-from dist_exec.master.store import SqliteJobStore
+from dist_exec.master.store import SqliteJobStore, omitted
 from dist_exec.models import Job, JobId, JobStatus, OutputChunk, Stream, TaskLimits, TaskSpec
 from tests.conftest import umask, wait_until
 
@@ -191,7 +191,8 @@ async def test_finish_without_guard(store: SqliteJobStore) -> None:
     assert await store.finish(done, expect_attempt=None) is True
 
     stored = await get(store, "a")
-    assert stored == done
+    # (Nothing of its 5000 + 7 bytes was stored: the output says so.)
+    assert stored == replace(done, stdout=omitted(5000), stderr=omitted(7))
     assert stored.completed_at == T0 + timedelta(seconds=2, microseconds=500)
 
 
@@ -336,7 +337,7 @@ async def test_data_survives_reopening(db_path: Path) -> None:
         assert running.stdout == b"so far, more"
         assert await store.read_output(JobId("running"), {Stream.STDOUT: 6}) == [out(6, b", more")]
         stored_done = await get(store, "done")
-        assert stored_done == replace(done, stderr=b"oops")
+        assert stored_done == replace(done, stdout=omitted(5000), stderr=b"oops" + omitted(3))
         # New jobs continue the sequence.
         assert await store.insert(make_job("new")) > seq_running
 
@@ -640,3 +641,55 @@ async def test_find_by_keys_gives_the_newest_job_of_each_key_since_a_time(
         "k2": "other",
     }
     assert {k: v[0] for k, v in found.items() if k.startswith("m")} == {k: f"job-{k}" for k in many}
+
+
+async def test_an_ended_stream_stored_short_of_its_length_ends_with_a_marked_gap(
+    store: SqliteJobStore,
+) -> None:
+    """Output dropped at the end (an outage of the database, a worker's own limit, no tail
+    kept) was shown as if the stream had ended there."""
+    job = make_job("j")
+    await store.insert(job)
+    store.append_output(JobId("j"), out(0, b"head"))
+    done = replace(job, status=JobStatus.COMPLETED, completed_at=T0, stdout_bytes=10)
+    assert await store.finish(done, expect_attempt=None)
+    assert (await get(store, "j")).stdout == b"head" + omitted(6)
+
+
+async def test_a_writer_thread_that_stops_fails_every_write_instead_of_hanging_them(
+    store: SqliteJobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(conn: sqlite3.Connection) -> None:
+        raise KeyboardInterrupt  # (what no write raises: a bug)
+
+    with pytest.raises(StoreUnavailable, match=r"writer stopped .* restart the master"):
+        await asyncio.wait_for(store._write(broken), 5)
+    with pytest.raises(StoreUnavailable, match="writer stopped"):
+        await asyncio.wait_for(store.insert(make_job("later")), 5)
+    assert "the job database's writer stopped" in caplog.text
+
+
+async def test_output_piling_up_behind_a_stuck_writer_is_bounded_too(
+    store: SqliteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the writer is stuck in a try (a lock's busy timeout, a hung fsync), output waits
+    in its queue, where the backlog's limit did not count it."""
+    monkeypatch.setattr("dist_exec.master.store.BACKLOG_OUTPUT_BYTES", 100)
+    await store.insert(make_job("j"))
+    hold, held = threading.Event(), threading.Event()
+
+    def stuck(conn: sqlite3.Connection) -> None:
+        held.set()
+        hold.wait(10)
+
+    holding = store._write(stuck)
+    await asyncio.to_thread(held.wait, 10)
+    store.trouble = "disk I/O error"  # (what the writer says once a try has failed)
+    for offset, data in ((0, b"a" * 60), (60, b"b" * 60), (120, b"c" * 30)):
+        store.append_output(JobId("j"), out(offset, data))
+        store._flush_output()
+    hold.set()
+    await holding
+    done = replace(make_job("j"), status=JobStatus.COMPLETED, completed_at=T0, stdout_bytes=150)
+    assert await store.finish(done, expect_attempt=None)
+    assert (await get(store, "j")).stdout == b"a" * 60 + omitted(60) + b"c" * 30

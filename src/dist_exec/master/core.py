@@ -534,7 +534,10 @@ class Master(Submission, Attempts):
         if job is None:
             final = await self.get(job_id, with_output=False)  # or NOT_FOUND
             start = _start(offsets, of_attempt, final.attempt)
-            stored = await self.store.read_output(job_id, start, settled=True)
+            # (Its end committed, all its output is: read as committed, even while writes wait.
+            # An end that could not be written, at a stop, is read behind the queued writes.)
+            settled = final.status.terminal
+            stored = await self.store.read_output(job_id, start, settled=settled)
             return final.attempt, stored, final, start
         attempt = job.attempt
         start = _start(offsets, of_attempt, attempt)

@@ -102,19 +102,22 @@ class Follower:
     def _to_spill(self, item: LiveChunk) -> None:
         data = item.chunk.data
         size = _RECORD.size + len(data)
-        if (
-            self._spill_end - self._spill_read + size > self.spill_bytes
-            or self.budget.spill + size > self.budget.spill_limit
-        ):
-            self._cut_off()
-            return
         chunk = item.chunk
         try:
+            if self._spill is not None and self._spill_read >= max(
+                self.memory_bytes, self._spill_end - self._spill_read
+            ):
+                self._compact()  # (the file stays under twice what is unread; and first:
+                # what it frees counts before the limits do)
+            if (
+                self._spill_end - self._spill_read + size > self.spill_bytes
+                or self.budget.spill + size > self.budget.spill_limit
+            ):
+                self._cut_off()
+                return
             if self._spill is None:
                 # Closed when the follower is done with (no context manager spans its life).
                 self._spill = tempfile.TemporaryFile(prefix="dist-exec-follower-")  # noqa: SIM115
-            elif self._spill_read >= max(self.memory_bytes, self._spill_end - self._spill_read):
-                self._compact()  # (the file stays under twice what is unread)
             self._spill.seek(self._spill_end)
             self._spill.write(
                 _RECORD.pack(item.attempt, chunk.stream.value, chunk.offset, len(data))

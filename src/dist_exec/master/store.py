@@ -295,6 +295,11 @@ class SqliteJobStore:
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="store-read")
+        self._backlog = _Backlog(path)  # (the writer thread's; read for its output bytes)
+        self._queued_output = 0  # bytes of output queued for the writer, not taken yet
+        self._queued_lock = threading.Lock()
+        self._broken: BaseException | None = None  # why the writer thread stopped, if it did
+        self._inflight: list[_Op] = []  # the batch the writer thread is running
 
     async def __aenter__(self) -> SqliteJobStore:
         private_dir(self.path.parent)
@@ -367,7 +372,18 @@ class SqliteJobStore:
         written, the writes that mirror the master's state wait (``_Backlog``) and are tried
         again in order, a batch at a time, after a backoff; the others fail at once (see
         ``_Op.keep``)."""
-        backlog = _Backlog(self.path)
+        backlog = self._backlog
+        try:
+            self._serve(conn, backlog)
+        except BaseException as exc:  # a bug: every write from now on fails, and says why
+            log.critical("the job database's writer stopped", exc_info=True)
+            self._broken = exc
+            self._fail_all([*self._inflight, *backlog.ops], exc)
+            backlog.ops = []
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection, backlog: _Backlog) -> None:
         stopping = False
         while not stopping:
             if not backlog.ops:
@@ -380,6 +396,8 @@ class SqliteJobStore:
                     backlog.began(self._fail_others(batch, failure), failure)
                 continue
             stopping = self._gather(backlog)
+            if stopping:
+                break  # (one last try, below)
             while backlog.ops:  # in order, a batch at a time: each one that goes in stays in
                 failure = self._run_batch(conn, backlog.ops[:MAX_BATCH])
                 if failure is not None:
@@ -389,7 +407,21 @@ class SqliteJobStore:
                 backlog.written(MAX_BATCH)
         if backlog.ops:
             self._last_try(conn, backlog.ops)
-        conn.close()
+
+    def _fail_all(self, ops: list[_Op], exc: BaseException) -> None:
+        """Fail these writes and every one queued, now and later (see ``_write``)."""
+        error = StoreUnavailable(f"the job database's writer stopped ({exc!r}); restart the master")
+        pending: list[_Op | None] = list(ops)
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        assert self._loop is not None
+        for op in pending:
+            if op is not None and op.fut is not None:
+                with contextlib.suppress(RuntimeError):  # (a loop already closed)
+                    self._loop.call_soon_threadsafe(_resolve, op.fut, None, error)
 
     def _collect(self) -> tuple[list[_Op], bool]:
         """The next batch (waits for its first write); and whether the store is closing."""
@@ -403,9 +435,18 @@ class SqliteJobStore:
             except queue.Empty:
                 break
             if item is None:
+                self._taken(batch)
                 return batch, True
             batch.append(item)
+        self._taken(batch)
         return batch, False
+
+    def _taken(self, ops: list[_Op]) -> None:
+        """These writes are off the queue (their output no longer counts as queued)."""
+        taken = sum(op.output_bytes for op in ops)
+        if taken:
+            with self._queued_lock:
+                self._queued_output -= taken
 
     def _gather(self, backlog: _Backlog) -> bool:
         """Until the backlog's next try: writes that must be kept join it, the others fail at
@@ -417,6 +458,7 @@ class SqliteJobStore:
                 break
             if item is None:
                 return True
+            self._taken([item])
             if item.keep:
                 backlog.add(item)
             elif item.fut is not None:
@@ -467,6 +509,7 @@ class SqliteJobStore:
         A write that fails by itself (a constraint) fails alone; the rest commits."""
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
         synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
+        self._inflight = batch  # (until it is resolved: failed if the writer stops meanwhile)
         try:
             if conn.in_transaction:  # a ROLLBACK that failed before
                 conn.execute("ROLLBACK")
@@ -500,6 +543,7 @@ class SqliteJobStore:
         for fut, value, error in results:
             if fut is not None:
                 self._loop.call_soon_threadsafe(_resolve, fut, value, error)
+        self._inflight = []
         return None
 
     def _write(
@@ -508,6 +552,13 @@ class SqliteJobStore:
         assert self._loop is not None
         self._flush_output()  # buffered output keeps its place before any later write
         fut: asyncio.Future[T] = self._loop.create_future()
+        if self._broken is not None:
+            fut.set_exception(
+                StoreUnavailable(
+                    f"the job database's writer stopped ({self._broken!r}); restart the master"
+                )
+            )
+            return fut
         self._queue.put(_Op(fn, fut, durable, keep))
         return fut
 
@@ -518,13 +569,22 @@ class SqliteJobStore:
         if not self._output:
             return
         rows, self._output = self._output, []
+        size = sum(len(row[3]) for row in rows)
+        with self._queued_lock:
+            if (
+                self.trouble is not None
+                and self._queued_output + self._backlog.output_bytes + size > BACKLOG_OUTPUT_BYTES
+            ):
+                self._backlog.drop(size)  # (the writer is stuck: it would pile up here)
+                return
+            self._queued_output += size
         self._queue.put(
             _Op(
                 lambda conn: conn.executemany(
                     "INSERT OR REPLACE INTO output VALUES (?, ?, ?, ?)", rows
                 ),
                 keep=True,
-                output_bytes=sum(len(row[3]) for row in rows),
+                output_bytes=size,
             )
         )
 
@@ -717,6 +777,10 @@ class SqliteJobStore:
                     parts[stream].append(omitted(offset - ends[stream]))
                 parts[stream].append(data)
                 ends[stream] = offset + len(data)
+            if row[11] is not None:  # ended: what its streams held past the stored end
+                for stream, total in ((0, row[17]), (1, row[18])):
+                    if total > ends[stream]:
+                        parts[stream].append(omitted(total - ends[stream]))
             return _job_from_row(row, b"".join(parts[0]), b"".join(parts[1]), attempts)
 
         return await self._read(op)
@@ -885,24 +949,28 @@ class _Backlog:
             _describe(failure),
         )
         self.since = self.reported = now
-        self.delay, self.dropped = RETRY_MIN_S, 0
+        self.delay = RETRY_MIN_S
         for op in kept:
             self.add(op)
         self.failed(failure)
 
     def add(self, op: _Op) -> None:
         if op.output_bytes and self.output_bytes + op.output_bytes > BACKLOG_OUTPUT_BYTES:
-            if not self.dropped:
-                log.error(
-                    "more than %d MiB of output waits for the database %s: further output "
-                    "of running jobs is not kept until it can be written",
-                    BACKLOG_OUTPUT_BYTES // 2**20,
-                    self.path,
-                )
-            self.dropped += op.output_bytes
+            self.drop(op.output_bytes)
             return
         self.ops.append(op)
         self.output_bytes += op.output_bytes
+
+    def drop(self, size: int) -> None:
+        """Output that is not kept (the limit is reached)."""
+        if not self.dropped:
+            log.error(
+                "more than %d MiB of output waits for the database %s: further output of "
+                "running jobs is not kept until it can be written",
+                BACKLOG_OUTPUT_BYTES // 2**20,
+                self.path,
+            )
+        self.dropped += size
 
     def failed(self, failure: BaseException) -> None:
         now = time.monotonic()
@@ -930,7 +998,7 @@ class _Backlog:
                 time.monotonic() - self.since,
                 f"; {self.dropped} bytes of output were not kept meanwhile" if self.dropped else "",
             )
-            self.delay, self.failure = RETRY_MIN_S, None
+            self.delay, self.failure, self.dropped = RETRY_MIN_S, None, 0
 
 
 class _BatchLost(Exception):

@@ -42,7 +42,7 @@ ADMINS = frozenset({Role.ADMIN})
 WORKERS = frozenset({Role.WORKER, Role.WORKERS})
 MASTERS = frozenset({Role.MASTER})
 REFUSED_DRAIN_S = 0.25  # see _drain
-REFUSED_DRAIN_MESSAGES = 16
+REFUSED_DRAIN_BYTES = 256 * 1024
 _M = "/distexec.v1.MasterService/"
 _R = "/distexec.v1.RegistrationService/"
 _W = "/distexec.v1.WorkerService/"
@@ -175,23 +175,26 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-async def _drain(requests: AsyncIterator[Any]) -> None:
-    """Read and drop what a refused client sends, until it half-closes: for at most
-    REFUSED_DRAIN_S and REFUSED_DRAIN_MESSAGES (one that keeps its stream open waits that
+async def _drain(requests: AsyncIterator[bytes]) -> None:
+    """Read and drop (unparsed) what a refused client sends, until it half-closes: for at
+    most REFUSED_DRAIN_S and REFUSED_DRAIN_BYTES (one that keeps its stream open waits that
     long for its refusal)."""
     with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
         async with asyncio.timeout(REFUSED_DRAIN_S):
-            count = 0
-            async for _ in requests:
-                count += 1
-                if count >= REFUSED_DRAIN_MESSAGES:
+            taken = 0
+            async for data in requests:
+                taken += len(data)
+                if taken >= REFUSED_DRAIN_BYTES:
                     break
 
 
-async def _parsed(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
-    """The messages of a request stream; one that did not parse ends it with an error the
-    servicer reports as INVALID_ARGUMENT."""
-    async for request in requests:
+async def _parsed(
+    requests: AsyncIterator[bytes], method: str, parse: Callable[[bytes], Any] | None
+) -> AsyncIterator[Any]:
+    """The messages of a request stream (parsed only once the caller is let in); one that
+    did not parse ends it with an error the servicer reports as INVALID_ARGUMENT."""
+    async for data in requests:
+        request = parse(data) if parse is not None else data
         if isinstance(request, _Malformed):
             raise InvalidTaskSpec(_malformed_message(method, request))
         yield request
@@ -254,12 +257,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     # until it half-closes, for a moment, then refuse.
                     await _drain(requests)
                     await self._refuse(method, denied, context)
-                async for item in inner(_parsed(requests, method), context):
+                async for item in inner(_parsed(requests, method, deserialize), context):
                     yield item
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi,
-                deserialize,
+                None,  # (bytes: parsed by _parsed, after the check)
                 handler.response_serializer,
             )
         if handler.unary_unary is not None:
