@@ -147,6 +147,7 @@ class AttemptOutcome(enum.StrEnum):
     LOST = "LOST"  # dispatching or following it failed
     RETURNED = "RETURNED"  # handed back (draining worker, refused): not counted as a retry
     RETRIED = "RETRIED"  # the command failed and the job asked for retries on failure
+    NOT_STARTED = "NOT_STARTED"  # its start never reached the worker: not counted as a retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ class NodeInfo:
     idle_since: float | None = None  # registry clock; None while a slot is reserved
     drain_requested: bool = False  # the auto scaler chose it for removal
     tls_name: str = ""  # the name its certificate must carry when the master dials it
+    instance: str = ""  # new at each start of its process (empty: a worker that sends none)
 
     @property
     def endpoint(self) -> NodeEndpoint:

@@ -5,15 +5,17 @@ address, is dialled as itself."""
 from __future__ import annotations
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import grpc.aio
 import pytest
 
+from dist_exec import wire
 from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus, NodeStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory, wait_until
+from tests.conftest import ClusterFactory, wait_for, wait_until
 from tests.system.test_cluster import free_port
 from tests.system.test_security import _audit
 
@@ -90,3 +92,53 @@ async def test_an_address_passes_on_once_its_node_is_dead_and_a_restart_keeps_it
         assert (done.status, done.worker_id, done.stdout) == (
             JobStatus.COMPLETED, "new", b"again\n"
         )  # fmt: skip
+
+
+class RecordingRegistry(worker_pb2_grpc.RegistrationServiceServicer):
+    """A master's RegistrationService (on threads: the test's loop blocks while a worker
+    starts) that records registrations and forgets the node at every heartbeat, so it
+    registers again."""
+
+    def __init__(self) -> None:
+        self.registrations: list[worker_pb2.RegisterRequest] = []
+
+    def Register(
+        self, request: worker_pb2.RegisterRequest, context: object
+    ) -> worker_pb2.RegisterResponse:
+        self.registrations.append(request)
+        return worker_pb2.RegisterResponse(accepted=True, heartbeat_interval=wire.duration(0.1))
+
+    def Heartbeat(
+        self, request: worker_pb2.HeartbeatRequest, context: object
+    ) -> worker_pb2.HeartbeatResponse:
+        return worker_pb2.HeartbeatResponse(acknowledged=False)
+
+    def Deregister(
+        self, request: worker_pb2.DeregisterRequest, context: object
+    ) -> worker_pb2.DeregisterResponse:
+        return worker_pb2.DeregisterResponse(acknowledged=True)
+
+
+def test_a_worker_registers_again_as_the_same_instance_until_it_restarts(
+    cluster: ClusterFactory,
+) -> None:
+    """What lets a master tell a start that never reached a worker (same process) from one a
+    restarted worker lost (NOT_STARTED or WORKER_LOST)."""
+    registry = RecordingRegistry()
+    server = grpc.server(ThreadPoolExecutor(4))
+    worker_pb2_grpc.add_RegistrationServiceServicer_to_server(registry, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        worker = cluster.worker(f"127.0.0.1:{port}", worker_id="w1")
+        wait_for(lambda: len(registry.registrations) >= 3, 20, "three registrations")
+        first = {r.instance for r in registry.registrations}
+        assert len(first) == 1
+        assert len(next(iter(first))) >= 16
+        worker.stop()
+        seen = len(registry.registrations)
+        cluster.worker(f"127.0.0.1:{port}", worker_id="w1")
+        wait_for(lambda: len(registry.registrations) > seen, 20, "a new registration")
+        assert registry.registrations[-1].instance not in first
+    finally:
+        server.stop(None)

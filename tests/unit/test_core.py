@@ -519,10 +519,15 @@ class HeldStartStore(HeldStore):
         self.start_gate = asyncio.Event()
 
     async def mark_running(
-        self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
+        self,
+        job_id: JobId,
+        worker_id: str,
+        attempt: int,
+        started_at: datetime,
+        instance: str = "",
     ) -> None:
         await self.start_gate.wait()
-        await super().mark_running(job_id, worker_id, attempt, started_at)
+        await super().mark_running(job_id, worker_id, attempt, started_at, instance)
 
 
 async def test_a_job_placed_whose_start_is_not_written_yet_says_so(tmp_path: Path) -> None:
@@ -543,6 +548,43 @@ async def test_a_job_placed_whose_start_is_not_written_yet_says_so(tmp_path: Pat
             store.start_gate.set()
             while (await master.get(job_id)).status != JobStatus.COMPLETED:
                 await asyncio.sleep(0.01)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await store.__aexit__(None, None, None)
+
+
+async def test_a_start_that_never_reached_a_worker_is_not_counted_as_its_loss(
+    tmp_path: Path,
+) -> None:
+    """After a master restart, a worker registers without an attempt the store says it runs.
+    The same process (same instance): the start never reached it, so the job runs again
+    without a retry counted or a step toward poison. Another process: it restarted and lost
+    the attempt (WORKER_LOST)."""
+    store = HeldStore(tmp_path / "master.db")
+    await store.__aenter__()
+    now = SystemClock().now()
+    for name, instance in (("same", "i1"), ("other", "i0")):
+        job = Job(JobId(name), replace(SPEC, max_retries=3), JobStatus.PENDING, now)
+        await store.insert(job)
+        await store.mark_running(JobId(name), "w1", 1, now, instance)
+    await store.__aexit__(None, None, None)
+    worker = ScriptedWorker()
+    worker.release.clear()  # (the runs again stay running: the retry is what is looked at)
+    master, store = await start_master(tmp_path, worker, store=HeldStore(tmp_path / "master.db"))
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [], instance="i1")
+        async with asyncio.timeout(5):
+            while {j.attempt for j in master._active.values()} != {2}:
+                await asyncio.sleep(0.01)
+            jobs = {name: await master.get(JobId(name)) for name in ("same", "other")}
+        assert (jobs["same"].retries, jobs["same"].worker_losses) == (0, 0)
+        assert jobs["same"].attempts[0].outcome == AttemptOutcome.NOT_STARTED
+        assert "never reached worker w1" in jobs["same"].attempts[0].detail
+        assert (jobs["other"].retries, jobs["other"].worker_losses) == (1, 1)
+        assert jobs["other"].attempts[0].outcome == AttemptOutcome.WORKER_LOST
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -48,6 +48,7 @@ class ActiveJob:
     retry_at: float | None = None  # waiting out its retry backoff until then
     retry_handle: asyncio.TimerHandle | None = None
     worker_losses: int = 0  # attempts in a row whose worker was lost (poison detection)
+    instance: str = ""  # the process of its node its current attempt was started on
 
     @property
     def id(self) -> JobId:

@@ -95,7 +95,7 @@ class Attempts:
             job.accepted = None
         assert job.started_at is not None
         if job.recorded_attempt != attempt:
-            await self.store.mark_running(job.id, node_id, attempt, job.started_at)
+            await self.store.mark_running(job.id, node_id, attempt, job.started_at, job.instance)
         if not self._current(job, attempt) or job.cancel_requested:
             if self._current(job, attempt):
                 await self._complete(job, JobStatus.CANCELLED, error="cancelled before it started")
@@ -143,9 +143,19 @@ class Attempts:
                     backoff = min(backoff * 2, REATTACH_BACKOFF_MAX_S)
                     continue
                 except AttemptGone as exc:
-                    await self._retry(
-                        job, f"worker {node_id} lost the task: {exc}", AttemptOutcome.WORKER_LOST
-                    )
+                    if node.instance and node.instance == job.instance:  # it did not restart
+                        await self._retry(
+                            job,
+                            f"attempt {attempt} never reached worker {node_id} (its stream "
+                            f"broke before the start was sent): {exc}",
+                            AttemptOutcome.NOT_STARTED,
+                        )
+                    else:
+                        await self._retry(
+                            job,
+                            f"worker {node_id} lost the task: {exc}",
+                            AttemptOutcome.WORKER_LOST,
+                        )
                     return
                 except AttemptRejected as exc:
                     if exc.fatal:
@@ -255,9 +265,9 @@ class Attempts:
         if job.cancel_requested:
             await self._complete(job, JobStatus.CANCELLED, error=f"cancelled ({reason})")
             return
-        counted = kind != AttemptOutcome.RETURNED
+        counted = kind not in (AttemptOutcome.RETURNED, AttemptOutcome.NOT_STARTED)
         retries = job.retries + (1 if counted else 0)
-        losses = job.worker_losses + 1 if kind == AttemptOutcome.WORKER_LOST else 0
+        losses = _losses(job.worker_losses, kind)
         give_up = ""
         if job.spec.node_id:  # pinned (broadcast): no other node may run it instead
             give_up = f"{reason}; not retried elsewhere"
@@ -374,6 +384,15 @@ class Attempts:
             self._active.pop(job.id, None)
             self._forget_key(job)
             job.ended.set()
+
+
+def _losses(before: int, kind: AttemptOutcome) -> int:
+    """Attempts in a row whose worker was lost, after an attempt that ended as ``kind``."""
+    if kind == AttemptOutcome.WORKER_LOST:
+        return before + 1
+    if kind == AttemptOutcome.NOT_STARTED:  # it did not run: the streak is as it was
+        return before
+    return 0
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

@@ -141,6 +141,7 @@ class Master(Submission, Attempts):
         # again (reconnect backoff of at most about a second): then they register and report.
         grace = self.config.heartbeat_timeout_s + RESTART_GRACE_EXTRA_S
         unfinished = await self.store.unfinished()
+        instances = await self.store.running_instances()
         self._seq = itertools.count(max((seq for seq, _ in unfinished), default=0) + 1)
         for seq, job in unfinished:
             active = ActiveJob(
@@ -156,6 +157,7 @@ class Master(Submission, Attempts):
                 # Its worker gets one heartbeat timeout to register again and claim it.
                 active.status = JobStatus.RUNNING
                 active.node_id = NodeId(job.worker_id)
+                active.instance = instances.get(job.id, "")
                 active.started_at = job.started_at
                 # Its timeout runs from its start, not from this restart (by the wall clock);
                 # once its worker is back (within ``grace``) it has the dispatch grace in any
@@ -193,6 +195,8 @@ class Master(Submission, Attempts):
             job.status = JobStatus.RUNNING
             job.attempt += 1
             job.node_id = assignment.node_id
+            node = self.registry.get(assignment.node_id)
+            job.instance = node.instance if node is not None else ""
             job.started_at = self.clock.now()
             job.started_mono = self.clock.monotonic()
             job.seen = {s: 0 for s in Stream}
@@ -593,6 +597,7 @@ class Master(Submission, Attempts):
         weight: int = 0,
         task_limits: TaskLimits | None = None,
         tls_name: str = "",
+        instance: str = "",
     ) -> NodeInfo:
         """Raises AddressInUse when another live node holds ``address`` (see registry)."""
         if not node_id or not address or max_tasks <= 0 or weight < 0:
@@ -601,8 +606,9 @@ class Master(Submission, Attempts):
             )
         previous = self.registry.get(node_id)
         node = self.registry.register(
-            node_id, address, capabilities, max_tasks, labels, weight, task_limits, tls_name
-        )
+            node_id, address, capabilities, max_tasks, labels, weight, task_limits, tls_name,
+            instance,
+        )  # fmt: skip
         if previous is not None and previous.endpoint != node.endpoint:
             self._spawn(self._forget(previous.endpoint))
         held_keys = {(h.task_id, h.attempt) for h in held}
@@ -618,6 +624,16 @@ class Master(Submission, Attempts):
                     job.runner = self._start_runner(
                         self._run_attempt(job, job.attempt, node_id, True), job.id, node_id
                     )
+            elif instance and job.instance == instance:  # (the worker did not restart)
+                self._spawn(
+                    self._retry(
+                        job,
+                        f"attempt {job.attempt} never reached worker {node_id} (the master "
+                        "stopped, or its stream broke, before the start was sent)",
+                        AttemptOutcome.NOT_STARTED,
+                        attempt=job.attempt,
+                    )
+                )
             else:
                 self._spawn(
                     self._retry(

@@ -51,9 +51,11 @@ class NodeRegistry:
         weight: int = 0,
         task_limits: TaskLimits | None = None,
         tls_name: str = "",
+        instance: str = "",
     ) -> NodeInfo:
         """Add a node, or replace one with the same id (a restarted worker). ``tls_name``: the
-        name its certificate must carry when the master dials it."""
+        name its certificate must carry when the master dials it; ``instance``: its process's
+        (see NodeInfo)."""
         holder = next(
             (
                 n
@@ -78,6 +80,7 @@ class NodeRegistry:
             weight=weight,
             task_limits=task_limits or TaskLimits(),
             tls_name=tls_name,
+            instance=instance,
         )
         node.registered_at = node.last_seen
         node.idle_since = node.last_seen

@@ -443,6 +443,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
                 wire.limits_from_pb(request.task_limits),
                 # With TLS, the master dials it expecting the certificate it registered with.
                 identity.name if identity.via == "cert" else request.worker_id,
+                request.instance,
             )
         except (AccessDenied, AddressInUse) as exc:
             if self.audit is not None:

@@ -109,6 +109,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at REAL,
     outcome TEXT,
     detail TEXT NOT NULL DEFAULT '',
+    instance TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, attempt)
 ) WITHOUT ROWID;
 """
@@ -140,9 +141,16 @@ class JobStore(Protocol):
     trouble: str | None  # why writes fail now, while they do (then state changes wait)
 
     async def insert(self, job: Job) -> int: ...
-    def insert_many(self, jobs: Sequence[Job]) -> asyncio.Future[list[int]]: ...
+    def insert_many(
+        self, jobs: Sequence[Job], instances: Mapping[JobId, str] | None = None
+    ) -> asyncio.Future[list[int]]: ...
     async def mark_running(
-        self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
+        self,
+        job_id: JobId,
+        worker_id: str,
+        attempt: int,
+        started_at: datetime,
+        instance: str = "",
     ) -> None: ...
     def append_output(self, job_id: JobId, chunk: OutputChunk) -> None: ...
     async def finish(
@@ -178,6 +186,7 @@ class JobStore(Protocol):
         self, job_id: JobId, offsets: Mapping[Stream, int], settled: bool = False
     ) -> list[OutputChunk]: ...
     async def output_ends(self, job_id: JobId) -> dict[Stream, int]: ...
+    async def running_instances(self) -> dict[JobId, str]: ...
 
 
 NO_LIMITS_JSON = json.dumps(asdict(NO_LIMITS))
@@ -271,7 +280,10 @@ def _attempt_from_row(row: tuple[Any, ...]) -> AttemptRecord:
     )  # fmt: skip
 
 
-_START_ATTEMPT = "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, NULL, NULL, '')"
+_START_ATTEMPT = (
+    "INSERT OR REPLACE INTO attempts (job_id, attempt, node_id, started_at, instance)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
 _END_ATTEMPT = (
     "UPDATE attempts SET ended_at = ?, outcome = ?, detail = ?"
     " WHERE job_id = ? AND attempt = ? AND outcome IS NULL"
@@ -331,6 +343,8 @@ class SqliteJobStore:
         for column, definition in _ADDED_COLUMNS.items():
             if column not in have:
                 write_conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+        if "instance" not in {row[1] for row in write_conn.execute("PRAGMA table_info(attempts)")}:
+            write_conn.execute("ALTER TABLE attempts ADD COLUMN instance TEXT NOT NULL DEFAULT ''")
         write_conn.execute(
             "CREATE INDEX IF NOT EXISTS jobs_by_broadcast ON jobs (broadcast_id) "
             "WHERE broadcast_id != ''"
@@ -603,10 +617,13 @@ class SqliteJobStore:
     async def insert(self, job: Job) -> int:
         return (await self.insert_many([job]))[0]
 
-    def insert_many(self, jobs: Sequence[Job]) -> asyncio.Future[list[int]]:
+    def insert_many(
+        self, jobs: Sequence[Job], instances: Mapping[JobId, str] | None = None
+    ) -> asyncio.Future[list[int]]:
         """Accept jobs durably, all or none. Queued at once, before any later write; the future
         gives their sequence numbers once they are on disk. A job may arrive already RUNNING
-        (placed at once): its node, attempt and start time are recorded with it."""
+        (placed at once): its node (and the ``instances`` of its process), attempt and start
+        time are recorded with it."""
         rows = [
             (
                 job.id,
@@ -634,7 +651,13 @@ class SqliteJobStore:
             for job in jobs
         ]
         started = [
-            (job.id, job.attempt, job.worker_id, _ts(job.started_at))
+            (
+                job.id,
+                job.attempt,
+                job.worker_id,
+                _ts(job.started_at),
+                (instances or {}).get(job.id, ""),
+            )
             for job in jobs
             if job.status == JobStatus.RUNNING
         ]
@@ -658,15 +681,22 @@ class SqliteJobStore:
         return self._write(op, durable=True)
 
     async def mark_running(
-        self, job_id: JobId, worker_id: str, attempt: int, started_at: datetime
+        self,
+        job_id: JobId,
+        worker_id: str,
+        attempt: int,
+        started_at: datetime,
+        instance: str = "",
     ) -> None:
+        """``instance``: of the worker's process it is started on (see NodeInfo)."""
+
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE jobs SET status = 'RUNNING', worker_id = ?, attempt = ?, started_at = ?"
                 " WHERE id = ?",
                 (worker_id, attempt, _ts(started_at), job_id),
             )
-            conn.execute(_START_ATTEMPT, (job_id, attempt, worker_id, _ts(started_at)))
+            conn.execute(_START_ATTEMPT, (job_id, attempt, worker_id, _ts(started_at), instance))
 
         await self._write(op, keep=True)
 
@@ -883,6 +913,20 @@ class SqliteJobStore:
             return len(ids)
 
         return await self._write(op)
+
+    async def running_instances(self) -> dict[JobId, str]:
+        """For each RUNNING job, the worker process its current attempt was started on."""
+
+        def op(conn: sqlite3.Connection) -> dict[JobId, str]:
+            return {
+                JobId(job_id): instance
+                for job_id, instance in conn.execute(
+                    "SELECT a.job_id, a.instance FROM jobs j JOIN attempts a"
+                    " ON a.job_id = j.id AND a.attempt = j.attempt WHERE j.status = 'RUNNING'"
+                )
+            }
+
+        return await self._read(op)
 
     async def output_ends(self, job_id: JobId) -> dict[Stream, int]:
         """Where each stream's stored output ends (0: nothing stored)."""

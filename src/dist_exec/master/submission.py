@@ -155,7 +155,8 @@ class Submission:
                     attempt=a.attempt,
                 )
                 for a in actives
-            ]
+            ],
+            {a.id: a.instance for a in actives if a.instance},
         )
         for active in actives:
             active.accepted = accepted

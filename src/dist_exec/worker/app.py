@@ -56,6 +56,7 @@ class Registrar:
     ) -> None:
         self.config = config
         self.call_token = call_token  # what the master must send when it calls this worker
+        self.instance = secrets.token_hex(8)  # this process: registering again, it is the same
         self.master_clock = master_clock
         self.runner = runner
         self.address = address
@@ -108,6 +109,7 @@ class Registrar:
             drain_requested=self.drain_requested,
             dispatch_stream=True,
             call_token=self.call_token,
+            instance=self.instance,
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None
