@@ -13,7 +13,7 @@ from dist_exec.config import MasterConfig
 from dist_exec.executors.command import CommandExecutor
 from dist_exec.master.active import HeldAttempt
 from dist_exec.master.balancer import RoundRobinBalancer
-from dist_exec.master.core import RESTART_GRACE_EXTRA_S, Master
+from dist_exec.master.core import NOT_STARTED_WINDOW_S, RESTART_GRACE_EXTRA_S, Master
 from dist_exec.master.registry import NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore
@@ -564,10 +564,16 @@ async def test_a_start_that_never_reached_a_worker_is_not_counted_as_its_loss(
     store = HeldStore(tmp_path / "master.db")
     await store.__aenter__()
     now = SystemClock().now()
-    for name, instance in (("same", "i1"), ("other", "i0")):
+    jobs_started = {  # instance, started ago
+        "same": ("i1", 0.0),
+        "other": ("i0", 0.0),
+        # (long enough ago that the worker may have run it and forgotten its result)
+        "same, long ago": ("i1", NOT_STARTED_WINDOW_S + 1),
+    }
+    for name, (instance, ago) in jobs_started.items():
         job = Job(JobId(name), replace(SPEC, max_retries=3), JobStatus.PENDING, now)
         await store.insert(job)
-        await store.mark_running(JobId(name), "w1", 1, now, instance)
+        await store.mark_running(JobId(name), "w1", 1, now - timedelta(seconds=ago), instance)
     await store.__aexit__(None, None, None)
     worker = ScriptedWorker()
     worker.release.clear()  # (the runs again stay running: the retry is what is looked at)
@@ -575,16 +581,17 @@ async def test_a_start_that_never_reached_a_worker_is_not_counted_as_its_loss(
     runner = asyncio.create_task(master.run())
     try:
         await master.ready.wait()
-        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [], instance="i1")
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 3, {}, [], instance="i1")
         async with asyncio.timeout(5):
             while {j.attempt for j in master._active.values()} != {2}:
                 await asyncio.sleep(0.01)
-            jobs = {name: await master.get(JobId(name)) for name in ("same", "other")}
+            jobs = {name: await master.get(JobId(name)) for name in jobs_started}
         assert (jobs["same"].retries, jobs["same"].worker_losses) == (0, 0)
         assert jobs["same"].attempts[0].outcome == AttemptOutcome.NOT_STARTED
         assert "never reached worker w1" in jobs["same"].attempts[0].detail
-        assert (jobs["other"].retries, jobs["other"].worker_losses) == (1, 1)
-        assert jobs["other"].attempts[0].outcome == AttemptOutcome.WORKER_LOST
+        for lost in ("other", "same, long ago"):
+            assert (jobs[lost].retries, jobs[lost].worker_losses) == (1, 1), lost
+            assert jobs[lost].attempts[0].outcome == AttemptOutcome.WORKER_LOST
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -143,19 +143,9 @@ class Attempts:
                     backoff = min(backoff * 2, REATTACH_BACKOFF_MAX_S)
                     continue
                 except AttemptGone as exc:
-                    if node.instance and node.instance == job.instance:  # it did not restart
-                        await self._retry(
-                            job,
-                            f"attempt {attempt} never reached worker {node_id} (its stream "
-                            f"broke before the start was sent): {exc}",
-                            AttemptOutcome.NOT_STARTED,
-                        )
-                    else:
-                        await self._retry(
-                            job,
-                            f"worker {node_id} lost the task: {exc}",
-                            AttemptOutcome.WORKER_LOST,
-                        )
+                    await self._retry(
+                        job, f"worker {node_id} lost the task: {exc}", AttemptOutcome.WORKER_LOST
+                    )
                     return
                 except AttemptRejected as exc:
                     if exc.fatal:

@@ -63,6 +63,9 @@ RESTART_GRACE_EXTRA_S = 2.0  # after a restart, beyond the heartbeat timeout, to
 STOP_RETRY_MIN_S = 0.5  # asking an unreachable node to stop an unwanted attempt: first wait
 STOP_RETRY_MAX_S = 10.0
 COMMIT_WAIT_S = 5.0  # a read of an ended job waits this long for its end to be written
+# A recovered attempt started less long ago than this, that its (same) worker does not hold,
+# never reached it; one started earlier may have run and been forgotten (see _never_reached).
+NOT_STARTED_WINDOW_S = 60.0
 PRUNE_SLICE = 500  # jobs deleted per write, so that other writes are not held up for long
 PRUNE_MIN_EVERY_S = 0.25  # ended jobs past the retention are looked for this often, at most
 PRUNE_MAX_EVERY_S = 600.0  # and at least
@@ -624,7 +627,7 @@ class Master(Submission, Attempts):
                     job.runner = self._start_runner(
                         self._run_attempt(job, job.attempt, node_id, True), job.id, node_id
                     )
-            elif instance and job.instance == instance:  # (the worker did not restart)
+            elif self._never_reached(job, instance):
                 self._spawn(
                     self._retry(
                         job,
@@ -659,6 +662,18 @@ class Master(Submission, Attempts):
         self._wake.set()
         log.info("node %s registered at %s (%d slots)", node_id, address, max_tasks)
         return node
+
+    def _never_reached(self, job: ActiveJob, instance: str) -> bool:
+        """Whether a recovered RUNNING job its node does not hold, now that the node registers
+        as ``instance``, never got its start: the same worker process (it did not restart),
+        and a start recent enough that the worker would still hold its result had it run
+        (it keeps a delivered result at least RECENT_RESULTS_S)."""
+        if not instance or job.instance != instance or job.runner is not None:
+            return False
+        started = job.started_at
+        return started is not None and (self.clock.now() - started).total_seconds() < (
+            NOT_STARTED_WINDOW_S
+        )
 
     def heartbeat(self, node_id: NodeId, draining: bool) -> bool:
         """False: the node is unknown or was declared dead, so it must register again."""

@@ -394,6 +394,18 @@ def _summaries(requests: Sequence[master_pb2.SubmitRequest]) -> list[dict[str, A
     return [task_summary(r.task_type, r.payload) for r in requests[:100]]
 
 
+MAX_INSTANCE_CHARS = 64
+
+
+def _instance(instance: str) -> str:
+    """A worker's instance id (kept with every attempt started on it): short, or refused."""
+    if len(instance) > MAX_INSTANCE_CHARS:
+        raise InvalidTaskSpec(
+            f"instance is longer than {MAX_INSTANCE_CHARS} characters: {shorten(instance)}"
+        )
+    return instance
+
+
 def _check_worker_id(worker_id: str) -> None:
     """A worker authenticated by a certificate or token registers only as the id it names
     (a pool credential: as NAME-anything)."""
@@ -443,7 +455,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
                 wire.limits_from_pb(request.task_limits),
                 # With TLS, the master dials it expecting the certificate it registered with.
                 identity.name if identity.via == "cert" else request.worker_id,
-                request.instance,
+                _instance(request.instance),
             )
         except (AccessDenied, AddressInUse) as exc:
             if self.audit is not None:
