@@ -697,3 +697,19 @@ async def test_output_piling_up_behind_a_stuck_writer_is_bounded_too(
     done = replace(make_job("j"), status=JobStatus.COMPLETED, completed_at=T0, stdout_bytes=150)
     assert await store.finish(done, expect_attempt=None)
     assert (await get(store, "j")).stdout == b"a" * 60 + omitted(60) + b"c" * 30
+
+
+async def test_attempts_keep_the_worker_instance_apart_from_the_attempts_table(
+    store: SqliteJobStore, db_path: Path
+) -> None:
+    """The instance each running attempt was started on is read back for recovery; it lives
+    in a table of its own, so a master of the version before (which inserts attempts rows by
+    position) still works on this file after a roll-back."""
+    placed = replace(make_job("placed"), status=JobStatus.RUNNING, worker_id="w1", attempt=1)
+    await store.insert_many([placed, make_job("queued")], {JobId("placed"): "i1"})
+    await store.mark_running(JobId("queued"), "w2", 1, T0, "i2")
+    await store.insert(make_job("old worker"))
+    await store.mark_running(JobId("old worker"), "w3", 1, T0)  # (sends no instance)
+    assert await store.running_instances() == {"placed": "i1", "queued": "i2"}
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("INSERT OR REPLACE INTO attempts VALUES ('placed', 2, 'w1', 0, NULL, NULL, '')")

@@ -109,7 +109,14 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at REAL,
     outcome TEXT,
     detail TEXT NOT NULL DEFAULT '',
-    instance TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
+-- The worker process each attempt was started on (see NodeInfo.instance). A table of its own:
+-- an earlier version, rolled back to, inserts attempts rows by position.
+CREATE TABLE IF NOT EXISTS attempt_instances (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    instance TEXT NOT NULL,
     PRIMARY KEY (job_id, attempt)
 ) WITHOUT ROWID;
 """
@@ -281,9 +288,9 @@ def _attempt_from_row(row: tuple[Any, ...]) -> AttemptRecord:
 
 
 _START_ATTEMPT = (
-    "INSERT OR REPLACE INTO attempts (job_id, attempt, node_id, started_at, instance)"
-    " VALUES (?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO attempts (job_id, attempt, node_id, started_at) VALUES (?, ?, ?, ?)"
 )
+_ATTEMPT_INSTANCE = "INSERT OR REPLACE INTO attempt_instances VALUES (?, ?, ?)"
 _END_ATTEMPT = (
     "UPDATE attempts SET ended_at = ?, outcome = ?, detail = ?"
     " WHERE job_id = ? AND attempt = ? AND outcome IS NULL"
@@ -343,8 +350,6 @@ class SqliteJobStore:
         for column, definition in _ADDED_COLUMNS.items():
             if column not in have:
                 write_conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
-        if "instance" not in {row[1] for row in write_conn.execute("PRAGMA table_info(attempts)")}:
-            write_conn.execute("ALTER TABLE attempts ADD COLUMN instance TEXT NOT NULL DEFAULT ''")
         write_conn.execute(
             "CREATE INDEX IF NOT EXISTS jobs_by_broadcast ON jobs (broadcast_id) "
             "WHERE broadcast_id != ''"
@@ -651,15 +656,14 @@ class SqliteJobStore:
             for job in jobs
         ]
         started = [
-            (
-                job.id,
-                job.attempt,
-                job.worker_id,
-                _ts(job.started_at),
-                (instances or {}).get(job.id, ""),
-            )
+            (job.id, job.attempt, job.worker_id, _ts(job.started_at))
             for job in jobs
             if job.status == JobStatus.RUNNING
+        ]
+        on = [
+            (job.id, job.attempt, (instances or {})[job.id])
+            for job in jobs
+            if job.status == JobStatus.RUNNING and (instances or {}).get(job.id)
         ]
 
         def op(conn: sqlite3.Connection) -> list[int]:
@@ -676,6 +680,7 @@ class SqliteJobStore:
                 assert cur.lastrowid is not None
                 seqs.append(cur.lastrowid)
             conn.executemany(_START_ATTEMPT, started)
+            conn.executemany(_ATTEMPT_INSTANCE, on)
             return seqs
 
         return self._write(op, durable=True)
@@ -696,7 +701,9 @@ class SqliteJobStore:
                 " WHERE id = ?",
                 (worker_id, attempt, _ts(started_at), job_id),
             )
-            conn.execute(_START_ATTEMPT, (job_id, attempt, worker_id, _ts(started_at), instance))
+            conn.execute(_START_ATTEMPT, (job_id, attempt, worker_id, _ts(started_at)))
+            if instance:
+                conn.execute(_ATTEMPT_INSTANCE, (job_id, attempt, instance))
 
         await self._write(op, keep=True)
 
@@ -909,6 +916,7 @@ class SqliteJobStore:
             ]
             conn.executemany("DELETE FROM output WHERE job_id = ?", ids)
             conn.executemany("DELETE FROM attempts WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM attempt_instances WHERE job_id = ?", ids)
             conn.executemany("DELETE FROM jobs WHERE id = ?", ids)
             return len(ids)
 
@@ -921,7 +929,7 @@ class SqliteJobStore:
             return {
                 JobId(job_id): instance
                 for job_id, instance in conn.execute(
-                    "SELECT a.job_id, a.instance FROM jobs j JOIN attempts a"
+                    "SELECT a.job_id, a.instance FROM jobs j JOIN attempt_instances a"
                     " ON a.job_id = j.id AND a.attempt = j.attempt WHERE j.status = 'RUNNING'"
                 )
             }
