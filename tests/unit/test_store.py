@@ -713,3 +713,51 @@ async def test_attempts_keep_the_worker_instance_apart_from_the_attempts_table(
     assert await store.running_instances() == {"placed": "i1", "queued": "i2"}
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("INSERT OR REPLACE INTO attempts VALUES ('placed', 2, 'w1', 0, NULL, NULL, '')")
+
+
+async def test_a_backlog_goes_in_a_batch_at_a_time_in_order(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dist_exec.master.store.MAX_BATCH", 3)
+    async with SqliteJobStore(db_path, busy_timeout_s=0.01) as store:
+        await store.insert(make_job("j"))
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            for i in range(10):
+                store.append_output(JobId("j"), out(i, str(i).encode()))
+                store._flush_output()  # (one write each)
+            await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
+            running = asyncio.ensure_future(store.mark_running(JobId("j"), "w1", 1, T0))
+            await asyncio.sleep(0)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await asyncio.wait_for(running, 10)
+        job = await get(store, "j")
+    assert (job.status, job.stdout) == (JobStatus.RUNNING, b"0123456789")
+
+
+async def test_a_store_closed_while_writes_wait_tries_once_more_then_fails_them(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The master stops during an outage: what waits is tried once more, and what still
+    cannot be written is reported (the next start recovers those jobs from the store)."""
+    store = SqliteJobStore(db_path, busy_timeout_s=0.01)
+    await store.__aenter__()
+    await store.insert(make_job("j"))
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        running = asyncio.ensure_future(store.mark_running(JobId("j"), "w1", 1, T0))
+        await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
+        async with asyncio.timeout(10):
+            await store.__aexit__(None, None, None)
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            await asyncio.wait_for(running, 5)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "the master stops with 1 state changes not written (database is locked)" in caplog.text
+    async with SqliteJobStore(db_path) as reopened:  # nothing of it was written
+        assert (await get(reopened, "j")).status == JobStatus.PENDING
