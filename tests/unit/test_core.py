@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -114,14 +115,30 @@ async def start_master(
     return master, store
 
 
+@contextlib.asynccontextmanager
+async def running_master(
+    tmp_path: Path,
+    worker: ScriptedWorker,
+    config: MasterConfig | None = None,
+    store: HeldStore | None = None,
+) -> AsyncIterator[tuple[Master, HeldStore]]:
+    """A master (see start_master) running and ready; stopped and its store closed after."""
+    master, opened = await start_master(tmp_path, worker, config, store)
+    runner = asyncio.create_task(master.run())
+    try:
+        await master.ready.wait()
+        yield master, opened
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await opened.__aexit__(None, None, None)
+
+
 async def test_a_follower_arriving_while_the_result_commits_still_gets_the_end(
     tmp_path: Path,
 ) -> None:
     worker = ScriptedWorker()
-    master, store = await start_master(tmp_path, worker)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker) as (master, store):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
         store.finish_gate.clear()
         job_id = await master.submit(SPEC)
@@ -152,19 +169,12 @@ async def test_a_follower_arriving_while_the_result_commits_still_gets_the_end(
         job = await master.get(job_id)
         assert job.status == JobStatus.COMPLETED
         assert job.stdout == b"hi\n"
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 async def test_a_restarted_worker_that_lost_an_attempt_gets_it_retried(tmp_path: Path) -> None:
     worker = ScriptedWorker()
     worker.release.clear()  # attempts hang until released
-    master, store = await start_master(tmp_path, worker)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
         job_id = await master.submit(SPEC)
         async with asyncio.timeout(5):
@@ -179,10 +189,6 @@ async def test_a_restarted_worker_that_lost_an_attempt_gets_it_retried(tmp_path:
         assert job.attempt == 2
         # A node that reports an attempt the master does not know gets no job for it.
         master.register(NodeId("w2"), "127.0.0.1:3", ["command"], 1, {}, [HeldAttempt("x", 1)])
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 class BrokenOnceWorker(ScriptedWorker):
@@ -247,10 +253,7 @@ async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_o
 ) -> None:
     """Offsets of attempt 1 mean nothing in attempt 2's output: a follower that lost its stream
     during attempt 1 must get attempt 2 whole, not from byte 6 of it."""
-    master, store = await start_master(tmp_path, RetriedWorker())
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, RetriedWorker()) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
         job_id = await master.submit(SPEC)
         async with asyncio.timeout(5):
@@ -268,10 +271,6 @@ async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_o
         assert await resumed(6, 1) == [(2, OutputChunk(Stream.STDOUT, 0, b"two\n"))]
         assert await resumed(2, 2) == [(2, OutputChunk(Stream.STDOUT, 2, b"o\n"))]
         assert await resumed(2, 0) == [(2, OutputChunk(Stream.STDOUT, 2, b"o\n"))]  # (as before)
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 async def test_the_scalers_demand_counts_only_jobs_a_new_worker_could_run(
@@ -281,10 +280,7 @@ async def test_the_scalers_demand_counts_only_jobs_a_new_worker_could_run(
     same kind either: counting it scaled the group up to its maximum, and never down again."""
     worker = ScriptedWorker()
     worker.release.clear()  # attempts hang: the node stays busy
-    master, store = await start_master(tmp_path, worker)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker) as (master, _):
         assert master.scaling_demand() == 0
         unplaceable = [
             replace(SPEC, selector={"gpu": "true"}),
@@ -298,10 +294,6 @@ async def test_the_scalers_demand_counts_only_jobs_a_new_worker_could_run(
         await master.submit(SPEC)  # runs on w1, which is then full
         await master.submit(SPEC)  # waits for a slot: a new worker could take it
         assert master.scaling_demand() == 1
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 class SlowKeyStore(HeldStore):
@@ -332,10 +324,7 @@ async def test_a_key_whose_job_ends_during_a_batchs_lookups_still_gives_that_job
     worker = ScriptedWorker()
     worker.release.clear()
     store = SlowKeyStore(tmp_path / "master.db")
-    master, _ = await start_master(tmp_path, worker, store=store)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker, store=store) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
         first = await master.submit(replace(SPEC, idempotency_key="a"))
         batch = asyncio.create_task(
@@ -353,10 +342,6 @@ async def test_a_key_whose_job_ends_during_a_batchs_lookups_still_gives_that_job
         assert ids[0] == first
         _, total = await master.list_jobs(10, 0, None)
         assert total == 2  # the first job and the batch's "slow" one
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(
@@ -367,10 +352,7 @@ async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(
     on, and the batch would create a second one)."""
     worker = ScriptedWorker()
     store = SlowKeyStore(tmp_path / "master.db")
-    master, _ = await start_master(tmp_path, worker, store=store)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker, store=store) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
         batch = asyncio.create_task(master.submit_many([replace(SPEC, idempotency_key="slow")]))
         async with asyncio.timeout(5):
@@ -389,10 +371,6 @@ async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(
                 await asyncio.sleep(0.01)
         _, total = await master.list_jobs(10, 0, None)
         assert total == 1
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 class DeadlineWorker(ScriptedWorker):
@@ -438,10 +416,10 @@ async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path)
     worker = DeadlineWorker()
     grace = 30.0
     config = MasterConfig(data_dir=tmp_path, dispatch_grace_s=grace)
-    master, store = await start_master(tmp_path, worker, config, HeldStore(tmp_path / "master.db"))
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker, config, HeldStore(tmp_path / "master.db")) as (
+        master,
+        store,
+    ):
         held = [HeldAttempt(name, 1) for name in jobs]
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, held)
         async with asyncio.timeout(5):
@@ -452,10 +430,6 @@ async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path)
         # Its worker had until the restart grace to come back, and then the dispatch grace.
         window = config.heartbeat_timeout_s + RESTART_GRACE_EXTRA_S
         assert grace + window - 5 < late <= grace + window
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 class GatedKeysStore(HeldStore):
@@ -486,10 +460,10 @@ async def test_a_key_that_ends_during_a_later_round_of_lookups_still_gives_its_j
     """Key b is active through the batch's first round of lookups and ends during the second
     (which looks up key a, ended during the first): b must be looked up too."""
     store = GatedKeysStore(tmp_path / "master.db")
-    master, _ = await start_master(tmp_path, ScriptedWorker(), store=store)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()  # (no worker: the jobs wait, and a cancel ends them at once)
+    async with running_master(tmp_path, ScriptedWorker(), store=store) as (
+        master,
+        _,
+    ):  # (no worker: the jobs wait, and a cancel ends them at once)
         a = await master.submit(replace(SPEC, idempotency_key="a"))
         b = await master.submit(replace(SPEC, idempotency_key="b"))
         store.hold("slow", "a")
@@ -505,10 +479,6 @@ async def test_a_key_that_ends_during_a_later_round_of_lookups_still_gives_its_j
             store.gates["a"].set()
             ids = await batch
         assert ids[:2] == [a, b]
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 class HeldStartStore(HeldStore):
@@ -534,10 +504,7 @@ async def test_a_job_placed_whose_start_is_not_written_yet_says_so(tmp_path: Pat
     """Its row still says PENDING; the reason was "waiting to be queued again after a failed
     attempt", which it never had."""
     store = HeldStartStore(tmp_path / "master.db")
-    master, _ = await start_master(tmp_path, ScriptedWorker(), store=store)
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, ScriptedWorker(), store=store) as (master, _):
         job_id = await master.submit(SPEC)  # no node yet: queued
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
         async with asyncio.timeout(5):
@@ -548,10 +515,6 @@ async def test_a_job_placed_whose_start_is_not_written_yet_says_so(tmp_path: Pat
             store.start_gate.set()
             while (await master.get(job_id)).status != JobStatus.COMPLETED:
                 await asyncio.sleep(0.01)
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
 
 
 async def test_a_start_that_never_reached_a_worker_is_not_counted_as_its_loss(
@@ -577,10 +540,10 @@ async def test_a_start_that_never_reached_a_worker_is_not_counted_as_its_loss(
     await store.__aexit__(None, None, None)
     worker = ScriptedWorker()
     worker.release.clear()  # (the runs again stay running: the retry is what is looked at)
-    master, store = await start_master(tmp_path, worker, store=HeldStore(tmp_path / "master.db"))
-    runner = asyncio.create_task(master.run())
-    try:
-        await master.ready.wait()
+    async with running_master(tmp_path, worker, store=HeldStore(tmp_path / "master.db")) as (
+        master,
+        store,
+    ):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 3, {}, [], instance="i1")
         async with asyncio.timeout(5):
             while {j.attempt for j in master._active.values()} != {2}:
@@ -592,7 +555,3 @@ async def test_a_start_that_never_reached_a_worker_is_not_counted_as_its_loss(
         for lost in ("other", "same, long ago"):
             assert (jobs[lost].retries, jobs[lost].worker_losses) == (1, 1), lost
             assert jobs[lost].attempts[0].outcome == AttemptOutcome.WORKER_LOST
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await store.__aexit__(None, None, None)
