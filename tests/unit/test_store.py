@@ -7,7 +7,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,6 +62,37 @@ async def get(store: SqliteJobStore, job_id: str) -> Job:
     job = await store.get(JobId(job_id))
     assert job is not None
     return job
+
+
+@contextlib.asynccontextmanager
+async def holding_writer(store: SqliteJobStore) -> AsyncIterator[None]:
+    """The writer thread held in a write until the block ends: what is queued inside goes
+    in one batch after it."""
+    hold, held = threading.Event(), threading.Event()
+
+    def wait(conn: sqlite3.Connection) -> None:
+        held.set()
+        hold.wait(10)
+
+    holding = store._write(wait)
+    await asyncio.to_thread(held.wait, 10)
+    try:
+        yield
+    finally:
+        hold.set()
+        await holding
+
+
+@contextlib.contextmanager
+def locked(db_path: Path) -> Iterator[None]:
+    """Another process's connection holding the file's write lock until the block ends."""
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
 
 
 async def test_insert_then_get(store: SqliteJobStore, db_path: Path) -> None:
@@ -388,20 +419,12 @@ async def test_a_full_database_accepts_nothing_and_keeps_state_changes_waiting(
     with an error that says so; a state change waits in memory (the master acted on it)."""
     await store.insert(make_job("first"))
     pages = sqlite3.connect(db_path).execute("PRAGMA page_count").fetchone()[0]
-    hold, held = threading.Event(), threading.Event()
-
-    def wait(conn: sqlite3.Connection) -> None:
-        held.set()
-        hold.wait(10)
-
-    holding = store._write(wait)  # the writer waits, so what follows goes in one batch
-    await asyncio.to_thread(held.wait, 10)
-    limited = store._write(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 3}"))
-    store.append_output(JobId("first"), out(0, os.urandom(200_000)))  # more than 3 pages
-    inserted = store.insert_many([make_job("second")])
-    running = asyncio.ensure_future(store.mark_running(JobId("first"), "w1", 1, T0))
-    hold.set()
-    await holding
+    async with holding_writer(store):  # what follows goes in one batch
+        limited = store._write(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 3}"))
+        store.append_output(JobId("first"), out(0, os.urandom(200_000)))  # more than 3 pages
+        inserted = store.insert_many([make_job("second")])
+        running = asyncio.ensure_future(store.mark_running(JobId("first"), "w1", 1, T0))
+        await asyncio.sleep(0)  # (queued now)
     with contextlib.suppress(StoreFull):
         await limited  # (its batch failed, but a PRAGMA is not rolled back: the limit holds)
     with pytest.raises(StoreFull, match=r"cannot write its database .*full; free space"):
@@ -424,9 +447,7 @@ async def test_state_changes_land_in_order_once_the_database_takes_writes_again(
     the lock is gone, and the store reports no trouble after that."""
     async with SqliteJobStore(db_path, busy_timeout_s=0.05) as store:
         await store.insert(make_job("j"))
-        other = sqlite3.connect(db_path, isolation_level=None)
-        other.execute("BEGIN EXCLUSIVE")
-        try:
+        with locked(db_path):
             running = asyncio.ensure_future(store.mark_running(JobId("j"), "w1", 1, T0))
             store.append_output(JobId("j"), out(0, b"one "))
             await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
@@ -441,9 +462,6 @@ async def test_state_changes_land_in_order_once_the_database_takes_writes_again(
             finished = asyncio.ensure_future(store.finish(ended, expect_attempt=1))
             assert not running.done()
             assert not finished.done()
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         await asyncio.wait_for(running, 10)
         assert await asyncio.wait_for(finished, 10) is True
         assert store.trouble is None
@@ -461,23 +479,15 @@ async def test_a_write_that_fails_halfway_leaves_nothing_and_the_batch_goes_on(
     statements, and one failing after the first must not leave the first in the database."""
     await store.insert(make_job("a"))
     await store.insert(make_job("b"))
-    hold, held = threading.Event(), threading.Event()
-
-    def wait(conn: sqlite3.Connection) -> None:
-        held.set()
-        hold.wait(10)
 
     def half(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE jobs SET priority = 9 WHERE id = 'a'")
         conn.execute("INSERT INTO jobs (id) VALUES ('c')")  # NOT NULL constraints: fails
 
-    holding = store._write(wait)  # the writer waits, so what follows goes in one batch
-    await asyncio.to_thread(held.wait, 10)
-    failing = store._write(half)
-    running = asyncio.ensure_future(store.mark_running(JobId("b"), "w1", 1, T0))
-    await asyncio.sleep(0)  # (queued now, in the same batch)
-    hold.set()
-    await holding
+    async with holding_writer(store):  # what follows goes in one batch
+        failing = store._write(half)
+        running = asyncio.ensure_future(store.mark_running(JobId("b"), "w1", 1, T0))
+        await asyncio.sleep(0)  # (queued now)
     with pytest.raises(sqlite3.IntegrityError):
         await failing
     await running
@@ -552,9 +562,7 @@ async def test_while_the_database_fails_it_is_tried_after_a_backoff_not_at_every
             return run_batch(conn, batch)
 
         store._run_batch = counting  # type: ignore[method-assign]
-        other = sqlite3.connect(db_path, isolation_level=None)
-        other.execute("BEGIN EXCLUSIVE")
-        try:
+        with locked(db_path):
             store.append_output(JobId("j"), out(0, b"x"))
             await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
             started, offset = tries, 1
@@ -568,9 +576,6 @@ async def test_while_the_database_fails_it_is_tried_after_a_backoff_not_at_every
             assert tries - started <= 6  # 50 ms, 100, 200, 400 ... (not 200 tries)
             with pytest.raises(StoreUnavailable):
                 await asyncio.wait_for(store.insert(make_job("refused")), 0.5)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         await wait_until(lambda: store.trouble is None, what="the backlog to be written")
         await store.insert(make_job("later"))
         assert (await get(store, "j")).stdout == b"x" * offset
@@ -582,9 +587,7 @@ async def test_output_beyond_the_backlog_limit_is_dropped_and_leaves_a_marked_ga
     monkeypatch.setattr("dist_exec.master.store.BACKLOG_OUTPUT_BYTES", 100)
     async with SqliteJobStore(db_path, busy_timeout_s=0.01) as store:
         await store.insert(make_job("j"))
-        other = sqlite3.connect(db_path, isolation_level=None)
-        other.execute("BEGIN EXCLUSIVE")
-        try:
+        with locked(db_path):
             store.append_output(JobId("j"), out(0, b"a" * 60))
             await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
             for offset, data in ((60, b"b" * 60), (120, b"c" * 30)):  # b's do not fit
@@ -597,9 +600,6 @@ async def test_output_beyond_the_backlog_limit_is_dropped_and_leaves_a_marked_ga
                 )
             )
             await asyncio.sleep(0)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         assert await asyncio.wait_for(finished, 10) is True  # state changes are never dropped
         job = await get(store, "j")
     assert job.stdout == b"a" * 60 + b"\n[... 60 bytes omitted ...]\n" + b"c" * 30
@@ -611,15 +611,9 @@ async def test_a_database_another_process_holds_is_not_called_damaged(db_path: P
     """Moving the file away (the advice for a damaged one) would start without every job."""
     async with SqliteJobStore(db_path) as store:
         await store.insert(make_job("j"))
-    other = sqlite3.connect(db_path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
-        with pytest.raises(DistExecError) as info:
-            async with SqliteJobStore(db_path, busy_timeout_s=0.05):
-                pass
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
+    with locked(db_path), pytest.raises(DistExecError) as info:
+        async with SqliteJobStore(db_path, busy_timeout_s=0.05):
+            pass
     assert info.value.message == (
         f"cannot open the job database {db_path}: database is locked (another process holding "
         "it, a full or failing disk: mend that and start again)"
@@ -680,20 +674,11 @@ async def test_output_piling_up_behind_a_stuck_writer_is_bounded_too(
     in its queue, where the backlog's limit did not count it."""
     monkeypatch.setattr("dist_exec.master.store.BACKLOG_OUTPUT_BYTES", 100)
     await store.insert(make_job("j"))
-    hold, held = threading.Event(), threading.Event()
-
-    def stuck(conn: sqlite3.Connection) -> None:
-        held.set()
-        hold.wait(10)
-
-    holding = store._write(stuck)
-    await asyncio.to_thread(held.wait, 10)
-    store.trouble = "disk I/O error"  # (what the writer says once a try has failed)
-    for offset, data in ((0, b"a" * 60), (60, b"b" * 60), (120, b"c" * 30)):
-        store.append_output(JobId("j"), out(offset, data))
-        store._flush_output()
-    hold.set()
-    await holding
+    async with holding_writer(store):  # (stuck in a try)
+        store.trouble = "disk I/O error"  # (what the writer says once a try has failed)
+        for offset, data in ((0, b"a" * 60), (60, b"b" * 60), (120, b"c" * 30)):
+            store.append_output(JobId("j"), out(offset, data))
+            store._flush_output()
     done = replace(make_job("j"), status=JobStatus.COMPLETED, completed_at=T0, stdout_bytes=150)
     assert await store.finish(done, expect_attempt=None)
     assert (await get(store, "j")).stdout == b"a" * 60 + omitted(60) + b"c" * 30
@@ -721,18 +706,13 @@ async def test_a_backlog_goes_in_a_batch_at_a_time_in_order(
     monkeypatch.setattr("dist_exec.master.store.MAX_BATCH", 3)
     async with SqliteJobStore(db_path, busy_timeout_s=0.01) as store:
         await store.insert(make_job("j"))
-        other = sqlite3.connect(db_path, isolation_level=None)
-        other.execute("BEGIN EXCLUSIVE")
-        try:
+        with locked(db_path):
             for i in range(10):
                 store.append_output(JobId("j"), out(i, str(i).encode()))
                 store._flush_output()  # (one write each)
             await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
             running = asyncio.ensure_future(store.mark_running(JobId("j"), "w1", 1, T0))
             await asyncio.sleep(0)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         await asyncio.wait_for(running, 10)
         job = await get(store, "j")
     assert (job.status, job.stdout) == (JobStatus.RUNNING, b"0123456789")
@@ -746,18 +726,13 @@ async def test_a_store_closed_while_writes_wait_tries_once_more_then_fails_them(
     store = SqliteJobStore(db_path, busy_timeout_s=0.01)
     await store.__aenter__()
     await store.insert(make_job("j"))
-    other = sqlite3.connect(db_path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
+    with locked(db_path):
         running = asyncio.ensure_future(store.mark_running(JobId("j"), "w1", 1, T0))
         await wait_until(lambda: store.trouble is not None, what="the store to report trouble")
         async with asyncio.timeout(10):
             await store.__aexit__(None, None, None)
         with pytest.raises(StoreUnavailable, match="database is locked"):
             await asyncio.wait_for(running, 5)
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     assert "the master stops with 1 state changes not written (database is locked)" in caplog.text
     async with SqliteJobStore(db_path) as reopened:  # nothing of it was written
         assert (await get(reopened, "j")).status == JobStatus.PENDING
