@@ -29,6 +29,27 @@ def fail_disk(master: Proc) -> None:
     resource.prlimit(master.pid, resource.RLIMIT_FSIZE, (biggest + GROWTH, resource.RLIM_INFINITY))
 
 
+async def run_into_outage(client: Client, master: Proc, gate: Path, then: str) -> str:
+    """Submit a job that prints a line, waits for ``gate`` and then runs ``then`` (output
+    the disk cannot take); fail the disk once the line is stored, open the gate, and wait
+    until the master finds its database cannot be written. Returns the job's id."""
+    command = f"echo started; while [ ! -e {gate} ]; do sleep 0.05; done; {then}"
+    job_id = await client.submit(command_spec(command, shell=True))
+    await wait_until(lambda: _started(client, job_id), what="the job to start")
+    fail_disk(master)
+    gate.touch()
+    await wait_until(
+        lambda: "cannot write the database" in master.log_text(),
+        what="the master to find its database cannot be written",
+    )
+    return job_id
+
+
+async def _started(client: Client, job_id: str) -> bool:
+    job = await client.get(job_id)
+    return job.status == JobStatus.RUNNING and job.stdout == b"started\n"
+
+
 def mend_disk(master: Proc) -> None:
     resource.prlimit(
         master.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
@@ -40,24 +61,14 @@ async def test_a_master_whose_disk_fails_keeps_serving_and_loses_no_job(
 ) -> None:
     master = cluster.master()
     cluster.worker(master, worker_id="w1")
-    gate = tmp_path / "gate"
-    command = (
-        f"echo started; while [ ! -e {gate} ]; do sleep 0.05; done; "
-        f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' x; echo; echo done"
-    )
     async with Client(master.address) as client:
         old = await client.submit(command_spec(["echo", "old output"]))
         await wait_job(client, old)
-        running = await client.submit(command_spec(command, shell=True))
-        await wait_until(
-            lambda: _started(client, running),
-            what="the job to start and its first line to be stored",
-        )
-        fail_disk(master)
-        gate.touch()
-        await wait_until(
-            lambda: "cannot write the database" in master.log_text(),
-            what="the master to find its database cannot be written",
+        running = await run_into_outage(
+            client,
+            master,
+            tmp_path / "gate",
+            f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' x; echo; echo done",
         )
 
         # New jobs are refused, with the reason, through the library and the command line.
@@ -99,11 +110,6 @@ async def test_a_master_whose_disk_fails_keeps_serving_and_loses_no_job(
     assert "can be written again" in master.log_text()
 
 
-async def _started(client: Client, job_id: str) -> bool:
-    job = await client.get(job_id)
-    return job.status == JobStatus.RUNNING and job.stdout == b"started\n"
-
-
 async def test_a_master_killed_while_its_disk_fails_finishes_the_job_after_a_restart(
     cluster: ClusterFactory, tmp_path: Path
 ) -> None:
@@ -111,19 +117,9 @@ async def test_a_master_killed_while_its_disk_fails_finishes_the_job_after_a_res
     worker (which holds the result until the master has written it)."""
     master = cluster.master()
     cluster.worker(master, worker_id="w1")
-    gate = tmp_path / "gate"
-    command = (
-        f"echo started; while [ ! -e {gate} ]; do sleep 0.05; done; "
-        f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' y"
-    )
     async with Client(master.address) as client:
-        job_id = await client.submit(command_spec(command, shell=True))
-        await wait_until(lambda: _started(client, job_id), what="the job to start")
-        fail_disk(master)
-        gate.touch()
-        await wait_until(
-            lambda: "cannot write the database" in master.log_text(),
-            what="the master to find its database cannot be written",
+        job_id = await run_into_outage(
+            client, master, tmp_path / "gate", f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' y"
         )
         master.kill()
         restarted = cluster.master(data_dir=master.extra["data_dir"], listen=master.address)

@@ -36,10 +36,12 @@ SPEC = TaskSpec("command", b'{"command": "echo", "args": ["hi"]}', 30.0)
 
 
 class ScriptedWorker:
-    """A WorkerClient whose every attempt prints 'hi' and succeeds; records deliveries."""
+    """A WorkerClient whose every attempt prints 'hi' and succeeds; records deliveries and
+    each call's deadline."""
 
     def __init__(self) -> None:
         self.delivered: list[tuple[str, int]] = []
+        self.deadlines: list[float] = []
         self.release = asyncio.Event()
         self.release.set()
 
@@ -53,6 +55,7 @@ class ScriptedWorker:
         offsets: Mapping[Stream, int],
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        self.deadlines.append(deadline_s)
         await self.release.wait()
         for event in self.events(attempt):
             yield event
@@ -373,31 +376,6 @@ async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(
         assert total == 1
 
 
-class DeadlineWorker(ScriptedWorker):
-    """Records the deadline of each call; attempts hang until released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release.clear()
-        self.deadlines: list[float] = []
-
-    async def execute(
-        self,
-        endpoint: NodeEndpoint,
-        task_id: str,
-        attempt: int,
-        spec: TaskSpec,
-        attach: bool,
-        offsets: Mapping[Stream, int],
-        deadline_s: float,
-    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
-        self.deadlines.append(deadline_s)
-        async for event in super().execute(
-            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
-        ):
-            yield event
-
-
 async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path) -> None:
     """After a master restart, a running job's deadline counts from its start, not from the
     restart (a 1 h job 50 min in had another 1 h); its worker, back within the restart grace,
@@ -413,7 +391,8 @@ async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path)
         await store.insert(job)
         await store.mark_running(JobId(name), "w1", 1, now - timedelta(seconds=ran))
     await store.__aexit__(None, None, None)
-    worker = DeadlineWorker()
+    worker = ScriptedWorker()
+    worker.release.clear()
     grace = 30.0
     config = MasterConfig(data_dir=tmp_path, dispatch_grace_s=grace)
     async with running_master(tmp_path, worker, config, HeldStore(tmp_path / "master.db")) as (
