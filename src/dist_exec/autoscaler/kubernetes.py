@@ -234,9 +234,10 @@ class KubernetesBackend:
         assert deployment.spec is not None
         labels = _label_selector(deployment.spec.selector)
         now = time.time()
-        starting = []
+        starting: list[str] = []
 
         async def read() -> None:
+            starting.clear()  # (a try again after a transient failure starts over)
             async for pod in self.client.list(Pod, namespace=self.namespace, labels=labels):
                 meta = pod.metadata
                 if meta is None or meta.deletionTimestamp or meta.name in victims or _ready(pod):

@@ -632,7 +632,7 @@ class Master(Submission, Attempts):
                     self._retry(
                         job,
                         f"attempt {job.attempt} never reached worker {node_id} (the master "
-                        "stopped, or its stream broke, before the start was sent)",
+                        "stopped before the start was sent)",
                         AttemptOutcome.NOT_STARTED,
                         attempt=job.attempt,
                     )

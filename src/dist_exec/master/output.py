@@ -42,8 +42,10 @@ class Budget:
     memory_limit: int = TOTAL_MEMORY_BYTES
     spill_limit: int = TOTAL_SPILL_BYTES
     memory: int = 0
-    spill: int = 0  # bytes in the followers' spill files (read or not: files only shrink
-    followers: int = 0  # when all is read, or compacted)
+    # Bytes in the followers' spill files, read or not: a file shrinks only once read to its
+    # end, or compacted.
+    spill: int = 0
+    followers: int = 0
 
     def memory_for(self, held: int, more: int) -> bool:
         """Whether a follower holding ``held`` bytes may hold ``more`` in memory."""

@@ -404,7 +404,7 @@ class SqliteJobStore:
         except BaseException as exc:  # a bug: every write from now on fails, and says why
             log.critical("the job database's writer stopped", exc_info=True)
             self._broken = exc
-            self._fail_all([*self._inflight, *backlog.ops], exc)
+            self._fail_all([*self._inflight, *backlog.ops])
             backlog.ops = []
         finally:
             conn.close()
@@ -434,9 +434,15 @@ class SqliteJobStore:
         if backlog.ops:
             self._last_try(conn, backlog.ops)
 
-    def _fail_all(self, ops: list[_Op], exc: BaseException) -> None:
+    def _stopped(self) -> StoreUnavailable:
+        """What every write gets once the writer thread has stopped (a bug)."""
+        return StoreUnavailable(
+            f"the job database's writer stopped ({self._broken!r}); restart the master"
+        )
+
+    def _fail_all(self, ops: list[_Op]) -> None:
         """Fail these writes and every one queued, now and later (see ``_write``)."""
-        error = StoreUnavailable(f"the job database's writer stopped ({exc!r}); restart the master")
+        error = self._stopped()
         pending: list[_Op | None] = list(ops)
         while True:
             try:
@@ -525,7 +531,7 @@ class SqliteJobStore:
         if not isinstance(failure, sqlite3.Error) or not _transient(failure):
             return failure
         detail = f"the master cannot write its database {self.path}: {_describe(failure)}"
-        if _primary(failure) == SQLITE_FULL:
+        if _primary(failure) == sqlite3.SQLITE_FULL:
             return StoreFull(f"{detail}; free space there, then try again")
         return StoreUnavailable(f"{detail}; try again later")
 
@@ -579,11 +585,7 @@ class SqliteJobStore:
         self._flush_output()  # buffered output keeps its place before any later write
         fut: asyncio.Future[T] = self._loop.create_future()
         if self._broken is not None:
-            fut.set_exception(
-                StoreUnavailable(
-                    f"the job database's writer stopped ({self._broken!r}); restart the master"
-                )
-            )
+            fut.set_exception(self._stopped())
             return fut
         self._queue.put(_Op(fn, fut, durable, keep))
         return fut
@@ -1073,17 +1075,16 @@ class _BatchLost(Exception):
 
 # Primary result codes of failures of the database rather than of one write: the disk, the
 # file system, locks, memory. (A constraint or a corrupt file is not cured by waiting.)
-SQLITE_FULL = 13
-_TRANSIENT = {5, 6, 7, 8, 10, 13, 14, 15}  # BUSY LOCKED NOMEM READONLY IOERR FULL CANTOPEN PROTOCOL
-
-
-SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
+}  # fmt: skip
 
 
 def _open_error(path: Path, exc: sqlite3.Error) -> str:
     """Why the job database cannot be opened, and what to do: only a damaged file is worth
     moving away (that starts without every job it holds)."""
-    if _primary(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB):
+    if _primary(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return (
             f"cannot open the job database {path}: {_describe(exc)} (a damaged file: restore "
             "it from a backup, or move it and its -wal file away to start empty)"
@@ -1104,19 +1105,16 @@ def _transient(exc: sqlite3.Error) -> bool:
     return _primary(exc) in _TRANSIENT
 
 
-SQLITE_IOERR, SQLITE_READONLY_DBMOVED = 10, 1032
-
-
 def _describe(failure: BaseException) -> str:
     text = str(failure) or type(failure).__name__
     if not isinstance(failure, sqlite3.Error):
         return text
-    if getattr(failure, "sqlite_errorcode", 0) == SQLITE_READONLY_DBMOVED:
+    if getattr(failure, "sqlite_errorcode", 0) == sqlite3.SQLITE_READONLY_DBMOVED:
         return (
             f"{text} (its file was moved or deleted while the master ran: put it back, or "
             "stop the master and start it again)"
         )
-    if _primary(failure) == SQLITE_IOERR:  # (which step failed: a write, an fsync, ...)
+    if _primary(failure) == sqlite3.SQLITE_IOERR:  # (which step: a write, an fsync, ...)
         return f"{text} ({getattr(failure, 'sqlite_errorname', 'SQLITE_IOERR')})"
     return text
 
