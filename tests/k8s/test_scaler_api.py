@@ -202,6 +202,61 @@ async def test_scale_in_waits_for_a_starting_pod_the_replicaset_would_delete_fir
     assert {p.metadata.name for p in remaining if p.metadata} == {names[1], starting}
 
 
+def set_status(kube: Kube, namespace: str, pod: str, status: dict[str, Any]) -> None:
+    kube.admin().patch(
+        Pod.Status, pod, {"status": status}, namespace=namespace, patch_type=PatchType.MERGE
+    )
+
+
+def crash_looping(name: str) -> dict[str, Any]:
+    """What a kubelet reports of a pod whose container keeps exiting."""
+    waiting = {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}
+    return {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [
+            {
+                "name": name,
+                "image": "dist-exec:latest",
+                "imageID": "",
+                "ready": False,
+                "restartCount": 4,
+                "state": {"waiting": waiting},
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize("trouble", ["crash-looping", "evicted"])
+async def test_scale_in_does_not_wait_for_a_pod_that_will_not_start(
+    kube: Kube, namespace: str, admin_backend: KubernetesBackend, trouble: str
+) -> None:
+    """A new pod that crash-loops (or was evicted: Failed, which the ReplicaSet no longer
+    counts) never becomes Ready: scale-in lowers the replicas at once instead of waiting
+    START_WAIT_S for it."""
+    create_workers(kube, namespace, 2)
+    first = await wait_pods(kube, namespace, 2)
+    names = sorted(NodeId(p.metadata.name) for p in first if p.metadata and p.metadata.name)
+    for name in names:
+        set_ready(kube, namespace, name, True)
+    await admin_backend.scale_up(3)
+    found = await wait_pods(kube, namespace, 3)
+    (starting,) = {p.metadata.name for p in found if p.metadata} - set(names)
+    victim = names[0]
+    set_ready(kube, namespace, victim, False)
+    assert await admin_backend.scale_down([victim]) == []  # it is starting: waited for
+    assert starting in admin_backend._waiting_for
+
+    if trouble == "crash-looping":
+        container = found[0].spec.containers[0].name if found[0].spec else "worker"
+        set_status(kube, namespace, starting, crash_looping(container))
+    else:
+        set_status(kube, namespace, starting, {"phase": "Failed", "reason": "Evicted"})
+    assert await admin_backend.scale_down([victim]) == [victim]
+    assert admin_backend._waiting_for == frozenset()
+    assert (await admin_backend.current_scale()).desired == 2
+
+
 async def test_applying_the_worker_manifest_again_keeps_the_scale(
     kube: Kube, namespace: str, admin_backend: KubernetesBackend
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx2
@@ -12,9 +13,23 @@ import pytest
 import yaml
 from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
+from lightkube.models.core_v1 import (
+    ContainerState,
+    ContainerStateWaiting,
+    ContainerStatus,
+    PodCondition,
+    PodStatus,
+)
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Pod
 
 from dist_exec.autoscaler.backend import ScaleError, ScaleForbidden, ScaleTargetMissing
-from dist_exec.autoscaler.kubernetes import KubernetesBackend, load_kube_config
+from dist_exec.autoscaler.kubernetes import (
+    START_WAIT_S,
+    KubernetesBackend,
+    _may_start,
+    load_kube_config,
+)
 
 
 def status(code: int, message: str) -> httpx2.Response:
@@ -170,3 +185,57 @@ def test_a_kubeconfig_in_a_list_that_is_not_a_mapping_is_one_error(
     monkeypatch.setenv("KUBECONFIG", f"{first}:{tmp_path / 'list.yaml'}")
     with pytest.raises(ScaleError, match=r"list\.yaml is not a kubeconfig"):
         load_kube_config()
+
+
+def pod(
+    age_s: float = 10.0,
+    phase: str = "Pending",
+    ready: bool = False,
+    waiting: str = "",
+    init_waiting: str = "",
+    deleting: bool = False,
+) -> Pod:
+    created = datetime.fromtimestamp(NOW - age_s, UTC)
+
+    def waiting_for(reason: str) -> list[ContainerStatus] | None:
+        state = ContainerState(waiting=ContainerStateWaiting(reason=reason))
+        status = ContainerStatus(
+            name="c", image="i", imageID="", ready=False, restartCount=1, state=state
+        )
+        return [status] if reason else None
+
+    return Pod(
+        metadata=ObjectMeta(
+            name="p", creationTimestamp=created, deletionTimestamp=created if deleting else None
+        ),
+        status=PodStatus(
+            phase=phase,
+            conditions=[PodCondition(type="Ready", status="True" if ready else "False")],
+            containerStatuses=waiting_for(waiting),
+            initContainerStatuses=waiting_for(init_waiting),
+        ),
+    )
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("case", "starting"),
+    [
+        (pod(), True),
+        (pod(phase="Running"), True),
+        (pod(phase="Running", waiting="ContainerCreating"), True),
+        (pod(age_s=START_WAIT_S + 1), False),  # stuck for long: no loss
+        (pod(phase="Running", ready=True), False),
+        (pod(deleting=True), False),
+        (pod(phase="Failed"), False),  # evicted: the ReplicaSet no longer counts it
+        (pod(phase="Succeeded"), False),
+        (pod(phase="Running", waiting="CrashLoopBackOff"), False),
+        (pod(waiting="ImagePullBackOff"), False),
+        (pod(init_waiting="ErrImagePull"), False),
+        (pod(waiting="CreateContainerConfigError"), False),
+    ],
+)
+def test_which_pods_scale_in_waits_for(case: Pod, starting: bool) -> None:
+    assert _may_start(case, NOW) is starting

@@ -12,7 +12,8 @@ Role in deploy/kubernetes/rbac.yaml grants exactly these):
 - lists the Deployment's pods before lowering the replicas:   pods: list
   the ReplicaSet deletes pods that are still starting (unscheduled, Pending, not Ready yet)
   before any other, whatever their deletion cost, so the replicas are lowered only once no pod
-  but the victims is starting (or one has been starting for so long that it is stuck)
+  but the victims is starting. A pod that is stuck (crash-looping, its image not pulled, or
+  starting for START_WAIT_S) is not waited for: removing it instead is no loss
 - reads HPAs, to never go below the minReplicas of one that   horizontalpodautoscalers: list
   targets the same Deployment
 
@@ -54,9 +55,23 @@ RETRIES = 3
 RETRY_BACKOFF_S = 0.2
 TRANSIENT_CODES = {409, 429, 500, 502, 503, 504}
 HPA_CACHE_S = 15.0
-# A pod not Ready after this long is stuck (unschedulable, crash-looping): removing it rather
-# than a victim is no loss, so scale-in does not wait for it.
+# A pod not Ready after this long is stuck: removing it rather than a victim is no loss, so
+# scale-in does not wait for it. Nor for one that says it is stuck (STUCK_REASONS).
 START_WAIT_S = 300.0
+# Why a container waits when it will not start without a change (a kubelet's reasons): its
+# pod would hold up scale-in for START_WAIT_S to no purpose.
+STUCK_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
 REQUEST_TIMEOUT_S = 5.0
 
 
@@ -240,10 +255,7 @@ class KubernetesBackend:
             starting.clear()  # (a try again after a transient failure starts over)
             async for pod in self.client.list(Pod, namespace=self.namespace, labels=labels):
                 meta = pod.metadata
-                if meta is None or meta.deletionTimestamp or meta.name in victims or _ready(pod):
-                    continue
-                created = meta.creationTimestamp
-                if created is None or now - created.timestamp() < START_WAIT_S:
+                if meta is not None and meta.name not in victims and _may_start(pod, now):
                     starting.append(meta.name or "?")
 
         await self._call("list the pods of", read)
@@ -369,6 +381,36 @@ def _label_selector(selector: LabelSelector) -> dict[str, Any]:
             case other:
                 raise ScaleError(f"the Deployment's selector has an unknown operator {other!r}")
     return labels
+
+
+def _may_start(pod: Pod, now: float) -> bool:
+    """Whether the ReplicaSet would delete ``pod`` before a drained victim, and it may still
+    become Ready. Not: one being deleted, one that ended (Succeeded, Failed: evicted, say; the
+    ReplicaSet neither counts nor deletes it), one Ready, one stuck."""
+    meta, status = pod.metadata, pod.status
+    if meta is None or meta.deletionTimestamp or _ready(pod):
+        return False
+    if status is not None and status.phase in ("Succeeded", "Failed"):
+        return False
+    created = meta.creationTimestamp
+    if created is not None and now - created.timestamp() >= START_WAIT_S:
+        return False
+    return not _stuck(pod)
+
+
+def _stuck(pod: Pod) -> bool:
+    """A container of the pod waits for a reason in STUCK_REASONS: it will not start without
+    a change. (An unschedulable pod is waited for: a cluster autoscaler may be adding a node.)"""
+    status = pod.status
+    if status is None:
+        return False
+    containers = [*(status.initContainerStatuses or []), *(status.containerStatuses or [])]
+    return any(
+        c.state is not None
+        and c.state.waiting is not None
+        and c.state.waiting.reason in STUCK_REASONS
+        for c in containers
+    )
 
 
 def _ready(pod: Pod) -> bool:
