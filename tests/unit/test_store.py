@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -736,3 +737,32 @@ async def test_a_store_closed_while_writes_wait_tries_once_more_then_fails_them(
     assert "the master stops with 1 state changes not written (database is locked)" in caplog.text
     async with SqliteJobStore(db_path) as reopened:  # nothing of it was written
         assert (await get(reopened, "j")).status == JobStatus.PENDING
+
+
+async def test_a_writer_stuck_without_an_error_counts_as_trouble_after_a_while(
+    store: SqliteJobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that hangs (an fsync that does not return, a stalled network volume) gives no
+    error, so ``trouble`` stayed unset: submissions waited until their callers gave up, and
+    output piled up behind the writer without the backlog's limit."""
+    monkeypatch.setattr("dist_exec.master.store.STALL_S", 0.2)
+    monkeypatch.setattr("dist_exec.master.store.BACKLOG_OUTPUT_BYTES", 100)
+    await store.insert(make_job("j"))
+    async with holding_writer(store):  # (a write the disk does not answer)
+        early = asyncio.ensure_future(store.insert(make_job("early")))  # not stuck yet: queued
+        await wait_until(lambda: store.stalled() is not None, what="the writer to count as stuck")
+        assert store.trouble is None
+        with pytest.raises(StoreUnavailable, match=r"has not answered a write for \d+s"):
+            await asyncio.wait_for(store.insert(make_job("refused")), 1)
+        for offset, data in ((0, b"a" * 60), (60, b"b" * 60), (120, b"c" * 30)):
+            store.append_output(JobId("j"), out(offset, data))
+            store._flush_output()
+    await asyncio.wait_for(early, 10)
+    assert store.stalled() is None
+    await store.insert(make_job("later"))
+    done = replace(make_job("j"), status=JobStatus.COMPLETED, completed_at=T0, stdout_bytes=150)
+    assert await store.finish(done, expect_attempt=None)
+    assert (await get(store, "j")).stdout == b"a" * 60 + omitted(60) + b"c" * 30
+    assert re.search(
+        r"answered a write after \d+\.\ds; 60 bytes of output were not kept", caplog.text
+    )

@@ -56,6 +56,9 @@ BACKLOG_OUTPUT_BYTES = 256 * 1024 * 1024  # output that may wait for the databas
 # How long a write waits for a lock another process holds on the file (the master is its only
 # writer: someone's sqlite3 shell, say) before it counts as a failure of the database.
 BUSY_TIMEOUT_S = 5.0
+# A batch that has run longer than this without an answer from the disk (a hung fsync, a
+# stalled network volume: no error comes) counts as trouble too: see ``stalled``.
+STALL_S = 5.0
 OUTPUT_FLUSH_S = 0.02  # output waits at most this long for the next write to go out with
 
 _SCHEMA = """
@@ -319,6 +322,7 @@ class SqliteJobStore:
         self._queued_lock = threading.Lock()
         self._broken: BaseException | None = None  # why the writer thread stopped, if it did
         self._inflight: list[_Op] = []  # the batch the writer thread is running
+        self._batch_since = 0.0  # monotonic time the running batch began (0: none runs)
 
     async def __aenter__(self) -> SqliteJobStore:
         private_dir(self.path.parent)
@@ -542,6 +546,7 @@ class SqliteJobStore:
         results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
         synchronous = "FULL" if any(op.durable for op in batch) else "NORMAL"
         self._inflight = batch  # (until it is resolved: failed if the writer stops meanwhile)
+        started = self._batch_since = time.monotonic()
         try:
             if conn.in_transaction:  # a ROLLBACK that failed before
                 conn.execute("ROLLBACK")
@@ -570,7 +575,11 @@ class SqliteJobStore:
                 with contextlib.suppress(sqlite3.Error):  # (the writer must go on either way)
                     conn.execute("ROLLBACK")
             return exc.__cause__ or exc
+        finally:
+            self._batch_since = 0.0
         self.trouble = None  # (before any caller hears of its write)
+        if time.monotonic() - started > STALL_S and not self._backlog.ops:
+            self._backlog.answered(time.monotonic() - started)
         assert self._loop is not None
         for fut, value, error in results:
             if fut is not None:
@@ -587,8 +596,23 @@ class SqliteJobStore:
         if self._broken is not None:
             fut.set_exception(self._stopped())
             return fut
+        if not keep and (stalled := self.stalled()):  # fails at once, as in an outage
+            fut.set_exception(
+                StoreUnavailable(
+                    f"the master cannot write its database: {stalled}; try again later"
+                )
+            )
+            return fut
         self._queue.put(_Op(fn, fut, durable, keep))
         return fut
+
+    def stalled(self) -> str | None:
+        """Why the writer is stuck, when a batch has waited for the disk longer than STALL_S
+        (a disk that hangs gives no error: ``trouble`` stays unset)."""
+        since = self._batch_since
+        if not since or (waited := time.monotonic() - since) <= STALL_S:
+            return None
+        return f"{self.path} has not answered a write for {waited:.0f}s (a hung disk?)"
 
     def _flush_output(self) -> None:
         if self._flush_timer is not None:
@@ -600,9 +624,8 @@ class SqliteJobStore:
         size = sum(len(row[3]) for row in rows)
         with self._queued_lock:
             if (
-                self.trouble is not None
-                and self._queued_output + self._backlog.output_bytes + size > BACKLOG_OUTPUT_BYTES
-            ):
+                self.trouble is not None or self.stalled()
+            ) and self._queued_output + self._backlog.output_bytes + size > BACKLOG_OUTPUT_BYTES:
                 self._backlog.drop(size)  # (the writer is stuck: it would pile up here)
                 return
             self._queued_output += size
@@ -1054,6 +1077,16 @@ class _Backlog:
                 _describe(failure),
                 len(self.ops),
             )
+
+    def answered(self, took: float) -> None:
+        """A write the disk held up for ``took`` seconds (and no error) went in at last."""
+        log.warning(
+            "the database %s answered a write after %.1fs%s",
+            self.path,
+            took,
+            f"; {self.dropped} bytes of output were not kept meanwhile" if self.dropped else "",
+        )
+        self.dropped = 0
 
     def written(self, count: int) -> None:
         """The first ``count`` waiting writes are in the database."""
