@@ -604,3 +604,24 @@ def test_listings_keep_the_command_and_terminals_see_control_characters_escaped(
     shown is one line whoever's job it is: no forged rows, no escape sequences."""
     assert describe_task(task_type, payload) == line
     assert printable(line) == shown
+
+
+@pytest.mark.parametrize("shell", [False, True])
+async def test_an_allowed_name_is_the_program_on_the_standard_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shell: bool
+) -> None:
+    """Commands that run as the worker's own user got its PATH: a directory of it a job can
+    write (~/.local/bin, a venv) let a job plant a program under an allowed name and run
+    anything through it."""
+    planted = tmp_path / "bin"
+    planted.mkdir()
+    (planted / "basename").write_text("#!/bin/sh\necho planted\n")
+    (planted / "basename").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{planted}:{os.environ['PATH']}")
+    allowed = {"allowed_commands": ["basename", "sh"]}
+    for executor in (CommandExecutor(allowed), CommandExecutor({**allowed, "inherit_env": True})):
+        spec = CommandSpec("basename x", shell=True) if shell else CommandSpec("basename", ["x"])
+        outcome, sink = await run(spec, executor)
+        assert (outcome.status, sink.stdout) == (ExecStatus.SUCCESS, b"x\n")
+    outcome, sink = await run(spec)  # (no allow-list: the worker's PATH, as before)
+    assert sink.stdout == b"planted\n"

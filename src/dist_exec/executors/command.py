@@ -351,6 +351,10 @@ class CommandExecutor:
             if another_user is not None or "PATH" not in env:
                 env["PATH"] = DEFAULT_PATH
         env.update(spec.env)
+        if self.policy.allowed:
+            # An allowed name means the program of that name on the standard PATH (its check
+            # says so), never one in a directory of the worker's own PATH a job could write.
+            env["PATH"] = DEFAULT_PATH
         # Which job and attempt this is: for the command, and to find its processes that left
         # its process group when it must be stopped.
         env[JOB_ENV], env[ATTEMPT_ENV] = request.task_id, str(request.attempt)
