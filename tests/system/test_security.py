@@ -132,6 +132,39 @@ async def test_roles_and_owners(cluster: ClusterFactory) -> None:
     assert looks == [("status", "bob"), ("output", "bob")]
 
 
+async def test_the_read_role_sees_a_job_without_its_data(cluster: ClusterFactory) -> None:
+    """A read identity (monitoring) saw every job's raw payload: the environment values,
+    stdin and so on of every submitter. It sees what runs; the owner and admins see all."""
+    master, tokens = _token_master(cluster)
+    cluster.worker(master, worker_id="w1", extra=["--token", tokens["w1"]])
+    spec = command_spec(
+        "wc -c", shell=True, env={"DB_PASSWORD": "hunter2", "MODE": "fast"}, stdin=b"secret input"
+    )
+
+    def as_(name: str) -> Client:
+        return Client(master.address, credentials=Credentials(token=tokens[name]))
+
+    async with as_("alice") as alice, as_("reader") as reader, as_("root") as root:
+        job = await alice.submit(spec)
+        ended = await asyncio.wait_for(alice.wait(job), 30)
+        assert (await alice.get(ended.id)).stdout.strip() == b"12"
+        for whole in (await alice.get(job), await root.get(job)):
+            assert whole.spec.payload == spec.payload
+        seen = json.loads((await reader.get(job)).spec.payload)
+        assert seen == {
+            "command": "wc -c",
+            "shell": True,
+            "env": {"DB_PASSWORD": "<redacted>", "MODE": "<redacted>"},
+            "stdin": "<redacted>",
+        }
+        async for item in reader.watch(job):  # (its final state too)
+            if not isinstance(item, tuple):
+                assert json.loads(item.spec.payload) == seen
+    shown = run_cli("status", job, "--json", "--token", tokens["reader"], master=master.address)
+    assert shown.code == 0
+    assert "hunter2" not in shown.stdout
+
+
 async def test_secure_cluster_runs_jobs_over_mutual_tls(cluster: ClusterFactory) -> None:
     master = cluster.master(secure=True)
     cluster.worker(master, worker_id="node-a", secure=True)

@@ -25,7 +25,7 @@ from dist_exec import wire
 from dist_exec.config import parse_duration, parse_size
 from dist_exec.errors import InvalidTaskSpec
 from dist_exec.executors import command, http
-from dist_exec.security.audit import REDACTED, redact, task_summary
+from dist_exec.security.audit import REDACTED, redact, redacted_payload, task_summary
 
 T = TypeVar("T")
 CORPUS = Path(__file__).parent.parent / "fuzz" / "corpus"
@@ -192,3 +192,29 @@ def test_audit_summaries_hide_a_password_in_a_url_that_does_not_parse() -> None:
     """A refused job is logged too: its URL may be one the executor would not take."""
     summary = task_summary("http", json.dumps({"url": "http://alice:s3cret@[bad/"}).encode())
     assert summary["url"] == "http://alice:***@[bad/"
+
+
+@given(st.binary() | command_objects.map(_encode) | http_objects.map(_encode))
+def test_a_redacted_payload_keeps_no_data_and_still_describes_the_task(payload: bytes) -> None:
+    shown = redacted_payload(payload)
+    if not shown:
+        return  # (not a JSON object: redacted whole)
+    body = json.loads(shown)
+    for key in ("env", "headers"):
+        value = body.get(key)
+        assert value is None or value == REDACTED or set(value.values()) <= {REDACTED}
+    assert body.get("stdin", REDACTED) == body.get("body", REDACTED) == REDACTED
+    assert "stdin_base64" not in body
+    try:  # a payload the executor takes is still one it takes: the client describes it
+        command.parse_payload(payload)
+    except InvalidTaskSpec:
+        return
+    command.parse_payload(shown)
+
+
+def test_a_redacted_http_payload_masks_the_password_in_its_url() -> None:
+    payload = {"url": "http://deploy:pw@svc/hook", "headers": {"Authorization": "Bearer x"}}
+    assert json.loads(redacted_payload(json.dumps(payload).encode())) == {
+        "url": "http://deploy:***@svc/hook",
+        "headers": {"Authorization": REDACTED},
+    }

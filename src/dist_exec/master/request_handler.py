@@ -12,6 +12,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc.aio
@@ -44,7 +45,7 @@ from dist_exec.models import (
     TaskSpec,
 )
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
-from dist_exec.security.audit import AuditLog, task_summary
+from dist_exec.security.audit import AuditLog, redacted_payload, task_summary
 from dist_exec.security.auth import current_identity
 from dist_exec.security.identity import Identity, Role
 
@@ -112,9 +113,18 @@ def _spec(request: master_pb2.SubmitRequest, owner: str) -> TaskSpec:
     )
 
 
+def _status_pb(job: Job) -> master_pb2.GetStatusResponse:
+    """The job as the caller may see it: one who neither submitted it nor is an admin (the
+    read role) gets its payload's data redacted (environment values, stdin, headers, body)."""
+    identity = current_identity()
+    if identity.role != Role.ADMIN and job.spec.owner != identity.name:
+        job = replace(job, spec=replace(job.spec, payload=redacted_payload(job.spec.payload)))
+    return wire.job_to_status_pb(job)
+
+
 def _event_pb(job_id: JobId, item: tuple[int, OutputChunk] | Job) -> master_pb2.JobEvent:
     if isinstance(item, Job):
-        return master_pb2.JobEvent(job_id=job_id, result=wire.job_to_status_pb(item))
+        return master_pb2.JobEvent(job_id=job_id, result=_status_pb(item))
     return master_pb2.JobEvent(job_id=job_id, output=_chunk_pb(*item))
 
 
@@ -268,7 +278,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     ) -> master_pb2.GetStatusResponse:
         job = await self.master.get(_job_id(request.job_id))
         self._visible(job, "status")
-        return wire.job_to_status_pb(job)
+        return _status_pb(job)
 
     @grpc_errors
     async def Cancel(
@@ -350,7 +360,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             request.attempt,
         ):
             if isinstance(item, Job):
-                yield master_pb2.OutputChunk(result=wire.job_to_status_pb(item))
+                yield master_pb2.OutputChunk(result=_status_pb(item))
             else:
                 yield _chunk_pb(*item)
 

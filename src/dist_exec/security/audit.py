@@ -65,6 +65,35 @@ def task_summary(task_type: str, payload: bytes) -> dict[str, Any]:
     return summary
 
 
+# Fields of a task's payload that hold data rather than say what runs (command, HTTP): a
+# caller who may see a job but did not submit it (the read role) gets them redacted.
+_MAPPING_FIELDS = ("env", "headers")
+
+
+def redacted_payload(payload: bytes) -> bytes:
+    """``payload`` with every value of its environment and headers, its stdin and its body
+    redacted, and the password of its URL masked; what runs stays readable. A payload that
+    is not a JSON object is redacted whole (empty)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return b""
+    if not isinstance(body, dict):
+        return b""
+    for key in _MAPPING_FIELDS:
+        value = body.get(key)
+        if value is not None:
+            body[key] = dict.fromkeys(value, REDACTED) if isinstance(value, dict) else REDACTED
+    base64_stdin = body.pop("stdin_base64", None)
+    if "stdin" in body or base64_stdin is not None:
+        body["stdin"] = REDACTED
+    if "body" in body:
+        body["body"] = REDACTED
+    if isinstance(body.get("url"), str):
+        body["url"] = _without_password(body["url"])
+    return json.dumps(body).encode()
+
+
 def _without_password(url: str) -> str:
     """A URL with the password it may carry replaced by *** (the user is kept: who, not how);
     also one that does not parse (a refused job is logged too)."""
