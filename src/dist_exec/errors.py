@@ -242,15 +242,12 @@ def grpc_errors(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except DistExecError as exc:
-            await _abort(_context(args), exc)
-            raise  # abort raises; this keeps type checkers content
         except Exception as exc:
-            log.exception("internal error in %s", fn.__name__)
-            await _context(args).abort(
-                grpc.StatusCode.INTERNAL, cap_message(_internal_message(fn, exc, args))
-            )
-            raise
+            failure = _failure(fn, exc, args)
+        context = _context(args)
+        del args, kwargs  # (see _abort)
+        await _abort(context, *failure)
+        raise AssertionError("abort returned")  # (it raises)
 
     return wrapper
 
@@ -267,21 +264,42 @@ def grpc_stream_errors(
             async with contextlib.aclosing(fn(*args, **kwargs)) as items:
                 async for item in items:
                     yield item
-        except DistExecError as exc:
-            await _abort(_context(args), exc)
+            return
         except Exception as exc:
-            log.exception("internal error in %s", fn.__name__)
-            await _context(args).abort(
-                grpc.StatusCode.INTERNAL, cap_message(_internal_message(fn, exc, args))
-            )
+            failure = _failure(fn, exc, args)
+        context = _context(args)
+        del args, kwargs  # (see _abort)
+        await _abort(context, *failure)
 
     return wrapper
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: DistExecError) -> None:
-    if exc.trailing_metadata:
-        context.set_trailing_metadata(exc.trailing_metadata)
-    await context.abort(exc.code, cap_message(exc.message))
+Failure = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]
+
+
+def _failure(fn: Callable[..., object], exc: Exception, args: tuple[Any, ...]) -> Failure:
+    """What a servicer's exception is told to its caller: a DistExecError as its status and
+    message, anything else as INTERNAL (and logged)."""
+    if isinstance(exc, DistExecError):
+        return exc.code, cap_message(exc.message), tuple(exc.trailing_metadata)
+    log.exception("internal error in %s", fn.__name__, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, cap_message(_internal_message(fn, exc, args)), ()
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    trailing: tuple[tuple[str, str], ...],
+) -> None:
+    """Abort the call. Outside the ``except`` and without the request: the abort's exception
+    stays with the call's state, which the call's context refers back to; a cycle through
+    it that reached the request (its frames, or the servicer's exception) kept a refused
+    request of up to 64 MiB in memory until a garbage collection, which a server that sees
+    few but large requests hardly runs."""
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    await context.abort(code, message)
 
 
 def _context(args: tuple[Any, ...]) -> grpc.aio.ServicerContext[Any, Any]:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 import grpc
@@ -113,9 +113,28 @@ class Authenticator:
 
     def identify(self, context: Context) -> Identity:
         peer = peer_address(context)
-        header = next(
-            (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
-        )
+        known = self.by_metadata(context.invocation_metadata(), peer)
+        if known is not None:
+            return known
+        pem = peer_cert_pem(context)
+        if pem is not None:
+            name, role = identity_of(pem)
+            try:
+                parsed = Role(role)
+            except ValueError:
+                parsed = Role.CLIENT
+            if parsed == Role.CLIENT:
+                raise Unauthenticated(
+                    f"certificate {name!r} carries no role; send a token (--token or "
+                    "DIST_EXEC_TOKEN)"
+                )
+            return Identity(name, parsed, "cert", peer)
+        return self._without_credentials(peer)
+
+    def by_metadata(self, metadata: Iterable[tuple[str, Any]] | None, peer: str) -> Identity | None:
+        """The caller as its metadata alone tells (a token, or no credentials where TLS is not
+        used); None when only its certificate can tell. Raises Unauthenticated."""
+        header = next((v for k, v in metadata or () if k == "authorization"), None)
         if isinstance(header, bytes):
             header = header.decode("utf-8", "replace")
         if header is not None:
@@ -132,19 +151,9 @@ class Authenticator:
             if entry is None:
                 raise Unauthenticated("invalid token: it is not (or no longer) known to the master")
             return Identity(entry.name, entry.role, "token", peer)
-        pem = peer_cert_pem(context) if self.tls else None
-        if pem is not None:
-            name, role = identity_of(pem)
-            try:
-                parsed = Role(role)
-            except ValueError:
-                parsed = Role.CLIENT
-            if parsed == Role.CLIENT:
-                raise Unauthenticated(
-                    f"certificate {name!r} carries no role; send a token (--token or "
-                    "DIST_EXEC_TOKEN)"
-                )
-            return Identity(name, parsed, "cert", peer)
+        return None if self.tls else self._without_credentials(peer)
+
+    def _without_credentials(self, peer: str) -> Identity:
         if self.tokens is None and self.caller_token is not None:
             raise Unauthenticated(WORKER_CALLERS)
         if self.required:
@@ -179,13 +188,19 @@ async def _drain(requests: AsyncIterator[bytes]) -> None:
     """Read and drop (unparsed) what a refused client sends, until it half-closes: for at
     most REFUSED_DRAIN_S and REFUSED_DRAIN_BYTES (one that keeps its stream open waits that
     long for its refusal)."""
+    messages = aiter(requests)
     with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
         async with asyncio.timeout(REFUSED_DRAIN_S):
-            taken = 0
-            async for data in requests:
+            taken, data = 0, b""
+            async for data in messages:
                 taken += len(data)
                 if taken >= REFUSED_DRAIN_BYTES:
                     break
+            del data
+    close = getattr(messages, "aclose", None)
+    if close is not None:  # (gRPC's generator holds the last message while it waits)
+        with contextlib.suppress(Exception):
+            await close()
 
 
 async def _parsed(
@@ -221,6 +236,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         self.rules = rules
         self.audit = audit
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # one per method
+        self._refusals: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # one per method
 
     async def intercept_service(
         self,
@@ -231,14 +247,47 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = details.method
         wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(details)
-        if handler is None or (handler.request_streaming and handler.stream_stream is None):
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None or (handler.request_streaming and handler.stream_stream is None):
+                return handler
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        if self._refused_early(method, details.invocation_metadata):
+            return self._refusal(method, wrapped.request_streaming)
         return wrapped
+
+    def _refused_early(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        """Whether the call's metadata alone is enough to refuse it (a token missing, unknown
+        or of the wrong role; not where a certificate may still tell who calls)."""
+        rule = self.rules.get(method)
+        if rule is None:
+            return False
+        try:
+            identity = self.authenticator.by_metadata(metadata, "")
+        except DistExecError:
+            return True
+        return identity is not None and identity.via != "none" and identity.role not in rule
+
+    def _refusal(self, method: str, streaming: bool) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler for a call refused on its metadata, whatever kind of call it is: a
+        stream, so that a unary call is refused without its request being received (it
+        would be, up to the 64 MiB a message may have, before a unary handler runs). A
+        stream of requests is drained first (see ``_drain``)."""
+        refusal = self._refusals.get(method)
+        if refusal is None:
+            rule = self.rules.get(method)
+
+            async def refuse(requests: AsyncIterator[bytes], context: Context) -> None:
+                denied = self._check(method, rule, context)
+                if denied is None:  # (the tokens file changed meanwhile)
+                    denied = None, Unauthenticated("credentials changed during the call; try again")
+                if streaming:
+                    await _drain(requests)
+                del requests
+                await self._refuse(method, denied, context)
+
+            refusal = self._refusals[method] = grpc.stream_stream_rpc_method_handler(refuse)
+        return refusal
 
     def _wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -267,24 +316,30 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_unary is not None:
 
-            async def unary(request: Any, context: Context) -> Any:
-                await self._enter(method, rule, request, context)
-                return await inner(request, context)
+            async def unary(data: bytes, context: Context) -> Any:
+                box = [data]
+                del data  # (only the box holds it: see _enter)
+                return await inner(
+                    await self._enter(method, rule, box, deserialize, context), context
+                )
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                deserialize,
+                None,  # (bytes: parsed by _enter, after the check)
                 handler.response_serializer,
             )
 
-        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await self._enter(method, rule, request, context)
-            async for item in inner(request, context):
+        async def stream(data: bytes, context: Context) -> AsyncIterator[Any]:
+            box = [data]
+            del data  # (only the box holds it: see _enter)
+            async for item in inner(
+                await self._enter(method, rule, box, deserialize, context), context
+            ):
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(
             stream,
-            deserialize,
+            None,  # (bytes: parsed by _enter, after the check)
             handler.response_serializer,
         )
 
@@ -292,18 +347,26 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         self,
         method: str,
         rule: frozenset[Role] | None,
-        request: Any,
+        data: list[bytes],
+        parse: Callable[[bytes], Any] | None,
         context: Context,
-    ) -> None:
-        """Check the call; sets the identity for the servicer (each RPC runs in its own task,
-        with its own copy of the context, so nothing leaks to other calls)."""
+    ) -> Any:
+        """Check the call, then parse its request (``data``, taken from the list: a refused
+        one is let go before the refusal, so nothing it sent outlives it). Sets the identity
+        for the servicer (each RPC runs in its own task, with its own copy of the context, so
+        nothing leaks to other calls)."""
+        denied = self._check(method, rule, context)
+        if denied is not None:
+            data.clear()
+            await self._refuse(method, denied, context)
+        raw = data.pop()
+        request = parse(raw) if parse is not None else raw
+        del raw
         if isinstance(request, _Malformed):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request)
             )
-        denied = self._check(method, rule, context)
-        if denied is not None:
-            await self._refuse(method, denied, context)
+        return request
 
     def _check(
         self, method: str, rule: frozenset[Role] | None, context: Context
