@@ -34,7 +34,9 @@ def test_every_parameter_is_checked_against_the_wire(command: click.Command) -> 
     ("args", "argv_mode", "command"),
     [
         (["--", "ls", "-la"], True, ("ls", "-la")),
-        (["echo", "--", "x"], True, ("echo", "x")),
+        # After the command's first word, a '--' is the command's own (`ls -- -d` as locally).
+        (["echo", "--", "x"], True, ("echo", "--", "x")),
+        (["ls", "--timeout", "5s", "--", "-d"], True, ("ls", "--", "-d")),
         (["-d", "--", "echo", "--"], True, ("echo", "--")),
         (["echo hi"], False, ("echo hi",)),
         # A '--' that is an option's value does not end the options.

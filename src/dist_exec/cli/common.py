@@ -92,6 +92,8 @@ class TokenType(click.ParamType):  # type: ignore[type-arg]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         token = str(value)
+        if not token:  # (an unset variable in `--token "$X"`: it must not fall back to another)
+            self.fail("the token is empty", param, ctx)
         if not all("!" <= c <= "~" for c in token):  # it goes in a header
             self.fail("a token is visible ASCII, without spaces or control characters", param, ctx)
         return token

@@ -65,12 +65,18 @@ class RunCommand(click.Command):
     Only a '--' that ends the options counts, not an option's value (--idempotency-key --)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["argv_mode"] = self._ends_options(ctx, args)
-        return super().parse_args(ctx, args)
+        words_before = self._ends_options(ctx, args)
+        ctx.meta["argv_mode"] = words_before is not None
+        rest = super().parse_args(ctx, args)
+        if words_before:  # (`run ls -- -d /`: that '--' is the command's own, as run locally)
+            command = ctx.params["command"]
+            ctx.params["command"] = (*command[:words_before], "--", *command[words_before:])
+        return rest
 
-    def _ends_options(self, ctx: click.Context, args: list[str]) -> bool:
-        """Whether click's own parser takes one of the '--' in ``args`` as the end of the
-        options: parsed up to each in turn, it is one of COMMAND's words, not a value."""
+    def _ends_options(self, ctx: click.Context, args: list[str]) -> int | None:
+        """How many of COMMAND's words come before the '--' in ``args`` that click's own
+        parser takes as the end of the options (None: there is none): parsed up to each in
+        turn, it is one of COMMAND's words, not an option's value."""
         marked = [_END if arg == "--" else arg for arg in args]
         for end, arg in enumerate(args):
             if arg != "--":
@@ -78,11 +84,11 @@ class RunCommand(click.Command):
             try:
                 values, _, _ = self.make_parser(ctx).parse_args(marked[: end + 1])
             except click.UsageError:
-                return False  # (the real parse says what is wrong)
+                return None  # (the real parse says what is wrong)
             command = values.get("command")  # (click's sentinel when there is none)
             if isinstance(command, tuple | list) and _END in command:
-                return True
-        return False
+                return list(command).index(_END)
+        return None
 
 
 @click.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
