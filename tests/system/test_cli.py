@@ -673,3 +673,58 @@ def test_a_client_command_with_stdout_closed_says_so_and_fails(
         "dist-exec: standard output is closed: nothing could be written (redirect it to a file "
         "or /dev/null)\n"
     )
+
+
+def test_run_with_stderr_closed_drops_the_jobs_stderr_and_goes_on(
+    small_cluster: SmallCluster,
+) -> None:
+    """As a command run locally with `2>&-` loses what it writes there: the first stderr of
+    the job ended `run` (a hidden AttributeError, exit 1), its stdout lost, the job left
+    running."""
+    script = "echo out; echo err >&2; sleep 0.2; echo out2; exit 3"
+    done = subprocess.run(
+        ["/bin/sh", "-c", '"$@" 2>&-', "sh", sys.executable, "-m", "dist_exec", "run", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DIST_EXEC_MASTER": small_cluster.address},
+    )
+    assert (done.returncode, done.stdout) == (3, "out\nout2\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", ""], "dist-exec: the command is empty: give a shell string or argv\n"),
+        (["run", "--token", "", "true"], "Error: Invalid value for '--token': the token is empty"),
+    ],
+)
+def test_empty_commands_and_tokens_are_usage_errors(args: list[str], message: str) -> None:
+    result = run_cli(*args, master="127.0.0.1:1")
+    assert result.code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stdin_from_a_closed_standard_input_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_exec",
+            "run",
+            "--master",
+            "127.0.0.1:1",
+            "--stdin",
+            "-",
+            "cat",
+        ],
+        stdin=None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert done.returncode == 2
+    assert "standard input is closed: there is nothing to read" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -12,6 +12,7 @@ program (killed by SIGINT: the shell shows 130).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -64,6 +65,10 @@ def _end_for(exc: OSError) -> NoReturn:
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """dist-exec: run commands across a fleet of workers."""
+    if sys.stderr is None:
+        # (fd 2 closed, `2>&-`: what would be written there is dropped, as a command run
+        # locally loses it; the first write to it failed with a hidden AttributeError)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if sys.stdout is None and ctx.invoked_subcommand not in QUIET_WITHOUT_STDOUT:
         # (Python leaves sys.stdout None when fd 1 is closed, and click then writes nothing:
         # `dist-exec status ID >&-` printed nothing and exited 0.)

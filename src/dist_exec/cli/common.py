@@ -90,9 +90,12 @@ class TextType(click.ParamType):  # type: ignore[type-arg]
 class TokenType(click.ParamType):  # type: ignore[type-arg]
     name = "token"
 
+    def __init__(self, empty_ok: bool = True) -> None:
+        self.empty_ok = empty_ok  # (a client's must not be: see CLIENT_TOKEN)
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         token = str(value)
-        if not token:  # (an unset variable in `--token "$X"`: it must not fall back to another)
+        if not token and not self.empty_ok:
             self.fail("the token is empty", param, ctx)
         if not all("!" <= c <= "~" for c in token):  # it goes in a header
             self.fail("a token is visible ASCII, without spaces or control characters", param, ctx)
@@ -164,6 +167,9 @@ class KeyValueType(click.ParamType):  # type: ignore[type-arg]
 
 TEXT = TextType()
 TOKEN = TokenType()
+# An unset variable in `--token "$X"` must not fall back to other credentials (a local
+# cluster's admin token): a client's token is never empty.
+CLIENT_TOKEN = TokenType(empty_ok=False)
 DURATION = DurationType()
 TIMEOUT = DurationType(minimum_s=MIN_TIMEOUT_S)  # the least a master accepts
 SIZE = SizeType()
@@ -182,7 +188,7 @@ def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     path = click.Path(dir_okay=False, path_type=Path)
     for name, kind, env, help_text in reversed(
         [
-            ("token", TOKEN, TOKEN_ENV, "Bearer token"),
+            ("token", CLIENT_TOKEN, TOKEN_ENV, "Bearer token"),
             ("ca", path, "DIST_EXEC_CA", "CA certificate that signed the master's (turns on TLS)"),
             ("cert", path, "DIST_EXEC_CERT", "Client certificate (with --key)"),
             ("key", path, "DIST_EXEC_KEY", "Key of the client certificate"),

@@ -41,6 +41,7 @@ from dist_exec.client import Client, command_spec
 from dist_exec.config import MAX_PAYLOAD_BYTES
 from dist_exec.errors import (
     DistExecError,
+    InvalidTaskSpec,
     JobAlreadyFinished,
 )
 from dist_exec.executors.http import MAX_TIMEOUT_S as HTTP_MAX_TIMEOUT_S
@@ -91,6 +92,18 @@ class RunCommand(click.Command):
         return None
 
 
+class InputFile(click.File):
+    """A file to read; '-' is standard input, which must be open (`<&-` closes it)."""
+
+    def __init__(self) -> None:
+        super().__init__("rb")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "-" and sys.stdin is None:
+            self.fail("standard input is closed: there is nothing to read", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.command(cls=RunCommand, context_settings={"ignore_unknown_options": False})
 @click.argument("command", nargs=-1, type=TEXT)
 @master_option
@@ -136,7 +149,7 @@ class RunCommand(click.Command):
 @click.option(
     "--stdin",
     "stdin_file",
-    type=click.File("rb"),
+    type=InputFile(),
     default=None,
     help=f"Feed this file ('-' for standard input) to the command, byte for byte (at most "
     f"{format_size(MAX_PAYLOAD_BYTES)} with the rest of the job).",
@@ -242,16 +255,19 @@ def run(
         if url or headers or data:
             fail("--url, --header and --data go with --type http", EXIT_USAGE)
         argv_mode = bool(ctx.meta.get("argv_mode"))
-        spec = command_spec(
-            list(command) if argv_mode else " ".join(command),
-            shell=not argv_mode,
-            timeout_s=timeout or 0.0,
-            priority=priority,
-            env=dict(env),
-            working_dir=cwd,
-            stdin=_read_stdin(stdin_file) if stdin_file is not None else b"",
-            max_retries=max_retries,
-        )
+        try:
+            spec = command_spec(
+                list(command) if argv_mode else " ".join(command),
+                shell=not argv_mode,
+                timeout_s=timeout or 0.0,
+                priority=priority,
+                env=dict(env),
+                working_dir=cwd,
+                stdin=_read_stdin(stdin_file) if stdin_file is not None else b"",
+                max_retries=max_retries,
+            )
+        except InvalidTaskSpec as exc:  # (`run ""`)
+            fail(exc.message, EXIT_USAGE)
     if len(spec.payload) > MAX_PAYLOAD_BYTES:
         fail(
             f"the job is {len(spec.payload)} bytes as sent (its command, environment and input; "
