@@ -1,11 +1,12 @@
-"""Ctrl-C, SIGTERM and SIGHUP in the client commands that start jobs (``run``, ``run --all``).
+"""Ctrl-C, SIGTERM, SIGHUP and SIGQUIT in the client commands that start jobs (``run``,
+``run --all``).
 
-Each means "stop it", as it would for a local command run in the foreground (the user's Ctrl-C,
-a supervisor's or CI runner's SIGTERM, a closed terminal's SIGHUP), so the job is cancelled and
-the command then dies of the signal, as the local one would (a shell loop around it stops too).
-Cancelling needs the job's id, and a signal can come while the master is still accepting the
-job: giving up then would leave a job running that nobody sees. So such a step waits on (the
-master's answer takes milliseconds), and only a further Ctrl-C gives up waiting.
+Each means "stop it", as it would for a local command run in the foreground (the user's Ctrl-C
+or Ctrl-\\, a supervisor's or CI runner's SIGTERM, a closed terminal's SIGHUP), so the job is
+cancelled and the command then dies of the signal, as the local one would (a shell loop around
+it stops too). Cancelling needs the job's id, and a signal can come while the master is still
+accepting the job: giving up then would leave a job running that nobody sees. So such a step
+waits on (the master's answer takes milliseconds), and only a further Ctrl-C gives up waiting.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 # Signals closer together than this are one burst (the terminal's Ctrl-C and a wrapper's copy
 # of it); a person's second Ctrl-C comes later.
 BURST_S = 0.3

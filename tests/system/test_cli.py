@@ -234,8 +234,10 @@ def test_cancel_running_job_kills_the_whole_group(
     assert "already ended (CANCELLED)" in again.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=str)
-def test_ctrl_c_sigterm_or_sighup_on_run_cancels_the_job(
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT], ids=str
+)
+def test_ctrl_c_sigterm_sighup_or_sigquit_on_run_cancels_the_job(
     small_cluster: SmallCluster, tmp_path: Path, sig: signal.Signals
 ) -> None:
     """As they would stop a local command in the foreground (the user, a CI runner's timeout,
