@@ -25,6 +25,7 @@ from dist_exec.executors.command import (
     describe,
     parse_payload,
 )
+from dist_exec.executors.guardian import kill_tagged, tagged
 from dist_exec.models import ExecOutcome, ExecStatus
 from dist_exec.tuning import GRPC_EXPERIMENTS
 from tests.conftest import RecordingSink
@@ -625,3 +626,24 @@ async def test_an_allowed_name_is_the_program_on_the_standard_path(
         assert (outcome.status, sink.stdout) == (ExecStatus.SUCCESS, b"x\n")
     outcome, sink = await run(spec)  # (no allow-list: the worker's PATH, as before)
     assert sink.stdout == b"planted\n"
+
+
+async def test_what_a_command_left_outside_its_group_is_killed_after_it_ends(
+    tmp_path: Path,
+) -> None:
+    """A `setsid` child leaves the process group that is stopped when the command exits: it
+    ran on after a job that ended on its own (cancel and timeout killed it already)."""
+    tags = {"DIST_EXEC_JOB_ID": "t-1", "DIST_EXEC_ATTEMPT": "1"}  # (what `request` gives)
+    left = tmp_path / "left"  # (made once the child has its own session)
+    spec = CommandSpec(
+        f"setsid sh -c 'touch {left}; exec sleep 60' </dev/null >/dev/null 2>&1 & "
+        f"while [ ! -e {left} ]; do sleep 0.01; done; echo started",
+        shell=True,
+    )
+    try:
+        outcome, sink = await run(spec)
+        assert (outcome.status, sink.stdout) == (ExecStatus.SUCCESS, b"started\n")
+        assert tagged(tags), "the setsid child should still run when the command has ended"
+        await wait_until(lambda: not tagged(tags), "what the command left to be killed")
+    finally:
+        kill_tagged(tags)

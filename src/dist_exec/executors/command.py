@@ -18,6 +18,7 @@ import base64
 import fnmatch
 import functools
 import json
+import logging
 import os
 import shlex
 import signal
@@ -32,12 +33,19 @@ from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.executors.child import Child, read_pipe, write_pipe
 from dist_exec.executors.containment import POLL_S, Containment, Jail
-from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard, kill_tagged, settle
+from dist_exec.executors.guardian import (
+    GUARD_ENV,
+    ProcessGuard,
+    kill_left_behind,
+    kill_tagged,
+    settle,
+)
 from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.executors.spawner import SpawnerGone
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 from dist_exec.tuning import without_own_settings
 
+log = logging.getLogger(__name__)
 SHELL = "/bin/sh"
 JOB_ENV, ATTEMPT_ENV = "DIST_EXEC_JOB_ID", "DIST_EXEC_ATTEMPT"  # set for every command
 PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to reach EOF
@@ -46,6 +54,10 @@ BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMP
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FIELDS = {"command", "args", "shell", "env", "working_dir", "stdin", "stdin_base64"}
 STDERR_TAIL = 4096  # kept to tell an allocation or fork failure under rlimits
+# What an attempt that ended on its own left running outside its process group (a `setsid`
+# child) is looked for this often, SWEEPS times (one that was forking leaves a new one).
+SWEEP_S = 1.0
+SWEEPS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +335,7 @@ class CommandExecutor:
         # The payload validated last and what it parsed to: the worker validates a task's
         # payload just before it executes it, and need not parse it twice.
         self._validated: tuple[bytes, CommandSpec] | None = None
+        self._sweeper = _Sweeper()
 
     def validate(self, payload: bytes) -> None:
         spec = parse_payload(payload)
@@ -464,8 +477,10 @@ class CommandExecutor:
             for task in (exited, watch):
                 if task is not None:
                     task.cancel()
-        # The main process is gone; anything it left behind in its group goes too.
+        # The main process is gone; anything it left behind in its group goes too, and soon
+        # (see _Sweeper) what it left outside the group.
         await self._stop(proc, pumps)
+        self._sweeper.add(_tags(request), jail.run_as.uid if jail.run_as else os.geteuid())
         returncode = proc.returncode
         assert returncode is not None
         if proc.status_lost:
@@ -511,6 +526,39 @@ class CommandExecutor:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+
+
+class _Sweeper:
+    """Kills what attempts that ended on their own left running outside their process group
+    (a `setsid` child; a stopped attempt's are killed at once, see ``_stop``): found by their
+    tags, in one pass over /proc a SWEEP_S for all the attempts that ended meanwhile, not a
+    pass each (it costs about 20 us a process)."""
+
+    def __init__(self) -> None:
+        self._due: dict[tuple[tuple[str, str], ...], tuple[int, int]] = {}  # tags: uid, sweeps
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, tags: Mapping[str, str], uid: int) -> None:
+        self._due[tuple(sorted(tags.items()))] = (uid, SWEEPS)
+        if self._task is None:
+            self._task = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            while self._due:
+                await asyncio.sleep(SWEEP_S)
+                due, self._due = self._due, {}
+                attempts = [dict(tags) for tags in due]
+                uids = {uid for uid, _ in due.values()}
+                try:
+                    await asyncio.to_thread(kill_left_behind, attempts, uids)
+                except Exception:  # (a pass that failed is not retried: the next one comes)
+                    log.exception("cannot look for what ended attempts left running")
+                for tags, (uid, sweeps) in due.items():
+                    if sweeps > 1:
+                        self._due.setdefault(tags, (uid, sweeps - 1))
+        finally:
+            self._task = None
 
 
 async def _start(spec: CommandSpec, jail: Jail, cwd: str | None, env: dict[str, str]) -> Child:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from dist_exec import procfs
 
@@ -72,6 +72,26 @@ def kill_tagged(tags: Mapping[str, str]) -> set[int]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         killed.update(pids)
+    return killed
+
+
+def kill_left_behind(attempts: Collection[Mapping[str, str]], uids: Collection[int]) -> set[int]:
+    """SIGKILL every process of these users that has all the environment tags of one of
+    ``attempts``, in one pass over /proc (an environment is read only for a process of one
+    of ``uids``, as the owner of its /proc entry tells); returns the pids killed."""
+    needles = [{f"{name}={value}".encode() for name, value in tags.items()} for tags in attempts]
+    killed = set()
+    for pid in procfs.pids():
+        try:
+            if os.stat(procfs.PROC / str(pid)).st_uid not in uids or pid == os.getpid():
+                continue
+        except OSError:
+            continue
+        environ = procfs.environment(pid)
+        if environ is not None and any(tags <= environ for tags in needles):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
     return killed
 
 
