@@ -217,7 +217,13 @@ def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecErro
         )
         store_error.code = code
         return store_error
-    if code == grpc.StatusCode.UNAVAILABLE and address:
+    if code == grpc.StatusCode.UNAVAILABLE and address and details.startswith("Stream removed"):
+        details = (
+            f"lost the connection to the master at {address} during the call ({details}): "
+            "the master stopped or the network broke; what was asked may or may not have been "
+            "done"
+        )
+    elif code == grpc.StatusCode.UNAVAILABLE and address:
         reason = details.rsplit(": ", 1)[-1]
         details = (
             f"cannot reach the master at {address} ({reason}); is it running? "

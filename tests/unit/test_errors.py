@@ -6,6 +6,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from dist_exec.client import Client
 from dist_exec.errors import (
     ACCESS_DENIED_KEY,
     STORE_KEY,
@@ -199,3 +200,26 @@ def test_shorten_cuts_long_values() -> None:
     assert "...'" in short
     assert short.endswith("(10000 chars)")
     assert len(short) < 80
+
+
+@pytest.mark.parametrize(
+    ("details", "unauthenticated"),
+    [
+        # (what gRPC says: a plain client at a master that requires TLS; a master gone mid-call)
+        (
+            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:h:1: Socket closed",
+            True,
+        ),
+        ("Stream removed (Socket closed)", False),
+    ],
+)
+def test_a_master_lost_during_a_call_is_not_a_credentials_problem(
+    details: str, unauthenticated: bool
+) -> None:
+    """A master SIGKILLed during a cancel made the client say "not authenticated: it requires
+    TLS" (exit 3): every "Socket closed" was taken for a TLS master refusing a plain client."""
+    exc = Client("h:1")._error(rpc_error(Code.UNAVAILABLE, details))
+    assert isinstance(exc, Unauthenticated) is unauthenticated
+    if not unauthenticated:
+        assert isinstance(exc, MasterUnavailable)
+        assert exc.message.startswith("lost the connection to the master at h:1 during the call")

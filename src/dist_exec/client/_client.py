@@ -124,8 +124,12 @@ class Client:
 
     def _error(self, exc: grpc.aio.AioRpcError) -> DistExecError:
         details = (exc.details() or "").lower()
+        # A master that requires TLS closes a plain connection before any call gets through
+        # ("failed to connect ...: Socket closed"); one that stops during a call ends its
+        # stream ("Stream removed (Socket closed)"): that is not about credentials.
         refused = exc.code() == grpc.StatusCode.UNAVAILABLE and (
-            "handshake" in details or "socket closed" in details
+            "handshake" in details
+            or ("socket closed" in details and "failed to connect" in details)
         )
         if refused and self.credentials.ca is not None:
             # gRPC can only refuse a client certificate by closing the TLS connection.
