@@ -28,6 +28,8 @@ class HeldMaster(master_pb2_grpc.MasterServiceServicer):
         self.received = asyncio.Event()
         self.release = asyncio.Event()
         self.cancelled: list[str] = []
+        self.unavailable = 0  # cancels answered UNAVAILABLE first (a master restarting)
+        self.break_runs = False  # a run's stream fails (INTERNAL) once its job is accepted
 
     async def _hold(self) -> None:
         self.received.set()
@@ -59,10 +61,17 @@ class HeldMaster(master_pb2_grpc.MasterServiceServicer):
                     accepted = master_pb2.JobEvent(job_id="j1", accepted=True)
                     event = master_pb2.RunSessionEvent(tag=request.tag, event=accepted)
                     yield master_pb2.RunSessionEvents(events=[event])
+                    if self.break_runs:
+                        await context.abort(grpc.StatusCode.INTERNAL, "the stream broke")
 
     async def Cancel(
-        self, request: master_pb2.CancelRequest, context: object
+        self, request: master_pb2.CancelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> master_pb2.CancelResponse:
+        if self.unavailable:
+            self.unavailable -= 1
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "failed to connect: Connection refused"
+            )
         self.cancelled.append(request.job_id)
         return master_pb2.CancelResponse(cancelled=True, message="cancelled")
 
@@ -199,6 +208,38 @@ async def test_sigterm_and_sighup_keep_waiting_for_the_job_to_cancel(
     master.release.set()
     code, _, err = await finish(proc)
     assert (code, master.cancelled) == (-signal.SIGTERM, ["j1"]), err
+
+
+async def test_a_cancel_the_master_cannot_take_yet_is_tried_again(
+    held: tuple[HeldMaster, str], cli_processes: list[asyncio.subprocess.Process]
+) -> None:
+    """A master restarting when Ctrl-C came: run exited 125 at once ("cannot reach the
+    master"), and the job ran on once the master was back."""
+    master, address = held
+    master.release.set()
+    master.unavailable = 3
+    proc = await start_cli(cli_processes, *COMMANDS["run"], "--master", address)
+    async with asyncio.timeout(DEADLINE_S):
+        await master.received.wait()
+    proc.send_signal(signal.SIGINT)  # (before the job id is back too: it is waited for)
+    code, _, err = await finish(proc)
+    assert (code, master.cancelled, master.unavailable) == (-signal.SIGINT, ["j1"], 0), err
+    assert "dist-exec: cannot cancel job j1 yet" in err
+    assert "trying again until the master answers" in err
+
+
+async def test_a_run_that_loses_its_accepted_job_names_it(
+    held: tuple[HeldMaster, str], cli_processes: list[asyncio.subprocess.Process]
+) -> None:
+    """run said only why it could not follow the job (exit 125, "could not run it"), not that
+    the job was accepted and runs on, nor its id."""
+    master, address = held
+    master.release.set()
+    master.break_runs = True
+    proc = await start_cli(cli_processes, *COMMANDS["run"], "--master", address)
+    code, _, err = await finish(proc)
+    assert code == 125
+    assert err.endswith("; job j1 was accepted and may still run: see 'dist-exec status j1'\n"), err
 
 
 async def test_ctrl_c_while_the_modules_load_ends_the_command_as_a_local_one(

@@ -115,8 +115,10 @@ async def test_a_run_resumes_when_the_master_is_still_away_at_first(
     spec = command_spec(
         f"echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after", shell=True
     )
+    told: list[str] = []
     try:
         async with Client(proxy.address) as client:
+            client.on_reconnect = told.append
             items = client.run(spec)
             async with asyncio.timeout(60):
                 job_id = await anext(items)
@@ -133,6 +135,10 @@ async def test_a_run_resumes_when_the_master_is_still_away_at_first(
         assert isinstance(final, Job)
         assert (final.id, final.status) == (job_id, JobStatus.COMPLETED)
         assert chunks == [(1, OutputChunk(Stream.STDOUT, 7, b"after\n"))]  # from where it was
+        # Said once (the CLI prints it): not silent for minutes, nor once a retry.
+        assert len(told) == 1
+        assert told[0].startswith(f"lost the master while following job {job_id} (")
+        assert told[0].endswith("; trying again for up to 300s (the job runs on)")
     finally:
         proxy.close()
 

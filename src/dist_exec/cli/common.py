@@ -237,7 +237,9 @@ def connect(address: str) -> Client:
     credentials = Credentials(explicit.ca or base.ca, cert, key, given["token"] or base.token)
     if credentials.cert is not None and credentials.ca is None:
         fail("a client certificate (--cert) needs --ca to verify the master", EXIT_USAGE)
-    return Client(address, credentials=credentials)
+    client = Client(address, credentials=credentials)
+    client.on_reconnect = lambda message: click.echo(f"dist-exec: {message}", err=True)
+    return client
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

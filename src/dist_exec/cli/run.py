@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any, BinaryIO
 
 import click
+import grpc
 
 from dist_exec.cli.common import (
     DURATION,
@@ -417,8 +418,22 @@ async def _cancel(client: Client, job_id: str) -> Job:
     """Cancel the job unless it has ended; returns it as it ended. The master answers once the
     worker confirmed the end, or after a while without that (a stuck worker): then this waits
     for the end the master goes on working towards."""
-    with contextlib.suppress(JobAlreadyFinished):
-        await client.cancel(job_id)
+    told = False
+    while True:
+        try:
+            with contextlib.suppress(JobAlreadyFinished):
+                await client.cancel(job_id)
+            break
+        except DistExecError as exc:
+            if exc.code not in _TRY_CANCEL_AGAIN:
+                raise
+            if not told:
+                _tell(
+                    f"cannot cancel job {job_id} yet: {exc.message}; trying again until the "
+                    "master answers (Ctrl-C again to stop waiting: the job may then still run)"
+                )
+                told = True
+            await asyncio.sleep(CANCEL_RETRY_S)
     job = await client.get(job_id)
     if not job.status.terminal:
         _tell(
@@ -427,6 +442,12 @@ async def _cancel(client: Client, job_id: str) -> Job:
         )
         job = await client.wait(job_id)
     return job
+
+
+# A master restarting, stalled, or unable to write its database for now: the cancel is tried
+# again (every CANCEL_RETRY_S) until it answers, or a further Ctrl-C stops waiting.
+_TRY_CANCEL_AGAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+CANCEL_RETRY_S = 1.0
 
 
 def _hold_message() -> None:
@@ -514,11 +535,18 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 stop: Ending | None = interrupts.received[0] if interrupts.received else None
                 if stop is None:
                     following = _stream(events, job_id, as_json, printer)
-                    job, stop = await _follow(interrupts, following)
+                    try:
+                        job, stop = await _follow(interrupts, following)
+                    except DistExecError as exc:  # (not the job's fault: it was accepted)
+                        exc.message += (
+                            f"; job {job_id} was accepted and may still run: see "
+                            f"'dist-exec status {job_id}'"
+                        )
+                        raise
                 if stop is not None:
                     stopped = await _stop(client, [job_id], interrupts)
                     if stopped is None:
-                        return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+                        return _gave_up(interrupts, f"job {job_id} is cancelled if the cancel reached the master")
                     job = stopped[job_id]
         assert job is not None
         if as_json:
@@ -545,7 +573,7 @@ async def _submit_detached(client: Client, spec: TaskSpec, as_json: bool) -> End
         # A signal while it was submitted: the job is not wanted after all.
         stopped = await _stop(client, [job_id], interrupts)
         if stopped is None:
-            return _gave_up(interrupts, f"the master goes on cancelling job {job_id}")
+            return _gave_up(interrupts, f"job {job_id} is cancelled if the cancel reached the master")
     if stopped[job_id].status != JobStatus.CANCELLED:  # it had ended by itself
         await _print_submitted(client, job_id, as_json)
         return 0

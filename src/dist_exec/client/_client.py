@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,9 @@ from dist_exec.security.credentials import Credentials
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
 
-STREAM_RETRIES = 30  # consecutive reconnects of an output stream before giving up
+# How long a broken output stream is tried again before giving up: a master restarted by a
+# supervisor, or rescheduled in Kubernetes, can take minutes to be back.
+STREAM_RETRY_S = 300.0
 _RESUMABLE = {
     grpc.StatusCode.UNAVAILABLE,  # master restarting
     grpc.StatusCode.ABORTED,  # this follower fell behind
@@ -86,7 +89,9 @@ class Client:
     """A connection to one master. Every call has a deadline (``timeout_s``).
 
     ``credentials``: TLS (the CA that signed the master's certificate, optionally a client
-    certificate) and/or a bearer token; none for a master without authentication."""
+    certificate) and/or a bearer token; none for a master without authentication.
+    ``on_reconnect``: told (a line for a person) when a followed stream broke and is being
+    tried again, once per outage."""
 
     def __init__(
         self, address: str, timeout_s: float = 30.0, credentials: Credentials | None = None
@@ -94,6 +99,7 @@ class Client:
         self.address = dial_address(address)
         self.timeout_s = timeout_s
         self.credentials = credentials or Credentials()
+        self.on_reconnect: Callable[[str], None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: MasterServiceAsyncStub | None = None
         self._session: RunSession | None = None
@@ -412,7 +418,7 @@ class Client:
         broken stream; then the job when ``include_result``. A stream is resumed once a master
         took one (``reached``: one took the job before, as for a run)."""
         offsets = offsets or {Stream.STDOUT: 0, Stream.STDERR: 0}
-        failures = 0
+        failures, broken_since = 0, 0.0
         while True:
             request = master_pb2.StreamOutputRequest(
                 job_id=job_id,
@@ -425,7 +431,7 @@ class Client:
             call = self.stub.StreamOutput(request)
             try:
                 async for msg in call:
-                    failures, reached = 0, True
+                    failures, broken_since, reached = 0, 0.0, True
                     if msg.HasField("result"):
                         yield wire.job_from_status_pb(msg.result)
                         continue
@@ -438,13 +444,21 @@ class Client:
                 # (A master that cannot record the job's end yet: a follower waits for it, a
                 # one-time read is told so.)
                 unrecorded = STORE_KEY in dict(exc.trailing_metadata() or ())
+                now = time.monotonic()
+                broken_since = broken_since or now
                 if (
                     not reached
                     or exc.code() not in _RESUMABLE
-                    or failures > STREAM_RETRIES
+                    or now - broken_since > STREAM_RETRY_S
                     or (unrecorded and not follow)
                 ):
                     raise self._error(exc) from None
+                if failures == 1 and self.on_reconnect is not None and not unrecorded:
+                    self.on_reconnect(
+                        f"lost the master while following job {job_id} "
+                        f"({self._error(exc).message}); trying again for up to "
+                        f"{STREAM_RETRY_S:.0f}s (the job runs on)"
+                    )
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
 
 
