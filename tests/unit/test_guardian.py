@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,33 @@ def test_settling_ends_though_a_killed_process_lingers(monkeypatch: pytest.Monke
     seen = {7}
     guardian.settle({GUARD_ENV: "t"}, seen)
     assert seen == {7, 8}
+
+
+def test_a_guardian_that_died_is_replaced_and_guards_what_runs(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    """A guardian killed (OOM, an operator) was only a zombie of the worker: nothing noticed,
+    and a crash of the worker left its commands running next to their retries."""
+    guard = ProcessGuard()
+    before = group(spawned, "sleep 300")  # (started while the first guardian ran)
+    guard.watch(before.pid)
+    assert guard.keep_alive() is False  # (alive: nothing to do)
+    first = guard._proc
+    first.kill()
+    wait_for(lambda: first.poll() is not None, 10, "the guardian to die")
+    assert guard.keep_alive() is True
+    assert (guard._proc.poll(), guard.restarts) == (None, 1)
+    tagged = group(spawned, "sleep 300", env={GUARD_ENV: guard.token})
+    worker_dies(guard)
+    wait_for(lambda: dead(before) and dead(tagged), 10, "the worker's commands to be killed")
+    guardian_exits(guard)
+
+
+def test_the_guard_token_is_not_on_the_guardians_command_line() -> None:
+    """Any process, a job's too, can read a command line (ps)."""
+    guard = ProcessGuard()
+    try:
+        cmdline = Path(f"/proc/{guard.pid}/cmdline").read_bytes()
+        assert guard.token.encode() not in cmdline
+    finally:
+        guard.close()

@@ -40,6 +40,9 @@ from dist_exec import procfs
 
 log = logging.getLogger(__name__)
 GUARD_ENV = "DIST_EXEC_WORKER_GUARD"
+# How the guardian gets the token: its environment, which only its user (and root) can read;
+# its command line any process can (ps).
+TOKEN_ENV = "DIST_EXEC_GUARD_TOKEN"
 SCAN_ROUNDS = 5  # a process killed mid-fork may leave a child the previous scan missed
 SLOT = 4  # bytes per group id in the table (a pid_t, written with one aligned store)
 FIRST_SLOTS = 256  # the table doubles when full
@@ -121,28 +124,46 @@ class ProcessGuard:
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._grow(FIRST_SLOTS)
-        self._proc = subprocess.Popen(
+        self._proc = self._start()
+        self.restarts = 0
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             # Isolated and in /: a directory the commands may write must not give it a module.
-            [sys.executable, "-I", "-m", __name__, self.token, str(self._table)],
+            [sys.executable, "-I", "-m", __name__, str(self._table)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             cwd="/",
+            env={**os.environ, TOKEN_ENV: self.token},
             start_new_session=True,
             pass_fds=(self._table,),
         )
-        self._gone_logged = False
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
+    def keep_alive(self) -> bool:
+        """Start a new guardian if this one is gone (killed, OOM): the commands running now,
+        and those started since, would outlive a crash of the worker. It takes over the same
+        table and token. Whether it had to."""
+        if self._proc.poll() is None:
+            return False
+        log.error(
+            "process guardian %d is gone (exit status %s); starting a new one",
+            self._proc.pid,
+            self._proc.returncode,
+        )
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        self._proc = self._start()
+        self.restarts += 1
+        return True
+
     def watch(self, pgid: int) -> None:
         if pgid in self._slots:
             return
-        if self._proc.poll() is not None and not self._gone_logged:
-            self._gone_logged = True
-            log.error("process guardian %d is gone (exit status %s): commands may outlive a "
-                      "crash of this worker", self._proc.pid, self._proc.returncode)  # fmt: skip
         if not self._free:
             self._grow(2 * len(self._slots))
         assert self._view is not None
@@ -218,7 +239,7 @@ def groups(table: int) -> list[int]:
 
 
 def main() -> None:
-    token, table = sys.argv[1], int(sys.argv[2])
+    token, table = os.environ.pop(TOKEN_ENV), int(sys.argv[1])
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only the end of its pipe ends it
     ended = False  # the worker wrote before closing: it ends normally

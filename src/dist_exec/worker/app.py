@@ -260,6 +260,7 @@ async def run_worker(
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())
+            guarding = tg.create_task(_keep_guard(guard))
             registered = tg.create_task(registrar.registered.wait())
             await asyncio.wait(
                 {registered, tg.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
@@ -282,6 +283,7 @@ async def run_worker(
                 async with asyncio.timeout(config.rpc_timeout_s):
                     await runner.wait_delivered()
             beats.cancel()
+            guarding.cancel()
             await registrar.deregister()
     finally:
         await runner.close()
@@ -290,3 +292,14 @@ async def run_worker(
         await channel.close()
         await asyncio.to_thread(guard.close)
         containment.close()
+
+
+GUARD_CHECK_S = 1.0  # how often the process guardian is checked for (and started again)
+
+
+async def _keep_guard(guard: ProcessGuard) -> None:
+    """A guardian that died (killed, OOM) is replaced within GUARD_CHECK_S: until then a
+    crash of this worker would leave its commands running."""
+    while True:
+        await asyncio.sleep(GUARD_CHECK_S)
+        guard.keep_alive()
