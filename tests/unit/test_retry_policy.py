@@ -4,6 +4,8 @@ history that records each of them. A scripted worker, a real SQLite store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -306,3 +308,27 @@ async def test_a_stale_attempt_reported_later_is_noted_in_the_history(tmp_path: 
         assert (await master.get(job_id)).attempts[1].detail == "exit code 0"
 
     await with_master(tmp_path, worker, config(tmp_path), body)
+
+
+async def test_a_restart_does_not_start_a_queued_jobs_queue_timeout_again(tmp_path: Path) -> None:
+    """The time a job waited before a restart of the master counts: a recovered job's queue
+    timeout started again, so restarts could keep a job queued past it for ever."""
+    submitted: list[JobId] = []
+
+    async def first(master: Master, store: HeldStore) -> None:
+        submitted.append(await master.submit(replace(SPEC, queue_timeout_s=60.0)))
+
+    await with_master(tmp_path, ScriptedWorker(), config(tmp_path), first)
+    # It has waited two minutes when the master starts again (it was down meanwhile).
+    with contextlib.closing(sqlite3.connect(tmp_path / "master.db")) as db:
+        db.execute("UPDATE jobs SET created_at = created_at - 120")
+        db.commit()
+
+    async def second(master: Master, store: HeldStore) -> None:
+        job = await wait_end(master, submitted[0])
+        assert (job.status, job.error) == (
+            JobStatus.FAILED,
+            "did not start within its queue timeout of 60s",
+        )
+
+    await with_master(tmp_path, ScriptedWorker(), config(tmp_path), second)

@@ -147,12 +147,15 @@ class Master(Submission, Attempts):
         instances = await self.store.running_instances()
         self._seq = itertools.count(max((seq for seq, _ in unfinished), default=0) + 1)
         for seq, job in unfinished:
+            queued_s = 0.0  # (a job that ran before: its time in the queue since is not kept)
+            if job.attempt == 0:  # queued since it was accepted: its queue timeout counts on
+                queued_s = max(0.0, (self.clock.now() - job.created_at).total_seconds())
             active = ActiveJob(
                 job,
                 seq,
                 attempt=job.attempt,
                 retries=job.retries,
-                queued_mono=self.clock.monotonic(),
+                queued_mono=self.clock.monotonic() - queued_s,
                 worker_losses=job.worker_losses,
             )
             self._active[job.id] = active
