@@ -85,3 +85,24 @@ def test_logs_json_does_not_join_bytes_across_a_gap(capsys: pytest.CaptureFixtur
         (1000, "\ufffdtail"),
         (1005, "\u00e9!"),  # (a character cut between two pieces with no gap stays whole)
     ]
+
+
+def test_a_broadcasts_prefixer_keeps_lines_whole_and_bounds_a_long_one(
+    monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Each chunk was joined to the unfinished line before it (copied again each time, all
+    of it held): a 300 MB line without a newline printed nothing in two minutes."""
+    monkeypatch.setattr(run._Prefixer, "MAX_LINE", 10)
+    prefixer = run._Prefixer(2)
+    for chunk in (b"ab", b"c\nde", b"f" * 8, b"g" * 8, b"\nh"):
+        prefixer.write("n1", Stream.STDOUT, chunk)
+        assert all(len(held) <= 10 for held in prefixer.partial.values())
+    prefixer.write("n2", Stream.STDOUT, b"other\n")
+    prefixer.flush("n1")
+    assert capsysbinary.readouterr().out.splitlines() == [
+        b"[n1] abc",
+        b"[n1] de" + b"f" * 8,  # (ten bytes held, more came: a piece of its own)
+        b"[n1] " + b"g" * 8,
+        b"[n2] other",
+        b"[n1] h",
+    ]

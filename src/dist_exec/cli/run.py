@@ -307,17 +307,34 @@ def _read_stdin(source: BinaryIO) -> bytes:
 
 
 class _Prefixer:
-    """Writes each node's output line by line, each line prefixed with the node id."""
+    """Writes each node's output line by line, each line prefixed with the node id. A line
+    is held until it ends (the nodes' lines do not mix), up to MAX_LINE: longer, it is
+    written in pieces of that size, each on a prefixed line of its own."""
+
+    MAX_LINE = 1024 * 1024
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.partial: dict[tuple[str, Stream], bytes] = {}
+        self.partial: dict[tuple[str, Stream], bytearray] = {}
 
     def write(self, node: str, stream: Stream, data: bytes) -> None:
-        text = self.partial.pop((node, stream), b"") + data
-        *lines, rest = text.split(b"\n")
+        # (The unfinished line grows in place: joining it to each chunk copied it each time,
+        # and a long line without a newline took quadratic time.)
+        *lines, rest = data.split(b"\n")
+        held = self.partial.pop((node, stream), None)
+        if held is not None:
+            if lines:
+                lines[0] = bytes(held + lines[0])
+            else:
+                held += rest
+                rest = bytes(held)
+        while len(rest) > self.MAX_LINE:
+            lines.append(rest[: self.MAX_LINE])
+            rest = rest[self.MAX_LINE :]
         if rest:
-            self.partial[(node, stream)] = rest
+            self.partial[(node, stream)] = bytearray(rest)
+        if not lines:
+            return
         out = sys.stdout.buffer if stream == Stream.STDOUT else sys.stderr.buffer
         prefix = f"[{node:<{self.width}}] ".encode()
         for line in lines:
@@ -326,9 +343,9 @@ class _Prefixer:
 
     def flush(self, node: str) -> None:
         for stream in Stream:
-            rest = self.partial.pop((node, stream), b"")
+            rest = self.partial.pop((node, stream), None)
             if rest:
-                self.write(node, stream, rest + b"\n")
+                self.write(node, stream, bytes(rest) + b"\n")
 
 
 Ending = int | signal.Signals  # an exit code, or the signal to die of (it stopped the job)
@@ -546,7 +563,10 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 if stop is not None:
                     stopped = await _stop(client, [job_id], interrupts)
                     if stopped is None:
-                        return _gave_up(interrupts, f"job {job_id} is cancelled if the cancel reached the master")
+                        return _gave_up(
+                            interrupts,
+                            f"job {job_id} is cancelled if the cancel reached the master",
+                        )
                     job = stopped[job_id]
         assert job is not None
         if as_json:
@@ -573,7 +593,9 @@ async def _submit_detached(client: Client, spec: TaskSpec, as_json: bool) -> End
         # A signal while it was submitted: the job is not wanted after all.
         stopped = await _stop(client, [job_id], interrupts)
         if stopped is None:
-            return _gave_up(interrupts, f"job {job_id} is cancelled if the cancel reached the master")
+            return _gave_up(
+                interrupts, f"job {job_id} is cancelled if the cancel reached the master"
+            )
     if stopped[job_id].status != JobStatus.CANCELLED:  # it had ended by itself
         await _print_submitted(client, job_id, as_json)
         return 0
