@@ -156,3 +156,25 @@ def _zombie(pid: int) -> bool:
     except OSError:
         return True
     return text[text.rfind(")") + 2] == "Z"
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["with limits", "without"])
+async def test_a_working_dir_is_entered_as_the_commands_user(
+    containment: Containment, shared_dir: Path, limited: bool
+) -> None:
+    """subprocess enters its cwd before it switches user: a nobody job with limits (started
+    by the worker's own fork) ran, and listed, a directory under a 0700 one it could not
+    reach (a security review). Through the spawner (no limits) it was refused already."""
+    private = shared_dir / "private"
+    (private / "inner").mkdir(parents=True)
+    private.chmod(0o700)
+    (private / "inner").chmod(0o755)
+    (private / "inner" / "secret").write_text("x")
+    limits = TaskLimits(memory_bytes=256 * MiB) if limited else TaskLimits()
+    spec = CommandSpec("ls", working_dir=str(private / "inner"))
+    outcome, sink = await run(containment, spec, limits)
+    assert (outcome.status, sink.stdout) == (ExecStatus.FAILURE, b"")
+    assert outcome.error == f"cannot enter working directory {private / 'inner'}: permission denied"
+    private.chmod(0o711)  # (searchable by all: now it may)
+    outcome, sink = await run(containment, spec, limits)
+    assert (outcome.status, sink.stdout) == (ExecStatus.SUCCESS, b"secret\n")

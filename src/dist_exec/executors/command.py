@@ -32,7 +32,7 @@ from dist_exec import procfs
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.executors.child import Child, read_pipe, write_pipe
-from dist_exec.executors.containment import POLL_S, Containment, Jail
+from dist_exec.executors.containment import POLL_S, Containment, Jail, may_enter
 from dist_exec.executors.guardian import (
     GUARD_ENV,
     ProcessGuard,
@@ -399,6 +399,9 @@ class CommandExecutor:
         # Another user starts in its home (as HOME says), whichever way it is started; the
         # worker's own directory may be one that user cannot enter, or can write.
         cwd = spec.working_dir or (jail.run_as.home if jail.run_as is not None else None)
+        refused = await _refused_working_dir(spec, jail)
+        if refused is not None:
+            return refused
         try:
             child = await _start(spec, jail, cwd, env)
         except SpawnerGone as exc:
@@ -406,33 +409,8 @@ class CommandExecutor:
             # command still in its exec has no tags yet: looked for until none shows up).
             await asyncio.to_thread(settle, _tags(request))
             return ExecOutcome(ExecStatus.FAILURE, error=f"cannot run {spec.argv[0]}: {exc}")
-        except FileNotFoundError:
-            if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
-                return ExecOutcome(
-                    ExecStatus.FAILURE, error=f"working directory {spec.working_dir} does not exist"
-                )
-            return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {spec.argv[0]}")
-        except NotADirectoryError as exc:
-            if spec.working_dir and not await asyncio.to_thread(os.path.isdir, spec.working_dir):
-                return ExecOutcome(
-                    ExecStatus.FAILURE,
-                    error=f"working directory {spec.working_dir} is not a directory",
-                )
-            return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
-        except PermissionError as exc:
-            if spec.working_dir and exc.filename == cwd:
-                return ExecOutcome(
-                    ExecStatus.FAILURE,
-                    error=f"cannot enter working directory {cwd}: permission denied",
-                )
-            return ExecOutcome(ExecStatus.FAILURE, 126, f"permission denied: {spec.argv[0]}")
-        except OSError as exc:
-            exceeded = jail.spawn_failure(exc)
-            if exceeded is not None:
-                return _limit_outcome(exceeded, None, 0.0)
-            return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {spec.argv[0]}: {exc}")
-        except subprocess.SubprocessError as exc:  # the pre-exec step (cgroup, rlimits, user)
-            return ExecOutcome(ExecStatus.FAILURE, error=f"cannot apply the task's limits: {exc}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return await _start_failure(exc, spec, jail, cwd)
         if self.guard is not None:
             self.guard.watch(child.pid)  # its own session: the group id is its pid
         return child
@@ -561,6 +539,65 @@ class _Sweeper:
             self._task = None
 
 
+async def _start_failure(
+    exc: OSError | subprocess.SubprocessError, spec: CommandSpec, jail: Jail, cwd: str | None
+) -> ExecOutcome:
+    """Why the command could not start, as its outcome."""
+    program, working_dir = spec.argv[0], spec.working_dir
+
+    async def not_a_directory() -> bool:
+        return bool(working_dir) and not await asyncio.to_thread(os.path.isdir, working_dir)
+
+    if isinstance(exc, FileNotFoundError):
+        if await not_a_directory():
+            return ExecOutcome(
+                ExecStatus.FAILURE, error=f"working directory {working_dir} does not exist"
+            )
+        return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {program}")
+    if isinstance(exc, NotADirectoryError):
+        if await not_a_directory():
+            return ExecOutcome(
+                ExecStatus.FAILURE, error=f"working directory {working_dir} is not a directory"
+            )
+        return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {program}: {exc}")
+    if isinstance(exc, PermissionError):
+        if working_dir and exc.filename == cwd:
+            return ExecOutcome(
+                ExecStatus.FAILURE, error=f"cannot enter working directory {cwd}: permission denied"
+            )
+        return ExecOutcome(ExecStatus.FAILURE, 126, f"permission denied: {program}")
+    if isinstance(exc, OSError):
+        exceeded = jail.spawn_failure(exc)
+        if exceeded is not None:
+            return _limit_outcome(exceeded, None, 0.0)
+        return ExecOutcome(ExecStatus.FAILURE, 126, f"cannot run {program}: {exc}")
+    # The pre-exec step (cgroup, rlimits, user; and under another user, the directory).
+    what = "the task's limits"
+    if jail.run_as is not None and working_dir:
+        if await not_a_directory():
+            return ExecOutcome(
+                ExecStatus.FAILURE,
+                error=f"working directory {working_dir} does not exist or is not a directory",
+            )
+        what += f" or enter working directory {cwd}"
+    return ExecOutcome(ExecStatus.FAILURE, error=f"cannot apply {what}: {exc}")
+
+
+async def _refused_working_dir(spec: CommandSpec, jail: Jail) -> ExecOutcome | None:
+    """The refusal of a working directory the command's user may not enter, when the worker
+    forks the command itself: its child enters it as the user (see Jail.spawn_options), and a
+    refusal there would only say that its pre-exec step failed. Told here, by the modes of the
+    directories. (The spawner enters it as the user and says why it could not.)"""
+    run_as, path = jail.run_as, spec.working_dir
+    if run_as is None or jail.spawner is not None or not path:
+        return None
+    if await asyncio.to_thread(may_enter, path, run_as.uid, run_as.gid):
+        return None
+    return ExecOutcome(
+        ExecStatus.FAILURE, error=f"cannot enter working directory {path}: permission denied"
+    )
+
+
 async def _start(spec: CommandSpec, jail: Jail, cwd: str | None, env: dict[str, str]) -> Child:
     """Through the jail's spawner if it has one, else (or if the spawner turns out to have
     ended before it was asked) by the worker itself."""
@@ -573,7 +610,8 @@ async def _start(spec: CommandSpec, jail: Jail, cwd: str | None, env: dict[str, 
         except SpawnerGone as exc:
             if exc.sent:
                 raise  # (its end was logged: the worker forks commands until a new one runs)
-    return Child.spawn(spec.argv, stdin=bool(spec.stdin), cwd=cwd, env=env, **jail.spawn_options())
+    start_in, options = jail.spawn_options(cwd)
+    return Child.spawn(spec.argv, stdin=bool(spec.stdin), cwd=start_in, env=env, **options)
 
 
 def _tags(request: ExecRequest) -> dict[str, str]:

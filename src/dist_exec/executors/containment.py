@@ -22,6 +22,7 @@ import os
 import pwd
 import resource
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -433,22 +434,24 @@ class Jail:
         """Whether the task's usage must be read while it runs (see ``exceeded_now``)."""
         return self.cgroup is not None or bool(self.limits.max_procs)
 
-    def spawn_options(self) -> dict[str, object]:
-        """Keyword arguments for subprocess: the user switch, and a pre-exec step when limits
-        apply (it joins the cgroup and sets rlimits as root, then drops to the user)."""
+    def spawn_options(self, cwd: str | None) -> tuple[str | None, dict[str, object]]:
+        """subprocess's working directory and other keyword arguments: the user switch, and a
+        pre-exec step when limits apply (it joins the cgroup and sets rlimits as root, then
+        drops to the user). Under another user the working directory is entered as that user
+        (subprocess's own ``cwd`` is entered before the switch: as root, into a directory the
+        user could not reach), so a pre-exec step does it, after the switch."""
         run_as = self.run_as
-        if not self._rlimits and self.cgroup is None:
-            if run_as is None:
-                return {}
-            return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        if run_as is None and not self._rlimits and self.cgroup is None:
+            return cwd, {}
         procs_files, rlimits = self.cgroup.procs_files if self.cgroup else (), self._rlimits
         # Runs in the forked child before exec: syscalls only, nothing that takes a lock.
-        setrlimit, getpid, os_open, os_write, os_close = (
+        setrlimit, getpid, os_open, os_write, os_close, chdir = (
             resource.setrlimit,
             os.getpid,
             os.open,
             os.write,
             os.close,
+            os.chdir,
         )
 
         def enter() -> None:
@@ -465,8 +468,10 @@ class Jail:
                 os.setgroups([])
                 os.setgid(run_as.gid)
                 os.setuid(run_as.uid)
+            if cwd is not None:
+                chdir(cwd)
 
-        return {"preexec_fn": enter}
+        return (None if run_as is not None else cwd), {"preexec_fn": enter}
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """The identity variables of the user the command runs as."""
@@ -722,3 +727,21 @@ def _spawner_ids(user: RunAs | None, pool: UidPool | None) -> tuple[int, int, in
     if user is not None:
         return user.uid, user.gid, user.uid
     return None
+
+
+def may_enter(path: str, uid: int, gid: int) -> bool:
+    """Whether a user (``uid``, ``gid``, no other groups, no capabilities) may enter ``path``
+    by the modes of the directories on the way (not their ACLs): each must let it search. A
+    path that is not there, or not a directory, is left to the start to report."""
+    try:
+        real = Path(os.path.realpath(path))
+        for directory in (*reversed(real.parents), real):
+            st = os.stat(directory)
+            if not stat.S_ISDIR(st.st_mode):
+                return True
+            shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+            if not st.st_mode >> shift & stat.S_IXOTH:
+                return False
+    except OSError:
+        return True
+    return True
