@@ -47,3 +47,15 @@ def real_uid(pid: int) -> int | None:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     return None
+
+
+def uids(pid: int) -> tuple[int, ...] | None:
+    """The real, effective, saved and file-system user ids of a process; None once gone."""
+    try:
+        text = (PROC / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            return tuple(int(field) for field in line.split()[1:])
+    return None

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from dist_exec.executors import ExecRequest
+from dist_exec.executors import containment as containment_module
 from dist_exec.executors.command import CommandExecutor, CommandSpec
 from dist_exec.executors.containment import (
     Containment,
     ContainmentError,
     Mode,
+    UidPool,
     parse_uid_pool,
 )
 from dist_exec.executors.spawner import Spawner
@@ -108,3 +113,74 @@ async def test_the_spawner_starts_only_uids_of_its_range() -> None:
             pipe.close()
     finally:
         spawner.close()
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["spawned", "forked under limits"])
+async def test_a_set_user_id_program_gives_a_pooled_job_no_other_uid(
+    shared_dir: Path, limited: bool
+) -> None:
+    """A job could leave a set-user-id copy of a program as its uid; a later job of another
+    uid of the pool ran it and became the first uid, with what the next job of that uid had
+    (a security review read another owner's job's environment so). With no_new_privs set
+    for the pool's commands, set-user-id bits do nothing for them."""
+    planted = shared_dir / "id"
+    shutil.copy("/usr/bin/id", planted)
+    os.chown(planted, 61003, 61003)
+    planted.chmod(0o6755)
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), None, uid_pool=parse_uid_pool(POOL))
+    try:
+        executor = CommandExecutor({"containment": containment})
+        sink = RecordingSink()
+        limits = TaskLimits(cpu_time_s=5) if limited else None
+        spec = CommandSpec(str(planted), ["-u"])
+        outcome = await executor.execute(request(spec, "t1", limits), sink)
+        assert outcome.status == ExecStatus.SUCCESS, outcome
+        assert int(sink.stdout) in range(61000, 61003)  # its own uid, not 61003
+    finally:
+        containment.close()
+
+
+def test_a_uid_given_back_leaves_no_files_and_no_process_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next task to get the uid read a 0600 file an earlier one had left in /tmp; and a
+    process with the uid only as its effective id (a set-user-id program) outlived it."""
+    uid, other = 61001, 61002
+    shared = tmp_path / "tmp"
+    (shared / "open").mkdir(parents=True)
+    (shared / "open").chmod(0o1777)
+    (shared / "closed").mkdir(mode=0o755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not the task's")
+    left = {
+        shared / "secret": "file",
+        shared / "open" / "deeper": "file",
+        shared / "closed" / "not-reached": "file",  # (no world-writable way there: kept)
+        shared / "link": "link",
+        shared / "dir": "dir",
+    }
+    for path, kind in left.items():
+        if kind == "file":
+            path.write_text("x")
+        elif kind == "link":
+            path.symlink_to(elsewhere)
+        else:
+            path.mkdir()
+            (path / "inside").write_text("x")
+        os.chown(path, uid, uid, follow_symlinks=False)
+    (shared / "theirs").write_text("x")
+    os.chown(shared / "theirs", other, other)
+    monkeypatch.setattr(containment_module, "TEMP_DIRS", (str(shared),))
+    effective_only = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setresuid(0, uid, 0))
+    try:
+        pool = UidPool(range(uid, uid + 1))
+        assert pool.take().uid == uid
+        pool.give_back(uid)
+        assert effective_only.wait(10) == -signal.SIGKILL
+        assert pool.take().uid == uid  # (free again)
+    finally:
+        effective_only.kill()
+        effective_only.wait()
+    remaining = sorted(str(p.relative_to(shared)) for p in shared.rglob("*"))
+    assert remaining == ["closed", "closed/not-reached", "open", "theirs"]
+    assert elsewhere.read_text() == "not the task's"  # (the link went, not what it named)

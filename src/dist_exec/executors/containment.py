@@ -21,6 +21,7 @@ import logging
 import os
 import pwd
 import resource
+import shutil
 import signal
 import stat
 import threading
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from dist_exec import procfs
 from dist_exec.executors.limits import Exceeded, LimitKind
-from dist_exec.executors.spawner import Spawner, SpawnerError
+from dist_exec.executors.spawner import Spawner, SpawnerError, no_new_privileges
 from dist_exec.models import TaskLimits
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def parse_uid_pool(text: str) -> range:
         raise ContainmentError(
             f"--run-as-pool {text}: uid {uid} belongs to user {pwd.getpwuid(uid).pw_name}"
         )
-    owners = (procfs.real_uid(pid) for pid in procfs.pids())
+    owners = (procfs.real_uid(pid) for pid in procfs.pids() if procfs.live(pid) is not None)
     running = {owner for owner in owners if owner is not None} & set(pool)
     if running:
         raise ContainmentError(f"--run-as-pool {text}: processes run as uid {min(running)}")
@@ -131,11 +132,18 @@ class UidPool:
         return RunAs(f"uid{uid}", uid, uid, "/")
 
     def give_back(self, uid: int) -> None:
-        """Kill every process of ``uid`` (the task's, wherever they went), then free it; one
-        that cannot be killed keeps it out of the pool."""
+        """Kill every process of ``uid`` (the task's, wherever they went; also one that has it
+        only as its effective or saved id), remove the files it left in the shared temporary
+        directories, then free it; one that cannot be killed keeps it out of the pool."""
         for _ in range(KILL_ROUNDS):
-            left = [pid for pid in procfs.pids() if procfs.real_uid(pid) == uid]
+            left = [
+                pid
+                for pid in procfs.pids()
+                if uid in (procfs.uids(pid) or ()) and procfs.live(pid) is not None  # (zombies)
+            ]
             if not left:
+                for directory in TEMP_DIRS:
+                    remove_files_of(uid, directory)
                 self._free.append(uid)
                 return
             for pid in left:
@@ -143,6 +151,56 @@ class UidPool:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(POLL_S)
         log.error("processes of uid %d outlive SIGKILL; the uid is not used again", uid)
+
+
+# Where any user may leave files: what a task's uid left there goes with the uid (the next task
+# to get it must not read, or run, what an earlier one left: the uids are used again).
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def remove_files_of(uid: int, directory: str) -> None:
+    """Remove what ``uid`` owns in ``directory``, and in the world-writable directories under
+    it (where else could it write?), on its file system. Through directory descriptors, never
+    following a symbolic link: a task that swaps a directory for a link cannot make this
+    remove anything elsewhere."""
+    try:
+        top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        _remove_owned(top, uid, os.fstat(top).st_dev)
+    finally:
+        os.close(top)
+
+
+def _remove_owned(dir_fd: int, uid: int, device: int) -> None:
+    try:
+        names = os.listdir(dir_fd)
+    except OSError:
+        return
+    for name in names:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_dev != device:
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if st.st_uid == uid:
+            with contextlib.suppress(OSError):
+                if is_dir:
+                    shutil.rmtree(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+        elif is_dir and st.st_mode & stat.S_IWOTH:
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                _remove_owned(sub, uid, device)
+            finally:
+                os.close(sub)
 
 
 # ---- cgroups ----------------------------------------------------------------------------------
@@ -444,6 +502,7 @@ class Jail:
         if run_as is None and not self._rlimits and self.cgroup is None:
             return cwd, {}
         procs_files, rlimits = self.cgroup.procs_files if self.cgroup else (), self._rlimits
+        pooled = self.pool is not None
         # Runs in the forked child before exec: syscalls only, nothing that takes a lock.
         setrlimit, getpid, os_open, os_write, os_close, chdir = (
             resource.setrlimit,
@@ -468,6 +527,8 @@ class Jail:
                 os.setgroups([])
                 os.setgid(run_as.gid)
                 os.setuid(run_as.uid)
+            if pooled:
+                no_new_privileges()  # (see there)
             if cwd is not None:
                 chdir(cwd)
 

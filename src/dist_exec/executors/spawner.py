@@ -517,6 +517,20 @@ def _spawn(
                 os._exit(70)
 
 
+PR_SET_NO_NEW_PRIVS = 38  # (linux/prctl.h)
+
+
+def no_new_privileges() -> None:
+    """This process and what it starts can no longer gain privileges by exec: set-user-id and
+    set-group-id bits and file capabilities do nothing for them. A task's uid of a pool must
+    not let a later task, of another uid, become it through a set-user-id copy of a program it
+    left behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot set no_new_privs: {os.strerror(code)}")
+
+
 def _clear_ambient_capabilities() -> None:
     """Ambient capabilities survive this process's id changes (its saved uid stays root) and
     would pass to the commands through exec: none."""
@@ -543,6 +557,8 @@ def main() -> None:
         os.setgroups([])  # the commands' supplementary groups: none
         _clear_ambient_capabilities()
         user = (uid, gid)
+    if last_uid > uid:  # a uid per task (--run-as-pool): its commands, and so this process
+        no_new_privileges()
     os.close(os.pidfd_open(os.getpid()))  # no pidfds (Linux < 5.3): fail now, the worker forks
     sock.sendall(_frame({"ready": os.getpid()}))
     selector = selectors.DefaultSelector()
