@@ -534,3 +534,30 @@ async def test_a_refused_bidi_call_is_unauthenticated_even_when_the_client_half_
         stub: MasterServiceAsyncStub = master_pb2_grpc.MasterServiceStub(channel)
         codes = await asyncio.gather(*(one(stub, i % 2 == 0) for i in range(300)))
     assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["whoami", "--master", "192.0.2.7:50051", "--token", "dxt_secret"],
+        ["worker", "--master", "192.0.2.7:50051", "--token", "dxt_secret"],
+    ],
+    ids=["client", "worker"],
+)
+def test_a_token_is_not_sent_unencrypted_beyond_this_machine(args: list[str]) -> None:
+    """Without --ca a client sent its bearer token in clear to any address: read on the way,
+    or collected by whatever took a master's port (a security review caught it with a fake
+    listener)."""
+    result = run_cli(*args)
+    assert result.code == 2
+    assert "a token would go unencrypted to 192.0.2.7:50051: give the CA" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_token_for_a_master_on_this_machine_needs_no_tls() -> None:
+    credentials = Credentials(token="dxt_secret")
+    credentials.check_target("127.0.0.1:50051")
+    credentials.check_target("localhost:50051")
+    credentials.check_target(":50051")
+    Credentials(ca=b"pem", token="dxt_secret").check_target("192.0.2.7:50051")
+    Credentials().check_target("192.0.2.7:50051")  # (no token: nothing to give away)

@@ -237,6 +237,10 @@ def connect(address: str) -> Client:
     credentials = Credentials(explicit.ca or base.ca, cert, key, given["token"] or base.token)
     if credentials.cert is not None and credentials.ca is None:
         fail("a client certificate (--cert) needs --ca to verify the master", EXIT_USAGE)
+    try:
+        credentials.check_target(address)
+    except CredentialsError as exc:
+        fail(str(exc), EXIT_USAGE)
     client = Client(address, credentials=credentials)
     client.on_reconnect = lambda message: click.echo(f"dist-exec: {message}", err=True)
     return client

@@ -50,6 +50,8 @@ from dist_exec.models import (
 )
 from dist_exec.security.credentials import (
     TOKEN_ENV,
+    Credentials,
+    CredentialsError,
 )
 from dist_exec.tuning import run_server, tune_gc
 
@@ -683,6 +685,10 @@ def worker(
         http_max_body_bytes=http_max_body,
     )
     check_listen(listen)
+    try:
+        Credentials(tls.ca if tls else None, token=token).check_target(master_address)
+    except CredentialsError as exc:
+        fail(f"--token: {exc}", EXIT_USAGE)
     try:
         serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
     except ContainmentError as exc:

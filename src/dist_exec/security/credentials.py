@@ -24,6 +24,7 @@ import platformdirs
 
 from dist_exec.config import dial_address, split_address
 from dist_exec.security.private_files import private_dir, write_private
+from dist_exec.security.tls import is_loopback
 
 CLIENT_CONFIG = "client.json"
 TOKEN_ENV = "DIST_EXEC_TOKEN"
@@ -69,7 +70,18 @@ class Credentials:
             token = (read(token_file, "token file") or b"").decode().strip()
         return cls(read(ca, "CA"), read(cert, "certificate"), read(key, "key"), token)
 
+    def check_target(self, address: str) -> None:
+        """Refuse (CredentialsError) to send a token without TLS beyond this machine: anyone on
+        the way would read it, and a server that is not the master (one that took its port
+        while it was down) would collect it."""
+        if self.token and self.ca is None and not is_loopback(dial_address(address)):
+            raise CredentialsError(
+                f"a token would go unencrypted to {address}: give the CA of its TLS "
+                "certificate (--ca), or reach it on 127.0.0.1"
+            )
+
     def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        self.check_target(address)
         interceptors = (
             [_TokenUnary(self.token), _TokenStream(self.token), _TokenBidi(self.token)]
             if self.token
