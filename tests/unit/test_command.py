@@ -177,6 +177,8 @@ def test_parse_payload_rejects_lone_surrogates(raw: bytes) -> None:
         (b"plain\r\n", {"stdin": "plain\r\n"}),
         ("\u00e9".encode() * 3, {"stdin": "\u00e9" * 3}),
         (b"\xff\n", {"stdin_base64": "/wo="}),  # not UTF-8
+        # Control characters: escaped in JSON (6 bytes a NUL), base64 is smaller.
+        (b"\0" * 6, {"stdin_base64": "AAAAAAAA"}),
     ],
 )
 def test_stdin_goes_as_text_when_it_is_utf8_else_as_base64(

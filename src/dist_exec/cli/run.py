@@ -272,7 +272,7 @@ def run(
     if len(spec.payload) > MAX_PAYLOAD_BYTES:
         fail(
             f"the job is {len(spec.payload)} bytes as sent (its command, environment and input; "
-            "--stdin that is not UTF-8 in base64, 4/3 of its size), over the "
+            "--stdin in base64, 4/3 of its size, when that is smaller than as text), over the "
             f"{format_size(MAX_PAYLOAD_BYTES)} a master accepts",
             EXIT_NOT_RUN,
         )

@@ -84,10 +84,19 @@ class CommandSpec:
         if self.working_dir:
             body["working_dir"] = self.working_dir
         if self.stdin:
+            encoded = base64.b64encode(self.stdin).decode()
             try:
-                body["stdin"] = self.stdin.decode()
+                text = self.stdin.decode()
             except UnicodeDecodeError:
-                body["stdin_base64"] = base64.b64encode(self.stdin).decode()
+                body["stdin_base64"] = encoded
+            else:
+                # Control characters are escaped in JSON (a NUL takes 6 bytes): as text or in
+                # base64 (4/3 of its size), whichever is smaller as sent.
+                as_text = len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+                if as_text <= len(encoded) + 2:
+                    body["stdin"] = text
+                else:
+                    body["stdin_base64"] = encoded
         # Not escaped to ASCII: the payload is as large as what it holds (a limit applies). A
         # lone surrogate passes as such, for parse_payload to refuse.
         return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
