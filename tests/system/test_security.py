@@ -561,3 +561,30 @@ def test_a_token_for_a_master_on_this_machine_needs_no_tls() -> None:
     credentials.check_target(":50051")
     Credentials(ca=b"pem", token="dxt_secret").check_target("192.0.2.7:50051")
     Credentials().check_target("192.0.2.7:50051")  # (no token: nothing to give away)
+
+
+def test_tls_files_that_are_not_what_they_should_be_are_one_usage_error(tmp_path: Path) -> None:
+    """A CA that is no certificate, a key that is not the certificate's, the two swapped:
+    gRPC logged lines of its own and the client said "not authenticated" (exit 3), as if
+    the master had refused it; a server failed at its first connection."""
+    ca = init_ca(tmp_path)
+    alice = issue(tmp_path, "alice", "admin", tmp_path)
+    bob = issue(tmp_path, "bob", "admin", tmp_path)
+    cases = {
+        ("--ca", "/etc/hostname"): "--ca /etc/hostname is not a PEM certificate (",
+        ("--ca", str(ca.cert), "--cert", str(alice.cert), "--key", str(bob.key)):
+            f"--key {bob.key} is not the key of --cert {alice.cert}",
+        ("--ca", str(ca.cert), "--cert", str(alice.key), "--key", str(alice.cert)):
+            f"--cert {alice.key} is not a PEM certificate (",
+    }  # fmt: skip
+    for args, message in cases.items():
+        result = run_cli("whoami", *args, master="127.0.0.1:1")
+        assert result.code == 2, result.stderr
+        assert result.stderr.startswith(f"dist-exec: {message}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    server = run_cli(
+        "worker", "--master", "127.0.0.1:1", "--tls-ca", str(ca.cert),
+        "--tls-cert", str(alice.cert), "--tls-key", str(bob.key),
+    )  # fmt: skip
+    assert server.code == 2
+    assert f"--tls-key {bob.key} is not the key of --tls-cert {alice.cert}" in server.stderr

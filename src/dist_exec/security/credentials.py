@@ -24,7 +24,7 @@ import platformdirs
 
 from dist_exec.config import dial_address, split_address
 from dist_exec.security.private_files import private_dir, write_private
-from dist_exec.security.tls import is_loopback
+from dist_exec.security.tls import check_pem, is_loopback
 
 CLIENT_CONFIG = "client.json"
 TOKEN_ENV = "DIST_EXEC_TOKEN"
@@ -68,7 +68,18 @@ class Credentials:
 
         if not token and token_file is not None:
             token = (read(token_file, "token file") or b"").decode().strip()
-        return cls(read(ca, "CA"), read(cert, "certificate"), read(key, "key"), token)
+        files = {"--ca": (ca, read(ca, "CA")), "--cert": (cert, read(cert, "certificate")),
+                 "--key": (key, read(key, "key"))}  # fmt: skip
+        given = {
+            option: (option, path, data)
+            for option, (path, data) in files.items()
+            if path is not None and data is not None
+        }
+        try:
+            check_pem(given.get("--ca"), given.get("--cert"), given.get("--key"))
+        except ValueError as exc:
+            raise CredentialsError(str(exc)) from None
+        return cls(files["--ca"][1], files["--cert"][1], files["--key"][1], token)
 
     def check_target(self, address: str) -> None:
         """Refuse (CredentialsError) to send a token without TLS beyond this machine: anyone on

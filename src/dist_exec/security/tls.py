@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -22,6 +23,53 @@ INSECURE_FLAG = "--insecure-no-tls-i-know-this-exposes-remote-execution"
 
 class TlsConfigError(Exception):
     """TLS files are missing, unreadable or incomplete."""
+
+
+PemFile = tuple[str, Path, bytes]  # the option that named it, its path, its bytes
+
+
+def check_pem(ca: PemFile | None, cert: PemFile | None, key: PemFile | None) -> None:
+    """Refuse (ValueError: one line naming the option and the file) what gRPC would only
+    fail on later, with lines of its own log and a misleading status: a CA or certificate
+    that is not PEM, a key that is not an unencrypted PEM private key, or not the key of
+    the certificate."""
+    from cryptography import x509  # (here: only a process given TLS files needs it)
+    from cryptography.hazmat.primitives import serialization
+
+    def fail(file: PemFile, what: str, exc: Exception) -> ValueError:
+        return ValueError(f"{file[0]} {file[1]} is not {what} ({exc})")
+
+    def spki(public_key: Any) -> bytes:
+        return bytes(
+            public_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(ca[2])
+        except ValueError as exc:
+            raise fail(ca, "a PEM certificate", exc) from None
+    certificate = private = None
+    if cert is not None:
+        try:
+            certificate = x509.load_pem_x509_certificate(cert[2])
+        except ValueError as exc:
+            raise fail(cert, "a PEM certificate", exc) from None
+    if key is not None:
+        try:
+            private = serialization.load_pem_private_key(key[2], password=None)
+        except (ValueError, TypeError) as exc:
+            raise fail(key, "an unencrypted PEM private key", exc) from None
+    if (
+        cert is not None
+        and key is not None
+        and certificate is not None
+        and private is not None
+        and spki(certificate.public_key()) != spki(private.public_key())
+    ):
+        raise ValueError(f"{key[0]} {key[1]} is not the key of {cert[0]} {cert[1]}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +96,17 @@ class TlsFiles:
                 data[flag] = path.read_bytes()
             except OSError as exc:
                 raise TlsConfigError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+        assert cert is not None
+        assert key is not None
+        assert ca is not None
+        try:
+            check_pem(
+                ("--tls-ca", ca, data["--tls-ca"]),
+                ("--tls-cert", cert, data["--tls-cert"]),
+                ("--tls-key", key, data["--tls-key"]),
+            )
+        except ValueError as exc:
+            raise TlsConfigError(str(exc)) from None
         return cls(data["--tls-cert"], data["--tls-key"], data["--tls-ca"])
 
     def server_credentials(self) -> grpc.ServerCredentials:
