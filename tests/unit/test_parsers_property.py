@@ -218,3 +218,10 @@ def test_a_redacted_http_payload_masks_the_password_in_its_url() -> None:
         "url": "http://deploy:***@svc/hook",
         "headers": {"Authorization": REDACTED},
     }
+
+
+def test_audit_summaries_hide_secret_query_parameters() -> None:
+    """An ?access_token= stayed in the audit log (and for the read role)."""
+    url = "https://svc.internal/hook?access_token=abc&page=2&Api-Key=k"
+    summary = task_summary("http", json.dumps({"url": url}).encode())
+    assert summary["url"] == "https://svc.internal/hook?access_token=***&page=2&Api-Key=***"

@@ -95,15 +95,20 @@ def redacted_payload(payload: bytes) -> bytes:
 
 
 def _without_password(url: str) -> str:
-    """A URL with the password it may carry replaced by *** (the user is kept: who, not how);
-    also one that does not parse (a refused job is logged too)."""
+    """A URL with the password it may carry replaced by *** (the user is kept: who, not how),
+    and the values of its query parameters whose names look secret (``?access_token=``)
+    replaced by *** too; also one that does not parse (a refused job is logged too)."""
     try:
         parsed = URL(url)
         if parsed.password is not None:
-            return str(parsed.with_password("***"))
+            parsed = parsed.with_password("***")
+        if any(SECRET_NAME.search(name) for name in parsed.query):
+            parsed = parsed.with_query(
+                [(k, "***" if SECRET_NAME.search(k) else v) for k, v in parsed.query.items()]
+            )
+        return str(parsed) if parsed != URL(url) else url
     except (ValueError, TypeError):  # (UnicodeError too) not a URL the executor would take
         return _USERINFO_PASSWORD.sub(r"\1***@", url)
-    return url
 
 
 _USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#@]*@")
