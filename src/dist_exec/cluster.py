@@ -119,10 +119,14 @@ def _wait_ready(proc: subprocess.Popen[str], what: str, log_path: Path) -> str:
         if time.monotonic() > deadline:
             break
     proc.poll()
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-    raise ClusterError(
-        f"{what} did not start; last log lines ({log_path}):\n  " + "\n  ".join(tail)
-    )
+    raise ClusterError(f"{what} did not start: {_last_line(log_path)} (log: {log_path})")
+
+
+def _last_line(log_path: Path) -> str:
+    """The last line a process that failed wrote to its log (its one-line error), without
+    the "dist-exec: " it starts with."""
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return lines[-1].removeprefix("dist-exec: ") if lines else "it wrote nothing"
 
 
 def _stop(procs: list[subprocess.Popen[str]]) -> None:
@@ -260,8 +264,7 @@ def start_background(options: ClusterOptions) -> str:
             return str(json.loads(state.read_text())["master"])
         if proc.poll() is not None:
             pid_path.unlink(missing_ok=True)
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise ClusterError("cluster did not start:\n  " + "\n  ".join(tail))
+            raise ClusterError(f"cluster did not start: {_last_line(log_path)}")
         time.sleep(0.05)
     raise ClusterError(f"cluster not ready after {READY_TIMEOUT_S * 2:.0f}s; see {log_path}")
 

@@ -50,3 +50,20 @@ def test_broadcast_runs_on_every_node_and_reports_each(cluster: ClusterFactory) 
     nobody = run_cli("run", "--all", "--selector", "zone=z", "true", master=addr)
     assert nobody.code == 125
     assert "no healthy worker runs task type 'command' with labels zone=z" in nobody.stderr
+
+
+def test_cancel_of_a_broadcast_cancels_its_jobs_that_run(cluster: ClusterFactory) -> None:
+    """`cancel BROADCAST_ID` said "not found" (status and list take the id)."""
+    master = cluster.master()
+    for name in ("w1", "w2"):
+        cluster.worker(master, worker_id=name)
+    addr = master.address
+    started = run_cli("run", "--all", "--detach", "--json", "sleep 300", master=addr)
+    broadcast = json.loads(started.stdout)["broadcast_id"]
+    result = run_cli("cancel", broadcast, master=addr)
+    assert result.code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"broadcast {broadcast}: 2 node(s)"
+    assert sorted(line.split(" (")[1].split(")")[0] for line in lines[1:]) == ["w1", "w2"]
+    group = json.loads(run_cli("status", broadcast, "--json", master=addr).stdout)
+    assert {j["status"] for j in group["jobs"]} == {"CANCELLED"}

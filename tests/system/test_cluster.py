@@ -303,6 +303,22 @@ def test_a_second_server_on_a_used_port_refuses_to_start(cluster: ClusterFactory
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("detach", [False, True], ids=["up", "up -d"])
+def test_up_on_a_used_port_says_why_in_one_line(cluster: ClusterFactory, detach: bool) -> None:
+    """It printed the master's last log lines, the background one with literal \\n."""
+    master = cluster.master()
+    data = cluster.tmp / f"up-{detach}"
+    args = ["up", *(["-d"] if detach else []), "--workers", "1", "--data-dir", str(data)]
+    result = run_cli(*args, "--listen", master.address)
+    assert result.code == 1
+    because = (
+        f"master did not start: cannot listen on {master.address}: Address already in use "
+        f"(log: {data / 'logs' / 'master.log'})"
+    )
+    wanted = f"cluster did not start: {because}" if detach else because
+    assert result.stderr == f"dist-exec: {wanted}\n"
+
+
 def test_an_unusable_data_dir_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import json
@@ -22,8 +23,9 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.cli.run import OutputPrinter
+from dist_exec.client import Client
 from dist_exec.config import MAX_INT32, MAX_LIST_JOBS
-from dist_exec.errors import DistExecError, JobNotFound
+from dist_exec.errors import DistExecError, JobAlreadyFinished, JobNotFound
 from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.models import (
     Job,
@@ -250,20 +252,41 @@ def _emit(attempt: int, stream: Stream, offset: int, text: str) -> None:
 @master_option
 @json_option
 def cancel(job_id: str, master_address: str, as_json: bool) -> None:
-    """Cancel a queued or running job (its whole process group is killed)."""
+    """Cancel a queued or running job (its whole process group is killed); given a
+    broadcast's id, each of its per-node jobs that has not ended."""
 
-    async def body() -> tuple[str, Job]:
+    async def one(client: Client, member: str) -> tuple[str, Job]:
+        try:
+            message = await client.cancel(member)
+        except JobAlreadyFinished as exc:
+            message = exc.message
+        return message, await client.get(member)
+
+    async def body() -> list[tuple[str, Job]] | tuple[str, Job]:
         async with connect(master_address) as client:
-            message = await client.cancel(job_id)
+            try:
+                message = await client.cancel(job_id)
+            except JobNotFound:
+                members, _ = await client.list_jobs(MAX_LIST_JOBS, broadcast_id=job_id)
+                if not members:
+                    raise
+                return list(await asyncio.gather(*(one(client, j.id) for j, _ in members)))
             return message, await client.get(job_id)
 
-    message, job = run_client(body())
+    found = run_client(body())
+    cancelled = found if isinstance(found, list) else [found]
     if as_json:
-        print_json(
+        reports = [
             {"id": job.id, "cancelled": True, "message": message, "status": job.status.value}
-        )
-    else:
-        click.echo(f"job {job.id}: {message}")
+            for message, job in cancelled
+        ]
+        print_json(reports if isinstance(found, list) else reports[0])
+        return
+    if isinstance(found, list):
+        click.echo(f"broadcast {job_id}: {len(found)} node(s)")
+    for message, job in cancelled:
+        node = f" ({job.spec.node_id})" if job.spec.broadcast_id else ""
+        click.echo(f"job {job.id}{node}: {message}")
 
 
 @click.command()
