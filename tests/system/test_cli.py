@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SmallCluster, pid_alive, run_cli, wait_for
+from tests.conftest import ClusterFactory, SmallCluster, pid_alive, run_cli, wait_for
 
 JOB_KEYS = {
     "id", "status", "exit_code", "output", "stderr", "error", "worker_id", "priority",
@@ -270,6 +270,23 @@ def signal_set(pid: int, field: str) -> set[signal.Signals]:
     )
     mask = int(line.split()[1], 16)
     return {signal.Signals(n) for n in range(1, 32) if mask >> (n - 1) & 1}
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["spawned", "forked under limits"])
+def test_commands_do_not_inherit_the_signals_a_worker_was_started_ignoring(
+    cluster: ClusterFactory, limited: bool
+) -> None:
+    """A worker started with SIGHUP and SIGQUIT ignored (nohup, a script's background job)
+    gave its commands those signals ignored too: Ctrl-\\ or a hangup did nothing to them."""
+    master = cluster.master()
+    ignoring = ["/bin/sh", "-c", 'trap "" HUP QUIT; exec "$@"', "sh"]
+    cluster.worker(master, worker_id="w1", run_as="nobody", prefix=ignoring)
+    limits = ["--max-procs", "64"] if limited else []
+    result = run_cli("run", *limits, "grep SigIgn /proc/self/status", master=master.address)
+    assert result.code == 0, result.stderr
+    mask = int(result.stdout.split()[1], 16)
+    ignored = {signal.Signals(n) for n in range(1, 32) if mask >> (n - 1) & 1}
+    assert not ignored & {signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM}
 
 
 def test_run_keeps_a_signal_it_was_started_ignoring_ignored(

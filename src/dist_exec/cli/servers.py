@@ -56,6 +56,10 @@ from dist_exec.security.credentials import (
 from dist_exec.tuning import run_server, tune_gc
 
 
+def _caught(signum: int, frame: object) -> None:
+    """Does nothing: see where it is installed."""
+
+
 def serve(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run a server until SIGTERM or SIGINT; a second signal stops it at once."""
 
@@ -689,6 +693,12 @@ def worker(
         Credentials(tls.ca if tls else None, token=token).check_target(master_address)
     except CredentialsError as exc:
         fail(f"--token: {exc}", EXIT_USAGE)
+    # A worker started ignoring SIGHUP or SIGQUIT (nohup, a background job of a script) goes
+    # on doing so, but catches them instead: an ignored signal stays ignored in what a process
+    # starts, and its commands are to start as from a terminal; a caught one is reset at exec.
+    for sig in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _caught)
     try:
         serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
     except ContainmentError as exc:

@@ -545,7 +545,7 @@ def main() -> None:
     # FD UID GID [LAST_UID]: requests may name a uid of UID..LAST_UID (a uid per task).
     sock_fd, uid, gid = (int(arg) for arg in sys.argv[1:4])
     last_uid = int(sys.argv[4]) if len(sys.argv) > 4 else uid
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         # Only the end of the socket ends it. Caught, not ignored: an ignored signal would stay
         # ignored in the commands it starts (a caught one is reset when they exec).
         signal.signal(sig, _ignore)
