@@ -588,3 +588,24 @@ def test_tls_files_that_are_not_what_they_should_be_are_one_usage_error(tmp_path
     )  # fmt: skip
     assert server.code == 2
     assert f"--tls-key {bob.key} is not the key of --tls-cert {alice.cert}" in server.stderr
+
+
+def test_an_allow_list_of_commands_leaves_http_requests_off_unless_asked_for(
+    cluster: ClusterFactory,
+) -> None:
+    """Under --allow-command a job could still have the worker make HTTP requests (to its
+    loopback services, a cloud's metadata address): the list says what jobs may do."""
+    master = cluster.master()
+    cluster.worker(master, worker_id="listed", extra=["--allow-command", "echo"])
+    cluster.worker(
+        master,
+        worker_id="asked",
+        extra=["--allow-command", "echo", "--task-type", "command", "--task-type", "http"],
+    )
+    cluster.worker(master, worker_id="open")
+    nodes = json.loads(run_cli("nodes", "--json", master=master.address).stdout)
+    assert {n["id"]: n["capabilities"] for n in nodes} == {
+        "listed": ["command"],
+        "asked": ["command", "http"],
+        "open": ["command", "http"],
+    }

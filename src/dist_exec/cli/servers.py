@@ -337,12 +337,18 @@ def _one_user_option(run_as: str | None, run_as_pool: str | None) -> None:
         fail("--run-as-pool replaces --run-as: give one of them", EXIT_USAGE)
 
 
-def worker_task_types(given: tuple[str, ...]) -> tuple[str, ...]:
+def worker_task_types(
+    given: tuple[str, ...], allowed_commands: tuple[str, ...] = ()
+) -> tuple[str, ...]:
     """--task-type, else WORKER_TASK_TYPES; each an installed executor (else one line, exit 2).
-    Empty: every installed one."""
+    Empty: every installed one; but under an allow-list of commands, only commands: the list
+    says what a job may do, and an HTTP request from the worker (its network, its loopback
+    services) is not in it unless --task-type says so."""
     from dist_exec.executors import installed_executors
 
     names = _rules(given, "WORKER_TASK_TYPES")
+    if not names and allowed_commands:
+        names = ("command",)
     installed = installed_executors()
     unknown = [n for n in names if n not in installed]
     if unknown:
@@ -670,7 +676,7 @@ def worker(
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
         allowed_env=_rules(allowed_env, "ALLOWED_ENV"),
         weight=weight,
-        task_types=worker_task_types(task_types),
+        task_types=worker_task_types(task_types, _rules(allowed_commands, "ALLOWED_COMMANDS")),
         labels=all_labels,
         heartbeat_interval_s=heartbeat_interval,
         drain_timeout_s=drain_timeout,
