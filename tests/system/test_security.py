@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -609,3 +610,26 @@ def test_an_allow_list_of_commands_leaves_http_requests_off_unless_asked_for(
         "asked": ["command", "http"],
         "open": ["command", "http"],
     }
+
+
+async def test_each_owner_has_idempotency_keys_of_its_own(cluster: ClusterFactory) -> None:
+    """Keys were one namespace: bob could take alice's (predictable) key first; her submit
+    was then refused (ALREADY_EXISTS), naming his job."""
+    master, tokens = _token_master(cluster)
+    key = "deploy-42"
+    spec = replace(command_spec(["echo", "alice"]), idempotency_key=key)
+
+    def as_(name: str) -> Client:
+        return Client(master.address, credentials=Credentials(token=tokens[name]))
+
+    async with as_("alice") as alice, as_("bob") as bob:
+        theirs = await bob.submit(replace(command_spec(["echo", "bob"]), idempotency_key=key))
+        mine = await alice.submit(spec)
+        assert mine != theirs
+        assert await alice.submit(spec) == mine  # (still idempotent for her)
+        assert (await alice.get(mine)).spec.owner == "alice"
+    # And so after the jobs ended, from the store (a restarted master, say).
+    master.stop()
+    restarted = cluster.master(data_dir=Path(master.extra["data_dir"]))
+    async with Client(restarted.address, credentials=Credentials(token=tokens["alice"])) as alice:
+        assert await alice.submit(spec) == mine

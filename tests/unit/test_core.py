@@ -309,9 +309,9 @@ class SlowKeyStore(HeldStore):
         self.looking_up = asyncio.Event()
 
     async def find_by_keys(
-        self, keys: Collection[str], since: datetime
+        self, keys: Collection[str], since: datetime, owner: str
     ) -> dict[str, tuple[JobId, str]]:
-        found = await super().find_by_keys(keys, since)
+        found = await super().find_by_keys(keys, since, owner)
         if "slow" in keys and not self.looking_up.is_set():
             self.looking_up.set()
             await self.lookup_gate.wait()
@@ -424,9 +424,9 @@ class GatedKeysStore(HeldStore):
             self.gates[key], self.arrived[key] = asyncio.Event(), asyncio.Event()
 
     async def find_by_keys(
-        self, keys: Collection[str], since: datetime
+        self, keys: Collection[str], since: datetime, owner: str
     ) -> dict[str, tuple[JobId, str]]:
-        found = await super().find_by_keys(keys, since)
+        found = await super().find_by_keys(keys, since, owner)
         for key in set(keys) & set(self.gates):
             self.arrived[key].set()
             await self.gates[key].wait()

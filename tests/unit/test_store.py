@@ -634,7 +634,10 @@ async def test_find_by_keys_gives_the_newest_job_of_each_key_since_a_time(
     await store.insert(keyed("other", "k2", T0))
     many = [f"m{i}" for i in range(1200)]  # more than one query's worth
     await store.insert_many([keyed(f"job-{k}", k, T0) for k in many])
-    found = await store.find_by_keys(["k1", "k2", "k3", *many], T0 - timedelta(days=1))
+    await store.insert(
+        replace(keyed("theirs", "k3", T0), spec=replace(keyed("x", "k3", T0).spec, owner="bob"))
+    )
+    found = await store.find_by_keys(["k1", "k2", "k3", *many], T0 - timedelta(days=1), "")
     assert {k: v[0] for k, v in found.items() if not k.startswith("m")} == {
         "k1": "second",
         "k2": "other",

@@ -57,3 +57,12 @@ class ActiveJob:
     @property
     def spec(self) -> TaskSpec:
         return self.record.spec
+
+
+OWNER_SEP = "\0"  # (no identity name holds it)
+
+
+def owned_key(spec: TaskSpec) -> str:
+    """The job's idempotency key as the master keeps it (empty: none): each owner's keys
+    apart, so that another identity's use of a key neither takes it nor names its job."""
+    return f"{spec.owner}{OWNER_SEP}{spec.idempotency_key}" if spec.idempotency_key else ""

@@ -20,7 +20,7 @@ from typing import Any
 
 from dist_exec.clock import Clock
 from dist_exec.config import MasterConfig, format_duration
-from dist_exec.master.active import ActiveJob
+from dist_exec.master.active import ActiveJob, owned_key
 from dist_exec.master.dispatcher import (
     AttemptGone,
     AttemptRejected,
@@ -73,7 +73,7 @@ class Attempts:
 
     def _forget_key(self, job: ActiveJob) -> None:
         """Once a job has ended (or was never accepted) the store answers for its key."""
-        key = job.spec.idempotency_key
+        key = owned_key(job.spec)
         if key and self._keys.get(key, (None, ""))[0] == job.id:
             del self._keys[key]
 

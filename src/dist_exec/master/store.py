@@ -190,7 +190,7 @@ class JobStore(Protocol):
     async def unfinished(self) -> list[tuple[int, Job]]: ...
     async def prune(self, ended_before: datetime, keyed_before: datetime, limit: int) -> int: ...
     async def find_by_keys(
-        self, keys: Collection[str], since: datetime
+        self, keys: Collection[str], since: datetime, owner: str
     ) -> dict[str, tuple[JobId, str]]: ...
     async def read_output(
         self, job_id: JobId, offsets: Mapping[Stream, int], settled: bool = False
@@ -886,10 +886,11 @@ class SqliteJobStore:
         return await self._read(op)
 
     async def find_by_keys(
-        self, keys: Collection[str], since: datetime
+        self, keys: Collection[str], since: datetime, owner: str
     ) -> dict[str, tuple[JobId, str]]:
-        """For each idempotency key, the newest job created with it since ``since``: (id,
-        hash); keys without one are left out. One query per KEYS_PER_QUERY keys."""
+        """For each of ``owner``'s idempotency keys, the newest job it created with it since
+        ``since``: (id, hash); keys without one are left out. One query per KEYS_PER_QUERY
+        keys."""
         wanted = list(keys)
 
         def op(conn: sqlite3.Connection) -> dict[str, tuple[JobId, str]]:
@@ -899,8 +900,9 @@ class SqliteJobStore:
                 marks = ", ".join("?" * len(part))
                 for key, job_id, digest in conn.execute(
                     "SELECT idempotency_key, id, request_hash FROM jobs"
-                    f" WHERE idempotency_key IN ({marks}) AND created_at >= ? ORDER BY seq",
-                    (*part, _ts(since)),
+                    f" WHERE idempotency_key IN ({marks}) AND owner = ? AND created_at >= ?"
+                    " ORDER BY seq",
+                    (*part, owner, _ts(since)),
                 ):
                     found[key] = (JobId(job_id), digest)  # (the newest comes last)
             return found

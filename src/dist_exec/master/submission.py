@@ -27,7 +27,7 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import Executor
 from dist_exec.executors.limits import check as check_limits
-from dist_exec.master.active import ActiveJob
+from dist_exec.master.active import OWNER_SEP, ActiveJob, owned_key
 from dist_exec.master.admission import RateLimiter
 from dist_exec.master.output import OutputHub
 from dist_exec.master.registry import NodeRegistry
@@ -181,10 +181,10 @@ class Submission:
         ids: list[JobId | None] = [None] * len(checked)
         fresh = []
         for i, spec in enumerate(checked):
-            key = spec.idempotency_key
+            key = owned_key(spec)
             hit = self._keys.get(key) or known.get(key) if key else None
             if hit is not None:
-                ids[i] = _same_request(key, spec, hit)
+                ids[i] = _same_request(spec, hit)
             else:
                 fresh.append((i, spec))
         if not fresh:
@@ -209,9 +209,9 @@ class Submission:
         now = self.clock.now()
         jobs = []
         for i, spec in fresh:
-            key = spec.idempotency_key
+            key = owned_key(spec)
             if key and key in self._keys:  # the same key twice in one batch
-                ids[i] = _same_request(key, spec, self._keys[key])
+                ids[i] = _same_request(spec, self._keys[key])
                 continue
             job = Job(JobId(str(uuid.uuid4())), spec, JobStatus.PENDING, now)
             if key:
@@ -224,18 +224,26 @@ class Submission:
         """Jobs already created for the batch's idempotency keys, from the store (keys of
         active jobs are answered by ``_keys``)."""
         since = self.clock.now() - timedelta(seconds=self.config.idempotency_retention_s)
-        keys = {spec.idempotency_key for spec in specs if spec.idempotency_key}
-        if too_long := next((k for k in keys if len(k) > MAX_KEY_CHARS), None):
+        keyed = [spec for spec in specs if spec.idempotency_key]
+        if too_long := next(
+            (s.idempotency_key for s in keyed if len(s.idempotency_key) > MAX_KEY_CHARS), None
+        ):
             raise InvalidTaskSpec(
                 f"idempotency key longer than {MAX_KEY_CHARS} chars: {shorten(too_long)}"
             )
-        known = {}
+        owners = {spec.owner for spec in keyed}
+        assert len(owners) <= 1  # (a batch is one caller's)
+        owner = next(iter(owners), "")
+        keys = {owned_key(spec) for spec in keyed}
+        known: dict[str, tuple[JobId, str]] = {}
         looked: set[str] = set()
         # Until every key is either active or was looked up: a key active before may have
         # ended during any of the lookups (its job is in the store by then). Ends, since
         # ``looked`` only grows; no other batch takes a key meanwhile (the caller's lock).
         while todo := {key for key in keys if key not in self._keys and key not in looked}:
-            known.update(await self.store.find_by_keys(todo, since))
+            raw = [key.partition(OWNER_SEP)[2] for key in todo]
+            found = await self.store.find_by_keys(raw, since, owner)
+            known.update({f"{owner}{OWNER_SEP}{key}": hit for key, hit in found.items()})
             looked |= todo
         return known
 
@@ -281,12 +289,12 @@ class Submission:
         self.hub.close(job_id, None)
 
 
-def _same_request(key: str, spec: TaskSpec, known: tuple[JobId, str]) -> JobId:
-    """The job already created for this key, if the request is the same one."""
+def _same_request(spec: TaskSpec, known: tuple[JobId, str]) -> JobId:
+    """The job already created for the spec's key, if the request is the same one."""
     job_id, digest = known
     if digest != request_hash(spec):
         raise AlreadyExists(
-            f"idempotency key {shorten(key)} was already used for a different request "
-            f"(job {job_id}); use a new key for a new job"
+            f"idempotency key {shorten(spec.idempotency_key)} was already used for a different "
+            f"request (job {job_id}); use a new key for a new job"
         )
     return job_id
