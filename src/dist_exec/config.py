@@ -200,6 +200,9 @@ class MasterConfig:
     rate_limit_per_s: float = 1000.0  # jobs per second per client; 0 turns it off
     rate_burst: int = 2000
     max_queued: int = 100_000  # jobs waiting; more are refused, nothing accepted is dropped
+    # What the payloads of jobs waiting or running may hold (the master keeps them in memory);
+    # one identity's at most half of it.
+    max_payload_memory: int = 1024**3
     idempotency_retention_s: float = 86400.0  # how long a submit's idempotency key is honoured
     job_retention_s: float = 7 * 86400.0  # ended jobs are deleted this long after; 0: never
     priority_aging_s: float = 60.0  # a waiting job gains a priority level this often; 0: never

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dist_exec.config import MasterConfig
+from dist_exec.errors import ResourceExhausted
 from dist_exec.master.active import HeldAttempt
 from dist_exec.master.attempts import backoff
 from dist_exec.master.core import Master
@@ -332,3 +334,32 @@ async def test_a_restart_does_not_start_a_queued_jobs_queue_timeout_again(tmp_pa
         )
 
     await with_master(tmp_path, ScriptedWorker(), config(tmp_path), second)
+
+
+async def test_what_active_jobs_hold_in_memory_is_bounded_and_shared_out(
+    tmp_path: Path,
+) -> None:
+    """Jobs waiting keep their payloads in the master's memory: one identity submitting 2,000
+    of 1 MB each, within its rate limit, took the master to 2 GB (a security review)."""
+    big = json.dumps({"command": "true", "env": {"PAD": "x" * 900}}).encode()  # ~1 KB
+    size = len(big)
+
+    def job(owner: str) -> TaskSpec:
+        return replace(SPEC, payload=big, owner=owner)
+
+    async def body(master: Master, store: HeldStore) -> None:
+        # No worker: every job waits. Half of the 4 jobs' worth for one identity...
+        alices = [await master.submit(job("alice")) for _ in range(2)]
+        with pytest.raises(ResourceExhausted, match="alice's jobs waiting or running hold"):
+            await master.submit(job("alice"))
+        # ...the rest for the others, then nobody.
+        await master.submit(job("bob"))
+        await master.submit(job("carol"))
+        with pytest.raises(ResourceExhausted, match="pass the master's"):
+            await master.submit(job("dave"))
+        assert await master.cancel(alices[0], 1.0) == "cancelled before it started"
+        await master.submit(job("alice"))  # (room again once a job has ended)
+
+    await with_master(
+        tmp_path, ScriptedWorker(), config(tmp_path, max_payload_memory=4 * size + size // 2), body
+    )

@@ -191,6 +191,14 @@ def ready_line(what: str) -> Callable[[str], None]:
     help="Jobs that may wait in the queue; more are refused (nothing accepted is dropped).",
 )
 @click.option(
+    "--max-payload-memory",
+    type=SIZE,
+    default="1G",
+    show_default=True,
+    help="What the payloads (command, environment, stdin) of the jobs waiting or running may "
+    "hold in the master's memory; more jobs are refused. One identity's: half of it.",
+)
+@click.option(
     "--priority-aging",
     type=DURATION,
     default="60s",
@@ -263,6 +271,7 @@ def master(
     rate_limit: float,
     rate_burst: int,
     max_queued: int,
+    max_payload_memory: int,
     priority_aging: float,
     allowed_commands: tuple[str, ...],
     blocked_commands: tuple[str, ...],
@@ -308,6 +317,7 @@ def master(
         rate_limit_per_s=rate_limit,
         rate_burst=rate_burst,
         max_queued=max_queued,
+        max_payload_memory=max_payload_memory,
         priority_aging_s=priority_aging,
         allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),

@@ -66,3 +66,42 @@ def owned_key(spec: TaskSpec) -> str:
     """The job's idempotency key as the master keeps it (empty: none): each owner's keys
     apart, so that another identity's use of a key neither takes it nor names its job."""
     return f"{spec.owner}{OWNER_SEP}{spec.idempotency_key}" if spec.idempotency_key else ""
+
+
+class PayloadBudget:
+    """What the payloads of the active jobs (waiting or running: the master holds them in
+    memory) come to, in all and for each owner; the master refuses jobs beyond ``limit`` in
+    all, or half of it for one owner (who cannot then take it all)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.by_owner: dict[str, int] = {}
+
+    def refusal(self, owner: str, size: int) -> str | None:
+        """Why ``size`` more bytes of ``owner``'s may not be taken, if they may not."""
+        if self.total + size > self.limit:
+            return (
+                f"the jobs waiting or running hold {self.total} bytes of payload, and "
+                f"{size} more would pass the master's {self.limit} (--max-payload-memory)"
+            )
+        mine = self.by_owner.get(owner, 0)
+        if mine + size > self.limit // 2:
+            return (
+                f"{owner or 'this caller'}'s jobs waiting or running hold {mine} bytes of "
+                f"payload, and {size} more would pass the half of --max-payload-memory "
+                f"({self.limit // 2}) one identity may hold"
+            )
+        return None
+
+    def add(self, spec: TaskSpec) -> None:
+        self.total += len(spec.payload)
+        self.by_owner[spec.owner] = self.by_owner.get(spec.owner, 0) + len(spec.payload)
+
+    def remove(self, spec: TaskSpec) -> None:
+        self.total -= len(spec.payload)
+        left = self.by_owner.get(spec.owner, 0) - len(spec.payload)
+        if left > 0:
+            self.by_owner[spec.owner] = left
+        else:
+            self.by_owner.pop(spec.owner, None)

@@ -20,7 +20,7 @@ from typing import Any
 
 from dist_exec.clock import Clock
 from dist_exec.config import MasterConfig, format_duration
-from dist_exec.master.active import ActiveJob, owned_key
+from dist_exec.master.active import ActiveJob, PayloadBudget, owned_key
 from dist_exec.master.dispatcher import (
     AttemptGone,
     AttemptRejected,
@@ -68,6 +68,7 @@ class Attempts:
     clock: Clock
     hub: OutputHub
     _active: dict[JobId, ActiveJob]
+    _payloads: PayloadBudget
     _wake: asyncio.Event
     _keys: dict[str, tuple[JobId, str]]  # idempotency keys of active jobs
 
@@ -371,7 +372,8 @@ class Attempts:
         try:
             await asyncio.shield(writing)
         finally:
-            self._active.pop(job.id, None)
+            if self._active.pop(job.id, None) is not None:
+                self._payloads.remove(job.spec)
             self._forget_key(job)
             job.ended.set()
 

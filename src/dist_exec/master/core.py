@@ -29,7 +29,7 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import Executor
 from dist_exec.executors.limits import summary as limits_summary
-from dist_exec.master.active import ActiveJob, HeldAttempt
+from dist_exec.master.active import ActiveJob, HeldAttempt, PayloadBudget
 from dist_exec.master.admission import RateLimiter
 from dist_exec.master.attempts import Attempts, clip
 from dist_exec.master.dispatcher import (
@@ -100,6 +100,7 @@ class Master(Submission, Attempts):
         self._tg: asyncio.TaskGroup | None = None
         self._seq = itertools.count(1)  # submission order, for FIFO within a priority
         self._keys: dict[str, tuple[JobId, str]] = {}  # idempotency keys of active jobs
+        self._payloads = PayloadBudget(config.max_payload_memory)
         self._key_lock = asyncio.Lock()
         # Nodes running a job that one more lost worker would fail as poison. Two such jobs
         # never share a node: a task that kills its workers cannot take another one on its
@@ -159,6 +160,7 @@ class Master(Submission, Attempts):
                 worker_losses=job.worker_losses,
             )
             self._active[job.id] = active
+            self._payloads.add(job.spec)
             if job.status == JobStatus.RUNNING:
                 # Its worker gets one heartbeat timeout to register again and claim it.
                 active.status = JobStatus.RUNNING

@@ -27,7 +27,7 @@ from dist_exec.errors import (
 )
 from dist_exec.executors import Executor
 from dist_exec.executors.limits import check as check_limits
-from dist_exec.master.active import OWNER_SEP, ActiveJob, owned_key
+from dist_exec.master.active import OWNER_SEP, ActiveJob, PayloadBudget, owned_key
 from dist_exec.master.admission import RateLimiter
 from dist_exec.master.output import OutputHub
 from dist_exec.master.registry import NodeRegistry
@@ -61,6 +61,7 @@ class Submission:
     hub: OutputHub
     rate_limiter: RateLimiter | None
     _active: dict[JobId, ActiveJob]
+    _payloads: PayloadBudget
     _seq: itertools.count[int]
     _keys: dict[str, tuple[JobId, str]]  # idempotency keys of active jobs
     _key_lock: asyncio.Lock  # held by a keyed batch from its key lookups to taking its keys
@@ -137,6 +138,7 @@ class Submission:
         for active in actives:
             active.queued_mono = now_mono
             self._active[active.id] = active
+            self._payloads.add(active.spec)
             self.scheduler.enqueue(active.id, active.seq, active.spec, now_mono)
         # Place what fits now, and write those jobs already RUNNING: one commit accepts a job
         # and records where it runs. Dispatch waits for that commit (_start_attempt); the ids
@@ -189,11 +191,16 @@ class Submission:
                 fresh.append((i, spec))
         if not fresh:
             return ids, []
-        self._admit(len(fresh), client)
+        self._admit([spec for _, spec in fresh], client)
         return ids, self._take_keys(fresh, ids)
 
-    def _admit(self, count: int, client: str) -> None:
-        """The client's rate limit and the bound on queued jobs."""
+    def _admit(self, specs: Sequence[TaskSpec], client: str) -> None:
+        """The bound on what active jobs hold in memory, the client's rate limit and the
+        bound on queued jobs."""
+        count = len(specs)
+        refusal = self._payloads.refusal(specs[0].owner, sum(len(s.payload) for s in specs))
+        if refusal is not None:
+            raise ResourceExhausted(f"{refusal}; try again once some have ended")
         if self.rate_limiter is not None:
             self.rate_limiter.admit(client or "anonymous", count)
         if len(self.scheduler) + count > self.config.max_queued:
@@ -285,6 +292,7 @@ class Submission:
         self.scheduler.remove(job_id)
         job = self._active.pop(job_id, None)
         if job is not None:
+            self._payloads.remove(job.spec)
             self._forget_key(job)
         self.hub.close(job_id, None)
 
