@@ -34,7 +34,9 @@ OUTPUT_TAIL_BYTES = 1024 * 1024  # kept beyond the head, replayed to a master th
 # Delivered results kept for a master that dies before committing them (bounded three ways).
 RECENT_RESULTS = 10_000
 RECENT_RESULT_BYTES = 64 * 1024 * 1024
-RECENT_RESULTS_S = 120.0
+# (As long as an undelivered result is held, --result-retention's default: a master down for
+# minutes, a supervisor's restart backoff, still finds the result it took but did not record.)
+RECENT_RESULTS_S = 600.0
 
 
 def _result_bytes(attempt: Attempt) -> int:
