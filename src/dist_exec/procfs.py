@@ -49,13 +49,15 @@ def real_uid(pid: int) -> int | None:
     return None
 
 
-def uids(pid: int) -> tuple[int, ...] | None:
-    """The real, effective, saved and file-system user ids of a process; None once gone."""
+def ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The user ids (real, effective, saved, file system) and the group ids of a process;
+    None once gone."""
     try:
         text = (PROC / str(pid) / "status").read_text()
     except OSError:
         return None
+    found: dict[str, tuple[int, ...]] = {}
     for line in text.splitlines():
-        if line.startswith("Uid:"):
-            return tuple(int(field) for field in line.split()[1:])
-    return None
+        if line.startswith(("Uid:", "Gid:")):
+            found[line[:3]] = tuple(int(field) for field in line.split()[1:])
+    return found.get("Uid", ()), found.get("Gid", ())

@@ -20,6 +20,7 @@ from dist_exec.executors.command import (
     ATTEMPT_ENV,
     BASE_ENV_KEYS,
     JOB_ENV,
+    RUN_ENV,
     CommandExecutor,
     CommandSpec,
     describe,
@@ -438,7 +439,7 @@ async def test_environment_is_only_what_was_given(monkeypatch: pytest.MonkeyPatc
     assert "DIST_EXEC_SECRET_TEST" not in env
     assert env["GIVEN"] == "yes"
     assert "PATH" in env
-    assert set(env) <= {*BASE_ENV_KEYS, "GIVEN", JOB_ENV, ATTEMPT_ENV}
+    assert set(env) <= {*BASE_ENV_KEYS, "GIVEN", JOB_ENV, ATTEMPT_ENV, RUN_ENV}
     assert env[ATTEMPT_ENV] == "1"
 
 
@@ -649,3 +650,14 @@ async def test_what_a_command_left_outside_its_group_is_killed_after_it_ends(
         await wait_until(lambda: not tagged(tags), "what the command left to be killed")
     finally:
         kill_tagged(tags)
+
+
+async def test_the_sweep_after_an_end_leaves_another_run_of_the_same_attempt_alone() -> None:
+    """The sweep looked for the job's and attempt's tags, which another run may have too (a
+    second worker on the host, a parallel test run): a live command was SIGKILLed 1 s after
+    an unrelated one of the same ids ended."""
+    other = asyncio.create_task(run(CommandSpec("sleep 2.5; echo alive", shell=True)))
+    outcome, _ = await run(CommandSpec("true"))  # (the same request ids: t-1, attempt 1)
+    assert outcome.status == ExecStatus.SUCCESS
+    alive, sink = await other
+    assert (alive.status, sink.stdout) == (ExecStatus.SUCCESS, b"alive\n")

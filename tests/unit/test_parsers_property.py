@@ -225,3 +225,10 @@ def test_audit_summaries_hide_secret_query_parameters() -> None:
     url = "https://svc.internal/hook?access_token=abc&page=2&Api-Key=k"
     summary = task_summary("http", json.dumps({"url": url}).encode())
     assert summary["url"] == "https://svc.internal/hook?access_token=***&page=2&Api-Key=***"
+
+
+def test_an_http_jobs_description_hides_secret_query_parameters_too() -> None:
+    """What `list` shows (and the job's http.url metadata, and its errors) to whoever may see
+    the job, the read role included."""
+    payload = json.dumps({"url": "https://u:pw@svc/x?access_token=SECRET&page=2"}).encode()
+    assert http.describe(payload) == "GET https://svc/x?access_token=***&page=2"

@@ -15,6 +15,7 @@ from dist_exec.executors import ExecRequest
 from dist_exec.executors import containment as containment_module
 from dist_exec.executors.command import CommandExecutor, CommandSpec
 from dist_exec.executors.containment import (
+    SET_ASIDE,
     Containment,
     ContainmentError,
     Mode,
@@ -23,7 +24,7 @@ from dist_exec.executors.containment import (
 )
 from dist_exec.executors.spawner import Spawner
 from dist_exec.models import ExecStatus, TaskLimits
-from tests.conftest import RecordingSink, pid_alive, wait_until
+from tests.conftest import RecordingSink, pid_alive, wait_for, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches users: needs root")
 POOL = "61000-61003"
@@ -144,7 +145,9 @@ def test_a_uid_given_back_leaves_no_files_and_no_process_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The next task to get the uid read a 0600 file an earlier one had left in /tmp; and a
-    process with the uid only as its effective id (a set-user-id program) outlived it."""
+    process with the uid only as its effective id (a set-user-id program) outlived it. A
+    tree of 1,100 directories (too deep for a recursive removal) neither keeps the uid out
+    of the pool nor holds up the task's end."""
     uid, other = 61001, 61002
     shared = tmp_path / "tmp"
     (shared / "open").mkdir(parents=True)
@@ -168,19 +171,39 @@ def test_a_uid_given_back_leaves_no_files_and_no_process_behind(
             path.mkdir()
             (path / "inside").write_text("x")
         os.chown(path, uid, uid, follow_symlinks=False)
+    deep = shared / "deep"
+    subprocess.run(
+        ["sh", "-c", f"cd {deep.parent} && mkdir deep && cd deep && "
+         "for i in $(seq 1100); do mkdir a && cd a; done && touch bottom"],
+        check=True,
+    )  # fmt: skip
+    os.chown(deep, uid, uid)
     (shared / "theirs").write_text("x")
     os.chown(shared / "theirs", other, other)
     monkeypatch.setattr(containment_module, "TEMP_DIRS", (str(shared),))
     effective_only = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setresuid(0, uid, 0))
+    group_only = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setresgid(0, uid, 0))
     try:
         pool = UidPool(range(uid, uid + 1))
         assert pool.take().uid == uid
         pool.give_back(uid)
-        assert effective_only.wait(10) == -signal.SIGKILL
-        assert pool.take().uid == uid  # (free again)
+        assert effective_only.wait(10) == group_only.wait(10) == -signal.SIGKILL
+        assert pool.take().uid == uid  # (free again, at once)
     finally:
-        effective_only.kill()
-        effective_only.wait()
-    remaining = sorted(str(p.relative_to(shared)) for p in shared.rglob("*"))
-    assert remaining == ["closed", "closed/not-reached", "open", "theirs"]
+        for proc in (effective_only, group_only):
+            proc.kill()
+            proc.wait()
+
+    def remaining() -> list[str]:
+        return sorted(str(p.relative_to(shared)) for p in shared.iterdir()) + sorted(
+            str(p.relative_to(shared)) for p in (shared / "open").iterdir()
+        )
+
+    wait_for(lambda: not any(SET_ASIDE in name for name in remaining()), 30, "the removal")
+    assert sorted(str(p.relative_to(shared)) for p in shared.rglob("*")) == [
+        "closed",
+        "closed/not-reached",
+        "open",
+        "theirs",
+    ]
     assert elsewhere.read_text() == "not the task's"  # (the link went, not what it named)

@@ -48,6 +48,10 @@ from dist_exec.tuning import without_own_settings
 log = logging.getLogger(__name__)
 SHELL = "/bin/sh"
 JOB_ENV, ATTEMPT_ENV = "DIST_EXEC_JOB_ID", "DIST_EXEC_ATTEMPT"  # set for every command
+# And what this start of it is (a random id of its own), set for every command too: what it
+# left running is found by that, not by its job and attempt, which another run of the same
+# attempt (a test's, a second worker's on the host) may also have.
+RUN_ENV = "DIST_EXEC_RUN"
 PIPE_DRAIN_S = 2.0  # after the group is gone, how long to wait for pipes to reach EOF
 # What a command sees of the worker's environment unless the worker passes all of it.
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
@@ -361,7 +365,7 @@ class CommandExecutor:
         proc = await asyncio.create_subprocess_exec("true")
         return await proc.wait() == 0
 
-    def _environment(self, spec: CommandSpec, request: ExecRequest) -> dict[str, str]:
+    def _environment(self, spec: CommandSpec, request: ExecRequest, run: str) -> dict[str, str]:
         if self.inherit_env:
             env = without_own_settings(dict(os.environ))
         else:
@@ -380,6 +384,7 @@ class CommandExecutor:
         # Which job and attempt this is: for the command, and to find its processes that left
         # its process group when it must be stopped.
         env[JOB_ENV], env[ATTEMPT_ENV] = request.task_id, str(request.attempt)
+        env[RUN_ENV] = run
         if self.guard is not None:
             env[GUARD_ENV] = self.guard.token
         return env
@@ -388,12 +393,13 @@ class CommandExecutor:
         spec = self._parsed(request.payload)
         self.policy.check(spec)  # here too: a forged request must not get past it
         limits = fit(request.limits, self.containment.limits)
+        run = uuid.uuid4().hex
         try:
-            jail = self.containment.jail(f"task-{uuid.uuid4().hex}", limits)
+            jail = self.containment.jail(f"task-{run}", limits)
         except OSError as exc:
             return ExecOutcome(ExecStatus.FAILURE, error=f"cannot set up the task's limits: {exc}")
         try:
-            return await self._run(spec, request, jail, sink)
+            return await self._run(spec, request, jail, sink, run)
         finally:
             if jail.needs_close:
                 # Also kills whatever of the task left its process group but not its cgroup,
@@ -401,10 +407,10 @@ class CommandExecutor:
                 await asyncio.shield(asyncio.to_thread(jail.close))
 
     async def _spawn(
-        self, spec: CommandSpec, request: ExecRequest, jail: Jail
+        self, spec: CommandSpec, request: ExecRequest, jail: Jail, run: str
     ) -> Child | ExecOutcome:
         """The started process, or why it could not start."""
-        env = jail.environment(self._environment(spec, request))
+        env = jail.environment(self._environment(spec, request, run))
         # Another user starts in its home (as HOME says), whichever way it is started; the
         # worker's own directory may be one that user cannot enter, or can write.
         cwd = spec.working_dir or (jail.run_as.home if jail.run_as is not None else None)
@@ -425,10 +431,10 @@ class CommandExecutor:
         return child
 
     async def _run(
-        self, spec: CommandSpec, request: ExecRequest, jail: Jail, sink: OutputSink
+        self, spec: CommandSpec, request: ExecRequest, jail: Jail, sink: OutputSink, run: str
     ) -> ExecOutcome:
         started = time.monotonic()
-        proc = await self._spawn(spec, request, jail)
+        proc = await self._spawn(spec, request, jail, run)
         if isinstance(proc, ExecOutcome):
             return proc
         tail = _StderrTail(sink)
@@ -467,7 +473,7 @@ class CommandExecutor:
         # The main process is gone; anything it left behind in its group goes too, and soon
         # (see _Sweeper) what it left outside the group.
         await self._stop(proc, pumps)
-        self._sweeper.add(_tags(request), jail.run_as.uid if jail.run_as else os.geteuid())
+        self._sweeper.add({RUN_ENV: run}, jail.run_as.uid if jail.run_as else os.geteuid())
         returncode = proc.returncode
         assert returncode is not None
         if proc.status_lost:

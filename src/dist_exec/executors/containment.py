@@ -21,11 +21,12 @@ import logging
 import os
 import pwd
 import resource
-import shutil
 import signal
 import stat
+import subprocess
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,19 +133,20 @@ class UidPool:
         return RunAs(f"uid{uid}", uid, uid, "/")
 
     def give_back(self, uid: int) -> None:
-        """Kill every process of ``uid`` (the task's, wherever they went; also one that has it
-        only as its effective or saved id), remove the files it left in the shared temporary
-        directories, then free it; one that cannot be killed keeps it out of the pool."""
+        """Kill every process of ``uid`` (the task's, wherever they went; also one that has
+        it, or its gid, only as its effective or saved id), put the files it left in the
+        shared temporary directories out of any later task's reach, then free it; one that
+        cannot be killed keeps it out of the pool. Those files are removed after, in a thread
+        of their own: however many or deep they are, the task's end does not wait for that."""
         for _ in range(KILL_ROUNDS):
-            left = [
-                pid
-                for pid in procfs.pids()
-                if uid in (procfs.uids(pid) or ()) and procfs.live(pid) is not None  # (zombies)
-            ]
+            left = [pid for pid in procfs.pids() if _runs_as(pid, uid)]
             if not left:
-                for directory in TEMP_DIRS:
-                    remove_files_of(uid, directory)
+                moved = [found for d in TEMP_DIRS if (found := set_aside(uid, d)) is not None]
                 self._free.append(uid)
+                if moved:
+                    threading.Thread(
+                        target=_remove, args=(moved,), name=f"remove-{uid}", daemon=True
+                    ).start()
                 return
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
@@ -153,54 +155,89 @@ class UidPool:
         log.error("processes of uid %d outlive SIGKILL; the uid is not used again", uid)
 
 
+def _runs_as(pid: int, uid: int) -> bool:
+    """Whether a live process (not a zombie) has ``uid`` as one of its user ids, or as one
+    of its group ids (a pool's gid is its uid's number)."""
+    ids = procfs.ids(pid)
+    return ids is not None and uid in (*ids[0], *ids[1]) and procfs.live(pid) is not None
+
+
 # Where any user may leave files: what a task's uid left there goes with the uid (the next task
 # to get it must not read, or run, what an earlier one left: the uids are used again).
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+SET_ASIDE = ".dist-exec-left-"  # (+ a random name: a directory of root's only, mode 0700)
+# World-writable directories looked into for a uid's files, below a temporary directory.
+SEARCH_DEPTH = 16
+SEARCH_DIRS = 10_000
 
 
-def remove_files_of(uid: int, directory: str) -> None:
-    """Remove what ``uid`` owns in ``directory``, and in the world-writable directories under
-    it (where else could it write?), on its file system. Through directory descriptors, never
-    following a symbolic link: a task that swaps a directory for a link cannot make this
-    remove anything elsewhere."""
+def set_aside(uid: int, directory: str) -> Path | None:
+    """Move what ``uid`` owns in ``directory`` (and in the world-writable directories under
+    it, on its file system) into a new directory there that only root may enter; that
+    directory, if anything was moved. A rename each, whatever it holds. Through directory
+    descriptors, never following a symbolic link (a link is moved, not what it names)."""
     try:
         top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
-        return
+        return None
+    opened = [top]
     try:
-        _remove_owned(top, uid, os.fstat(top).st_dev)
-    finally:
-        os.close(top)
-
-
-def _remove_owned(dir_fd: int, uid: int, device: int) -> None:
-    try:
-        names = os.listdir(dir_fd)
-    except OSError:
-        return
-    for name in names:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
-            continue
-        if st.st_dev != device:
-            continue
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if st.st_uid == uid:
+        device = os.fstat(top).st_dev
+        found: list[tuple[int, str]] = []  # (directory fd, name)
+        pending = [(top, 0)]
+        while pending:
+            dir_fd, depth = pending.pop()
             with contextlib.suppress(OSError):
-                if is_dir:
-                    shutil.rmtree(name, dir_fd=dir_fd)
-                else:
-                    os.unlink(name, dir_fd=dir_fd)
-        elif is_dir and st.st_mode & stat.S_IWOTH:
-            try:
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                _remove_owned(sub, uid, device)
-            finally:
-                os.close(sub)
+                for name in os.listdir(dir_fd):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        if st.st_dev != device:
+                            continue
+                        if st.st_uid == uid:
+                            found.append((dir_fd, name))
+                        elif (
+                            stat.S_ISDIR(st.st_mode)
+                            and st.st_mode & stat.S_IWOTH
+                            and depth < SEARCH_DEPTH
+                            and len(opened) < SEARCH_DIRS
+                        ):
+                            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                            sub = os.open(name, flags, dir_fd=dir_fd)
+                            opened.append(sub)
+                            if (os.fstat(sub).st_ino, os.fstat(sub).st_dev) == (
+                                st.st_ino,
+                                st.st_dev,
+                            ):  # (not one put there since it was looked at)
+                                pending.append((sub, depth + 1))
+        if not found:
+            return None
+        aside = f"{SET_ASIDE}{uuid.uuid4().hex}"
+        os.mkdir(aside, 0o700, dir_fd=top)
+        target = os.open(aside, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+        opened.append(target)
+        for number, (dir_fd, name) in enumerate(found):
+            with contextlib.suppress(OSError):
+                os.rename(name, str(number), src_dir_fd=dir_fd, dst_dir_fd=target)
+        return Path(directory) / aside
+    except OSError as exc:
+        log.error("cannot set aside what uid %d left in %s: %s", uid, directory, exc)
+        return None
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove set-aside trees (rm: no depth limit, nothing followed, one file system)."""
+    for path in paths:
+        done = subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(path)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            log.error("cannot remove %s: %s", path, done.stderr.decode(errors="replace").strip())
 
 
 # ---- cgroups ----------------------------------------------------------------------------------
@@ -502,7 +539,7 @@ class Jail:
         if run_as is None and not self._rlimits and self.cgroup is None:
             return cwd, {}
         procs_files, rlimits = self.cgroup.procs_files if self.cgroup else (), self._rlimits
-        pooled = self.pool is not None
+        refuse_privileges = no_new_privileges() if self.pool is not None else None
         # Runs in the forked child before exec: syscalls only, nothing that takes a lock.
         setrlimit, getpid, os_open, os_write, os_close, chdir = (
             resource.setrlimit,
@@ -527,8 +564,8 @@ class Jail:
                 os.setgroups([])
                 os.setgid(run_as.gid)
                 os.setuid(run_as.uid)
-            if pooled:
-                no_new_privileges()  # (see there)
+            if refuse_privileges is not None:
+                refuse_privileges()  # (see no_new_privileges)
             if cwd is not None:
                 chdir(cwd)
 

@@ -34,6 +34,7 @@ from dist_exec.config import format_duration, parse_size
 from dist_exec.errors import InvalidTaskSpec, shorten
 from dist_exec.executors import ExecRequest, OutputSink
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
+from dist_exec.security.audit import SECRET_NAME
 
 READ_CHUNK = 64 * 1024
 DEFAULT_TIMEOUT_S = 30.0
@@ -247,8 +248,14 @@ def describe(payload: bytes) -> str:
 
 
 def _display(url: URL) -> str:
-    """A URL for messages and metadata: user and password left out."""
-    return str(url.with_user(None)) if url.user is not None else str(url)
+    """A URL for messages, metadata and job lists: user and password left out, and the values
+    of query parameters whose names look secret (``?access_token=``) shown as ***."""
+    shown = url.with_user(None) if url.user is not None else url
+    if any(SECRET_NAME.search(name) for name in shown.query):
+        shown = shown.with_query(
+            [(k, "***" if SECRET_NAME.search(k) else v) for k, v in shown.query.items()]
+        )
+    return str(shown)
 
 
 class _HopRefused(aiohttp.ClientError):

@@ -46,7 +46,7 @@ import struct
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -520,15 +520,20 @@ def _spawn(
 PR_SET_NO_NEW_PRIVS = 38  # (linux/prctl.h)
 
 
-def no_new_privileges() -> None:
-    """This process and what it starts can no longer gain privileges by exec: set-user-id and
-    set-group-id bits and file capabilities do nothing for them. A task's uid of a pool must
-    not let a later task, of another uid, become it through a set-user-id copy of a program it
-    left behind."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"cannot set no_new_privs: {os.strerror(code)}")
+def no_new_privileges() -> Callable[[], None]:
+    """What makes the process that calls it, and what it starts, unable to gain privileges by
+    exec: set-user-id and set-group-id bits and file capabilities do nothing for them. A
+    task's uid of a pool must not let a later task, of another uid, become it through a
+    set-user-id copy of a program it left behind. Resolved here (dlopen takes a lock): a
+    forked child may call what this returns before it execs."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def call() -> None:
+        if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot set no_new_privs: {os.strerror(code)}")
+
+    return call
 
 
 def _clear_ambient_capabilities() -> None:
@@ -558,7 +563,7 @@ def main() -> None:
         _clear_ambient_capabilities()
         user = (uid, gid)
     if last_uid > uid:  # a uid per task (--run-as-pool): its commands, and so this process
-        no_new_privileges()
+        no_new_privileges()()
     os.close(os.pidfd_open(os.getpid()))  # no pidfds (Linux < 5.3): fail now, the worker forks
     sock.sendall(_frame({"ready": os.getpid()}))
     selector = selectors.DefaultSelector()
