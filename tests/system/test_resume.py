@@ -143,5 +143,49 @@ async def test_a_run_resumes_when_the_master_is_still_away_at_first(
         proxy.close()
 
 
+async def test_a_second_outage_gets_its_own_time_after_a_quiet_while(
+    cluster: ClusterFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time a broken stream is tried again counted from the first outage until output
+    came: after a restart and a quiet while longer than that time, a second restart ended
+    the follow at once (a review of the change that made it a time)."""
+    monkeypatch.setattr("dist_exec.client._client.STREAM_RETRY_S", 1.0)
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    proxy = CuttableProxy(*split_address(master.address)).start()
+    gate = tmp_path / "gate"
+    spec = command_spec(f"echo before; while [ ! -e {gate} ]; do sleep 0.05; done", shell=True)
+    told: list[str] = []
+
+    async def outage(following: asyncio.Task[list[object]]) -> None:
+        proxy.refuse()
+        tried = proxy.accepted
+        await asyncio.to_thread(proxy.drop)
+        while proxy.accepted < tried + 2 and not following.done():  # turned away twice
+            await asyncio.sleep(0.01)
+        proxy.heal()
+
+    try:
+        async with Client(proxy.address) as client:
+            client.on_reconnect = told.append
+            items = client.run(spec)
+            async with asyncio.timeout(60):
+                await anext(items)  # (the id)
+                await anext(items)  # (before)
+                rest = asyncio.create_task(_all(items))
+                await outage(rest)
+                quiet_since = asyncio.get_running_loop().time()
+                while asyncio.get_running_loop().time() - quiet_since < 1.5:
+                    await asyncio.sleep(0.05)  # (the job says nothing: what is tested)
+                await outage(rest)
+                gate.touch()
+                *_, final = await rest
+        assert isinstance(final, Job)
+        assert final.status == JobStatus.COMPLETED
+        assert len(told) == 2  # (each outage said once)
+    finally:
+        proxy.close()
+
+
 async def _all(items: AsyncIterator[object]) -> list[object]:
     return [item async for item in items]

@@ -344,8 +344,8 @@ async def test_what_active_jobs_hold_in_memory_is_bounded_and_shared_out(
     big = json.dumps({"command": "true", "env": {"PAD": "x" * 900}}).encode()  # ~1 KB
     size = len(big)
 
-    def job(owner: str) -> TaskSpec:
-        return replace(SPEC, payload=big, owner=owner)
+    def job(owner: str) -> TaskSpec:  # (a payload of its own, as one from the wire is)
+        return replace(SPEC, payload=bytes(bytearray(big)), owner=owner)
 
     async def body(master: Master, store: HeldStore) -> None:
         # No worker: every job waits. Half of the 4 jobs' worth for one identity...
@@ -363,3 +363,20 @@ async def test_what_active_jobs_hold_in_memory_is_bounded_and_shared_out(
     await with_master(
         tmp_path, ScriptedWorker(), config(tmp_path, max_payload_memory=4 * size + size // 2), body
     )
+
+
+async def test_a_broadcasts_payload_counts_once(tmp_path: Path) -> None:
+    """Every node's job holds the one payload a broadcast was given: counted once per node,
+    large stdin sent to many nodes was refused although the master held one copy."""
+    big = json.dumps({"command": "true", "env": {"PAD": "x" * 900}}).encode()
+    worker = OutcomeWorker(lambda attempt: succeeding())
+    worker.release.clear()  # (they run until the end of the test)
+
+    async def body(master: Master, store: HeldStore) -> None:
+        for i in range(6):
+            master.register(NodeId(f"w{i}"), f"127.0.0.1:{i + 1}", ["command"], 1, {}, [])
+        _, jobs = await master.submit_broadcast(replace(SPEC, payload=big, owner="alice"))
+        assert len(jobs) == 6
+        assert master._payloads.total == len(big)
+
+    await with_master(tmp_path, worker, config(tmp_path, max_payload_memory=3 * len(big)), body)

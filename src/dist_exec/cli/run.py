@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any, BinaryIO
@@ -318,21 +319,24 @@ class _Prefixer:
         self.partial: dict[tuple[str, Stream], bytearray] = {}
 
     def write(self, node: str, stream: Stream, data: bytes) -> None:
-        # (The unfinished line grows in place: joining it to each chunk copied it each time,
-        # and a long line without a newline took quadratic time.)
+        # The unfinished line grows in place (joined to each chunk, it was copied again each
+        # time: a long line without a newline took quadratic time).
         *lines, rest = data.split(b"\n")
-        held = self.partial.pop((node, stream), None)
-        if held is not None:
-            if lines:
-                lines[0] = bytes(held + lines[0])
-            else:
-                held += rest
-                rest = bytes(held)
-        while len(rest) > self.MAX_LINE:
-            lines.append(rest[: self.MAX_LINE])
-            rest = rest[self.MAX_LINE :]
+        key = (node, stream)
+        held = self.partial.pop(key, None)
+        if held is not None and lines:
+            held += lines[0]
+            lines[0] = bytes(held)
+            held = None
         if rest:
-            self.partial[(node, stream)] = bytearray(rest)
+            if held is None:
+                held = bytearray()
+            held += rest
+        if held is not None:
+            while len(held) > self.MAX_LINE:
+                lines.append(bytes(held[: self.MAX_LINE]))
+                del held[: self.MAX_LINE]
+            self.partial[key] = held
         if not lines:
             return
         out = sys.stdout.buffer if stream == Stream.STDOUT else sys.stderr.buffer
@@ -435,7 +439,7 @@ async def _cancel(client: Client, job_id: str) -> Job:
     """Cancel the job unless it has ended; returns it as it ended. The master answers once the
     worker confirmed the end, or after a while without that (a stuck worker): then this waits
     for the end the master goes on working towards."""
-    told = False
+    told, since = False, time.monotonic()
     while True:
         try:
             with contextlib.suppress(JobAlreadyFinished):
@@ -444,10 +448,14 @@ async def _cancel(client: Client, job_id: str) -> Job:
         except DistExecError as exc:
             if exc.code not in _TRY_CANCEL_AGAIN:
                 raise
+            if time.monotonic() - since > CANCEL_RETRY_LIMIT_S:  # (gone for good, it seems)
+                exc.message += f"; job {job_id} may still run: see 'dist-exec status {job_id}'"
+                raise
             if not told:
                 _tell(
                     f"cannot cancel job {job_id} yet: {exc.message}; trying again until the "
-                    "master answers (Ctrl-C again to stop waiting: the job may then still run)"
+                    "master answers, for up to 5 minutes (Ctrl-C again to stop waiting: the "
+                    "job may then still run)"
                 )
                 told = True
             await asyncio.sleep(CANCEL_RETRY_S)
@@ -465,6 +473,7 @@ async def _cancel(client: Client, job_id: str) -> Job:
 # again (every CANCEL_RETRY_S) until it answers, or a further Ctrl-C stops waiting.
 _TRY_CANCEL_AGAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 CANCEL_RETRY_S = 1.0
+CANCEL_RETRY_LIMIT_S = 300.0  # (one stopped by SIGTERM or a closed pipe has nobody to Ctrl-C it)
 
 
 def _hold_message() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -705,6 +706,11 @@ def worker(
         http_max_body_bytes=http_max_body,
     )
     check_listen(listen)
+    if config.allowed_commands and not _rules(task_types, "WORKER_TASK_TYPES"):
+        logging.getLogger("dist_exec.worker").warning(
+            "an allow-list of commands is set: this worker runs command jobs only, not HTTP "
+            "requests (--task-type command --task-type http to run both)"
+        )
     try:
         Credentials(tls.ca if tls else None, token=token).check_target(master_address)
     except CredentialsError as exc:

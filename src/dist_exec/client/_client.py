@@ -430,6 +430,10 @@ class Client:
             )
             call = self.stub.StreamOutput(request)
             try:
+                if wire.STREAM_OPEN[0] in list(await call.initial_metadata()):
+                    # A master follows the job again: an outage is over, even if the job
+                    # says nothing for a long while (the next one gets its own time).
+                    failures, broken_since, reached = 0, 0.0, True
                 async for msg in call:
                     failures, broken_since, reached = 0, 0.0, True
                     if msg.HasField("result"):

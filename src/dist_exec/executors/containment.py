@@ -539,7 +539,9 @@ class Jail:
         if run_as is None and not self._rlimits and self.cgroup is None:
             return cwd, {}
         procs_files, rlimits = self.cgroup.procs_files if self.cgroup else (), self._rlimits
-        refuse_privileges = no_new_privileges() if self.pool is not None else None
+        # (A pool of one uid is one user's, as --run-as: nothing for a copy to give another.)
+        pooled = self.pool is not None and len(self.pool.uids) > 1
+        refuse_privileges = no_new_privileges() if pooled else None
         # Runs in the forked child before exec: syscalls only, nothing that takes a lock.
         setrlimit, getpid, os_open, os_write, os_close, chdir = (
             resource.setrlimit,

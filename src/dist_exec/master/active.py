@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from dist_exec.models import Job, JobId, JobStatus, NodeId, OutputChunk, Stream, TaskSpec
 from dist_exec.output_tail import OutputTail
@@ -71,12 +73,20 @@ def owned_key(spec: TaskSpec) -> str:
 class PayloadBudget:
     """What the payloads of the active jobs (waiting or running: the master holds them in
     memory) come to, in all and for each owner; the master refuses jobs beyond ``limit`` in
-    all, or half of it for one owner (who cannot then take it all)."""
+    all, or half of it for one owner (who cannot then take it all). A payload that several
+    jobs share (a broadcast's, one per node) counts once, as it is held once."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.total = 0
         self.by_owner: dict[str, int] = {}
+        # id(payload) -> [its size, the jobs holding it, its owner] (alive while one does)
+        self._held: dict[int, list[Any]] = {}
+
+    def cost(self, specs: Sequence[TaskSpec]) -> int:
+        """The bytes ``specs`` would add."""
+        new = {id(s.payload): len(s.payload) for s in specs if id(s.payload) not in self._held}
+        return sum(new.values())
 
     def refusal(self, owner: str, size: int) -> str | None:
         """Why ``size`` more bytes of ``owner``'s may not be taken, if they may not."""
@@ -95,13 +105,27 @@ class PayloadBudget:
         return None
 
     def add(self, spec: TaskSpec) -> None:
-        self.total += len(spec.payload)
-        self.by_owner[spec.owner] = self.by_owner.get(spec.owner, 0) + len(spec.payload)
+        held = self._held.get(id(spec.payload))
+        if held is not None:
+            held[1] += 1
+            return
+        size = len(spec.payload)
+        self._held[id(spec.payload)] = [size, 1, spec.owner]
+        self.total += size
+        self.by_owner[spec.owner] = self.by_owner.get(spec.owner, 0) + size
 
     def remove(self, spec: TaskSpec) -> None:
-        self.total -= len(spec.payload)
-        left = self.by_owner.get(spec.owner, 0) - len(spec.payload)
+        held = self._held.get(id(spec.payload))
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del self._held[id(spec.payload)]
+        size, _, owner = held
+        self.total -= size
+        left = self.by_owner.get(owner, 0) - size
         if left > 0:
-            self.by_owner[spec.owner] = left
+            self.by_owner[owner] = left
         else:
-            self.by_owner.pop(spec.owner, None)
+            self.by_owner.pop(owner, None)

@@ -58,7 +58,7 @@ BACKLOG_OUTPUT_BYTES = 256 * 1024 * 1024  # output that may wait for the databas
 BUSY_TIMEOUT_S = 5.0
 # A batch that has run longer than this without an answer from the disk (a hung fsync, a
 # stalled network volume: no error comes) counts as trouble too: see ``stalled``.
-STALL_S = 5.0
+STALL_S = 15.0  # (longer than BUSY_TIMEOUT_S: a lock held elsewhere is a failure before)
 OUTPUT_FLUSH_S = 0.02  # output waits at most this long for the next write to go out with
 
 _SCHEMA = """

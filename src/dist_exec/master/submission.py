@@ -198,7 +198,7 @@ class Submission:
         """The bound on what active jobs hold in memory, the client's rate limit and the
         bound on queued jobs."""
         count = len(specs)
-        refusal = self._payloads.refusal(specs[0].owner, sum(len(s.payload) for s in specs))
+        refusal = self._payloads.refusal(specs[0].owner, self._payloads.cost(specs))
         if refusal is not None:
             raise ResourceExhausted(f"{refusal}; try again once some have ended")
         if self.rate_limiter is not None:
