@@ -289,6 +289,29 @@ def test_commands_do_not_inherit_the_signals_a_worker_was_started_ignoring(
     assert not ignored & {signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM}
 
 
+def test_run_says_why_its_job_waits(cluster: ClusterFactory) -> None:
+    """A job no worker could take (labels no node has) left run silent for ever."""
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1", labels={"zone": "a"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", master.address,
+         "--selector", "zone=b", "true"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # (run says nothing else before it)
+        assert " is waiting: " in line
+        assert "zone=b" in line
+        assert line.rstrip().endswith("(Ctrl-C cancels it)")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGINT
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_run_keeps_a_signal_it_was_started_ignoring_ignored(
     small_cluster: SmallCluster, tmp_path: Path
 ) -> None:

@@ -561,6 +561,7 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 stop: Ending | None = interrupts.received[0] if interrupts.received else None
                 if stop is None:
                     following = _stream(events, job_id, as_json, printer)
+                    waiting = asyncio.create_task(_say_if_waiting(client, job_id, printer))
                     try:
                         job, stop = await _follow(interrupts, following)
                     except DistExecError as exc:  # (not the job's fault: it was accepted)
@@ -569,6 +570,8 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                             f"'dist-exec status {job_id}'"
                         )
                         raise
+                    finally:
+                        waiting.cancel()
                 if stop is not None:
                     stopped = await _stop(client, [job_id], interrupts)
                     if stopped is None:
@@ -588,6 +591,20 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 return stop  # (the signal that stopped the job may have closed its output)
         code = _exit_code(job, as_json, printer)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
+
+
+PENDING_NOTICE_S = 3.0  # a run whose job has not started by then says why it waits
+
+
+async def _say_if_waiting(client: Client, job_id: str, printer: OutputPrinter) -> None:
+    """One line on stderr when the job is still waiting after PENDING_NOTICE_S, with the
+    master's reason (no worker with its labels, all full, ...): a run stayed silent."""
+    await asyncio.sleep(PENDING_NOTICE_S)
+    with contextlib.suppress(DistExecError):
+        job = await client.get(job_id)
+        if job.status == JobStatus.PENDING and not printer.mid_line:
+            reason = job.pending_reason or "no worker has taken it yet"
+            _tell(f"job {job_id} is waiting: {reason} (Ctrl-C cancels it)")
 
 
 async def _submit_detached(client: Client, spec: TaskSpec, as_json: bool) -> Ending:
