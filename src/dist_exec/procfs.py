@@ -37,18 +37,6 @@ def environment(pid: int) -> set[bytes] | None:
         return None
 
 
-def real_uid(pid: int) -> int | None:
-    """The real user id of a process; None once gone."""
-    try:
-        text = (PROC / str(pid) / "status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[1])
-    return None
-
-
 def ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The user ids (real, effective, saved, file system) and the group ids of a process;
     None once gone."""

@@ -473,7 +473,7 @@ class CommandExecutor:
         # The main process is gone; anything it left behind in its group goes too, and soon
         # (see _Sweeper) what it left outside the group.
         await self._stop(proc, pumps)
-        self._sweeper.add({RUN_ENV: run}, jail.run_as.uid if jail.run_as else os.geteuid())
+        self._sweeper.add(run, jail.run_as.uid if jail.run_as else os.geteuid())
         returncode = proc.returncode
         assert returncode is not None
         if proc.status_lost:
@@ -522,17 +522,17 @@ class CommandExecutor:
 
 
 class _Sweeper:
-    """Kills what attempts that ended on their own left running outside their process group
-    (a `setsid` child; a stopped attempt's are killed at once, see ``_stop``): found by their
-    tags, in one pass over /proc a SWEEP_S for all the attempts that ended meanwhile, not a
-    pass each (it costs about 20 us a process)."""
+    """Kills what starts of commands that ended on their own left running outside their
+    process group (a `setsid` child; a stopped attempt's are killed at once, see ``_stop``):
+    found by their RUN_ENV, in one pass over /proc a SWEEP_S for all the starts that ended
+    meanwhile, not a pass each (it costs about 20 us a process)."""
 
     def __init__(self) -> None:
-        self._due: dict[tuple[tuple[str, str], ...], tuple[int, int]] = {}  # tags: uid, sweeps
+        self._due: dict[str, tuple[int, int]] = {}  # RUN_ENV -> (its uid, sweeps left)
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, tags: Mapping[str, str], uid: int) -> None:
-        self._due[tuple(sorted(tags.items()))] = (uid, SWEEPS)
+    def add(self, run: str, uid: int) -> None:
+        self._due[run] = (uid, SWEEPS)
         if self._task is None:
             self._task = asyncio.create_task(self._sweep())
 
@@ -541,15 +541,15 @@ class _Sweeper:
             while self._due:
                 await asyncio.sleep(SWEEP_S)
                 due, self._due = self._due, {}
-                attempts = [dict(tags) for tags in due]
+                runs = [{RUN_ENV: run} for run in due]
                 uids = {uid for uid, _ in due.values()}
                 try:
-                    await asyncio.to_thread(kill_left_behind, attempts, uids)
+                    await asyncio.to_thread(kill_left_behind, runs, uids)
                 except Exception:  # (a pass that failed is not retried: the next one comes)
-                    log.exception("cannot look for what ended attempts left running")
-                for tags, (uid, sweeps) in due.items():
+                    log.exception("cannot look for what ended commands left running")
+                for run, (uid, sweeps) in due.items():
                     if sweeps > 1:
-                        self._due.setdefault(tags, (uid, sweeps - 1))
+                        self._due.setdefault(run, (uid, sweeps - 1))
         finally:
             self._task = None
 

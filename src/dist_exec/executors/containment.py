@@ -112,8 +112,7 @@ def parse_uid_pool(text: str) -> range:
         raise ContainmentError(
             f"--run-as-pool {text}: uid {uid} belongs to user {pwd.getpwuid(uid).pw_name}"
         )
-    owners = (procfs.real_uid(pid) for pid in procfs.pids() if procfs.live(pid) is not None)
-    running = {owner for owner in owners if owner is not None} & set(pool)
+    running = {uid for pid in procfs.pids() for uid in _ids_of(pid) & set(pool) if _live(pid)}
     if running:
         raise ContainmentError(f"--run-as-pool {text}: processes run as uid {min(running)}")
     return pool
@@ -158,8 +157,17 @@ class UidPool:
 def _runs_as(pid: int, uid: int) -> bool:
     """Whether a live process (not a zombie) has ``uid`` as one of its user ids, or as one
     of its group ids (a pool's gid is its uid's number)."""
+    return uid in _ids_of(pid) and _live(pid)
+
+
+def _ids_of(pid: int) -> set[int]:
+    """The user and group ids of a process (none once gone)."""
     ids = procfs.ids(pid)
-    return ids is not None and uid in (*ids[0], *ids[1]) and procfs.live(pid) is not None
+    return set() if ids is None else {*ids[0], *ids[1]}
+
+
+def _live(pid: int) -> bool:
+    return procfs.live(pid) is not None  # (a zombie holds nothing, and waits to be reaped)
 
 
 # Where any user may leave files: what a task's uid left there goes with the uid (the next task
@@ -204,10 +212,8 @@ def set_aside(uid: int, directory: str) -> Path | None:
                             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                             sub = os.open(name, flags, dir_fd=dir_fd)
                             opened.append(sub)
-                            if (os.fstat(sub).st_ino, os.fstat(sub).st_dev) == (
-                                st.st_ino,
-                                st.st_dev,
-                            ):  # (not one put there since it was looked at)
+                            # (not one put there since it was looked at)
+                            if os.path.samestat(os.fstat(sub), st):
                                 pending.append((sub, depth + 1))
         if not found:
             return None

@@ -52,14 +52,24 @@ SETTLE_POLL_S = 0.02
 ENDED = b"ended"  # what a worker that ends normally writes before it closes the pipe
 
 
-def tagged(tags: Mapping[str, str]) -> list[int]:
-    """Processes whose environment has every ``name=value`` of ``tags`` (of those this user
-    may read)."""
-    needles = {f"{name}={value}".encode() for name, value in tags.items()}
+def tagged(
+    tags: Mapping[str, str] | Collection[Mapping[str, str]], uids: Collection[int] | None = None
+) -> list[int]:
+    """Processes whose environment has every ``name=value`` of ``tags`` (or of one of several
+    such sets), in one pass over /proc, of those this user may read; only of ``uids`` when
+    given (told by the owner of a process's /proc entry, before its environment is read)."""
+    sets = [tags] if isinstance(tags, Mapping) else list(tags)
+    needles = [{f"{name}={value}".encode() for name, value in one.items()} for one in sets]
     found = []
     for pid in procfs.pids():
+        if uids is not None:
+            try:
+                if os.stat(procfs.PROC / str(pid)).st_uid not in uids:
+                    continue
+            except OSError:
+                continue
         environ = procfs.environment(pid)
-        if environ is not None and needles <= environ:
+        if environ is not None and any(wanted <= environ for wanted in needles):
             found.append(pid)
     return found
 
@@ -71,31 +81,21 @@ def kill_tagged(tags: Mapping[str, str]) -> set[int]:
         pids = [pid for pid in tagged(tags) if pid != os.getpid()]
         if not pids:
             break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _kill(pids)
         killed.update(pids)
     return killed
 
 
-def kill_left_behind(attempts: Collection[Mapping[str, str]], uids: Collection[int]) -> set[int]:
+def kill_left_behind(attempts: Collection[Mapping[str, str]], uids: Collection[int]) -> None:
     """SIGKILL every process of these users that has all the environment tags of one of
-    ``attempts``, in one pass over /proc (an environment is read only for a process of one
-    of ``uids``, as the owner of its /proc entry tells); returns the pids killed."""
-    needles = [{f"{name}={value}".encode() for name, value in tags.items()} for tags in attempts]
-    killed = set()
-    for pid in procfs.pids():
-        try:
-            if os.stat(procfs.PROC / str(pid)).st_uid not in uids or pid == os.getpid():
-                continue
-        except OSError:
-            continue
-        environ = procfs.environment(pid)
-        if environ is not None and any(tags <= environ for tags in needles):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-    return killed
+    ``attempts`` (one pass over /proc for them all)."""
+    _kill([pid for pid in tagged(attempts, uids) if pid != os.getpid()])
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def settle(tags: Mapping[str, str], seen: set[int] | None = None) -> None:
@@ -125,7 +125,6 @@ class ProcessGuard:
         self._view: memoryview | None = None
         self._grow(FIRST_SLOTS)
         self._proc = self._start()
-        self.restarts = 0
 
     def _start(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -158,7 +157,6 @@ class ProcessGuard:
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()
         self._proc = self._start()
-        self.restarts += 1
         return True
 
     def watch(self, pgid: int) -> None:
