@@ -444,7 +444,6 @@ class Client:
                 return
             except grpc.aio.AioRpcError as exc:
                 failures += 1
-                reached = reached or wire.STREAM_OPEN[0] in list(await call.initial_metadata())
                 # (A master that cannot record the job's end yet: a follower waits for it, a
                 # one-time read is told so.)
                 unrecorded = STORE_KEY in dict(exc.trailing_metadata() or ())
