@@ -40,6 +40,7 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.client import Client, command_spec
+from dist_exec.client._client import STREAM_RETRY_S
 from dist_exec.config import MAX_PAYLOAD_BYTES
 from dist_exec.errors import (
     DistExecError,
@@ -454,8 +455,8 @@ async def _cancel(client: Client, job_id: str) -> Job:
             if not told:
                 _tell(
                     f"cannot cancel job {job_id} yet: {exc.message}; trying again until the "
-                    "master answers, for up to 5 minutes (Ctrl-C again to stop waiting: the "
-                    "job may then still run)"
+                    f"master answers, for up to {CANCEL_RETRY_LIMIT_S:.0f}s (Ctrl-C again to "
+                    "stop waiting: the job may then still run)"
                 )
                 told = True
             await asyncio.sleep(CANCEL_RETRY_S)
@@ -473,7 +474,9 @@ async def _cancel(client: Client, job_id: str) -> Job:
 # again (every CANCEL_RETRY_S) until it answers, or a further Ctrl-C stops waiting.
 _TRY_CANCEL_AGAIN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 CANCEL_RETRY_S = 1.0
-CANCEL_RETRY_LIMIT_S = 300.0  # (one stopped by SIGTERM or a closed pipe has nobody to Ctrl-C it)
+# As long as a follow waits out an outage (one stopped by SIGTERM or a closed pipe has nobody
+# to press Ctrl-C).
+CANCEL_RETRY_LIMIT_S = STREAM_RETRY_S
 
 
 def _hold_message() -> None:
