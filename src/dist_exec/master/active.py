@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from dist_exec.models import Job, JobId, JobStatus, NodeId, OutputChunk, Stream, TaskSpec
 from dist_exec.output_tail import OutputTail
@@ -80,8 +79,7 @@ class PayloadBudget:
         self.limit = limit
         self.total = 0
         self.by_owner: dict[str, int] = {}
-        # id(payload) -> [its size, the jobs holding it, its owner] (alive while one does)
-        self._held: dict[int, list[Any]] = {}
+        self._held: dict[int, _Held] = {}  # by id(payload): alive while a job holds it
 
     def cost(self, specs: Sequence[TaskSpec]) -> int:
         """The bytes ``specs`` would add."""
@@ -107,10 +105,10 @@ class PayloadBudget:
     def add(self, spec: TaskSpec) -> None:
         held = self._held.get(id(spec.payload))
         if held is not None:
-            held[1] += 1
+            held.jobs += 1
             return
         size = len(spec.payload)
-        self._held[id(spec.payload)] = [size, 1, spec.owner]
+        self._held[id(spec.payload)] = _Held(size, spec.owner)
         self.total += size
         self.by_owner[spec.owner] = self.by_owner.get(spec.owner, 0) + size
 
@@ -118,14 +116,22 @@ class PayloadBudget:
         held = self._held.get(id(spec.payload))
         if held is None:
             return
-        held[1] -= 1
-        if held[1] > 0:
+        held.jobs -= 1
+        if held.jobs > 0:
             return
         del self._held[id(spec.payload)]
-        size, _, owner = held
-        self.total -= size
-        left = self.by_owner.get(owner, 0) - size
+        self.total -= held.size
+        left = self.by_owner.get(held.owner, 0) - held.size
         if left > 0:
-            self.by_owner[owner] = left
+            self.by_owner[held.owner] = left
         else:
-            self.by_owner.pop(owner, None)
+            self.by_owner.pop(held.owner, None)
+
+
+@dataclass(slots=True)
+class _Held:
+    """A payload the budget counts: its size, its owner, and how many jobs hold it."""
+
+    size: int
+    owner: str
+    jobs: int = 1

@@ -623,9 +623,9 @@ class SqliteJobStore:
         rows, self._output = self._output, []
         size = sum(len(row[3]) for row in rows)
         with self._queued_lock:
-            if (
+            if self._queued_output + self._backlog.output_bytes + size > BACKLOG_OUTPUT_BYTES and (
                 self.trouble is not None or self.stalled()
-            ) and self._queued_output + self._backlog.output_bytes + size > BACKLOG_OUTPUT_BYTES:
+            ):
                 self._backlog.drop(size)  # (the writer is stuck: it would pile up here)
                 return
             self._queued_output += size
