@@ -673,6 +673,7 @@ def worker(
     _one_user_option(run_as, run_as_pool)
     check_http_options(http_timeout, http_max_body)
     tls = server_tls(listen, "worker")
+    allowed = _rules(allowed_commands, "ALLOWED_COMMANDS")
     try:
         all_labels = dict(_labels_from_env()) | dict(labels)
     except click.BadParameter as exc:
@@ -683,11 +684,11 @@ def worker(
         advertise=advertise or "",
         worker_id=worker_id or default_worker_id(),
         max_concurrent_tasks=max_concurrent_tasks,
-        allowed_commands=_rules(allowed_commands, "ALLOWED_COMMANDS"),
+        allowed_commands=allowed,
         blocked_commands=_rules(blocked_commands, "BLOCKED_COMMANDS"),
         allowed_env=_rules(allowed_env, "ALLOWED_ENV"),
         weight=weight,
-        task_types=worker_task_types(task_types, _rules(allowed_commands, "ALLOWED_COMMANDS")),
+        task_types=worker_task_types(task_types, allowed),
         labels=all_labels,
         heartbeat_interval_s=heartbeat_interval,
         drain_timeout_s=drain_timeout,
