@@ -19,12 +19,12 @@ import pytest
 from dist_exec import wire
 from dist_exec.client import AccessDenied, Client, Credentials, Unauthenticated, command_spec
 from dist_exec.models import JobStatus, NodeStatus
-from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dist_exec.security.certs import init_ca, issue
 from dist_exec.security.identity import Role
 from dist_exec.security.tls import INSECURE_FLAG
 from dist_exec.security.tokens import add_token
-from tests.conftest import ClusterFactory, Proc, run_cli, wait_for
+from tests.conftest import ClusterFactory, Proc, run_cli, wait_for, wait_until
 from tests.system.test_cluster import free_port
 
 if TYPE_CHECKING:
@@ -633,3 +633,110 @@ async def test_each_owner_has_idempotency_keys_of_its_own(cluster: ClusterFactor
     restarted = cluster.master(data_dir=Path(master.extra["data_dir"]))
     async with Client(restarted.address, credentials=Credentials(token=tokens["alice"])) as alice:
         assert await alice.submit(spec) == mine
+
+
+class _Impostor:
+    """A WorkerService on a dead worker's port, as another local user could bind it: records
+    what it is sent, says UNIMPLEMENTED to the first Dispatch (which had the master fall back
+    to ExecuteStream calls, each with its job), gives a wrong answer to the master's proof on
+    the next, and forges a finished result for any task it is asked about."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+        self.received: list[bytes] = []
+        self.dispatches = 0
+        self.calls: list[str] = []
+
+    def _called(self, method: str, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        self.calls.append(method)
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
+
+    async def dispatch(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        self._called("Dispatch", context)
+        self.dispatches += 1
+        if self.dispatches == 1:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        await context.send_initial_metadata((("x-dist-exec-worker-proof", "0" * 64),))
+        async for request in requests:
+            self.received.append(request)
+            yield b""  # (a DispatchResponse without events)
+
+    async def execute_stream(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        self._called("ExecuteStream", context)
+        self.received.append(request)
+        asked = worker_pb2.ExecuteRequest.FromString(request)
+        forged = worker_pb2.ExecuteProgress(
+            task_id=asked.task_id, attempt=asked.attempt, type=worker_pb2.PROGRESS_COMPLETED,
+            final_result=worker_pb2.ExecuteResponse(
+                task_id=asked.task_id, status=common_pb2.EXECUTION_STATUS_SUCCESS,
+                exit_code=0, has_exit_code=True, output=b"forged\n", attempt=asked.attempt,
+            ),
+        )  # fmt: skip
+        yield forged.SerializeToString()
+
+    async def unary(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self._called("unary", context)
+        self.received.append(request)
+        return worker_pb2.CancelTaskResponse(cancelled=True).SerializeToString()
+
+    async def serve(self, address: str) -> grpc.aio.Server:
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            "Dispatch": grpc.stream_stream_rpc_method_handler(self.dispatch),
+            "ExecuteStream": grpc.unary_stream_rpc_method_handler(self.execute_stream),
+            "Execute": grpc.unary_unary_rpc_method_handler(self.unary),
+            "CancelTask": grpc.unary_unary_rpc_method_handler(self.unary),
+            "GetWorkerStatus": grpc.unary_unary_rpc_method_handler(self.unary),
+        }
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("distexec.v1.WorkerService", handlers),)
+        )
+        assert server.add_insecure_port(address)
+        await server.start()
+        return server
+
+
+async def test_a_process_on_a_dead_workers_port_gets_neither_its_token_nor_its_jobs(
+    cluster: ClusterFactory,
+) -> None:
+    """Without TLS the master used to send the worker's call token as a bearer token: whoever
+    bound a dead worker's port before the master noticed (missed heartbeats) got the token,
+    then the jobs (environment, stdin), and could answer with forged results. Now the master
+    proves the token and sends a job only once the worker has proved it back."""
+    master, tokens = _token_master(cluster, "--max-retries", "3")
+    call_token = "the-dead-workers-call-token"
+    dead = cluster.worker(master, worker_id="w1", call_token=call_token,
+                          env={"DIST_EXEC_TOKEN": tokens["w1"]})  # fmt: skip
+    alice = Credentials(token=tokens["alice"])
+    async with Client(master.address, credentials=alice) as client:
+        job = await client.wait(await client.submit(command_spec(["echo", "warm"])))
+        assert job.worker_id == "w1"
+        dead.kill()
+        impostor = _Impostor()
+        server = await impostor.serve(dead.address)
+        try:
+            spec = command_spec("echo $SECRET; cat", shell=True, env={"SECRET": "s3cret-env"},
+                                stdin=b"s3cret-stdin")  # fmt: skip
+            first = await client.submit(spec)
+            await wait_until(lambda: impostor.dispatches, what="the master dials w1's port")
+            second = await client.submit(spec)  # (on a new Dispatch stream)
+            await wait_until(lambda: impostor.dispatches > 1, what="a second Dispatch")
+            # A real worker takes the job once w1 has missed its heartbeats.
+            w2_token = add_token(_tokens(master), "w2", Role.WORKER)
+            cluster.worker(master, worker_id="w2", env={"DIST_EXEC_TOKEN": w2_token})
+            done = [await asyncio.wait_for(client.wait(j), 60) for j in (first, second)]
+        finally:
+            await server.stop(None)
+    for job in done:
+        assert (job.status, job.worker_id) == (JobStatus.COMPLETED, "w2"), job
+        assert job.stdout == b"s3cret-env\ns3cret-stdin"
+    for metadata in impostor.metadata:
+        assert "authorization" not in metadata
+        assert not any(call_token in value for value in metadata.values())
+    assert not any(b"s3cret" in request for request in impostor.received)
+    assert "ExecuteStream" in impostor.calls  # (its forged results were offered, not taken)
+    assert "did not prove it is the worker that registered" in master.log_text()

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import grpc.aio
@@ -22,10 +24,12 @@ from dist_exec import wire
 from dist_exec.config import MAX_MESSAGE_BYTES
 from dist_exec.models import ExecOutcome, NodeEndpoint, OutputChunk, Stream, TaskSpec
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
+from dist_exec.security.call_proof import CallProof, Metadata
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.worker_pb2_grpc import WorkerServiceAsyncStub
 
+log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_MS = 5_000
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -43,9 +47,6 @@ CHANNEL_OPTIONS = [
     # reached at the first attempt, and one slower than a second not at all.
     ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
 ]
-
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 class AttemptRejected(Exception):
@@ -101,17 +102,58 @@ class _NoDispatch(Exception):
     """The worker does not know the Dispatch stream (built before it): use ExecuteStream."""
 
 
+@dataclass(frozen=True)
+class _Expected:
+    """The answer a worker that proves its call token owes the master on a call: nothing of a
+    job goes out on the call, and nothing read from it counts, before it came (``call_proof``)."""
+
+    proof: CallProof
+    nonce: str
+    address: str
+    timeout_s: float
+
+    async def wait(self, call: Any) -> None:
+        """Raises WorkerUnreachable unless the call's initial metadata holds the answer."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                metadata = await call.initial_metadata()
+        except TimeoutError:
+            raise WorkerUnreachable(
+                f"worker {self.address}: no answer to the master's proof in {self.timeout_s:g}s"
+            ) from None
+        if not self.proof.answered(self.nonce, metadata):
+            said = (await call.code(), await call.details()) if call.done() else None
+            raise self.unproven(said)
+
+    def unproven(self, said: tuple[grpc.StatusCode, str] | None) -> WorkerUnreachable:
+        """What the master makes of a call the worker did not prove (``said``: the status it
+        ended with, from whatever answered)."""
+        said_text = f" (it said {said[0].name}: {said[1]})" if said is not None else ""
+        return WorkerUnreachable(
+            f"worker {self.address}: what answers there did not prove it is the worker that "
+            f"registered at this address; nothing of a job was sent to it{said_text}"
+        )
+
+
 class _Session:
     """The Dispatch stream to one worker: starts and acknowledgements go out several to a
     message (acknowledgements wait up to ACK_LINGER_S for a start); events come back and are
     routed to the attempt they are about. When the stream breaks, every attempt on it gets
     ``WorkerUnreachable`` (and re-attaches)."""
 
-    def __init__(self, stub: WorkerServiceAsyncStub, address: str, metadata: Metadata) -> None:
+    def __init__(
+        self,
+        stub: WorkerServiceAsyncStub,
+        address: str,
+        metadata: Metadata,
+        expected: _Expected | None,
+    ) -> None:
         self.address = address
         self.call = stub.Dispatch(metadata=metadata)
         self.routes: dict[tuple[str, int], Route] = {}
         self.error: Exception | None = None
+        self._expected = expected
+        self._proved = asyncio.Event()  # (the reader waits for the answer, the writer for this)
         self._starts: list[worker_pb2.ExecuteRequest] = []
         self._acks: list[worker_pb2.AttemptRef] = []
         self._pending = asyncio.Event()
@@ -130,6 +172,7 @@ class _Session:
 
     async def _write(self) -> None:
         try:
+            await self._proved.wait()
             while True:
                 await self._pending.wait()
                 self._pending.clear()
@@ -157,23 +200,38 @@ class _Session:
 
     async def _read(self) -> None:
         try:
+            if self._expected is not None:
+                await self._expected.wait(self.call)
+            self._proved.set()
             async for message in self.call:
                 for event in message.events:
                     route = self.routes.get((event.task_id, event.attempt))
                     if route is not None:  # else an attempt nobody follows any more
                         await route.put(event)
             self._fail(WorkerUnreachable(f"worker {self.address} ended the Dispatch stream"))
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, WorkerUnreachable) as exc:
             self._fail(exc)
         except asyncio.CancelledError:
             if _being_cancelled():
                 raise
             self._fail(WorkerUnreachable(f"worker {self.address}: channel closed"))
+        except Exception as exc:  # a bug: its attempts must not wait on a dead reader
+            log.error(
+                "reading the Dispatch stream of worker %s failed", self.address, exc_info=True
+            )
+            self._fail(WorkerUnreachable(f"worker {self.address}: Dispatch stream: {exc!r}"))
 
     def _fail(self, exc: Exception) -> None:
         if self.error is not None:
             return
-        if isinstance(exc, grpc.aio.AioRpcError):
+        if self._expected is not None and not self._proved.is_set():
+            # Whatever it said, it is not the worker: not even UNIMPLEMENTED counts (that would
+            # send the jobs in ExecuteStream calls, each with its payload).
+            said = (
+                (exc.code(), exc.details() or "") if isinstance(exc, grpc.aio.AioRpcError) else None
+            )
+            exc = exc if isinstance(exc, WorkerUnreachable) else self._expected.unproven(said)
+        elif isinstance(exc, grpc.aio.AioRpcError):
             exc = (
                 _NoDispatch()
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -231,7 +289,8 @@ class GrpcWorkerClient:
         self._channels: dict[NodeEndpoint, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = {}
         self._sessions: dict[NodeEndpoint, _Session] = {}
         self._dispatch: set[NodeEndpoint] = set()  # workers that serve the Dispatch stream
-        self._call_tokens: dict[NodeEndpoint, str] = {}  # what each worker wants callers to send
+        # What each worker wants its callers to prove (or send: a bearer token).
+        self._callers: dict[NodeEndpoint, str | CallProof] = {}
 
     def _stub(self, endpoint: NodeEndpoint) -> WorkerServiceAsyncStub:
         known = self._channels.get(endpoint)
@@ -263,22 +322,30 @@ class GrpcWorkerClient:
         ):
             yield event
 
-    def dispatch_to(self, endpoint: NodeEndpoint, supported: bool, call_token: str = "") -> None:
+    def dispatch_to(
+        self, endpoint: NodeEndpoint, supported: bool, caller: str | CallProof = ""
+    ) -> None:
         """Whether the worker at ``endpoint`` serves the Dispatch stream (it says so when it
-        registers; else each attempt is an ExecuteStream call), and the token it wants from
-        its callers (a worker without TLS serves only the master it gave it to)."""
-        if supported:
+        registers; else each attempt is an ExecuteStream call), and the token it wants its
+        callers to prove, or to send as a bearer token (a worker without TLS serves only the
+        master it gave it to). A worker that proves its token gets jobs on Dispatch only: an
+        ExecuteStream call carries the job before the worker can answer."""
+        if supported or isinstance(caller, CallProof):
             self._dispatch.add(endpoint)
         else:
             self._dispatch.discard(endpoint)
-        if call_token:
-            self._call_tokens[endpoint] = call_token
+        if caller:
+            self._callers[endpoint] = caller
         else:
-            self._call_tokens.pop(endpoint, None)
+            self._callers.pop(endpoint, None)
 
-    def _metadata(self, endpoint: NodeEndpoint) -> Metadata:
-        token = self._call_tokens.get(endpoint)
-        return (("authorization", f"Bearer {token}"),) if token else ()
+    def _credentials(self, endpoint: NodeEndpoint) -> tuple[Metadata, _Expected | None]:
+        """A call's metadata, and the answer it must get (a fresh proof each call)."""
+        caller = self._callers.get(endpoint)
+        if isinstance(caller, CallProof):
+            metadata, nonce = caller.request()
+            return metadata, _Expected(caller, nonce, endpoint.address, self.rpc_timeout_s)
+        return ((("authorization", f"Bearer {caller}"),) if caller else ()), None
 
     async def _on_stream(
         self, endpoint: NodeEndpoint, task_id: str, attempt: int, spec: TaskSpec, deadline_s: float
@@ -288,7 +355,7 @@ class GrpcWorkerClient:
         session = self._sessions.get(endpoint)
         if session is None or session.error is not None:
             session = self._sessions[endpoint] = _Session(
-                self._stub(endpoint), address, self._metadata(endpoint)
+                self._stub(endpoint), address, *self._credentials(endpoint)
             )
         route: Route = asyncio.Queue(ROUTE_EVENTS)
         session.start(self._request(task_id, attempt, spec, False, {}), route)
@@ -340,11 +407,14 @@ class GrpcWorkerClient:
         worker without the Dispatch stream."""
         address = endpoint.address
         request = self._request(task_id, attempt, spec, attach, offsets)
+        metadata, expected = self._credentials(endpoint)
         call = self._stub(endpoint).ExecuteStream(
-            request, timeout=max(deadline_s, 0.001), metadata=self._metadata(endpoint)
+            request, timeout=max(deadline_s, 0.001), metadata=metadata
         )
         position = dict(offsets)  # where the next chunk starts when a worker sends no offset
         try:
+            if expected is not None:
+                await expected.wait(call)
             async for msg in call:
                 if msg.type == worker_pb2.PROGRESS_OUTPUT:
                     stream = Stream(msg.output_type)
@@ -397,13 +467,21 @@ class GrpcWorkerClient:
         )
 
     async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool:
+        metadata, expected = self._credentials(endpoint)
+        call = self._stub(endpoint).CancelTask(
+            worker_pb2.CancelTaskRequest(task_id=task_id, attempt=attempt),
+            timeout=self.rpc_timeout_s,
+            metadata=metadata,
+        )
         try:
-            reply = await self._stub(endpoint).CancelTask(
-                worker_pb2.CancelTaskRequest(task_id=task_id, attempt=attempt),
-                timeout=self.rpc_timeout_s,
-                metadata=self._metadata(endpoint),
-            )
+            reply = await call
+            if expected is not None:
+                await expected.wait(call)
         except grpc.aio.AioRpcError as exc:
+            if expected is not None and not expected.proof.answered(
+                expected.nonce, exc.initial_metadata()
+            ):
+                raise expected.unproven((exc.code(), exc.details() or "")) from None
             raise _classify(exc, endpoint.address) from None
         except asyncio.CancelledError:
             if _being_cancelled():
@@ -413,7 +491,7 @@ class GrpcWorkerClient:
 
     async def forget(self, endpoint: NodeEndpoint) -> None:
         self._dispatch.discard(endpoint)
-        self._call_tokens.pop(endpoint, None)
+        self._callers.pop(endpoint, None)
         session = self._sessions.pop(endpoint, None)
         if session is not None:
             session.close()

@@ -47,6 +47,7 @@ from dist_exec.models import (
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dist_exec.security.audit import AuditLog, redacted_payload, task_summary
 from dist_exec.security.auth import current_identity
+from dist_exec.security.call_proof import CallProof
 from dist_exec.security.identity import Identity, Role
 
 log = logging.getLogger(__name__)
@@ -434,14 +435,16 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         config: MasterConfig,
         audit: AuditLog | None = None,
         drains: Drains | None = None,
-        on_register: Callable[[NodeEndpoint, bool, str], None] = lambda *registered: None,
+        on_register: Callable[[NodeEndpoint, bool, str | CallProof], None] = (
+            lambda *registered: None
+        ),
     ) -> None:
         self.master = master
         self.config = config
         self.audit = audit
         self.drains = drains or Drains()
         # A node registered at this endpoint, says whether it serves the Dispatch stream, and
-        # what its callers must send.
+        # what its callers must prove (or send: a bearer token).
         self.on_register = on_register
 
     @grpc_errors
@@ -468,7 +471,12 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             if self.audit is not None:
                 self.audit.record("register", identity, "denied", exc.message)
             raise
-        self.on_register(node.endpoint, request.dispatch_stream, request.call_token)
+        caller = (
+            CallProof(request.call_token, request.instance)
+            if request.call_proof and request.call_token
+            else request.call_token
+        )
+        self.on_register(node.endpoint, request.dispatch_stream, caller)
         self.drains.requested.discard(NodeId(request.worker_id))
         if request.drain_requested:  # chosen for scale-in by this master before it restarted
             self.master.request_drain(NodeId(request.worker_id))

@@ -29,6 +29,7 @@ import grpc.aio
 
 from dist_exec.errors import AccessDenied, DistExecError, InvalidTaskSpec, Unauthenticated
 from dist_exec.security.audit import AuditLog
+from dist_exec.security.call_proof import PROOF, CallProof, Metadata, header
 from dist_exec.security.certs import identity_of
 from dist_exec.security.identity import LOCAL, Identity, Role
 from dist_exec.security.tls import peer_cert_pem
@@ -95,19 +96,19 @@ class Authenticator:
     """Turns a call's credentials into an Identity."""
 
     def __init__(
-        self, tokens: TokenStore | None, tls: bool, caller_token: str | None = None
+        self, tokens: TokenStore | None, tls: bool, proof: CallProof | None = None
     ) -> None:
-        """``caller_token``: a worker's, which identifies the master (it gave it the token when
-        it registered)."""
+        """``proof``: a worker's call token, which identifies the master (it gave it the token
+        when it registered): proved (see ``call_proof``), or sent as a bearer token by hand."""
         self.tokens = tokens
         self.tls = tls
-        self.caller_token = caller_token
+        self.proof = proof
 
     @property
     def required(self) -> bool:
         return (
             self.tls
-            or self.caller_token is not None
+            or self.proof is not None
             or (self.tokens is not None and self.tokens.configured)
         )
 
@@ -134,18 +135,20 @@ class Authenticator:
     def by_metadata(self, metadata: Iterable[tuple[str, Any]] | None, peer: str) -> Identity | None:
         """The caller as its metadata alone tells (a token, or no credentials where TLS is not
         used); None when only its certificate can tell. Raises Unauthenticated."""
-        header = next((v for k, v in metadata or () if k == "authorization"), None)
-        if isinstance(header, bytes):
-            header = header.decode("utf-8", "replace")
-        if header is not None:
-            scheme, _, token = header.partition(" ")
+        if self.proof is not None and (proof := header(metadata, PROOF)) is not None:
+            if self.proof.checked(proof) is None:
+                raise Unauthenticated(WORKER_CALLERS + ": its proof is not of the token it gave")
+            return Identity("master", Role.MASTER, "proof", peer)
+        authorization = header(metadata, "authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("malformed authorization header: expected 'Bearer TOKEN'")
-            if self.caller_token is not None and hmac.compare_digest(
-                token.strip().encode(), self.caller_token.encode()
+            if self.proof is not None and hmac.compare_digest(
+                token.strip().encode(), self.proof.token.encode()
             ):
                 return Identity("master", Role.MASTER, "token", peer)
-            if self.tokens is None and self.caller_token is not None:
+            if self.tokens is None and self.proof is not None:
                 raise Unauthenticated(WORKER_CALLERS + ": this token is not the one it gave")
             entry = self.tokens.lookup(token.strip()) if self.tokens is not None else None
             if entry is None:
@@ -153,8 +156,15 @@ class Authenticator:
             return Identity(entry.name, entry.role, "token", peer)
         return None if self.tls else self._without_credentials(peer)
 
+    def answer(self, metadata: Iterable[tuple[str, Any]] | None) -> Metadata:
+        """A worker's initial metadata for an admitted call: its answer to a master's proof."""
+        if self.proof is None or (proof := header(metadata, PROOF)) is None:
+            return ()
+        nonce = self.proof.checked(proof)
+        return self.proof.answer(nonce) if nonce is not None else ()
+
     def _without_credentials(self, peer: str) -> Identity:
-        if self.tokens is None and self.caller_token is not None:
+        if self.tokens is None and self.proof is not None:
             raise Unauthenticated(WORKER_CALLERS)
         if self.required:
             raise Unauthenticated(
@@ -306,6 +316,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     # until it half-closes, for a moment, then refuse.
                     await _drain(requests)
                     await self._refuse(method, denied, context)
+                await self._answer(context)
                 async for item in inner(_parsed(requests, method, deserialize), context):
                     yield item
 
@@ -359,6 +370,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if denied is not None:
             data.clear()
             await self._refuse(method, denied, context)
+        await self._answer(context)
         raw = data.pop()
         request = parse(raw) if parse is not None else raw
         del raw
@@ -367,6 +379,13 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request)
             )
         return request
+
+    async def _answer(self, context: Context) -> None:
+        """A worker answers a master's proof before anything else (see ``call_proof``)."""
+        if self.authenticator.proof is not None:
+            answer = self.authenticator.answer(context.invocation_metadata())
+            if answer:
+                await context.send_initial_metadata(answer)
 
     def _check(
         self, method: str, rule: frozenset[Role] | None, context: Context

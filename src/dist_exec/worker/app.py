@@ -29,6 +29,7 @@ from dist_exec.executors.guardian import ProcessGuard
 from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from dist_exec.security.auth import WORKER_RULES, Authenticator, SecurityInterceptor
+from dist_exec.security.call_proof import CallProof
 from dist_exec.security.credentials import Credentials
 from dist_exec.worker.server import MasterClock, WorkerServicer
 from dist_exec.worker.task_runner import TaskRunner
@@ -52,11 +53,10 @@ class Registrar:
         channel: grpc.aio.Channel,
         on_drain: Callable[[], Awaitable[None]],
         master_clock: MasterClock,
-        call_token: str,
+        caller: CallProof,
     ) -> None:
         self.config = config
-        self.call_token = call_token  # what the master must send when it calls this worker
-        self.instance = secrets.token_hex(8)  # this process: registering again, it is the same
+        self.caller = caller  # what the master must prove when it calls this worker
         self.master_clock = master_clock
         self.runner = runner
         self.address = address
@@ -108,8 +108,9 @@ class Registrar:
             task_limits=wire.limits_to_pb(self.config.task_limits),
             drain_requested=self.drain_requested,
             dispatch_stream=True,
-            call_token=self.call_token,
-            instance=self.instance,
+            call_token=self.caller.token,
+            instance=self.caller.instance,
+            call_proof=True,
             held_attempts=[
                 worker_pb2.HeldAttempt(
                     task_id=a.task_id, attempt=a.attempt, finished=a.outcome is not None
@@ -209,10 +210,11 @@ async def run_worker(
     runner = TaskRunner(
         executors, config.max_concurrent_tasks, config.max_output_bytes, config.result_retention_s
     )
-    # Only the master may call: it shows the certificate of the master role (TLS), or the
-    # token this worker gave it when it registered (sent over the authenticated Register).
-    call_token = config.call_token or secrets.token_urlsafe(32)
-    authenticator = Authenticator(None, tls=config.tls is not None, caller_token=call_token)
+    # Only the master may call: it shows the certificate of the master role (TLS), or proves
+    # the token this worker gave it when it registered (sent over the authenticated Register).
+    # The instance is new at each start: registering again, the worker is the same process.
+    caller = CallProof(config.call_token or secrets.token_urlsafe(32), secrets.token_hex(8))
+    authenticator = Authenticator(None, tls=config.tls is not None, proof=caller)
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[SecurityInterceptor(authenticator, WORKER_RULES)]
     )
@@ -254,9 +256,7 @@ async def run_worker(
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await registrar.heartbeat()  # confirm now, not at the next beat
 
-    registrar = Registrar(
-        config, runner, address, channel, drain_when_asked, master_clock, call_token
-    )
+    registrar = Registrar(config, runner, address, channel, drain_when_asked, master_clock, caller)
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())

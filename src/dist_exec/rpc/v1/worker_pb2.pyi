@@ -190,7 +190,7 @@ class HeldAttempt(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "capabilities", "max_concurrent_tasks", "labels", "held_attempts", "weight", "drain_requested", "task_limits", "dispatch_stream", "call_token", "instance")
+    __slots__ = ("worker_id", "address", "capabilities", "max_concurrent_tasks", "labels", "held_attempts", "weight", "drain_requested", "task_limits", "dispatch_stream", "call_token", "instance", "call_proof")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class RegisterRequest(_message.Message):
     DISPATCH_STREAM_FIELD_NUMBER: _ClassVar[int]
     CALL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    CALL_PROOF_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -222,7 +223,8 @@ class RegisterRequest(_message.Message):
     dispatch_stream: bool
     call_token: str
     instance: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ..., weight: _Optional[int] = ..., drain_requested: _Optional[bool] = ..., task_limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., dispatch_stream: _Optional[bool] = ..., call_token: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
+    call_proof: bool
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrent_tasks: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_attempts: _Optional[_Iterable[_Union[HeldAttempt, _Mapping]]] = ..., weight: _Optional[int] = ..., drain_requested: _Optional[bool] = ..., task_limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., dispatch_stream: _Optional[bool] = ..., call_token: _Optional[str] = ..., instance: _Optional[str] = ..., call_proof: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("accepted", "message", "heartbeat_interval", "master_clock")
