@@ -279,7 +279,9 @@ class ClusterFactory:
         env: dict[str, str] | None = None,
         retry_backoff: str = "50ms",
         secure: bool = False,
+        prefix: list[str] | None = None,
     ) -> Proc:
+        """``prefix``: as for ``_start``."""
         data_dir = data_dir or self.tmp / "master-data"
         args = [
             "--listen", listen, "--data-dir", str(data_dir),
@@ -289,7 +291,7 @@ class ClusterFactory:
             *(self.pki.tls_args("master", "master") if secure else []),
             *(extra or []),
         ]  # fmt: skip
-        proc = self._start("master", args, env)
+        proc = self._start("master", args, env, prefix)
         proc.extra["data_dir"] = data_dir
         return proc
 

@@ -21,17 +21,49 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024  # of a job's payload (a command's: with its stdin)
 MIN_TIMEOUT_S = 0.001  # the shortest timeout a job may have
 RUNS_PER_SESSION = 1024  # runs followed at once on one RunSession stream
-# gRPC server options of master and worker. No SO_REUSEPORT: a second server on a port already
-# in use must fail to start, not silently share the port (and the clients) with the first.
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),  # find dead peers of long streams
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-]
+# A server raises its soft limit of open descriptors to the hard one, up to this (the commands
+# a worker starts inherit it: a program that closes every descriptor up to the limit stays fast).
+OPEN_FILES_WANTED = 65_536
+# Of its descriptor limit, a server keeps this share for itself (database, logs, channels to
+# workers, pipes) and accepts connections with the rest: a peer that opens connections and
+# sends nothing (gRPC keeps those for ever) cannot take the master's last descriptor.
+CONNECTIONS_SHARE = 0.75
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open descriptors towards the hard limit (at most
+    OPEN_FILES_WANTED); the soft limit now."""
+    import resource  # (Unix only, as the servers are)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (OSError, ValueError):
+            pass  # (kept as it was)
+    return soft
+
+
+def server_options(open_files: int) -> list[tuple[str, int]]:
+    """gRPC server options of master and worker, for a process allowed ``open_files``
+    descriptors. No SO_REUSEPORT: a second server on a port already in use must fail to start,
+    not silently share the port (and the clients) with the first."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 20_000),  # find dead peers of long streams
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # Connections beyond this are closed at once (new clients then cannot connect until
+        # some go; those connected keep working).
+        ("grpc.max_allowed_incoming_connections", max(16, int(open_files * CONNECTIONS_SHARE))),
+    ]
+
+
 MASTER_ENV = "DIST_EXEC_MASTER"
 
 _DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ms|s|m|h|d)", re.ASCII)

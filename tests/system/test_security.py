@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -740,3 +741,47 @@ async def test_a_process_on_a_dead_workers_port_gets_neither_its_token_nor_its_j
     assert not any(b"s3cret" in request for request in impostor.received)
     assert "ExecuteStream" in impostor.calls  # (its forged results were offered, not taken)
     assert "did not prove it is the worker that registered" in master.log_text()
+
+
+def _closed_by_peer(sockets: list[socket.socket]) -> int:
+    closed = 0
+    for sock in sockets:
+        try:
+            closed += sock.recv(1, socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    return closed
+
+
+async def test_idle_connections_cannot_take_the_masters_last_descriptors(
+    cluster: ClusterFactory,
+) -> None:
+    """gRPC keeps a connection that never sends anything for ever: 256 of them took every
+    descriptor of a master allowed 256, after which nobody could connect and the master could
+    open nothing (its database's files, pipes, sockets to workers). It now accepts connections
+    with three quarters of its descriptors only, and closes the rest at once."""
+    limit = 256
+    master = cluster.master(prefix=["prlimit", f"--nofile={limit}:{limit}"])
+    cluster.worker(master)
+    flood: list[socket.socket] = []
+    async with Client(master.address) as client:
+        assert (await client.wait(await client.submit(command_spec(["true"])))).exit_code == 0
+        try:
+            host, port = master.address.rsplit(":", 1)
+            for _ in range(limit + 100):
+                flood.append(socket.create_connection((host, int(port))))
+            cap = int(limit * 0.75)
+            await wait_until(lambda: _closed_by_peer(flood) >= len(flood) - cap,
+                             what="the master to close the connections beyond its cap")  # fmt: skip
+            assert len(os.listdir(f"/proc/{master.pid}/fd")) < limit - 16
+            # Those connected before keep working: this client, and the worker's heartbeats.
+            job = await client.wait(await client.submit(command_spec(["echo", "still here"])))
+            assert job.stdout == b"still here\n"
+        finally:
+            for sock in flood:
+                sock.close()
+    async with Client(master.address) as late:
+        job = await late.wait(await late.submit(command_spec(["echo", "and new ones"])))
+        assert job.stdout == b"and new ones\n"

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
+
 import pytest
 
 from dist_exec.config import (
+    OPEN_FILES_WANTED,
     dial_address,
     format_duration,
     listen_address,
     parse_duration,
+    raise_open_files_limit,
+    server_options,
     split_address,
 )
 
@@ -175,3 +182,47 @@ def test_dial_and_listen_reject_bad_addresses(address: str) -> None:
         dial_address(address)
     with pytest.raises(ValueError, match="invalid address"):
         listen_address(address)
+
+
+def test_a_server_raises_its_descriptor_limit_to_the_hard_one() -> None:
+    """In a child given a low soft limit (prlimit may only lower the hard one here)."""
+    code = (
+        "import resource; from dist_exec.config import raise_open_files_limit as r; "
+        "print(r(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run(
+        ["prlimit", "--nofile=100:200", sys.executable, "-c", code],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.split() == ["200", "200"]
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "allowed", "expected"),
+    [
+        (1024, 1_048_576, True, OPEN_FILES_WANTED),
+        (1024, resource.RLIM_INFINITY, True, OPEN_FILES_WANTED),
+        (100_000, 1_048_576, True, 100_000),  # (never lowered)
+        (1024, 4096, False, 1024),  # refused: kept
+    ],
+)
+def test_the_raise_stops_at_open_files_wanted(
+    monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, allowed: bool, expected: int
+) -> None:
+    """The limits a test cannot give a child without privilege, through a fake setrlimit."""
+    limits = [(soft, hard)]
+
+    def setrlimit(which: int, value: tuple[int, int]) -> None:
+        if not allowed:
+            raise ValueError("not allowed")
+        limits.append(value)
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits[-1])
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert raise_open_files_limit() == expected
+    assert limits[-1] == (expected, hard)
+
+
+def test_a_server_accepts_connections_with_three_quarters_of_its_descriptors() -> None:
+    assert dict(server_options(1024))["grpc.max_allowed_incoming_connections"] == 768
+    assert dict(server_options(10))["grpc.max_allowed_incoming_connections"] == 16

@@ -13,11 +13,12 @@ from grpc_reflection.v1alpha import reflection
 from dist_exec.autoscaler import make_autoscaler
 from dist_exec.clock import SystemClock
 from dist_exec.config import (
-    SERVER_OPTIONS,
     MasterConfig,
     dial_address,
     join_address,
     listen_address,
+    raise_open_files_limit,
+    server_options,
     split_address,
 )
 from dist_exec.executors import Executor, load_executors
@@ -102,7 +103,7 @@ async def run_master(
             clock,
         )
         server = grpc.aio.server(
-            options=SERVER_OPTIONS,
+            options=server_options(raise_open_files_limit()),
             interceptors=[SecurityInterceptor(authenticator, MASTER_RULES, audit)],
         )
         if config.tls is not None:

@@ -17,11 +17,12 @@ from grpc_reflection.v1alpha import reflection
 
 from dist_exec import wire
 from dist_exec.config import (
-    SERVER_OPTIONS,
     WorkerConfig,
     advertised_address,
     dial_address,
     listen_address,
+    raise_open_files_limit,
+    server_options,
 )
 from dist_exec.executors import Executor, load_executors
 from dist_exec.executors.containment import Containment, ContainmentError, Mode, parse_uid_pool
@@ -216,7 +217,8 @@ async def run_worker(
     caller = CallProof(config.call_token or secrets.token_urlsafe(32), secrets.token_hex(8))
     authenticator = Authenticator(None, tls=config.tls is not None, proof=caller)
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[SecurityInterceptor(authenticator, WORKER_RULES)]
+        options=server_options(raise_open_files_limit()),
+        interceptors=[SecurityInterceptor(authenticator, WORKER_RULES)],
     )
     master_clock = MasterClock()
     servicer = WorkerServicer(runner, config.worker_id, master_clock)
