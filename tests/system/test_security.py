@@ -722,7 +722,7 @@ async def test_a_process_on_a_dead_workers_port_gets_neither_its_token_nor_its_j
         server = await impostor.serve(dead.address)
         try:
             spec = command_spec("echo $SECRET; cat", shell=True, env={"SECRET": "s3cret-env"},
-                                stdin=b"s3cret-stdin")  # fmt: skip
+                                stdin=b"s3cret-stdin", metadata={"key": "s3cret-meta"})  # fmt: skip
             first = await client.submit(spec)
             await wait_until(lambda: impostor.dispatches, what="the master dials w1's port")
             second = await client.submit(spec)  # (on a new Dispatch stream)

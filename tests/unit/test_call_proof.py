@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from dist_exec.errors import Unauthenticated
+from dist_exec.master.dispatcher import _Expected
 from dist_exec.security.auth import Authenticator
 from dist_exec.security.call_proof import ANSWER, PROOF, CallProof
 from dist_exec.security.identity import Role
@@ -69,3 +71,12 @@ def test_a_worker_takes_the_masters_proof_or_its_token_by_hand() -> None:
     assert auth.answer(forged) == ()
     # A server with no call token of its own (a master) ignores the header.
     assert Authenticator(None, tls=False).answer(metadata) == ()
+
+
+def test_only_a_peer_that_answered_wrongly_is_called_an_impostor() -> None:
+    """A dead worker (nothing listens: UNAVAILABLE) is said as any unreachable worker is."""
+    expected = _Expected(WORKER, "nonce", "127.0.0.1:1", 10.0)
+    dead = expected.unproven((grpc.StatusCode.UNAVAILABLE, "Connection refused"))
+    assert str(dead) == "worker 127.0.0.1:1: UNAVAILABLE: Connection refused"
+    for said in [(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"), None]:
+        assert "did not prove it is the worker" in str(expected.unproven(said))

@@ -127,7 +127,10 @@ class _Expected:
 
     def unproven(self, said: tuple[grpc.StatusCode, str] | None) -> WorkerUnreachable:
         """What the master makes of a call the worker did not prove (``said``: the status it
-        ended with, from whatever answered)."""
+        ended with, from whatever answered). Nothing there to answer (UNAVAILABLE) is the
+        common case, a dead worker, and is said as such."""
+        if said is not None and said[0] == grpc.StatusCode.UNAVAILABLE:
+            return WorkerUnreachable(f"worker {self.address}: UNAVAILABLE: {said[1]}")
         said_text = f" (it said {said[0].name}: {said[1]})" if said is not None else ""
         return WorkerUnreachable(
             f"worker {self.address}: what answers there did not prove it is the worker that "
@@ -451,17 +454,22 @@ class GrpcWorkerClient:
         attach: bool,
         offsets: Mapping[Stream, int],
     ) -> worker_pb2.ExecuteRequest:
-        start_by = self.clock() + self.start_window_s if self.start_window_s and not attach else 0
+        if attach:  # (only which attempt, and where its output resumes: nothing of the job)
+            return worker_pb2.ExecuteRequest(
+                task_id=task_id,
+                attempt=attempt,
+                attach=True,
+                stdout_offset=offsets.get(Stream.STDOUT, 0),
+                stderr_offset=offsets.get(Stream.STDERR, 0),
+            )
+        start_by = self.clock() + self.start_window_s if self.start_window_s else 0
         return worker_pb2.ExecuteRequest(
             task_id=task_id,
             task_type=spec.task_type,
-            payload=b"" if attach else spec.payload,
+            payload=spec.payload,
             timeout=wire.duration(spec.timeout_s),
             metadata=spec.metadata,
             attempt=attempt,
-            attach=attach,
-            stdout_offset=offsets.get(Stream.STDOUT, 0),
-            stderr_offset=offsets.get(Stream.STDERR, 0),
             limits=wire.limits_to_pb(spec.limits),
             start_by=wire.duration(start_by) if start_by else None,
         )

@@ -476,6 +476,12 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             if request.call_proof and request.call_token
             else request.call_token
         )
+        if request.call_token and not request.call_proof:
+            log.warning(
+                "worker %s proves no call token (a version before proofs): the master sends it "
+                "its token as a bearer token, which whatever holds its port would get; upgrade it",
+                request.worker_id,
+            )
         self.on_register(node.endpoint, request.dispatch_stream, caller)
         self.drains.requested.discard(NodeId(request.worker_id))
         if request.drain_requested:  # chosen for scale-in by this master before it restarted
