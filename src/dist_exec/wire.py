@@ -57,6 +57,8 @@ NODE_STATUS_FROM_PB = {v: k for k, v in NODE_STATUS_TO_PB.items()}
 # follows the job (a client resumes a stream that breaks after it, and reports one that fails
 # before it at once).
 STREAM_OPEN = (("dist-exec-stream", "open"),)
+# RunSession's initial metadata: this master takes `pause` and `resume` of a run.
+RUN_PAUSE = (("dist-exec-run-pause", "1"),)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

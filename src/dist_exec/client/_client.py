@@ -105,6 +105,7 @@ class Client:
         self._session: RunSession | None = None
         self._use_session = True  # until the master says it has no RunSession
         self._closed = False
+        self._closing = False
 
     async def __aenter__(self) -> Client:
         self._channel = self.credentials.channel(self.address, CHANNEL_OPTIONS)
@@ -114,6 +115,7 @@ class Client:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._closing = True
         if self._session is not None:
             await self._session.close()
         if self._channel is not None:
@@ -190,11 +192,17 @@ class Client:
         """Output of several jobs as (job id, (attempt, chunk)), interleaved, and each job's
         final state (without output) as (job id, Job) when it ends. Stops when all have ended."""
         request = master_pb2.WatchJobsRequest(job_ids=job_ids, no_output=not with_output)
+        call = self.stub.WatchJobs(request)
         try:
-            async for event in self.stub.WatchJobs(request):
+            async for event in call:
                 yield JobId(event.job_id), _event(event)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
+        except asyncio.CancelledError:
+            self._check_closed()
+            raise
+        finally:
+            call.cancel()  # (left early: the master stops sending; a no-op once it is over)
 
     async def get(self, job_id: str) -> Job:
         try:
@@ -463,6 +471,19 @@ class Client:
                         f"{STREAM_RETRY_S:.0f}s (the job runs on)"
                     )
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
+            except asyncio.CancelledError:
+                self._check_closed()
+                raise
+            finally:
+                call.cancel()  # (left early: the master stops sending; a no-op once it is over)
+
+    def _check_closed(self) -> None:
+        """For a follower whose call raised CancelledError: grpc.aio cancels the calls of a
+        channel being closed, raising it in whoever reads them, a task nobody cancelled. That
+        is the client closed under it (unless this task is being cancelled too)."""
+        task = asyncio.current_task()
+        if self._closing and (task is None or not task.cancelling()):
+            raise DistExecError("the client was closed") from None
 
 
 def _event(event: master_pb2.JobEvent) -> tuple[int, OutputChunk] | Job:

@@ -1,8 +1,11 @@
 """The client's end of RunSession: one long-lived stream that carries run after run.
 
 Each run gets a tag and a route; the reader hands every event to its run's route at once, so
-a caller that is slow to iterate one run never holds up another. A route that falls too far
-behind is cut off, and its run resumes from its offsets as after a broken stream.
+a caller that is slow to iterate one run never holds up another. A route that falls behind by
+ROUTE_BYTES is paused: the master holds its events back (they wait there as for any slow
+reader, nothing is lost) until the caller has read half of them. An older master, which cannot
+pause a run, has it cut off instead, and the run resumes from its offsets as after a broken
+stream (with what the master still has of its output).
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from typing import TYPE_CHECKING
 import grpc
 import grpc.aio
 
+from dist_exec import wire
 from dist_exec.config import RUNS_PER_SESSION
 from dist_exec.rpc.v1 import master_pb2
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
 
-ROUTE_BYTES = 8 * 1024 * 1024  # output waiting in one run's route before it is cut off
+ROUTE_BYTES = 8 * 1024 * 1024  # output waiting in one run's route before it is paused
+# Paused, a route still takes what was on its way (at most the master's outbox, 4 MiB, and a
+# message); one that grows past ROUTE_BYTES and this much more anyway is cut off.
+IN_FLIGHT_BYTES = 16 * 1024 * 1024
 STATUS_WAIT_S = 5.0  # for the status of a call a write failed on (else: UNAVAILABLE)
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -40,6 +47,7 @@ class _Route:
             asyncio.Queue()
         )
         self.bytes = 0
+        self.paused = False
 
 
 class RunSession:
@@ -54,6 +62,7 @@ class RunSession:
         self._requests: list[master_pb2.RunSessionRequest] = []
         self._pending = asyncio.Event()
         self._slots = asyncio.Semaphore(RUNS_PER_SESSION)  # the master refuses more at once
+        self._can_pause = False  # the master said it takes pause and resume
         self._reader = asyncio.create_task(self._read())
         self._writer = asyncio.create_task(self._write())
 
@@ -85,6 +94,9 @@ class RunSession:
                         )
                     event = item.event
                     route.bytes -= len(event.output.data)
+                    if route.paused and route.bytes <= ROUTE_BYTES // 2:
+                        route.paused = False
+                        self._send(master_pb2.RunSessionRequest(tag=tag, resume=True))
                     if event.accepted:
                         jobs.add(event.job_id)
                     elif event.HasField("result"):
@@ -103,7 +115,7 @@ class RunSession:
         try:
             # Nothing is written before the master shows it serves this method: an older
             # master answers UNIMPLEMENTED, and the runs then safely go as RunJobs calls.
-            await self.call.initial_metadata()
+            self._can_pause = wire.RUN_PAUSE[0] in list(await self.call.initial_metadata())
             while True:
                 await self._pending.wait()
                 self._pending.clear()
@@ -132,7 +144,10 @@ class RunSession:
         if route is None:
             return  # a run nobody follows any more
         route.bytes += len(item.event.output.data)
-        if route.bytes <= ROUTE_BYTES:
+        if route.bytes > ROUTE_BYTES and self._can_pause and not route.paused:
+            route.paused = True
+            self._send(master_pb2.RunSessionRequest(tag=item.tag, pause=True))
+        if route.bytes <= ROUTE_BYTES + (IN_FLIGHT_BYTES if self._can_pause else 0):
             route.queue.put_nowait(item)
             return
         del self._routes[item.tag]

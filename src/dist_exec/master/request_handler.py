@@ -253,7 +253,7 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         self, request_iterator: AsyncIterator[master_pb2.RunSessionRequests], context: Context
     ) -> AsyncGenerator[master_pb2.RunSessionEvents, None]:
         # The client writes nothing before this arrives (an older master answers UNIMPLEMENTED).
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(wire.RUN_PAUSE)
         session = RunSession(lambda request: self._run_jobs(request, context))
         async with contextlib.aclosing(session.serve(request_iterator)) as messages:
             async for message in messages:

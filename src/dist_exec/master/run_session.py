@@ -38,6 +38,7 @@ class RunSession:
             OUTBOX_BYTES, MESSAGE_BYTES, urgent_bytes=MESSAGE_BYTES, linger_s=ACCEPTED_LINGER_S
         )
         self._runs: dict[int, asyncio.Task[None]] = {}
+        self._going: dict[int, asyncio.Event] = {}  # cleared while the client holds a run back
         self._reading = True
         self._error: BaseException | None = None  # what ended the request stream, if not EOF
 
@@ -85,6 +86,13 @@ class RunSession:
             if task is not None:
                 task.cancel()
             return
+        if request.pause or request.resume:  # (a run that has ended meanwhile: nothing to do)
+            going = self._going.get(tag)
+            if going is not None and request.resume:
+                going.set()
+            elif going is not None:
+                going.clear()
+            return
         if tag in self._runs:  # the client could no longer tell the two runs' events apart
             raise InvalidTaskSpec(f"run {tag} is still going on this stream; give each its own tag")
         if len(self._runs) >= RUNS_PER_SESSION:
@@ -96,15 +104,20 @@ class RunSession:
                 ),
             )
         else:
-            task = asyncio.create_task(self._run(tag, request.run))
+            going = self._going[tag] = asyncio.Event()
+            going.set()
+            task = asyncio.create_task(self._run(tag, request.run, going))
             self._runs[tag] = task
             task.add_done_callback(lambda done: self._ended(tag, done))
 
-    async def _run(self, tag: int, request: master_pb2.RunJobsRequest) -> None:
+    async def _run(
+        self, tag: int, request: master_pb2.RunJobsRequest, going: asyncio.Event
+    ) -> None:
         outbox = self._outbox
         try:
             async with contextlib.aclosing(self.run_jobs(request)) as events:
                 async for event in events:
+                    await going.wait()  # (held back: its events wait in the job's follower)
                     await outbox.room()
                     item = master_pb2.RunSessionEvent(tag=tag, event=event)
                     # Output counts by its data (no need to encode it twice to know).
@@ -134,6 +147,7 @@ class RunSession:
     def _ended(self, tag: int, task: asyncio.Task[None]) -> None:
         if self._runs.get(tag) is task:
             del self._runs[tag]
+            del self._going[tag]
         self._end_if_idle()
 
     def _end_if_idle(self) -> None:

@@ -335,14 +335,18 @@ class RunSessionRequests(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[RunSessionRequest, _Mapping]]] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("tag", "run", "stop")
+    __slots__ = ("tag", "run", "stop", "pause", "resume")
     TAG_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     tag: int
     run: RunJobsRequest
     stop: bool
-    def __init__(self, tag: _Optional[int] = ..., run: _Optional[_Union[RunJobsRequest, _Mapping]] = ..., stop: _Optional[bool] = ...) -> None: ...
+    pause: bool
+    resume: bool
+    def __init__(self, tag: _Optional[int] = ..., run: _Optional[_Union[RunJobsRequest, _Mapping]] = ..., stop: _Optional[bool] = ..., pause: _Optional[bool] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class RunSessionEvents(_message.Message):
     __slots__ = ("events",)
