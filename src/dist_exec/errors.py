@@ -88,7 +88,7 @@ class RateLimited(ResourceExhausted):
 
     @property
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("retry-after-ms", str(math.ceil(self.retry_after_s * 1000))),)
+        return ((RETRY_AFTER_KEY, str(math.ceil(self.retry_after_s * 1000))),)
 
 
 class StoreFull(ResourceExhausted):
@@ -169,6 +169,13 @@ class MasterUnavailable(DistExecError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class MasterTimeout(MasterUnavailable):
+    """The master did not answer in time, or gave up on the call (its deadline passed while it
+    was busy): what was asked may or may not have been done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class StoreUnavailable(MasterUnavailable):
     """The master runs, but cannot write its database now (an I/O error, a lock held too
     long, a read-only file system): what it accepted stays safe; try again later."""
@@ -184,12 +191,15 @@ _BY_CODE: dict[grpc.StatusCode, type[DistExecError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: JobAlreadyFinished,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: MasterUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: MasterTimeout,
+    grpc.StatusCode.CANCELLED: MasterTimeout,
     grpc.StatusCode.ABORTED: FollowerTooSlow,
     grpc.StatusCode.PERMISSION_DENIED: PolicyDenied,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 ACCESS_DENIED_KEY = "dist-exec-denied"  # trailing metadata telling AccessDenied from PolicyDenied
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RateLimited
 STORE_KEY = "dist-exec-store"  # trailing metadata: the master's database failed, not the call
 
 
@@ -231,6 +241,17 @@ def from_rpc_error(err: grpc.aio.AioRpcError, address: str = "") -> DistExecErro
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"the master at {address or '?'} did not answer in time"
+    elif code == grpc.StatusCode.CANCELLED:  # (by the server: a call cancelled here raises)
+        details = (
+            f"the master at {address or '?'} gave up on the call ({details}): its deadline "
+            "passed while it was busy, or it is stopping; what was asked may or may not have "
+            "been done"
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and RETRY_AFTER_KEY in trailers:
+        with contextlib.suppress(ValueError):
+            limited = RateLimited(details, int(trailers[RETRY_AFTER_KEY]) / 1000)
+            limited.code = code
+            return limited
     cls = _BY_CODE.get(code, DistExecError)
     if code == grpc.StatusCode.PERMISSION_DENIED and ACCESS_DENIED_KEY in trailers:
         cls = AccessDenied

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dist_exec.client import Client, command_spec
-from dist_exec.errors import DistExecError
-from tests.conftest import SmallCluster, wait_until
+from dist_exec.errors import DistExecError, InvalidTaskSpec, RateLimited
+from dist_exec.models import JobStatus
+from tests.conftest import ClusterFactory, SmallCluster, wait_until
 
 pytestmark = pytest.mark.system
 
@@ -45,25 +46,85 @@ async def test_a_follower_of_a_client_closed_under_it_is_told_so(
     """It got a bare CancelledError (in a task nobody cancelled), which `except Exception`
     does not catch."""
     outcomes: list[BaseException] = []
-    started: list[object] = []
+    started: set[int] = set()
 
     async def follow(items: AsyncIterator[object]) -> None:
         try:
-            async for item in items:
-                started.append(item)
+            async for _ in items:
+                started.add(id(items))
         except BaseException as exc:
             outcomes.append(exc)
 
     async with Client(small_cluster.address) as client:
         job = await client.submit(command_spec("echo started; sleep 60", shell=True))
+        spec = command_spec("echo started; sleep 60", shell=True)
         followers = [
             asyncio.create_task(follow(client.watch(job))),
             asyncio.create_task(follow(client.stream_output(job))),
             asyncio.create_task(follow(client.watch_many([job]))),
+            asyncio.create_task(follow(client.run(spec))),
+            asyncio.create_task(follow(client.run_many([spec]))),
         ]
         await wait_until(lambda: len(started) == len(followers), 10, "each to get output")
     await asyncio.wait_for(asyncio.gather(*followers), 10)
-    assert [type(exc) for exc in outcomes] == [DistExecError] * 3, outcomes
+    assert [type(exc) for exc in outcomes] == [DistExecError] * len(followers), outcomes
     assert all("the client was closed" in str(exc) for exc in outcomes)
     async with Client(small_cluster.address) as client:
-        await client.cancel(job)
+        for running, _ in (await client.list_jobs(status=JobStatus.RUNNING))[0]:
+            await client.cancel(running.id)
+
+
+async def test_runs_at_once_larger_together_than_a_message_all_run(
+    small_cluster: SmallCluster,
+) -> None:
+    """Each run is well within the job size limit, but the client wrote all the runs waiting
+    to go in one message: past 64 MiB the stream broke, and every run failed with 'Internal
+    error from Core'. A single run too large to go at all is refused alone, clearly."""
+    stdin = b"x" * (720 * 1024)
+    spec = command_spec(["wc", "-c"], stdin=stdin)
+
+    async def run() -> bytes:
+        out = b""
+        async for item in client.run(spec):
+            if isinstance(item, tuple):
+                out += item[1].data
+        return out
+
+    async with Client(small_cluster.address, timeout_s=60) as client:
+        outs = await asyncio.wait_for(asyncio.gather(*(run() for _ in range(96))), 120)
+        assert set(outs) == {b"%d\n" % len(stdin)}
+        with pytest.raises(InvalidTaskSpec, match="split them into several runs"):
+            async for _ in client.run_many([spec] * 100):
+                pass
+        assert await run() == b"%d\n" % len(stdin)  # (the stream goes on)
+
+
+async def test_more_runs_at_once_than_one_stream_carries_all_run(
+    small_cluster: SmallCluster,
+) -> None:
+    """A stream carries 1,024 runs at once; the 1,025th waited for a slot inside the time it
+    had to be accepted, and failed with 'the master did not answer in time'. Another stream
+    opens instead."""
+
+    async with Client(small_cluster.address, timeout_s=5) as client:
+        runs = [client.run(command_spec(["sleep", "60"])) for _ in range(1040)]
+        ids = await asyncio.wait_for(asyncio.gather(*(anext(run) for run in runs)), 60)
+        assert len(set(ids)) == 1040  # each accepted in time, though most have to wait
+        assert len(client._sessions) == 2
+        for run in runs:
+            await run.aclose()
+    # (Cancelling 1,040 jobs at once may take a loaded master longer than 5 s.)
+    async with Client(small_cluster.address, timeout_s=60) as client:
+        await asyncio.gather(*(client.cancel(str(job)) for job in ids))
+
+
+async def test_a_client_over_its_rate_limit_is_told_when_to_try_again(
+    cluster: ClusterFactory,
+) -> None:
+    """The master sends how long to wait (retry-after-ms); the client threw it away."""
+    master = cluster.master(extra=["--rate-limit", "0.5", "--rate-burst", "1"])
+    async with Client(master.address) as client:
+        await client.submit(command_spec(["true"]))
+        with pytest.raises(RateLimited) as info:
+            await client.submit(command_spec(["true"]))
+    assert 0 < info.value.retry_after_s <= 2.0

@@ -34,8 +34,7 @@ async def _run(client: Client, command: str) -> tuple[bytes, bytes, Job]:
 
 
 def _session(client: Client) -> RunSession:
-    session = client._session
-    assert session is not None
+    [session] = client._sessions
     assert session.error is None
     return session
 

@@ -18,6 +18,7 @@ from dist_exec.errors import (
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
+    MasterTimeout,
     MasterUnavailable,
     NoMatchingNode,
     PolicyDenied,
@@ -51,6 +52,7 @@ EXPECTED_CODES: dict[type[DistExecError], grpc.StatusCode] = {
     RateLimited: Code.RESOURCE_EXHAUSTED,
     PolicyDenied: Code.PERMISSION_DENIED,
     MasterUnavailable: Code.UNAVAILABLE,
+    MasterTimeout: Code.DEADLINE_EXCEEDED,
     StoreUnavailable: Code.UNAVAILABLE,
     StoreFull: Code.RESOURCE_EXHAUSTED,
     AccessDenied: Code.PERMISSION_DENIED,
@@ -113,7 +115,6 @@ def test_specific_classes_are_not_internal() -> None:
         (Code.UNAUTHENTICATED, Unauthenticated),
         (Code.UNKNOWN, DistExecError),
         (Code.UNIMPLEMENTED, DistExecError),
-        (Code.CANCELLED, DistExecError),
     ],
 )
 def test_from_rpc_error_maps_codes(code: grpc.StatusCode, cls: type[DistExecError]) -> None:
@@ -184,7 +185,8 @@ def test_unavailable_without_address_keeps_details() -> None:
 @pytest.mark.parametrize(("address", "shown"), [("10.1.2.3:50051", "10.1.2.3:50051"), ("", "?")])
 def test_deadline_exceeded(address: str, shown: str) -> None:
     exc = from_rpc_error(rpc_error(Code.DEADLINE_EXCEEDED, "Deadline Exceeded"), address)
-    assert type(exc) is DistExecError
+    assert type(exc) is MasterTimeout
+    assert isinstance(exc, MasterUnavailable)  # (what a script catches for "try again")
     assert exc.code is Code.DEADLINE_EXCEEDED
     assert exc.message == f"the master at {shown} did not answer in time"
 
@@ -223,3 +225,24 @@ def test_a_master_lost_during_a_call_is_not_a_credentials_problem(
     if not unauthenticated:
         assert isinstance(exc, MasterUnavailable)
         assert exc.message.startswith("lost the connection to the master at h:1 during the call")
+
+
+def test_a_master_that_gave_up_on_a_call_is_a_timeout() -> None:
+    """CANCELLED from a master whose deadline for the call passed while it was busy (a call
+    cancelled by the client raises CancelledError instead) came as DistExecError('CANCELLED'),
+    which said nothing a person could act on and `except MasterUnavailable` did not catch."""
+    exc = from_rpc_error(rpc_error(Code.CANCELLED, "CANCELLED"), "m:1")
+    assert type(exc) is MasterTimeout
+    assert exc.code is Code.CANCELLED
+    assert "the master at m:1 gave up on the call (CANCELLED)" in exc.message
+
+
+def test_a_rate_limit_says_when_to_try_again() -> None:
+    trailing = grpc.aio.Metadata(*RateLimited("over", 1.25).trailing_metadata)
+    error = from_rpc_error(
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailing, "over"
+        )
+    )
+    assert isinstance(error, RateLimited)
+    assert error.retry_after_s == 1.25

@@ -102,7 +102,7 @@ class Client:
         self.on_reconnect: Callable[[str], None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: MasterServiceAsyncStub | None = None
-        self._session: RunSession | None = None
+        self._sessions: list[RunSession] = []  # another opens when they are full
         self._use_session = True  # until the master says it has no RunSession
         self._closed = False
         self._closing = False
@@ -116,11 +116,11 @@ class Client:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._closing = True
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions:
+            await session.close()
         if self._channel is not None:
             await self._channel.close()
-        self._stub, self._session, self._closed = None, None, True
+        self._stub, self._sessions, self._closed = None, [], True
 
     @property
     def stub(self) -> MasterServiceAsyncStub:
@@ -131,6 +131,8 @@ class Client:
         return self._stub
 
     def _error(self, exc: grpc.aio.AioRpcError) -> DistExecError:
+        if self._closing and exc.code() == grpc.StatusCode.CANCELLED:
+            return DistExecError("the client was closed")
         details = (exc.details() or "").lower()
         # A master that requires TLS closes a plain connection before any call gets through
         # ("failed to connect ...: Socket closed"); one that stops during a call ends its
@@ -367,9 +369,11 @@ class Client:
         """What RunJobs sends for ``request``: on the shared RunSession stream when the master
         serves it, else on a RunJobs call of its own. Errors come as AioRpcError."""
         if self._use_session:
-            session = self._session
-            if session is None or session.error is not None:
-                session = self._session = RunSession(self.stub)
+            self._sessions = [s for s in self._sessions if s.error is None]  # (broken: closed)
+            session = next((s for s in self._sessions if not s.full), None)
+            if session is None:
+                session = RunSession(self.stub)
+                self._sessions.append(session)
             try:
                 async with contextlib.aclosing(session.run(request)) as events:
                     async for event in events:

@@ -20,7 +20,8 @@ import grpc
 import grpc.aio
 
 from dist_exec import wire
-from dist_exec.config import RUNS_PER_SESSION
+from dist_exec.config import MAX_MESSAGE_BYTES, RUNS_PER_SESSION
+from dist_exec.errors import InvalidTaskSpec
 from dist_exec.rpc.v1 import master_pb2
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ ROUTE_BYTES = 8 * 1024 * 1024  # output waiting in one run's route before it is 
 # message); one that grows past ROUTE_BYTES and this much more anyway is cut off.
 IN_FLIGHT_BYTES = 16 * 1024 * 1024
 STATUS_WAIT_S = 5.0  # for the status of a call a write failed on (else: UNAVAILABLE)
+# Requests go several to a message, up to about this much (a message may have 64 MiB).
+MESSAGE_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -52,7 +55,8 @@ class _Route:
 
 class RunSession:
     """One RunSession call. ``run`` yields one run's events; ``error`` is set once the stream is
-    broken (a new run then needs a new session)."""
+    broken (a new run then needs a new session). It carries RUNS_PER_SESSION runs at once (the
+    master's bound): ``full`` says when a caller should open another."""
 
     def __init__(self, stub: MasterServiceAsyncStub) -> None:
         self.call = stub.RunSession()
@@ -61,7 +65,7 @@ class RunSession:
         self._tags = itertools.count(1)
         self._requests: list[master_pb2.RunSessionRequest] = []
         self._pending = asyncio.Event()
-        self._slots = asyncio.Semaphore(RUNS_PER_SESSION)  # the master refuses more at once
+        self.runs = 0  # runs on it now (see ``full``)
         self._can_pause = False  # the master said it takes pause and resume
         self._reader = asyncio.create_task(self._read())
         self._writer = asyncio.create_task(self._write())
@@ -70,10 +74,17 @@ class RunSession:
         self, request: master_pb2.RunJobsRequest
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
         """The events RunJobs would send for ``request``; its error status as an AioRpcError.
-        Ends after the final state of every job (closing it earlier stops following them)."""
-        async with self._slots:
-            if self.error is not None:  # broken while this run waited for a slot
+        Ends after the final state of every job (closing it earlier stops following them).
+        Counted in ``runs`` from its first step (taken when the caller picks this session)."""
+        self.runs += 1
+        try:
+            if self.error is not None:
                 raise self.error
+            if (size := request.ByteSize()) > MESSAGE_BYTES:  # (it would break the stream)
+                raise InvalidTaskSpec(
+                    f"these jobs take {size} bytes; one run takes at most {MESSAGE_BYTES}: "
+                    "split them into several runs"
+                )
             tag = next(self._tags)
             route = self._routes[tag] = _Route()
             self._send(master_pb2.RunSessionRequest(tag=tag, run=request))
@@ -106,6 +117,12 @@ class RunSession:
             finally:
                 if self._routes.pop(tag, None) is not None and self.error is None and not over:
                     self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
+        finally:
+            self.runs -= 1
+
+    @property
+    def full(self) -> bool:
+        return self.runs >= RUNS_PER_SESSION
 
     def _send(self, request: master_pb2.RunSessionRequest) -> None:
         self._requests.append(request)
@@ -119,9 +136,9 @@ class RunSession:
             while True:
                 await self._pending.wait()
                 self._pending.clear()
-                message = master_pb2.RunSessionRequests(requests=self._requests)
-                self._requests = []
-                await self.call.write(message)
+                requests, self._requests = self._requests, []
+                for message in _messages(requests):
+                    await self.call.write(message)
         except Exception as exc:  # the call is over: the reader gets its status and metadata
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(STATUS_WAIT_S):
@@ -171,3 +188,24 @@ class RunSession:
     async def close(self) -> None:
         self._fail(rpc_error(grpc.StatusCode.CANCELLED, "the client was closed"))
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+
+def _messages(
+    requests: list[master_pb2.RunSessionRequest],
+) -> list[master_pb2.RunSessionRequests]:
+    """The requests, in order, in as few messages as their size allows (and the master's
+    bound on requests in one)."""
+    if len(requests) == 1:
+        return [master_pb2.RunSessionRequests(requests=requests)]
+    messages: list[master_pb2.RunSessionRequests] = []
+    batch: list[master_pb2.RunSessionRequest] = []
+    size = 0
+    for request in requests:
+        request_size = request.ByteSize()
+        if batch and (size + request_size > MESSAGE_BYTES or len(batch) == RUNS_PER_SESSION):
+            messages.append(master_pb2.RunSessionRequests(requests=batch))
+            batch, size = [], 0
+        batch.append(request)
+        size += request_size
+    messages.append(master_pb2.RunSessionRequests(requests=batch))
+    return messages
