@@ -128,3 +128,37 @@ async def test_a_client_over_its_rate_limit_is_told_when_to_try_again(
         with pytest.raises(RateLimited) as info:
             await client.submit(command_spec(["true"]))
     assert 0 < info.value.retry_after_s <= 2.0
+
+
+async def test_a_run_given_up_before_its_id_came_leaves_no_job_behind(
+    small_cluster: SmallCluster,
+) -> None:
+    """A run whose task was cancelled (a timeout, a TaskGroup failing) before it handed over
+    the job's id left the job running, and nobody knew its id; one cancelled before its request
+    was even written went out anyway. Jobs whose ids were handed over go on running."""
+    handed: list[str] = []
+
+    async def run() -> None:
+        async for item in client.run(command_spec(["sleep", "30"])):
+            if isinstance(item, str):
+                handed.append(item)
+
+    async with Client(small_cluster.address) as client:
+        for delay in (0, 0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05, 0.2):
+            task = asyncio.create_task(run())
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert handed, "no run got as far as its id: the test proves nothing"
+    async with Client(small_cluster.address) as client:
+
+        async def unhanded_all_cancelled() -> bool:
+            jobs, _ = await client.list_jobs(limit=100)
+            return all(job.status == JobStatus.CANCELLED for job, _ in jobs if job.id not in handed)
+
+        await wait_until(unhanded_all_cancelled, 20, "the jobs nobody was told of to be cancelled")
+        jobs, _ = await client.list_jobs(limit=100)
+        assert {job.id for job, _ in jobs if job.status != JobStatus.CANCELLED} == set(handed)
+        for job_id in handed:
+            await client.cancel(job_id)

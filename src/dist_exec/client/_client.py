@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 
 from dist_exec import wire
-from dist_exec.client._session import RunSession, rpc_error
+from dist_exec.client._session import REAP_WAIT_S, Handover, RunSession, rpc_error
 from dist_exec.config import MAX_INT32, MAX_LIST_JOBS, dial_address
 from dist_exec.errors import (
     STORE_KEY,
@@ -116,6 +116,9 @@ class Client:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._closing = True
+        reapers = [task for session in self._sessions for task in session.reapers]
+        if reapers:  # (runs given up before their ids came: their jobs are being cancelled)
+            await asyncio.wait(reapers, timeout=REAP_WAIT_S)
         for session in self._sessions:
             await session.close()
         if self._channel is not None:
@@ -224,6 +227,12 @@ class Client:
             raise self._error(exc) from None
         return reply.message
 
+    async def _cancel_unseen(self, job_ids: list[str]) -> None:
+        """Cancel jobs of a run given up before its caller was handed their ids."""
+        for job_id in job_ids:
+            with contextlib.suppress(DistExecError):  # (ended meanwhile, or out of reach)
+                await self.cancel(job_id)
+
     async def list_jobs(
         self,
         limit: int = 10,
@@ -303,7 +312,10 @@ class Client:
         """Submit a job and follow it: first its id, once the job is accepted (durable), then
         what ``watch`` yields. A stream that breaks after the id resumes with StreamOutput from
         where it was. Runs share one stream to the master (RunSession)."""
-        events = self._run_events(master_pb2.RunJobsRequest(jobs=[wire.submit_request(spec)]))
+        handover = Handover()
+        events = self._run_events(
+            master_pb2.RunJobsRequest(jobs=[wire.submit_request(spec)]), handover
+        )
         job_id: JobId | None = None
         offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
         attempt = 0
@@ -313,6 +325,7 @@ class Client:
             while event is not None:
                 if event.accepted:
                     job_id = JobId(event.job_id)
+                    handover.done = True
                     yield job_id
                 elif event.HasField("result"):
                     yield wire.job_from_status_pb(event.result)
@@ -344,7 +357,8 @@ class Client:
         request = master_pb2.RunJobsRequest(
             jobs=[wire.submit_request(s) for s in specs], no_output=not with_output
         )
-        events = self._run_events(request)
+        handover = Handover()
+        events = self._run_events(request, handover)
         accepted: list[JobId] = []
         try:
             async with asyncio.timeout(self.timeout_s):  # to be accepted, as for SubmitBatch
@@ -353,6 +367,7 @@ class Client:
                     if event is None or not event.accepted:
                         raise DistExecError("the master ended the call without accepting the jobs")
                     accepted.append(JobId(event.job_id))
+            handover.done = True
             yield accepted
             async for event in events:
                 yield JobId(event.job_id), _event(event)
@@ -364,7 +379,7 @@ class Client:
             await events.aclose()
 
     async def _run_events(
-        self, request: master_pb2.RunJobsRequest
+        self, request: master_pb2.RunJobsRequest, handover: Handover
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
         """What RunJobs sends for ``request``: on the shared RunSession stream when the master
         serves it, else on a RunJobs call of its own. Errors come as AioRpcError."""
@@ -372,10 +387,10 @@ class Client:
             self._sessions = [s for s in self._sessions if s.error is None]  # (broken: closed)
             session = next((s for s in self._sessions if not s.full), None)
             if session is None:
-                session = RunSession(self.stub)
+                session = RunSession(self.stub, self._cancel_unseen)
                 self._sessions.append(session)
             try:
-                async with contextlib.aclosing(session.run(request)) as events:
+                async with contextlib.aclosing(session.run(request, handover)) as events:
                     async for event in events:
                         yield event
                 return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -34,6 +34,7 @@ IN_FLIGHT_BYTES = 16 * 1024 * 1024
 STATUS_WAIT_S = 5.0  # for the status of a call a write failed on (else: UNAVAILABLE)
 # Requests go several to a message, up to about this much (a message may have 64 MiB).
 MESSAGE_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
+REAP_WAIT_S = 10.0  # a run given up before its ids were handed over: its acceptance, this long
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -53,13 +54,29 @@ class _Route:
         self.paused = False
 
 
+class Handover:
+    """Whether a run's caller has been handed its jobs' ids (``done``): jobs of a run given up
+    before that (its task cancelled while they were being accepted) are cancelled, as nobody
+    could know them."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+
 class RunSession:
     """One RunSession call. ``run`` yields one run's events; ``error`` is set once the stream is
     broken (a new run then needs a new session). It carries RUNS_PER_SESSION runs at once (the
     master's bound): ``full`` says when a caller should open another."""
 
-    def __init__(self, stub: MasterServiceAsyncStub) -> None:
+    def __init__(
+        self,
+        stub: MasterServiceAsyncStub,
+        cancel_jobs: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
+        """``cancel_jobs``: cancels jobs nobody was handed (see ``Handover``)."""
         self.call = stub.RunSession()
+        self.cancel_jobs = cancel_jobs
+        self.reapers: set[asyncio.Task[None]] = set()  # (see _reap)
         self.error: grpc.aio.AioRpcError | None = None
         self._routes: dict[int, _Route] = {}
         self._tags = itertools.count(1)
@@ -71,7 +88,7 @@ class RunSession:
         self._writer = asyncio.create_task(self._write())
 
     async def run(
-        self, request: master_pb2.RunJobsRequest
+        self, request: master_pb2.RunJobsRequest, handover: Handover | None = None
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
         """The events RunJobs would send for ``request``; its error status as an AioRpcError.
         Ends after the final state of every job (closing it earlier stops following them).
@@ -87,7 +104,8 @@ class RunSession:
                 )
             tag = next(self._tags)
             route = self._routes[tag] = _Route()
-            self._send(master_pb2.RunSessionRequest(tag=tag, run=request))
+            sent = master_pb2.RunSessionRequest(tag=tag, run=request)
+            self._send(sent)
             jobs: set[str] = set()
             ended = 0
             over = False  # the master is done with this run
@@ -116,9 +134,39 @@ class RunSession:
                     yield event
             finally:
                 if self._routes.pop(tag, None) is not None and self.error is None and not over:
-                    self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
+                    if any(waiting is sent for waiting in self._requests):  # not written yet
+                        self._requests = [r for r in self._requests if r is not sent]
+                    elif handover is not None and not handover.done and self.cancel_jobs:
+                        self._reap(tag, route, jobs, len(request.jobs))
+                    else:
+                        self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
         finally:
             self.runs -= 1
+
+    def _reap(self, tag: int, route: _Route, seen: set[str], count: int) -> None:
+        """A run given up before its caller was handed the ids: wait for its jobs' acceptance
+        on its route, then stop it and cancel them."""
+        self._routes[tag] = route
+        task = asyncio.create_task(self._reaped(tag, route, set(seen), count))
+        self.reapers.add(task)
+        task.add_done_callback(self.reapers.discard)
+
+    async def _reaped(self, tag: int, route: _Route, ids: set[str], count: int) -> None:
+        try:
+            async with asyncio.timeout(REAP_WAIT_S):
+                while len(ids) < count:
+                    item = await route.queue.get()
+                    if isinstance(item, grpc.aio.AioRpcError) or item.error_code:
+                        return  # refused, or the stream broke: nothing more was accepted
+                    if item.event.accepted:
+                        ids.add(item.event.job_id)
+        except TimeoutError:
+            pass
+        finally:
+            if self._routes.pop(tag, None) is not None and self.error is None:
+                self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
+        if ids and self.cancel_jobs is not None:
+            await self.cancel_jobs(sorted(ids))
 
     @property
     def full(self) -> bool:
