@@ -117,7 +117,7 @@ def limits_from_pb(msg: common_pb2.Limits) -> TaskLimits:
 def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
     try:
         return _submit_request(spec)
-    except ValueError as exc:  # (a number its int32 field cannot hold, say)
+    except (ValueError, OverflowError) as exc:  # (a number its field cannot hold, say)
         raise InvalidTaskSpec(f"the job cannot be sent: {exc}") from None
 
 

@@ -73,6 +73,9 @@ async def test_watch_rejects_unknown_and_bad_ids(small_cluster: SmallCluster) ->
         with pytest.raises(InvalidTaskSpec, match="expected a UUID"):
             async for _ in client.watch_many(["nope"]):
                 pass
+        with pytest.raises(InvalidTaskSpec, match="a list of job ids, not one id"):
+            async for _ in client.watch_many(real):
+                pass
         with pytest.raises(InvalidTaskSpec, match="watch 1-1000 jobs, got 0"):
             async for _ in client.watch_many([]):
                 pass

@@ -20,12 +20,21 @@ from tests.faults.proxy import CuttableProxy
 LINES = 400
 
 
-@pytest.mark.parametrize("how", ["watch", "run"])
+async def _one_of_many(items: AsyncIterator[Any]) -> AsyncIterator[tuple[int, OutputChunk] | Job]:
+    """(job id, item) pairs of one job: its items."""
+    async for pair in items:
+        assert isinstance(pair, tuple)
+        yield pair[1]
+
+
+@pytest.mark.parametrize("how", ["watch", "run", "watch_many", "run_many"])
 async def test_a_follower_resumes_after_dropped_connections_without_gaps_or_repeats(
     cluster: ClusterFactory, how: str
 ) -> None:
     """``watch``: a job submitted before, followed with StreamOutput. ``run``: one RunJobs call
-    submits and follows it; after a drop the client goes on with StreamOutput."""
+    submits and follows it; after a drop the client goes on with StreamOutput. ``watch_many``
+    and ``run_many`` (which used to fail at the first drop): WatchJobs again, for the jobs not
+    ended, each from where it was."""
     master = cluster.master()
     cluster.worker(master, worker_id="w1")
     proxy = CuttableProxy(*split_address(master.address)).start()
@@ -39,13 +48,24 @@ async def test_a_follower_resumes_after_dropped_connections_without_gaps_or_repe
         drops_at = [len(expected) // 4, len(expected) // 2]  # drop the stream twice mid-job
         final: Job | None = None
         async with Client(proxy.address) as client:
-            if how == "watch":
+            items: AsyncIterator[JobId | tuple[int, OutputChunk] | Job]
+            if how.startswith("watch"):
                 async with Client(master.address) as direct:
                     job_id = await direct.submit(spec)
-                items: AsyncIterator[JobId | tuple[int, OutputChunk] | Job] = client.watch(job_id)
-            else:
+                items = (
+                    client.watch(job_id)
+                    if how == "watch"
+                    else _one_of_many(client.watch_many([job_id]))
+                )
+            elif how == "run":
                 items = client.run(spec)
                 job_id = JobId(str(await anext(items)))
+            else:
+                many = client.run_many([spec])
+                ids = await anext(many)
+                assert isinstance(ids, list)
+                [job_id] = ids
+                items = _one_of_many(many)
             async with asyncio.timeout(60):
                 async for item in items:
                     assert not isinstance(item, str), "the job id comes once, first"

@@ -15,6 +15,13 @@ from dist_exec.client import Client, InvalidTaskSpec, command_spec
         (lambda: command_spec([]), "the command is empty"),
         (lambda: command_spec(""), "the command is empty"),
         (lambda: command_spec("cat", stdin=5), "stdin must be str or bytes, not int"),  # type: ignore[arg-type]
+        (lambda: command_spec(iter(["ls"])), "a shell string or a list of strings"),  # type: ignore[arg-type]
+        (lambda: command_spec(["ls", 5]), "a shell string or a list of strings"),  # type: ignore[list-item]
+        (lambda: command_spec(["ls", "-l"], shell=True), "shell=True runs a command string"),
+        (
+            lambda: wire.submit_request(command_spec("true", timeout_s=1e300)),
+            "the job cannot be sent",
+        ),
         (
             lambda: wire.submit_request(command_spec("true", priority=2**40)),
             "the job cannot be sent: Value out of range",
@@ -31,6 +38,16 @@ async def test_list_limits_are_checked_before_sending(limit: int, offset: int) -
     async with Client("127.0.0.1:1") as client:
         with pytest.raises(InvalidTaskSpec, match="limit must be 1-1000 and offset 0-"):
             await client.list_jobs(limit, offset)
+
+
+async def test_a_job_id_that_is_not_a_string_is_an_invalid_task_spec() -> None:
+    async with Client("127.0.0.1:1") as client:
+        for call in (client.get(123), client.cancel(123)):  # type: ignore[arg-type]
+            with pytest.raises(InvalidTaskSpec, match="a job id is a string, not int"):
+                await call
+        with pytest.raises(InvalidTaskSpec, match="a job id is a string, not int"):
+            async for _ in client.watch_many([123]):  # type: ignore[list-item]
+                pass
 
 
 async def test_a_closed_client_says_so() -> None:

@@ -67,6 +67,14 @@ def command_spec(
     ``stdin``: the bytes the command reads (text: its UTF-8)."""
     if not isinstance(stdin, str | bytes):
         raise InvalidTaskSpec(f"stdin must be str or bytes, not {type(stdin).__name__}")
+    if not isinstance(command, str) and (
+        not isinstance(command, Sequence) or not all(isinstance(a, str) for a in command)
+    ):
+        raise InvalidTaskSpec("the command must be a shell string or a list of strings (argv)")
+    if shell and not isinstance(command, str):
+        raise InvalidTaskSpec(
+            "shell=True runs a command string through /bin/sh; a list is argv, run without one"
+        )
     if not command:
         raise InvalidTaskSpec("the command is empty: give a shell string or argv")
     data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -195,24 +203,64 @@ class Client:
         self, job_ids: Sequence[str], with_output: bool = True
     ) -> AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]:
         """Output of several jobs as (job id, (attempt, chunk)), interleaved, and each job's
-        final state (without output) as (job id, Job) when it ends. Stops when all have ended."""
-        request = master_pb2.WatchJobsRequest(job_ids=job_ids, no_output=not with_output)
-        call = self.stub.WatchJobs(request)
-        try:
-            async for event in call:
-                yield JobId(event.job_id), _event(event)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        except asyncio.CancelledError:
-            self._check_closed()
-            raise
-        finally:
-            call.cancel()  # (left early: the master stops sending; a no-op once it is over)
+        final state (without output) as (job id, Job) when it ends. Stops when all have ended.
+        A dropped stream is resumed as ``stream_output``'s is, without repeats."""
+        if isinstance(job_ids, str):
+            raise InvalidTaskSpec("watch_many takes a list of job ids, not one id")
+        async for event in self._watch_many([_job_id(j) for j in job_ids], with_output, {}):
+            yield event
+
+    async def _watch_many(
+        self,
+        job_ids: list[JobId],
+        with_output: bool,
+        positions: dict[JobId, tuple[int, dict[Stream, int]]],
+        reached: bool = False,
+    ) -> AsyncIterator[tuple[JobId, tuple[int, OutputChunk] | Job]]:
+        """``positions``: how far each job's output was received (attempt, offsets), updated;
+        ``reached``: a master took these jobs before (a run's), so a first failure resumes."""
+        pending = list(dict.fromkeys(job_ids))
+        failures, broken_since = 0, 0.0
+        while True:  # (even for no jobs: the master says what is wrong with that)
+            request = master_pb2.WatchJobsRequest(job_ids=pending, no_output=not with_output)
+            call = self.stub.WatchJobs(request)
+            try:
+                async for event in call:
+                    failures, broken_since, reached = 0, 0.0, True
+                    job_id = JobId(event.job_id)
+                    if event.HasField("result"):
+                        pending.remove(job_id)
+                        yield job_id, wire.job_from_status_pb(event.result)
+                    elif (item := _fresh(positions, job_id, event.output)) is not None:
+                        yield job_id, item
+                return
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                now = time.monotonic()
+                broken_since = broken_since or now
+                if (
+                    not reached
+                    or exc.code() not in _RESUMABLE
+                    or now - broken_since > STREAM_RETRY_S
+                ):
+                    raise self._error(exc) from None
+                if failures == 1 and self.on_reconnect is not None:
+                    self.on_reconnect(
+                        f"lost the master while following {len(pending)} jobs "
+                        f"({self._error(exc).message}); trying again for up to "
+                        f"{STREAM_RETRY_S:.0f}s (the jobs run on)"
+                    )
+                await asyncio.sleep(min(0.1 * 2**failures, 2.0))
+            except asyncio.CancelledError:
+                self._check_closed()
+                raise
+            finally:
+                call.cancel()  # (left early: the master stops sending; a no-op once it is over)
 
     async def get(self, job_id: str) -> Job:
         try:
             reply = await self.stub.GetStatus(
-                master_pb2.GetStatusRequest(job_id=job_id), timeout=self.timeout_s
+                master_pb2.GetStatusRequest(job_id=_job_id(job_id)), timeout=self.timeout_s
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
@@ -221,7 +269,7 @@ class Client:
     async def cancel(self, job_id: str) -> str:
         try:
             reply = await self.stub.Cancel(
-                master_pb2.CancelRequest(job_id=job_id), timeout=self.timeout_s
+                master_pb2.CancelRequest(job_id=_job_id(job_id)), timeout=self.timeout_s
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
@@ -360,6 +408,8 @@ class Client:
         handover = Handover()
         events = self._run_events(request, handover)
         accepted: list[JobId] = []
+        ended: set[JobId] = set()
+        positions: dict[JobId, tuple[int, dict[Stream, int]]] = {}
         try:
             async with asyncio.timeout(self.timeout_s):  # to be accepted, as for SubmitBatch
                 for _ in specs:
@@ -370,13 +420,24 @@ class Client:
             handover.done = True
             yield accepted
             async for event in events:
-                yield JobId(event.job_id), _event(event)
+                job_id = JobId(event.job_id)
+                if event.HasField("result"):
+                    ended.add(job_id)
+                    yield job_id, wire.job_from_status_pb(event.result)
+                elif (item := _fresh(positions, job_id, event.output)) is not None:
+                    yield job_id, item
+            return
         except TimeoutError:
             raise self._error(_deadline_error(self.timeout_s)) from None
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
+            if not accepted or exc.code() not in _RESUMABLE:
+                raise self._error(exc) from None
         finally:
             await events.aclose()
+        # The stream broke after the jobs were accepted: follow the rest from where they were.
+        rest = [job_id for job_id in accepted if job_id not in ended]
+        async for followed in self._watch_many(rest, with_output, positions, reached=True):
+            yield followed
 
     async def _run_events(
         self, request: master_pb2.RunJobsRequest, handover: Handover
@@ -448,7 +509,7 @@ class Client:
         failures, broken_since = 0, 0.0
         while True:
             request = master_pb2.StreamOutputRequest(
-                job_id=job_id,
+                job_id=_job_id(job_id),
                 no_follow=not follow,
                 stdout_offset=offsets[Stream.STDOUT],
                 stderr_offset=offsets[Stream.STDERR],
@@ -505,11 +566,32 @@ class Client:
             raise DistExecError("the client was closed") from None
 
 
-def _event(event: master_pb2.JobEvent) -> tuple[int, OutputChunk] | Job:
-    if event.HasField("result"):
-        return wire.job_from_status_pb(event.result)
-    out = event.output
-    return out.attempt, OutputChunk(Stream(out.type), out.offset, out.data)
+def _job_id(value: object) -> JobId:
+    if not isinstance(value, str):
+        raise InvalidTaskSpec(f"a job id is a string, not {type(value).__name__}")
+    return JobId(value)
+
+
+def _fresh(
+    positions: dict[JobId, tuple[int, dict[Stream, int]]],
+    job_id: JobId,
+    msg: master_pb2.OutputChunk,
+) -> tuple[int, OutputChunk] | None:
+    """A job's received chunk less what was received of it before (a resumed stream starts
+    each job from its start), noting how far it now is (``positions``); None: all a repeat."""
+    attempt, offsets = positions.get(job_id, (0, {Stream.STDOUT: 0, Stream.STDERR: 0}))
+    if msg.attempt < attempt:
+        return None
+    stream, data, offset = Stream(msg.type), msg.data, msg.offset
+    if msg.attempt > attempt and attempt:  # a retry: its output starts again
+        offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
+    elif offset < offsets[stream]:
+        if offset + len(data) <= offsets[stream]:
+            return None
+        data, offset = data[offsets[stream] - offset :], offsets[stream]
+    offsets[stream] = offset + len(data)
+    positions[job_id] = (max(attempt, msg.attempt), offsets)
+    return max(attempt, msg.attempt), OutputChunk(stream, offset, data)
 
 
 def _track(
