@@ -420,6 +420,12 @@ def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
     try:
         me = run_cli("whoami", master=address)
         assert (me.code, me.stdout) == (0, "admin (admin, authenticated by token)\n")
+
+        async def as_library() -> tuple[str, str, str]:
+            async with Client(address) as client:  # (found as the CLI finds it)
+                return await client.whoami()
+
+        assert asyncio.run(as_library())[:2] == ("admin", "admin")
         # Someone without this user's config directory has no credentials: refused.
         other = run_cli("run", "true", master=address, env={"HOME": str(tmp_path / "other"),
                                                             "XDG_CONFIG_HOME": ""})  # fmt: skip

@@ -241,9 +241,11 @@ def connect(address: str) -> Client:
         credentials.check_target(address)
     except CredentialsError as exc:
         fail(str(exc), EXIT_USAGE)
-    client = Client(address, credentials=credentials)
-    client.on_reconnect = lambda message: click.echo(f"dist-exec: {message}", err=True)
-    return client
+    return Client(
+        address,
+        credentials=credentials,
+        on_reconnect=lambda message: click.echo(f"dist-exec: {message}", err=True),
+    )
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

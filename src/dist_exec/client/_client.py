@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
@@ -12,7 +13,13 @@ import grpc.aio
 
 from dist_exec import wire
 from dist_exec.client._session import REAP_WAIT_S, Handover, RunSession, rpc_error
-from dist_exec.config import MAX_INT32, MAX_LIST_JOBS, dial_address
+from dist_exec.config import (
+    DEFAULT_MASTER_ADDRESS,
+    MASTER_ENV,
+    MAX_INT32,
+    MAX_LIST_JOBS,
+    dial_address,
+)
 from dist_exec.errors import (
     STORE_KEY,
     DistExecError,
@@ -34,7 +41,7 @@ from dist_exec.models import (
     TaskSpec,
 )
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc
-from dist_exec.security.credentials import Credentials
+from dist_exec.security.credentials import Credentials, discover
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
@@ -96,18 +103,27 @@ def command_spec(
 class Client:
     """A connection to one master. Every call has a deadline (``timeout_s``).
 
+    ``address``: the master's (default: DIST_EXEC_MASTER, else 127.0.0.1:50051).
     ``credentials``: TLS (the CA that signed the master's certificate, optionally a client
-    certificate) and/or a bearer token; none for a master without authentication.
+    certificate) and/or a bearer token; by default those of the local cluster (``dist-exec
+    up``) serving ``address``, as the CLI finds them, else none (a master without
+    authentication).
     ``on_reconnect``: told (a line for a person) when a followed stream broke and is being
     tried again, once per outage."""
 
     def __init__(
-        self, address: str, timeout_s: float = 30.0, credentials: Credentials | None = None
+        self,
+        address: str | None = None,
+        timeout_s: float = 30.0,
+        credentials: Credentials | None = None,
+        on_reconnect: Callable[[str], None] | None = None,
     ) -> None:
-        self.address = dial_address(address)
+        self.address = dial_address(address or os.environ.get(MASTER_ENV) or DEFAULT_MASTER_ADDRESS)
         self.timeout_s = timeout_s
-        self.credentials = credentials or Credentials()
-        self.on_reconnect: Callable[[str], None] | None = None
+        if credentials is None:
+            credentials = discover(self.address) or Credentials()
+        self.credentials = credentials
+        self.on_reconnect = on_reconnect
         self._channel: grpc.aio.Channel | None = None
         self._stub: MasterServiceAsyncStub | None = None
         self._sessions: list[RunSession] = []  # another opens when they are full
