@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from dist_exec.client import Client, JobNotFound, JobStatus, command_spec
 from tests.conftest import ClusterFactory, run_cli
 
 
@@ -67,3 +70,18 @@ def test_cancel_of_a_broadcast_cancels_its_jobs_that_run(cluster: ClusterFactory
     assert sorted(line.split(" (")[1].split(")")[0] for line in lines[1:]) == ["w1", "w2"]
     group = json.loads(run_cli("status", broadcast, "--json", master=addr).stdout)
     assert {j["status"] for j in group["jobs"]} == {"CANCELLED"}
+
+
+async def test_the_client_cancels_a_broadcast_by_its_id(cluster: ClusterFactory) -> None:
+    """Client.cancel(BROADCAST_ID) is JOB not found: only the CLI expanded it."""
+    master = cluster.master()
+    for name in ("w1", "w2"):
+        cluster.worker(master, worker_id=name)
+    async with Client(master.address) as client:
+        broadcast, members = await client.submit_broadcast(command_spec(["sleep", "300"]))
+        said = await client.cancel_broadcast(broadcast)
+        assert sorted(job for job, _ in said) == sorted(job for job, _ in members)
+        for job, _ in members:
+            assert (await client.wait(job)).status == JobStatus.CANCELLED
+        with pytest.raises(JobNotFound, match=r"broadcast .* not found"):
+            await client.cancel_broadcast("00000000-0000-4000-8000-000000000000")

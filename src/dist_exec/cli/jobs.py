@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import contextlib
 import json
@@ -23,9 +22,8 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.cli.run import OutputPrinter
-from dist_exec.client import Client
 from dist_exec.config import MAX_INT32, MAX_LIST_JOBS
-from dist_exec.errors import DistExecError, JobAlreadyFinished, JobNotFound
+from dist_exec.errors import DistExecError, JobNotFound
 from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.models import (
     Job,
@@ -255,22 +253,16 @@ def cancel(job_id: str, master_address: str, as_json: bool) -> None:
     """Cancel a queued or running job (its whole process group is killed); given a
     broadcast's id, each of its per-node jobs that has not ended."""
 
-    async def one(client: Client, member: str) -> tuple[str, Job]:
-        try:
-            message = await client.cancel(member)
-        except JobAlreadyFinished as exc:
-            message = exc.message
-        return message, await client.get(member)
-
     async def body() -> list[tuple[str, Job]] | tuple[str, Job]:
         async with connect(master_address) as client:
             try:
                 message = await client.cancel(job_id)
-            except JobNotFound:
-                members, _ = await client.list_jobs(MAX_LIST_JOBS, broadcast_id=job_id)
-                if not members:
-                    raise
-                return list(await asyncio.gather(*(one(client, j.id) for j, _ in members)))
+            except JobNotFound as exc:
+                try:
+                    cancelled = await client.cancel_broadcast(job_id)
+                except JobNotFound:
+                    raise exc from None
+                return [(said, await client.get(member)) for member, said in cancelled]
             return message, await client.get(job_id)
 
     found = run_client(body())

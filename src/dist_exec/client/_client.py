@@ -24,6 +24,8 @@ from dist_exec.errors import (
     STORE_KEY,
     DistExecError,
     InvalidTaskSpec,
+    JobAlreadyFinished,
+    JobNotFound,
     Unauthenticated,
     from_rpc_error,
 )
@@ -290,6 +292,21 @@ class Client:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
         return reply.message
+
+    async def cancel_broadcast(self, broadcast_id: str) -> list[tuple[JobId, str]]:
+        """Cancel each per-node job of a broadcast (``submit_broadcast``'s id): (job id, what
+        the master said) of each; one that had ended already says so."""
+        members, _ = await self.list_jobs(MAX_LIST_JOBS, broadcast_id=broadcast_id)
+        if not members:
+            raise JobNotFound(f"broadcast {broadcast_id} not found")
+
+        async def one(job_id: JobId) -> tuple[JobId, str]:
+            try:
+                return job_id, await self.cancel(job_id)
+            except JobAlreadyFinished as exc:
+                return job_id, exc.message
+
+        return list(await asyncio.gather(*(one(job.id) for job, _ in members)))
 
     async def _cancel_unseen(self, job_ids: list[str]) -> None:
         """Cancel jobs of a run given up before its caller was handed their ids."""
