@@ -115,9 +115,13 @@ def limits_from_pb(msg: common_pb2.Limits) -> TaskLimits:
 
 
 def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
+    if not isinstance(spec, TaskSpec):
+        raise InvalidTaskSpec(
+            f"a job is a TaskSpec (command_spec(...), say), not {type(spec).__name__}"
+        )
     try:
         return _submit_request(spec)
-    except (ValueError, OverflowError) as exc:  # (a number its field cannot hold, say)
+    except (ValueError, OverflowError, TypeError) as exc:  # (a number its field cannot hold)
         raise InvalidTaskSpec(f"the job cannot be sent: {exc}") from None
 
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dist_exec.client import Client, command_spec
-from dist_exec.errors import DistExecError, InvalidTaskSpec, RateLimited
+from dist_exec.errors import DistExecError, InvalidTaskSpec, MasterTimeout, RateLimited
 from dist_exec.models import JobStatus
 from tests.conftest import ClusterFactory, SmallCluster, wait_until
 
@@ -151,6 +151,11 @@ async def test_a_run_given_up_before_its_id_came_leaves_no_job_behind(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     assert handed, "no run got as far as its id: the test proves nothing"
+    # Not accepted within the client's own timeout (an accepted event waits 5 ms for company):
+    # the error says what becomes of the job.
+    async with Client(small_cluster.address, timeout_s=0.001) as hasty:
+        with pytest.raises(MasterTimeout, match="if it does later, they are cancelled"):
+            await anext(hasty.run(command_spec(["sleep", "30"])))
     async with Client(small_cluster.address) as client:
 
         async def unhanded_all_cancelled() -> bool:

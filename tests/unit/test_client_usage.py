@@ -22,6 +22,15 @@ from dist_exec.client import Client, InvalidTaskSpec, command_spec
             lambda: wire.submit_request(command_spec("true", timeout_s=1e300)),
             "the job cannot be sent",
         ),
+        (lambda: wire.submit_request("echo hi"), "a job is a TaskSpec"),  # type: ignore[arg-type]
+        (
+            lambda: wire.submit_request(command_spec("true", metadata={"a": 2})),  # type: ignore[dict-item]
+            "the job cannot be sent",
+        ),
+        (
+            lambda: wire.submit_request(command_spec("true", timeout_s="5")),  # type: ignore[arg-type]
+            "the job cannot be sent",
+        ),
         (
             lambda: wire.submit_request(command_spec("true", priority=2**40)),
             "the job cannot be sent: Value out of range",
@@ -33,7 +42,9 @@ def test_a_job_that_cannot_be_built_is_an_invalid_task_spec(make: object, messag
         make()  # type: ignore[operator]
 
 
-@pytest.mark.parametrize(("limit", "offset"), [(0, 0), (1001, 0), (10, -1), (10, 2**31)])
+@pytest.mark.parametrize(
+    ("limit", "offset"), [(0, 0), (1001, 0), (10, -1), (10, 2**31), ("5", 0), (10, 1.5)]
+)
 async def test_list_limits_are_checked_before_sending(limit: int, offset: int) -> None:
     async with Client("127.0.0.1:1") as client:
         with pytest.raises(InvalidTaskSpec, match="limit must be 1-1000 and offset 0-"):

@@ -228,3 +228,47 @@ async def test_a_broken_request_stream_ends_the_session_with_its_error() -> None
         async with asyncio.timeout(10):
             await collect(RunSession(runs).serve(broken()))
     assert runs.closed == ["wait"]  # its runs are stopped too
+
+
+async def test_a_run_stopped_frees_its_place_for_one_in_the_same_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client counts a run gone once it sends its stop, and may send a new run with it:
+    the master still counted the stopped one (its task had not ended) and refused the new one
+    as one too many."""
+    monkeypatch.setattr(run_session, "RUNS_PER_SESSION", 2)
+    runs, requests = Runs(), Requests()
+    stream = RunSession(runs).serve(aiter(requests))
+    requests.send(run(1, "wait"), run(2, "wait"))
+    async with asyncio.timeout(10):
+        events = list((await anext(stream)).events)
+        while kinds(events, 2) != ["accepted"]:
+            events += (await anext(stream)).events
+        requests.send(master_pb2.RunSessionRequest(tag=1, stop=True), run(3, "ok"))
+        runs.release.set()
+        requests.end()
+        events += await collect(stream)
+    assert kinds(events, 3) == ["accepted", "output", "result"]
+
+
+async def test_a_paused_run_sends_nothing_until_resumed() -> None:
+    runs, requests = Runs(), Requests()
+    stream = RunSession(runs).serve(aiter(requests))
+    requests.send(run(1, "wait"))
+    async with asyncio.timeout(10):
+        events = list((await anext(stream)).events)
+        assert kinds(events, 1) == ["accepted"]
+        requests.send(master_pb2.RunSessionRequest(tag=1, pause=True), run(2, "ok"))
+        events += (await anext(stream)).events
+        while not any(e.tag == 2 and e.event.HasField("result") for e in events):
+            events += (await anext(stream)).events
+        runs.release.set()  # run 1's output is ready, but held back while a later run goes by
+        requests.send(run(3, "ok"))
+        while not any(e.tag == 3 and e.event.HasField("result") for e in events):
+            events += (await anext(stream)).events
+        assert kinds(events, 1) == ["accepted"]
+        requests.send(master_pb2.RunSessionRequest(tag=1, resume=True))
+        requests.end()
+        events += await collect(stream)
+    assert kinds(events, 1) == ["accepted", "output", "result"]
+    assert kinds(events, 2) == ["accepted", "output", "result"]

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from dist_exec import wire
-from dist_exec.client._session import REAP_WAIT_S, Handover, RunSession, rpc_error
+from dist_exec.client._session import REAP_WAIT_S, Handover, RunSession
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
     MASTER_ENV,
@@ -26,6 +26,7 @@ from dist_exec.errors import (
     InvalidTaskSpec,
     JobAlreadyFinished,
     JobNotFound,
+    MasterTimeout,
     Unauthenticated,
     from_rpc_error,
 )
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 # How long a broken output stream is tried again before giving up: a master restarted by a
 # supervisor, or rescheduled in Kubernetes, can take minutes to be back.
 STREAM_RETRY_S = 300.0
+UNSEEN_CANCEL_S = 30.0  # (see _cancel_unseen)
 _RESUMABLE = {
     grpc.StatusCode.UNAVAILABLE,  # master restarting
     grpc.StatusCode.ABORTED,  # this follower fell behind
@@ -309,10 +311,14 @@ class Client:
         return list(await asyncio.gather(*(one(job.id) for job, _ in members)))
 
     async def _cancel_unseen(self, job_ids: list[str]) -> None:
-        """Cancel jobs of a run given up before its caller was handed their ids."""
+        """Cancel jobs of a run given up before its caller was handed their ids (with time to
+        spare: a master slow to accept may be slow to cancel too)."""
         for job_id in job_ids:
-            with contextlib.suppress(DistExecError):  # (ended meanwhile, or out of reach)
-                await self.cancel(job_id)
+            with contextlib.suppress(grpc.aio.AioRpcError):  # (ended meanwhile, or out of reach)
+                await self.stub.Cancel(
+                    master_pb2.CancelRequest(job_id=job_id),
+                    timeout=max(self.timeout_s, UNSEEN_CANCEL_S),
+                )
 
     async def list_jobs(
         self,
@@ -322,7 +328,12 @@ class Client:
         broadcast_id: str = "",
         owner: str = "",
     ) -> tuple[list[tuple[Job, str]], int]:
-        if not 1 <= limit <= MAX_LIST_JOBS or not 0 <= offset <= MAX_INT32:
+        if (
+            not isinstance(limit, int)
+            or not isinstance(offset, int)
+            or not 1 <= limit <= MAX_LIST_JOBS
+            or not 0 <= offset <= MAX_INT32
+        ):
             raise InvalidTaskSpec(
                 f"limit must be 1-{MAX_LIST_JOBS} and offset 0-{MAX_INT32}; got {limit}, {offset}"
             )
@@ -401,8 +412,11 @@ class Client:
         offsets = {Stream.STDOUT: 0, Stream.STDERR: 0}
         attempt = 0
         try:
-            async with asyncio.timeout(self.timeout_s):  # to be accepted, as for Submit
-                event = await anext(events, None)
+            try:
+                async with asyncio.timeout(self.timeout_s):  # to be accepted, as for Submit
+                    event = await anext(events, None)
+            except TimeoutError:
+                raise _not_accepted_in_time(self.timeout_s) from None
             while event is not None:
                 if event.accepted:
                     job_id = JobId(event.job_id)
@@ -415,8 +429,6 @@ class Client:
                     attempt, chunk = _track(offsets, attempt, event.output)
                     yield attempt, chunk
                 event = await anext(events, None)
-        except TimeoutError:
-            raise self._error(_deadline_error(self.timeout_s)) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED and job_id is None:  # an older master
                 job_id = await self.submit(spec)
@@ -444,12 +456,17 @@ class Client:
         ended: set[JobId] = set()
         positions: dict[JobId, tuple[int, dict[Stream, int]]] = {}
         try:
-            async with asyncio.timeout(self.timeout_s):  # to be accepted, as for SubmitBatch
-                for _ in specs:
-                    event = await anext(events, None)
-                    if event is None or not event.accepted:
-                        raise DistExecError("the master ended the call without accepting the jobs")
-                    accepted.append(JobId(event.job_id))
+            try:
+                async with asyncio.timeout(self.timeout_s):  # to be accepted, as for SubmitBatch
+                    for _ in specs:
+                        event = await anext(events, None)
+                        if event is None or not event.accepted:
+                            raise DistExecError(
+                                "the master ended the call without accepting the jobs"
+                            )
+                        accepted.append(JobId(event.job_id))
+            except TimeoutError:
+                raise _not_accepted_in_time(self.timeout_s) from None
             handover.done = True
             yield accepted
             async for event in events:
@@ -460,8 +477,6 @@ class Client:
                 elif (item := _fresh(positions, job_id, event.output)) is not None:
                     yield job_id, item
             return
-        except TimeoutError:
-            raise self._error(_deadline_error(self.timeout_s)) from None
         except grpc.aio.AioRpcError as exc:
             if not accepted or exc.code() not in _RESUMABLE:
                 raise self._error(exc) from None
@@ -599,6 +614,15 @@ class Client:
             raise DistExecError("the client was closed") from None
 
 
+def _not_accepted_in_time(timeout_s: float) -> MasterTimeout:
+    """A run not accepted within the client's timeout: its jobs are cancelled if the master
+    accepts them later (nobody was handed their ids; see RunSession's Handover)."""
+    return MasterTimeout(
+        f"the master did not accept the job(s) within {timeout_s:g}s; if it does later, "
+        "they are cancelled"
+    )
+
+
 def _job_id(value: object) -> JobId:
     if not isinstance(value, str):
         raise InvalidTaskSpec(f"a job id is a string, not {type(value).__name__}")
@@ -637,7 +661,3 @@ def _track(
     chunk = OutputChunk(Stream(msg.type), msg.offset, msg.data)
     offsets[chunk.stream] = chunk.offset + len(chunk.data)
     return max(attempt, msg.attempt), chunk
-
-
-def _deadline_error(timeout_s: float) -> grpc.aio.AioRpcError:
-    return rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s")

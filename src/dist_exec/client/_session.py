@@ -147,6 +147,7 @@ class RunSession:
         """A run given up before its caller was handed the ids: wait for its jobs' acceptance
         on its route, then stop it and cancel them."""
         self._routes[tag] = route
+        self.runs += 1  # (until its stop is sent: the master still counts it)
         task = asyncio.create_task(self._reaped(tag, route, set(seen), count))
         self.reapers.add(task)
         task.add_done_callback(self.reapers.discard)
@@ -157,12 +158,13 @@ class RunSession:
                 while len(ids) < count:
                     item = await route.queue.get()
                     if isinstance(item, grpc.aio.AioRpcError) or item.error_code:
-                        return  # refused, or the stream broke: nothing more was accepted
+                        break  # refused, or the stream broke: nothing more was accepted
                     if item.event.accepted:
                         ids.add(item.event.job_id)
         except TimeoutError:
             pass
         finally:
+            self.runs -= 1
             if self._routes.pop(tag, None) is not None and self.error is None:
                 self._send(master_pb2.RunSessionRequest(tag=tag, stop=True))
         if ids and self.cancel_jobs is not None:

@@ -82,8 +82,11 @@ class RunSession:
     def _request(self, request: master_pb2.RunSessionRequest) -> None:
         tag = request.tag
         if request.stop:
-            task = self._runs.get(tag)
+            # Gone from the count at once: the client may start another run in its place in
+            # the same message, before the task has ended.
+            task = self._runs.pop(tag, None)
             if task is not None:
+                del self._going[tag]
                 task.cancel()
             return
         if request.pause or request.resume:  # (a run that has ended meanwhile: nothing to do)
