@@ -113,6 +113,11 @@ async def test_more_runs_at_once_than_one_stream_carries_all_run(
         assert len(client._sessions) == 2
         for run in runs:
             await run.aclose()
+        # Once the burst is over, the next run closes the extra stream.
+        next_run = client.run(command_spec(["true"]))
+        await anext(next_run)
+        await next_run.aclose()
+        assert len(client._sessions) == 1
     # (Cancelling 1,040 jobs at once may take a loaded master longer than 5 s.)
     async with Client(small_cluster.address, timeout_s=60) as client:
         await asyncio.gather(*(client.cancel(str(job)) for job in ids))

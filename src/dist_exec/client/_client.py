@@ -487,13 +487,26 @@ class Client:
         async for followed in self._watch_many(rest, with_output, positions, reached=True):
             yield followed
 
+    def _streams_in_use(self) -> list[RunSession]:
+        """The RunSession streams worth keeping: the first, and any other a run still uses (a
+        burst of runs opened them); the rest are closed. Broken ones are closed already."""
+        kept: list[RunSession] = []
+        for session in self._sessions:
+            if session.error is not None:
+                continue
+            if kept and session.runs == 0:
+                session.abandon()
+            else:
+                kept.append(session)
+        return kept
+
     async def _run_events(
         self, request: master_pb2.RunJobsRequest, handover: Handover
     ) -> AsyncGenerator[master_pb2.JobEvent, None]:
         """What RunJobs sends for ``request``: on the shared RunSession stream when the master
         serves it, else on a RunJobs call of its own. Errors come as AioRpcError."""
         if self._use_session:
-            self._sessions = [s for s in self._sessions if s.error is None]  # (broken: closed)
+            self._sessions = self._streams_in_use()
             session = next((s for s in self._sessions if not s.full), None)
             if session is None:
                 session = RunSession(self.stub, self._cancel_unseen)

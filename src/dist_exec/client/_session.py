@@ -236,8 +236,12 @@ class RunSession:
                 task.cancel()
 
     async def close(self) -> None:
-        self._fail(rpc_error(grpc.StatusCode.CANCELLED, "the client was closed"))
+        self.abandon()
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+    def abandon(self) -> None:
+        """End the stream (its tasks end on their own)."""
+        self._fail(rpc_error(grpc.StatusCode.CANCELLED, "the client was closed"))
 
 
 def _messages(
