@@ -240,37 +240,20 @@ class Client:
         """``positions``: how far each job's output was received (attempt, offsets), updated;
         ``reached``: a master took these jobs before (a run's), so a first failure resumes."""
         pending = list(dict.fromkeys(job_ids))
-        failures, broken_since = 0, 0.0
+        outage = _Outage(reached)
         while True:  # (even for no jobs: the master says what is wrong with that)
             request = master_pb2.WatchJobsRequest(job_ids=pending, no_output=not with_output)
             call = self.stub.WatchJobs(request)
             try:
                 async for event in call:
-                    failures, broken_since, reached = 0, 0.0, True
-                    job_id = JobId(event.job_id)
-                    if event.HasField("result"):
-                        pending.remove(job_id)
-                        yield job_id, wire.job_from_status_pb(event.result)
-                    elif (item := _fresh(positions, job_id, event.output)) is not None:
-                        yield job_id, item
+                    outage.over()
+                    if (followed := _followed(event, positions)) is not None:
+                        if isinstance(followed[1], Job):
+                            pending.remove(followed[0])
+                        yield followed
                 return
             except grpc.aio.AioRpcError as exc:
-                failures += 1
-                now = time.monotonic()
-                broken_since = broken_since or now
-                if (
-                    not reached
-                    or exc.code() not in _RESUMABLE
-                    or now - broken_since > STREAM_RETRY_S
-                ):
-                    raise self._error(exc) from None
-                if failures == 1 and self.on_reconnect is not None:
-                    self.on_reconnect(
-                        f"lost the master while following {len(pending)} jobs "
-                        f"({self._error(exc).message}); trying again for up to "
-                        f"{STREAM_RETRY_S:.0f}s (the jobs run on)"
-                    )
-                await asyncio.sleep(min(0.1 * 2**failures, 2.0))
+                await self._after_break(outage, exc, f"{len(pending)} jobs", "the jobs run on")
             except asyncio.CancelledError:
                 self._check_closed()
                 raise
@@ -470,12 +453,10 @@ class Client:
             handover.done = True
             yield accepted
             async for event in events:
-                job_id = JobId(event.job_id)
-                if event.HasField("result"):
-                    ended.add(job_id)
-                    yield job_id, wire.job_from_status_pb(event.result)
-                elif (item := _fresh(positions, job_id, event.output)) is not None:
-                    yield job_id, item
+                if (followed := _followed(event, positions)) is not None:
+                    if isinstance(followed[1], Job):
+                        ended.add(followed[0])
+                    yield followed
             return
         except grpc.aio.AioRpcError as exc:
             if not accepted or exc.code() not in _RESUMABLE:
@@ -567,7 +548,7 @@ class Client:
         broken stream; then the job when ``include_result``. A stream is resumed once a master
         took one (``reached``: one took the job before, as for a run)."""
         offsets = offsets or {Stream.STDOUT: 0, Stream.STDERR: 0}
-        failures, broken_since = 0, 0.0
+        outage = _Outage(reached)
         while True:
             request = master_pb2.StreamOutputRequest(
                 job_id=_job_id(job_id),
@@ -582,9 +563,9 @@ class Client:
                 if wire.STREAM_OPEN[0] in list(await call.initial_metadata()):
                     # A master follows the job again: an outage is over, even if the job
                     # says nothing for a long while (the next one gets its own time).
-                    failures, broken_since, reached = 0, 0.0, True
+                    outage.over()
                 async for msg in call:
-                    failures, broken_since, reached = 0, 0.0, True
+                    outage.over()
                     if msg.HasField("result"):
                         yield wire.job_from_status_pb(msg.result)
                         continue
@@ -592,31 +573,39 @@ class Client:
                     yield attempt, chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                failures += 1
                 # (A master that cannot record the job's end yet: a follower waits for it, a
                 # one-time read is told so.)
                 unrecorded = STORE_KEY in dict(exc.trailing_metadata() or ())
-                now = time.monotonic()
-                broken_since = broken_since or now
-                if (
-                    not reached
-                    or exc.code() not in _RESUMABLE
-                    or now - broken_since > STREAM_RETRY_S
-                    or (unrecorded and not follow)
-                ):
-                    raise self._error(exc) from None
-                if failures == 1 and self.on_reconnect is not None and not unrecorded:
-                    self.on_reconnect(
-                        f"lost the master while following job {job_id} "
-                        f"({self._error(exc).message}); trying again for up to "
-                        f"{STREAM_RETRY_S:.0f}s (the job runs on)"
-                    )
-                await asyncio.sleep(min(0.1 * 2**failures, 2.0))
+                await self._after_break(
+                    outage, exc, f"job {job_id}", "the job runs on",
+                    give_up=unrecorded and not follow, quiet=unrecorded,
+                )  # fmt: skip
             except asyncio.CancelledError:
                 self._check_closed()
                 raise
             finally:
                 call.cancel()  # (left early: the master stops sending; a no-op once it is over)
+
+    async def _after_break(
+        self,
+        outage: _Outage,
+        exc: grpc.aio.AioRpcError,
+        following: str,
+        runs_on: str,
+        give_up: bool = False,
+        quiet: bool = False,
+    ) -> None:
+        """Wait before a followed stream that broke is tried again, or raise its error (see
+        _Outage); the first break of an outage is told to ``on_reconnect`` (unless ``quiet``)."""
+        delay = None if give_up else outage.retry_in(exc)
+        if delay is None:
+            raise self._error(exc) from None
+        if outage.failures == 1 and self.on_reconnect is not None and not quiet:
+            self.on_reconnect(
+                f"lost the master while following {following} ({self._error(exc).message}); "
+                f"trying again for up to {STREAM_RETRY_S:.0f}s ({runs_on})"
+            )
+        await asyncio.sleep(delay)
 
     def _check_closed(self) -> None:
         """For a follower whose call raised CancelledError: grpc.aio cancels the calls of a
@@ -625,6 +614,29 @@ class Client:
         task = asyncio.current_task()
         if self._closing and (task is None or not task.cancelling()):
             raise DistExecError("the client was closed") from None
+
+
+class _Outage:
+    """The breaks of a followed stream. One is tried again when a master had taken the stream
+    (``reached``: it answered, now or before), the error is transient, and the outage began
+    less than STREAM_RETRY_S ago; a master answering again ends the outage (``over``)."""
+
+    def __init__(self, reached: bool) -> None:
+        self.reached = reached
+        self.failures = 0
+        self.since = 0.0
+
+    def over(self) -> None:
+        self.failures, self.since, self.reached = 0, 0.0, True
+
+    def retry_in(self, exc: grpc.aio.AioRpcError) -> float | None:
+        """Seconds to wait before trying again (growing); None: give up."""
+        self.failures += 1
+        now = time.monotonic()
+        self.since = self.since or now
+        if not self.reached or exc.code() not in _RESUMABLE or now - self.since > STREAM_RETRY_S:
+            return None
+        return min(0.1 * 2.0**self.failures, 2.0)
 
 
 def _not_accepted_in_time(timeout_s: float) -> MasterTimeout:
@@ -640,6 +652,18 @@ def _job_id(value: object) -> JobId:
     if not isinstance(value, str):
         raise InvalidTaskSpec(f"a job id is a string, not {type(value).__name__}")
     return JobId(value)
+
+
+def _followed(
+    event: master_pb2.JobEvent, positions: dict[JobId, tuple[int, dict[Stream, int]]]
+) -> tuple[JobId, tuple[int, OutputChunk] | Job] | None:
+    """An event of several jobs followed: (job id, its final state, or its output less what
+    was received before); None when all of it was."""
+    job_id = JobId(event.job_id)
+    if event.HasField("result"):
+        return job_id, wire.job_from_status_pb(event.result)
+    item = _fresh(positions, job_id, event.output)
+    return None if item is None else (job_id, item)
 
 
 def _fresh(
