@@ -68,3 +68,13 @@ async def test_a_closed_client_says_so() -> None:
         await client.get("3f2c0d6e-0000-4000-8000-000000000000")
     with pytest.raises(RuntimeError, match="use the Client as 'async with"):
         await Client("127.0.0.1:1").get("3f2c0d6e-0000-4000-8000-000000000000")
+
+
+def test_a_client_without_an_address_takes_the_environments_or_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DIST_EXEC_MASTER", "10.9.8.7:6000")
+    assert Client().address == "10.9.8.7:6000"
+    monkeypatch.delenv("DIST_EXEC_MASTER")
+    assert Client().address == "127.0.0.1:50051"
+    assert Client("127.0.0.1:7").address == "127.0.0.1:7"  # (given: it wins)
