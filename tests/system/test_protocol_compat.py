@@ -301,6 +301,11 @@ def test_health_and_reflection(small_cluster: SmallCluster) -> None:
                     health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT_S
                 )
                 assert reply.status == serving, (address, service, reply)
+                watch = health.Watch(
+                    health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT_S
+                )
+                assert next(watch).status == serving, (address, service)
+                watch.cancel()
             listed = list_services(channel)
             assert expected <= listed, (address, listed)
             assert "grpc.health.v1.Health" in listed, (address, listed)

@@ -121,8 +121,15 @@ def test_drain_action_makes_the_worker_not_serving_and_keeps_it_up(
     assert health(worker.address) == health_pb2.HealthCheckResponse.SERVING
     assert probe(worker.address).returncode == 0
     assert not servicer.heartbeats[-1].draining
+    with grpc.insecure_channel(worker.address) as channel:  # a Watch hears the change too
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=30
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
 
-    servicer.drain.set()
+        servicer.drain.set()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
     wait_for(
         lambda: health(worker.address) == health_pb2.HealthCheckResponse.NOT_SERVING,
         10,

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import hmac
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -305,6 +306,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         rule = self.rules.get(method)
         deserialize = _lenient(handler.request_deserializer)
         # grpc.aio servicers are coroutines and async generators; the stubs type them as sync.
+        # A streaming one may also be a coroutine that sends with ``context.write`` (as
+        # grpcio-health-checking's Health.Watch does): it is wrapped as one.
         inner: Any = handler.unary_unary or handler.unary_stream or handler.stream_stream
         if handler.stream_stream is not None:
 
@@ -320,8 +323,16 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 async for item in inner(_parsed(requests, method, deserialize), context):
                     yield item
 
+            async def bidi_by_writes(requests: AsyncIterator[Any], context: Context) -> None:
+                denied = self._check(method, rule, context)
+                if denied is not None:
+                    await _drain(requests)
+                    await self._refuse(method, denied, context)
+                await self._answer(context)
+                await inner(_parsed(requests, method, deserialize), context)
+
             return grpc.stream_stream_rpc_method_handler(
-                bidi,
+                bidi if inspect.isasyncgenfunction(inner) else bidi_by_writes,
                 None,  # (bytes: parsed by _parsed, after the check)
                 handler.response_serializer,
             )
@@ -348,8 +359,13 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             ):
                 yield item
 
+        async def stream_by_writes(data: bytes, context: Context) -> None:
+            box = [data]
+            del data
+            await inner(await self._enter(method, rule, box, deserialize, context), context)
+
         return grpc.unary_stream_rpc_method_handler(
-            stream,
+            stream if inspect.isasyncgenfunction(inner) else stream_by_writes,
             None,  # (bytes: parsed by _enter, after the check)
             handler.response_serializer,
         )
