@@ -403,7 +403,9 @@ class ForeignWorker:
     tables: Tables
     worker_id: str
     output_chunks: int = 1  # PROGRESS_OUTPUT events per task; 0: output only in final_result
+    broken_calls: int = 0  # the first ExecuteStream calls end at once with UNAVAILABLE
     orders: list[Any] = field(default_factory=list)
+    cancels: list[Any] = field(default_factory=list)
     active: int = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -445,8 +447,12 @@ class ForeignWorker:
         self.orders.append(order)
         return self.run(order)
 
-    async def execute_stream(self, order: Any, context: object) -> AsyncIterator[Any]:
+    async def execute_stream(
+        self, order: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         self.orders.append(order)
+        if len(self.orders) <= self.broken_calls:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the network broke")
         event = self.tables.message("TaskEvent")
         self.active += 1
         try:
@@ -461,6 +467,7 @@ class ForeignWorker:
             self.active -= 1
 
     async def cancel_task(self, ref: Any, context: object) -> Any:
+        self.cancels.append(ref)
         return self.tables.message("TaskCancelVerdict")(cancelled=False)
 
     async def get_worker_status(self, request: Any, context: object) -> Any:
@@ -551,11 +558,11 @@ async def run_through_foreign_worker(
             return report if ended(tables, report) else None
 
         report = await eventually(finished, f"job {ticket.job_id} to end")
-        assert len(worker.orders) == 1, worker.orders
-        (order,) = worker.orders
-        assert order.task_type == "command"
-        assert json.loads(order.payload) == body
-        assert order.task_id
+        assert len(worker.orders) == 1 + worker.broken_calls, worker.orders
+        for order in worker.orders:  # (never an addition it cannot read, such as an attach)
+            assert order.task_type == "command"
+            assert json.loads(order.payload) == body
+            assert order.task_id == ticket.job_id
         streamed = [chunk async for chunk in master.StreamOutput(ref, timeout=RPC_TIMEOUT_S)]
         assert not beats.done(), beats
         assert all(acks), acks
@@ -595,3 +602,15 @@ async def test_foreign_worker_runs_a_job(
     assert {c.type for c in streamed} <= {tables.enum("StreamKind", "SK_STDOUT")}
     assert b"".join(c.data for c in streamed) == b"from tables\n"
     assert report.output == b"from tables\n"
+
+
+async def test_a_broken_call_to_a_foreign_worker_runs_the_job_again(
+    cluster: ClusterFactory, tables: Tables
+) -> None:
+    """A worker of the protocol's first version cannot be re-attached to (it would take the
+    attach for a task of no type, and fail the job): its attempt is stopped and run again."""
+    worker = ForeignWorker(tables, "foreign-1", broken_calls=1)
+    report, _ = await run_through_foreign_worker(cluster, tables, worker, ["second", "try"])
+    assert report.status == tables.enum("JobState", "JS_COMPLETED"), report
+    assert report.output == b"second try\n"
+    assert [ref.task_id for ref in worker.cancels] == [worker.orders[0].task_id]

@@ -138,6 +138,9 @@ class Attempts:
                 try:
                     outcome = await self._follow_attempt(job, attempt, node, events)
                 except WorkerUnreachable as exc:
+                    if not node.instance:
+                        await self._abandon(job, attempt, node, exc)
+                        return
                     log.info("attempt %d of %s: %s; re-attaching", attempt, job.id, exc)
                     attach = True
                     await asyncio.sleep(backoff)
@@ -168,6 +171,22 @@ class Attempts:
                 return
         finally:
             self._wake.set()
+
+    async def _abandon(
+        self, job: ActiveJob, attempt: int, node: NodeInfo, exc: WorkerUnreachable
+    ) -> None:
+        """The call to a worker that cannot be re-attached to broke: one that registered
+        without an instance (the protocol's first version, or a worker built from it) takes
+        an attach for an empty task. Stop the attempt there if it still runs (so it cannot
+        stop the next one of the same task), then run the job again."""
+        with contextlib.suppress(Exception):
+            await self.workers.cancel(node.endpoint, job.id, attempt)
+        await self._retry(
+            job,
+            f"lost the call to worker {node.id} ({exc}), which cannot be re-attached to",
+            AttemptOutcome.LOST,
+            attempt=attempt,
+        )
 
     async def _follow_attempt(
         self,
