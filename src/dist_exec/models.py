@@ -54,6 +54,7 @@ class NodeStatus(enum.StrEnum):
     UNHEALTHY = "UNHEALTHY"
     DRAINING = "DRAINING"
     SUSPECT = "SUSPECT"  # missed heartbeats, not yet declared dead: no new tasks
+    DEGRADED = "DEGRADED"  # says it is unwell (Heartbeat.health): no new tasks
 
 
 class Stream(enum.IntEnum):

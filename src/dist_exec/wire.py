@@ -49,6 +49,7 @@ NODE_STATUS_TO_PB = {
     NodeStatus.UNHEALTHY: common_pb2.NODE_STATUS_UNHEALTHY,
     NodeStatus.DRAINING: common_pb2.NODE_STATUS_DRAINING,
     NodeStatus.SUSPECT: common_pb2.NODE_STATUS_SUSPECT,
+    NodeStatus.DEGRADED: common_pb2.NODE_STATUS_DEGRADED,
 }
 NODE_STATUS_FROM_PB = {v: k for k, v in NODE_STATUS_TO_PB.items()}
 

@@ -32,6 +32,8 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from dist_exec.client import Client, JobStatus
+from dist_exec.models import NodeStatus
 from tests.conftest import ClusterFactory, SmallCluster, wait_for
 
 pytestmark = pytest.mark.system
@@ -404,6 +406,7 @@ class ForeignWorker:
     worker_id: str
     output_chunks: int = 1  # PROGRESS_OUTPUT events per task; 0: output only in final_result
     broken_calls: int = 0  # the first ExecuteStream calls end at once with UNAVAILABLE
+    health: str = "WL_HEALTHY"  # what its heartbeats say
     orders: list[Any] = field(default_factory=list)
     cancels: list[Any] = field(default_factory=list)
     active: int = 0
@@ -497,7 +500,7 @@ async def heartbeat_forever(
             pulse(
                 worker_id=worker.worker_id,
                 active_tasks=worker.active,
-                health=tables.enum("Wellness", "WL_HEALTHY"),
+                health=tables.enum("Wellness", worker.health),
                 metrics={"impl": "protocol-tables"},
             ),
             timeout=RPC_TIMEOUT_S,
@@ -506,9 +509,14 @@ async def heartbeat_forever(
 
 
 async def run_through_foreign_worker(
-    cluster: ClusterFactory, tables: Tables, worker: ForeignWorker, args: list[str]
+    cluster: ClusterFactory,
+    tables: Tables,
+    worker: ForeignWorker,
+    args: list[str],
+    queued: Callable[[str, str, list[bool]], Awaitable[None]] | None = None,
 ) -> tuple[Any, list[Any]]:
     """Serve ``worker``, register it with a fresh master and run one echo job through the master.
+    ``queued(master address, job id, heartbeat answers)`` runs once the job is submitted.
 
     Returns the job's GetStatus report and what StreamOutput replays of it afterwards.
     """
@@ -552,6 +560,8 @@ async def run_through_foreign_worker(
         body = {"command": "echo", "args": args}
         ticket = await master.Submit(command_order(tables, body), timeout=RPC_TIMEOUT_S)
         ref = tables.message("JobRef")(job_id=ticket.job_id)
+        if queued is not None:
+            await queued(master_proc.address, ticket.job_id, acks)
 
         async def finished() -> Any:
             report = await master.GetStatus(ref, timeout=RPC_TIMEOUT_S)
@@ -614,3 +624,32 @@ async def test_a_broken_call_to_a_foreign_worker_runs_the_job_again(
     assert report.status == tables.enum("JobState", "JS_COMPLETED"), report
     assert report.output == b"second try\n"
     assert [ref.task_id for ref in worker.cancels] == [worker.orders[0].task_id]
+
+
+@pytest.mark.parametrize("health", ["WL_DEGRADED", "WL_UNHEALTHY"])
+async def test_a_worker_whose_heartbeats_say_it_is_unwell_gets_no_new_task(
+    cluster: ClusterFactory, tables: Tables, health: str
+) -> None:
+    worker = ForeignWorker(tables, "foreign-1", health=health)
+
+    async def queued(address: str, job_id: str, acks: list[bool]) -> None:
+        async with Client(address) as client:
+
+            async def degraded() -> bool:
+                (node,) = await client.nodes()
+                return node.status == NodeStatus.DEGRADED
+
+            await eventually(degraded, "the node to be DEGRADED")
+            heard = len(acks)
+
+            async def two_more_heartbeats() -> bool:
+                return len(acks) >= heard + 2
+
+            await eventually(two_more_heartbeats, "two more heartbeats")
+            assert not worker.orders, "a task went to a worker that says it is unwell"
+            assert (await client.get(job_id)).status == JobStatus.PENDING
+            worker.health = "WL_HEALTHY"
+
+    report, _ = await run_through_foreign_worker(cluster, tables, worker, ["well", "again"], queued)
+    assert report.status == tables.enum("JobState", "JS_COMPLETED"), report
+    assert report.output == b"well again\n"

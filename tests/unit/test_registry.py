@@ -169,6 +169,20 @@ def test_heartbeat_draining_and_back(registry: NodeRegistry) -> None:
     assert status(registry, "w1") == NodeStatus.HEALTHY
 
 
+def test_a_node_that_says_it_is_unwell_gets_no_task_until_it_says_it_is_well(
+    registry: NodeRegistry,
+) -> None:
+    add(registry, "w1")
+    registry.heartbeat(NodeId("w1"), draining=False, unwell=True)
+    assert status(registry, "w1") == NodeStatus.DEGRADED
+    assert registry.eligible(spec("command")) == []
+    registry.heartbeat(NodeId("w1"), draining=True, unwell=True)
+    assert status(registry, "w1") == NodeStatus.DRAINING  # (draining says more)
+    registry.heartbeat(NodeId("w1"), draining=False)
+    assert status(registry, "w1") == NodeStatus.HEALTHY
+    assert ids(registry.eligible(spec("command"))) == ["w1"]
+
+
 def test_deregister(registry: NodeRegistry) -> None:
     add(registry, "w1")
     add(registry, "w2")

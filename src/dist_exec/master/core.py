@@ -680,14 +680,19 @@ class Master(Submission, Attempts):
             NOT_STARTED_WINDOW_S
         )
 
-    def heartbeat(self, node_id: NodeId, draining: bool) -> bool:
-        """False: the node is unknown or was declared dead, so it must register again."""
+    def heartbeat(self, node_id: NodeId, draining: bool, unwell: bool = False) -> bool:
+        """False: the node is unknown or was declared dead, so it must register again.
+        ``unwell``: the worker says it is DEGRADED or UNHEALTHY (no new tasks meanwhile)."""
         node = self.registry.get(node_id)
         if node is None or node.status == NodeStatus.UNHEALTHY:
             return False
-        was_idle = node.status in (NodeStatus.DRAINING, NodeStatus.SUSPECT)
-        self.registry.heartbeat(node_id, draining)
-        if was_idle and not draining:
+        before = node.status
+        self.registry.heartbeat(node_id, draining, unwell)
+        if node.status == NodeStatus.DEGRADED and before != NodeStatus.DEGRADED:
+            log.warning("node %s says it is unwell: no new tasks until it says it is well", node_id)
+        elif before == NodeStatus.DEGRADED and node.status != NodeStatus.DEGRADED:
+            log.info("node %s says it is well again", node_id)
+        if node.status == NodeStatus.HEALTHY and before != NodeStatus.HEALTHY:
             self._wake.set()  # it takes tasks again
         return True
 

@@ -94,15 +94,18 @@ class NodeRegistry:
         self._nodes[node_id] = node
         return node
 
-    def heartbeat(self, node_id: NodeId, draining: bool) -> NodeInfo | None:
-        """Record a heartbeat; None when the node is unknown (it must register again)."""
+    def heartbeat(self, node_id: NodeId, draining: bool, unwell: bool = False) -> NodeInfo | None:
+        """Record a heartbeat; None when the node is unknown (it must register again).
+        ``unwell``: the worker says it is DEGRADED or UNHEALTHY."""
         node = self._nodes.get(node_id)
         if node is None:
             return None
         node.last_seen = self.clock.monotonic()
         node.last_seen_wall = self.clock.now()
-        drains = draining or node.drain_requested
-        node.status = NodeStatus.DRAINING if drains else NodeStatus.HEALTHY
+        if draining or node.drain_requested:
+            node.status = NodeStatus.DRAINING
+        else:
+            node.status = NodeStatus.DEGRADED if unwell else NodeStatus.HEALTHY
         return node
 
     def request_drain(self, node_id: NodeId) -> bool:

@@ -44,7 +44,7 @@ from dist_exec.models import (
     Stream,
     TaskSpec,
 )
-from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from dist_exec.security.audit import AuditLog, redacted_payload, task_summary
 from dist_exec.security.auth import current_identity
 from dist_exec.security.call_proof import CallProof
@@ -511,7 +511,11 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         # Drained by an admin (AuthDrainNode) or for scale-in by the auto scaler.
         drain = node_id in self.drains.requested or self.master.drain_requested(node_id)
         # active_tasks is on the wire by contract; the master counts its own reservations.
-        known = self.master.heartbeat(node_id, request.draining or drain)
+        unwell = request.health in (
+            common_pb2.WORKER_HEALTH_DEGRADED,
+            common_pb2.WORKER_HEALTH_UNHEALTHY,
+        )
+        known = self.master.heartbeat(node_id, request.draining or drain, unwell)
         return worker_pb2.HeartbeatResponse(
             acknowledged=known,
             action=worker_pb2.HEARTBEAT_ACTION_DRAIN if drain else worker_pb2.HEARTBEAT_ACTION_NONE,

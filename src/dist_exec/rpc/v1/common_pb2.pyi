@@ -48,6 +48,7 @@ class NodeStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATUS_UNHEALTHY: _ClassVar[NodeStatus]
     NODE_STATUS_DRAINING: _ClassVar[NodeStatus]
     NODE_STATUS_SUSPECT: _ClassVar[NodeStatus]
+    NODE_STATUS_DEGRADED: _ClassVar[NodeStatus]
 JOB_STATUS_UNSPECIFIED: JobStatus
 JOB_STATUS_PENDING: JobStatus
 JOB_STATUS_RUNNING: JobStatus
@@ -71,6 +72,7 @@ NODE_STATUS_HEALTHY: NodeStatus
 NODE_STATUS_UNHEALTHY: NodeStatus
 NODE_STATUS_DRAINING: NodeStatus
 NODE_STATUS_SUSPECT: NodeStatus
+NODE_STATUS_DEGRADED: NodeStatus
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "address", "status", "capabilities", "max_tasks", "active_tasks", "labels", "last_seen", "weight", "task_limits")
