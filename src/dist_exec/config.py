@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,6 +137,83 @@ def split_address(address: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f"invalid address {address!r}: write an IPv6 host in brackets, [::1]:PORT")
     return host, port
+
+
+MAX_NODE_ID_CHARS = 253  # (a DNS name's length: a pod's or host's name fits)
+MAX_NODE_SLOTS = 100_000
+MAX_NODE_ATTRIBUTES = 256  # labels, and capabilities, each
+MAX_NODE_ATTRIBUTE_CHARS = 253
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def node_problem(
+    node_id: str,
+    address: str,
+    capabilities: Sequence[str],
+    labels: Mapping[str, str],
+    max_tasks: int = 1,
+    weight: int = 0,
+) -> str | None:
+    """What is wrong with a worker's registration, in words, or None."""
+    if not node_id:
+        return "worker_id is empty"
+    if len(node_id) > MAX_NODE_ID_CHARS or not _NODE_ID.fullmatch(node_id):
+        return (
+            f"worker_id {node_id[:60]!r} is not an id: up to {MAX_NODE_ID_CHARS} letters, "
+            "digits and . _ - : @ +, starting with a letter or digit"
+        )
+    if problem := _dialable_problem(address):
+        return f"address {address[:80]!r} cannot be dialled: {problem}"
+    if not 0 < max_tasks <= MAX_NODE_SLOTS:
+        return f"max_concurrent_tasks must be 1-{MAX_NODE_SLOTS}, got {max_tasks}"
+    if not 0 <= weight <= MAX_NODE_SLOTS:
+        return f"weight must be 0-{MAX_NODE_SLOTS} (0: max_concurrent_tasks), got {weight}"
+    return _attributes_problem(capabilities, labels)
+
+
+def _attributes_problem(capabilities: Sequence[str], labels: Mapping[str, str]) -> str | None:
+    for kind, values in (("capabilities", list(capabilities)), ("labels", list(labels))):
+        if len(values) > MAX_NODE_ATTRIBUTES:
+            return f"more than {MAX_NODE_ATTRIBUTES} {kind} ({len(values)})"
+    for name in capabilities:
+        if problem := _attribute_problem(name):
+            return f"capability {name[:60]!r} {problem}"
+    for key, value in labels.items():
+        if problem := _attribute_problem(key):
+            return f"label key {key[:60]!r} {problem}"
+        if value and (problem := _attribute_problem(value)):
+            return f"label {key}={value[:60]!r}: the value {problem}"
+    return None
+
+
+def _attribute_problem(text: str) -> str | None:
+    if not text:
+        return "is empty"
+    if len(text) > MAX_NODE_ATTRIBUTE_CHARS:
+        return f"is longer than {MAX_NODE_ATTRIBUTE_CHARS} characters"
+    if not text.isprintable() or any(c.isspace() for c in text):
+        return "has spaces or control characters"
+    return None
+
+
+def _dialable_problem(address: str) -> str | None:
+    try:
+        host, port = split_address(address)
+    except ValueError as exc:
+        return str(exc).partition(": ")[2]
+    if not port > 0:
+        return "its port is 0"
+    if not host:
+        return "it names no host"
+    if address.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+    elif len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        return f"{host[:60]!r} is not a host name or an IP address"
+    return None
 
 
 def join_address(host: str, port: int) -> str:

@@ -697,6 +697,25 @@ def test_server_options_the_wire_cannot_carry_are_usage_errors(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--worker-id", "a/b"], "worker_id 'a/b' is not an id"),
+        (["--label", "zone=a b"], "label zone='a b': the value has spaces"),
+        (
+            ["--advertise", "[host]:80"],
+            "address '[host]:80' cannot be dialled: 'host' is not an IPv6",
+        ),
+        (["--advertise", "10.0.0.1:0"], "address '10.0.0.1:0' cannot be dialled: its port is 0"),
+    ],
+)
+def test_a_worker_the_master_would_refuse_says_why_at_once(args: list[str], message: str) -> None:
+    result = run_cli("worker", "--master", "127.0.0.1:1", *args, timeout=30)
+    assert result.code == 2, result.stderr
+    assert f"the master would refuse this worker: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("args", [["status", "x"], ["run", "--", "true"], ["list"]])
 def test_a_client_command_with_stdout_closed_says_so_and_fails(
     small_cluster: SmallCluster, args: list[str]

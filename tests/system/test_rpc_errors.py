@@ -146,12 +146,46 @@ async def test_cancel_of_a_finished_job_is_failed_precondition(
 
 async def test_registration_rejects_bad_nodes(channels: dict[str, grpc.aio.Channel]) -> None:
     stub: RegistrationServiceAsyncStub = worker_pb2_grpc.RegistrationServiceStub(channels["master"])
-    for request in (
-        worker_pb2.RegisterRequest(worker_id="", address="127.0.0.1:1", max_concurrent_tasks=1),
-        worker_pb2.RegisterRequest(worker_id="x", address="", max_concurrent_tasks=1),
-        worker_pb2.RegisterRequest(worker_id="x", address="127.0.0.1:1", max_concurrent_tasks=0),
+    node = worker_pb2.RegisterRequest
+    for request, message in (
+        (node(worker_id="", address="127.0.0.1:1", max_concurrent_tasks=1), "worker_id is empty"),
+        (node(worker_id="x", address="", max_concurrent_tasks=1), "address '' cannot be dialled"),
+        (node(worker_id="x", address="127.0.0.1:1"), "max_concurrent_tasks must be 1-100000"),
+        (node(worker_id="a b\nc", address="127.0.0.1:1", max_concurrent_tasks=1), "not an id"),
+        (
+            node(worker_id="x" * 1_000_000, address="127.0.0.1:1", max_concurrent_tasks=1),
+            "not an id",
+        ),
+        (node(worker_id="x", address="not an address!!", max_concurrent_tasks=1), "HOST:PORT"),
+        (node(worker_id="x", address="localhost", max_concurrent_tasks=1), "HOST:PORT"),
+        (node(worker_id="x", address="127.0.0.1:99999", max_concurrent_tasks=1), "0-65535"),
+        (node(worker_id="x", address="127.0.0.1:0", max_concurrent_tasks=1), "port is 0"),
+        (node(worker_id="x", address="unix:/tmp/x.sock", max_concurrent_tasks=1), "HOST:PORT"),
+        (node(worker_id="x", address="[nope]:80", max_concurrent_tasks=1), "not an IPv6"),
+        (
+            node(worker_id="x", address="127.0.0.1:1", max_concurrent_tasks=1, capabilities=[""]),
+            "capability '' is empty",
+        ),
+        (
+            node(
+                worker_id="x",
+                address="127.0.0.1:1",
+                max_concurrent_tasks=1,
+                labels={str(i): "v" for i in range(300)},
+            ),
+            "more than 256 labels",
+        ),
+        (
+            node(
+                worker_id="x",
+                address="127.0.0.1:1",
+                max_concurrent_tasks=1,
+                labels={"zone": "a\nb"},
+            ),
+            "control characters",
+        ),
     ):
-        await expect(stub.Register(request), CODE.INVALID_ARGUMENT, "register needs")
+        await expect(stub.Register(request), CODE.INVALID_ARGUMENT, message)
     beat = await stub.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="never-registered"))
     assert not beat.acknowledged
     bye = await stub.Deregister(worker_pb2.DeregisterRequest(worker_id="never-registered"))

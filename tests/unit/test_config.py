@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from dist_exec.config import (
     dial_address,
     format_duration,
     listen_address,
+    node_problem,
     parse_duration,
     raise_open_files_limit,
     server_options,
@@ -226,3 +228,55 @@ def test_the_raise_stops_at_open_files_wanted(
 def test_a_server_accepts_connections_with_three_quarters_of_its_descriptors() -> None:
     assert dict(server_options(1024))["grpc.max_allowed_incoming_connections"] == 768
     assert dict(server_options(10))["grpc.max_allowed_incoming_connections"] == 16
+
+
+@pytest.mark.parametrize(
+    ("node_id", "address", "labels"),
+    [
+        ("worker-1", "127.0.0.1:50052", {}),
+        ("host.example.com-1234", "host.example.com:1", {"zone": "a", "dist-exec.io/pool": ""}),
+        ("pod_7@zone:a+b", "[::1]:65535", {"k": "v"}),
+        ("w", "10.0.0.1:8080", {}),
+    ],
+)
+def test_node_problem_takes_good_registrations(
+    node_id: str, address: str, labels: dict[str, str]
+) -> None:
+    assert node_problem(node_id, address, ["command", "http"], labels, 8, 0) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"node_id": ""}, "worker_id is empty"),
+        ({"node_id": "-x"}, "not an id"),
+        ({"node_id": "a/b"}, "not an id"),
+        ({"node_id": "x" * 254}, "not an id"),
+        ({"address": "host"}, "expected HOST:PORT"),
+        ({"address": ":80"}, "names no host"),
+        ({"address": "bad host:80"}, "not a host name"),
+        ({"address": "-host-:80"}, "not a host name"),
+        ({"address": "[::g]:80"}, "not an IPv6 address"),
+        ({"address": "[host]:80"}, "not an IPv6 address"),
+        ({"max_tasks": 0}, "max_concurrent_tasks must be 1-100000, got 0"),
+        ({"max_tasks": 100_001}, "max_concurrent_tasks must be"),
+        ({"weight": -1}, "weight must be 0-100000"),
+        ({"capabilities": ["a b"]}, "capability 'a b' has spaces"),
+        ({"capabilities": ["c"] * 257}, "more than 256 capabilities"),
+        ({"labels": {"": "v"}}, "label key '' is empty"),
+        ({"labels": {"k": "x" * 254}}, "the value is longer than 253"),
+        ({"labels": {"k\x00": "v"}}, "control characters"),
+    ],
+)
+def test_node_problem_says_what_is_wrong(kwargs: dict[str, Any], match: str) -> None:
+    fields: dict[str, Any] = {
+        "node_id": "w1",
+        "address": "127.0.0.1:1",
+        "capabilities": ["command"],
+        "labels": {},
+        "max_tasks": 1,
+        "weight": 0,
+    }
+    problem = node_problem(**(fields | kwargs))
+    assert problem is not None
+    assert match in problem, problem

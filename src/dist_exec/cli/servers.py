@@ -38,6 +38,7 @@ from dist_exec.config import (
     default_data_dir,
     default_worker_id,
     format_duration,
+    node_problem,
     parse_duration,
     parse_size,
 )
@@ -707,6 +708,15 @@ def worker(
         http_max_body_bytes=http_max_body,
     )
     check_listen(listen)
+    if problem := node_problem(
+        config.worker_id,
+        advertise or "127.0.0.1:1",  # (else the address is known once it listens)
+        config.task_types,
+        config.labels,
+        config.max_concurrent_tasks,
+        config.weight,
+    ):
+        fail(f"the master would refuse this worker: {problem}", EXIT_USAGE)
     if config.allowed_commands and not _rules(task_types, "WORKER_TASK_TYPES"):
         logging.getLogger("dist_exec.worker").warning(
             "an allow-list of commands is set: this worker runs command jobs only, not HTTP "

@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from dist_exec.clock import Clock
-from dist_exec.config import MAX_LIST_JOBS, MasterConfig, format_duration
+from dist_exec.config import MAX_LIST_JOBS, MasterConfig, format_duration, node_problem
 from dist_exec.errors import (
     DistExecError,
     InvalidTaskSpec,
@@ -608,10 +608,8 @@ class Master(Submission, Attempts):
         instance: str = "",
     ) -> NodeInfo:
         """Raises AddressInUse when another live node holds ``address`` (see registry)."""
-        if not node_id or not address or max_tasks <= 0 or weight < 0:
-            raise InvalidTaskSpec(
-                "register needs worker_id, address, max_concurrent_tasks > 0 and weight >= 0"
-            )
+        if problem := node_problem(node_id, address, capabilities, labels, max_tasks, weight):
+            raise InvalidTaskSpec(f"cannot register this worker: {problem}")
         previous = self.registry.get(node_id)
         node = self.registry.register(
             node_id, address, capabilities, max_tasks, labels, weight, task_limits, tls_name,
