@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from dist_exec.client import Client, JobNotFound, JobStatus, command_spec
+from dist_exec.client import (
+    Client,
+    InvalidTaskSpec,
+    JobNotFound,
+    JobStatus,
+    TaskSpec,
+    command_spec,
+)
 from tests.conftest import ClusterFactory, run_cli
 
 
@@ -85,3 +92,17 @@ async def test_the_client_cancels_a_broadcast_by_its_id(cluster: ClusterFactory)
             assert (await client.wait(job)).status == JobStatus.CANCELLED
         with pytest.raises(JobNotFound, match=r"broadcast .* not found"):
             await client.cancel_broadcast("00000000-0000-4000-8000-000000000000")
+
+
+async def test_a_bad_broadcast_is_invalid_whichever_nodes_there_are(
+    cluster: ClusterFactory,
+) -> None:
+    """It was FAILED_PRECONDITION ("no healthy worker runs task type 'nope'") where Submit
+    says what is wrong with the job."""
+    master = cluster.master()
+    cluster.worker(master, worker_id="w1")
+    async with Client(master.address) as client:
+        with pytest.raises(InvalidTaskSpec, match="unknown task type 'nope'"):
+            await client.submit_broadcast(TaskSpec("nope", b"{}", 10))
+        with pytest.raises(InvalidTaskSpec, match="not valid JSON"):
+            await client.submit_broadcast(TaskSpec("command", b"{", 10, selector={"zone": "z"}))

@@ -261,6 +261,7 @@ class Submission:
         to it, all sharing a broadcast id. Returns that id and the (job, node) pairs."""
         if spec.node_id or spec.broadcast_id:
             raise InvalidTaskSpec("a broadcast job cannot be pinned to a node")
+        self.validate(spec)  # (a bad job is INVALID_ARGUMENT, whichever nodes there are)
         nodes = self.registry.matching(spec)
         if not nodes:
             labels = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
