@@ -73,6 +73,12 @@ async def expect(call: Any, code: grpc.StatusCode, fragment: str) -> None:
         ({"timeout": duration_pb2.Duration(seconds=-5)}, "timeout must not be negative"),
         ({"timeout": duration_pb2.Duration(seconds=10**9)}, "timeout must be between"),
         ({"timeout": duration_pb2.Duration(nanos=999_999)}, "timeout must be between 1ms and"),
+        ({"timeout": duration_pb2.Duration(nanos=2_000_000_000)}, "nanos are 0-999999999"),
+        (
+            {"queue_timeout": duration_pb2.Duration(seconds=1, nanos=10**9)},
+            "queue timeout has nanos 1000000000",
+        ),
+        ({"payload": b'{"command": "x", "env": {"A": ' + b"9" * 5000 + b"}}"}, "too many digits"),
         ({"max_retries": 101}, "max_retries must be 0-100"),
         ({"metadata": {"": "x"}}, "metadata keys must not be empty"),
     ],

@@ -7,7 +7,9 @@ whose name is the task type and whose object is a factory ``factory(options) -> 
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -72,6 +74,20 @@ def describe_task(task_type: str, payload: bytes) -> str:
 
         return describe_http(payload)
     return task_type
+
+
+def json_payload(payload: bytes, task_type: str) -> object:
+    """A payload's JSON, or InvalidTaskSpec saying what is wrong with it."""
+    try:
+        return json.loads(payload)
+    except RecursionError:
+        raise InvalidTaskSpec(f"{task_type} payload is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # (Python's advice is for its own code)
+            reason = f"a number has too many digits (at most {sys.get_int_max_str_digits()})"
+        else:
+            reason = str(exc)
+        raise InvalidTaskSpec(f"{task_type} payload is not valid JSON: {reason}") from None
 
 
 def installed_executors() -> set[str]:

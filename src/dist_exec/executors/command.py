@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from dist_exec import procfs
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
-from dist_exec.executors import ExecRequest, OutputSink
+from dist_exec.executors import ExecRequest, OutputSink, json_payload
 from dist_exec.executors.child import Child, read_pipe, write_pipe
 from dist_exec.executors.containment import POLL_S, Containment, Jail, may_enter
 from dist_exec.executors.guardian import (
@@ -108,10 +108,7 @@ class CommandSpec:
 
 def parse_payload(payload: bytes) -> CommandSpec:
     """Decode and check a command payload; InvalidTaskSpec says exactly what is wrong."""
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError) as exc:  # ValueError: also numbers too long to parse
-        raise InvalidTaskSpec(f"command payload is not valid JSON: {exc}") from None
+    body = json_payload(payload, "command")
     if not isinstance(body, dict):
         raise InvalidTaskSpec("command payload must be a JSON object")
     unknown = sorted(set(body) - _FIELDS)

@@ -32,7 +32,7 @@ from yarl import URL
 from dist_exec import __version__
 from dist_exec.config import format_duration, parse_size
 from dist_exec.errors import InvalidTaskSpec, shorten
-from dist_exec.executors import ExecRequest, OutputSink
+from dist_exec.executors import ExecRequest, OutputSink, json_payload
 from dist_exec.models import ExecOutcome, ExecStatus, Stream
 from dist_exec.security.audit import SECRET_NAME
 
@@ -81,10 +81,7 @@ class HttpSpec:
 
 def parse_payload(payload: bytes, allowed_schemes: Iterable[str] = SCHEMES) -> HttpSpec:
     """Decode and check an http payload; InvalidTaskSpec says exactly what is wrong."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError) as exc:  # ValueError: also numbers too long to parse
-        raise InvalidTaskSpec(f"http payload is not valid JSON: {exc}") from None
+    data = json_payload(payload, "http")
     if not isinstance(data, dict):
         raise InvalidTaskSpec("http payload must be a JSON object")
     unknown = sorted(set(data) - _FIELDS)
