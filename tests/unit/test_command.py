@@ -582,6 +582,40 @@ async def test_cancel_kills_a_group_that_ignores_sigterm(process_groups: list[in
     assert loop.time() - started < 5.0
 
 
+async def test_a_stop_after_the_command_ended_keeps_its_result_and_kills_what_it_left(
+    process_groups: list[int],
+) -> None:
+    """A cancel (or timeout, or drain) that came while the group a command left behind was
+    being stopped discarded the command's result, and cut the stop short: a leftover that
+    ignores TERM lived on. Now the result stands and the stop only ends the grace at once."""
+    executor = CommandExecutor({"kill_grace_s": 60})
+    sink = RecordingSink()
+    spec = CommandSpec(
+        "echo $$; (trap 'echo term' TERM; while :; do sleep 0.05; done) & exit 3", shell=True
+    )
+    task = asyncio.create_task(executor.execute(request(spec), sink))
+    async with asyncio.timeout(5):
+        await sink.first_stdout.wait()
+    pgid = int(sink.stdout.split()[0])
+    process_groups.append(pgid)
+    await wait_until(lambda: b"term" in sink.stdout, "the leftover to be sent TERM", 10)
+
+    task.cancel()
+    async with asyncio.timeout(10):
+        outcome = await task
+    assert (outcome.status, outcome.exit_code) == (ExecStatus.FAILURE, 3)
+    await wait_until(lambda: not group_members(pgid), "the leftover to be killed")
+
+
+async def test_a_stopped_command_is_woken_to_take_its_term(process_groups: list[int]) -> None:
+    """A process stopped (SIGSTOP) holds its TERM until woken: it waited the whole grace."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pgid = await start_and_cancel("echo $$; kill -STOP $$", ["sh"], 30.0, process_groups)
+    assert group_members(pgid) == {}
+    assert loop.time() - started < 10.0
+
+
 @pytest.mark.parametrize(
     ("task_type", "payload", "line", "shown"),
     [

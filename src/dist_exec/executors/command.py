@@ -469,7 +469,7 @@ class CommandExecutor:
                     task.cancel()
         # The main process is gone; anything it left behind in its group goes too, and soon
         # (see _Sweeper) what it left outside the group.
-        await self._stop(proc, pumps)
+        await self._after_exit(proc, pumps, request)
         self._sweeper.add(run, jail.run_as.uid if jail.run_as else os.geteuid())
         returncode = proc.returncode
         assert returncode is not None
@@ -492,6 +492,35 @@ class CommandExecutor:
             "" if exit_code == 0 else _exit_message(returncode),
             duration_s=duration_s,
         )
+
+    async def _after_exit(
+        self, proc: Child, pumps: list[asyncio.Task[None]], request: ExecRequest
+    ) -> None:
+        """``_stop`` once the command has ended by itself. Its result stands, whatever stops
+        the attempt meanwhile (a cancel, its timeout, a drain: they used to discard it, and
+        cut the cleanup short, leaving a group that ignores TERM alive): a stop now only ends
+        the grace at once and kills what left the group too."""
+        cleanup = asyncio.ensure_future(self._stop(proc, pumps))
+        waited: asyncio.Future[None] = cleanup
+        while not waited.done():
+            try:
+                await asyncio.shield(waited)
+            except asyncio.CancelledError:
+                if waited.cancelled():
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                if waited is cleanup:
+                    waited = asyncio.ensure_future(self._hurry(proc, cleanup, request))
+        waited.result()
+
+    async def _hurry(
+        self, proc: Child, cleanup: asyncio.Future[None], request: ExecRequest
+    ) -> None:
+        _signal_group(proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(kill_tagged, _tags(request))
+        await cleanup
 
     async def _stop(
         self,
@@ -669,6 +698,7 @@ async def terminate_group(proc: Child, grace_s: float) -> None:
     if not _signal_group(pgid, signal.SIGTERM):
         await proc.wait()
         return
+    _signal_group(pgid, signal.SIGCONT)  # (a stopped process takes its TERM only once woken)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if proc.returncode is not None and not _group_alive(pgid):
