@@ -8,9 +8,9 @@ from pathlib import Path
 
 from dist_exec.client import Client, JobStatus, command_spec
 from dist_exec.config import split_address
-from dist_exec.models import Job
+from dist_exec.models import Job, NodeStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory, worker_channel
+from tests.conftest import ClusterFactory, wait_until, worker_channel
 
 TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT}
 
@@ -190,6 +190,29 @@ async def test_drain_deadline_hands_unfinished_work_back(cluster: ClusterFactory
         assert await asyncio.to_thread(w1.proc.wait, 20) == 0
         job = await wait_job(client, job_id, statuses={JobStatus.PENDING}, timeout=10)
         assert job.retries == 0  # handed back: not the job's fault, not counted
+        cluster.worker(master, worker_id="w2", max_tasks=1)
+        job = await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        assert job.worker_id == "w2"
+        await client.cancel(job_id)
+
+
+async def test_a_second_sigterm_hands_running_work_back_too(cluster: ClusterFactory) -> None:
+    """The second signal (stop now) used to fail the running jobs for good ("stopped")."""
+    master = cluster.master()
+    w1 = cluster.worker(master, worker_id="w1", max_tasks=1)
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec("sleep 300", shell=True))
+        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        w1.signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return [n.status for n in await client.nodes()] == [NodeStatus.DRAINING]
+
+        await wait_until(draining, what="w1 to drain")
+        w1.signal(signal.SIGTERM)
+        await asyncio.to_thread(w1.proc.wait, 20)
+        job = await wait_job(client, job_id, statuses={JobStatus.PENDING}, timeout=10)
+        assert job.retries == 0
         cluster.worker(master, worker_id="w2", max_tasks=1)
         job = await wait_job(client, job_id, statuses={JobStatus.RUNNING})
         assert job.worker_id == "w2"

@@ -394,6 +394,28 @@ async def test_drain_hands_back_running_attempts_as_retryable(make_runner: MakeR
     assert gone(pid)
 
 
+async def test_close_hands_back_running_attempts_and_keeps_a_cancel_a_cancel(
+    make_runner: MakeRunner,
+) -> None:
+    """A second SIGTERM (close) failed the running jobs for good ("stopped"), where a
+    SIGKILL of the worker has them run again elsewhere."""
+    runner = make_runner()
+    slow = runner.start(request(sh("echo $$; exec sleep 300"), task_id="slow"), "command")
+    pid = int((await first_output(slow)).data)
+    cancelled = runner.start(request(sh("echo $$; exec sleep 300"), task_id="asked"), "command")
+    await first_output(cancelled)
+    runner.cancel("asked")
+
+    async with asyncio.timeout(10):
+        await runner.close()
+
+    outcome = outcome_of(slow)
+    assert (outcome.status, outcome.retryable) == (ExecStatus.FAILURE, True)
+    assert outcome.error == "the worker was stopped before the task finished"
+    assert gone(pid)
+    assert outcome_of(cancelled).status == ExecStatus.CANCELLED
+
+
 async def test_drain_waits_for_attempts_that_finish_in_time(make_runner: MakeRunner) -> None:
     executor = ScriptedExecutor()
     runner = make_runner(executors={"scripted": executor})

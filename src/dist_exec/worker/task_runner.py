@@ -303,8 +303,13 @@ class TaskRunner:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Stop everything now (tasks are killed), e.g. on a second signal."""
+        """Stop everything now (tasks are killed), e.g. on a second signal. What was running
+        is given back to the master (run again elsewhere, not failed), as by a drain."""
         for attempt in list(self._attempts.values()):
+            if attempt.outcome is None and not attempt.cancel.is_set():
+                attempt.cancel_reason = "the worker was stopped before the task finished"
+                attempt.retryable_on_cancel = True
+                attempt.cancel.set()
             if attempt.task is not None:
                 attempt.task.cancel()
         await asyncio.gather(
