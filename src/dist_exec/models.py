@@ -220,6 +220,7 @@ class NodeInfo:
     drain_requested: bool = False  # the auto scaler chose it for removal
     tls_name: str = ""  # the name its certificate must carry when the master dials it
     instance: str = ""  # new at each start of its process (empty: a worker that sends none)
+    refused_until: float = 0.0  # registry clock: it refused a start (full, draining) just now
 
     @property
     def endpoint(self) -> NodeEndpoint:

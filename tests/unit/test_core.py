@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -15,7 +16,8 @@ from dist_exec.executors.command import CommandExecutor
 from dist_exec.master.active import HeldAttempt
 from dist_exec.master.balancer import RoundRobinBalancer
 from dist_exec.master.core import NOT_STARTED_WINDOW_S, RESTART_GRACE_EXTRA_S, Master
-from dist_exec.master.registry import NodeRegistry
+from dist_exec.master.dispatcher import AttemptRejected
+from dist_exec.master.registry import REFUSED_PAUSE_S, NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore
 from dist_exec.models import (
@@ -249,6 +251,66 @@ class RetriedWorker(ScriptedWorker):
             OutputChunk(Stream.STDOUT, 0, b"two\n"),
             ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"two\n", stdout_bytes=4),
         ]
+
+
+class FullWorker(ScriptedWorker):
+    """Refuses its first starts as full (it still runs an attempt the master no longer
+    counts, e.g. one superseded while it was cut off and not yet killed)."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.starts: list[tuple[str, float]] = []
+
+    async def execute(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        self.starts.append((endpoint.node_id, asyncio.get_running_loop().time()))
+        if len(self.starts) <= self.refusals:
+            raise AttemptRejected("worker is full (1 tasks running)", fatal=False)
+        async for event in super().execute(
+            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
+        ):
+            yield event
+
+
+async def test_a_node_that_refuses_a_start_is_not_sent_it_again_in_a_loop(
+    tmp_path: Path,
+) -> None:
+    """A job refused as 'full' was placed on the same node again at once: thousands of
+    attempts a second, each one written."""
+    worker = FullWorker(refusals=2)
+    async with running_master(tmp_path, worker) as (master, _):
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
+        job_id = await master.submit(SPEC)
+        async with asyncio.timeout(10):
+            while not (job := await master.get(job_id)).status.terminal:
+                await asyncio.sleep(0.01)
+    assert (job.status, job.attempt, job.retries) == (JobStatus.COMPLETED, 3, 0)
+    times = [at for _, at in worker.starts]
+    assert [b - a >= REFUSED_PAUSE_S * 0.9 for a, b in itertools.pairwise(times)] == [True] * 2
+
+
+async def test_a_refused_job_goes_to_another_node_at_once(tmp_path: Path) -> None:
+    worker = FullWorker(refusals=1)
+    async with running_master(tmp_path, worker) as (master, _):
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
+        master.register(NodeId("w2"), "127.0.0.1:2", ["command"], 1, {}, [])
+        job_id = await master.submit(SPEC)
+        async with asyncio.timeout(5):
+            while not (job := await master.get(job_id)).status.terminal:
+                await asyncio.sleep(0.01)
+    assert job.status == JobStatus.COMPLETED
+    (first, refused_at), (second, started_at) = worker.starts
+    assert first != second
+    assert started_at - refused_at < REFUSED_PAUSE_S / 2
 
 
 async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_over(

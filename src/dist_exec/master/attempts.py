@@ -155,6 +155,8 @@ class Attempts:
                     if exc.fatal:
                         await self._complete(job, JobStatus.FAILED, error=str(exc))
                     else:
+                        pause = self.registry.refused(node_id)
+                        asyncio.get_running_loop().call_later(pause, self._wake.set)
                         await self._retry(
                             job, f"worker {node_id} refused: {exc}", AttemptOutcome.RETURNED
                         )

@@ -17,6 +17,8 @@ from dist_exec.clock import Clock
 from dist_exec.errors import AddressInUse
 from dist_exec.models import NodeId, NodeInfo, NodeStatus, TaskLimits, TaskSpec
 
+REFUSED_PAUSE_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Sweep:
@@ -154,11 +156,24 @@ class NodeRegistry:
 
     def eligible(self, spec: TaskSpec) -> list[NodeInfo]:
         """Healthy nodes that can run ``spec`` and have a free slot, in id order."""
+        now = self.clock.monotonic()
         return [
             n
             for n in self.nodes()
-            if n.status == NodeStatus.HEALTHY and n.free_slots > 0 and n.matches(spec)
+            if n.status == NodeStatus.HEALTHY
+            and n.free_slots > 0
+            and n.refused_until <= now
+            and n.matches(spec)
         ]
+
+    def refused(self, node_id: NodeId) -> float:
+        """The node refused a start it had room for in the master's count (it is full with
+        an attempt the master no longer counts, or it drains): no starts for it for a
+        moment, so a job is not sent back to it in a loop. Returns the moment, in seconds."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.refused_until = self.clock.monotonic() + REFUSED_PAUSE_S
+        return REFUSED_PAUSE_S
 
     def matching(self, spec: TaskSpec) -> list[NodeInfo]:
         """Healthy nodes that can run ``spec``, busy or not."""
