@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from dist_exec.master.balancer import RoundRobinBalancer
 from dist_exec.master.scheduler import Assignment, Scheduler
-from dist_exec.models import JobId, NodeId, NodeInfo, TaskSpec
+from dist_exec.models import JobId, NodeId, NodeInfo, TaskLimits, TaskSpec
 
 
 def spec(priority: int = 0, task_type: str = "command") -> TaskSpec:
@@ -202,6 +203,21 @@ def test_task_type_no_node_runs_stays_queued_without_blocking_others(
     ]
     assert scheduler.ordered() == ["gpu-1", "gpu-2"]
     assert len(scheduler) == 2
+
+
+def test_a_task_whose_limits_no_node_allows_blocks_no_one(scheduler: Scheduler) -> None:
+    """It blocked every task of its type behind it, for good (the queue stalled)."""
+    big = replace(spec(10), limits=TaskLimits(memory_bytes=1 << 30))
+    fits = replace(spec(5), limits=TaskLimits(memory_bytes=1 << 20))
+    enqueue_all(scheduler, ("big", big), ("small", spec(0)), ("fits", fits), ("big-2", big))
+    nodes = FakeNodes(("n1", 2, {"command"}))
+    nodes.nodes[NodeId("n1")].task_limits = TaskLimits(memory_bytes=256 << 20)
+
+    assert placed(scheduler.plan(nodes.eligible, nodes.reserve)) == [
+        ("fits", "n1"),
+        ("small", "n1"),
+    ]
+    assert scheduler.ordered() == ["big", "big-2"]
 
 
 def test_full_type_does_not_block_a_type_with_room(scheduler: Scheduler) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from dist_exec.master.balancer import Balancer
-from dist_exec.models import MAX_PRIORITY, JobId, NodeId, NodeInfo, TaskSpec
+from dist_exec.models import MAX_PRIORITY, JobId, NodeId, NodeInfo, TaskLimits, TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +113,13 @@ class Scheduler:
         An ``isolated`` task never goes to a node that runs another one (``isolating``).
 
         A task that finds no room blocks the tasks behind it that need the same kind of node
-        (type and selector), so a lower priority never overtakes a higher one for a slot."""
+        (type, selector, and the limits a node must allow), so a lower priority never
+        overtakes a higher one for a slot. One that needs more of a node than any task type
+        alone (labels, limits, a node of its own) blocks only its own kind: a task no node
+        allows must not hold up the others."""
         assignments: list[Assignment] = []
         skipped: list[tuple[int, int, int, JobId]] = []
-        full: set[tuple[str, frozenset[tuple[str, str]], str, bool]] = set()
+        full: set[tuple[str, frozenset[tuple[str, str]], str, bool, TaskLimits]] = set()
         full_types: set[str] = set()  # types every one of whose queued tasks is blocked
         taken = set(isolating)
         while self._heap and not full_types.issuperset(+self._types):
@@ -126,7 +129,13 @@ class Scheduler:
                 continue  # removed (or queued again) since
             spec = self._queued[job_id].spec
             alone = isolated(job_id)
-            kind = (spec.task_type, frozenset(spec.selector.items()), spec.node_id, alone)
+            kind = (
+                spec.task_type,
+                frozenset(spec.selector.items()),
+                spec.node_id,
+                alone,
+                spec.limits,
+            )
             node = None
             if kind not in full:
                 nodes = eligible(spec)
@@ -135,7 +144,7 @@ class Scheduler:
                 node = self.balancer.select(spec, nodes)
             if node is None:
                 full.add(kind)
-                if not spec.selector and not spec.node_id and not alone:
+                if not spec.selector and not spec.node_id and not alone and not spec.limits.any:
                     full_types.add(spec.task_type)
                 skipped.append(entry)
                 continue
