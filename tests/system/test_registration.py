@@ -4,8 +4,10 @@ address, is dialled as itself."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -17,6 +19,7 @@ from dist_exec.models import JobStatus, NodeStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 from tests.conftest import ClusterFactory, wait_for, wait_until
 from tests.system.test_cluster import free_port
+from tests.system.test_recovery import wait_job
 from tests.system.test_security import _audit
 
 pytestmark = pytest.mark.system
@@ -142,3 +145,44 @@ def test_a_worker_registers_again_as_the_same_instance_until_it_restarts(
         assert registry.registrations[-1].instance not in first
     finally:
         server.stop(None)
+
+
+async def test_a_process_replaced_under_its_worker_id_is_told_to_stop(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """x1 stalls past the heartbeat timeout, its job goes to x2, registered as the same id;
+    then x1 wakes. Its heartbeats kept the node alive (at x2's address, even after x2 died),
+    its deregistration removed x2, and its attempt ran on next to x2's. Now it is told to
+    shut down, and its attempt dies with it."""
+    master = cluster.master()
+    x1 = cluster.worker(master, worker_id="x", max_tasks=1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    command = f'echo $$ > {pids}/"$DIST_EXEC_ATTEMPT"; exec sleep 300'
+    async with Client(master.address) as client:
+        job_id = await client.submit(command_spec(command, shell=True))
+        await wait_until(lambda: (pids / "1").exists(), what="attempt 1 to start")
+        first = int((pids / "1").read_text())
+        x1.signal(signal.SIGSTOP)
+        job = await wait_job(client, job_id, statuses={JobStatus.PENDING})
+        x2 = cluster.worker(master, worker_id="x", max_tasks=1)
+        await wait_until(lambda: (pids / "2").exists(), what="attempt 2 to start on x2")
+        x1.signal(signal.SIGCONT)
+
+        assert await asyncio.to_thread(x1.proc.wait, 30) == 1
+        assert "another process registered with master" in x1.log_text()
+        await wait_until(lambda: not _running(first), what="attempt 1 to be killed")
+        (node,) = await client.nodes()
+        assert (node.address, node.status) == (x2.address, NodeStatus.HEALTHY)
+        job = await client.get(job_id)
+        assert (job.status, job.attempt, job.worker_id) == (JobStatus.RUNNING, 2, "x")
+        assert _running(int((pids / "2").read_text()))
+        await client.cancel(job_id)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"

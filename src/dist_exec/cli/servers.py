@@ -668,7 +668,7 @@ def worker(
 ) -> None:
     """Run a worker: registers with the master and runs the tasks it is sent."""
     from dist_exec.executors.containment import ContainmentError
-    from dist_exec.worker.app import run_worker
+    from dist_exec.worker.app import WorkerReplaced, run_worker
 
     setup_logging(log_level)
     _one_user_option(run_as, run_as_pool)
@@ -734,7 +734,7 @@ def worker(
             signal.signal(sig, _caught)
     try:
         serve(lambda stop: run_worker(config, stop, ready_line(f"worker {config.worker_id}")))
-    except ContainmentError as exc:
+    except (ContainmentError, WorkerReplaced) as exc:
         fail(str(exc))
 
 

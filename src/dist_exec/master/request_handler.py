@@ -508,9 +508,27 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         self, request: worker_pb2.DeregisterRequest, context: Context
     ) -> worker_pb2.DeregisterResponse:
         _check_worker_id(request.worker_id)
+        if self._replaced(request.worker_id, request.instance, "deregistration"):
+            return worker_pb2.DeregisterResponse(acknowledged=True)  # (it leaves nothing)
         self.master.deregister(NodeId(request.worker_id))
         self.drains.requested.discard(NodeId(request.worker_id))
         return worker_pb2.DeregisterResponse(acknowledged=True)
+
+    def _replaced(self, worker_id: str, instance: str, what: str) -> bool:
+        """Whether ``instance`` is a process another one has registered as ``worker_id`` since
+        (two processes given one id, or one back from a stall its replacement started in)."""
+        node = self.master.registry.get(NodeId(worker_id))
+        if node is None or not instance or not node.instance or node.instance == instance:
+            return False
+        log.warning(
+            "a %s for worker %s from a process that is no longer it (another registered as %s "
+            "at %s since): ignored; it is told to shut down",
+            what,
+            shorten(worker_id),
+            shorten(worker_id),
+            node.address,
+        )
+        return True
 
     @grpc_errors
     async def Heartbeat(
@@ -518,6 +536,12 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
     ) -> worker_pb2.HeartbeatResponse:
         _check_worker_id(request.worker_id)
         node_id = NodeId(request.worker_id)
+        if self._replaced(request.worker_id, request.instance, "heartbeat"):
+            return worker_pb2.HeartbeatResponse(
+                acknowledged=False,
+                action=worker_pb2.HEARTBEAT_ACTION_SHUTDOWN,
+                master_clock=wire.duration(self.master.clock.monotonic()),
+            )
         # Drained by an admin (AuthDrainNode) or for scale-in by the auto scaler.
         drain = node_id in self.drains.requested or self.master.drain_requested(node_id)
         # active_tasks is on the wire by contract; the master counts its own reservations.

@@ -43,6 +43,10 @@ WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_na
 REGISTER_BACKOFF_MAX_S = 5.0
 
 
+class WorkerReplaced(Exception):
+    """The master says another process has registered as this worker since: stop now."""
+
+
 class Registrar:
     """Keeps this node registered with the master: register, heartbeat, register again."""
 
@@ -142,6 +146,7 @@ class Registrar:
                     active_tasks=self.runner.active_count,
                     health=common_pb2.WORKER_HEALTH_HEALTHY,
                     draining=self.runner.draining,
+                    instance=self.caller.instance,
                 ),
                 timeout=self.config.rpc_timeout_s,
             )
@@ -149,6 +154,12 @@ class Registrar:
             log.warning("heartbeat to %s failed: %s", self.config.master, exc.details())
             return
         self._clock_sample(reply, sent)
+        if reply.action == worker_pb2.HEARTBEAT_ACTION_SHUTDOWN:
+            raise WorkerReplaced(
+                f"another process registered with master {self.config.master} as worker "
+                f"{self.config.worker_id} since this one did, and took over its tasks: this one "
+                "stops (give each worker a --worker-id of its own)"
+            )
         if not reply.acknowledged:
             log.info("master does not know this node (restarted?); registering again")
             await self.register()
@@ -159,7 +170,9 @@ class Registrar:
     async def deregister(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self.stub.Deregister(
-                worker_pb2.DeregisterRequest(worker_id=self.config.worker_id),
+                worker_pb2.DeregisterRequest(
+                    worker_id=self.config.worker_id, instance=self.caller.instance
+                ),
                 timeout=self.config.rpc_timeout_s,
             )
 
@@ -287,6 +300,8 @@ async def run_worker(
             beats.cancel()
             guarding.cancel()
             await registrar.deregister()
+    except* WorkerReplaced as replaced:
+        raise replaced.exceptions[0] from None  # (its attempts are stopped below)
     finally:
         await runner.close()
         servicer.end_dispatch()

@@ -239,10 +239,12 @@ class RegisterResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., master_clock: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "instance")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, worker_id: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class DeregisterResponse(_message.Message):
     __slots__ = ("acknowledged",)
@@ -251,7 +253,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self, acknowledged: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "active_tasks", "health", "metrics", "draining")
+    __slots__ = ("worker_id", "active_tasks", "health", "metrics", "draining", "instance")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -264,12 +266,14 @@ class HeartbeatRequest(_message.Message):
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     active_tasks: int
     health: _common_pb2.WorkerHealth
     metrics: _containers.ScalarMap[str, str]
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., active_tasks: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.WorkerHealth, str]] = ..., metrics: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    instance: str
+    def __init__(self, worker_id: _Optional[str] = ..., active_tasks: _Optional[int] = ..., health: _Optional[_Union[_common_pb2.WorkerHealth, str]] = ..., metrics: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("acknowledged", "action", "master_clock")
