@@ -473,6 +473,24 @@ async def test_a_job_recovered_running_keeps_the_time_it_has_run(tmp_path: Path)
         assert grace + window - 5 < late <= grace + window
 
 
+async def test_a_recovered_job_keeps_the_priority_it_gained_waiting(tmp_path: Path) -> None:
+    """Recovered jobs were queued as if they had just arrived: a priority-0 job that had
+    waited past its aging fell behind every newer priority-10 one."""
+    store = HeldStore(tmp_path / "master.db")
+    await store.__aenter__()
+    now = SystemClock().now()
+    waited = replace(SPEC, priority=0, max_retries=3)
+    await store.insert(Job(JobId("waited"), waited, JobStatus.PENDING, now - timedelta(seconds=30)))
+    await store.insert(Job(JobId("new"), replace(waited, priority=10), JobStatus.PENDING, now))
+    await store.__aexit__(None, None, None)
+    async with running_master(
+        tmp_path, ScriptedWorker(), store=HeldStore(tmp_path / "master.db")
+    ) as (master, _):
+        master.scheduler.aging_s = 2.0  # (the store's jobs are queued by now)
+        master.scheduler.age(master.clock.monotonic())
+        assert master.scheduler.ordered() == ["waited", "new"]
+
+
 class GatedKeysStore(HeldStore):
     """Lookups of chosen keys are held after the store answered, until the test lets them go."""
 

@@ -179,8 +179,8 @@ class Master(Submission, Attempts):
                 # Re-attached, its worker replays from here: what is stored is not stored again
                 # (an overlapping replay would be kept beside the rows it overlaps).
                 active.seen = await self.store.output_ends(job.id)
-            else:
-                self.scheduler.enqueue(job.id, seq, job.spec, self.clock.monotonic())
+            else:  # (aged for the time it waited before the restart too)
+                self.scheduler.enqueue(job.id, seq, job.spec, active.queued_mono)
         if self._active:
             log.info("recovered %d unfinished jobs", len(self._active))
         self._wake.set()
