@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from dist_exec.client import Client, ResourceExhausted, command_spec
+from dist_exec.client import Client, RateLimited, ResourceExhausted, command_spec
 from dist_exec.errors import PolicyDenied
 from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import ClusterFactory, run_cli, worker_channel
@@ -131,6 +131,40 @@ async def test_full_queue_refuses_new_jobs_and_keeps_the_accepted(
             assert (await client.wait(job_id)).status.value == "COMPLETED"
         # Room again once the queue drains.
         assert (await client.wait(await client.submit(command_spec(["true"])))).exit_code == 0
+
+
+async def test_a_request_refused_as_the_queue_is_full_uses_none_of_the_rate(
+    cluster: ClusterFactory,
+) -> None:
+    master = cluster.master(
+        extra=["--max-queued", "1", "--rate-limit", "0.01", "--rate-burst", "2"]
+    )  # no worker: everything waits
+    async with Client(master.address) as client:
+        first = await client.submit(command_spec(["true"]))
+        for _ in range(3):
+            with pytest.raises(ResourceExhausted, match="the queue is full"):
+                await client.submit(command_spec(["true"]))
+        await client.cancel(first)
+        await client.cancel(await client.submit(command_spec(["true"])))  # (the burst's 2nd)
+        with pytest.raises(RateLimited):
+            await client.submit(command_spec(["true"]))
+
+
+async def test_a_broadcast_to_more_nodes_than_the_burst_costs_the_burst(
+    cluster: ClusterFactory,
+) -> None:
+    """It was refused for good: "a request of 2 jobs is larger than the burst of 1; send
+    smaller batches", which a broadcast cannot do."""
+    master = cluster.master(extra=["--rate-limit", "0.01", "--rate-burst", "1"])
+    for name in ("w1", "w2"):
+        cluster.worker(master, worker_id=name)
+    async with Client(master.address) as client:
+        _, jobs = await client.submit_broadcast(command_spec(["true"]))
+        assert len(jobs) == 2
+        for job_id, _ in jobs:
+            assert (await client.wait(job_id)).exit_code == 0
+        with pytest.raises(RateLimited):
+            await client.submit_broadcast(command_spec(["true"]))
 
 
 async def test_batch_with_a_refused_command_names_it(cluster: ClusterFactory) -> None:

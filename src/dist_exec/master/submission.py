@@ -122,7 +122,7 @@ class Submission:
 
         Admission, in order: shape of the batch, each job's validation (executor and command
         policy), idempotency keys (a known key with the same request gives its existing job),
-        the client's rate limit, the bound on queued jobs."""
+        the bound on queued jobs, the client's rate limit."""
         checked = self._validate_batch(specs)
         if any(spec.idempotency_key for spec in checked):
             # One keyed batch at a time from its lookups until it has taken its keys: no other
@@ -195,19 +195,21 @@ class Submission:
         return ids, self._take_keys(fresh, ids)
 
     def _admit(self, specs: Sequence[TaskSpec], client: str) -> None:
-        """The bound on what active jobs hold in memory, the client's rate limit and the
-        bound on queued jobs."""
+        """The bound on what active jobs hold in memory, the bound on queued jobs and the
+        client's rate limit (last: a request refused otherwise uses none of it). A broadcast
+        (one request, a job per node) costs at most the burst: it cannot be made smaller."""
         count = len(specs)
         refusal = self._payloads.refusal(specs[0].owner, self._payloads.cost(specs))
         if refusal is not None:
             raise ResourceExhausted(f"{refusal}; try again once some have ended")
-        if self.rate_limiter is not None:
-            self.rate_limiter.admit(client or "anonymous", count)
         if len(self.scheduler) + count > self.config.max_queued:
             raise ResourceExhausted(
                 f"the queue is full ({len(self.scheduler)} jobs waiting, limit "
                 f"{self.config.max_queued}); try again later"
             )
+        if self.rate_limiter is not None:
+            cost = min(count, int(self.rate_limiter.burst)) if specs[0].broadcast_id else count
+            self.rate_limiter.admit(client or "anonymous", cost)
 
     def _take_keys(
         self, fresh: Sequence[tuple[int, TaskSpec]], ids: list[JobId | None]
