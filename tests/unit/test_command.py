@@ -397,6 +397,25 @@ async def test_shell_command_not_found_is_127() -> None:
     assert b"not found" in sink.stderr
 
 
+@pytest.mark.parametrize(
+    ("first_line", "message"),
+    [
+        (b"#!/no/such/interpreter -x\n", "its interpreter '/no/such/interpreter' was not found"),
+        (b"#!/bin/sh-missing\n", "its interpreter '/bin/sh-missing' was not found"),
+    ],
+)
+async def test_a_script_whose_interpreter_is_missing_says_so(
+    tmp_path: Path, first_line: bytes, message: str
+) -> None:
+    """It said "command not found" of a script that is there."""
+    script = tmp_path / "script.sh"
+    script.write_bytes(first_line + b"echo never\n")
+    script.chmod(0o755)
+    outcome, _ = await run(CommandSpec(str(script)))
+    assert (outcome.status, outcome.exit_code) == (ExecStatus.FAILURE, 127)
+    assert outcome.error == f"cannot run {script}: {message}"
+
+
 async def test_file_that_is_not_executable_is_126(tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\necho hi\n")

@@ -594,7 +594,8 @@ async def _start_failure(
             return ExecOutcome(
                 ExecStatus.FAILURE, error=f"working directory {working_dir} does not exist"
             )
-        return ExecOutcome(ExecStatus.FAILURE, 127, f"command not found: {program}")
+        missing = await asyncio.to_thread(_missing_part, program, cwd)
+        return ExecOutcome(ExecStatus.FAILURE, 127, missing or f"command not found: {program}")
     if isinstance(exc, NotADirectoryError):
         if await not_a_directory():
             return ExecOutcome(
@@ -622,6 +623,27 @@ async def _start_failure(
             )
         what += f" or enter working directory {cwd}"
     return ExecOutcome(ExecStatus.FAILURE, error=f"cannot apply {what}: {exc}")
+
+
+def _missing_part(program: str, cwd: str | None) -> str | None:
+    """Why a program that exists could not be found when it was run (ENOENT): its script's
+    interpreter, or the loader or a library it names, is missing. None: the program is."""
+    if "/" not in program:  # (looked up in the command's PATH, which may not be this one's)
+        return None
+    path = os.path.join(cwd or ".", program)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(256)
+    except OSError:
+        return None
+    if first.startswith(b"#!"):  # (the command's user could exec it: ENOENT, not EACCES)
+        named = first[2:].split()
+        if named:
+            interpreter = shorten(named[0].decode(errors="replace"))
+            return f"cannot run {program}: its interpreter {interpreter} was not found"
+    return f"cannot run {program}: a file it needs was not found (its loader or a library)"
 
 
 async def _refused_working_dir(spec: CommandSpec, jail: Jail) -> ExecOutcome | None:
