@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -210,6 +211,15 @@ async def test_worker_rejects_bad_execute_requests(channels: dict[str, grpc.aio.
         CODE.INVALID_ARGUMENT,
         "not valid JSON",
     )
+    start = functools.partial(worker_pb2.ExecuteRequest, task_type="command", payload=ECHO)
+    for request, message in (
+        (start(task_id=""), "task_id must have 1-256 characters"),
+        (start(task_id="t" * 1_000_000), "task_id must have 1-256 characters"),
+        (start(task_id="t", timeout=duration_pb2.Duration(seconds=-1)), "timeout must be"),
+        (start(task_id="t", timeout=duration_pb2.Duration(nanos=10**9)), "timeout must be"),
+        (start(task_id="t", metadata={"k": "v" * 70_000}), "metadata is larger than 65536"),
+    ):
+        await expect(stub.Execute(request), CODE.INVALID_ARGUMENT, message)
     await expect(
         stub.ExecuteStream(worker_pb2.ExecuteRequest(task_id="t", attempt=3, attach=True)),
         CODE.NOT_FOUND,

@@ -13,7 +13,13 @@ from typing import Any
 import grpc.aio
 
 from dist_exec import wire
-from dist_exec.errors import StaleStart, grpc_errors, grpc_stream_errors, shorten
+from dist_exec.errors import (
+    InvalidTaskSpec,
+    StaleStart,
+    grpc_errors,
+    grpc_stream_errors,
+    shorten,
+)
 from dist_exec.executors import ExecRequest
 from dist_exec.models import Stream
 from dist_exec.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -59,6 +65,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _attempt(self, request: worker_pb2.ExecuteRequest) -> Attempt:
         if request.attach:
             return self.runner.find(request.task_id, request.attempt)
+        _check_start(request)
         self._check_fresh(request)
         return self.runner.start(
             ExecRequest(
@@ -159,3 +166,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ),
             running_task_ids=self.runner.running_task_ids(),
         )
+
+
+MAX_TASK_ID_CHARS = 256
+MAX_METADATA_BYTES = 64 * 1024  # (as the master's bound on a job's metadata)
+
+
+def _check_start(request: worker_pb2.ExecuteRequest) -> None:
+    """What the master checked already, checked again: a caller with the master's token may
+    be another implementation of it."""
+    if not 0 < len(request.task_id) <= MAX_TASK_ID_CHARS:
+        raise InvalidTaskSpec(f"task_id must have 1-{MAX_TASK_ID_CHARS} characters")
+    timeout = request.timeout
+    if timeout.seconds < 0 or timeout.nanos < 0 or timeout.nanos > 999_999_999:
+        raise InvalidTaskSpec(
+            f"timeout must be a Duration of 0 (none) or more, got {timeout.seconds}s "
+            f"{timeout.nanos}ns"
+        )
+    if sum(len(k) + len(v) for k, v in request.metadata.items()) > MAX_METADATA_BYTES:
+        raise InvalidTaskSpec(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
