@@ -272,3 +272,14 @@ async def test_a_paused_run_sends_nothing_until_resumed() -> None:
         events += await collect(stream)
     assert kinds(events, 1) == ["accepted", "output", "result"]
     assert kinds(events, 2) == ["accepted", "output", "result"]
+
+
+async def test_a_client_that_closes_its_side_cannot_resume_so_its_paused_runs_go_on() -> None:
+    """They waited for a resume that could not come: the stream hung until its deadline."""
+    runs, requests = Runs(), Requests()
+    stream = RunSession(runs).serve(aiter(requests))
+    requests.send(run(1, "ok"), master_pb2.RunSessionRequest(tag=1, pause=True))
+    requests.end()
+    async with asyncio.timeout(10):
+        events = await collect(stream)
+    assert kinds(events, 1) == ["accepted", "output", "result"]

@@ -77,6 +77,8 @@ class RunSession:
             self._outbox.close()
         finally:
             self._reading = False
+            for going in self._going.values():  # (a client that closed its side cannot resume)
+                going.set()
             self._end_if_idle()
 
     def _request(self, request: master_pb2.RunSessionRequest) -> None:
