@@ -30,9 +30,12 @@ class DrainingMaster(worker_pb2_grpc.RegistrationServiceServicer):
         self.registrations: list[worker_pb2.RegisterRequest] = []
         self.deregistered = threading.Event()
         self.forget = threading.Event()  # as a restarted master: the node is unknown
+        self.refuse = threading.Event()  # registrations are refused (and the node is unknown)
 
     def Register(self, request: Any, context: Any) -> worker_pb2.RegisterResponse:
         self.registrations.append(request)
+        if self.refuse.is_set():
+            return worker_pb2.RegisterResponse(accepted=False, message="not now")
         self.forget.clear()
         response = worker_pb2.RegisterResponse(accepted=True, message="ok")
         response.heartbeat_interval.FromMilliseconds(100)
@@ -148,3 +151,16 @@ def test_drain_action_makes_the_worker_not_serving_and_keeps_it_up(
 
     assert worker.stop() == 0
     assert servicer.deregistered.is_set()
+
+
+def test_a_master_that_will_not_take_the_node_back_does_not_hold_up_its_drain(
+    cluster: ClusterFactory, fake_master: tuple[DrainingMaster, str]
+) -> None:
+    """Its drain heartbeat registered again, and kept trying until the master accepted."""
+    servicer, address = fake_master
+    worker = cluster.worker(address, worker_id="victim", extra=["--drain-timeout", "1s"])
+    wait_for(lambda: servicer.heartbeats, 10, "a first heartbeat")
+    servicer.refuse.set()
+    servicer.forget.set()
+    wait_for(lambda: len(servicer.registrations) > 1, 10, "a registration refused")
+    assert worker.stop() == 0  # (within stop's own deadline)

@@ -291,8 +291,11 @@ async def run_worker(
             for service in ("", WORKER_SERVICE):
                 await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             runner.draining = True
-            await registrar.heartbeat()  # tell the master now, not at the next beat
+            # Tell the master now, not at the next beat; but a master that does not answer,
+            # or refuses to take this node back, must not hold the drain up.
+            told = tg.create_task(_bounded(registrar.heartbeat(), config.rpc_timeout_s))
             await runner.drain(config.drain_timeout_s)
+            await told
             # Let the master collect the results still held before this node goes away.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(config.rpc_timeout_s):
@@ -309,6 +312,12 @@ async def run_worker(
         await channel.close()
         await asyncio.to_thread(guard.close)
         containment.close()
+
+
+async def _bounded(call: Awaitable[None], timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await call
 
 
 GUARD_CHECK_S = 1.0  # how often the process guardian is checked for (and started again)
