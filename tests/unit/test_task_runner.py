@@ -394,6 +394,20 @@ async def test_drain_hands_back_running_attempts_as_retryable(make_runner: MakeR
     assert gone(pid)
 
 
+async def test_a_start_repeated_after_its_result_was_delivered_does_not_run_again(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    runner = make_runner()
+    ran = tmp_path / "ran"
+    spec = request(sh(f"echo once >> {ran}"))
+    attempt = runner.start(spec, "command")
+    assert (await finished(attempt)).status == ExecStatus.SUCCESS
+    runner.delivered(attempt)
+    again = runner.start(spec, "command")  # (a retried Execute whose reply was lost)
+    assert again is attempt
+    assert ran.read_text() == "once\n"
+
+
 async def test_close_hands_back_running_attempts_and_keeps_a_cancel_a_cancel(
     make_runner: MakeRunner,
 ) -> None:

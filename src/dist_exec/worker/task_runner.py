@@ -207,7 +207,7 @@ class TaskRunner:
 
     def holds(self, task_id: str, attempt: int) -> bool:
         """Whether this attempt was started here already (a repeated start finds it)."""
-        return (task_id, attempt) in self._attempts
+        return (task_id, attempt) in self._attempts or (task_id, attempt) in self._recent
 
     def find(self, task_id: str, attempt: int) -> Attempt:
         key = (task_id, attempt)
@@ -217,8 +217,10 @@ class TaskRunner:
         return found
 
     def start(self, request: ExecRequest, task_type: str) -> Attempt:
-        """Start an attempt, or return it if it already exists (a retried Execute call)."""
-        existing = self._attempts.get((request.task_id, request.attempt))
+        """Start an attempt, or return it if it already exists (a retried Execute call), also
+        once its result was delivered (the reply that carried it may be what was lost)."""
+        key = (request.task_id, request.attempt)
+        existing = self._attempts.get(key) or self._recent.get(key)
         if existing is not None:
             return existing
         if self.draining:
