@@ -9,6 +9,7 @@ import pytest
 
 from dist_exec.errors import PolicyDenied, RateLimited, ResourceExhausted
 from dist_exec.executors.command import CommandExecutor, CommandPolicy, CommandSpec
+from dist_exec.master import admission
 from dist_exec.master.admission import RateLimiter
 from dist_exec.master.balancer import RoundRobinBalancer
 from dist_exec.master.scheduler import Scheduler
@@ -53,6 +54,24 @@ def test_a_batch_costs_one_token_per_job_and_is_refused_whole() -> None:
     limiter.admit("a", 2)  # the refused batch took nothing
     with pytest.raises(ResourceExhausted, match="larger than the burst of 10"):
         limiter.admit("a", 11)
+
+
+def test_beyond_its_clients_the_limiter_forgets_the_least_recently_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only refilled buckets were forgotten, with a scan of them all for each new client: many
+    clients active at once grew it past its bound, each new one at the cost of a scan."""
+    monkeypatch.setattr(admission, "MAX_CLIENTS", 3)
+    limiter = RateLimiter(FakeClock(), rate_per_s=0.001, burst=1)
+    for client in ("a", "b", "c"):
+        limiter.admit(client)
+    with pytest.raises(RateLimited):
+        limiter.admit("a")  # (seen again: "b" is now the least recently seen)
+    limiter.admit("d")
+    assert len(limiter._buckets) == 3
+    limiter.admit("b")  # forgotten: a full bucket again
+    with pytest.raises(RateLimited):
+        limiter.admit("a")  # remembered
 
 
 def test_limiter_rejects_nonsense_settings() -> None:

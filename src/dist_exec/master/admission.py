@@ -8,12 +8,13 @@ refusal says how long until it would fit.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from dist_exec.clock import Clock
 from dist_exec.errors import RateLimited, ResourceExhausted
 
-MAX_CLIENTS = 100_000  # buckets kept; full ones are dropped first when there are more
+MAX_CLIENTS = 100_000  # buckets kept; beyond, the least recently used one is dropped
 
 
 @dataclass(slots=True)
@@ -29,15 +30,18 @@ class RateLimiter:
         self.clock = clock
         self.rate = rate_per_s
         self.burst = burst
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently used first
 
     def admit(self, client: str, cost: int = 1) -> None:
         """Take ``cost`` tokens, or raise ResourceExhausted with a retry-after hint."""
         now = self.clock.monotonic()
         bucket = self._buckets.get(client)
         if bucket is None:
-            self._forget_full(now)
+            while len(self._buckets) >= MAX_CLIENTS:  # (one scan per new client was O(clients))
+                self._buckets.popitem(last=False)
             bucket = self._buckets[client] = _Bucket(float(self.burst), now)
+        else:
+            self._buckets.move_to_end(client)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
         if cost > self.burst:
@@ -53,11 +57,3 @@ class RateLimiter:
                 retry_after_s=wait_s,
             )
         bucket.tokens -= cost
-
-    def _forget_full(self, now: float) -> None:
-        if len(self._buckets) < MAX_CLIENTS:
-            return
-        refill_s = self.burst / self.rate
-        for client, bucket in list(self._buckets.items()):
-            if now - bucket.updated >= refill_s:
-                del self._buckets[client]
