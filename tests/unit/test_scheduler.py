@@ -220,6 +220,25 @@ def test_a_task_whose_limits_no_node_allows_blocks_no_one(scheduler: Scheduler) 
     assert scheduler.ordered() == ["big", "big-2"]
 
 
+def test_a_plan_stops_once_every_kind_of_task_queued_is_blocked(scheduler: Scheduler) -> None:
+    """Tasks with limits kept a full queue from being cut short: every plan (at every result
+    and node change) went through all of it."""
+    limited = replace(spec(), limits=TaskLimits(memory_bytes=1 << 30))
+    enqueue_all(scheduler, *[(f"j{i}", limited) for i in range(1000)])
+    enqueue_all(scheduler, *[(f"k{i}", spec(0, "other")) for i in range(1000)])
+    nodes = FakeNodes(("n1", 1, {"command", "other"}))
+    nodes.nodes[NodeId("n1")].active_tasks = 1
+    looked_at: list[JobId] = []
+
+    def isolated(job_id: JobId) -> bool:
+        looked_at.append(job_id)
+        return False
+
+    assert scheduler.plan(nodes.eligible, nodes.reserve, isolated) == []
+    assert looked_at == ["j0", "k0"]
+    assert len(scheduler) == 2000
+
+
 def test_full_type_does_not_block_a_type_with_room(scheduler: Scheduler) -> None:
     enqueue_all(
         scheduler,

@@ -34,6 +34,15 @@ class _Queued:
     effective: int  # priority after aging
 
 
+# What kind of node a task needs: its type, its selector, the node it is pinned to (a
+# broadcast's), and the limits the node must allow.
+_Kind = tuple[str, frozenset[tuple[str, str]], str, TaskLimits]
+
+
+def _kind(spec: TaskSpec) -> _Kind:
+    return (spec.task_type, frozenset(spec.selector.items()), spec.node_id, spec.limits)
+
+
 class Scheduler:
     def __init__(self, balancer: Balancer, aging_s: float = 0.0) -> None:
         self.balancer = balancer
@@ -41,7 +50,8 @@ class Scheduler:
         self._heap: list[tuple[int, int, int, JobId]] = []  # (-effective, seq, generation, id)
         self._queued: dict[JobId, _Queued] = {}
         self._generation = 0
-        self._types: Counter[str] = Counter()  # queued jobs per task type
+        self._kinds: Counter[_Kind] = Counter()  # queued jobs per kind (none at 0)
+        self._kinds_of: dict[str, set[_Kind]] = {}  # the kinds queued, per task type
 
     def __len__(self) -> int:
         return len(self._queued)
@@ -54,7 +64,9 @@ class Scheduler:
             self.remove(job_id)
         self._generation += 1
         self._queued[job_id] = _Queued(self._generation, spec, seq, now, spec.priority)
-        self._types[spec.task_type] += 1
+        kind = _kind(spec)
+        self._kinds[kind] += 1
+        self._kinds_of.setdefault(spec.task_type, set()).add(kind)
         heapq.heappush(self._heap, (-spec.priority, seq, self._generation, job_id))
 
     def remove(self, job_id: JobId) -> bool:
@@ -62,7 +74,14 @@ class Scheduler:
         queued = self._queued.pop(job_id, None)
         if queued is None:
             return False
-        self._types[queued.spec.task_type] -= 1
+        kind = _kind(queued.spec)
+        self._kinds[kind] -= 1
+        if not self._kinds[kind]:
+            del self._kinds[kind]
+            kinds = self._kinds_of[kind[0]]
+            kinds.discard(kind)
+            if not kinds:
+                del self._kinds_of[kind[0]]
         return True
 
     def age(self, now: float) -> int:
@@ -119,33 +138,32 @@ class Scheduler:
         allows must not hold up the others."""
         assignments: list[Assignment] = []
         skipped: list[tuple[int, int, int, JobId]] = []
-        full: set[tuple[str, frozenset[tuple[str, str]], str, bool, TaskLimits]] = set()
-        full_types: set[str] = set()  # types every one of whose queued tasks is blocked
+        full: set[tuple[_Kind, bool]] = set()  # (kind, isolated) that found no node
+        # Kinds none of whose queued tasks can be placed now: once that is all of them, the
+        # rest of the queue is not looked at (a large one would cost its size at every plan).
+        blocked: set[_Kind] = set()
         taken = set(isolating)
-        while self._heap and not full_types.issuperset(+self._types):
+        while self._heap and len(blocked) < len(self._kinds):
             entry = heapq.heappop(self._heap)
             job_id, generation = entry[3], entry[2]
             if not self._current(job_id, generation):
                 continue  # removed (or queued again) since
             spec = self._queued[job_id].spec
             alone = isolated(job_id)
-            kind = (
-                spec.task_type,
-                frozenset(spec.selector.items()),
-                spec.node_id,
-                alone,
-                spec.limits,
-            )
+            kind = _kind(spec)
             node = None
-            if kind not in full:
+            if (kind, alone) not in full:
                 nodes = eligible(spec)
                 if alone:
                     nodes = [n for n in nodes if n.id not in taken]
                 node = self.balancer.select(spec, nodes)
             if node is None:
-                full.add(kind)
-                if not spec.selector and not spec.node_id and not alone and not spec.limits.any:
-                    full_types.add(spec.task_type)
+                full.add((kind, alone))
+                if not alone:
+                    blocked.add(kind)
+                    if not spec.selector and not spec.node_id and not spec.limits.any:
+                        # No node of its type has a free slot: no task of the type has one.
+                        blocked |= self._kinds_of[spec.task_type]
                 skipped.append(entry)
                 continue
             reserve(node.id)
