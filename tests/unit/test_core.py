@@ -16,7 +16,7 @@ from dist_exec.executors.command import CommandExecutor
 from dist_exec.master.active import HeldAttempt
 from dist_exec.master.balancer import RoundRobinBalancer
 from dist_exec.master.core import NOT_STARTED_WINDOW_S, RESTART_GRACE_EXTRA_S, Master
-from dist_exec.master.dispatcher import AttemptRejected
+from dist_exec.master.dispatcher import AttemptRejected, WorkerUnreachable
 from dist_exec.master.registry import REFUSED_PAUSE_S, NodeRegistry
 from dist_exec.master.scheduler import Scheduler
 from dist_exec.master.store import SqliteJobStore
@@ -311,6 +311,47 @@ async def test_a_refused_job_goes_to_another_node_at_once(tmp_path: Path) -> Non
     (first, refused_at), (second, started_at) = worker.starts
     assert first != second
     assert started_at - refused_at < REFUSED_PAUSE_S / 2
+
+
+class SilentForeignWorker(ScriptedWorker):
+    """A worker of the contract's first version that reports nothing: each call ends at its
+    deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def execute(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int,
+        spec: TaskSpec,
+        attach: bool,
+        offsets: Mapping[Stream, int],
+        deadline_s: float,
+    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+        self.calls += 1
+        await asyncio.sleep(max(deadline_s, 0.001))
+        for event in self.events(attempt)[:0]:  # (none: an async generator, as the client is)
+            yield event
+        raise WorkerUnreachable("worker w1: DEADLINE_EXCEEDED: Deadline Exceeded")
+
+
+async def test_a_foreign_worker_past_the_deadline_times_the_job_out_not_retries_it(
+    tmp_path: Path,
+) -> None:
+    """A broken call to a worker that cannot be re-attached to runs the job again, but one
+    that ended at the master's deadline is the job's timeout."""
+    worker = SilentForeignWorker()
+    config = MasterConfig(data_dir=tmp_path, retry_backoff_s=0.01, dispatch_grace_s=0.3)
+    async with running_master(tmp_path, worker, config) as (master, _):
+        master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])  # (no instance)
+        job_id = await master.submit(replace(SPEC, timeout_s=0.3, max_retries=3))
+        async with asyncio.timeout(20):
+            while not (job := await master.get(job_id)).status.terminal:
+                await asyncio.sleep(0.02)
+    assert (job.status, job.attempt, worker.calls) == (JobStatus.TIMEOUT, 1, 1)
 
 
 async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_over(

@@ -118,12 +118,7 @@ class Attempts:
                         AttemptOutcome.LOST,
                     )
                     return
-                deadline = (
-                    job.started_mono
-                    + job.spec.timeout_s
-                    + self.config.dispatch_grace_s
-                    - self.clock.monotonic()
-                )
+                deadline = self._time_left(job)
                 if deadline <= 0:
                     await self._complete(
                         job,
@@ -138,7 +133,7 @@ class Attempts:
                 try:
                     outcome = await self._follow_attempt(job, attempt, node, events)
                 except WorkerUnreachable as exc:
-                    if not node.instance:
+                    if not node.instance and self._time_left(job) > 0:  # (else: TIMEOUT)
                         await self._abandon(job, attempt, node, exc)
                         return
                     log.info("attempt %d of %s: %s; re-attaching", attempt, job.id, exc)
@@ -173,6 +168,11 @@ class Attempts:
                 return
         finally:
             self._wake.set()
+
+    def _time_left(self, job: ActiveJob) -> float:
+        """Until the master stops waiting for the attempt's result: its timeout, and a grace."""
+        end = job.started_mono + job.spec.timeout_s + self.config.dispatch_grace_s
+        return end - self.clock.monotonic()
 
     async def _abandon(
         self, job: ActiveJob, attempt: int, node: NodeInfo, exc: WorkerUnreachable
