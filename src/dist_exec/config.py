@@ -142,9 +142,8 @@ def split_address(address: str) -> tuple[str, int]:
 MAX_NODE_ID_CHARS = 253  # (a DNS name's length: a pod's or host's name fits)
 MAX_NODE_SLOTS = 100_000
 MAX_NODE_ATTRIBUTES = 256  # labels, and capabilities, each
-MAX_NODE_ATTRIBUTE_CHARS = 253
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")
-_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+MAX_NODE_ATTRIBUTE_BYTES = 64 * 1024  # all labels and capabilities together
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 
 
 def node_problem(
@@ -158,10 +157,14 @@ def node_problem(
     """What is wrong with a worker's registration, in words, or None."""
     if not node_id:
         return "worker_id is empty"
-    if len(node_id) > MAX_NODE_ID_CHARS or not _NODE_ID.fullmatch(node_id):
+    if (
+        len(node_id) > MAX_NODE_ID_CHARS
+        or not node_id.isprintable()
+        or any(c.isspace() for c in node_id)
+    ):
         return (
-            f"worker_id {node_id[:60]!r} is not an id: up to {MAX_NODE_ID_CHARS} letters, "
-            "digits and . _ - : @ +, starting with a letter or digit"
+            f"worker_id {node_id[:60]!r} is not an id: up to {MAX_NODE_ID_CHARS} characters, "
+            "no spaces or control characters"
         )
     if problem := _dialable_problem(address):
         return f"address {address[:80]!r} cannot be dialled: {problem}"
@@ -173,27 +176,23 @@ def node_problem(
 
 
 def _attributes_problem(capabilities: Sequence[str], labels: Mapping[str, str]) -> str | None:
+    """Labels and capabilities are matched as given, so little is refused: nothing empty
+    where a name is needed, no control characters (they would split log lines), and not
+    more than a worker could mean."""
     for kind, values in (("capabilities", list(capabilities)), ("labels", list(labels))):
         if len(values) > MAX_NODE_ATTRIBUTES:
             return f"more than {MAX_NODE_ATTRIBUTES} {kind} ({len(values)})"
+    size = sum(map(len, capabilities)) + sum(len(k) + len(v) for k, v in labels.items())
+    if size > MAX_NODE_ATTRIBUTE_BYTES:
+        return f"labels and capabilities are larger than {MAX_NODE_ATTRIBUTE_BYTES} bytes"
     for name in capabilities:
-        if problem := _attribute_problem(name):
-            return f"capability {name[:60]!r} {problem}"
+        if not name or not name.isprintable():
+            return f"capability {name[:60]!r} is empty or has control characters"
     for key, value in labels.items():
-        if problem := _attribute_problem(key):
-            return f"label key {key[:60]!r} {problem}"
-        if value and (problem := _attribute_problem(value)):
-            return f"label {key}={value[:60]!r}: the value {problem}"
-    return None
-
-
-def _attribute_problem(text: str) -> str | None:
-    if not text:
-        return "is empty"
-    if len(text) > MAX_NODE_ATTRIBUTE_CHARS:
-        return f"is longer than {MAX_NODE_ATTRIBUTE_CHARS} characters"
-    if not text.isprintable() or any(c.isspace() for c in text):
-        return "has spaces or control characters"
+        if not key or not key.isprintable():
+            return f"label key {key[:60]!r} is empty or has control characters"
+        if not value.isprintable():
+            return f"label {key}={value[:60]!r}: the value has control characters"
     return None
 
 

@@ -171,7 +171,7 @@ async def test_registration_rejects_bad_nodes(channels: dict[str, grpc.aio.Chann
         (node(worker_id="x", address="[nope]:80", max_concurrent_tasks=1), "not an IPv6"),
         (
             node(worker_id="x", address="127.0.0.1:1", max_concurrent_tasks=1, capabilities=[""]),
-            "capability '' is empty",
+            "capability '' is empty or has control characters",
         ),
         (
             node(
