@@ -31,6 +31,7 @@ class DrainingMaster(worker_pb2_grpc.RegistrationServiceServicer):
         self.deregistered = threading.Event()
         self.forget = threading.Event()  # as a restarted master: the node is unknown
         self.refuse = threading.Event()  # registrations are refused (and the node is unknown)
+        self.shutdown = threading.Event()  # heartbeats are answered SHUTDOWN
 
     def Register(self, request: Any, context: Any) -> worker_pb2.RegisterResponse:
         self.registrations.append(request)
@@ -44,6 +45,8 @@ class DrainingMaster(worker_pb2_grpc.RegistrationServiceServicer):
     def Heartbeat(self, request: Any, context: Any) -> worker_pb2.HeartbeatResponse:
         self.heartbeats.append(request)
         action = worker_pb2.HEARTBEAT_ACTION_DRAIN if self.drain.is_set() else 0
+        if self.shutdown.is_set():
+            action = worker_pb2.HEARTBEAT_ACTION_SHUTDOWN
         known = not self.forget.is_set()
         return worker_pb2.HeartbeatResponse(acknowledged=known, action=action)  # type: ignore[arg-type]
 
@@ -164,3 +167,16 @@ def test_a_master_that_will_not_take_the_node_back_does_not_hold_up_its_drain(
     servicer.forget.set()
     wait_for(lambda: len(servicer.registrations) > 1, 10, "a registration refused")
     assert worker.stop() == 0  # (within stop's own deadline)
+
+
+def test_a_master_that_says_shutdown_has_the_worker_drain_and_exit(
+    cluster: ClusterFactory, fake_master: tuple[DrainingMaster, str]
+) -> None:
+    """SHUTDOWN (in the contract) from a master that knows the node: a drain, then exit 0."""
+    servicer, address = fake_master
+    worker = cluster.worker(address, worker_id="victim")
+    wait_for(lambda: servicer.heartbeats, 10, "a first heartbeat")
+    servicer.shutdown.set()
+    assert worker.proc.wait(timeout=30) == 0
+    assert servicer.deregistered.is_set()
+    assert "the master asked this worker to shut down" in worker.log_text()

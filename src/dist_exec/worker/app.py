@@ -59,8 +59,10 @@ class Registrar:
         on_drain: Callable[[], Awaitable[None]],
         master_clock: MasterClock,
         caller: CallProof,
+        on_shutdown: Callable[[], None],
     ) -> None:
         self.config = config
+        self.on_shutdown = on_shutdown  # ... SHUTDOWN: drain and exit, as on SIGTERM
         self.caller = caller  # what the master must prove when it calls this worker
         self.master_clock = master_clock
         self.runner = runner
@@ -154,12 +156,16 @@ class Registrar:
             log.warning("heartbeat to %s failed: %s", self.config.master, exc.details())
             return
         self._clock_sample(reply, sent)
-        if reply.action == worker_pb2.HEARTBEAT_ACTION_SHUTDOWN:
+        if reply.action == worker_pb2.HEARTBEAT_ACTION_SHUTDOWN and not reply.acknowledged:
             raise WorkerReplaced(
                 f"another process registered with master {self.config.master} as worker "
                 f"{self.config.worker_id} since this one did, and took over its tasks: this one "
                 "stops (give each worker a --worker-id of its own)"
             )
+        if reply.action == worker_pb2.HEARTBEAT_ACTION_SHUTDOWN:  # (a master of another make)
+            log.info("the master asked this worker to shut down: draining, then exiting")
+            self.on_shutdown()
+            return
         if not reply.acknowledged:
             log.info("master does not know this node (restarted?); registering again")
             await self.register()
@@ -271,7 +277,9 @@ async def run_worker(
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await registrar.heartbeat()  # confirm now, not at the next beat
 
-    registrar = Registrar(config, runner, address, channel, drain_when_asked, master_clock, caller)
+    registrar = Registrar(
+        config, runner, address, channel, drain_when_asked, master_clock, caller, stop.set
+    )
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())
