@@ -430,6 +430,16 @@ async def test_close_hands_back_running_attempts_and_keeps_a_cancel_a_cancel(
     assert outcome_of(cancelled).status == ExecStatus.CANCELLED
 
 
+async def test_close_right_after_a_start_still_ends_the_attempt(make_runner: MakeRunner) -> None:
+    """Its task, cancelled before it ever ran, set no outcome: the attempt stayed open."""
+    runner = make_runner()
+    attempt = runner.start(request(CommandSpec("true")), "command")
+    await runner.close()
+    outcome = outcome_of(attempt)
+    assert (outcome.status, outcome.retryable) == (ExecStatus.FAILURE, True)
+    assert runner.active_count == 0
+
+
 async def test_drain_waits_for_attempts_that_finish_in_time(make_runner: MakeRunner) -> None:
     executor = ScriptedExecutor()
     runner = make_runner(executors={"scripted": executor})

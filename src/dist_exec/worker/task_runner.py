@@ -318,6 +318,9 @@ class TaskRunner:
             *(a.task for a in self._attempts.values() if a.task is not None),
             return_exceptions=True,
         )
+        for attempt in list(self._attempts.values()):
+            if attempt.outcome is None:  # its task was cancelled before it ever ran
+                self._finish(attempt, _cancelled(attempt))
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.result_retention_s
