@@ -13,7 +13,7 @@ import grpc.aio
 import pytest
 from google.protobuf import duration_pb2
 
-from dist_exec.rpc.v1 import master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
+from dist_exec.rpc.v1 import common_pb2, master_pb2, master_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import SmallCluster, worker_channel
 
 if TYPE_CHECKING:
@@ -218,6 +218,12 @@ async def test_worker_rejects_bad_execute_requests(channels: dict[str, grpc.aio.
         (start(task_id="t", timeout=duration_pb2.Duration(seconds=-1)), "timeout must be"),
         (start(task_id="t", timeout=duration_pb2.Duration(nanos=10**9)), "timeout must be"),
         (start(task_id="t", metadata={"k": "v" * 70_000}), "metadata is larger than 65536"),
+        (
+            start(
+                task_id="t", limits=common_pb2.Limits(cpu_time=duration_pb2.Duration(seconds=-1))
+            ),
+            "limits.cpu_time must be",
+        ),
     ):
         await expect(stub.Execute(request), CODE.INVALID_ARGUMENT, message)
     await expect(

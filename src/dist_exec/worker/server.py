@@ -177,11 +177,11 @@ def _check_start(request: worker_pb2.ExecuteRequest) -> None:
     be another implementation of it."""
     if not 0 < len(request.task_id) <= MAX_TASK_ID_CHARS:
         raise InvalidTaskSpec(f"task_id must have 1-{MAX_TASK_ID_CHARS} characters")
-    timeout = request.timeout
-    if timeout.seconds < 0 or timeout.nanos < 0 or timeout.nanos > 999_999_999:
-        raise InvalidTaskSpec(
-            f"timeout must be a Duration of 0 (none) or more, got {timeout.seconds}s "
-            f"{timeout.nanos}ns"
-        )
+    for name, value in (("timeout", request.timeout), ("limits.cpu_time", request.limits.cpu_time)):
+        if value.seconds < 0 or value.nanos < 0 or value.nanos > 999_999_999:
+            raise InvalidTaskSpec(
+                f"{name} must be a Duration of 0 (none) or more, got {value.seconds}s "
+                f"{value.nanos}ns"
+            )
     if sum(len(k) + len(v) for k, v in request.metadata.items()) > MAX_METADATA_BYTES:
         raise InvalidTaskSpec(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
