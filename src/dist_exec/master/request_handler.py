@@ -107,7 +107,7 @@ def _check_duration(value: duration_pb2.Duration, what: str) -> None:
 def _spec(request: master_pb2.SubmitRequest, owner: str) -> TaskSpec:
     _check_duration(request.timeout, "timeout")
     _check_duration(request.queue_timeout, "queue timeout")
-    _check_duration(request.limits.cpu_time, "limits.cpu_time")
+    _check_duration(request.limits.cpu_time, "CPU time limit")
     return TaskSpec(
         task_type=request.task_type,
         payload=request.payload,
