@@ -4,6 +4,10 @@ bounded; the job keeps the head and the tail, counts every byte and says it was 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import ClusterFactory, Proc, run_cli, wait_for
@@ -60,3 +64,43 @@ def test_a_gigabyte_of_output_keeps_memory_bounded_and_keeps_head_and_tail(
     assert logs.stdout.endswith("\nlast-line\n")
     assert len(logs.stdout) == MIB + 64 * 1024
     assert f"[{produced - MIB - 64 * 1024} bytes of stdout not kept]" in logs.stderr
+
+
+def test_a_follower_that_comes_after_the_head_still_gets_the_tail_and_the_gap(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """It got the kept head only, and ended there with exit 0 and no word of the rest."""
+    master = cluster.master(extra=["--max-output", "64K", "--output-tail", "16K"])
+    cluster.worker(master, worker_id="w1")
+    gate = tmp_path / "gate"
+    script = f"seq 1 100000; while [ ! -e {gate} ]; do sleep 0.05; done; echo last-line"
+    submitted = run_cli("run", "--detach", script, master=master.address)
+    job_id = submitted.stdout.strip()
+
+    def printed() -> bool:  # (`logs` of the running job: the head, and the end so far)
+        shown = run_cli("logs", job_id, master=master.address)
+        return len(shown.stdout) == 80 * 1024 and shown.stdout.endswith("\n100000\n")
+
+    wait_for(printed, 30, "seq to end, its head and tail kept")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "logs", "--follow", job_id],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "DIST_EXEC_MASTER": master.address},
+    )
+    try:
+        assert follower.stdout is not None
+        with ThreadPoolExecutor(1) as pool:  # (it follows once it has printed the head)
+            head = pool.submit(follower.stdout.read, 64 * 1024).result(timeout=60)
+        gate.touch()
+        rest, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    out = (head + rest).decode()
+    seq = "".join(f"{i}\n" for i in range(1, 100001))
+    assert follower.returncode == 0, err
+    # The kept head, the end kept so far when it came, then what followed live.
+    assert out == seq[: 64 * 1024] + seq[-16 * 1024 :] + "last-line\n"
+    assert f"[{len(seq) - 80 * 1024} bytes of stdout not kept]" in err.decode()

@@ -555,11 +555,21 @@ class Master(Submission, Attempts):
         start = _start(offsets, of_attempt, attempt)
         if job.kept_all:
             # Taken in the same step of the loop as the subscription: nothing falls between.
-            kept = [c for c in (_tail(k, start[k.stream]) for k in job.kept) if c]
-            return attempt, kept, None, start
-        stored = await self.store.read_output(job_id, start)
-        # A retry replaced the output meanwhile: follow the new attempt from its start.
-        return attempt, stored if job.attempt == attempt else [], None, start
+            stored = [c for c in (_tail(k, start[k.stream]) for k in job.kept) if c]
+        else:
+            stored = await self.store.read_output(job_id, start)
+            if job.attempt != attempt:  # a retry replaced the output meanwhile: follow that
+                return attempt, [], None, start
+        # Past the kept head, the end so far is in memory (stored with the job's end): a late
+        # follower gets it too, after the gap, not the head alone.
+        for stream, tail in job.tails.items():
+            data = tail.value()
+            end = next((c for c in reversed(stored) if c.stream == stream), None)
+            after = max(start[stream], end.offset + len(end.data) if end else 0)
+            recent = _tail(OutputChunk(stream, job.seen[stream] - len(data), data), after)
+            if recent is not None:
+                stored.append(recent)
+        return attempt, stored, None, start
 
     def nodes(self) -> list[NodeInfo]:
         return self.registry.nodes()
