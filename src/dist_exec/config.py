@@ -102,6 +102,11 @@ _SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b?)")
 _SIZE_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+# The most of a stream a master keeps (--max-output plus --output-tail): a job's status carries
+# both streams' in one message of at most 64 MiB.
+MAX_KEPT_OUTPUT = 30 * 1024**2
+
+
 def parse_size(text: str) -> int:
     """'1048576', '512k', '4M', '4MiB', '1G' -> bytes (binary units)."""
     m = _SIZE.fullmatch(text.strip().lower())

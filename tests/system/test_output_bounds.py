@@ -104,3 +104,17 @@ def test_a_follower_that_comes_after_the_head_still_gets_the_tail_and_the_gap(
     # The kept head, the end kept so far when it came, then what followed live.
     assert out == seq[: 64 * 1024] + seq[-16 * 1024 :] + "last-line\n"
     assert f"[{len(seq) - 80 * 1024} bytes of stdout not kept]" in err.decode()
+
+
+def test_more_output_kept_than_a_status_can_carry_is_refused_at_start(tmp_path: Path) -> None:
+    """With 100M + 10M kept, `status` of a big job failed: 'Sent message larger than max'."""
+    result = run_cli(
+        "master", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
+        "--max-output", "100M", "--output-tail", "10M",
+    )  # fmt: skip
+    assert result.code == 2
+    assert result.stderr == (
+        "dist-exec: --max-output plus --output-tail may be at most 30M (a job's status carries "
+        "what is kept of its stdout and stderr in one gRPC message of at most 64 MiB); got "
+        "110M\n"
+    )

@@ -31,6 +31,7 @@ from dist_exec.cli.common import (
 )
 from dist_exec.config import (
     DEFAULT_MASTER_ADDRESS,
+    MAX_KEPT_OUTPUT,
     MIN_TIMEOUT_S,
     MasterConfig,
     WorkerConfig,
@@ -306,6 +307,13 @@ def master(
         autoscaler = autoscaler_config(ctx)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
+    if max_output + output_tail > MAX_KEPT_OUTPUT:
+        fail(
+            f"--max-output plus --output-tail may be at most {MAX_KEPT_OUTPUT >> 20}M (a "
+            "job's status carries what is kept of its stdout and stderr in one gRPC message of "
+            f"at most 64 MiB); got {(max_output + output_tail) / (1 << 20):g}M",
+            EXIT_USAGE,
+        )
     config = MasterConfig(
         listen=listen,
         data_dir=data_dir,
