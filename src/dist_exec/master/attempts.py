@@ -373,7 +373,9 @@ class Attempts:
             error=(outcome.error if outcome else "") or error,
             stdout_bytes=outcome.stdout_bytes if outcome else job.seen[Stream.STDOUT],
             stderr_bytes=outcome.stderr_bytes if outcome else job.seen[Stream.STDERR],
-            truncated=_truncated(outcome, self.config.max_output_bytes),
+            truncated=_truncated(
+                job, outcome, self.config.max_output_bytes, self.config.output_tail_bytes
+            ),
             result_metadata=outcome.metadata if outcome else {},
         )
         for stream, tail in job.tails.items():  # committed with the final state
@@ -434,7 +436,17 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _truncated(outcome: ExecOutcome | None, limit: int) -> bool:
-    if outcome is None:
-        return False
-    return outcome.truncated or max(outcome.stdout_bytes, outcome.stderr_bytes) > limit
+def _truncated(job: ActiveJob, outcome: ExecOutcome | None, head: int, tail: int) -> bool:
+    """Whether the master keeps less of a stream than was printed: it keeps the first
+    ``head`` bytes and the last ``tail`` of what reached it (``job.seen``); a worker may have
+    counted more than it sent (its own memory bound, output sent only in its result)."""
+    for stream in Stream:
+        seen = job.seen[stream]
+        printed = seen
+        if outcome is not None:
+            printed = max(
+                seen, outcome.stdout_bytes if stream == Stream.STDOUT else outcome.stderr_bytes
+            )
+        if printed > min(seen, head) + min(max(0, seen - head), tail):
+            return True
+    return False
