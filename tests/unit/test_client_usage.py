@@ -3,10 +3,13 @@ RuntimeError for misuse) that says what is wrong, never an IndexError or gRPC's 
 
 from __future__ import annotations
 
+import grpc
+import grpc.aio
 import pytest
 
 from dist_exec import wire
 from dist_exec.client import Client, InvalidTaskSpec, command_spec
+from dist_exec.client._client import _Outage
 
 
 @pytest.mark.parametrize(
@@ -78,3 +81,24 @@ def test_a_client_without_an_address_takes_the_environments_or_the_default(
     monkeypatch.delenv("DIST_EXEC_MASTER")
     assert Client().address == "127.0.0.1:50051"
     assert Client("127.0.0.1:7").address == "127.0.0.1:7"  # (given: it wins)
+
+
+@pytest.mark.parametrize(
+    ("code", "told"),
+    [
+        (
+            grpc.StatusCode.ABORTED,
+            "this reader of job j fell too far behind it; following it again from where it was",
+        ),
+        (grpc.StatusCode.UNAVAILABLE, "lost the master while following job j"),
+    ],
+)
+async def test_a_follower_told_it_fell_behind_is_not_said_to_have_lost_the_master(
+    code: grpc.StatusCode, told: str
+) -> None:
+    heard: list[str] = []
+    async with Client("127.0.0.1:1", on_reconnect=heard.append) as client:
+        error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "behind")
+        await client._after_break(_Outage(reached=True), error, "job j", "the job runs on")
+    assert len(heard) == 1
+    assert heard[0].startswith(told)

@@ -601,10 +601,16 @@ class Client:
         if delay is None:
             raise self._error(exc) from None
         if outage.failures == 1 and self.on_reconnect is not None and not quiet:
-            self.on_reconnect(
-                f"lost the master while following {following} ({self._error(exc).message}); "
-                f"trying again for up to {STREAM_RETRY_S:.0f}s ({runs_on})"
-            )
+            if exc.code() == grpc.StatusCode.ABORTED:  # (the master is there: a slow reader)
+                self.on_reconnect(
+                    f"this reader of {following} fell too far behind it; following it again "
+                    "from where it was"
+                )
+            else:
+                self.on_reconnect(
+                    f"lost the master while following {following} ({self._error(exc).message}); "
+                    f"trying again for up to {STREAM_RETRY_S:.0f}s ({runs_on})"
+                )
         await asyncio.sleep(delay)
 
     def _check_closed(self) -> None:
