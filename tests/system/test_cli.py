@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 import uuid
 from pathlib import Path
 
@@ -257,6 +260,43 @@ def test_ctrl_c_sigterm_sighup_or_sigquit_on_run_cancels_the_job(
         assert proc.returncode == -sig  # then it dies of it, as the local command would
         assert "cancelled" in err
     finally:
+        proc.kill()
+        proc.communicate()
+    jobs = json.loads(run_cli("list", "--json", "--limit", "1", master=addr).stdout)
+    assert jobs[0]["status"] == "CANCELLED"
+
+
+def test_ctrl_c_on_run_cancels_the_job_also_while_its_output_is_not_read(
+    small_cluster: SmallCluster, tmp_path: Path
+) -> None:
+    """A write to a reader that does not read (a full pipe, a terminal paused with Ctrl-S)
+    blocked the event loop, and with it the signal: the job ran on until the pipe closed."""
+    addr = small_cluster.address
+    marker = tmp_path / "started"
+    unread, write_end = os.pipe()
+    capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", addr, f"touch {marker}; yes"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    try:
+        wait_for(marker.exists, 20, "the command to start")
+        queued = array.array("i", [0])
+
+        def full() -> bool:
+            fcntl.ioctl(unread, termios.FIONREAD, queued)
+            return queued[0] >= capacity
+
+        wait_for(full, 20, "run's stdout to fill up")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGINT, err
+        assert "cancelled" in err
+    finally:
+        os.close(unread)
         proc.kill()
         proc.communicate()
     jobs = json.loads(run_cli("list", "--json", "--limit", "1", master=addr).stdout)

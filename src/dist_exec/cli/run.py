@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
@@ -560,7 +563,7 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 assert isinstance(accepted, str)
                 job_id = accepted
                 job: Job | None = None
-                printer = OutputPrinter()
+                printer = OutputPrinter(threaded=True)
                 stop: Ending | None = interrupts.received[0] if interrupts.received else None
                 if stop is None:
                     following = _stream(events, job_id, as_json, printer)
@@ -593,10 +596,20 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                     raise  # (the command group ends by the lost output's signal, or says what)
                 return stop  # (the signal that stopped the job may have closed its output)
         code = _exit_code(job, as_json, printer)
+        await _last_words(printer, stop is None)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 
 
-PENDING_NOTICE_S = 3.0  # a run whose job has not started by then says why it waits
+async def _last_words(printer: OutputPrinter, whole: bool) -> None:
+    """What waits to be written is written before the command ends; after a signal (``not
+    whole``), a reader that does not read gets a moment, not more."""
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(None if whole else LAST_WORDS_S):
+            await printer.flush()
+
+
+PENDING_NOTICE_S = 3.0
+LAST_WORDS_S = 1.0  # a run whose job has not started by then says why it waits
 
 
 async def _say_if_waiting(client: Client, job_id: str, printer: OutputPrinter) -> None:
@@ -652,6 +665,7 @@ async def _stream(
         if isinstance(item, str):
             continue
         if isinstance(item, Job):
+            await printer.flush()  # (its errors are the following's, as a write's)
             return item
         attempt, chunk = item
         if last_attempt and attempt != last_attempt:
@@ -660,19 +674,98 @@ async def _stream(
                 printer.note(f"job {job_id} is being retried (attempt {attempt})")
         last_attempt = attempt
         if not quiet:
-            printer.write(chunk)
+            await printer.send(chunk)
     raise AssertionError("watch() always ends with the job")
+
+
+class _Output:
+    """Writes to stdout or stderr (``out``) in a thread of its own: a reader that stops
+    reading (a full pipe, a terminal paused with Ctrl-S) blocks that thread, not the event
+    loop, which must go on taking signals (Ctrl-C cancels the job), nor the other stream (the
+    notes on stderr). At most QUEUED_BYTES wait for it: beyond, ``put`` waits (and the master
+    holds the job's output back)."""
+
+    QUEUED_BYTES = 1024 * 1024
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._queued = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._error: OSError | None = None
+        # A daemon: one blocked in a write for good must not keep the process from exiting.
+        threading.Thread(target=self._serve, name="dist-exec-output", daemon=True).start()
+
+    def put_nowait(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self.out.flush()  # (anything of this process's own written before it goes first)
+        self._queued += len(data)
+        self._empty.clear()
+        if self._queued > self.QUEUED_BYTES:
+            self._room.clear()
+        self._queue.put(data)
+
+    async def put(self, data: bytes) -> None:
+        self.put_nowait(data)
+        await self._room.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def flush(self) -> None:
+        """Until what was put is written (or its writing failed: raises why)."""
+        await self._empty.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _serve(self) -> None:
+        fd = self.out.fileno()
+        while True:
+            data = self._queue.get()
+            error = None
+            if self._error is None:
+                try:
+                    # To the file descriptor: a write blocked for good then holds no lock of
+                    # the Python file's, which the exit flushes (die_of), and would wait for.
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError as exc:
+                    error = exc
+            try:
+                self._loop.call_soon_threadsafe(self._written, len(data), error)
+            except RuntimeError:  # the loop has closed: the command is ending, nobody waits
+                return
+
+    def _written(self, size: int, error: OSError | None) -> None:
+        if error is not None and self._error is None:
+            self._error = error
+        self._queued -= size
+        if self._queued <= self.QUEUED_BYTES or self._error is not None:
+            self._room.set()
+        if not self._queued:
+            self._empty.set()
 
 
 class OutputPrinter:
     """Writes a job's output to stdout and stderr, saying where bytes were not kept (the
     middle of a stream longer than the master keeps). Its notes on stderr start on a line of
-    their own, also after a command's stderr that does not end with a newline."""
+    their own, also after a command's stderr that does not end with a newline. ``output``:
+    written through it (``send``, and notes), not in the caller's thread (``write``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threaded: bool = False) -> None:
         self.ends = dict.fromkeys(Stream, 0)
         self.mid_line = False  # the stderr printed last does not end with a newline
         self.lost = 0  # bytes of this attempt's output that were not printed
+        self.outputs = (
+            {Stream.STDOUT: _Output(sys.stdout.buffer), Stream.STDERR: _Output(sys.stderr.buffer)}
+            if threaded
+            else None
+        )
 
     def next_attempt(self) -> None:
         """The output of a retry follows: its offsets start again."""
@@ -680,23 +773,45 @@ class OutputPrinter:
         self.lost = 0
 
     def write(self, chunk: OutputChunk) -> None:
+        out = self._place(chunk)
+        out.write(chunk.data)
+        out.flush()
+
+    async def send(self, chunk: OutputChunk) -> None:
+        """``write`` through ``outputs``."""
+        assert self.outputs is not None
+        self._place(chunk)
+        await self.outputs[chunk.stream].put(chunk.data)
+
+    async def flush(self) -> None:
+        """Until what was sent is written (or its writing failed: raises why)."""
+        if self.outputs is not None:
+            for output in self.outputs.values():
+                await output.flush()
+
+    def _place(self, chunk: OutputChunk) -> BinaryIO:
+        """Where the chunk goes, after the note of a gap before it, if any."""
         out = sys.stdout.buffer if chunk.stream == Stream.STDOUT else sys.stderr.buffer
         gap = chunk.offset - self.ends[chunk.stream]
         if gap > 0:
-            out.flush()
+            if self.outputs is None:
+                out.flush()
             self.lost += gap
             self.note(f"[{gap} bytes of {chunk.stream.name.lower()} not kept]")
         self.ends[chunk.stream] = chunk.offset + len(chunk.data)
-        out.write(chunk.data)
-        out.flush()
         if chunk.stream == Stream.STDERR and chunk.data:
             self.mid_line = not chunk.data.endswith(b"\n")
+        return out
 
     def note(self, message: str) -> None:
         """One line of dist-exec's own on stderr."""
         start = "\n" if self.mid_line else ""
-        click.echo(f"{start}dist-exec: {printable(message)}", err=True)
+        line = f"{start}dist-exec: {printable(message)}"
         self.mid_line = False
+        if self.outputs is None:
+            click.echo(line, err=True)
+        else:  # (after the stderr that waits to be written before it)
+            self.outputs[Stream.STDERR].put_nowait(f"{line}\n".encode(errors="replace"))
 
 
 def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
