@@ -196,13 +196,18 @@ async def test_drain_deadline_hands_unfinished_work_back(cluster: ClusterFactory
         await client.cancel(job_id)
 
 
-async def test_a_second_sigterm_hands_running_work_back_too(cluster: ClusterFactory) -> None:
+async def test_a_second_sigterm_hands_running_work_back_too(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
     """The second signal (stop now) used to fail the running jobs for good ("stopped")."""
     master = cluster.master()
     w1 = cluster.worker(master, worker_id="w1", max_tasks=1)
+    started = tmp_path / "started"
     async with Client(master.address) as client:
-        job_id = await client.submit(command_spec("sleep 300", shell=True))
-        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        job_id = await client.submit(command_spec(f"touch {started}; sleep 300", shell=True))
+        # (Started on the worker, not only placed: a start that came after the signal would
+        # be refused, and the worker would have nothing to drain.)
+        await wait_until(started.exists, what="the command to start")
         w1.signal(signal.SIGTERM)
 
         async def draining() -> bool:
