@@ -848,9 +848,10 @@ def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
     if lost and job.exit_code == 0 and not quiet:
         # Not as if run locally: a script must not take part of the output for all of it.
         say(
-            f"{lost} bytes of job {job.id}'s output did not reach this terminal (they came "
-            "faster than they were read, and the master keeps only the start and the end); "
-            f"the command exited 0, run exits {EXIT_NOT_RUN}"
+            f"{lost} bytes of job {job.id}'s output did not reach this terminal (the master "
+            "keeps only the start and the end of a stream: what it could not pass on live, to "
+            "a reader too far behind or across a restart of the master, is gone); the command "
+            f"exited 0, run exits {EXIT_NOT_RUN}"
         )
         return EXIT_NOT_RUN
     return job.exit_code
