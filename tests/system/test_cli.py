@@ -93,13 +93,16 @@ def test_stdin_larger_than_a_job_can_be_is_refused_before_it_is_sent(
 def test_dist_exec_notes_start_on_a_line_of_their_own(small_cluster: SmallCluster) -> None:
     """Not glued to a command's stderr that does not end with a newline."""
     addr = small_cluster.address
-    partial = run_cli("run", "printf partial >&2; exit 127", master=addr)
+    partial = run_cli("run", "printf partial >&2; kill -TERM $$", master=addr)
     assert (partial.code, partial.stderr) == (
-        127,
-        "partial\ndist-exec: command exited with status 127\n",
+        128 + signal.SIGTERM,
+        "partial\ndist-exec: command was killed by SIGTERM\n",
     )
-    whole = run_cli("run", "echo whole >&2; exit 127", master=addr)
-    assert whole.stderr == "whole\ndist-exec: command exited with status 127\n"
+    whole = run_cli("run", "echo whole >&2; kill -TERM $$", master=addr)
+    assert whole.stderr == "whole\ndist-exec: command was killed by SIGTERM\n"
+    # An exit code of the command's own adds nothing, as locally.
+    own = run_cli("run", "echo own >&2; exit 255", master=addr)
+    assert (own.code, own.stderr) == (255, "own\n")
     timed_out = run_cli("run", "--timeout", "1s", "printf partial >&2; sleep 60", master=addr)
     assert timed_out.code == 124
     assert timed_out.stderr.startswith("partial\ndist-exec: job ")

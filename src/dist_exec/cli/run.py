@@ -839,7 +839,12 @@ def _exit_code(job: Job, quiet: bool, printer: OutputPrinter) -> int:
             return 0
         say(job.error or f"HTTP {job.exit_code}")
         return EXIT_HTTP_ERROR
-    if job.error and (job.exit_code >= 126 or LIMIT_METADATA_KEY in job.result_metadata):
+    # Why it did not start, or what killed it: a local shell would say so too. An exit code
+    # of the command's own (exit 255) is as quiet as it is locally.
+    own_exit = job.error == f"command exited with status {job.exit_code}"
+    if job.error and (
+        (job.exit_code >= 126 and not own_exit) or LIMIT_METADATA_KEY in job.result_metadata
+    ):
         say(job.error)
     lost = printer.lost + sum(
         max(0, total - printer.ends[stream])
