@@ -58,10 +58,14 @@ class ScriptedWorker:
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]:
         self.deadlines.append(deadline_s)
+        await self.starting(endpoint, attempt, deadline_s)
         await self.release.wait()
         for event in self.events(attempt):
             yield event
         self.delivered.append((task_id, attempt))
+
+    async def starting(self, endpoint: NodeEndpoint, attempt: int, deadline_s: float) -> None:
+        """Before the attempt runs: raise to end its call as a real worker client would."""
 
     def events(self, attempt: int) -> list[OutputChunk | ExecOutcome]:
         return [
@@ -97,6 +101,14 @@ class HeldStore(SqliteJobStore):
         self.finishing.set()
         await self.finish_gate.wait()
         return await super().finish(job, expect_attempt, attempt_outcome)
+
+
+async def ended(master: Master, job_id: JobId, timeout_s: float) -> Job:
+    """The job once it has ended (polled: a core test has no follower to wait on)."""
+    async with asyncio.timeout(timeout_s):
+        while not (job := await master.get(job_id)).status.terminal:
+            await asyncio.sleep(0.01)
+    return job
 
 
 async def start_master(
@@ -199,22 +211,9 @@ async def test_a_restarted_worker_that_lost_an_attempt_gets_it_retried(tmp_path:
 class BrokenOnceWorker(ScriptedWorker):
     """The first attempt fails in a way no one planned for (a bug, a malformed message)."""
 
-    async def execute(
-        self,
-        endpoint: NodeEndpoint,
-        task_id: str,
-        attempt: int,
-        spec: TaskSpec,
-        attach: bool,
-        offsets: Mapping[Stream, int],
-        deadline_s: float,
-    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+    async def starting(self, endpoint: NodeEndpoint, attempt: int, deadline_s: float) -> None:
         if attempt == 1:
             raise ValueError("7 is not a valid Stream")
-        async for event in super().execute(
-            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
-        ):
-            yield event
 
 
 async def test_an_unexpected_error_in_an_attempt_retries_instead_of_stopping_the_master(
@@ -262,23 +261,10 @@ class FullWorker(ScriptedWorker):
         self.refusals = refusals
         self.starts: list[tuple[str, float]] = []
 
-    async def execute(
-        self,
-        endpoint: NodeEndpoint,
-        task_id: str,
-        attempt: int,
-        spec: TaskSpec,
-        attach: bool,
-        offsets: Mapping[Stream, int],
-        deadline_s: float,
-    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
+    async def starting(self, endpoint: NodeEndpoint, attempt: int, deadline_s: float) -> None:
         self.starts.append((endpoint.node_id, asyncio.get_running_loop().time()))
         if len(self.starts) <= self.refusals:
             raise AttemptRejected("worker is full (1 tasks running)", fatal=False)
-        async for event in super().execute(
-            endpoint, task_id, attempt, spec, attach, offsets, deadline_s
-        ):
-            yield event
 
 
 async def test_a_node_that_refuses_a_start_is_not_sent_it_again_in_a_loop(
@@ -290,9 +276,7 @@ async def test_a_node_that_refuses_a_start_is_not_sent_it_again_in_a_loop(
     async with running_master(tmp_path, worker) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
         job_id = await master.submit(SPEC)
-        async with asyncio.timeout(10):
-            while not (job := await master.get(job_id)).status.terminal:
-                await asyncio.sleep(0.01)
+        job = await ended(master, job_id, 10)
     assert (job.status, job.attempt, job.retries) == (JobStatus.COMPLETED, 3, 0)
     times = [at for _, at in worker.starts]
     assert [b - a >= REFUSED_PAUSE_S * 0.9 for a, b in itertools.pairwise(times)] == [True] * 2
@@ -304,9 +288,7 @@ async def test_a_refused_job_goes_to_another_node_at_once(tmp_path: Path) -> Non
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
         master.register(NodeId("w2"), "127.0.0.1:2", ["command"], 1, {}, [])
         job_id = await master.submit(SPEC)
-        async with asyncio.timeout(5):
-            while not (job := await master.get(job_id)).status.terminal:
-                await asyncio.sleep(0.01)
+        job = await ended(master, job_id, 5)
     assert job.status == JobStatus.COMPLETED
     (first, refused_at), (second, started_at) = worker.starts
     assert first != second
@@ -317,24 +299,8 @@ class SilentForeignWorker(ScriptedWorker):
     """A worker of the contract's first version that reports nothing: each call ends at its
     deadline."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    async def execute(
-        self,
-        endpoint: NodeEndpoint,
-        task_id: str,
-        attempt: int,
-        spec: TaskSpec,
-        attach: bool,
-        offsets: Mapping[Stream, int],
-        deadline_s: float,
-    ) -> AsyncIterator[OutputChunk | ExecOutcome]:
-        self.calls += 1
+    async def starting(self, endpoint: NodeEndpoint, attempt: int, deadline_s: float) -> None:
         await asyncio.sleep(max(deadline_s, 0.001))
-        for event in self.events(attempt)[:0]:  # (none: an async generator, as the client is)
-            yield event
         raise WorkerUnreachable("worker w1: DEADLINE_EXCEEDED: Deadline Exceeded")
 
 
@@ -348,10 +314,8 @@ async def test_a_foreign_worker_past_the_deadline_times_the_job_out_not_retries_
     async with running_master(tmp_path, worker, config) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])  # (no instance)
         job_id = await master.submit(replace(SPEC, timeout_s=0.3, max_retries=3))
-        async with asyncio.timeout(20):
-            while not (job := await master.get(job_id)).status.terminal:
-                await asyncio.sleep(0.02)
-    assert (job.status, job.attempt, worker.calls) == (JobStatus.TIMEOUT, 1, 1)
+        job = await ended(master, job_id, 20)
+    assert (job.status, job.attempt, len(worker.deadlines)) == (JobStatus.TIMEOUT, 1, 1)
 
 
 async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_over(
@@ -362,9 +326,7 @@ async def test_a_resumed_stream_of_an_attempt_retried_since_starts_the_new_one_o
     async with running_master(tmp_path, RetriedWorker()) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 2, {}, [])
         job_id = await master.submit(SPEC)
-        async with asyncio.timeout(5):
-            while not (job := await master.get(job_id)).status.terminal:
-                await asyncio.sleep(0.01)
+        job = await ended(master, job_id, 5)
         assert (job.status, job.attempt) == (JobStatus.COMPLETED, 2)
 
         async def resumed(offset: int, of_attempt: int) -> list[object]:
