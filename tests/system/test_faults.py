@@ -27,7 +27,7 @@ from dist_exec.master.dispatcher import CHANNEL_OPTIONS
 from dist_exec.models import AttemptOutcome, JobId, JobStatus, NodeStatus, TaskSpec
 from dist_exec.rpc.v1 import master_pb2_grpc
 from dist_exec.security.tls import INSECURE_FLAG
-from tests.conftest import ClusterFactory, Proc, wait_until
+from tests.conftest import ClusterFactory, Proc, pid_alive, wait_until
 from tests.faults.netns import NetnsPartition, netns_unavailable
 from tests.faults.proxy import CuttableProxy
 from tests.faults.workload import (
@@ -119,20 +119,12 @@ def descendants_of(wl: Workload, worker: Proc) -> list[MarkedProcess]:
 
 async def all_gone(pids: set[int], timeout: float, what: str) -> None:
     def gone() -> bool:
-        return not any(Path(f"/proc/{pid}").exists() and _running(pid) for pid in pids)
+        return not any(pid_alive(pid) for pid in pids)
 
     try:
         await wait_until(gone, timeout, what)
     except AssertionError as exc:
         raise OrphansLeft(str(exc)) from None
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 # ---- 1. worker SIGKILL ---------------------------------------------------------------------

@@ -180,12 +180,15 @@ async def test_worker_sigterm_drains_running_work_then_exits(
                 await asyncio.sleep(0.05)
 
 
-async def test_drain_deadline_hands_unfinished_work_back(cluster: ClusterFactory) -> None:
+async def test_drain_deadline_hands_unfinished_work_back(
+    cluster: ClusterFactory, tmp_path: Path
+) -> None:
     master = cluster.master()
     w1 = cluster.worker(master, worker_id="w1", max_tasks=1, extra=["--drain-timeout", "0.5s"])
+    started = tmp_path / "started"
     async with Client(master.address) as client:
-        job_id = await client.submit(command_spec("sleep 300", shell=True))
-        await wait_job(client, job_id, statuses={JobStatus.RUNNING})
+        job_id = await client.submit(command_spec(f"echo go > {started}; sleep 300", shell=True))
+        await wait_file_lines(started, 1)  # (running on the worker, not only placed)
         w1.signal(signal.SIGTERM)
         assert await asyncio.to_thread(w1.proc.wait, 20) == 0
         job = await wait_job(client, job_id, statuses={JobStatus.PENDING}, timeout=10)
@@ -204,10 +207,10 @@ async def test_a_second_sigterm_hands_running_work_back_too(
     w1 = cluster.worker(master, worker_id="w1", max_tasks=1)
     started = tmp_path / "started"
     async with Client(master.address) as client:
-        job_id = await client.submit(command_spec(f"touch {started}; sleep 300", shell=True))
+        job_id = await client.submit(command_spec(f"echo go > {started}; sleep 300", shell=True))
         # (Started on the worker, not only placed: a start that came after the signal would
         # be refused, and the worker would have nothing to drain.)
-        await wait_until(started.exists, what="the command to start")
+        await wait_file_lines(started, 1)
         w1.signal(signal.SIGTERM)
 
         async def draining() -> bool:

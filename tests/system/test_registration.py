@@ -17,7 +17,7 @@ from dist_exec import wire
 from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus, NodeStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
-from tests.conftest import ClusterFactory, wait_for, wait_until
+from tests.conftest import ClusterFactory, pid_alive, wait_for, wait_until
 from tests.system.test_cluster import free_port
 from tests.system.test_recovery import wait_job
 from tests.system.test_security import _audit
@@ -171,18 +171,10 @@ async def test_a_process_replaced_under_its_worker_id_is_told_to_stop(
 
         assert await asyncio.to_thread(x1.proc.wait, 30) == 1
         assert "another process registered with master" in x1.log_text()
-        await wait_until(lambda: not _running(first), what="attempt 1 to be killed")
+        await wait_until(lambda: not pid_alive(first), what="attempt 1 to be killed")
         (node,) = await client.nodes()
         assert (node.address, node.status) == (x2.address, NodeStatus.HEALTHY)
         job = await client.get(job_id)
         assert (job.status, job.attempt, job.worker_id) == (JobStatus.RUNNING, 2, "x")
-        assert _running(int((pids / "2").read_text()))
+        assert pid_alive(int((pids / "2").read_text()))
         await client.cancel(job_id)
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
