@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_MASTER_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024  # of a job's payload (a command's: with its stdin)
+MAX_METADATA_BYTES = 64 * 1024  # of a job's metadata, and of its selector
 MIN_TIMEOUT_S = 0.001  # the shortest timeout a job may have
 RUNS_PER_SESSION = 1024  # runs followed at once on one RunSession stream
 # A server raises its soft limit of open descriptors to the hard one, up to this (the commands

@@ -115,6 +115,17 @@ def limits_from_pb(msg: common_pb2.Limits) -> TaskLimits:
     )
 
 
+def check_duration(value: duration_pb2.Duration, what: str) -> None:
+    """InvalidTaskSpec unless ``value`` is a Duration of 0 or more, in its own range."""
+    if value.seconds < 0 or value.nanos < 0:
+        raise InvalidTaskSpec(f"{what} must not be negative")
+    if value.nanos > 999_999_999:
+        raise InvalidTaskSpec(
+            f"{what} has nanos {value.nanos}: a Duration's nanos are 0-999999999, the rest "
+            "goes in its seconds"
+        )
+
+
 def submit_request(spec: TaskSpec) -> master_pb2.SubmitRequest:
     if not isinstance(spec, TaskSpec):
         raise InvalidTaskSpec(

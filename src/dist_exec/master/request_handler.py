@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 import grpc.aio
-from google.protobuf import duration_pb2
 
 from dist_exec import wire
 from dist_exec.config import MasterConfig
@@ -94,20 +93,10 @@ def _check_owner(identity: Identity, job: Job) -> None:
         )
 
 
-def _check_duration(value: duration_pb2.Duration, what: str) -> None:
-    if value.seconds < 0 or value.nanos < 0:
-        raise InvalidTaskSpec(f"{what} must not be negative")
-    if value.nanos > 999_999_999:  # (google.protobuf.Duration's own range)
-        raise InvalidTaskSpec(
-            f"{what} has nanos {value.nanos}: a Duration's nanos are 0-999999999, the rest "
-            "goes in its seconds"
-        )
-
-
 def _spec(request: master_pb2.SubmitRequest, owner: str) -> TaskSpec:
-    _check_duration(request.timeout, "timeout")
-    _check_duration(request.queue_timeout, "queue timeout")
-    _check_duration(request.limits.cpu_time, "CPU time limit")
+    wire.check_duration(request.timeout, "timeout")
+    wire.check_duration(request.queue_timeout, "queue timeout")
+    wire.check_duration(request.limits.cpu_time, "CPU time limit")
     return TaskSpec(
         task_type=request.task_type,
         payload=request.payload,

@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from dist_exec.clock import Clock
-from dist_exec.config import MIN_TIMEOUT_S, MasterConfig, format_duration
+from dist_exec.config import MAX_METADATA_BYTES, MIN_TIMEOUT_S, MasterConfig, format_duration
 from dist_exec.errors import (
     AlreadyExists,
     InvalidTaskSpec,
@@ -46,7 +46,6 @@ from dist_exec.models import (
 MAX_RETRIES_LIMIT = 100
 MAX_BATCH_JOBS = 1000  # per SubmitBatch, and per WatchJobs
 MAX_KEY_CHARS = 256
-MAX_METADATA_BYTES = 64 * 1024
 
 
 class Submission:

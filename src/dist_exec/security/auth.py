@@ -311,7 +311,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         inner: Any = handler.unary_unary or handler.unary_stream or handler.stream_stream
         if handler.stream_stream is not None:
 
-            async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async def let_in(requests: AsyncIterator[Any], context: Context) -> None:
                 denied = self._check(method, rule, context)
                 if denied is not None:
                     # A client that half-closes while the refusal is on its way may be told
@@ -320,15 +320,14 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     await _drain(requests)
                     await self._refuse(method, denied, context)
                 await self._answer(context)
+
+            async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+                await let_in(requests, context)
                 async for item in inner(_parsed(requests, method, deserialize), context):
                     yield item
 
             async def bidi_by_writes(requests: AsyncIterator[Any], context: Context) -> None:
-                denied = self._check(method, rule, context)
-                if denied is not None:
-                    await _drain(requests)
-                    await self._refuse(method, denied, context)
-                await self._answer(context)
+                await let_in(requests, context)
                 await inner(_parsed(requests, method, deserialize), context)
 
             return grpc.stream_stream_rpc_method_handler(

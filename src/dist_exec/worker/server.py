@@ -13,6 +13,7 @@ from typing import Any
 import grpc.aio
 
 from dist_exec import wire
+from dist_exec.config import MAX_METADATA_BYTES
 from dist_exec.errors import (
     InvalidTaskSpec,
     StaleStart,
@@ -169,7 +170,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 MAX_TASK_ID_CHARS = 256
-MAX_METADATA_BYTES = 64 * 1024  # (as the master's bound on a job's metadata)
 
 
 def _check_start(request: worker_pb2.ExecuteRequest) -> None:
@@ -177,11 +177,7 @@ def _check_start(request: worker_pb2.ExecuteRequest) -> None:
     be another implementation of it."""
     if not 0 < len(request.task_id) <= MAX_TASK_ID_CHARS:
         raise InvalidTaskSpec(f"task_id must have 1-{MAX_TASK_ID_CHARS} characters")
-    for name, value in (("timeout", request.timeout), ("limits.cpu_time", request.limits.cpu_time)):
-        if value.seconds < 0 or value.nanos < 0 or value.nanos > 999_999_999:
-            raise InvalidTaskSpec(
-                f"{name} must be a Duration of 0 (none) or more, got {value.seconds}s "
-                f"{value.nanos}ns"
-            )
+    wire.check_duration(request.timeout, "timeout")
+    wire.check_duration(request.limits.cpu_time, "CPU time limit")
     if sum(len(k) + len(v) for k, v in request.metadata.items()) > MAX_METADATA_BYTES:
         raise InvalidTaskSpec(f"metadata is larger than {MAX_METADATA_BYTES} bytes")

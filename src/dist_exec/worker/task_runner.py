@@ -308,12 +308,11 @@ class TaskRunner:
         """Stop everything now (tasks are killed), e.g. on a second signal. What was running
         is given back to the master (run again elsewhere, not failed), as by a drain."""
         for attempt in list(self._attempts.values()):
-            if attempt.outcome is None and not attempt.cancel.is_set():
-                attempt.cancel_reason = "the worker was stopped before the task finished"
-                attempt.retryable_on_cancel = True
-                attempt.cancel.set()
-            if attempt.task is not None:
-                attempt.task.cancel()
+            if not attempt.cancel.is_set():  # (a cancel asked for before stays a cancel)
+                reason = "the worker was stopped before the task finished"
+                self.cancel(attempt.task_id, attempt.attempt, reason, retryable=True)
+            if attempt.task is not None and not attempt.task.cancelling():
+                attempt.task.cancel()  # (also one not running yet, and one already stopping)
         await asyncio.gather(
             *(a.task for a in self._attempts.values() if a.task is not None),
             return_exceptions=True,
