@@ -328,6 +328,8 @@ class MasterConfig:
     tls: TlsFiles | None = None  # mutual TLS on every connection (clients and workers)
     tokens_file: Path | None = None  # None: DATA_DIR/tokens.json; auth is required if it exists
     audit_log: Path | None = None  # None: DATA_DIR/audit.log
+    audit_max_bytes: int = 100 * 1024 * 1024  # rotated past this; 0: never
+    audit_keep: int = 10  # rotated files kept (audit.log.1 ... .N)
     autoscaler: AutoscalerConfig = field(default_factory=AutoscalerConfig)
 
 

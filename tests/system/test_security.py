@@ -412,6 +412,45 @@ async def test_rate_limits_key_on_the_identity(cluster: ClusterFactory) -> None:
         await bob.submit(command_spec(["true"]))  # same address, another identity
 
 
+async def test_the_audit_log_is_rotated_and_its_old_files_pruned(
+    cluster: ClusterFactory,
+) -> None:
+    """Each record goes whole into one file, newest in audit.log; two old files are kept."""
+    master = cluster.master(extra=["--audit-max-size", "64K", "--audit-keep", "2"])
+    data = Path(master.extra["data_dir"])
+    async with Client(master.address) as client:  # (no worker: the jobs wait)
+        for n in range(60):  # about 5 KB of record each: 4-5 rotations
+            await client.submit(command_spec(["echo", str(n), *["a" * 100] * 48]))
+    files = [data / "audit.log.2", data / "audit.log.1", data / "audit.log"]
+    assert not (data / "audit.log.3").exists()
+    submitted = [
+        json.loads(line)["tasks"][0]["args"][0]
+        for path in files
+        for line in path.read_text().splitlines()
+    ]
+    assert submitted == [str(n) for n in range(60 - len(submitted), 60)]
+    for path in files:
+        assert 0 < path.stat().st_size <= 64 * 1024
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--audit-max-size", "10K", "--audit-max-size must be 0 (never rotate) or at least 64K"),
+        ("--audit-keep", "0", "Invalid value for '--audit-keep'"),
+    ],
+)
+def test_bad_audit_rotation_settings_are_refused(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    result = run_cli("master", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), option,
+                     value)  # fmt: skip
+    assert result.code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
     data = tmp_path / "cluster"
     address = f"127.0.0.1:{free_port()}"

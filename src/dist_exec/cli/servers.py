@@ -58,6 +58,8 @@ from dist_exec.security.credentials import (
 )
 from dist_exec.tuning import run_server, tune_gc
 
+MIN_AUDIT_SIZE = 64 * 1024  # (a rotation every record or two would be an fsync storm)
+
 
 def _caught(signum: int, frame: object) -> None:
     """Does nothing: see where it is installed."""
@@ -258,6 +260,21 @@ def ready_line(what: str) -> Callable[[str], None]:
     default=None,
     help="Append-only audit log (JSON lines); default DATA_DIR/audit.log.",
 )
+@click.option(
+    "--audit-max-size",
+    type=SIZE,
+    default="100M",
+    show_default=True,
+    help="The audit log is rotated (to audit.log.1, .2, ...) before it grows past this (0: "
+    "never, e.g. for logrotate's copytruncate).",
+)
+@click.option(
+    "--audit-keep",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Rotated audit logs kept; the oldest beyond this is deleted.",
+)
 @scaler_options
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 @click.pass_context
@@ -285,6 +302,8 @@ def master(
     job_retention: float,
     tokens_file: Path | None,
     audit_log: Path | None,
+    audit_max_size: int,
+    audit_keep: int,
     log_level: str,
 ) -> None:
     """Run the master: accepts jobs, tracks workers, dispatches."""
@@ -307,6 +326,11 @@ def master(
         autoscaler = autoscaler_config(ctx)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
+    if 0 < audit_max_size < MIN_AUDIT_SIZE:
+        fail(
+            f"--audit-max-size must be 0 (never rotate) or at least {MIN_AUDIT_SIZE >> 10}K",
+            EXIT_USAGE,
+        )
     if max_output + output_tail > MAX_KEPT_OUTPUT:
         fail(
             f"--max-output plus --output-tail may be at most {MAX_KEPT_OUTPUT >> 20}M (a "
@@ -339,6 +363,8 @@ def master(
         tls=tls,
         tokens_file=tokens_file,
         audit_log=audit_log,
+        audit_max_bytes=audit_max_size,
+        audit_keep=audit_keep,
         autoscaler=autoscaler,
     )
     check_listen(listen)

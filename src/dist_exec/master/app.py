@@ -84,7 +84,9 @@ async def run_master(
             "this is only allowed on loopback addresses",
             tokens.path,
         )
-    audit = AuditLog(config.audit_log or config.data_dir / AUDIT_FILE)
+    audit = AuditLog(
+        config.audit_log or config.data_dir / AUDIT_FILE, config.audit_max_bytes, config.audit_keep
+    )
 
     async with SqliteJobStore(config.data_dir / DB_FILE) as store:
         master = Master(

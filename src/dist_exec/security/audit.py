@@ -8,6 +8,10 @@ replaced by "<redacted>".
 Durability: the file is opened with O_APPEND and each record goes out in one write(2), so
 records never interleave and a crash of the master loses none already written; the file is
 fsynced at most once a second (and on close), so a power loss can lose the last second.
+
+Rotation: a record that would take the file past ``max_bytes`` first moves it to ``audit.log.1``
+(``.1`` to ``.2`` and so on, the oldest beyond ``keep`` deleted), fsynced, and starts a new
+one. ``max_bytes`` 0 never rotates (for logrotate's ``copytruncate``, which O_APPEND allows).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,9 @@ SECRET_NAME = re.compile(
 REDACTED = "<redacted>"
 SYNC_EVERY_S = 1.0
 MAX_FIELD_CHARS = 2000
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+DEFAULT_KEEP = 10
+log = logging.getLogger(__name__)
 
 
 def redact(values: dict[str, str]) -> dict[str, str]:
@@ -123,13 +132,21 @@ def _cap(value: Any) -> Any:
 
 
 class AuditLog:
-    """Append-only JSON lines. ``record`` never blocks on the disk for long (one write)."""
+    """Append-only JSON lines. ``record`` never blocks on the disk for long (one write; a
+    rotation, once per ``max_bytes``, also renames and fsyncs)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP
+    ) -> None:
+        if max_bytes < 0 or keep < 1:
+            raise ValueError(f"audit log: max_bytes {max_bytes} < 0 or keep {keep} < 1")
         self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
-        self._dirty = False
+        self._size = os.fstat(self._fd).st_size
+        self._lock = threading.Lock()  # the fd, against a sync in a thread while it rotates
         self._syncer: asyncio.Task[None] | None = None
 
     def record(
@@ -153,25 +170,64 @@ class AuditLog:
         if reason:
             entry["reason"] = _cap(reason)
         entry.update(details)
-        line = json.dumps(entry, ensure_ascii=True, default=str) + "\n"
-        os.write(self._fd, line.encode())
-        self._dirty = True
+        line = (json.dumps(entry, ensure_ascii=True, default=str) + "\n").encode()
+        if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+            self._rotate()
+        os.write(self._fd, line)
+        self._size += len(line)
         if self._syncer is None:
             with contextlib.suppress(RuntimeError):  # no running loop: synced on close
                 self._syncer = asyncio.get_running_loop().create_task(self._sync_soon())
 
+    def _rotate(self) -> None:
+        """audit.log -> audit.log.1 -> ... -> audit.log.KEEP (deleted), then a new file. The
+        old file is fsynced before it moves and the directory after, so a power loss leaves
+        every record in one of the files."""
+        with self._lock:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._numbered(self.keep))
+            for n in range(self.keep - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self._numbered(n), self._numbered(n + 1))
+            os.rename(self.path, self._numbered(1))
+            self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
+            self._size = 0
+            _fsync_dir(self.path.parent)
+        log.info("audit log rotated: the previous records are in %s", self._numbered(1))
+
+    def _numbered(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
     async def _sync_soon(self) -> None:
         try:
             await asyncio.sleep(SYNC_EVERY_S)
-            self._dirty = False
-            await asyncio.to_thread(os.fsync, self._fd)
+            await asyncio.to_thread(self._sync)
+        except OSError as exc:
+            log.error("cannot fsync the audit log %s: %s", self.path, exc.strerror or exc)
         finally:
             self._syncer = None
+
+    def _sync(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.fsync(self._fd)
 
     def close(self) -> None:
         if self._syncer is not None:
             self._syncer.cancel()
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,116 @@
+"""The audit log's rotation, on real files: every record lands whole in exactly one file, the
+files are numbered newest first, at most ``keep`` old ones stay, and all are private."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import stat
+from pathlib import Path
+
+import pytest
+
+from dist_exec.security import audit
+from dist_exec.security.audit import AuditLog
+
+
+def _records(path: Path) -> list[int]:
+    """The ``n`` of each record in ``path``, in order (every line must be a whole record)."""
+    return [json.loads(line)["n"] for line in path.read_text().splitlines()]
+
+
+def _fill(log: AuditLog, first: int, count: int) -> None:
+    for n in range(first, first + count):
+        log.record("submit", None, "allowed", n=n, pad="x" * 100)
+
+
+def test_rotates_before_a_record_would_pass_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=2000, keep=3)
+    try:
+        _fill(log, 0, 40)
+    finally:
+        log.close()
+    files = [path, *(tmp_path / f"audit.log.{n}" for n in (1, 2, 3))]
+    assert not (tmp_path / "audit.log.4").exists()
+    for f in files:
+        assert 0 < f.stat().st_size <= 2000
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    # Newest first: audit.log holds the last records; the files together hold a contiguous
+    # run ending with the last one, each record once and whole.
+    kept = [n for f in reversed(files) for n in _records(f)]
+    assert kept == list(range(kept[0], 40))
+    assert kept[0] > 0  # the oldest file went
+
+
+def test_keeps_appending_to_an_existing_log_and_counts_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=10_000, keep=2)
+    _fill(log, 0, 5)
+    log.close()
+    size = path.stat().st_size
+    log = AuditLog(path, max_bytes=size + 10, keep=2)  # the next record does not fit
+    try:
+        _fill(log, 5, 1)
+    finally:
+        log.close()
+    assert _records(tmp_path / "audit.log.1") == [0, 1, 2, 3, 4]
+    assert _records(path) == [5]
+
+
+def test_zero_never_rotates(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=0, keep=1)
+    try:
+        _fill(log, 0, 50)
+    finally:
+        log.close()
+    assert _records(path) == list(range(50))
+    assert not (tmp_path / "audit.log.1").exists()
+
+
+def test_a_record_larger_than_the_limit_is_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=500, keep=2)
+    try:
+        _fill(log, 0, 1)
+        log.record("submit", None, "allowed", n=1, pad="y" * 2000)
+        _fill(log, 2, 1)
+    finally:
+        log.close()
+    assert _records(tmp_path / "audit.log.2") == [0]
+    assert _records(tmp_path / "audit.log.1") == [1]
+    assert _records(path) == [2]
+
+
+def test_the_periodic_sync_survives_rotations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fsync that follows records runs in a thread; rotations while it runs must not make
+    it fail or sync a closed descriptor."""
+    monkeypatch.setattr(audit, "SYNC_EVERY_S", 0.0)
+
+    async def main() -> None:
+        log = AuditLog(tmp_path / "audit.log", max_bytes=1000, keep=2)
+        try:
+            for n in range(300):
+                log.record("submit", None, "allowed", n=n, pad="x" * 100)
+                await asyncio.sleep(0)
+            syncer = log._syncer
+            if syncer is not None:
+                await asyncio.wait_for(syncer, timeout=10)
+        finally:
+            log.close()
+
+    with caplog.at_level(logging.INFO, logger=audit.__name__):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert sum("rotated" in r.getMessage() for r in caplog.records) > 20
+    assert _records(tmp_path / "audit.log")[-1] == 299
+
+
+@pytest.mark.parametrize(("max_bytes", "keep"), [(-1, 1), (1000, 0)])
+def test_bad_settings_are_refused(tmp_path: Path, max_bytes: int, keep: int) -> None:
+    with pytest.raises(ValueError, match="audit log"):
+        AuditLog(tmp_path / "audit.log", max_bytes=max_bytes, keep=keep)
