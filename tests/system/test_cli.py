@@ -269,6 +269,35 @@ def test_ctrl_c_sigterm_sighup_or_sigquit_on_run_cancels_the_job(
     assert jobs[0]["status"] == "CANCELLED"
 
 
+def test_ctrl_c_on_run_prints_what_the_command_says_while_it_stops(
+    small_cluster: SmallCluster,
+) -> None:
+    """A local command's trap prints its cleanup on the terminal; `run` stopped reading at the
+    Ctrl-C, so that output was never shown."""
+    script = (
+        "trap 'echo cleaning up; echo cleanup-error >&2; sleep 0.3; echo cleaned; exit 3' TERM; "
+        "echo ready; while :; do sleep 0.05; done"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", small_cluster.address, script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert out == "cleaning up\ncleaned\n"
+    assert "cleanup-error\n" in err
+    assert err.endswith("was cancelled\n"), err
+    assert proc.returncode == -signal.SIGINT
+
+
 def test_ctrl_c_on_run_cancels_the_job_also_while_its_output_is_not_read(
     small_cluster: SmallCluster, tmp_path: Path
 ) -> None:

@@ -565,11 +565,14 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                 job: Job | None = None
                 printer = OutputPrinter(threaded=True)
                 stop: Ending | None = interrupts.received[0] if interrupts.received else None
+                following: asyncio.Future[Job] | None = None
                 if stop is None:
-                    following = _stream(events, job_id, as_json, printer)
+                    # A signal stops the waiting, not the following: what the command prints
+                    # while it stops (a trap's cleanup) is printed, as it would be locally.
+                    following = asyncio.ensure_future(_stream(events, job_id, as_json, printer))
                     waiting = asyncio.create_task(_say_if_waiting(client, job_id, printer))
                     try:
-                        job, stop = await _follow(interrupts, following)
+                        job, stop = await _follow(interrupts, asyncio.shield(following))
                     except DistExecError as exc:  # (not the job's fault: it was accepted)
                         exc.message += (
                             f"; job {job_id} was accepted and may still run: see "
@@ -579,13 +582,19 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                     finally:
                         waiting.cancel()
                 if stop is not None:
-                    stopped = await _stop(client, [job_id], interrupts)
-                    if stopped is None:
-                        return _gave_up(
-                            interrupts,
-                            f"job {job_id} is cancelled if the cancel reached the master",
-                        )
-                    job = stopped[job_id]
+                    try:
+                        stopped = await _stop(client, [job_id], interrupts)
+                        if stopped is None:
+                            return _gave_up(
+                                interrupts,
+                                f"job {job_id} is cancelled if the cancel reached the master",
+                            )
+                        job = stopped[job_id]
+                        if following is not None:
+                            await _trailing_output(following, interrupts)
+                    finally:
+                        if following is not None:
+                            following.cancel()
         assert job is not None
         if as_json:
             report = job_json(await client.get(job_id))
@@ -598,6 +607,17 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
         code = _exit_code(job, as_json, printer)
         await _last_words(printer, stop is None)
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
+
+
+async def _trailing_output(following: asyncio.Future[Job], interrupts: Interrupts) -> None:
+    """Once the cancelled job has ended, the rest of what it printed, which the follow gets
+    before the job's end: for at most LAST_WORDS_S (a reader that does not read, a master
+    gone), or until a further Ctrl-C. Its failures are not the run's: the job has ended."""
+    with contextlib.suppress(Interrupted, TimeoutError, DistExecError, OSError):
+        async with asyncio.timeout(LAST_WORDS_S):
+            await interrupts.step(asyncio.shield(following), patient=True)
+    if following.done() and not following.cancelled():
+        following.exception()  # (retrieved: it is not the run's to report)
 
 
 async def _last_words(printer: OutputPrinter, whole: bool) -> None:
