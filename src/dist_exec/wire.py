@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -52,6 +53,30 @@ NODE_STATUS_TO_PB = {
     NodeStatus.DEGRADED: common_pb2.NODE_STATUS_DEGRADED,
 }
 NODE_STATUS_FROM_PB = {v: k for k, v in NODE_STATUS_TO_PB.items()}
+
+STOP_SIGNAL_TO_PB: dict[signal.Signals, common_pb2.StopSignal] = {
+    signal.SIGTERM: common_pb2.STOP_SIGNAL_TERM,
+    signal.SIGINT: common_pb2.STOP_SIGNAL_INT,
+    signal.SIGHUP: common_pb2.STOP_SIGNAL_HUP,
+    signal.SIGQUIT: common_pb2.STOP_SIGNAL_QUIT,
+    signal.SIGKILL: common_pb2.STOP_SIGNAL_KILL,
+}
+STOP_SIGNAL_FROM_PB: dict[int, signal.Signals] = {v: k for k, v in STOP_SIGNAL_TO_PB.items()}
+
+
+def stop_signal_from_pb(value: int) -> signal.Signals | None:
+    """A cancel's signal; None when it names none (the receiver's default: TERM)."""
+    if value == common_pb2.STOP_SIGNAL_UNSPECIFIED:
+        return None
+    sig = STOP_SIGNAL_FROM_PB.get(value)
+    if sig is None:
+        names = ", ".join(s.name for s in STOP_SIGNAL_TO_PB)
+        raise InvalidTaskSpec(f"unknown signal value {value}; a cancel may send {names}")
+    return sig
+
+
+def stop_signal_to_pb(sig: signal.Signals | None) -> common_pb2.StopSignal:
+    return common_pb2.STOP_SIGNAL_UNSPECIFIED if sig is None else STOP_SIGNAL_TO_PB[sig]
 
 
 # StreamOutput's initial metadata, sent before any output: the master took the stream and

@@ -6,6 +6,7 @@ import array
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,10 +274,11 @@ def test_ctrl_c_on_run_prints_what_the_command_says_while_it_stops(
     small_cluster: SmallCluster,
 ) -> None:
     """A local command's trap prints its cleanup on the terminal; `run` stopped reading at the
-    Ctrl-C, so that output was never shown."""
+    Ctrl-C, so that output was never shown. And the command gets INT, as from a terminal (it
+    got TERM, and its shell said 'Terminated' for the killed sleep)."""
     script = (
-        "trap 'echo cleaning up; echo cleanup-error >&2; sleep 0.3; echo cleaned; exit 3' TERM; "
-        "echo ready; while :; do sleep 0.05; done"
+        "trap 'echo cleaning up; echo cleanup-error >&2; sleep 0.3; echo cleaned; exit 3' INT; "
+        "trap 'echo wrong signal: TERM; exit 4' TERM; echo ready; while :; do sleep 0.05; done"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "dist_exec", "run", "--master", small_cluster.address, script],
@@ -293,9 +295,67 @@ def test_ctrl_c_on_run_prints_what_the_command_says_while_it_stops(
         proc.kill()
         proc.communicate()
     assert out == "cleaning up\ncleaned\n"
-    assert "cleanup-error\n" in err
-    assert err.endswith("was cancelled\n"), err
+    assert re.fullmatch(r"cleanup-error\ndist-exec: job \S+ was cancelled\n", err), err
     assert proc.returncode == -signal.SIGINT
+
+
+def test_cancel_sends_the_signal_asked_for_and_a_further_one_at_once(
+    small_cluster: SmallCluster,
+) -> None:
+    """`cancel --signal INT` (scancel -s): a command that handles TERM and keeps going gets the
+    INT of a second cancel while the first one waits out the grace."""
+    addr = small_cluster.address
+    job_id = run_cli(
+        "run", "-d", "trap 'echo got-TERM' TERM; trap 'echo got-INT; exit 5' INT; echo ready; "
+        "while :; do sleep 0.05; done",
+        master=addr,
+    ).stdout.strip()  # fmt: skip
+
+    def output() -> str:
+        return run_cli("logs", job_id, master=addr).stdout
+
+    wait_for(lambda: output() == "ready\n", 20, "the command to start")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "cancel", job_id, "--master", addr],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: output() == "ready\ngot-TERM\n", 20, "the TERM to be handled")
+        second = run_cli("cancel", job_id, "--signal", "int", master=addr)
+        assert second.code == 0, second.stderr
+        assert first.wait(timeout=30) == 0
+    finally:
+        first.kill()
+        first.communicate()
+    body = json.loads(run_cli("status", job_id, "--json", master=addr).stdout)
+    assert (body["status"], body["output"]) == ("CANCELLED", "ready\ngot-TERM\ngot-INT\n")
+    audit = [
+        json.loads(line)
+        for line in (Path(small_cluster.master.extra["data_dir"]) / "audit.log")
+        .read_text()
+        .splitlines()
+    ]
+    signals = sorted(str(e.get("signal")) for e in audit if e["action"] == "cancel")
+    assert signals == ["None", "SIGINT"]  # (both end when the job does: in either order)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("USR1", "'USR1' is not a signal a cancel can send: TERM, INT, HUP, QUIT, KILL"),
+        ("", "'' is not a signal a cancel can send"),
+        ("19", "'19' is not a signal"),
+    ],
+)
+def test_cancel_refuses_a_signal_it_cannot_send(
+    small_cluster: SmallCluster, value: str, message: str
+) -> None:
+    result = run_cli("cancel", str(uuid.uuid4()), "--signal", value, master=small_cluster.address)
+    assert result.code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_ctrl_c_on_run_cancels_the_job_also_while_its_output_is_not_read(

@@ -116,6 +116,11 @@ async def test_job_rpcs_reject_bad_ids_and_values(channels: dict[str, grpc.aio.C
     )
     await expect(stub.Cancel(master_pb2.CancelRequest(job_id=UNKNOWN_JOB)), CODE.NOT_FOUND, unknown)
     await expect(
+        stub.Cancel(master_pb2.CancelRequest(job_id=UNKNOWN_JOB, signal=99)),  # type: ignore[arg-type]
+        CODE.INVALID_ARGUMENT,
+        "unknown signal value 99; a cancel may send SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGKILL",
+    )
+    await expect(
         stub.StreamOutput(master_pb2.StreamOutputRequest(job_id=UNKNOWN_JOB)),
         CODE.NOT_FOUND,
         unknown,
@@ -233,6 +238,11 @@ async def test_worker_rejects_bad_execute_requests(channels: dict[str, grpc.aio.
     )
     cancelled = await stub.CancelTask(worker_pb2.CancelTaskRequest(task_id="unknown"))
     assert not cancelled.cancelled
+    await expect(
+        stub.CancelTask(worker_pb2.CancelTaskRequest(task_id="unknown", signal=9)),  # type: ignore[arg-type]
+        CODE.INVALID_ARGUMENT,
+        "unknown signal value 9",
+    )
     status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
     assert status.worker_id == "w1"
     assert list(status.capabilities) == ["command", "http"]

@@ -4,12 +4,13 @@ print JSON."""
 from __future__ import annotations
 
 import json
+import signal
 
 import click
 import pytest
 
 from dist_exec.cli import jobs, run
-from dist_exec.cli.common import JsonArrayPrinter, print_json
+from dist_exec.cli.common import SIGNAL, JsonArrayPrinter, print_json
 from dist_exec.models import OutputChunk, Stream
 
 CLIENT_COMMANDS = [
@@ -106,3 +107,21 @@ def test_a_broadcasts_prefixer_keeps_lines_whole_and_bounds_a_long_one(
         b"[n2] other",
         b"[n1] h",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("INT", signal.SIGINT), ("sigint", signal.SIGINT), ("2", signal.SIGINT),
+        ("term", signal.SIGTERM), ("SIGHUP", signal.SIGHUP), ("Quit", signal.SIGQUIT),
+        (" KILL ", signal.SIGKILL), ("9", signal.SIGKILL),
+    ],
+)  # fmt: skip
+def test_cancel_takes_a_signal_by_name_or_number(text: str, expected: signal.Signals) -> None:
+    assert SIGNAL.convert(text, None, None) is expected
+
+
+@pytest.mark.parametrize("text", ["USR1", "SIGSTOP", "15x", "", "SIG", "0", "-2"])
+def test_cancel_refuses_any_other_signal(text: str) -> None:
+    with pytest.raises(click.BadParameter, match="is not a signal a cancel can send"):
+        SIGNAL.convert(text, None, None)

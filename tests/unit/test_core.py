@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -73,7 +74,13 @@ class ScriptedWorker:
             ExecOutcome(ExecStatus.SUCCESS, 0, stdout=b"hi\n", stdout_bytes=3),
         ]
 
-    async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool:
+    async def cancel(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int = 0,
+        sig: signal.Signals | None = None,
+    ) -> bool:
         return False
 
     async def forget(self, endpoint: NodeEndpoint) -> None:

@@ -3,6 +3,7 @@ the real cluster's cancel paths are in tests/system/test_cli.py)."""
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -24,7 +25,7 @@ class StuckWorkerClient:
         self.calls: list[str] = []
         self.cancel_error = cancel_error
 
-    async def cancel(self, job_id: str) -> str:
+    async def cancel(self, job_id: str, sig: signal.Signals | None = None) -> str:
         self.calls.append("cancel")
         if self.cancel_error is not None:
             raise self.cancel_error
@@ -43,7 +44,7 @@ async def test_an_unconfirmed_cancel_waits_for_the_end_and_says_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     client = StuckWorkerClient()
-    job = await _cancel(cast(Client, client), "j1")
+    job = await _cancel(cast(Client, client), "j1", None)
     assert job.status == JobStatus.CANCELLED
     assert client.calls == ["cancel", "get", "wait"]
     assert capsys.readouterr().err == (
@@ -61,5 +62,5 @@ async def test_a_job_that_ended_by_itself_is_returned_as_it_ended() -> None:
             return done
 
     client = Ended(JobAlreadyFinished("job j1 has already ended (COMPLETED)"))
-    assert await _cancel(cast(Client, client), "j1") is done
+    assert await _cancel(cast(Client, client), "j1", None) is done
     assert client.calls == ["cancel", "get"]

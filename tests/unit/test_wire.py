@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from dist_exec import wire
+from dist_exec.client import Client
+from dist_exec.errors import InvalidTaskSpec
 from dist_exec.models import (
     ExecOutcome,
     ExecStatus,
@@ -330,3 +334,17 @@ def test_a_result_with_text_no_string_field_takes_is_sent_escaped() -> None:
     assert sent.error == "bad \\udce9"
     assert dict(sent.metadata) == {"header.x-\\udcff": "caf\\udce9"}
     assert (sent.task_id, sent.attempt, sent.exit_code) == ("t-1", 2, 1)
+
+
+def test_every_stop_signal_round_trips_and_an_unknown_one_is_refused() -> None:
+    for sig in wire.STOP_SIGNAL_TO_PB:
+        assert wire.stop_signal_from_pb(wire.stop_signal_to_pb(sig)) is sig
+    assert wire.stop_signal_from_pb(wire.stop_signal_to_pb(None)) is None
+    with pytest.raises(InvalidTaskSpec, match="unknown signal value 42; a cancel may send"):
+        wire.stop_signal_from_pb(42)
+
+
+async def test_the_client_refuses_a_signal_a_cancel_cannot_send() -> None:
+    async with Client("127.0.0.1:1") as client:  # (refused before any call)
+        with pytest.raises(InvalidTaskSpec, match="a cancel cannot send SIGUSR1"):
+            await client.cancel(str(uuid.uuid4()), signal.SIGUSR1)

@@ -49,6 +49,7 @@ from dist_exec.security.credentials import (
     load_client_config,
 )
 from dist_exec.security.tls import INSECURE_FLAG, TlsConfigError, TlsFiles, is_loopback
+from dist_exec.wire import STOP_SIGNAL_TO_PB
 
 T = TypeVar("T")
 EXIT_ERROR = 1
@@ -139,6 +140,25 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
         return size
 
 
+class SignalType(click.ParamType):  # type: ignore[type-arg]
+    """A signal a cancel may send: TERM, INT, HUP, QUIT or KILL (SIGINT, int and 2 too)."""
+
+    name = "signal"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> signal.Signals:
+        if isinstance(value, signal.Signals):
+            return value
+        text = _text(value, param, ctx).strip().upper()
+        text = text.removeprefix("SIG")
+        for sig in STOP_SIGNAL_TO_PB:
+            if text in (sig.name.removeprefix("SIG"), str(int(sig))):
+                return sig
+        names = ", ".join(sig.name.removeprefix("SIG") for sig in STOP_SIGNAL_TO_PB)
+        self.fail(f"{value!r} is not a signal a cancel can send: {names}", param, ctx)
+
+
 class AddressType(click.ParamType):  # type: ignore[type-arg]
     name = "host:port"
 
@@ -173,6 +193,7 @@ CLIENT_TOKEN = TokenType(empty_ok=False)
 DURATION = DurationType()
 TIMEOUT = DurationType(minimum_s=MIN_TIMEOUT_S)  # the least a master accepts
 SIZE = SizeType()
+SIGNAL = SignalType()
 ADDRESS = AddressType()
 KEY_VALUE = KeyValueType()
 _CREDENTIAL_KEYS = ("token", "ca", "cert", "key", "client_config")

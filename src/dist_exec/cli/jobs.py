@@ -5,10 +5,12 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import signal
 
 import click
 
 from dist_exec.cli.common import (
+    SIGNAL,
     TEXT,
     JsonArrayPrinter,
     connect,
@@ -247,19 +249,28 @@ def _emit(attempt: int, stream: Stream, offset: int, text: str) -> None:
 
 @click.command()
 @click.argument("job_id", type=TEXT)
+@click.option(
+    "--signal",
+    "sig",
+    type=SIGNAL,
+    default=None,
+    help="What the command's process group gets first: TERM (default), INT, HUP, QUIT or "
+    "KILL; KILL follows after the worker's grace (5s). Again with another signal while it "
+    "stops sends that one too.",
+)
 @master_option
 @json_option
-def cancel(job_id: str, master_address: str, as_json: bool) -> None:
-    """Cancel a queued or running job (its whole process group is killed); given a
+def cancel(job_id: str, sig: signal.Signals | None, master_address: str, as_json: bool) -> None:
+    """Cancel a queued or running job (its whole process group is stopped); given a
     broadcast's id, each of its per-node jobs that has not ended."""
 
     async def body() -> list[tuple[str, Job]] | tuple[str, Job]:
         async with connect(master_address) as client:
             try:
-                message = await client.cancel(job_id)
+                message = await client.cancel(job_id, sig)
             except JobNotFound as exc:
                 try:
-                    cancelled = await client.cancel_broadcast(job_id)
+                    cancelled = await client.cancel_broadcast(job_id, sig)
                 except JobNotFound:
                     raise exc from None
                 return [(said, await client.get(member)) for member, said in cancelled]

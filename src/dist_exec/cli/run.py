@@ -63,6 +63,7 @@ from dist_exec.models import (
     TaskLimits,
     TaskSpec,
 )
+from dist_exec.wire import STOP_SIGNAL_TO_PB
 
 _END = "\0--"  # '--' in a trial parse, told apart from the real one (no argument holds NUL)
 
@@ -383,7 +384,9 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
                 watch = _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
                 _, stop = await _follow(interrupts, watch)
             if stop is not None and len(finals) < len(node_of):
-                stopped = await _stop(client, [j for j in node_of if j not in finals], interrupts)
+                stopped = await _stop(
+                    client, [j for j in node_of if j not in finals], interrupts, stop
+                )
                 if stopped is None:
                     return _gave_up(interrupts, "the master goes on cancelling the jobs")
                 finals |= stopped
@@ -422,11 +425,14 @@ async def _follow(
 
 
 async def _stop(
-    client: Client, job_ids: list[str], interrupts: Interrupts
+    client: Client, job_ids: list[str], interrupts: Interrupts, why: Ending
 ) -> dict[str, Job] | None:
     """Cancel the jobs, all at once; each as it ended, or None when a further Ctrl-C stopped
-    waiting for the master's confirmation (the master carries a cancel out all the same)."""
-    cancels = asyncio.gather(*(_cancel(client, j) for j in job_ids), return_exceptions=True)
+    waiting for the master's confirmation (the master carries a cancel out all the same).
+    The commands get the signal that stopped ``run`` (``why``), as a terminal gives its
+    foreground commands Ctrl-C's INT; TERM for a lost reader's PIPE."""
+    sig = why if isinstance(why, signal.Signals) and why in STOP_SIGNAL_TO_PB else None
+    cancels = asyncio.gather(*(_cancel(client, j, sig) for j in job_ids), return_exceptions=True)
     try:
         ended = await interrupts.step(cancels, patient=True)
     except Interrupted:
@@ -439,7 +445,7 @@ async def _stop(
     return jobs
 
 
-async def _cancel(client: Client, job_id: str) -> Job:
+async def _cancel(client: Client, job_id: str, sig: signal.Signals | None) -> Job:
     """Cancel the job unless it has ended; returns it as it ended. The master answers once the
     worker confirmed the end, or after a while without that (a stuck worker): then this waits
     for the end the master goes on working towards."""
@@ -447,7 +453,7 @@ async def _cancel(client: Client, job_id: str) -> Job:
     while True:
         try:
             with contextlib.suppress(JobAlreadyFinished):
-                await client.cancel(job_id)
+                await client.cancel(job_id, sig)
             break
         except DistExecError as exc:
             if exc.code not in _TRY_CANCEL_AGAIN:
@@ -583,7 +589,7 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                         waiting.cancel()
                 if stop is not None:
                     try:
-                        stopped = await _stop(client, [job_id], interrupts)
+                        stopped = await _stop(client, [job_id], interrupts, stop)
                         if stopped is None:
                             return _gave_up(
                                 interrupts,
@@ -653,7 +659,7 @@ async def _submit_detached(client: Client, spec: TaskSpec, as_json: bool) -> End
             await _print_submitted(client, job_id, as_json)
             return 0
         # A signal while it was submitted: the job is not wanted after all.
-        stopped = await _stop(client, [job_id], interrupts)
+        stopped = await _stop(client, [job_id], interrupts, interrupts.received[0])
         if stopped is None:
             return _gave_up(
                 interrupts, f"job {job_id} is cancelled if the cancel reached the master"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
@@ -269,25 +270,36 @@ class Client:
             raise self._error(exc) from None
         return wire.job_from_status_pb(reply)
 
-    async def cancel(self, job_id: str) -> str:
+    async def cancel(self, job_id: str, sig: signal.Signals | None = None) -> str:
+        """Cancel the job: its command's process group gets ``sig`` (TERM by default; also
+        INT, HUP, QUIT or KILL), then KILL after the worker's grace. Cancelling a job that is
+        being cancelled with another signal sends that one too. Returns the master's word."""
+        if sig is not None and sig not in wire.STOP_SIGNAL_TO_PB:
+            names = ", ".join(s.name for s in wire.STOP_SIGNAL_TO_PB)
+            raise InvalidTaskSpec(f"a cancel cannot send {sig.name}; it may send {names}")
         try:
             reply = await self.stub.Cancel(
-                master_pb2.CancelRequest(job_id=_job_id(job_id)), timeout=self.timeout_s
+                master_pb2.CancelRequest(
+                    job_id=_job_id(job_id), signal=wire.stop_signal_to_pb(sig)
+                ),
+                timeout=self.timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
         return reply.message
 
-    async def cancel_broadcast(self, broadcast_id: str) -> list[tuple[JobId, str]]:
-        """Cancel each per-node job of a broadcast (``submit_broadcast``'s id): (job id, what
-        the master said) of each; one that had ended already says so."""
+    async def cancel_broadcast(
+        self, broadcast_id: str, sig: signal.Signals | None = None
+    ) -> list[tuple[JobId, str]]:
+        """Cancel each per-node job of a broadcast (``submit_broadcast``'s id), as ``cancel``:
+        (job id, what the master said) of each; one that had ended already says so."""
         members, _ = await self.list_jobs(MAX_LIST_JOBS, broadcast_id=broadcast_id)
         if not members:
             raise JobNotFound(f"broadcast {broadcast_id} not found")
 
         async def one(job_id: JobId) -> tuple[JobId, str]:
             try:
-                return job_id, await self.cancel(job_id)
+                return job_id, await self.cancel(job_id, sig)
             except JobAlreadyFinished as exc:
                 return job_id, exc.message
 

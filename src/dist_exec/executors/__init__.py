@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,15 @@ ENTRY_POINT_GROUP = "dist_exec.executors"
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class StopOrder:
+    """How a cancelled attempt is to be stopped, set before its task is cancelled: what runs
+    gets ``signal`` (then SIGKILL after the grace). A further cancel may change it while the
+    attempt stops; an executor that signals sends the new one too."""
+
+    signal: signal.Signals = signal.SIGTERM
+
+
 @dataclass(frozen=True, slots=True)
 class ExecRequest:
     """One attempt of a task, as an executor sees it."""
@@ -32,6 +42,7 @@ class ExecRequest:
     timeout_s: float
     metadata: Mapping[str, str] = field(default_factory=dict)
     limits: TaskLimits = field(default_factory=TaskLimits)  # as the task asked (0: not set)
+    stop: StopOrder = field(default_factory=StopOrder)
 
 
 class OutputSink(Protocol):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from dist_exec import procfs
 from dist_exec.errors import InvalidTaskSpec, PolicyDenied, shorten
-from dist_exec.executors import ExecRequest, OutputSink, json_payload
+from dist_exec.executors import ExecRequest, OutputSink, StopOrder, json_payload
 from dist_exec.executors.child import Child, read_pipe, write_pipe
 from dist_exec.executors.containment import POLL_S, Containment, Jail, may_enter
 from dist_exec.executors.guardian import (
@@ -528,10 +528,11 @@ class CommandExecutor:
         pumps: list[asyncio.Task[None]],
         stopped: ExecRequest | None = None,
     ) -> None:
-        """TERM the whole group, KILL it after the grace period, reap, then drain the pipes.
-        ``stopped``: the attempt was stopped before its end, so its processes that left the
-        group (setsid) are found by their environment and killed too."""
-        await terminate_group(proc, self.kill_grace_s)
+        """TERM the whole group (or the signal a cancel asked for), KILL it after the grace
+        period, reap, then drain the pipes. ``stopped``: the attempt was stopped before its
+        end, so its processes that left the group (setsid) are found by their environment and
+        killed too."""
+        await terminate_group(proc, self.kill_grace_s, stopped.stop if stopped else None)
         if stopped is not None:
             await asyncio.to_thread(kill_tagged, _tags(stopped))
         if self.guard is not None:
@@ -715,16 +716,22 @@ class _StderrTail:
         await self.sink.write(stream, data)
 
 
-async def terminate_group(proc: Child, grace_s: float) -> None:
+async def terminate_group(proc: Child, grace_s: float, order: StopOrder | None = None) -> None:
+    """Signal the whole group (``order``'s signal, else TERM), KILL it after ``grace_s``,
+    reap. A signal the order changes to meanwhile is sent as well (a further cancel)."""
     pgid = proc.pid
-    if not _signal_group(pgid, signal.SIGTERM):
+    sent = order.signal if order is not None else signal.SIGTERM
+    if not _signal_group(pgid, sent):
         await proc.wait()
         return
-    _signal_group(pgid, signal.SIGCONT)  # (a stopped process takes its TERM only once woken)
+    _signal_group(pgid, signal.SIGCONT)  # (a stopped process takes its signal once woken)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if proc.returncode is not None and not _group_alive(pgid):
             break
+        if order is not None and order.signal != sent:
+            sent = order.signal
+            _signal_group(pgid, sent)
         await asyncio.sleep(0.02)
     else:
         _signal_group(pgid, signal.SIGKILL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +35,7 @@ class ActiveJob:
     seen: dict[Stream, int] = field(default_factory=lambda: {s: 0 for s in Stream})
     cancel_requested: bool = False
     stopping: asyncio.Task[None] | None = None  # the cancel at work (one, however many calls)
+    stop_signal: signal.Signals | None = None  # what the cancel sends (None: the worker's TERM)
     orphan_deadline: float | None = None  # recovered RUNNING job waiting for its worker
     accepted: asyncio.Future[list[int]] | None = None  # the store's commit of the job
     recorded_attempt: int = 0  # the attempt whose start the store already has

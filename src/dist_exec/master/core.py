@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -438,9 +439,10 @@ class Master(Submission, Attempts):
             min(limit or 100, MAX_LIST_JOBS), offset, status, broadcast_id, owner
         )
 
-    async def cancel(self, job_id: JobId, wait_s: float) -> str:
+    async def cancel(self, job_id: JobId, wait_s: float, sig: signal.Signals | None = None) -> str:
         """Cancel a job; waits up to ``wait_s`` for a running one to be confirmed dead (and
-        for the end to be written)."""
+        for the end to be written). ``sig``: what its command is stopped with (None: TERM); a
+        further cancel with another one sends that one too."""
         job = self._active.get(job_id)
         if job is None or job.status.terminal:
             stored = await self.store.get(job_id)
@@ -463,8 +465,12 @@ class Master(Submission, Attempts):
                 self.scheduler.remove(job.id)
                 self._cancel_backoff(job)
             else:
+                job.stop_signal = sig
                 job.stopping = self._spawn(self._cancel_running(job))
                 job.cancel_requested = True
+        elif sig is not None and sig != job.stop_signal and job.status == JobStatus.RUNNING:
+            job.stop_signal = sig  # (sent again with every resend of the cancel, below)
+            self._spawn(self._signal(job, sig))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await asyncio.shield(job.stopping)
@@ -484,7 +490,7 @@ class Master(Submission, Attempts):
                 await self._force_cancel(job, "cancelled")
                 return
             try:
-                await self.workers.cancel(node.endpoint, job.id, job.attempt)
+                await self.workers.cancel(node.endpoint, job.id, job.attempt, job.stop_signal)
             except (WorkerUnreachable, AttemptGone, AttemptRejected) as exc:
                 log.warning("cannot reach worker %s to cancel %s: %s", node.id, job.id, exc)
                 attempt = job.attempt
@@ -495,6 +501,17 @@ class Master(Submission, Attempts):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CANCEL_CONFIRM_S):
                     await job.ended.wait()
+
+    async def _signal(self, job: ActiveJob, sig: signal.Signals) -> None:
+        """A further cancel's signal, sent at once (the cancel at work resends it too)."""
+        node = self.registry.get(job.node_id) if job.node_id else None
+        if node is None or job.runner is None or job.ended.is_set():
+            return
+        try:
+            await self.workers.cancel(node.endpoint, job.id, job.attempt, sig)
+        except (WorkerUnreachable, AttemptGone, AttemptRejected, DistExecError) as exc:
+            # (the cancel at work resends it, and handles a worker out of reach)
+            log.info("cannot send %s to job %s on %s yet: %s", sig.name, job.id, node.id, exc)
 
     async def _force_cancel(self, job: ActiveJob, reason: str) -> None:
         if job.status.terminal:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -81,7 +82,13 @@ class WorkerClient(Protocol):
         deadline_s: float,
     ) -> AsyncIterator[OutputChunk | ExecOutcome]: ...
 
-    async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool: ...
+    async def cancel(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int = 0,
+        sig: signal.Signals | None = None,
+    ) -> bool: ...
 
     async def forget(self, endpoint: NodeEndpoint) -> None: ...
 
@@ -474,10 +481,18 @@ class GrpcWorkerClient:
             start_by=wire.duration(start_by) if start_by else None,
         )
 
-    async def cancel(self, endpoint: NodeEndpoint, task_id: str, attempt: int = 0) -> bool:
+    async def cancel(
+        self,
+        endpoint: NodeEndpoint,
+        task_id: str,
+        attempt: int = 0,
+        sig: signal.Signals | None = None,
+    ) -> bool:
         metadata, expected = self._credentials(endpoint)
         call = self._stub(endpoint).CancelTask(
-            worker_pb2.CancelTaskRequest(task_id=task_id, attempt=attempt),
+            worker_pb2.CancelTaskRequest(
+                task_id=task_id, attempt=attempt, signal=wire.stop_signal_to_pb(sig)
+            ),
             timeout=self.rpc_timeout_s,
             metadata=metadata,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -284,10 +285,11 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         remaining = context.time_remaining()
         wait_s = 15.0 if remaining is None else max(0.0, min(15.0, remaining - 0.5))
         job_id = _job_id(request.job_id)
+        sig = wire.stop_signal_from_pb(request.signal)
         # A cancel that arrived is carried out whole, even when its caller goes away while the
         # job's owner is looked up (a client giving up at once, a Ctrl-C burst): the work is a
         # task of its own, which this call only waits for.
-        work = asyncio.create_task(self._cancel(job_id, wait_s))
+        work = asyncio.create_task(self._cancel(job_id, wait_s, sig))
         self._cancels.add(work)
         work.add_done_callback(self._cancels.discard)
         try:
@@ -297,14 +299,15 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             raise
         return master_pb2.CancelResponse(cancelled=True, message=message)
 
-    async def _cancel(self, job_id: JobId, wait_s: float) -> str:
+    async def _cancel(self, job_id: JobId, wait_s: float, sig: signal.Signals | None) -> str:
+        details = {} if sig is None else {"signal": sig.name}
         try:
             await self._owned(job_id, "cancel")
         except JobNotFound as exc:
-            self._audit("cancel", "denied", exc.message, jobs=[job_id])
+            self._audit("cancel", "denied", exc.message, jobs=[job_id], **details)
             raise
-        message = await self.master.cancel(job_id, wait_s)
-        self._audit("cancel", "allowed", message, jobs=[job_id])
+        message = await self.master.cancel(job_id, wait_s, sig)
+        self._audit("cancel", "allowed", message, jobs=[job_id], **details)
         return message
 
     @grpc_errors

@@ -147,8 +147,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def CancelTask(
         self, request: worker_pb2.CancelTaskRequest, context: Context
     ) -> worker_pb2.CancelTaskResponse:
+        sig = wire.stop_signal_from_pb(request.signal)
         return worker_pb2.CancelTaskResponse(
-            cancelled=self.runner.cancel(request.task_id, request.attempt)
+            cancelled=self.runner.cancel(request.task_id, request.attempt, sig=sig)
         )
 
     @grpc_errors

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -24,7 +25,7 @@ from dist_exec.errors import (
     WorkerDraining,
     shorten,
 )
-from dist_exec.executors import ExecRequest, Executor
+from dist_exec.executors import ExecRequest, Executor, StopOrder
 from dist_exec.models import ExecOutcome, ExecStatus, OutputChunk, Stream
 from dist_exec.output_tail import OutputTail
 
@@ -158,6 +159,7 @@ class Attempt:
     running: bool = False  # its task has started (cancelling it now reaches the executor)
     cancel_reason: str = ""
     retryable_on_cancel: bool = False
+    stop: StopOrder = field(default_factory=StopOrder)  # its request's: how a cancel stops it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -241,6 +243,7 @@ class TaskRunner:
             task_type,
             AttemptOutput(self.max_output_bytes),
             time.monotonic(),
+            stop=request.stop,
         )
         self._attempts[attempt.key] = attempt
         self._idle.clear()
@@ -254,13 +257,18 @@ class TaskRunner:
         attempt_no: int = 0,
         reason: str = "cancelled",
         retryable: bool = False,
+        sig: signal.Signals | None = None,
     ) -> bool:
-        """Stop the task's running attempts (only ``attempt_no`` unless it is 0)."""
+        """Stop the task's running attempts (only ``attempt_no`` unless it is 0), with
+        ``sig`` (None: as ordered before, TERM unless a cancel said otherwise); an attempt
+        already stopping gets a new signal at once."""
         found = False
         for attempt in self._attempts.values():
             if attempt_no and attempt.attempt != attempt_no:
                 continue
             if attempt.task_id == task_id and attempt.outcome is None:
+                if sig is not None:
+                    attempt.stop.signal = sig
                 attempt.cancel_reason = reason
                 attempt.retryable_on_cancel = retryable
                 if not attempt.cancel.is_set():

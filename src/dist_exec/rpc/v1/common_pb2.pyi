@@ -34,6 +34,15 @@ class ExecutionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTION_STATUS_TIMEOUT: _ClassVar[ExecutionStatus]
     EXECUTION_STATUS_CANCELLED: _ClassVar[ExecutionStatus]
 
+class StopSignal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_SIGNAL_UNSPECIFIED: _ClassVar[StopSignal]
+    STOP_SIGNAL_TERM: _ClassVar[StopSignal]
+    STOP_SIGNAL_INT: _ClassVar[StopSignal]
+    STOP_SIGNAL_HUP: _ClassVar[StopSignal]
+    STOP_SIGNAL_QUIT: _ClassVar[StopSignal]
+    STOP_SIGNAL_KILL: _ClassVar[StopSignal]
+
 class WorkerHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_HEALTH_UNKNOWN: _ClassVar[WorkerHealth]
@@ -63,6 +72,12 @@ EXECUTION_STATUS_SUCCESS: ExecutionStatus
 EXECUTION_STATUS_FAILURE: ExecutionStatus
 EXECUTION_STATUS_TIMEOUT: ExecutionStatus
 EXECUTION_STATUS_CANCELLED: ExecutionStatus
+STOP_SIGNAL_UNSPECIFIED: StopSignal
+STOP_SIGNAL_TERM: StopSignal
+STOP_SIGNAL_INT: StopSignal
+STOP_SIGNAL_HUP: StopSignal
+STOP_SIGNAL_QUIT: StopSignal
+STOP_SIGNAL_KILL: StopSignal
 WORKER_HEALTH_UNKNOWN: WorkerHealth
 WORKER_HEALTH_HEALTHY: WorkerHealth
 WORKER_HEALTH_DEGRADED: WorkerHealth

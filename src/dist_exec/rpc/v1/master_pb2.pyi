@@ -169,10 +169,12 @@ class AttemptInfo(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., node_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "signal")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    signal: _common_pb2.StopSignal
+    def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[_Union[_common_pb2.StopSignal, str]] = ...) -> None: ...
 
 class CancelResponse(_message.Message):
     __slots__ = ("cancelled", "message")

@@ -146,12 +146,14 @@ class DispatchEvents(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[ExecuteProgress, _Mapping]]] = ...) -> None: ...
 
 class CancelTaskRequest(_message.Message):
-    __slots__ = ("task_id", "attempt")
+    __slots__ = ("task_id", "attempt", "signal")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    signal: _common_pb2.StopSignal
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., signal: _Optional[_Union[_common_pb2.StopSignal, str]] = ...) -> None: ...
 
 class CancelTaskResponse(_message.Message):
     __slots__ = ("cancelled",)
