@@ -68,6 +68,23 @@ def test_stdin_reaches_the_command_byte_for_byte(small_cluster: SmallCluster) ->
         assert (done.returncode, done.stdout == data) == (0, True), done.stderr
 
 
+def test_without_stdin_run_leaves_its_own_alone(small_cluster: SmallCluster) -> None:
+    """The command reads /dev/null, and `run` reads nothing of its stdin: a `while read` loop
+    around it sees every line (ssh without -n would eat them)."""
+    loop = (
+        'printf "a\\nb\\nc\\n" | while read x; do '
+        f'"{sys.executable}" -m dist_exec run -- sh -c \'echo "$0:$(cat | wc -c)"\' "$x"; done'
+    )
+    done = subprocess.run(
+        ["sh", "-c", loop],
+        env={**os.environ, "DIST_EXEC_MASTER": small_cluster.address},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "a:0\nb:0\nc:0\n"), done.stderr
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
-import contextlib
+import itertools
 import json
 import signal
+from collections import deque
+from collections.abc import AsyncIterator
 
 import click
 
@@ -24,11 +27,13 @@ from dist_exec.cli.common import (
     run_client,
 )
 from dist_exec.cli.run import OutputPrinter
+from dist_exec.client import Client
 from dist_exec.config import MAX_INT32, MAX_LIST_JOBS
 from dist_exec.errors import DistExecError, JobNotFound
 from dist_exec.executors.limits import summary as limits_summary
 from dist_exec.models import (
     Job,
+    JobId,
     JobStatus,
     NodeInfo,
     OutputChunk,
@@ -147,12 +152,11 @@ def list_jobs(
             jobs, total = await client.list_jobs(
                 limit, offset, _status_choice(status_filter), broadcast or ""
             )
-            if as_json:  # each job whole (output too), one at a time: never all in memory
+            if as_json:
                 printer = JsonArrayPrinter()
                 try:
-                    for listed, _ in jobs:
-                        with contextlib.suppress(JobNotFound):  # (deleted since it was listed)
-                            printer.add(job_json(await client.get(listed.id)))
+                    async for job in _whole(client, [listed.id for listed, _ in jobs]):
+                        printer.add(job_json(job))
                 except DistExecError:  # stdout stays one JSON array; the error says it is cut
                     printer.end()
                     raise
@@ -173,6 +177,36 @@ def list_jobs(
             + (f"  [broadcast {job.spec.broadcast_id[:8]}]" if job.spec.broadcast_id else "")
         )
     click.echo(f"({len(jobs)} of {total} jobs)", err=True)
+
+
+WHOLE_JOBS_IN_FLIGHT = 8
+
+
+async def _whole(client: Client, job_ids: list[JobId]) -> AsyncIterator[Job]:
+    """Each job whole (its output too), in order; one deleted since it was listed is left
+    out. WHOLE_JOBS_IN_FLIGHT are asked for at a time: not a round trip after another for a
+    thousand jobs, nor all of them (up to 10 MiB of output each) in memory at once."""
+
+    async def get(job_id: JobId) -> Job | None:
+        try:
+            return await client.get(job_id)
+        except JobNotFound:
+            return None
+
+    asked: deque[asyncio.Task[Job | None]] = deque()
+    ids = iter(job_ids)
+    try:
+        while True:
+            for job_id in itertools.islice(ids, WHOLE_JOBS_IN_FLIGHT - len(asked)):
+                asked.append(asyncio.create_task(get(job_id)))
+            if not asked:
+                return
+            if (job := await asked.popleft()) is not None:
+                yield job
+    finally:
+        for task in asked:
+            task.cancel()
+        await asyncio.gather(*asked, return_exceptions=True)
 
 
 @click.command()
