@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_exec import procfs
+from dist_exec import procfs, supervised
 from dist_exec.client import Client, command_spec
 from dist_exec.models import Job, JobStatus, OutputChunk, Stream
 from dist_exec.tuning import tune_grpc
@@ -121,7 +121,7 @@ class Cluster:
         log_path = self.tmp / f"{name}.log"
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dist_exec", *args],
+                supervised.argv(args),  # (dist-exec ARGS, stopped when this process dies)
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log_file,

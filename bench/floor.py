@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +36,7 @@ import grpc.aio
 from dist_exec.tuning import tune_gc, tune_grpc
 
 RECORD = b"x" * 3000  # about what the store writes to accept a job
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _same(data: bytes) -> bytes:
@@ -226,6 +230,18 @@ def _start(*args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(proc.stdout.readline())
 
 
+def _die_with_parent() -> None:
+    """A server of this benchmark is killed with the process that started it."""
+    with contextlib.suppress(OSError, AttributeError):  # (not Linux)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # (it died before that was set)
+        sys.exit(1)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the servers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000, help="sequential jobs measured")
@@ -233,12 +249,11 @@ def main() -> None:
     parser.add_argument("role", nargs="?", default="client", help=argparse.SUPPRESS)
     parser.add_argument("port", nargs="?", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.role == "worker":
-        asyncio.run(worker())
+    if args.role in ("worker", "master"):
+        _die_with_parent()
+        asyncio.run(worker() if args.role == "worker" else master(args.port))
         return
-    if args.role == "master":
-        asyncio.run(master(args.port))
-        return
+    signal.signal(signal.SIGTERM, _terminate)
     worker_proc, worker_port = _start("worker")
     master_proc, master_port = _start("master", str(worker_port))
     try:
