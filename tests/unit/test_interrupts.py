@@ -15,11 +15,16 @@ from dist_exec.interrupts import STOP_SIGNALS, Interrupted, Interrupts
 INT, TERM, HUP = signal.SIGINT, signal.SIGTERM, signal.SIGHUP
 
 
+def _stray(signum: int, frame: object) -> None:
+    raise AssertionError(f"{signal.Signals(signum).name} was not taken by Interrupts")
+
+
 @pytest.fixture(autouse=True)
 def handlers() -> Iterator[None]:
-    """Each stop signal at its default while a test runs (whatever this process was started
-    with: nohup, a background job), and put back after it."""
-    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in STOP_SIGNALS}
+    """Each stop signal handled while a test runs (whatever this process was started with:
+    nohup, a background job), and put back after it. Not at its default action: a signal that
+    Interrupts fails to take fails the test instead of killing the whole test run."""
+    saved = {sig: signal.signal(sig, _stray) for sig in STOP_SIGNALS}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
@@ -170,6 +175,7 @@ def test_leaving_the_block_gives_back_the_handlers_it_found() -> None:
             assert all(signal.getsignal(s) not in (signal.SIG_DFL, mine) for s in STOP_SIGNALS)
 
     signal.signal(TERM, mine)
+    signal.signal(INT, signal.SIG_DFL)  # (no signal is sent here)
     asyncio.run(main())
     assert signal.getsignal(INT) is signal.SIG_DFL
     assert signal.getsignal(TERM) is mine
