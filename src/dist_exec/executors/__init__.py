@@ -88,14 +88,25 @@ def describe_task(task_type: str, payload: bytes) -> str:
 
 
 def json_payload(payload: bytes, task_type: str) -> object:
-    """A payload's JSON, or InvalidTaskSpec saying what is wrong with it."""
+    """A payload's JSON, or InvalidTaskSpec saying what is wrong with it. UTF-8 only (JSON's
+    own rule): json.loads would take UTF-16 and UTF-32 too, and call UTF-8 gone wrong a
+    'utf-16-le' error."""
     try:
-        return json.loads(payload)
+        text = payload.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidTaskSpec(
+            f"{task_type} payload is not valid JSON: it is not UTF-8 (byte "
+            f"0x{payload[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        return json.loads(text)
     except RecursionError:
         raise InvalidTaskSpec(f"{task_type} payload is not valid JSON: nested too deeply") from None
     except ValueError as exc:
         if "integer string conversion" in str(exc):  # (Python's advice is for its own code)
             reason = f"a number has too many digits (at most {sys.get_int_max_str_digits()})"
+        elif text.startswith("\ufeff"):
+            reason = "it starts with a byte order mark (BOM)"
         else:
             reason = str(exc)
         raise InvalidTaskSpec(f"{task_type} payload is not valid JSON: {reason}") from None
