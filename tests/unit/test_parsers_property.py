@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import math
 import os
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
