@@ -57,11 +57,12 @@ async def test_a_cancel_call_dropped_while_the_worker_stops_the_job_still_ends_i
 ) -> None:
     """The command holds out against SIGTERM (the worker kills it after its grace period);
     the client drops the call meanwhile. The master's cancel goes on, and so does the master."""
-    termed = tmp_path / "termed"
+    termed, armed = tmp_path / "termed", tmp_path / "armed"
     async with grpc.aio.insecure_channel(small_cluster.address) as channel:
         stub: MasterServiceAsyncStub = master_pb2_grpc.MasterServiceStub(channel)
-        script = f"trap 'touch {termed}' TERM; while :; do sleep 0.1; done"
+        script = f"trap 'touch {termed}' TERM; touch {armed}; while :; do sleep 0.1; done"
         job_id, pid = await start(stub, tmp_path, script)
+        await wait_until(armed.exists, 20, "the command to trap SIGTERM")  # (else it dies)
         call = stub.Cancel(master_pb2.CancelRequest(job_id=job_id))
         await wait_until(termed.exists, 20, "the command to get SIGTERM")
         call.cancel()

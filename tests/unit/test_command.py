@@ -277,7 +277,7 @@ def group_members(pgid: int) -> dict[int, str]:
     return members
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     try:
         async with asyncio.timeout(timeout):
             while not predicate():
@@ -538,14 +538,14 @@ async def test_background_child_does_not_hold_up_the_result(process_groups: list
     sink = RecordingSink()
     spec = CommandSpec("trap 'exit 0' USR1; sleep 300 & echo $$; wait", shell=True)
     task = asyncio.create_task(executor.execute(request(spec), sink))
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(20):
         await sink.first_stdout.wait()
     pgid = int(sink.stdout.split()[0])
     process_groups.append(pgid)
     await wait_until(lambda: sorted(group_members(pgid).values()) == ["sh", "sleep"], "start")
 
     os.kill(pgid, signal.SIGUSR1)
-    done, _ = await asyncio.wait({task}, timeout=2)
+    done, _ = await asyncio.wait({task}, timeout=30)  # (the bug: until the sleep's 300 s)
     if not done:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -564,7 +564,7 @@ async def start_and_cancel(
     executor = CommandExecutor({"kill_grace_s": kill_grace_s})
     sink = RecordingSink()
     task = asyncio.create_task(executor.execute(request(CommandSpec(shell, shell=True)), sink))
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(20):
         await sink.first_stdout.wait()
     pgid = int(sink.stdout.split()[0])
     process_groups.append(pgid)
@@ -588,8 +588,6 @@ async def test_cancel_kills_the_whole_group(process_groups: list[int]) -> None:
 
 
 async def test_cancel_kills_a_group_that_ignores_sigterm(process_groups: list[int]) -> None:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     pgid = await start_and_cancel(
         'trap "" TERM; echo $$; sleep 300 & sleep 300; wait',
         ["sh", "sleep", "sleep"],
@@ -598,22 +596,25 @@ async def test_cancel_kills_a_group_that_ignores_sigterm(process_groups: list[in
     )
     # SIGKILL is delivered asynchronously: allow the kernel a moment to finish the job.
     await wait_until(lambda: not group_members(pgid), "the group to be killed")
-    assert loop.time() - started < 5.0
 
 
 async def test_a_stop_after_the_command_ended_keeps_its_result_and_kills_what_it_left(
-    process_groups: list[int],
+    process_groups: list[int], tmp_path: Path
 ) -> None:
     """A cancel (or timeout, or drain) that came while the group a command left behind was
     being stopped discarded the command's result, and cut the stop short: a leftover that
-    ignores TERM lived on. Now the result stands and the stop only ends the grace at once."""
+    ignores TERM lived on. Now the result stands and the stop only ends the grace at once.
+    (The command ends once its leftover has its trap: a TERM before that killed it.)"""
     executor = CommandExecutor({"kill_grace_s": 60})
     sink = RecordingSink()
+    armed = tmp_path / "armed"
     spec = CommandSpec(
-        "echo $$; (trap 'echo term' TERM; while :; do sleep 0.05; done) & exit 3", shell=True
+        f"echo $$; (trap 'echo term' TERM; touch {armed}; while :; do sleep 0.05; done) & "
+        f"while [ ! -e {armed} ]; do sleep 0.01; done; exit 3",
+        shell=True,
     )
     task = asyncio.create_task(executor.execute(request(spec), sink))
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(20):
         await sink.first_stdout.wait()
     pgid = int(sink.stdout.split()[0])
     process_groups.append(pgid)
@@ -627,12 +628,10 @@ async def test_a_stop_after_the_command_ended_keeps_its_result_and_kills_what_it
 
 
 async def test_a_stopped_command_is_woken_to_take_its_term(process_groups: list[int]) -> None:
-    """A process stopped (SIGSTOP) holds its TERM until woken: it waited the whole grace."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    """A process stopped (SIGSTOP) holds its TERM until woken: it waited the whole grace (30
+    s here: start_and_cancel allows the cancel 10)."""
     pgid = await start_and_cancel("echo $$; kill -STOP $$", ["sh"], 30.0, process_groups)
     assert group_members(pgid) == {}
-    assert loop.time() - started < 10.0
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,12 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from dist_exec.clock import SystemClock
 from dist_exec.config import MasterConfig
 from dist_exec.executors.command import CommandExecutor
+from dist_exec.master import registry as registry_module
 from dist_exec.master.active import HeldAttempt
 from dist_exec.master.balancer import RoundRobinBalancer
 from dist_exec.master.core import NOT_STARTED_WINDOW_S, RESTART_GRACE_EXTRA_S, Master
@@ -289,17 +292,20 @@ async def test_a_node_that_refuses_a_start_is_not_sent_it_again_in_a_loop(
     assert [b - a >= REFUSED_PAUSE_S * 0.9 for a, b in itertools.pairwise(times)] == [True] * 2
 
 
-async def test_a_refused_job_goes_to_another_node_at_once(tmp_path: Path) -> None:
+async def test_a_refused_job_goes_to_another_node_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not after the refusing node's pause (made far longer than the test's deadline)."""
+    monkeypatch.setattr(registry_module, "REFUSED_PAUSE_S", 300.0)
     worker = FullWorker(refusals=1)
     async with running_master(tmp_path, worker) as (master, _):
         master.register(NodeId("w1"), "127.0.0.1:1", ["command"], 1, {}, [])
         master.register(NodeId("w2"), "127.0.0.1:2", ["command"], 1, {}, [])
         job_id = await master.submit(SPEC)
-        job = await ended(master, job_id, 5)
+        job = await ended(master, job_id, 20)
     assert job.status == JobStatus.COMPLETED
-    (first, refused_at), (second, started_at) = worker.starts
+    (first, _), (second, _) = worker.starts
     assert first != second
-    assert started_at - refused_at < REFUSED_PAUSE_S / 2
 
 
 class SilentForeignWorker(ScriptedWorker):

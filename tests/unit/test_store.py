@@ -576,7 +576,7 @@ async def test_while_the_database_fails_it_is_tried_after_a_backoff_not_at_every
                 await asyncio.sleep(0.005)
             assert tries - started <= 6  # 50 ms, 100, 200, 400 ... (not 200 tries)
             with pytest.raises(StoreUnavailable):
-                await asyncio.wait_for(store.insert(make_job("refused")), 0.5)
+                await asyncio.wait_for(store.insert(make_job("refused")), 10)
         await wait_until(lambda: store.trouble is None, what="the backlog to be written")
         await store.insert(make_job("later"))
         assert (await get(store, "j")).stdout == b"x" * offset
