@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -397,6 +398,27 @@ def run_cli(
         stdin=None if input_text is not None else subprocess.DEVNULL,
     )
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def up_address(said: str) -> str:
+    """The master's address in what ``up`` printed ('' when it did not say it)."""
+    found = re.search(r"master at (\S+), ", said)
+    return found.group(1) if found else ""
+
+
+@contextlib.contextmanager
+def detached_cluster(
+    data: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[CliResult, str]]:
+    """``dist-exec up -d`` on a port it picks itself (a port picked here first could be taken
+    before it binds it): its result and the master's address, and ``down`` afterwards, also
+    when it failed halfway (a master up, a worker not)."""
+    up = run_cli("up", "-d", "--listen", "127.0.0.1:0", "--data-dir", str(data), *args, env=env)
+    try:
+        yield up, up_address(up.stdout)
+    finally:
+        down = run_cli("down", "--data-dir", str(data))
+        assert down.code == 0, down.stderr
 
 
 class RecordingSink:

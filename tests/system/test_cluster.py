@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +14,15 @@ import pytest
 
 from dist_exec.config import split_address
 from dist_exec.tuning import GRPC_EXPERIMENTS, tune_grpc
-from tests.conftest import ClusterFactory, pid_alive, run_cli, wait_for
+from tests.conftest import (
+    ClusterFactory,
+    detached_cluster,
+    pid_alive,
+    run_cli,
+    up_address,
+    wait_for,
+)
 from tests.faults.proxy import CuttableProxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_worker_reads_the_spec_environment_and_flags_win(cluster: ClusterFactory) -> None:
@@ -113,12 +113,12 @@ def test_big_output_is_streamed_whole_but_stored_bounded(cluster: ClusterFactory
 
 def test_up_detached_runs_jobs_and_down_stops_everything(tmp_path: Path) -> None:
     data = tmp_path / "cluster"
-    address = f"127.0.0.1:{free_port()}"
-    up = run_cli("up", "-d", "--workers", "2", "--listen", address, "--data-dir", str(data))
-    assert up.code == 0, up.stderr
-    pid = int((data / "cluster.pid").read_text())
+    up = run_cli("up", "-d", "--workers", "2", "--listen", "127.0.0.1:0", "--data-dir", str(data))
     try:  # (everything that may fail from here on stops the cluster first)
-        assert f"master at {address}, 2 workers" in up.stdout
+        assert up.code == 0, up.stderr
+        pid = int((data / "cluster.pid").read_text())
+        address = up_address(up.stdout)
+        assert re.search(r"master at 127\.0\.0\.1:[1-9]\d*, 2 workers", up.stdout), up.stdout
         note = "(commands run as nobody; --run-as USER to change)"  # said when it is so
         assert (note in up.stdout) == (os.geteuid() == 0)
         # The cluster runs with dist-exec's gRPC settings (dist_exec.tuning), where measured.
@@ -173,11 +173,12 @@ def test_a_detached_cluster_whose_up_was_killed_stops_and_can_start_again(
     """Its servers end with it (they drain), and down clears what it left; the same data dir
     and port then start a new cluster."""
     data = tmp_path / "cluster"
-    address = f"127.0.0.1:{free_port()}"
-    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
-    assert up.code == 0, up.stderr
-    servers = [pid for pid, _ in json.loads((data / "cluster.json").read_text())["servers"]]
+    up = run_cli("up", "-d", "--workers", "1", "--listen", "127.0.0.1:0", "--data-dir", str(data))
+    servers: list[int] = []
     try:
+        assert up.code == 0, up.stderr
+        address = up_address(up.stdout)
+        servers = [pid for pid, _ in json.loads((data / "cluster.json").read_text())["servers"]]
         assert len(servers) == 2
         os.kill(int((data / "cluster.pid").read_text()), signal.SIGKILL)
         wait_for(lambda: not any(pid_alive(p) for p in servers), 60, "the servers to end")
@@ -198,35 +199,31 @@ def test_a_master_a_few_slow_round_trips_away_is_reached(tmp_path: Path) -> None
     """TCP, TLS and HTTP/2 handshakes over a 300 ms round trip take about a second: a client
     must wait for them (gRPC's connect timeout once was 200 ms here)."""
     data = tmp_path / "cluster"
-    address = f"127.0.0.1:{free_port()}"
-    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
-    assert up.code == 0, up.stderr
-    proxy = CuttableProxy(*split_address(address), delay_s=0.15).start()
-    try:
-        far = run_cli(
-            "nodes", "--json", "--client-config", str(data / "client.json"), master=proxy.address
-        )
-        assert far.code == 0, far.stderr
-        assert [n["id"] for n in json.loads(far.stdout)] == ["local-1"]
-    finally:
-        proxy.close()
-        assert run_cli("down", "--data-dir", str(data)).code == 0
+    with detached_cluster(data, "--workers", "1") as (up, address):
+        assert up.code == 0, up.stderr
+        proxy = CuttableProxy(*split_address(address), delay_s=0.15).start()
+        try:
+            far = run_cli(
+                "nodes", "--json", "--client-config", str(data / "client.json"),
+                master=proxy.address,
+            )  # fmt: skip
+            assert far.code == 0, far.stderr
+            assert [n["id"] for n in json.loads(far.stdout)] == ["local-1"]
+        finally:
+            proxy.close()
 
 
 def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: Path) -> None:
     """A local cluster is set up like a fleet: labels, the user and environment commands get,
     the command policy, limits. As root, commands would run as 'nobody' without --run-as."""
     data = tmp_path / "cluster"
-    address = f"127.0.0.1:{free_port()}"
     user = "root" if os.geteuid() == 0 else str(os.geteuid())
-    up = run_cli(
-        "up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data),
-        "--label", "zone=lab", "--run-as", user, "--inherit-env", "--block-command", "rm*",
-        "--task-max-file-size", "1k",
+    with detached_cluster(
+        data, "--workers", "1", "--label", "zone=lab", "--run-as", user, "--inherit-env",
+        "--block-command", "rm*", "--task-max-file-size", "1k",
         env={"DIST_EXEC_TEST_MARK": "from-up"},
-    )  # fmt: skip
-    assert up.code == 0, up.stderr
-    try:
+    ) as (up, address):  # fmt: skip
+        assert up.code == 0, up.stderr
         assert f"master at {address}, 1 workers\n" in up.stdout  # (no note on the user)
         nodes = json.loads(run_cli("nodes", "--json", master=address).stdout)
         assert [(n["id"], n["labels"]) for n in nodes] == [("local-1", {"zone": "lab"})]
@@ -238,8 +235,6 @@ def test_up_passes_the_command_policy_and_task_options_to_its_workers(tmp_path: 
         big = run_cli("run", f"head -c 4096 /dev/zero > {tmp_path / 'big'}", master=address)
         assert big.code != 0  # stopped at 1 KiB (SIGXFSZ)
         assert (tmp_path / "big").stat().st_size == 1024
-    finally:
-        assert run_cli("down", "--data-dir", str(data)).code == 0
 
 
 @pytest.mark.parametrize(
@@ -265,10 +260,9 @@ def test_up_refuses_task_options_a_worker_would_refuse_in_one_line(
 @pytest.mark.parametrize("stop", ["ctrl-c", "down"])
 def test_up_in_the_foreground_stops_cleanly(tmp_path: Path, stop: str) -> None:
     """On Ctrl-C, or when `down` is given its data dir (it finds up by the pid up records)."""
-    address = f"127.0.0.1:{free_port()}"
     data = tmp_path / "fg"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dist_exec", "up", "--workers", "1", "--listen", address,
+        [sys.executable, "-m", "dist_exec", "up", "--workers", "1", "--listen", "127.0.0.1:0",
          "--data-dir", str(data)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -276,7 +270,8 @@ def test_up_in_the_foreground_stops_cleanly(tmp_path: Path, stop: str) -> None:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        assert f"master at {address}" in proc.stdout.readline()
+        address = up_address(proc.stdout.readline())
+        assert address
         assert run_cli("run", "echo fg", master=address).stdout == "fg\n"
         if stop == "ctrl-c":
             proc.send_signal(signal.SIGINT)

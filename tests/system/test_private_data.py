@@ -13,8 +13,7 @@ import pytest
 
 from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus
-from tests.conftest import ClusterFactory, file_mode, run_cli, umask
-from tests.system.test_cluster import free_port
+from tests.conftest import ClusterFactory, detached_cluster, file_mode, run_cli, umask
 
 pytestmark = [
     pytest.mark.system,
@@ -104,20 +103,16 @@ def test_a_link_in_place_of_the_job_database_is_refused(tmp_path: Path) -> None:
 
 def test_the_local_cluster_keeps_its_files_private(tmp_path: Path) -> None:
     data = tmp_path / "cluster"
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    pointer = (
-        Path(platformdirs.user_config_dir("dist-exec")) / "clusters" / f"127.0.0.1_{port}.json"
-    )
-    with umask(0o000):
-        up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
-    assert up.code == 0, up.stderr
-    try:
+    with umask(0o000), detached_cluster(data, "--workers", "1") as (up, address):
+        assert up.code == 0, up.stderr
         assert run_cli("run", "true", master=address).code == 0
         found = {p.relative_to(data).as_posix(): file_mode(p) for p in [data, *data.rglob("*")]}
+        pointer = (
+            Path(platformdirs.user_config_dir("dist-exec"))
+            / "clusters"
+            / (address.replace(":", "_") + ".json")
+        )
         assert file_mode(pointer) == 0o600  # the CLI's way to the cluster's credentials
-    finally:
-        assert run_cli("down", "--data-dir", str(data)).code == 0
     private = ["master.db", "logs/up.log", "logs/master.log", "logs/worker-1.log", "cluster.pid",
                "cluster.json", "client.json", "admin.token", "tls/admin.key"]  # fmt: skip
     for name in private:

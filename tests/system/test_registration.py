@@ -18,7 +18,6 @@ from dist_exec.client import Client, command_spec
 from dist_exec.models import JobStatus, NodeStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 from tests.conftest import ClusterFactory, pid_alive, wait_for, wait_until
-from tests.system.test_cluster import free_port
 from tests.system.test_recovery import wait_job
 from tests.system.test_security import _audit
 
@@ -73,8 +72,8 @@ async def test_an_address_passes_on_once_its_node_is_dead_and_a_restart_keeps_it
     cluster: ClusterFactory,
 ) -> None:
     master = cluster.master(secure=True)  # heartbeat timeout 2 s
-    listen = f"127.0.0.1:{free_port()}"
-    old = cluster.worker(master, worker_id="old", secure=True, listen=listen)
+    old = cluster.worker(master, worker_id="old", secure=True)
+    listen = old.address  # (taken again once "old" is dead: as a restarted pod would)
     old.kill()
     # A new worker on the dead one's address: refused while "old" may still be alive, then
     # registered (the worker retries); the master dials it expecting its own certificate.

@@ -25,8 +25,7 @@ from dist_exec.security.certs import init_ca, issue
 from dist_exec.security.identity import Role
 from dist_exec.security.tls import INSECURE_FLAG
 from dist_exec.security.tokens import add_token
-from tests.conftest import ClusterFactory, Proc, run_cli, wait_for, wait_until
-from tests.system.test_cluster import free_port
+from tests.conftest import ClusterFactory, Proc, detached_cluster, run_cli, wait_for, wait_until
 
 if TYPE_CHECKING:
     from dist_exec.rpc.v1.master_pb2_grpc import MasterServiceAsyncStub
@@ -453,10 +452,8 @@ def test_bad_audit_rotation_settings_are_refused(
 
 def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
     data = tmp_path / "cluster"
-    address = f"127.0.0.1:{free_port()}"
-    up = run_cli("up", "-d", "--workers", "1", "--listen", address, "--data-dir", str(data))
-    assert up.code == 0, up.stderr
-    try:
+    with detached_cluster(data, "--workers", "1") as (up, address):
+        assert up.code == 0, up.stderr
         me = run_cli("whoami", master=address)
         assert (me.code, me.stdout) == (0, "admin (admin, authenticated by token)\n")
 
@@ -474,8 +471,6 @@ def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
         assert token not in (data / "tokens.json").read_text()
         for secret in (data / "admin.token", data / "tls" / "ca.key", data / "tls" / "admin.key"):
             assert secret.stat().st_mode & 0o077 == 0, secret
-    finally:
-        assert run_cli("down", "--data-dir", str(data)).code == 0
     assert not (data / "client.json").exists()
 
 
