@@ -3,7 +3,10 @@ shrinks when idle, without losing or repeating a job; and its bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -128,7 +131,13 @@ def test_local_workers_stop_when_their_master_is_killed(cluster: ClusterFactory)
     assert len(started) == 2
     assert all(pid_alive(pid) for pid in started)
     master.kill()
-    wait_for(lambda: not any(pid_alive(pid) for pid in started), 30, "the workers to stop")
+    try:
+        wait_for(lambda: not any(pid_alive(pid) for pid in started), 30, "the workers to stop")
+    except AssertionError:  # (the test's cluster does not know them: not left running)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
 
 
 KUBECONFIG = """apiVersion: v1
