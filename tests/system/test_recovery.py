@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dist_exec.client import Client, JobStatus, command_spec
 from dist_exec.config import split_address
+from dist_exec.errors import MasterTimeout, MasterUnavailable
 from dist_exec.models import Job, NodeStatus
 from dist_exec.rpc.v1 import worker_pb2, worker_pb2_grpc
 from tests.conftest import ClusterFactory, wait_until, worker_channel
@@ -18,15 +19,24 @@ TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatu
 async def wait_job(
     client: Client, job_id: str, timeout: float = 30.0, statuses: set[JobStatus] = TERMINAL
 ) -> Job:
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                job = await client.get(job_id)
-            except Exception:  # the master may be restarting
-                job = None
-            if job is not None and job.status in statuses:
-                return job
-            await asyncio.sleep(0.05)
+    job: Job | None = None
+    error: Exception | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    job, error = await client.get(job_id), None
+                except (MasterUnavailable, MasterTimeout) as exc:  # (restarting)
+                    error = exc
+                if job is not None and job.status in statuses:
+                    return job
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        wanted = sorted(s.value for s in statuses)
+        seen = job.status.value if job is not None else "nothing"
+        raise AssertionError(
+            f"job {job_id} not {wanted} within {timeout}s: last seen {seen}; last error {error!r}"
+        ) from None
 
 
 async def wait_file_lines(path: Path, count: int, timeout: float = 20.0) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dist_exec.config import MasterConfig
-from dist_exec.errors import ResourceExhausted
+from dist_exec.errors import InvalidTaskSpec, ResourceExhausted
 from dist_exec.master.active import HeldAttempt
 from dist_exec.master.attempts import backoff
 from dist_exec.master.core import Master
@@ -266,7 +266,7 @@ async def test_a_job_that_cannot_start_in_time_fails_with_its_queue_timeout(
 
 async def test_a_negative_queue_timeout_is_refused(tmp_path: Path) -> None:
     async def body(master: Master, store: HeldStore) -> None:
-        with pytest.raises(Exception, match="queue timeout must be between 0"):
+        with pytest.raises(InvalidTaskSpec, match="queue timeout must be between 0"):
             await master.submit(replace(SPEC, queue_timeout_s=-1.0))
 
     await with_master(tmp_path, ScriptedWorker(), config(tmp_path), body)
