@@ -27,6 +27,9 @@ HEAD, TAIL = 4 * MIB, MIB
         ((0, 6 * MIB), (0, 6 * MIB), True),  # stderr too
         ((6 * MIB, 0), None, True),  # no outcome (cancelled or timed out by the master)
         ((MIB, 0), (3 * MIB, 0), True),  # counted by the worker, never sent
+        ((HEAD + TAIL, 0), (HEAD + TAIL, 0), False),  # exactly what head and tail hold
+        ((HEAD + TAIL + 1, 0), (HEAD + TAIL + 1, 0), True),  # one byte more
+        ((0, HEAD + TAIL + 1), None, True),
     ],
 )
 def test_output_is_truncated_when_the_master_keeps_less_than_was_printed(
