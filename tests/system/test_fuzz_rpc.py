@@ -4,8 +4,10 @@ Each request is built field by field from the service descriptors (so a new RPC 
 fuzzed without touching this file): invalid UTF-8 in every string field, negative and enormous
 numbers, unknown enum values, deeply nested JSON in bytes fields, absurd durations, garbage that
 is not protobuf at all, one huge field, and one message beyond the servers' receive limit. Every
-call must end with a clear status (never UNKNOWN or INTERNAL), the servers keep serving, and a
-job accepted before the barrage is intact after it.
+call must end with a clear status (never UNKNOWN or INTERNAL, also as an error event on a
+stream of many runs), a hostile value that no validator may let through is refused (but for a
+short allow-list, each entry with its reason), the servers keep serving, and a job accepted
+before the barrage is intact after it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import grpc
 import grpc.aio
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from dist_exec.client import Client, command_spec
 from dist_exec.config import MAX_MESSAGE_BYTES
@@ -26,8 +30,52 @@ from tests.conftest import ClusterFactory, call_token_interceptors
 
 pytestmark = pytest.mark.system
 UNCLEAR = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE}
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 NESTED_JSON = b"[" * 200_000 + b"]" * 200_000
 NESTED_COMMAND = b'{"command": "echo", "env": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001
+
+
+# Values no validator may let through, on any RPC: bytes that are no protobuf (or no UTF-8
+# where a string goes), enum values that name nothing, durations out of range, and payloads
+# that are no task. A case whose label ends so must not end OK (nor, on a stream that carries
+# many runs or attempts, pass without an error event)...
+MUST_REFUSE = (
+    "not protobuf", "truncated", "invalid utf-8", "nested garbage", "unknown enum",
+    "negative enum", "duration negative", "duration bad nanos", "duration huge",
+    "nested json", "nested command", "not json",
+)  # fmt: skip
+# ...except these, where the value is legitimately taken (the reason why).
+ACCEPTED = {
+    "Heartbeat [health: unknown enum]": "a newer worker's health state: read as healthy",
+    "Heartbeat [health: negative enum]": "the same (proto3 enums are open)",
+}
+# Cases refused by the check of the field itself (not for another field the fuzzed message
+# leaves empty, such as Submit's task type): status and a fragment of the message.
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+REFUSED_FOR = {
+    "Submit [not protobuf]": (INVALID, "malformed request to /distexec.v1.MasterService/Submit"),
+    "Submit [timeout: duration negative]": (INVALID, "timeout must not be negative"),
+    "Submit [queue_timeout: duration bad nanos]": (INVALID, "queue timeout has nanos"),
+    "Submit [limits: inner cpu_time: duration negative]": (INVALID, "CPU time limit must not"),
+    "ListJobs [limit: int -1]": (INVALID, "limit and offset must not be negative"),
+    "ListJobs [offset: int -1]": (INVALID, "limit and offset must not be negative"),
+    "ListJobs [status_filter: negative enum]": (INVALID, "unknown status_filter value -5"),
+    "ListJobs [broadcast_id: control chars]": (INVALID, "invalid broadcast id"),
+    "StreamOutput [attempt: int -1]": (INVALID, "attempt must not be negative"),
+    "StreamOutput [stdout_offset: int -1]": (INVALID, "output offsets must not be negative"),
+    "StreamOutput [stderr_offset: int min]": (INVALID, "output offsets must not be negative"),
+    "Register [worker_id: control chars]": (INVALID, "is not an id"),
+    "CancelTask [signal: unknown enum]": (INVALID, "unknown signal value 99"),
+    # Refusals a stream sends as events:
+    "RunSession [requests: inner run: inner jobs: inner timeout: duration negative]": (
+        INVALID,
+        "timeout must not be negative",
+    ),
+    "Dispatch [start: inner attach: bool 7]": (
+        grpc.StatusCode.NOT_FOUND,
+        "attach to an attempt with ExecuteStream, not Dispatch",
+    ),
+}
 
 
 def _varint(value: int) -> bytes:
@@ -107,28 +155,51 @@ def _requests(method: MethodDescriptor) -> Iterator[tuple[str, bytes]]:
         yield "huge string", _field(first_string.number, 2, b"a" * (8 * 1024 * 1024))
 
 
-async def _call(channel: grpc.aio.Channel, path: str, method: Any, body: bytes) -> None:
+async def _call(
+    channel: grpc.aio.Channel, path: str, method: MethodDescriptor, body: bytes
+) -> tuple[grpc.StatusCode, str] | None:
     """Send ``body`` as the raw serialized request (no serializer: the bytes go as they are);
-    to a method that takes a stream of requests, as its one message."""
+    to a method that takes a stream of requests, as its one message. Returns the first
+    refusal a stream sent as an event (see ``_in_band_error``), if any."""
+    replies: list[bytes] = []
     if method.client_streaming:
         bidi: Any = channel.stream_stream(path)
-        async for _ in bidi(iter([body]), timeout=5):
-            pass
+        replies = [reply async for reply in bidi(iter([body]), timeout=5)]
     elif method.server_streaming:
         call: Any = channel.unary_stream(path)
-        async for _ in call(body, timeout=5):
-            pass
+        replies = [reply async for reply in call(body, timeout=5)]
     else:
         unary: Any = channel.unary_unary(path)
         await unary(body, timeout=5)
+    reply_type = GetMessageClass(method.output_type)
+    for raw in replies:
+        refused = _in_band_error(reply_type.FromString(raw))
+        if refused is not None:
+            return refused
+    return None
+
+
+def _in_band_error(reply: Message) -> tuple[grpc.StatusCode, str] | None:
+    """A refusal that a stream carrying many runs or attempts (RunSession, Dispatch) sends as
+    an event, not as the stream's status: the status a call of its own would have ended with
+    (its ``error_code``) and its message."""
+    for event in getattr(reply, "events", ()):
+        if getattr(event, "error_code", 0):
+            code = STATUS_BY_NUMBER.get(event.error_code, grpc.StatusCode.UNKNOWN)
+            text = event.error if hasattr(event, "error") else event.data.decode(errors="replace")
+            return code, text
+    return None
 
 
 async def _barrage(
     address: str,
     services: Sequence[tuple[str, Any]],
     codes: dict[str, grpc.StatusCode],
+    reasons: dict[str, str],
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> list[str]:
+    """Send every hostile request; ``codes`` gets each one's status (or the refusal a stream
+    sent as an event: OK only when nothing was refused), ``reasons`` its message."""
     problems: list[str] = []
     options = [("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(
@@ -141,15 +212,18 @@ async def _barrage(
                 for label, body in _requests(method):
                     codes[f"{method.name} [{label}]"] = grpc.StatusCode.OK
                     try:
-                        await _call(channel, path, method, body)
+                        refused = await _call(channel, path, method, body)
                     except grpc.aio.AioRpcError as exc:
-                        codes[f"{method.name} [{label}]"] = exc.code()
-                        if exc.code() in UNCLEAR:
-                            problems.append(f"{path} [{label}]: {exc.code().name} {exc.details()}")
-                        elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (
+                        refused = exc.code(), exc.details() or ""
+                        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (
                             method.server_streaming
                         ):
                             problems.append(f"{path} [{label}]: no answer within 5s")
+                    if refused is not None:
+                        codes[f"{method.name} [{label}]"] = refused[0]
+                        reasons[f"{method.name} [{label}]"] = refused[1]
+                        if refused[0] in UNCLEAR:
+                            problems.append(f"{path} [{label}]: {refused[0].name} {refused[1]}")
                 # Beyond the receive limit: refused by gRPC itself, clearly.
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await _call(
@@ -172,16 +246,18 @@ async def test_every_rpc_survives_hostile_messages(cluster: ClusterFactory) -> N
             ("MasterService", master_pb2.DESCRIPTOR),
             ("RegistrationService", worker_pb2.DESCRIPTOR),
         ]
-        problems = await _barrage(master.address, services, codes)
+        reasons: dict[str, str] = {}
+        problems = await _barrage(master.address, services, codes, reasons)
         # As its master would call it (else every call is refused before it is read).
         problems += await _barrage(
             worker.address,
             [("WorkerService", worker_pb2.DESCRIPTOR)],
             codes,
+            reasons,
             call_token_interceptors(),
         )
         assert problems == []
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        invalid = INVALID
         assert codes["GetStatus [job_id: invalid utf-8]"] == invalid
         assert codes["Submit [not protobuf]"] == invalid
         assert codes["Submit [payload: nested json]"] == invalid
@@ -193,6 +269,20 @@ async def test_every_rpc_survives_hostile_messages(cluster: ClusterFactory) -> N
         assert codes["RunJobs [not protobuf]"] == invalid
         assert codes["RunSession [not protobuf]"] == invalid
         assert len(codes) > 200
+        accepted = sorted(
+            label
+            for label, code in codes.items()
+            if code == grpc.StatusCode.OK
+            and label.removesuffix("]").endswith(MUST_REFUSE)
+            and label not in ACCEPTED
+        )
+        assert accepted == [], "hostile values accepted"
+        assert {label: codes.get(label) for label in ACCEPTED} == dict.fromkeys(
+            ACCEPTED, grpc.StatusCode.OK
+        )
+        for label, (code, fragment) in REFUSED_FOR.items():
+            assert (codes.get(label), label) == (code, label), reasons.get(label)
+            assert fragment in reasons[label], (label, reasons[label])
         assert master.alive()
         assert worker.alive()
         after = await client.get(before.id)

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 CODE = grpc.StatusCode
 ECHO = json.dumps({"command": "echo", "args": ["x"]}).encode()
+HTTP = json.dumps({"url": "http://example.com/"}).encode()
 UNKNOWN_JOB = str(uuid.uuid4())
+WEIGHT_RANGE = "weight must be 0-100000 (0: max_concurrent_tasks)"
 
 
 @pytest.fixture
@@ -82,6 +84,28 @@ async def expect(call: Any, code: grpc.StatusCode, fragment: str) -> None:
         ({"payload": b'{"command": "x", "env": {"A": ' + b"9" * 5000 + b"}}"}, "too many digits"),
         ({"max_retries": 101}, "max_retries must be 0-100"),
         ({"metadata": {"": "x"}}, "metadata keys must not be empty"),
+        ({"metadata": {"k": "v" * 70_000}}, "metadata is larger than 65536 bytes"),
+        ({"selector": {"zone": ""}}, "selector labels need a key and a value: --selector zone=a"),
+        ({"selector": {"": "a"}}, "selector labels need a key and a value"),
+        ({"selector": {"zone": "a" * 70_000}}, "selector is larger than 65536 bytes"),
+        (
+            {"selector": {str(i): "v" * 100 for i in range(700)}},
+            "selector is larger than 65536 bytes",
+        ),
+        ({"idempotency_key": "k" * 257}, "idempotency key longer than 256 chars: 'kkkk"),
+        (
+            {"queue_timeout": duration_pb2.Duration(seconds=10**9)},
+            "queue timeout must be between 0 (none) and",
+        ),
+        ({"queue_timeout": duration_pb2.Duration(seconds=-1)}, "queue timeout must not be"),
+        (
+            {"limits": common_pb2.Limits(cpu_time=duration_pb2.Duration(seconds=-1))},
+            "CPU time limit must not be negative",
+        ),
+        (
+            {"task_type": "http", "payload": HTTP, "limits": common_pb2.Limits(max_procs=4)},
+            "resource limits apply to command jobs only",
+        ),
     ],
 )
 async def test_submit_rejects_bad_input(
@@ -92,6 +116,50 @@ async def test_submit_rejects_bad_input(
     # The master keeps serving.
     reply = await stub.Submit(submit())
     assert uuid.UUID(reply.job_id)
+
+
+async def test_submit_accepts_values_at_their_limits(
+    channels: dict[str, grpc.aio.Channel],
+) -> None:
+    """The bounds refused above are the real ones: one step inside each, the job is accepted
+    (a check off by one would refuse these, or pass its refusal cases by accident)."""
+    stub: MasterServiceAsyncStub = master_pb2_grpc.MasterServiceStub(channels["master"])
+    for fields in (
+        {"idempotency_key": "k" * 256},
+        {"metadata": {"k": "v" * 65_535}},
+        {"selector": {"zone": "a" * 65_532}},  # (waits: no node has that label)
+        {"queue_timeout": duration_pb2.Duration(seconds=3600)},
+        {"max_retries": 100, "priority": 10},
+    ):
+        reply = await stub.Submit(submit(**fields))
+        assert uuid.UUID(reply.job_id), fields
+
+
+async def test_submit_broadcast_rejects_bad_input(channels: dict[str, grpc.aio.Channel]) -> None:
+    """A broadcast's job is checked as a single job is, before nodes are counted; with no
+    node to run on, the caller is told which labels matched none (not an empty broadcast)."""
+    stub: MasterServiceAsyncStub = master_pb2_grpc.MasterServiceStub(channels["master"])
+    broadcast = master_pb2.SubmitBroadcastRequest
+    for job, code, fragment in (
+        (submit(priority=11), CODE.INVALID_ARGUMENT, "priority must be 0-10, got 11"),
+        (submit(selector={"zone": ""}), CODE.INVALID_ARGUMENT, "selector labels need a key"),
+        (submit(task_type="nope"), CODE.INVALID_ARGUMENT, "unknown task type 'nope'"),
+        (
+            submit(idempotency_key="k" * 257),
+            CODE.INVALID_ARGUMENT,
+            "idempotency key longer than 256 chars",
+        ),
+        (
+            submit(selector={"zone": "nowhere"}),
+            CODE.FAILED_PRECONDITION,
+            "no healthy worker runs task type 'command' with labels zone=nowhere: nothing to "
+            "broadcast to",
+        ),
+    ):
+        await expect(stub.SubmitBroadcast(broadcast(job=job)), code, fragment)
+    reply = await stub.SubmitBroadcast(broadcast(job=submit()))
+    assert sorted(t.node_id for t in reply.tasks) == ["w1", "w2"]
+    assert uuid.UUID(reply.broadcast_id)
 
 
 async def test_job_rpcs_reject_bad_ids_and_values(channels: dict[str, grpc.aio.Channel]) -> None:
@@ -131,15 +199,67 @@ async def test_job_rpcs_reject_bad_ids_and_values(channels: dict[str, grpc.aio.C
         "offsets must not be negative",
     )
     await expect(
+        stub.StreamOutput(master_pb2.StreamOutputRequest(job_id=UNKNOWN_JOB, attempt=-1)),
+        CODE.INVALID_ARGUMENT,
+        "attempt must not be negative",
+    )
+    await expect(
         stub.ListJobs(master_pb2.ListJobsRequest(limit=-1)),
         CODE.INVALID_ARGUMENT,
         "must not be negative",
     )
     await expect(
+        stub.ListJobs(master_pb2.ListJobsRequest(offset=-1)),
+        CODE.INVALID_ARGUMENT,
+        "limit and offset must not be negative",
+    )
+    for bad in ("nope", "x" * 10_000, f"{UNKNOWN_JOB}/../x"):
+        await expect(
+            stub.ListJobs(master_pb2.ListJobsRequest(broadcast_id=bad)),
+            CODE.INVALID_ARGUMENT,
+            "invalid broadcast id",
+        )
+    await expect(
         stub.ListJobs(master_pb2.ListJobsRequest(status_filter=99)),  # type: ignore[arg-type]
         CODE.INVALID_ARGUMENT,
         "unknown status_filter value 99",
     )
+
+
+async def test_list_jobs_of_an_unknown_owner_or_broadcast_is_empty(
+    channels: dict[str, grpc.aio.Channel],
+) -> None:
+    """Filters name no job rather than fail: an owner is any identity's name (on an open
+    master, everyone sees every job), a well-formed broadcast id may name none."""
+    stub: MasterServiceAsyncStub = master_pb2_grpc.MasterServiceStub(channels["master"])
+    await stub.Submit(submit())
+    everything = await stub.ListJobs(master_pb2.ListJobsRequest())
+    assert everything.total == 1
+    for request in (
+        master_pb2.ListJobsRequest(owner="nobody"),
+        master_pb2.ListJobsRequest(owner="x" * 10_000),
+        master_pb2.ListJobsRequest(owner="%' OR 1=1 --"),
+        master_pb2.ListJobsRequest(broadcast_id=UNKNOWN_JOB),
+    ):
+        reply = await stub.ListJobs(request)
+        assert (len(reply.jobs), reply.total) == (0, 0), request
+
+
+async def test_drain_of_an_unknown_or_empty_node_is_not_found(
+    channels: dict[str, grpc.aio.Channel],
+) -> None:
+    """Only a registered node can be drained; a typo is NOT_FOUND and names what was given."""
+    stub: MasterServiceAsyncStub = master_pb2_grpc.MasterServiceStub(channels["master"])
+    drain = master_pb2.AuthDrainNodeRequest
+    await expect(stub.AuthDrainNode(drain(node_id="w9")), CODE.NOT_FOUND, "no registered node 'w9'")
+    await expect(stub.AuthDrainNode(drain(node_id="")), CODE.NOT_FOUND, "no registered node ''")
+    await expect(
+        stub.AuthDrainNode(drain(node_id="w" * 10_000)),
+        CODE.NOT_FOUND,
+        "(10000 chars)",
+    )
+    reply = await stub.AuthDrainNode(drain(node_id="w2"))
+    assert reply.message == "node w2 is draining: no new tasks; running ones finish"
 
 
 async def test_cancel_of_a_finished_job_is_failed_precondition(
@@ -198,6 +318,30 @@ async def test_registration_rejects_bad_nodes(channels: dict[str, grpc.aio.Chann
         ),
     ):
         await expect(stub.Register(request), CODE.INVALID_ARGUMENT, message)
+    good = functools.partial(node, address="127.0.0.1:1", max_concurrent_tasks=1)
+    for request, message in (
+        (good(worker_id="x", instance="i" * 65), "instance is longer than 64 characters: 'iii"),
+        (good(worker_id="x", weight=-1), f"{WEIGHT_RANGE}, got -1"),
+        (good(worker_id="x", weight=100_001), f"{WEIGHT_RANGE}, got 100001"),
+        (good(worker_id="x", max_concurrent_tasks=100_001), "must be 1-100000, got 100001"),
+        (good(worker_id="x" * 254), "not an id: up to 253 characters"),
+        (
+            good(worker_id="x", labels={str(i): "v" * 300 for i in range(250)}),
+            "labels and capabilities are larger than 65536 bytes",
+        ),
+        (
+            good(worker_id="x", capabilities=[f"c{i}" for i in range(257)]),
+            "more than 256 capabilities (257)",
+        ),
+    ):
+        await expect(stub.Register(request), CODE.INVALID_ARGUMENT, message)
+    # One step inside each bound, a node is accepted (then removed again).
+    accepted = await stub.Register(
+        good(worker_id="y" * 253, instance="i" * 64, weight=100_000, capabilities=["command"])
+    )
+    assert accepted.accepted
+    bye = await stub.Deregister(worker_pb2.DeregisterRequest(worker_id="y" * 253))
+    assert bye.acknowledged
     beat = await stub.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="never-registered"))
     assert not beat.acknowledged
     bye = await stub.Deregister(worker_pb2.DeregisterRequest(worker_id="never-registered"))
