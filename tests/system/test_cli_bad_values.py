@@ -160,6 +160,10 @@ def test_tokens_in_an_unreadable_file_are_named_with_the_file(tmp_path: Path) ->
         ),
         (["list", "--offset", "-1"], "'--offset': -1 is not in the range 0<=x<=2147483647"),
         (["list", "--limit", "1001"], "'--limit': 1001 is not in the range"),
+        (
+            ["run", "--all", "--idempotency-key", "k1", "true"],
+            "--idempotency-key does not go with --all",
+        ),
     ],
 )
 def test_client_values_out_of_range_are_usage_errors(args: list[str], message: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from dist_exec.clock import SystemClock
 from dist_exec.config import MasterConfig
+from dist_exec.errors import AlreadyExists
 from dist_exec.executors.command import CommandExecutor
 from dist_exec.master import registry as registry_module
 from dist_exec.master.active import HeldAttempt
@@ -423,6 +424,21 @@ async def test_a_key_whose_job_ends_during_a_batchs_lookups_still_gives_that_job
         assert ids[0] == first
         _, total = await master.list_jobs(10, 0, None)
         assert total == 2  # the first job and the batch's "slow" one
+
+
+async def test_a_batch_refused_for_a_key_used_twice_leaves_the_key_free(
+    tmp_path: Path,
+) -> None:
+    """The first of two different requests with one key took it before the second was
+    refused: every later submit with the key was refused, naming a job that never existed."""
+    async with running_master(tmp_path, ScriptedWorker()) as (master, _):
+        other = replace(SPEC, idempotency_key="k", priority=5)
+        with pytest.raises(AlreadyExists, match="already used for a different request"):
+            await master.submit_many([replace(SPEC, idempotency_key="k"), other])
+        job_id = await master.submit(other)
+        assert await master.submit(other) == job_id
+        _, total = await master.list_jobs(10, 0, None)
+        assert total == 1
 
 
 async def test_a_keyed_submit_waits_for_another_batch_looking_up_the_same_key(

@@ -184,7 +184,8 @@ class InputFile(click.File):
     "--idempotency-key",
     type=TEXT,
     default="",
-    help="Submitting again with this key (within 24h) gives the same job instead of a new one.",
+    help="Submitting again with this key (within 24h) gives the same job instead of a new one "
+    "(not with --all).",
 )
 @click.option(
     "--all",
@@ -245,6 +246,12 @@ def run(
     An HTTP job prints the response body and exits 0 for a 2xx or 3xx status, else 22 (as
     curl --fail does); the status and headers are in `status --json` under "metadata".
     """
+    if broadcast and idempotency_key:
+        fail(
+            "--idempotency-key does not go with --all: a broadcast's jobs (one per node) cannot "
+            "share a key; look for them (dist-exec list) before sending it again",
+            EXIT_USAGE,
+        )
     if task_type == "http":
         if not url or command:
             fail("--type http takes --url URL and no command", EXIT_USAGE)

@@ -213,19 +213,23 @@ class Submission:
     def _take_keys(
         self, fresh: Sequence[tuple[int, TaskSpec]], ids: list[JobId | None]
     ) -> list[Job]:
-        """New jobs for ``fresh`` (filling ``ids``); each takes its idempotency key."""
+        """New jobs for ``fresh`` (filling ``ids``); each takes its idempotency key. The keys
+        are taken once the whole batch is known good: a batch refused (the same key for two
+        different requests) leaves none taken by a job that does not exist."""
         now = self.clock.now()
         jobs = []
+        taken: dict[str, tuple[JobId, str]] = {}
         for i, spec in fresh:
             key = owned_key(spec)
-            if key and key in self._keys:  # the same key twice in one batch
-                ids[i] = _same_request(spec, self._keys[key])
+            if key and key in taken:  # the same key twice in one batch
+                ids[i] = _same_request(spec, taken[key])
                 continue
             job = Job(JobId(str(uuid.uuid4())), spec, JobStatus.PENDING, now)
             if key:
-                self._keys[key] = (job.id, request_hash(spec))
+                taken[key] = (job.id, request_hash(spec))
             ids[i] = job.id
             jobs.append(job)
+        self._keys.update(taken)
         return jobs
 
     async def _known_keys(self, specs: Sequence[TaskSpec]) -> dict[str, tuple[JobId, str]]:
@@ -262,6 +266,13 @@ class Submission:
         to it, all sharing a broadcast id. Returns that id and the (job, node) pairs."""
         if spec.node_id or spec.broadcast_id:
             raise InvalidTaskSpec("a broadcast job cannot be pinned to a node")
+        if spec.idempotency_key:
+            # (Its jobs, one per node, cannot share the key, and a retry could find other
+            # nodes: the broadcast's id is what to look at before sending it again.)
+            raise InvalidTaskSpec(
+                "a broadcast takes no idempotency key; after a failed send, look for its jobs "
+                "(dist-exec list) before sending it again"
+            )
         self.validate(spec)  # (a bad job is INVALID_ARGUMENT, whichever nodes there are)
         nodes = self.registry.matching(spec)
         if not nodes:
