@@ -144,7 +144,7 @@ class Pki:
         existing = certs.Issued(self.dir / f"{name}.crt", self.dir / f"{name}.key")
         if not kwargs and existing.cert.exists():
             return existing
-        return certs.issue(self.dir, name, role, self.dir, **kwargs)
+        return certs.issue(self.dir, name, role, self.dir, replace=True, **kwargs)
 
     def tls_args(self, name: str, role: str) -> list[str]:
         issued = self.issue(name, role)

@@ -164,7 +164,7 @@ def prepare_credentials(options: ClusterOptions) -> Path:
         wanted.append((AUTOSCALED, Role.WORKERS.value, ()))
     for name, role, hosts in wanted:
         if not (tls / f"{name}.crt").exists() or name == "master":
-            certs.issue(tls, name, role, tls, hosts)
+            certs.issue(tls, name, role, tls, hosts, replace=True)
     tokens = options.data_dir / "tokens.json"
     token_file = options.data_dir / ADMIN_TOKEN_FILE
     if not token_file.exists() or all(e.name != ADMIN for e in read_tokens(tokens)):

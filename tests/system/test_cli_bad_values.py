@@ -58,6 +58,12 @@ def test_certs_init_and_issue_make_a_ca_and_a_certificate_it_signed(tmp_path: Pa
         (["issue", "a b", "--role", "worker"], 1, "invalid name 'a b'"),
         (["issue", "\u00e9", "--role", "worker"], 1, "invalid name '\u00e9'"),
         (["issue", "..\\x", "--role", "worker"], 1, "invalid name"),
+        (["issue", "a\rb", "--role", "worker"], 1, "invalid name 'a\\rb'"),
+        (["issue", "x*", "--role", "worker"], 1, "invalid name 'x*'"),
+        (["issue", "..", "--role", "worker"], 1, "invalid name '..'"),
+        (["issue", ".hidden", "--role", "worker"], 1, "starting with a letter or digit"),
+        (["issue", "ca", "--role", "master"], 1, "'ca' would replace the CA's own files"),
+        (["issue", "ca", "--role", "master", "--replace"], 1, "would replace the CA's own"),
         (["init"], 1, "a CA already exists in"),
     ],
 )
@@ -68,6 +74,23 @@ def test_certs_refuses_bad_values(tmp_path: Path, args: list[str], code: int, me
     result = run_cli("certs", *args, "--dir", str(pki))
     assert_one_line_error(result, code, message)
     assert {p.name for p in pki.iterdir()} == before  # nothing written
+
+
+def test_certs_issue_replaces_a_certificate_only_when_told(tmp_path: Path) -> None:
+    """A second issue of a name silently replaced its certificate and key (with `ca`, the CA's:
+    every certificate issued after was signed by a leaf's key)."""
+    pki = str(tmp_path)
+    assert run_cli("certs", "init", "--dir", pki).code == 0
+    assert run_cli("certs", "issue", "w1", "--role", "worker", "--dir", pki).code == 0
+    first = (tmp_path / "w1.crt").read_bytes()
+    again = run_cli("certs", "issue", "w1", "--role", "admin", "--dir", pki)
+    assert_one_line_error(
+        again, 1, f"{tmp_path / 'w1.crt'} exists; remove it, or give --replace to issue 'w1' again"
+    )
+    assert (tmp_path / "w1.crt").read_bytes() == first
+    renewed = run_cli("certs", "issue", "w1", "--role", "admin", "--dir", pki, "--replace")
+    assert renewed.code == 0, renewed.stderr
+    assert certs.identity_of((tmp_path / "w1.crt").read_bytes()) == ("w1", "admin")
 
 
 def test_certs_issue_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dist_exec.security.private_files import open_private
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+CERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 CERT_ROLES = ("master", "worker", "workers", "admin", "submit", "read", "client")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -132,16 +134,29 @@ def issue(
     hosts: tuple[str, ...] = (),
     days: int = 825,
     not_before: datetime.datetime | None = None,
+    replace: bool = False,
 ) -> Issued:
     """Issue ``NAME.crt``/``NAME.key`` for ``name`` with ``role``, signed by the CA in ``ca_dir``.
 
     The certificate names ``name`` and every host in ``hosts`` (plus localhost and the loopback
     addresses) as subject alternative names, and serves as both a server and a client
-    certificate. ``days`` may be negative (an already expired certificate, for tests)."""
+    certificate. ``days`` may be negative (an already expired certificate, for tests). Existing
+    files of that name are replaced only with ``replace`` (a renewal), and never the CA's."""
     if role not in CERT_ROLES:
         raise CertError(f"unknown role {role!r}: use one of {', '.join(CERT_ROLES)}")
-    if not name or not name.isascii() or any(c in name for c in "/\\ \t\n"):
-        raise CertError(f"invalid name {name!r}: use ASCII letters, digits, '-', '.' or '_'")
+    if not CERT_NAME.fullmatch(name):
+        raise CertError(
+            f"invalid name {name!r}: use ASCII letters, digits, '-', '.' or '_' (at most 253, "
+            "starting with a letter or digit)"
+        )
+    issued = Issued(out_dir / f"{name}.crt", out_dir / f"{name}.key")
+    ca_files = {(ca_dir / CA_CERT).resolve(), (ca_dir / CA_KEY).resolve()}
+    if {issued.cert.resolve(), issued.key.resolve()} & ca_files:
+        raise CertError(f"{name!r} would replace the CA's own files in {ca_dir}: use another name")
+    if not replace and (existing := [p for p in (issued.cert, issued.key) if p.exists()]):
+        raise CertError(
+            f"{existing[0]} exists; remove it, or give --replace to issue {name!r} again"
+        )
     ca_cert, ca_key = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or _now() - datetime.timedelta(minutes=5)
@@ -183,7 +198,6 @@ def issue(
         .sign(ca_key, hashes.SHA256())
     )
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    issued = Issued(out_dir / f"{name}.crt", out_dir / f"{name}.key")
     _write_key(issued.key, key)
     _write_cert(issued.cert, cert)
     return issued

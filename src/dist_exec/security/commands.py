@@ -69,12 +69,21 @@ def certs_init(directory: Path, days: int) -> None:
     help="A DNS name or IP address the holder is reached at (repeatable; servers).",
 )
 @click.option("--days", type=click.IntRange(1, 36500), default=825, show_default=True)
+@click.option(
+    "--replace", is_flag=True, help="Replace an existing NAME.crt and NAME.key (a renewal)."
+)
 def certs_issue(
-    name: str, role: str, directory: Path, out: Path | None, hosts: tuple[str, ...], days: int
+    name: str,
+    role: str,
+    directory: Path,
+    out: Path | None,
+    hosts: tuple[str, ...],
+    days: int,
+    replace: bool,
 ) -> None:
     """Issue a certificate for NAME, signed by the CA in --dir."""
     try:
-        issued = certs.issue(directory, name, role, out or directory, hosts, days)
+        issued = certs.issue(directory, name, role, out or directory, hosts, days, replace=replace)
     except certs.CertError as exc:
         _fail(str(exc))
     click.echo(f"certificate: {issued.cert}\nkey: {issued.key}")
