@@ -60,6 +60,18 @@ class ClusterOptions:
     # How the workers run tasks (--label, --run-as, limits...): worker options, which `up` takes
     # under the same names.
     task_args: tuple[str, ...] = ()
+    # --run-as-pool FIRST-LAST, shared out: each worker hands out a range of its own.
+    run_as_pool: str = ""
+
+    def pool_args(self, worker: int) -> list[str]:
+        """Worker ``worker``'s (from 1) share of the uid pool: two workers handing out one uid
+        would each kill the other's task at the end of theirs."""
+        if not self.run_as_pool:
+            return []
+        first, _, last = self.run_as_pool.partition("-")
+        share = (int(last) - int(first) + 1) // self.workers
+        start = int(first) + (worker - 1) * share
+        return ["--run-as-pool", f"{start}-{start + share - 1}"]
 
     def master_args(self) -> list[str]:
         args = ["master", "--listen", self.listen, "--data-dir", str(self.data_dir)]
@@ -88,6 +100,8 @@ class ClusterOptions:
         if self.autoscale is not None:
             args += ["--autoscale", "--min-workers", str(self.autoscale[0])]
             args += ["--max-workers", str(self.autoscale[1])]
+        if self.run_as_pool:
+            args += ["--run-as-pool", self.run_as_pool]
         return [*args, *self.worker_args()]  # (`up` takes them under the same names)
 
 
@@ -201,7 +215,7 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
                     "worker", "--master", address, "--listen", "127.0.0.1:0",
                     "--worker-id", f"local-{i}",
                     "--max-concurrent-tasks", str(options.max_concurrent_tasks),
-                    *options.worker_args(), *_tls_args(tls, f"local-{i}"),
+                    *options.worker_args(), *options.pool_args(i), *_tls_args(tls, f"local-{i}"),
                 ],
                 logs / f"worker-{i}.log",
             )  # fmt: skip

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
+import select
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +38,74 @@ def request(spec: CommandSpec, task_id: str, limits: TaskLimits | None = None) -
     return ExecRequest(task_id, 1, spec.to_payload(), 20.0, limits=limits or TaskLimits())
 
 
+HOPPER = """
+import os, sys, time
+os.setsid()
+while True:  # a new pid every millisecond, one process at a time: no scan sees it
+    if os.fork():
+        os._exit(0)
+    time.sleep(0.001)
+"""
+
+
+def test_a_uid_given_back_takes_a_process_that_keeps_changing_its_pid(tmp_path: Path) -> None:
+    """Scans of /proc never found it (each pid was gone when its turn came): the uid went back
+    to the pool with it alive, and the next task to get the uid could read its secrets."""
+    uid = 61003
+    hopper = subprocess.Popen(
+        ["python3", "-c", HOPPER], user=uid, group=uid, extra_groups=[], cwd="/",
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert hopper.stdout is not None
+    pool = UidPool(range(uid, uid + 1), claims=tmp_path / "claims")
+    try:
+        assert hopper.wait(10) == 0  # (its first pid is gone: its child hops on)
+        pool.take()
+        pool.give_back(uid)
+        # Every hop inherits the pipe: it reads its end once none of them is left.
+        ready, _, _ = select.select([hopper.stdout], [], [], 10)
+        assert ready, "the hopper lives on"
+        assert hopper.stdout.read() == b""
+    finally:
+        pool.close()
+        subprocess.run(["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, check=False)
+        hopper.stdout.close()
+
+
+def test_two_workers_cannot_hand_out_the_same_uids(tmp_path: Path) -> None:
+    """`up --workers 2 --run-as-pool R` gave both workers R: a job on each ran as one uid,
+    read the other's environment, and killed it at its end."""
+    claims = tmp_path / "claims"
+    mine = UidPool(range(61000, 61010), claims=claims)
+    try:
+        other = [sys.executable, "-c", (
+            "import sys; from pathlib import Path; "
+            "from dist_exec.executors.containment import UidPool, ContainmentError\n"
+            "try:\n"
+            "    first, end = int(sys.argv[1]), int(sys.argv[2])\n"
+            f"    UidPool(range(first, end), claims=Path({str(claims)!r}))\n"
+            "except ContainmentError as exc:\n"
+            "    sys.exit(str(exc))\n"
+        )]  # fmt: skip
+        overlap = subprocess.run([*other, "61009", "61020"], capture_output=True, text=True)
+        assert overlap.returncode == 1
+        assert "another worker on this host has uids of this range in its pool" in overlap.stderr
+        apart = subprocess.run([*other, "61010", "61020"], capture_output=True, text=True)
+        assert apart.returncode == 0, apart.stderr
+    finally:
+        mine.close()
+    again = subprocess.run([*other, "61000", "61010"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr  # (given up when its worker closed it)
+
+
+def test_a_pool_whose_gids_are_a_groups_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's gid is its uid's number: it got the files of a group with that gid."""
+    group = grp.struct_group(("builders", "x", 61002, []))
+    monkeypatch.setattr(grp, "getgrall", lambda: [group])
+    with pytest.raises(ContainmentError, match="--run-as-pool 61000-61003: gid 61002 is group"):
+        parse_uid_pool(POOL)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -49,11 +121,17 @@ def test_a_pool_is_refused_in_one_line(text: str, message: str) -> None:
 
 
 async def test_jobs_run_as_uids_of_their_own_and_cannot_read_each_other() -> None:
+    """Nor each other's files: a file a job left in a shared directory (/tmp) was readable by
+    the others (umask 022), started by the spawner or (under limits) by the worker itself."""
+    shared = Path(tempfile.mkdtemp(prefix="dist-exec-shared-", dir="/tmp"))  # (all reach it)
+    shared.chmod(0o1777)
     containment = Containment.start(Mode.RLIMIT, TaskLimits(), None, uid_pool=parse_uid_pool(POOL))
     try:
         executor = CommandExecutor({"containment": containment})
         secret = CommandSpec(
-            "echo $$ $(id -u); exec sleep 30", shell=True, env={"SECRET": "alice-only"}
+            f"echo alice-file > {shared}/a; echo $$ $(id -u); exec sleep 30",
+            shell=True,
+            env={"SECRET": "alice-only"},
         )
         alice_sink = RecordingSink()
         alice = asyncio.create_task(executor.execute(request(secret, "alice"), alice_sink))
@@ -61,7 +139,8 @@ async def test_jobs_run_as_uids_of_their_own_and_cannot_read_each_other() -> Non
             await alice_sink.first_stdout.wait()
         alice_pid, alice_uid = (int(v) for v in alice_sink.stdout.split())
         snoop = CommandSpec(
-            f"id -u; cat /proc/{alice_pid}/environ; kill -0 {alice_pid}", shell=True
+            f"id -u; cat /proc/{alice_pid}/environ; cat {shared}/a; kill -0 {alice_pid}",
+            shell=True,
         )
         bob_sink = RecordingSink()
         bob = await executor.execute(request(snoop, "bob"), bob_sink)
@@ -69,13 +148,22 @@ async def test_jobs_run_as_uids_of_their_own_and_cannot_read_each_other() -> Non
         assert alice_uid != bob_uid
         assert {alice_uid, bob_uid} <= set(range(61000, 61004))
         assert b"alice-only" not in bob_sink.stdout
-        assert b"Permission denied" in bob_sink.stderr
+        assert b"alice-file" not in bob_sink.stdout
+        assert bob_sink.stderr.count(b"Permission denied") == 2
         assert bob.status == ExecStatus.FAILURE  # (kill -0: not permitted either)
+        for limits in (TaskLimits(), TaskLimits(max_procs=64)):  # (spawner, worker's fork)
+            sink = RecordingSink()
+            await executor.execute(request(CommandSpec("umask", shell=True), "m", limits), sink)
+            assert sink.stdout == b"0077\n", limits
         alice.cancel()
         with pytest.raises(asyncio.CancelledError):
             await alice
     finally:
+        if not alice.done():  # (a failed check above: not left running at the loop's end)
+            alice.cancel()
+            await asyncio.gather(alice, return_exceptions=True)
         containment.close()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 async def test_what_a_job_leaves_behind_dies_with_it_even_without_its_tags() -> None:
@@ -183,13 +271,14 @@ def test_a_uid_given_back_leaves_no_files_and_no_process_behind(
     monkeypatch.setattr(containment_module, "TEMP_DIRS", (str(shared),))
     effective_only = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setresuid(0, uid, 0))
     group_only = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setresgid(0, uid, 0))
+    pool = UidPool(range(uid, uid + 1), claims=tmp_path / "claims")
     try:
-        pool = UidPool(range(uid, uid + 1))
         assert pool.take().uid == uid
         pool.give_back(uid)
         assert effective_only.wait(10) == group_only.wait(10) == -signal.SIGKILL
         assert pool.take().uid == uid  # (free again, at once)
     finally:
+        pool.close()
         for proc in (effective_only, group_only):
             proc.kill()
             proc.wait()

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from dist_exec.cli.servers import policy_args, task_args, up, worker
 from dist_exec.cluster import ClusterOptions
@@ -71,3 +72,32 @@ def test_autoscaled_workers_get_them_through_the_master() -> None:
     )
     local = [a.removeprefix("--local-worker-arg=") for a in options.master_args() if "=" in a]
     assert local == ["--block-command", "rm*", "--inherit-env"]
+
+
+def test_each_worker_gets_a_range_of_the_uid_pool_of_its_own() -> None:
+    """All of them got the whole range: jobs on two workers ran as one uid, read each other's
+    environment, and each one's end killed the other."""
+    options = ClusterOptions(Path("/data"), "127.0.0.1:5", 3, 4, None, (), (), "61000-61999")
+    shares = [parsed(worker, options.pool_args(i))["run_as_pool"] for i in (1, 2, 3)]
+    assert shares == ["61000-61332", "61333-61665", "61666-61998"]
+    assert "--run-as-pool" not in options.worker_args()
+    assert parsed(up, options.up_args()[1:])["run_as_pool"] == "61000-61999"  # (a restart)
+    assert ClusterOptions(Path("/data"), "127.0.0.1:5", 3, 4).pool_args(1) == []
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (["--workers", "2", "--max-concurrent-tasks", "8", "--run-as-pool", "61000-61009"],
+         "10 uids for 2 workers of 8 tasks; each worker gets a range of its own, so it needs at "
+         "least 16"),
+        (["--autoscale", "--run-as-pool", "61000-61999"],
+         "--run-as-pool does not go with --autoscale"),
+    ],
+)  # fmt: skip
+def test_up_refuses_a_uid_pool_it_cannot_share_out(
+    tmp_path: Path, given: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(up, [*given, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert message in result.output

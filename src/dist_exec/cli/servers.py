@@ -841,7 +841,18 @@ def up(
     try:
         _one_user_option(task["run_as"], task["run_as_pool"])
         if task["run_as_pool"] is not None:
-            parse_uid_pool(task["run_as_pool"])
+            pool = parse_uid_pool(task["run_as_pool"])
+            if autoscale:
+                raise ContainmentError(
+                    "--run-as-pool does not go with --autoscale: each worker needs a range of "
+                    "its own; start workers yourself, each with its own --run-as-pool"
+                )
+            if len(pool) // worker_count < max_concurrent_tasks:
+                raise ContainmentError(
+                    f"--run-as-pool {task['run_as_pool']}: {len(pool)} uids for {worker_count} "
+                    f"workers of {max_concurrent_tasks} tasks; each worker gets a range of its "
+                    f"own, so it needs at least {worker_count * max_concurrent_tasks}"
+                )
         run_as = resolve_run_as(task["run_as"])
     except ContainmentError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -853,7 +864,8 @@ def up(
         max_concurrent_tasks,
         (min_workers, max_workers) if autoscale else None,
         tuple(policy_args(allowed_commands, blocked_commands, allowed_env)),
-        tuple(task_args(**task)),
+        tuple(task_args(**{**task, "run_as_pool": None})),  # (shared out: pool_args)
+        task["run_as_pool"] or "",
     )
     workers = f"{min_workers}-{max_workers} autoscaled" if autoscale else str(worker_count)
     workers += " workers"

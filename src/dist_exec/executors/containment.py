@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import enum
 import errno
+import fcntl
+import grp
 import logging
 import os
 import pwd
@@ -34,8 +36,14 @@ from pathlib import Path
 
 from dist_exec import procfs
 from dist_exec.executors.limits import Exceeded, LimitKind
-from dist_exec.executors.spawner import Spawner, SpawnerError, no_new_privileges
+from dist_exec.executors.spawner import (
+    POOL_UMASK,
+    Spawner,
+    SpawnerError,
+    no_new_privileges,
+)
 from dist_exec.models import TaskLimits
+from dist_exec.security.private_files import open_private, private_dir
 
 log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -87,6 +95,7 @@ def resolve_run_as(name: str | None) -> RunAs | None:
 
 
 MIN_POOL_UID = 1000  # below: system users
+POOL_CLAIMS = Path("/run/dist-exec/uid-pools.lock")  # (see UidPool)
 KILL_ROUNDS = 50  # a task's uid is given back once a scan finds none of its processes
 
 
@@ -112,6 +121,11 @@ def parse_uid_pool(text: str) -> range:
         raise ContainmentError(
             f"--run-as-pool {text}: uid {uid} belongs to user {pwd.getpwuid(uid).pw_name}"
         )
+    # A task's gid is its uid's number: one that is a group's would give tasks its files.
+    groups = {entry.gr_gid: entry.gr_name for entry in grp.getgrall() if entry.gr_gid in pool}
+    if groups:
+        gid = min(groups)
+        raise ContainmentError(f"--run-as-pool {text}: gid {gid} is group {groups[gid]}")
     running = {uid for pid in procfs.pids() for uid in _ids_of(pid) & set(pool) if _live(pid)}
     if running:
         raise ContainmentError(f"--run-as-pool {text}: processes run as uid {min(running)}")
@@ -119,11 +133,23 @@ def parse_uid_pool(text: str) -> range:
 
 
 class UidPool:
-    """A uid for each task; given back once every process of the task's uid is gone."""
+    """A uid for each task; given back once every process of the task's uid is gone.
 
-    def __init__(self, uids: range) -> None:
+    ``claims``: a file every worker of this host locks its range in (a write lock on bytes
+    FIRST..LAST, released however the worker ends), so that two workers never hand out the
+    same uid: each would kill the other's task at its own task's end. None: not claimed."""
+
+    def __init__(self, uids: range, claims: Path | None = POOL_CLAIMS) -> None:
         self.uids = uids
         self._free = deque(uids)
+        self._claim = _claim(uids, claims) if claims is not None else -1
+
+    def close(self) -> None:
+        """Give the range up (the worker ends). (Closing a descriptor of the claims file drops
+        every lock this process holds in it: one pool to a process.)"""
+        if self._claim >= 0:
+            os.close(self._claim)
+            self._claim = -1
 
     def take(self) -> RunAs:
         if not self._free:
@@ -138,6 +164,7 @@ class UidPool:
         cannot be killed keeps it out of the pool. Those files are removed after, in a thread
         of their own: however many or deep they are, the task's end does not wait for that."""
         for _ in range(KILL_ROUNDS):
+            _kill_all_of(uid)
             left = [pid for pid in procfs.pids() if _runs_as(pid, uid)]
             if not left:
                 moved = [found for d in TEMP_DIRS if (found := set_aside(uid, d)) is not None]
@@ -152,6 +179,45 @@ class UidPool:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(POLL_S)
         log.error("processes of uid %d outlive SIGKILL; the uid is not used again", uid)
+
+
+def _claim(uids: range, path: Path) -> int:
+    """Lock ``uids`` on this host for this process (see UidPool): the descriptor that holds
+    the lock; ContainmentError when another process holds any of them."""
+    text = f"{uids.start}-{uids.stop - 1}"
+    try:
+        private_dir(path.parent)
+        fd = open_private(path, os.O_RDWR)
+    except OSError as exc:
+        raise ContainmentError(
+            f"--run-as-pool {text}: cannot claim the uids in {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, len(uids), uids.start, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise ContainmentError(
+                f"--run-as-pool {text}: cannot claim the uids in {path}: {exc.strerror}"
+            ) from None
+        raise ContainmentError(
+            f"--run-as-pool {text}: another worker on this host has uids of this range in its "
+            "pool; give each worker a range of its own"
+        ) from None
+    return fd
+
+
+def _kill_all_of(uid: int) -> None:
+    """SIGKILL every process of ``uid`` at once: kill(-1) from a process of that uid reaches
+    all of them in one pass of the kernel, also one that forks and exits faster than a scan of
+    /proc can find it (a fork under way fails once its parent has the signal)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["/bin/sh", "-c", "kill -9 -1"],  # (the shell's own kill: all but itself)
+            user=uid, group=uid, extra_groups=[], cwd="/", env={},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=10, check=False,
+        )  # fmt: skip
 
 
 def _runs_as(pid: int, uid: int) -> bool:
@@ -549,13 +615,14 @@ class Jail:
         pooled = self.pool is not None and len(self.pool.uids) > 1
         refuse_privileges = no_new_privileges() if pooled else None
         # Runs in the forked child before exec: syscalls only, nothing that takes a lock.
-        setrlimit, getpid, os_open, os_write, os_close, chdir = (
+        setrlimit, getpid, os_open, os_write, os_close, chdir, umask = (
             resource.setrlimit,
             os.getpid,
             os.open,
             os.write,
             os.close,
             os.chdir,
+            os.umask,
         )
 
         def enter() -> None:
@@ -574,6 +641,7 @@ class Jail:
                 os.setuid(run_as.uid)
             if refuse_privileges is not None:
                 refuse_privileges()  # (see no_new_privileges)
+                umask(POOL_UMASK)
             if cwd is not None:
                 chdir(cwd)
 
@@ -787,6 +855,8 @@ class Containment:
             self.spawner.close()
         if self.cgroups is not None:
             self.cgroups.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 class _SpawnerStart(threading.Thread):

@@ -520,6 +520,11 @@ def _spawn(
 PR_SET_NO_NEW_PRIVS = 38  # (linux/prctl.h)
 
 
+# The files a task of a uid pool makes are its own (concurrent tasks run as other uids, and
+# must not read them: /tmp is shared); one it means to share, it opens up itself (chmod).
+POOL_UMASK = 0o077
+
+
 def no_new_privileges() -> Callable[[], None]:
     """What makes the process that calls it, and what it starts, unable to gain privileges by
     exec: set-user-id and set-group-id bits and file capabilities do nothing for them. A
@@ -564,6 +569,7 @@ def main() -> None:
         user = (uid, gid)
     if last_uid > uid:  # a uid per task (--run-as-pool): its commands, and so this process
         no_new_privileges()()
+        os.umask(POOL_UMASK)
     os.close(os.pidfd_open(os.getpid()))  # no pidfds (Linux < 5.3): fail now, the worker forks
     sock.sendall(_frame({"ready": os.getpid()}))
     selector = selectors.DefaultSelector()
