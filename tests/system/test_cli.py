@@ -11,11 +11,13 @@ import signal
 import subprocess
 import sys
 import termios
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from dist_exec.interrupts import BURST_S
 from tests.conftest import ClusterFactory, SmallCluster, pid_alive, run_cli, wait_for
 
 JOB_KEYS = {
@@ -314,6 +316,32 @@ def test_ctrl_c_on_run_prints_what_the_command_says_while_it_stops(
     assert out == "cleaning up\ncleaned\n"
     assert re.fullmatch(r"cleanup-error\ndist-exec: job \S+ was cancelled\n", err), err
     assert proc.returncode == -signal.SIGINT
+
+
+def test_a_second_ctrl_c_while_the_job_stops_ends_run_at_once(small_cluster: SmallCluster) -> None:
+    """The job ignores INT (the worker kills it after its grace): a further Ctrl-C stops
+    waiting, as it says. It died of a traceback ('aclose(): asynchronous generator is already
+    running'): the follow still read the stream being closed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_exec", "run", "--master", small_cluster.address,
+         "trap '' INT TERM; echo ready; sleep 300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        # A person's second Ctrl-C (not a copy of the first, BURST_S), once run is waiting for
+        # the cancel to be confirmed (it says nothing then: time enough to take the first).
+        time.sleep(max(1.0, 3 * BURST_S))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGINT, err
+    assert "Traceback" not in err
+    assert "stopped waiting for the master" in err
 
 
 def test_cancel_sends_the_signal_asked_for_and_a_further_one_at_once(

@@ -606,8 +606,9 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
                         if following is not None:
                             await _trailing_output(following, interrupts)
                     finally:
-                        if following is not None:
+                        if following is not None:  # (ended before the stream is closed)
                             following.cancel()
+                            await asyncio.gather(following, return_exceptions=True)
         assert job is not None
         if as_json:
             report = job_json(await client.get(job_id))
