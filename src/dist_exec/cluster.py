@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from dist_exec.security.private_files import open_private, private_dir, write_pr
 from dist_exec.security.tokens import add_token, read_tokens, revoke_token
 
 READY_TIMEOUT_S = 30.0
+WORKER_RESTART_S = 1.0  # a dead worker is started again after this, doubling to the max
+WORKER_RESTART_MAX_S = 60.0
 STOP_TIMEOUT_S = 45.0
 PID_FILE = "cluster.pid"
 PID_MAX = 4_194_304  # the most a Linux pid can be
@@ -123,17 +126,80 @@ def _open_log(path: Path) -> IO[str]:
     return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "a")
 
 
-def _wait_ready(proc: subprocess.Popen[str], what: str, log_path: Path) -> str:
-    """Read the child's stdout until its 'listening on ADDRESS' line."""
+def _wait_ready(
+    proc: subprocess.Popen[str],
+    what: str,
+    log_path: Path,
+    stopping: Callable[[], bool] = lambda: False,
+) -> str:
+    """Read the child's stdout until its 'listening on ADDRESS' line: for at most
+    READY_TIMEOUT_S, and not once ``stopping`` (a Ctrl-C, `down`) says so."""
     assert proc.stdout is not None
     deadline = time.monotonic() + READY_TIMEOUT_S
-    for line in proc.stdout:
-        if " listening on " in line:
-            return line.rsplit(" listening on ", 1)[1].strip()
-        if time.monotonic() > deadline:
-            break
-    proc.poll()
+    pending = ""
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline and not stopping():
+            if not selector.select(timeout=0.2):
+                continue
+            data = os.read(proc.stdout.fileno(), 4096).decode(errors="replace")
+            if not data:  # (it exited)
+                break
+            *lines, pending = (pending + data).split("\n")
+            for line in lines:
+                if " listening on " in line:
+                    return line.rsplit(" listening on ", 1)[1].strip()
+    if stopping():
+        raise ClusterError(f"stopped while {what} was starting")
+    if proc.poll() is None:
+        raise ClusterError(
+            f"{what} did not start within {READY_TIMEOUT_S:g}s: {_last_line(log_path)} "
+            f"(log: {log_path})"
+        )
     raise ClusterError(f"{what} did not start: {_last_line(log_path)} (log: {log_path})")
+
+
+def _supervise(
+    procs: list[subprocess.Popen[str]],
+    start_worker: Callable[[int], subprocess.Popen[str]],
+    record: Callable[[], None],
+    stopping: Callable[[], bool],
+    logs: Path,
+) -> None:
+    """Until ``stopping``: a worker that dies (a command that kills it, the OOM killer) is
+    started again, as a supervisor would (its jobs are retried elsewhere meanwhile), after
+    WORKER_RESTART_S, doubling while it keeps dying, up to WORKER_RESTART_MAX_S. The master's
+    end is the cluster's. ``procs``: the master, then worker 1, 2, ..."""
+    backoff = dict.fromkeys(range(1, len(procs)), WORKER_RESTART_S)
+    due = dict.fromkeys(range(1, len(procs)), 0.0)
+    while not stopping():
+        if procs[0].poll() is not None:
+            raise ClusterError(f"the master exited unexpectedly; see {logs / 'master.log'}")
+        now = time.monotonic()
+        for i in range(1, len(procs)):
+            code = procs[i].poll()
+            if code is None:
+                if now - due[i] > WORKER_RESTART_MAX_S:  # (it ran a while: forgiven)
+                    backoff[i] = WORKER_RESTART_S
+                continue
+            if now < due[i]:
+                continue
+            _say(f"worker local-{i} exited ({code}); starting it again")
+            if (out := procs[i].stdout) is not None:
+                out.close()
+            procs[i] = start_worker(i)
+            record()
+            due[i] = now + backoff[i]
+            backoff[i] = min(backoff[i] * 2, WORKER_RESTART_MAX_S)
+        time.sleep(0.2)
+
+
+def _say(message: str) -> None:
+    """A line on up's stderr (the terminal; logs/up.log for `up -d`)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"{stamp} dist-exec up: {message}\n")
+        sys.stderr.flush()
 
 
 def _last_line(log_path: Path) -> str:
@@ -199,6 +265,9 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
         nonlocal stop_requested
         stop_requested = True
 
+    def stopping() -> bool:
+        return stop_requested
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     address = ""
     try:
@@ -208,8 +277,9 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
         master, log = _spawn(master_args, logs / "master.log")
         procs.append(master)
         files.append(log)
-        address = dial_address(_wait_ready(master, "master", logs / "master.log"))
-        for i in range(1, 0 if options.autoscale else options.workers + 1):
+        address = dial_address(_wait_ready(master, "master", logs / "master.log", stopping))
+
+        def start_worker(i: int) -> subprocess.Popen[str]:
             worker, log = _spawn(
                 [
                     "worker", "--master", address, "--listen", "127.0.0.1:0",
@@ -219,27 +289,31 @@ def run_foreground(options: ClusterOptions, on_ready: Callable[[str], None]) -> 
                 ],
                 logs / f"worker-{i}.log",
             )  # fmt: skip
-            procs.append(worker)
-            files.append(log)
+            log.close()  # (the worker has it)
+            return worker
+
+        def record() -> None:
+            state = {
+                "master": address,
+                "pid": os.getpid(),
+                "workers": options.workers,
+                # So `down` can stop them should this process be gone: (pid, start time) each.
+                "servers": [[p.pid, _start_time(p.pid)] for p in procs],
+            }
+            write_private(options.data_dir / STATE_FILE, json.dumps(state))
+
+        procs += [
+            start_worker(i) for i in range(1, 0 if options.autoscale else options.workers + 1)
+        ]
         for i, worker in enumerate(procs[1:], start=1):
-            _wait_ready(worker, f"worker local-{i}", logs / f"worker-{i}.log")
+            _wait_ready(worker, f"worker local-{i}", logs / f"worker-{i}.log", stopping)
         write_client_config(
             options.data_dir, address, tls / certs.CA_CERT, tls / f"{ADMIN}.crt",
             tls / f"{ADMIN}.key", options.data_dir / ADMIN_TOKEN_FILE,
         )  # fmt: skip
-        state = {
-            "master": address,
-            "pid": os.getpid(),
-            "workers": options.workers,
-            # So `down` can stop them should this process be gone: (pid, start time) each.
-            "servers": [[p.pid, _start_time(p.pid)] for p in procs],
-        }
-        write_private(options.data_dir / STATE_FILE, json.dumps(state))
+        record()
         on_ready(address)
-        while not stop_requested:
-            if any(p.poll() is not None for p in procs):
-                raise ClusterError(f"a cluster process exited unexpectedly; see {logs}")
-            time.sleep(0.2)
+        _supervise(procs, start_worker, record, stopping, logs)
     finally:
         _stop(procs)
         for f in files:

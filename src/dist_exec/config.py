@@ -226,9 +226,11 @@ def join_address(host: str, port: int) -> str:
 
 
 def dial_address(address: str) -> str:
-    """An address to connect to: ':50051' means this machine."""
+    """An address to connect to: ':50051', or a wildcard one ('0.0.0.0:50051', '[::]:50051':
+    a server's listening on every interface), means this machine: its loopback address, which
+    a server's TLS certificate names (0.0.0.0 it cannot)."""
     host, port = split_address(address)
-    return join_address(host or "127.0.0.1", port)
+    return join_address("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, port)
 
 
 def listen_address(address: str) -> str:

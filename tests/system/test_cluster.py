@@ -195,6 +195,33 @@ def test_a_detached_cluster_whose_up_was_killed_stops_and_can_start_again(
         assert run_cli("down", "--data-dir", str(data)).code == 0
 
 
+def test_a_worker_of_a_local_cluster_that_dies_is_started_again(tmp_path: Path) -> None:
+    """It took the whole cluster down with it (master and the other workers)."""
+    data = tmp_path / "cluster"
+    with detached_cluster(data, "--workers", "2") as (up, address):
+        assert up.code == 0, up.stderr
+
+        def servers() -> list[int]:
+            return [pid for pid, _ in json.loads((data / "cluster.json").read_text())["servers"]]
+
+        master, first, second = servers()
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: servers()[1] != first, 30, "worker local-1 to be started again")
+        assert servers()[::2] == [master, second]  # (the others untouched)
+
+        def healthy() -> list[str]:
+            nodes = json.loads(run_cli("nodes", "--json", master=address).stdout)
+            found = {n["id"]: n["status"] for n in nodes}
+            return [] if found != {"local-1": "HEALTHY", "local-2": "HEALTHY"} else list(found)
+
+        wait_for(healthy, 30, "both workers registered")
+        assert run_cli("run", "echo still", master=address).stdout == "still\n"
+        assert (
+            "worker local-1 exited (-9); starting it again"
+            in (data / "logs" / "up.log").read_text()
+        )
+
+
 def test_a_master_a_few_slow_round_trips_away_is_reached(tmp_path: Path) -> None:
     """TCP, TLS and HTTP/2 handshakes over a 300 ms round trip take about a second: a client
     must wait for them (gRPC's connect timeout once was 200 ms here)."""

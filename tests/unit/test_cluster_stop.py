@@ -74,3 +74,41 @@ def test_a_live_pid_that_is_not_this_clusters_up_is_left_alone(
     (tmp_path / cluster.PID_FILE).write_text(str(sleeper.pid))
     assert not cluster.stop_background(tmp_path)
     assert sleeper.poll() is None
+
+
+def test_a_server_that_never_says_it_is_ready_is_given_up_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`up` read its stdout with no deadline: a worker that could not register (TLS refused
+    it) held `up` for good, deaf to Ctrl-C and to `down`."""
+    monkeypatch.setattr(cluster, "READY_TIMEOUT_S", 0.5)
+    log = tmp_path / "worker.log"
+    log.write_text("dist-exec: cannot register: certificate verify failed\n")
+    silent = subprocess.Popen(["sleep", "300"], stdout=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(
+            cluster.ClusterError, match=r"did not start within 0\.5s: cannot register"
+        ):
+            cluster._wait_ready(silent, "worker local-1", log)
+        monkeypatch.setattr(cluster, "READY_TIMEOUT_S", 300.0)
+        with pytest.raises(cluster.ClusterError, match="stopped while worker local-1 was"):
+            cluster._wait_ready(silent, "worker local-1", log, stopping=lambda: True)
+    finally:
+        silent.kill()
+        silent.wait()
+        if silent.stdout is not None:
+            silent.stdout.close()
+
+
+def test_the_ready_line_is_found_across_reads(tmp_path: Path) -> None:
+    talker = subprocess.Popen(
+        ["sh", "-c", "printf 'starting\\nw1 listen'; sleep 0.2; printf 'ing on 127.0.0.1:9\\n'"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cluster._wait_ready(talker, "w1", tmp_path / "none.log") == "127.0.0.1:9"
+    finally:
+        talker.wait()
+        if talker.stdout is not None:
+            talker.stdout.close()

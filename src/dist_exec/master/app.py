@@ -119,7 +119,7 @@ async def run_master(
             config.autoscaler,
             master,
             clock,
-            dial_address(join_address("" if host in ("0.0.0.0", "::") else host, port)),
+            dial_address(join_address(host, port)),
             config.data_dir / "logs",
         )
         drains = Drains()
