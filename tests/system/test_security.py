@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -194,6 +195,26 @@ async def test_secure_cluster_runs_jobs_over_mutual_tls(cluster: ClusterFactory)
         "--key", str(pki.issue("carol", "submit").key), master=master.address,
     )  # fmt: skip
     assert (cli.code, cli.stdout) == (0, "via-cli\n"), cli.stderr
+
+
+def test_a_stopped_master_is_not_taken_for_a_refusal_of_the_credentials(
+    cluster: ClusterFactory,
+) -> None:
+    """The kernel takes the connection, the master never answers the handshake: that read
+    'not authenticated: ... certificate is missing, expired ...' (exit 3)."""
+    master = cluster.master(secure=True)
+    pki = cluster.pki
+    admin = pki.issue("root", "admin")
+    args = ["--ca", str(pki.ca), "--cert", str(admin.cert), "--key", str(admin.key)]
+    assert run_cli("nodes", *args, master=master.address).code == 0
+    master.signal(signal.SIGSTOP)
+    try:
+        stalled = run_cli("nodes", *args, master=master.address)
+    finally:
+        master.signal(signal.SIGCONT)
+    assert stalled.code == 1, stalled.stderr
+    assert "took the connection but did not answer" in stalled.stderr
+    assert "not authenticated" not in stalled.stderr
 
 
 async def test_expired_foreign_and_roleless_certificates_are_refused(

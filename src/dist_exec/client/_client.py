@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from dist_exec.errors import (
     JobAlreadyFinished,
     JobNotFound,
     MasterTimeout,
+    MasterUnavailable,
     Unauthenticated,
     from_rpc_error,
 )
@@ -166,6 +168,16 @@ class Client:
         if self._closing and exc.code() == grpc.StatusCode.CANCELLED:
             return DistExecError("the client was closed")
         details = (exc.details() or "").lower()
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and re.search(
+            r"handshake read failed \(.*endpoint (closing|shutdown)", details
+        ):
+            # This client gave up on a handshake the master never answered (stopped, hung,
+            # overloaded): not a refusal of its credentials (that closes the socket, or fails
+            # the handshake).
+            return MasterUnavailable(
+                f"the master at {self.address} took the connection but did not answer (it may "
+                "be stopped or overloaded); try again later"
+            )
         # A master that requires TLS closes a plain connection before any call gets through
         # ("failed to connect ...: Socket closed"); one that stops during a call ends its
         # stream ("Stream removed (Socket closed)"): that is not about credentials.
