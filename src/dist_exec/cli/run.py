@@ -377,26 +377,33 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
             except Interrupted:
                 return _gave_up(interrupts, "if it accepted the jobs, they run")
             if detach and not interrupts.received:
-                if as_json:
-                    jobs = [job_json(await client.get(job_id)) for job_id, _ in tasks]
-                    print_json({"broadcast_id": broadcast_id, "jobs": jobs})
-                else:
-                    click.echo(broadcast_id)
+                await _print_broadcast(client, broadcast_id, [j for j, _ in tasks], as_json)
                 return 0
             node_of: dict[str, str] = dict(tasks)
             finals: dict[str, Job] = {}
             stop: Ending | None = interrupts.received[0] if interrupts.received else None
+            watch: asyncio.Future[None] | None = None
             if stop is None:
                 prefixer = _Prefixer(max(len(n) for n in node_of.values()))
-                watch = _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
-                _, stop = await _follow(interrupts, watch)
-            if stop is not None and len(finals) < len(node_of):
-                stopped = await _stop(
-                    client, [j for j in node_of if j not in finals], interrupts, stop
+                # (as for one job: a signal stops the waiting, not the following)
+                watch = asyncio.ensure_future(
+                    _watch_broadcast(client, list(node_of), node_of, prefixer, finals, as_json)
                 )
-                if stopped is None:
-                    return _gave_up(interrupts, "the master goes on cancelling the jobs")
-                finals |= stopped
+                _, stop = await _follow(interrupts, asyncio.shield(watch))
+            try:
+                if stop is not None and len(finals) < len(node_of):
+                    stopped = await _stop(
+                        client, [j for j in node_of if j not in finals], interrupts, stop
+                    )
+                    if stopped is None:
+                        return _gave_up(interrupts, "the master goes on cancelling the jobs")
+                    if watch is not None:
+                        await _trailing_output(watch, interrupts)
+                    finals |= {j: job for j, job in stopped.items() if j not in finals}
+            finally:
+                if watch is not None:
+                    watch.cancel()
+                    await asyncio.gather(watch, return_exceptions=True)
             if not any(finals[j].status == JobStatus.CANCELLED for j in finals):
                 stop = None  # every job had ended by itself
         try:
@@ -408,6 +415,17 @@ async def _broadcast(address: str, spec: TaskSpec, detach: bool, as_json: bool) 
         if stop is not None:
             return stop
         return EXIT_ERROR if failed else 0
+
+
+async def _print_broadcast(
+    client: Client, broadcast_id: str, job_ids: list[str], as_json: bool
+) -> None:
+    """A detached broadcast's id, or with --json its jobs as 'status --json' shows them."""
+    if as_json:
+        jobs = [job_json(await client.get(job_id)) for job_id in job_ids]
+        print_json({"broadcast_id": broadcast_id, "jobs": jobs})
+    else:
+        click.echo(broadcast_id)
 
 
 async def _follow(
@@ -530,9 +548,11 @@ async def _report_broadcast(
             }
         )
     else:
+        cancelled = sum(finals[j].status == JobStatus.CANCELLED for j in failed)
         click.echo(
             f"dist-exec: broadcast {broadcast_id} on {len(node_of)} node(s): "
-            f"{len(node_of) - len(failed)} succeeded, {len(failed)} failed",
+            f"{len(node_of) - len(failed)} succeeded, {len(failed) - cancelled} failed"
+            + (f", {cancelled} cancelled" if cancelled else ""),
             err=True,
         )
         for job_id, node in sorted(node_of.items(), key=lambda item: item[1]):
@@ -623,7 +643,7 @@ async def _run(address: str, spec: Any, detach: bool, as_json: bool) -> Ending:
         return stop if stop is not None and job.status == JobStatus.CANCELLED else code
 
 
-async def _trailing_output(following: asyncio.Future[Job], interrupts: Interrupts) -> None:
+async def _trailing_output(following: asyncio.Future[Any], interrupts: Interrupts) -> None:
     """Once the cancelled job has ended, the rest of what it printed, which the follow gets
     before the job's end: for at most LAST_WORDS_S (a reader that does not read, a master
     gone), or until a further Ctrl-C. Its failures are not the run's: the job has ended."""
