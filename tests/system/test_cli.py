@@ -344,6 +344,18 @@ def test_a_second_ctrl_c_while_the_job_stops_ends_run_at_once(small_cluster: Sma
     assert "stopped waiting for the master" in err
 
 
+def test_a_job_without_a_timeout_gets_the_masters_default(cluster: ClusterFactory) -> None:
+    """It was an hour, fixed: a long build was killed, and nothing said so or could change it."""
+    master = cluster.master(extra=["--default-timeout", "1s"])
+    cluster.worker(master)
+    result = run_cli("run", "sleep 30", master=master.address)
+    assert result.code == 124, result.stderr
+    assert "timed out after 1s" in result.stderr
+    assert run_cli(
+        "run", "--timeout", "20s", "sleep 2; echo own", master=master.address
+    ).stdout == ("own\n")
+
+
 def test_cancel_sends_the_signal_asked_for_and_a_further_one_at_once(
     small_cluster: SmallCluster,
 ) -> None:

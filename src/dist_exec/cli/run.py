@@ -136,7 +136,8 @@ class InputFile(click.File):
     "--timeout",
     type=TIMEOUT,
     default=None,
-    help="Kill the command after this long: 500ms, 30s, 5m, 1h (default: the master's).",
+    help="Kill the command after this long: 500ms, 30s, 5m, 1h (default: the master's "
+    "--default-timeout, 1h unless set).",
 )
 @click.option(
     "--priority",

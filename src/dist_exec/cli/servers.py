@@ -22,6 +22,7 @@ from dist_exec.cli.common import (
     KEY_VALUE,
     SIZE,
     TEXT,
+    TIMEOUT,
     TOKEN,
     fail,
     policy_options,
@@ -237,6 +238,14 @@ def ready_line(what: str) -> Callable[[str], None]:
     help="Output kept from the end of each stream longer than --max-output.",
 )
 @click.option(
+    "--default-timeout",
+    type=TIMEOUT,
+    envvar="DEFAULT_TIMEOUT",
+    default="1h",
+    show_default=True,
+    help="A job that sets no --timeout is killed after this long (at most 7d).",
+)
+@click.option(
     "--job-retention",
     type=DURATION,
     envvar="JOB_RETENTION",
@@ -299,6 +308,7 @@ def master(
     balancer: str,
     max_output: int,
     output_tail: int,
+    default_timeout: float,
     job_retention: float,
     tokens_file: Path | None,
     audit_log: Path | None,
@@ -326,6 +336,9 @@ def master(
         autoscaler = autoscaler_config(ctx)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
+    longest = MasterConfig(data_dir=data_dir).max_timeout_s
+    if default_timeout > longest:
+        fail(f"--default-timeout may be at most {format_duration(longest)}", EXIT_USAGE)
     if 0 < audit_max_size < MIN_AUDIT_SIZE:
         fail(
             f"--audit-max-size must be 0 (never rotate) or at least {MIN_AUDIT_SIZE >> 10}K",
@@ -359,6 +372,7 @@ def master(
         balancer=balancer,
         max_output_bytes=max_output,
         output_tail_bytes=output_tail,
+        default_timeout_s=default_timeout,
         job_retention_s=job_retention,
         tls=tls,
         tokens_file=tokens_file,
