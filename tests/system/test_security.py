@@ -413,7 +413,11 @@ async def test_admin_drains_a_node(cluster: ClusterFactory) -> None:
         job = await root.submit(command_spec(["true"]))
         got = await root.get(job)
         assert got.status == JobStatus.PENDING
-        assert "no matching node" in got.pending_reason
+        # (not "no healthy worker runs task type 'command'": one does, and it drains)
+        assert got.pending_reason == (
+            "no matching node takes work now: the workers that run task type 'command' are "
+            "w1 DRAINING"
+        )
     wait_for(lambda: "asked this node to drain" in worker.log_text(), 10, "the worker to drain")
     drains = [(e["identity"], e["decision"]) for e in _audit(master) if e["action"] in
               ("drain", "AuthDrainNode")]  # fmt: skip

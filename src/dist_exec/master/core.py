@@ -415,6 +415,14 @@ class Master(Submission, Attempts):
                 wanted += f" with labels {labels}"
             if spec.limits.any:
                 wanted += f" allowing {limits_summary(spec.limits)}"
+            idle = [n for n in self.registry.nodes() if n.matches(spec)]
+            if idle:  # (drained, degraded, not heard from lately)
+                states = ", ".join(f"{n.id} {n.status.value}" for n in idle[:5])
+                more = f" and {len(idle) - 5} more" if len(idle) > 5 else ""
+                return (
+                    f"no matching node takes work now: the workers that run {wanted} are "
+                    f"{states}{more}"
+                )
             return f"no matching node: no healthy worker runs {wanted}"
         ahead = self.scheduler.ahead_of(job.id)
         if not any(n.free_slots for n in matching):
