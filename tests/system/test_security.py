@@ -419,9 +419,23 @@ async def test_admin_drains_a_node(cluster: ClusterFactory) -> None:
             "w1 DRAINING"
         )
     wait_for(lambda: "asked this node to drain" in worker.log_text(), 10, "the worker to drain")
-    drains = [(e["identity"], e["decision"]) for e in _audit(master) if e["action"] in
-              ("drain", "AuthDrainNode")]  # fmt: skip
-    assert drains == [("alice", "denied"), ("root", "allowed")]
+    # Taken back (there was no way to): the node takes new tasks, the waiting job first.
+    assert run_cli("drain", "--undo", "w1", "--token", tokens["alice"],
+                   master=master.address).code == 4  # fmt: skip
+    undone = run_cli("drain", "--undo", "w1", "--token", tokens["root"], master=master.address)
+    assert (undone.code, undone.stdout) == (0, "node w1 takes new tasks again (from its next "
+                                               "heartbeat)\n"), undone.stderr  # fmt: skip
+    async with Client(master.address, credentials=Credentials(token=tokens["root"])) as root:
+        done_job = await root.wait(job)
+        assert (done_job.status, done_job.worker_id) == (JobStatus.COMPLETED, "w1")
+        assert [n.status for n in await root.nodes()] == [NodeStatus.HEALTHY]
+    assert "the master took this node's drain back" in worker.log_text()
+    drains = [(e["action"], e["identity"], e["decision"]) for e in _audit(master)
+              if e["action"] in ("drain", "undrain", "AuthDrainNode")]  # fmt: skip
+    assert drains == [
+        ("AuthDrainNode", "alice", "denied"), ("drain", "root", "allowed"),
+        ("AuthDrainNode", "alice", "denied"), ("undrain", "root", "allowed"),
+    ]  # fmt: skip
 
 
 async def test_rate_limits_key_on_the_identity(cluster: ClusterFactory) -> None:

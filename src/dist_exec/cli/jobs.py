@@ -372,13 +372,15 @@ def _describe_scaler(scaler: ScalerStatus) -> None:
 
 @click.command()
 @click.argument("node_id", type=TEXT)
+@click.option("--undo", is_flag=True, help="Take the drain back: the node takes new tasks.")
 @master_option
-def drain(node_id: str, master_address: str) -> None:
-    """(admin) Stop giving NODE_ID new tasks; the ones it runs finish."""
+def drain(node_id: str, undo: bool, master_address: str) -> None:
+    """(admin) Stop giving NODE_ID new tasks; the ones it runs finish. With --undo it takes
+    new tasks again. A drain sticks (the worker keeps it across master restarts) until then."""
 
     async def body() -> str:
         async with connect(master_address) as client:
-            return await client.drain(node_id)
+            return await client.drain(node_id, undo)
 
     click.echo(run_client(body()))
 

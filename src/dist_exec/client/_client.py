@@ -357,11 +357,13 @@ class Client:
             raise self._error(exc) from None
         return [wire.job_from_summary_pb(j) for j in reply.jobs], reply.total
 
-    async def drain(self, node_id: str) -> str:
-        """(admin) The node takes no new tasks; the ones it runs finish."""
+    async def drain(self, node_id: str, undo: bool = False) -> str:
+        """(admin) The node takes no new tasks; the ones it runs finish. ``undo``: it takes new
+        tasks again (not one the auto scaler drains to remove it)."""
         try:
             reply = await self.stub.AuthDrainNode(
-                master_pb2.AuthDrainNodeRequest(node_id=node_id), timeout=self.timeout_s
+                master_pb2.AuthDrainNodeRequest(node_id=node_id, undo=undo),
+                timeout=self.timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None

@@ -26,6 +26,7 @@ from dist_exec.errors import (
     DistExecError,
     InvalidTaskSpec,
     JobNotFound,
+    WorkerDraining,
     grpc_errors,
     grpc_stream_errors,
     shorten,
@@ -139,10 +140,12 @@ def _chunk_pb(attempt: int, chunk: OutputChunk) -> master_pb2.OutputChunk:
 
 
 class Drains:
-    """Nodes an admin asked to drain: told so on their next heartbeat."""
+    """Nodes an admin asked to drain: told so on their next heartbeat; and nodes whose drain
+    an admin took back: told to resume until they say they no longer drain."""
 
     def __init__(self) -> None:
         self.requested: set[NodeId] = set()
+        self.resumed: set[NodeId] = set()
 
 
 class MasterServicer(master_pb2_grpc.MasterServiceServicer):
@@ -383,7 +386,21 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
         if node is None:
             self._audit("drain", "denied", "no such node", node=request.node_id)
             raise JobNotFound(f"no registered node {shorten(request.node_id)}")
+        if request.undo:
+            if self.master.drain_requested(node_id):
+                self._audit("undrain", "denied", "drained for scale-in", node=node_id)
+                raise WorkerDraining(
+                    f"node {node_id} is drained by the auto scaler, to be removed: it cannot be "
+                    "taken back (the scaler starts another if the load needs it)"
+                )
+            self.drains.requested.discard(node_id)
+            self.drains.resumed.add(node_id)
+            self._audit("undrain", "allowed", node=node_id)
+            return master_pb2.AuthDrainNodeResponse(
+                message=f"node {node_id} takes new tasks again (from its next heartbeat)"
+            )
         self.drains.requested.add(node_id)
+        self.drains.resumed.discard(node_id)
         node.status = NodeStatus.DRAINING  # no new tasks from now on; the worker is told next
         self._audit("drain", "allowed", node=node_id)
         return master_pb2.AuthDrainNodeResponse(
@@ -542,8 +559,14 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
             common_pb2.WORKER_HEALTH_UNHEALTHY,
         )
         known = self.master.heartbeat(node_id, request.draining or drain, unwell)
+        action = worker_pb2.HEARTBEAT_ACTION_DRAIN if drain else worker_pb2.HEARTBEAT_ACTION_NONE
+        if node_id in self.drains.resumed and not drain:
+            if request.draining:
+                action = worker_pb2.HEARTBEAT_ACTION_RESUME
+            else:
+                self.drains.resumed.discard(node_id)  # (it resumed)
         return worker_pb2.HeartbeatResponse(
             acknowledged=known,
-            action=worker_pb2.HEARTBEAT_ACTION_DRAIN if drain else worker_pb2.HEARTBEAT_ACTION_NONE,
+            action=action,
             master_clock=wire.duration(self.master.clock.monotonic()),
         )

@@ -60,6 +60,7 @@ class Registrar:
         master_clock: MasterClock,
         caller: CallProof,
         on_shutdown: Callable[[], None],
+        on_resume: Callable[[], Awaitable[None]],
     ) -> None:
         self.config = config
         self.on_shutdown = on_shutdown  # ... SHUTDOWN: drain and exit, as on SIGTERM
@@ -68,6 +69,7 @@ class Registrar:
         self.runner = runner
         self.address = address
         self.on_drain = on_drain  # the master's heartbeat reply said DRAIN
+        self.on_resume = on_resume  # and then RESUME
         self.drain_requested = False
         self.stub: RegistrationServiceAsyncStub = worker_pb2_grpc.RegistrationServiceStub(channel)
         self.interval_s = config.heartbeat_interval_s
@@ -172,6 +174,9 @@ class Registrar:
         elif reply.action == worker_pb2.HEARTBEAT_ACTION_DRAIN and not self.drain_requested:
             self.drain_requested = True
             await self.on_drain()
+        elif reply.action == worker_pb2.HEARTBEAT_ACTION_RESUME and self.drain_requested:
+            self.drain_requested = False
+            await self.on_resume()
 
     async def deregister(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -181,6 +186,42 @@ class Registrar:
                 ),
                 timeout=self.config.rpc_timeout_s,
             )
+
+
+class _AskedToDrain:
+    """What the master's DRAIN and RESUME do (an admin's drain, or one for scale-in)."""
+
+    def __init__(
+        self, runner: TaskRunner, health_servicer: health.aio.HealthServicer, stop: asyncio.Event
+    ) -> None:
+        self.runner = runner
+        self.health = health_servicer
+        self.stop = stop
+        self.registrar: Registrar | None = None
+
+    async def drain(self) -> None:
+        # Stay up: on Kubernetes the pod is deleted once it is NotReady (a container that
+        # exited would be restarted); a local scaler stops it.
+        log.info("the master asked this node to drain: no new tasks; running ones finish")
+        await self._serve(False)
+
+    async def resume(self) -> None:
+        if self.stop.is_set():  # (a worker stopping for good, SIGTERM, goes on stopping)
+            return
+        log.info("the master took this node's drain back: it takes new tasks again")
+        await self._serve(True)
+
+    async def _serve(self, serving: bool) -> None:
+        self.runner.draining = not serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for service in ("", WORKER_SERVICE):
+            await self.health.set(service, status)
+        if self.registrar is not None:
+            await self.registrar.heartbeat()  # confirm now, not at the next beat
 
 
 async def run_worker(
@@ -268,18 +309,19 @@ async def run_worker(
     )
     channel = credentials.channel(dial_address(config.master), CHANNEL_OPTIONS)
 
-    async def drain_when_asked() -> None:
-        # Asked by an admin or for scale-in. Stay up: on Kubernetes the pod is deleted once it
-        # is NotReady (a container that exited would be restarted); a local scaler stops it.
-        log.info("the master asked this node to drain: no new tasks; running ones finish")
-        runner.draining = True
-        for service in ("", WORKER_SERVICE):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await registrar.heartbeat()  # confirm now, not at the next beat
-
+    asked = _AskedToDrain(runner, health_servicer, stop)
     registrar = Registrar(
-        config, runner, address, channel, drain_when_asked, master_clock, caller, stop.set
+        config,
+        runner,
+        address,
+        channel,
+        asked.drain,
+        master_clock,
+        caller,
+        stop.set,
+        asked.resume,
     )
+    asked.registrar = registrar
     try:
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(registrar.heartbeat_forever())

@@ -416,10 +416,12 @@ class ScalerStatus(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., desired_replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., floor: _Optional[int] = ..., draining: _Optional[_Iterable[str]] = ..., last_decision: _Optional[str] = ..., last_event: _Optional[str] = ..., last_event_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AuthDrainNodeRequest(_message.Message):
-    __slots__ = ("node_id",)
+    __slots__ = ("node_id", "undo")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    UNDO_FIELD_NUMBER: _ClassVar[int]
     node_id: str
-    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+    undo: bool
+    def __init__(self, node_id: _Optional[str] = ..., undo: _Optional[bool] = ...) -> None: ...
 
 class AuthDrainNodeResponse(_message.Message):
     __slots__ = ("message",)

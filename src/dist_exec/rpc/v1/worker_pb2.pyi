@@ -23,6 +23,7 @@ class HeartbeatAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEARTBEAT_ACTION_NONE: _ClassVar[HeartbeatAction]
     HEARTBEAT_ACTION_DRAIN: _ClassVar[HeartbeatAction]
     HEARTBEAT_ACTION_SHUTDOWN: _ClassVar[HeartbeatAction]
+    HEARTBEAT_ACTION_RESUME: _ClassVar[HeartbeatAction]
 PROGRESS_STARTED: ProgressType
 PROGRESS_OUTPUT: ProgressType
 PROGRESS_COMPLETED: ProgressType
@@ -30,6 +31,7 @@ PROGRESS_ERROR: ProgressType
 HEARTBEAT_ACTION_NONE: HeartbeatAction
 HEARTBEAT_ACTION_DRAIN: HeartbeatAction
 HEARTBEAT_ACTION_SHUTDOWN: HeartbeatAction
+HEARTBEAT_ACTION_RESUME: HeartbeatAction
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("task_id", "task_type", "payload", "timeout", "metadata", "attempt", "attach", "stdout_offset", "stderr_offset", "limits", "start_by")
