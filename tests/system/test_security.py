@@ -495,6 +495,8 @@ def test_the_local_cluster_is_not_open(tmp_path: Path) -> None:
         assert up.code == 0, up.stderr
         me = run_cli("whoami", master=address)
         assert (me.code, me.stdout) == (0, "admin (admin, authenticated by token)\n")
+        by_name = run_cli("whoami", master=address.replace("127.0.0.1", "localhost"))
+        assert (by_name.code, by_name.stdout) == (0, me.stdout), by_name.stderr
 
         async def as_library() -> tuple[str, str, str]:
             async with Client(address) as client:  # (found as the CLI finds it)

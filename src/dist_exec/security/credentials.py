@@ -159,7 +159,11 @@ def _registry_dir() -> Path:
 
 
 def _pointer(address: str) -> Path:
+    """Where the local cluster serving ``address`` is registered (localhost is 127.0.0.1:
+    the cluster's certificate names both)."""
     host, port = split_address(dial_address(address))
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
     return _registry_dir() / f"{host.replace(':', '_')}_{port}.json"
 
 
