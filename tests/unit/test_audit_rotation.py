@@ -4,6 +4,7 @@ files are numbered newest first, at most ``keep`` old ones stay, and all are pri
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_exec.security import audit
+from dist_exec.security import audit, private_files
 from dist_exec.security.audit import AuditLog
 
 
@@ -114,3 +115,30 @@ def test_the_periodic_sync_survives_rotations(
 def test_bad_settings_are_refused(tmp_path: Path, max_bytes: int, keep: int) -> None:
     with pytest.raises(ValueError, match="audit log"):
         AuditLog(tmp_path / "audit.log", max_bytes=max_bytes, keep=keep)
+
+
+def test_a_rotation_that_fails_keeps_the_log_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure halfway (no descriptor left for the new file) left no file open: every later
+    record raised, and every submit with it, though its job was created."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=1000, keep=2)
+    real_open = private_files.open_private
+    failing = [True]
+
+    def open_once_failing(where: Path, flags: int) -> int:
+        if failing.pop() if failing else False:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(where, flags)
+
+    monkeypatch.setattr("dist_exec.security.audit.open_private", open_once_failing)
+    try:
+        with caplog.at_level(logging.ERROR, logger=audit.__name__):
+            _fill(log, 0, 30)  # the first rotation fails, a later one works
+    finally:
+        log.close()
+    assert any("cannot rotate the audit log" in r.getMessage() for r in caplog.records)
+    kept = [n for f in (tmp_path / "audit.log.2", tmp_path / "audit.log.1", path)
+            if f.exists() for n in _records(f)]  # fmt: skip
+    assert kept == list(range(kept[0], 30))

@@ -212,11 +212,12 @@ async def test_a_set_user_id_program_gives_a_pooled_job_no_other_uid(
     uid of the pool ran it and became the first uid, with what the next job of that uid had
     (a security review read another owner's job's environment so). With no_new_privs set
     for the pool's commands, set-user-id bits do nothing for them."""
+    containment = Containment.start(Mode.RLIMIT, TaskLimits(), None, uid_pool=parse_uid_pool(POOL))
+    # (left by an earlier job of this pool's: one from before the pool started is put aside)
     planted = shared_dir / "id"
     shutil.copy("/usr/bin/id", planted)
     os.chown(planted, 61003, 61003)
     planted.chmod(0o6755)
-    containment = Containment.start(Mode.RLIMIT, TaskLimits(), None, uid_pool=parse_uid_pool(POOL))
     try:
         executor = CommandExecutor({"containment": containment})
         sink = RecordingSink()
@@ -296,3 +297,23 @@ def test_a_uid_given_back_leaves_no_files_and_no_process_behind(
         "theirs",
     ]
     assert elsewhere.read_text() == "not the task's"  # (the link went, not what it named)
+
+
+def test_a_pool_starting_puts_aside_what_its_uids_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed before it gave a uid back left that task's files in /tmp; the worker
+    started again (`up` restarts it) gave the uid to a new task, which could read them."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    left, kept = shared / "left-by-61001", shared / "someone-elses"
+    for path, uid in ((left, 61001), (kept, 62001)):
+        path.write_text("x")
+        os.chown(path, uid, uid)
+    monkeypatch.setattr(containment_module, "TEMP_DIRS", (str(shared),))
+    pool = UidPool(range(61000, 61004), claims=tmp_path / "claims")
+    try:
+        assert not left.exists()
+        assert kept.exists()
+    finally:
+        pool.close()

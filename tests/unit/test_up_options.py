@@ -89,8 +89,11 @@ def test_each_worker_gets_a_range_of_the_uid_pool_of_its_own() -> None:
     ("given", "message"),
     [
         (["--workers", "2", "--max-concurrent-tasks", "8", "--run-as-pool", "61000-61009"],
-         "10 uids for 2 workers of 8 tasks; each worker gets a range of its own, so it needs at "
-         "least 16"),
+         "10 uids for 2 workers of 8 tasks; each worker gets a range of its own (at least 2), so "
+         "it needs at least 16"),
+        (["--workers", "2", "--max-concurrent-tasks", "1", "--run-as-pool", "61000-61002"],
+         "3 uids for 2 workers of 1 tasks; each worker gets a range of its own (at least 2), so "
+         "it needs at least 4"),
         (["--autoscale", "--run-as-pool", "61000-61999"],
          "--run-as-pool does not go with --autoscale"),
     ],

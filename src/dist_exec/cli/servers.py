@@ -861,11 +861,14 @@ def up(
                     "--run-as-pool does not go with --autoscale: each worker needs a range of "
                     "its own; start workers yourself, each with its own --run-as-pool"
                 )
-            if len(pool) // worker_count < max_concurrent_tasks:
+            # (at least 2 each: a pool of one uid is run as --run-as is, and the workers'
+            # tasks would not be kept from each other)
+            share = max(max_concurrent_tasks, 2)
+            if len(pool) // worker_count < share:
                 raise ContainmentError(
                     f"--run-as-pool {task['run_as_pool']}: {len(pool)} uids for {worker_count} "
                     f"workers of {max_concurrent_tasks} tasks; each worker gets a range of its "
-                    f"own, so it needs at least {worker_count * max_concurrent_tasks}"
+                    f"own (at least 2), so it needs at least {worker_count * share}"
                 )
         run_as = resolve_run_as(task["run_as"])
     except ContainmentError as exc:

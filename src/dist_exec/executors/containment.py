@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +143,9 @@ class UidPool:
         self.uids = uids
         self._free = deque(uids)
         self._claim = _claim(uids, claims) if claims is not None else -1
+        # What tasks of a worker that died (or was killed) before it could give their uids
+        # back left in the shared directories: not for the next task of the same uid.
+        _put_aside(uids)
 
     def close(self) -> None:
         """Give the range up (the worker ends). (Closing a descriptor of the claims file drops
@@ -167,18 +170,23 @@ class UidPool:
             _kill_all_of(uid)
             left = [pid for pid in procfs.pids() if _runs_as(pid, uid)]
             if not left:
-                moved = [found for d in TEMP_DIRS if (found := set_aside(uid, d)) is not None]
+                _put_aside(range(uid, uid + 1))
                 self._free.append(uid)
-                if moved:
-                    threading.Thread(
-                        target=_remove, args=(moved,), name=f"remove-{uid}", daemon=True
-                    ).start()
                 return
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(POLL_S)
         log.error("processes of uid %d outlive SIGKILL; the uid is not used again", uid)
+
+
+def _put_aside(owners: range) -> None:
+    """Put what ``owners`` left in TEMP_DIRS out of reach at once (set_aside), and remove it
+    in a thread of its own: however much or deep it is, nobody waits for that."""
+    moved = [found for d in TEMP_DIRS if (found := set_aside(owners, d)) is not None]
+    if moved:
+        name = f"remove-{owners.start}" + (f"-{owners.stop - 1}" if len(owners) > 1 else "")
+        threading.Thread(target=_remove, args=(moved,), name=name, daemon=True).start()
 
 
 def _claim(uids: range, path: Path) -> int:
@@ -245,9 +253,10 @@ SEARCH_DEPTH = 16
 SEARCH_DIRS = 10_000
 
 
-def set_aside(uid: int, directory: str) -> Path | None:
-    """Move what ``uid`` owns in ``directory`` (and in the world-writable directories under
-    it, on its file system) into a new directory there that only root may enter; that
+def set_aside(owners: Container[int], directory: str) -> Path | None:
+    """Move what a uid of ``owners`` owns in ``directory`` (and in the world-writable
+    directories under it, on its file system) into a new directory there that only root may
+    enter; that
     directory, if anything was moved. A rename each, whatever it holds. Through directory
     descriptors, never following a symbolic link (a link is moved, not what it names)."""
     try:
@@ -267,7 +276,7 @@ def set_aside(uid: int, directory: str) -> Path | None:
                         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                         if st.st_dev != device:
                             continue
-                        if st.st_uid == uid:
+                        if st.st_uid in owners:
                             found.append((dir_fd, name))
                         elif (
                             stat.S_ISDIR(st.st_mode)
@@ -292,7 +301,7 @@ def set_aside(uid: int, directory: str) -> Path | None:
                 os.rename(name, str(number), src_dir_fd=dir_fd, dst_dir_fd=target)
         return Path(directory) / aside
     except OSError as exc:
-        log.error("cannot set aside what uid %d left in %s: %s", uid, directory, exc)
+        log.error("cannot set aside what uids %s left in %s: %s", owners, directory, exc)
         return None
     finally:
         for fd in opened:

@@ -504,7 +504,7 @@ class Master(Submission, Attempts):
                 attempt = job.attempt
                 await self._force_cancel(job, f"cancelled (worker {node.id} unreachable)")
                 if isinstance(exc, WorkerUnreachable):  # it may still run there: keep asking
-                    self._spawn(self._stop_stale(node.id, job.id, attempt))
+                    self._spawn(self._stop_stale(node.id, job.id, attempt, job.stop_signal))
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CANCEL_CONFIRM_S):
@@ -766,14 +766,17 @@ class Master(Submission, Attempts):
                     self._retry(job, reason, AttemptOutcome.WORKER_LOST, attempt=job.attempt)
                 )
 
-    async def _stop_stale(self, node_id: NodeId, task_id: str, attempt: int) -> None:
+    async def _stop_stale(
+        self, node_id: NodeId, task_id: str, attempt: int, sig: signal.Signals | None = None
+    ) -> None:
         """Ask a node to stop an attempt that is no longer wanted (superseded, or cancelled
-        while the node could not be reached) until it confirms or reports it gone. A node that
-        is forgotten meanwhile must register again, and is told then."""
+        while the node could not be reached; with the cancel's signal) until it confirms or
+        reports it gone. A node that is forgotten meanwhile must register again, and is told
+        then."""
         delay = STOP_RETRY_MIN_S
         while (node := self.registry.get(node_id)) is not None:
             try:
-                await self.workers.cancel(node.endpoint, task_id, attempt)
+                await self.workers.cancel(node.endpoint, task_id, attempt, sig)
                 return
             except (AttemptGone, AttemptRejected):
                 return

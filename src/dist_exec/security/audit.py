@@ -184,19 +184,33 @@ class AuditLog:
         old file is fsynced before it moves and the directory after, so a power loss leaves
         every record in one of the files."""
         with self._lock:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._numbered(self.keep))
-            for n in range(self.keep - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self._numbered(n), self._numbered(n + 1))
-            os.rename(self.path, self._numbered(1))
-            self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
-            self._size = 0
-            _fsync_dir(self.path.parent)
+            self._size = 0  # (on a failure, tried again after as much again)
+            try:
+                os.fsync(self._fd)
+                if self._open_file_is_the_log():  # (else a rotation failed after the renames)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._numbered(self.keep))
+                    for n in range(self.keep - 1, 0, -1):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(self._numbered(n), self._numbered(n + 1))
+                    os.rename(self.path, self._numbered(1))
+                fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
+            except OSError as exc:  # records go on into the file open now, renamed or not
+                log.error("cannot rotate the audit log %s: %s", self.path, exc)
+                return
+            old, self._fd = self._fd, fd
+            os.close(old)
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.path.parent)
         log.info("audit log rotated: the previous records are in %s", self._numbered(1))
+
+    def _open_file_is_the_log(self) -> bool:
+        here = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def _numbered(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
