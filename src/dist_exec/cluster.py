@@ -167,9 +167,9 @@ def _supervise(
     logs: Path,
 ) -> None:
     """Until ``stopping``: a worker that dies (a command that kills it, the OOM killer) is
-    started again, as a supervisor would (its jobs are retried elsewhere meanwhile), after
-    WORKER_RESTART_S, doubling while it keeps dying, up to WORKER_RESTART_MAX_S. The master's
-    end is the cluster's. ``procs``: the master, then worker 1, 2, ..."""
+    started again, as a supervisor would (its jobs are retried elsewhere meanwhile): at once,
+    then, while it keeps dying, after WORKER_RESTART_S, doubling up to WORKER_RESTART_MAX_S.
+    The master's end is the cluster's. ``procs``: the master, then worker 1, 2, ..."""
     backoff = dict.fromkeys(range(1, len(procs)), WORKER_RESTART_S)
     due = dict.fromkeys(range(1, len(procs)), 0.0)
     while not stopping():

@@ -100,8 +100,13 @@ def test_two_workers_cannot_hand_out_the_same_uids(tmp_path: Path) -> None:
 
 def test_a_pool_whose_gids_are_a_groups_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A task's gid is its uid's number: it got the files of a group with that gid."""
-    group = grp.struct_group(("builders", "x", 61002, []))
-    monkeypatch.setattr(grp, "getgrall", lambda: [group])
+
+    def getgrgid(gid: int) -> grp.struct_group:
+        if gid != 61002:
+            raise KeyError(gid)
+        return grp.struct_group(("builders", "x", 61002, []))
+
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)
     with pytest.raises(ContainmentError, match="--run-as-pool 61000-61003: gid 61002 is group"):
         parse_uid_pool(POOL)
 

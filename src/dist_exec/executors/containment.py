@@ -115,17 +115,15 @@ def parse_uid_pool(text: str) -> range:
         )
     if os.geteuid() != 0:
         raise ContainmentError("--run-as-pool: the worker must run as root")
-    taken = {entry.pw_uid for entry in pwd.getpwall()} & set(pool)
-    if taken:
-        uid = min(taken)
-        raise ContainmentError(
-            f"--run-as-pool {text}: uid {uid} belongs to user {pwd.getpwuid(uid).pw_name}"
-        )
-    # A task's gid is its uid's number: one that is a group's would give tasks its files.
-    groups = {entry.gr_gid: entry.gr_name for entry in grp.getgrall() if entry.gr_gid in pool}
-    if groups:
-        gid = min(groups)
-        raise ContainmentError(f"--run-as-pool {text}: gid {gid} is group {groups[gid]}")
+    # Asked of each uid (NSS: LDAP or sssd users too, which a listing may not show); and a
+    # task's gid is its uid's number: one that is a group's would give tasks its files.
+    for number in pool:
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwuid(number).pw_name
+            raise ContainmentError(f"--run-as-pool {text}: uid {number} belongs to user {user}")
+        with contextlib.suppress(KeyError):
+            group = grp.getgrgid(number).gr_name
+            raise ContainmentError(f"--run-as-pool {text}: gid {number} is group {group}")
     running = {uid for pid in procfs.pids() for uid in _ids_of(pid) & set(pool) if _live(pid)}
     if running:
         raise ContainmentError(f"--run-as-pool {text}: processes run as uid {min(running)}")

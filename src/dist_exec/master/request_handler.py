@@ -397,7 +397,8 @@ class MasterServicer(master_pb2_grpc.MasterServiceServicer):
             self.drains.resumed.add(node_id)
             self._audit("undrain", "allowed", node=node_id)
             return master_pb2.AuthDrainNodeResponse(
-                message=f"node {node_id} takes new tasks again (from its next heartbeat)"
+                message=f"node {node_id} is told to take new tasks again, at its next "
+                "heartbeat (see 'dist-exec nodes'; a worker that is stopping goes on stopping)"
             )
         self.drains.requested.add(node_id)
         self.drains.resumed.discard(node_id)

@@ -147,7 +147,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def CancelTask(
         self, request: worker_pb2.CancelTaskRequest, context: Context
     ) -> worker_pb2.CancelTaskResponse:
-        sig = wire.stop_signal_from_pb(request.signal)
+        try:
+            sig = wire.stop_signal_from_pb(request.signal)
+        except InvalidTaskSpec as exc:  # (a newer master's: the cancel still stops the task)
+            log.warning("cancel of %s: %s; stopping it with TERM", shorten(request.task_id), exc)
+            sig = None
         return worker_pb2.CancelTaskResponse(
             cancelled=self.runner.cancel(request.task_id, request.attempt, sig=sig)
         )
