@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_exec import procfs
 from dist_exec.executors import guardian
 from dist_exec.executors.guardian import GUARD_ENV, ProcessGuard
 from tests.conftest import pid_alive, wait_for
@@ -206,3 +207,21 @@ def test_the_guard_token_is_not_on_the_guardians_command_line() -> None:
         assert guard.token.encode() not in cmdline
     finally:
         guard.close()
+
+
+def test_a_leftover_that_ran_a_set_user_id_program_is_still_found_by_its_real_uid() -> None:
+    """The sweep after a normal end filtered on the owner of /proc/PID (the effective uid): a
+    `setsid su root` left behind by a job of nobody ran on as root."""
+    nobody = 65534
+    leftover = subprocess.Popen(
+        ["sleep", "300"],
+        env={"DIST_EXEC_RUN": "run-of-a-job"},
+        preexec_fn=lambda: os.setresuid(nobody, 0, 0),  # (as after exec of a set-uid-root one)
+    )
+    try:
+        wait_for(lambda: (procfs.ids(leftover.pid) or ((),))[0][:1] == (nobody,), 10, "it")
+        found = guardian.tagged({"DIST_EXEC_RUN": "run-of-a-job"}, uids={nobody})
+        assert found == [leftover.pid]
+    finally:
+        leftover.kill()
+        leftover.wait()

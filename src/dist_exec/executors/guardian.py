@@ -57,16 +57,16 @@ def tagged(
 ) -> list[int]:
     """Processes whose environment has every ``name=value`` of ``tags`` (or of one of several
     such sets), in one pass over /proc, of those this user may read; only of ``uids`` when
-    given (told by the owner of a process's /proc entry, before its environment is read)."""
+    given: one of them is any of its user ids (real, effective, saved: a leftover that ran a
+    set-user-id program keeps its real one), told before its environment is read."""
     sets = [tags] if isinstance(tags, Mapping) else list(tags)
     needles = [{f"{name}={value}".encode() for name, value in one.items()} for one in sets]
+    wanted_uids = None if uids is None else set(uids)
     found = []
     for pid in procfs.pids():
-        if uids is not None:
-            try:
-                if os.stat(procfs.PROC / str(pid)).st_uid not in uids:
-                    continue
-            except OSError:
+        if wanted_uids is not None:
+            ids = procfs.ids(pid)
+            if ids is None or wanted_uids.isdisjoint(ids[0]):
                 continue
         environ = procfs.environment(pid)
         if environ is not None and any(wanted <= environ for wanted in needles):
