@@ -39,6 +39,7 @@ from dist_exec.executors.guardian import (
     kill_left_behind,
     kill_tagged,
     settle,
+    signal_outside,
 )
 from dist_exec.executors.limits import Exceeded, fit
 from dist_exec.executors.spawner import SpawnerGone
@@ -532,6 +533,8 @@ class CommandExecutor:
         period, reap, then drain the pipes. ``stopped``: the attempt was stopped before its
         end, so its processes that left the group (setsid) are found by their environment and
         killed too."""
+        if stopped is not None:
+            await asyncio.to_thread(signal_outside, _tags(stopped), proc.pid, stopped.stop.signal)
         await terminate_group(proc, self.kill_grace_s, stopped.stop if stopped else None)
         if stopped is not None:
             await asyncio.to_thread(kill_tagged, _tags(stopped))

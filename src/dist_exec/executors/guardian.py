@@ -86,6 +86,16 @@ def kill_tagged(tags: Mapping[str, str]) -> set[int]:
     return killed
 
 
+def signal_outside(tags: Mapping[str, str], group: int, sig: int) -> None:
+    """Send ``sig`` to every process with these tags that is not in process group ``group``
+    (what left it, setsid: it gets the stop signal when the group does, not only the KILL
+    after the grace; the group's own get it from killpg, once)."""
+    for pid in tagged(tags):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pid != os.getpid() and os.getpgid(pid) != group:
+                os.kill(pid, sig)
+
+
 def kill_left_behind(attempts: Collection[Mapping[str, str]], uids: Collection[int]) -> None:
     """SIGKILL every process of these users that has all the environment tags of one of
     ``attempts`` (one pass over /proc for them all)."""
