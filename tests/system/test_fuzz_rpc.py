@@ -48,6 +48,8 @@ MUST_REFUSE = (
 ACCEPTED = {
     "Heartbeat [health: unknown enum]": "a newer worker's health state: read as healthy",
     "Heartbeat [health: negative enum]": "the same (proto3 enums are open)",
+    "CancelTask [signal: unknown enum]": "a newer master's stop signal: the task stops by TERM",
+    "CancelTask [signal: negative enum]": "the same",
 }
 # Cases refused by the check of the field itself (not for another field the fuzzed message
 # leaves empty, such as Submit's task type): status and a fragment of the message.
@@ -65,7 +67,6 @@ REFUSED_FOR = {
     "StreamOutput [stdout_offset: int -1]": (INVALID, "output offsets must not be negative"),
     "StreamOutput [stderr_offset: int min]": (INVALID, "output offsets must not be negative"),
     "Register [worker_id: control chars]": (INVALID, "is not an id"),
-    "CancelTask [signal: unknown enum]": (INVALID, "unknown signal value 99"),
     # Refusals a stream sends as events:
     "RunSession [requests: inner run: inner jobs: inner timeout: duration negative]": (
         INVALID,
