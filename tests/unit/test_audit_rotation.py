@@ -142,3 +142,19 @@ def test_a_rotation_that_fails_keeps_the_log_going(
     kept = [n for f in (tmp_path / "audit.log.2", tmp_path / "audit.log.1", path)
             if f.exists() for n in _records(f)]  # fmt: skip
     assert kept == list(range(kept[0], 30))
+
+
+def test_a_smaller_keep_deletes_the_files_a_larger_one_kept(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=1000, keep=5)
+    try:
+        _fill(log, 0, 40)
+    finally:
+        log.close()
+    assert (tmp_path / "audit.log.5").exists()
+    log = AuditLog(path, max_bytes=1000, keep=2)
+    try:
+        _fill(log, 40, 10)
+    finally:
+        log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2"]

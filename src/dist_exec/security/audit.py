@@ -188,8 +188,11 @@ class AuditLog:
             try:
                 os.fsync(self._fd)
                 if self._open_file_is_the_log():  # (else a rotation failed after the renames)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._numbered(self.keep))
+                    beyond = self.keep  # (and those a larger --audit-keep kept before)
+                    while self._numbered(beyond).exists() or beyond == self.keep:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self._numbered(beyond))
+                        beyond += 1
                     for n in range(self.keep - 1, 0, -1):
                         with contextlib.suppress(FileNotFoundError):
                             os.rename(self._numbered(n), self._numbered(n + 1))
