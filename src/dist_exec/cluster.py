@@ -34,7 +34,7 @@ from dist_exec.security.private_files import open_private, private_dir, write_pr
 from dist_exec.security.tokens import add_token, read_tokens, revoke_token
 
 READY_TIMEOUT_S = 30.0
-WORKER_RESTART_S = 1.0  # a dead worker is started again after this, doubling to the max
+WORKER_RESTART_S = 1.0  # a worker that keeps dying waits this long, doubling to the max
 WORKER_RESTART_MAX_S = 60.0
 STOP_TIMEOUT_S = 45.0
 PID_FILE = "cluster.pid"

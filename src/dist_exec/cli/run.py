@@ -663,8 +663,8 @@ async def _last_words(printer: OutputPrinter, whole: bool) -> None:
             await printer.flush()
 
 
-PENDING_NOTICE_S = 3.0
-LAST_WORDS_S = 1.0  # a run whose job has not started by then says why it waits
+PENDING_NOTICE_S = 3.0  # a run whose job has not started by then says why it waits
+LAST_WORDS_S = 1.0  # what a stopped run still prints: its job's last output, its buffers
 
 
 async def _say_if_waiting(client: Client, job_id: str, printer: OutputPrinter) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -188,11 +189,10 @@ class AuditLog:
             try:
                 os.fsync(self._fd)
                 if self._open_file_is_the_log():  # (else a rotation failed after the renames)
-                    beyond = self.keep  # (and those a larger --audit-keep kept before)
-                    while self._numbered(beyond).exists() or beyond == self.keep:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self._numbered(beyond))
-                        beyond += 1
+                    # The oldest goes, and those a larger --audit-keep kept before.
+                    oldest = itertools.count(self.keep)
+                    while (gone := self._numbered(next(oldest))).exists() or gone.is_symlink():
+                        os.unlink(gone)
                     for n in range(self.keep - 1, 0, -1):
                         with contextlib.suppress(FileNotFoundError):
                             os.rename(self._numbered(n), self._numbered(n + 1))

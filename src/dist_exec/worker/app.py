@@ -213,11 +213,8 @@ class _AskedToDrain:
 
     async def _serve(self, serving: bool) -> None:
         self.runner.draining = not serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else (health_pb2.HealthCheckResponse.NOT_SERVING)
-        )
+        health = health_pb2.HealthCheckResponse
+        status = health.SERVING if serving else health.NOT_SERVING
         for service in ("", WORKER_SERVICE):
             await self.health.set(service, status)
         if self.registrar is not None:
