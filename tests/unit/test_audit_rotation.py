@@ -26,13 +26,18 @@ def _fill(log: AuditLog, first: int, count: int) -> None:
         log.record("submit", None, "allowed", n=n, pad="x" * 100)
 
 
-def test_rotates_before_a_record_would_pass_the_limit(tmp_path: Path) -> None:
-    path = tmp_path / "audit.log"
-    log = AuditLog(path, max_bytes=2000, keep=3)
+def _write(path: Path, max_bytes: int, keep: int, first: int, count: int) -> None:
+    """Records ``first`` .. ``first + count - 1`` through an AuditLog of ``path``, closed."""
+    log = AuditLog(path, max_bytes=max_bytes, keep=keep)
     try:
-        _fill(log, 0, 40)
+        _fill(log, first, count)
     finally:
         log.close()
+
+
+def test_rotates_before_a_record_would_pass_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    _write(path, 2000, 3, 0, 40)
     files = [path, *(tmp_path / f"audit.log.{n}" for n in (1, 2, 3))]
     assert not (tmp_path / "audit.log.4").exists()
     for f in files:
@@ -47,26 +52,15 @@ def test_rotates_before_a_record_would_pass_the_limit(tmp_path: Path) -> None:
 
 def test_keeps_appending_to_an_existing_log_and_counts_its_size(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(path, max_bytes=10_000, keep=2)
-    _fill(log, 0, 5)
-    log.close()
-    size = path.stat().st_size
-    log = AuditLog(path, max_bytes=size + 10, keep=2)  # the next record does not fit
-    try:
-        _fill(log, 5, 1)
-    finally:
-        log.close()
+    _write(path, 10_000, 2, 0, 5)
+    _write(path, path.stat().st_size + 10, 2, 5, 1)  # the next record does not fit
     assert _records(tmp_path / "audit.log.1") == [0, 1, 2, 3, 4]
     assert _records(path) == [5]
 
 
 def test_zero_never_rotates(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(path, max_bytes=0, keep=1)
-    try:
-        _fill(log, 0, 50)
-    finally:
-        log.close()
+    _write(path, 0, 1, 0, 50)
     assert _records(path) == list(range(50))
     assert not (tmp_path / "audit.log.1").exists()
 
@@ -125,10 +119,10 @@ def test_a_rotation_that_fails_keeps_the_log_going(
     path = tmp_path / "audit.log"
     log = AuditLog(path, max_bytes=1000, keep=2)
     real_open = private_files.open_private
-    failing = [True]
+    fails = iter([True])
 
     def open_once_failing(where: Path, flags: int) -> int:
-        if failing.pop() if failing else False:
+        if next(fails, False):
             raise OSError(errno.EMFILE, "Too many open files")
         return real_open(where, flags)
 
@@ -146,15 +140,7 @@ def test_a_rotation_that_fails_keeps_the_log_going(
 
 def test_a_smaller_keep_deletes_the_files_a_larger_one_kept(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(path, max_bytes=1000, keep=5)
-    try:
-        _fill(log, 0, 40)
-    finally:
-        log.close()
+    _write(path, 1000, 5, 0, 40)
     assert (tmp_path / "audit.log.5").exists()
-    log = AuditLog(path, max_bytes=1000, keep=2)
-    try:
-        _fill(log, 40, 10)
-    finally:
-        log.close()
+    _write(path, 1000, 2, 40, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2"]

@@ -721,21 +721,13 @@ async def test_a_cancel_gives_what_left_the_group_its_signal_too(
     """A `setsid` child got no TERM (nor the --signal asked for): only the KILL after the
     group's grace, so it never ran its cleanup. (A child started with & in a script ignores
     INT and QUIT, as it would locally: hence TERM here.)"""
-    executor = CommandExecutor({"kill_grace_s": 30})
-    sink = RecordingSink()
     armed, cleaned = tmp_path / "armed", tmp_path / "cleaned"
-    spec = CommandSpec(
+    await start_and_cancel(
         f'setsid sh -c \'trap "touch {cleaned}; exit 0" TERM; touch {armed}; '
-        f"while :; do sleep 0.05; done' & echo $$; wait",
-        shell=True,
+        f"while :; do sleep 0.05; done' & while [ ! -e {armed} ]; do sleep 0.01; done; "
+        "echo $$; wait",
+        ["sh"],
+        30.0,
+        process_groups,
     )
-    task = asyncio.create_task(executor.execute(request(spec), sink))
-    async with asyncio.timeout(20):
-        await sink.first_stdout.wait()
-    process_groups.append(int(sink.stdout.split()[0]))
-    await wait_until(armed.exists, "the setsid child to set its trap")
-    task.cancel()
-    async with asyncio.timeout(20):
-        with pytest.raises(asyncio.CancelledError):
-            await task
     await wait_until(cleaned.exists, "the setsid child's cleanup")
