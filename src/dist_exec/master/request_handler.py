@@ -147,6 +147,11 @@ class Drains:
         self.requested: set[NodeId] = set()
         self.resumed: set[NodeId] = set()
 
+    def forget(self, node_id: NodeId) -> None:
+        """The node left (deregistered): a node that registers under its id starts afresh."""
+        self.requested.discard(node_id)
+        self.resumed.discard(node_id)
+
 
 class MasterServicer(master_pb2_grpc.MasterServiceServicer):
     def __init__(
@@ -521,7 +526,7 @@ class RegistrationServicer(worker_pb2_grpc.RegistrationServiceServicer):
         if self._replaced(request.worker_id, request.instance, "deregistration"):
             return worker_pb2.DeregisterResponse(acknowledged=True)  # (it leaves nothing)
         self.master.deregister(NodeId(request.worker_id))
-        self.drains.requested.discard(NodeId(request.worker_id))
+        self.drains.forget(NodeId(request.worker_id))
         return worker_pb2.DeregisterResponse(acknowledged=True)
 
     def _replaced(self, worker_id: str, instance: str, what: str) -> bool:
